@@ -1,0 +1,53 @@
+# tally — see README.md.
+SHELL := /bin/bash
+CARGO ?= cargo
+CARGO_HOME ?= $(HOME)/.cargo
+TANSU := $(CARGO_HOME)/bin/tansu
+TANSU_VERSION := 0.6.0
+BROKER_PORT ?= 9092
+export TANSU_BIN := $(TANSU)
+
+.PHONY: all build release tansu broker topic run test unit check-sql lint bench clean
+
+all: build
+
+build:
+	$(CARGO) build -p tally
+
+release:
+	$(CARGO) build --release -p tally
+
+## tansu: the Kafka-compatible broker used locally and by the tests (installed once per machine).
+tansu: $(TANSU)
+$(TANSU):
+	$(CARGO) install tansu --locked --version $(TANSU_VERSION) --features dynostore,libsql
+
+## broker: run tansu on 127.0.0.1:$(BROKER_PORT) in the foreground (storage in data/tansu/).
+broker: $(TANSU)
+	mkdir -p data/tansu
+	cd data/tansu && $(TANSU) broker --listener-url tcp://127.0.0.1:$(BROKER_PORT) \
+	  --advertised-listener-url tcp://127.0.0.1:$(BROKER_PORT) \
+	  --storage-engine sqlite://tansu.db
+
+## run: quick start — broker, topic, tally run and a demo producer; Ctrl-C stops all.
+run: $(TANSU) release
+	TANSU=$(TANSU) BROKER_PORT=$(BROKER_PORT) scripts/run-local.sh
+
+## test: the one test command (unit, property, SQL, end-to-end and crash tests).
+test: $(TANSU)
+	$(CARGO) build -p tally
+	$(CARGO) test --workspace --no-fail-fast -- --test-threads=2
+
+unit:
+	$(CARGO) test -p tally --lib
+
+lint:
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+## bench: pre-fill a topic with BENCH_EVENTS events and time `tally run` draining it.
+BENCH_EVENTS ?= 1000000
+bench: $(TANSU) release
+	TANSU=$(TANSU) BENCH_EVENTS=$(BENCH_EVENTS) scripts/bench.sh
+
+clean:
+	$(CARGO) clean

@@ -1,0 +1,179 @@
+//! Runs each rollup's SQL over a micro-batch. The SQL is parsed, analysed and
+//! optimised once at startup; the physical plan is reused across batches
+//! (rebuilt every [`REPLAN_EVERY`] executions so per-run metrics stay bounded).
+//! The batch reaches the plan through [`BatchSlot`], the `events` table.
+
+use std::sync::{Arc, Mutex};
+
+use datafusion::arrow::array::ArrayRef;
+use datafusion::arrow::compute::cast;
+use datafusion::arrow::datatypes::{DataType, SchemaRef, TimeUnit};
+use datafusion::arrow::record_batch::RecordBatch;
+use datafusion::catalog::streaming::StreamingTable;
+use datafusion::error::DataFusionError;
+use datafusion::execution::TaskContext;
+use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
+use datafusion::physical_plan::streaming::PartitionStream;
+use datafusion::physical_plan::{ExecutionPlan, SendableRecordBatchStream};
+use datafusion::prelude::{SessionConfig, SessionContext};
+
+use super::catalog::{ColumnKind, RollupDef, SqlCatalog};
+use super::AggregateError;
+
+/// Physical plans are rebuilt after this many executions.
+pub const REPLAN_EVERY: u32 = 1024;
+
+/// The `events` table: whatever batches are in the slot when a plan executes.
+#[derive(Debug, Clone)]
+pub struct BatchSlot {
+    schema: SchemaRef,
+    batches: Arc<Mutex<Vec<RecordBatch>>>,
+}
+
+impl PartitionStream for BatchSlot {
+    fn schema(&self) -> &SchemaRef {
+        &self.schema
+    }
+    fn execute(&self, _ctx: Arc<TaskContext>) -> SendableRecordBatchStream {
+        let batches = self.batches.lock().map(|b| b.clone()).unwrap_or_default();
+        Box::pin(RecordBatchStreamAdapter::new(
+            self.schema.clone(),
+            futures::stream::iter(batches.into_iter().map(Ok)),
+        ))
+    }
+}
+
+/// A DataFusion session with `events` registered over a [`BatchSlot`].
+pub fn events_context(events: SchemaRef) -> Result<(SessionContext, BatchSlot), AggregateError> {
+    let config = SessionConfig::new()
+        .with_target_partitions(1)
+        .with_batch_size(65_536)
+        .with_information_schema(false);
+    let ctx = SessionContext::new_with_config(config);
+    let slot = BatchSlot { schema: events.clone(), batches: Arc::new(Mutex::new(Vec::new())) };
+    let table = StreamingTable::try_new(events, vec![Arc::new(slot.clone())]).map_err(|e| {
+        AggregateError::Catalog { dir: "events".into(), message: e.to_string() }
+    })?;
+    ctx.register_table("events", Arc::new(table))
+        .map_err(|e| AggregateError::Catalog { dir: "events".into(), message: e.to_string() })?;
+    Ok((ctx, slot))
+}
+
+/// Context used only for planning (validation, `tally check`).
+pub fn planning_context(events: SchemaRef) -> Result<SessionContext, AggregateError> {
+    events_context(events).map(|(ctx, _)| ctx)
+}
+
+/// Rows one rollup produced for one batch, in the rollup's canonical schema
+/// (text, int64 with timestamps as epoch ms, float64).
+#[derive(Debug, Clone)]
+pub struct RollupOutput {
+    pub rollup: String,
+    pub batches: Vec<RecordBatch>,
+}
+
+impl RollupOutput {
+    pub fn num_rows(&self) -> usize {
+        self.batches.iter().map(RecordBatch::num_rows).sum()
+    }
+}
+
+struct Planned {
+    def: RollupDef,
+    physical: Option<Arc<dyn ExecutionPlan>>,
+    runs: u32,
+}
+
+/// Executes every rollup of a catalog on one batch at a time.
+pub struct RollupAggregator {
+    ctx: SessionContext,
+    slot: BatchSlot,
+    rollups: Vec<Planned>,
+}
+
+impl std::fmt::Debug for RollupAggregator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RollupAggregator").field("rollups", &self.rollups.len()).finish()
+    }
+}
+
+impl RollupAggregator {
+    /// Re-plans the catalog's SQL in this aggregator's own session.
+    pub async fn new(catalog: &SqlCatalog, events: SchemaRef) -> Result<Self, AggregateError> {
+        let (ctx, slot) = events_context(events)?;
+        let mut rollups = Vec::new();
+        for def in &catalog.rollups {
+            let plan = ctx.state().create_logical_plan(&def.sql).await.map_err(|e| {
+                AggregateError::Plan { file: def.file.display().to_string(), message: e.to_string() }
+            })?;
+            let mut def = def.clone();
+            def.plan = ctx.state().optimize(&plan).map_err(|e| AggregateError::Plan {
+                file: def.file.display().to_string(),
+                message: e.to_string(),
+            })?;
+            rollups.push(Planned { def, physical: None, runs: 0 });
+        }
+        Ok(RollupAggregator { ctx, slot, rollups })
+    }
+
+    pub fn defs(&self) -> impl Iterator<Item = &RollupDef> {
+        self.rollups.iter().map(|p| &p.def)
+    }
+
+    /// Run every rollup over `batches` (the `events` table for this call).
+    pub async fn aggregate(&mut self, batches: &[RecordBatch]) -> Result<Vec<RollupOutput>, AggregateError> {
+        if let Ok(mut slot) = self.slot.batches.lock() {
+            slot.clear();
+            slot.extend(batches.iter().filter(|b| b.num_rows() > 0).cloned());
+        }
+        let mut outputs = Vec::with_capacity(self.rollups.len());
+        for planned in &mut self.rollups {
+            let name = planned.def.name.clone();
+            let err = |e: DataFusionError| AggregateError::Execute { rollup: name.clone(), source: Box::new(e) };
+            if planned.physical.is_none() || planned.runs >= REPLAN_EVERY {
+                let state = self.ctx.state();
+                let physical = state
+                    .query_planner()
+                    .create_physical_plan(&planned.def.plan, &state)
+                    .await
+                    .map_err(err)?;
+                planned.physical = Some(physical);
+                planned.runs = 0;
+            }
+            planned.runs += 1;
+            let Some(physical) = planned.physical.clone() else { continue };
+            let raw = datafusion::physical_plan::collect(physical, self.ctx.task_ctx()).await.map_err(err)?;
+            let mut canon = Vec::with_capacity(raw.len());
+            for b in raw {
+                if b.num_rows() > 0 {
+                    canon.push(canonical(&planned.def, &b).map_err(|e| err(e.into()))?);
+                }
+            }
+            outputs.push(RollupOutput { rollup: planned.def.name.clone(), batches: canon });
+        }
+        if let Ok(mut slot) = self.slot.batches.lock() {
+            slot.clear();
+        }
+        Ok(outputs)
+    }
+}
+
+/// Cast a raw SQL output batch to the rollup's canonical column types.
+pub fn canonical(def: &RollupDef, batch: &RecordBatch) -> Result<RecordBatch, datafusion::arrow::error::ArrowError> {
+    let mut arrays: Vec<ArrayRef> = Vec::with_capacity(def.columns.len());
+    for (col, arr) in def.columns.iter().zip(batch.columns()) {
+        let out = match (col.kind, arr.data_type()) {
+            (ColumnKind::Int, DataType::Timestamp(unit, tz)) => {
+                let ms = if *unit == TimeUnit::Millisecond {
+                    arr.clone()
+                } else {
+                    cast(arr, &DataType::Timestamp(TimeUnit::Millisecond, tz.clone()))?
+                };
+                cast(&ms, &DataType::Int64)?
+            }
+            (kind, _) => cast(arr, &kind.arrow())?,
+        };
+        arrays.push(out);
+    }
+    RecordBatch::try_new(def.schema.clone(), arrays)
+}

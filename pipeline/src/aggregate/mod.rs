@@ -1,0 +1,44 @@
+//! Stage 4: rollup SQL from `sql/rollups/`, planned once by DataFusion and
+//! executed on every micro-batch.
+//!
+//! - [`catalog`] loads the files and derives keys, window and merge rules from
+//!   each plan, refusing anything that cannot be merged.
+//! - [`executor`] runs the planned SQL over a batch (registered as `events`).
+//! - [`rollup`] is the merge algebra, with a reference implementation.
+
+pub mod catalog;
+pub mod executor;
+pub mod rollup;
+
+pub use catalog::{ColumnKind, RollupColumn, RollupDef, SqlCatalog};
+pub use executor::{RollupAggregator, RollupOutput};
+pub use rollup::MergeRule;
+
+use crate::error::ErrorKind;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AggregateError {
+    #[error("{dir}: {message}")]
+    Catalog { dir: String, message: String },
+    #[error("{file}: cannot plan the rollup SQL: {message}")]
+    Plan { file: String, message: String },
+    #[error("{file}: {}{message}", column.as_ref().map(|c| format!("column `{c}`: ")).unwrap_or_default())]
+    NotMergeable { file: String, column: Option<String>, message: String },
+    #[error("rollup `{rollup}`: executing the SQL on a batch failed: {source}")]
+    Execute {
+        rollup: String,
+        #[source]
+        source: Box<datafusion::error::DataFusionError>,
+    },
+}
+
+impl AggregateError {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            AggregateError::Catalog { .. }
+            | AggregateError::Plan { .. }
+            | AggregateError::NotMergeable { .. } => ErrorKind::User,
+            AggregateError::Execute { .. } => ErrorKind::Internal,
+        }
+    }
+}

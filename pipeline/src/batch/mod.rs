@@ -1,0 +1,268 @@
+//! Stage 3: messages -> one micro-batch. Rows are decoded straight into Arrow
+//! builders; a batch is sealed when `max_rows`, `max_bytes` or `linger` is hit.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use datafusion::arrow::record_batch::RecordBatch;
+
+use crate::config::BatchConfig;
+use crate::decode::{EventColumns, RecordDecoder, RejectReason};
+
+/// A rejected message on its way to the dead-letter dataset.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeadLetter {
+    pub reason: RejectReason,
+    pub detail: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub rejected_at_ms: i64,
+    /// Lossy UTF-8, truncated to `decode.dlq_payload_bytes`.
+    pub payload: String,
+    pub payload_bytes: usize,
+}
+
+/// The offsets one batch covers in one partition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PartitionRange {
+    /// The partition's stored next offset this batch builds on (`None`: no
+    /// offset stored yet). The serving commit fences on it.
+    pub expected_start: Option<i64>,
+    pub first: i64,
+    pub last: i64,
+}
+
+impl PartitionRange {
+    pub fn next_offset(&self) -> i64 {
+        self.last + 1
+    }
+}
+
+/// Counters for one batch.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BatchStats {
+    pub messages: u64,
+    pub accepted: u64,
+    pub late: u64,
+    pub rejected: BTreeMap<RejectReason, u64>,
+    pub bytes: u64,
+}
+
+/// A sealed micro-batch.
+#[derive(Debug, Clone)]
+pub struct Batch {
+    /// Consumer epoch; batches from before a rebalance or fence reset are dropped.
+    pub epoch: u64,
+    pub topic: String,
+    /// Accepted events, in the configured event schema.
+    pub events: RecordBatch,
+    /// The Kafka partition of each row of `events`.
+    pub row_partitions: Vec<i32>,
+    pub dead_letters: Vec<DeadLetter>,
+    pub partitions: BTreeMap<i32, PartitionRange>,
+    pub stats: BatchStats,
+    /// Wall-clock time the batch was sealed (epoch ms); names DLQ partitions.
+    pub sealed_at_ms: i64,
+}
+
+#[derive(Debug)]
+pub struct BatchBuilder {
+    decoder: RecordDecoder,
+    columns: EventColumns,
+    row_partitions: Vec<i32>,
+    dead_letters: Vec<DeadLetter>,
+    partitions: BTreeMap<i32, PartitionRange>,
+    stats: BatchStats,
+    started: Option<Instant>,
+    max_rows: usize,
+    max_bytes: usize,
+    linger: Duration,
+    dlq_payload_bytes: usize,
+}
+
+impl BatchBuilder {
+    pub fn new(decoder: RecordDecoder, cfg: &BatchConfig, dlq_payload_bytes: usize) -> Self {
+        let cap = cfg.max_rows.min(65_536);
+        let columns = decoder.schema().new_columns(cap);
+        BatchBuilder {
+            decoder,
+            columns,
+            row_partitions: Vec::with_capacity(cap),
+            dead_letters: Vec::new(),
+            partitions: BTreeMap::new(),
+            stats: BatchStats::default(),
+            started: None,
+            max_rows: cfg.max_rows,
+            max_bytes: cfg.max_bytes.as_usize(),
+            linger: cfg.linger,
+            dlq_payload_bytes,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.stats.messages == 0
+    }
+
+    /// Decode and add one message. `expected_start` is the partition's fence
+    /// value, used when this is the partition's first message in the batch.
+    pub fn push(
+        &mut self,
+        partition: i32,
+        offset: i64,
+        expected_start: Option<i64>,
+        payload: Option<&[u8]>,
+        now_ms: i64,
+        now: Instant,
+    ) {
+        if self.started.is_none() {
+            self.started = Some(now);
+        }
+        let range = self.partitions.entry(partition).or_insert(PartitionRange {
+            expected_start,
+            first: offset,
+            last: offset,
+        });
+        range.last = offset;
+        let len = payload.map_or(0, <[u8]>::len);
+        self.stats.messages += 1;
+        self.stats.bytes += len as u64;
+        match self.decoder.decode(payload, now_ms, &mut self.columns) {
+            Ok(outcome) => {
+                self.row_partitions.push(partition);
+                self.stats.accepted += 1;
+                if outcome.late {
+                    self.stats.late += 1;
+                }
+            }
+            Err(reject) => {
+                let shown = payload.unwrap_or_default();
+                let cut = &shown[..shown.len().min(self.dlq_payload_bytes)];
+                tracing::warn!(
+                    partition,
+                    offset,
+                    reason = reject.reason.code(),
+                    detail = %reject.detail,
+                    "event rejected to dead-letter dataset"
+                );
+                *self.stats.rejected.entry(reject.reason).or_default() += 1;
+                self.dead_letters.push(DeadLetter {
+                    reason: reject.reason,
+                    detail: reject.detail,
+                    partition,
+                    offset,
+                    rejected_at_ms: now_ms,
+                    payload: String::from_utf8_lossy(cut).into_owned(),
+                    payload_bytes: len,
+                });
+            }
+        }
+    }
+
+    /// Whether the batch should be sealed now.
+    pub fn should_flush(&self, now: Instant) -> bool {
+        match self.started {
+            None => false,
+            Some(t) => {
+                self.stats.messages as usize >= self.max_rows
+                    || self.stats.bytes as usize >= self.max_bytes
+                    || now.duration_since(t) >= self.linger
+            }
+        }
+    }
+
+    /// Time left until linger expires (for poll timeouts).
+    pub fn time_to_linger(&self, now: Instant) -> Option<Duration> {
+        self.started.map(|t| self.linger.saturating_sub(now.duration_since(t)))
+    }
+
+    /// Seal the batch; the builder is reset and reusable.
+    pub fn seal(
+        &mut self,
+        epoch: u64,
+        topic: &str,
+        now_ms: i64,
+    ) -> Result<Batch, datafusion::arrow::error::ArrowError> {
+        let events = self.columns.finish()?;
+        self.started = None;
+        Ok(Batch {
+            epoch,
+            topic: topic.to_string(),
+            events,
+            row_partitions: std::mem::take(&mut self.row_partitions),
+            dead_letters: std::mem::take(&mut self.dead_letters),
+            partitions: std::mem::take(&mut self.partitions),
+            stats: std::mem::take(&mut self.stats),
+            sealed_at_ms: now_ms,
+        })
+    }
+
+    /// Drop everything buffered (after a rebalance or a fence reset).
+    pub fn discard(&mut self) {
+        let _ = self.columns.finish();
+        self.row_partitions.clear();
+        self.dead_letters.clear();
+        self.partitions.clear();
+        self.stats = BatchStats::default();
+        self.started = None;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{ByteSize, Settings};
+    use crate::decode::EventSchema;
+
+    const NOW: i64 = 1_764_300_000_000;
+
+    fn builder(max_rows: usize, max_bytes: u64) -> BatchBuilder {
+        let s = Settings::defaults().unwrap();
+        let schema = EventSchema::from_config(&s.schema).unwrap();
+        let cfg = BatchConfig { max_rows, max_bytes: ByteSize(max_bytes), linger: Duration::from_secs(1) };
+        BatchBuilder::new(RecordDecoder::new(schema, &s.decode), &cfg, 16)
+    }
+
+    fn ev(v: &str) -> Vec<u8> {
+        format!(r#"{{"video_id":"{v}","event_type":"view","event_time":{NOW}}}"#).into_bytes()
+    }
+
+    #[test]
+    fn flushes_on_rows_bytes_and_linger() {
+        let t0 = Instant::now();
+        let mut b = builder(3, 1 << 20);
+        assert!(!b.should_flush(t0 + Duration::from_secs(10)), "empty never flushes");
+        b.push(0, 0, None, Some(&ev("a")), NOW, t0);
+        b.push(0, 1, None, Some(&ev("b")), NOW, t0);
+        assert!(!b.should_flush(t0 + Duration::from_millis(999)));
+        assert!(b.should_flush(t0 + Duration::from_secs(1)), "linger");
+        b.push(1, 7, Some(7), Some(b"junk"), NOW, t0);
+        assert!(b.should_flush(t0), "max_rows counts every message");
+
+        let mut small = builder(1000, 100);
+        small.push(0, 0, None, Some(&ev("a")), NOW, t0);
+        assert!(!small.should_flush(t0));
+        small.push(0, 1, None, Some(&ev("a")), NOW, t0);
+        assert!(small.should_flush(t0), "max_bytes");
+    }
+
+    #[test]
+    fn seal_tracks_offsets_partitions_and_rejects() {
+        let t0 = Instant::now();
+        let mut b = builder(100, 1 << 20);
+        b.push(2, 10, Some(10), Some(&ev("a")), NOW, t0);
+        b.push(1, 5, None, Some(b"{not json at all, and long enough to truncate}"), NOW, t0);
+        b.push(2, 11, Some(999), Some(&ev("b")), NOW, t0);
+        let batch = b.seal(4, "t", NOW).unwrap();
+        assert_eq!(batch.events.num_rows(), 2);
+        assert_eq!(batch.row_partitions, vec![2, 2]);
+        assert_eq!(batch.partitions[&2], PartitionRange { expected_start: Some(10), first: 10, last: 11 });
+        assert_eq!(batch.partitions[&1], PartitionRange { expected_start: None, first: 5, last: 5 });
+        assert_eq!(batch.dead_letters.len(), 1);
+        assert_eq!(batch.dead_letters[0].payload.len(), 16);
+        assert_eq!(batch.dead_letters[0].payload_bytes, 46);
+        assert_eq!(batch.stats.rejected[&RejectReason::NotJson], 1);
+        assert!(b.is_empty());
+        let again = b.seal(5, "t", NOW).unwrap();
+        assert_eq!(again.events.num_rows(), 0);
+    }
+}

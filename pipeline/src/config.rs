@@ -1,0 +1,576 @@
+//! Settings: defaults embedded from `configs/default.toml`, layered under an
+//! optional `--config FILE` and `TALLY__SECTION__KEY` environment variables
+//! (environment wins). Unknown keys are refused with the dotted key and the
+//! layer that introduced it.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+/// The embedded defaults.
+pub const DEFAULT_TOML: &str = include_str!("../../configs/default.toml");
+
+/// Prefix of environment overrides: `TALLY__KAFKA__TOPIC=views`.
+pub const ENV_PREFIX: &str = "TALLY__";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{source_name}: cannot read: {message}")]
+    Read { source_name: String, message: String },
+    #[error("{source_name}: invalid TOML: {message}")]
+    Parse { source_name: String, message: String },
+    #[error("{source_name}: key `{key}`: {message}")]
+    Key { source_name: String, key: String, message: String },
+    #[error("config key `{key}`: {message}")]
+    Invalid { key: String, message: String },
+}
+
+fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { key: key.to_string(), message: message.into() }
+}
+
+/// A size in bytes, written as `65536`, `"64KiB"`, `"64MiB"` or `"1GB"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteSize(pub u64);
+
+impl ByteSize {
+    pub fn parse(s: &str) -> Option<ByteSize> {
+        let s = s.trim();
+        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+        let (num, unit) = s.split_at(split);
+        let n: u64 = num.parse().ok()?;
+        let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+            "" | "b" => 1,
+            "kb" => 1_000,
+            "kib" | "k" => 1 << 10,
+            "mb" => 1_000_000,
+            "mib" | "m" => 1 << 20,
+            "gb" => 1_000_000_000,
+            "gib" | "g" => 1 << 30,
+            _ => return None,
+        };
+        n.checked_mul(mult).map(ByteSize)
+    }
+    pub fn as_usize(self) -> usize {
+        usize::try_from(self.0).unwrap_or(usize::MAX)
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(u64),
+            S(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::N(n) => Ok(ByteSize(n)),
+            Raw::S(s) => ByteSize::parse(&s).ok_or_else(|| {
+                serde::de::Error::custom(format!(
+                    "invalid size {s:?}; write a byte count or a string such as \"64KiB\" or \"64MiB\""
+                ))
+            }),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    pub kafka: KafkaConfig,
+    pub batch: BatchConfig,
+    pub decode: DecodeConfig,
+    pub schema: SchemaConfig,
+    pub sql: SqlConfig,
+    pub storage: StorageConfig,
+    pub serving: ServingConfig,
+    pub api: ApiConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaConfig {
+    pub topic: String,
+    #[serde(with = "humantime_serde")]
+    pub poll_timeout: Duration,
+    /// librdkafka properties, verbatim.
+    pub properties: BTreeMap<String, PropertyValue>,
+}
+
+/// A librdkafka property value; TOML strings, integers and booleans are accepted.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum PropertyValue {
+    Bool(bool),
+    Int(i64),
+    Str(String),
+}
+
+impl std::fmt::Display for PropertyValue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PropertyValue::Bool(b) => write!(f, "{b}"),
+            PropertyValue::Int(i) => write!(f, "{i}"),
+            PropertyValue::Str(s) => f.write_str(s),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BatchConfig {
+    pub max_rows: usize,
+    pub max_bytes: ByteSize,
+    #[serde(with = "humantime_serde")]
+    pub linger: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DecodeConfig {
+    pub max_event_bytes: ByteSize,
+    #[serde(with = "humantime_serde")]
+    pub max_future_skew: Duration,
+    #[serde(with = "humantime_serde")]
+    pub max_event_age: Duration,
+    #[serde(with = "humantime_serde")]
+    pub late_after: Duration,
+    pub dlq_payload_bytes: ByteSize,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum FieldType {
+    String,
+    Int64,
+    Float64,
+    Boolean,
+    /// RFC 3339 string or integer epoch milliseconds; stored as UTC milliseconds.
+    Timestamp,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct FieldConfig {
+    pub name: String,
+    #[serde(rename = "type")]
+    pub field_type: FieldType,
+    #[serde(default)]
+    pub required: bool,
+    /// Strings only: maximum length in bytes (and at least 1 byte when set).
+    #[serde(default)]
+    pub max_bytes: Option<usize>,
+    /// Strings only: a regular expression the whole value must match.
+    #[serde(default)]
+    pub pattern: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SchemaConfig {
+    pub time_field: String,
+    pub fields: Vec<FieldConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SqlConfig {
+    pub rollups_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct StorageConfig {
+    pub data_dir: PathBuf,
+    pub zstd_level: i32,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ServingConfig {
+    pub url: String,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ApiConfig {
+    pub listen: SocketAddr,
+}
+
+impl Settings {
+    /// Load defaults, then `file`, then the environment variables in `env`.
+    pub fn load(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Settings, ConfigError> {
+        let mut merged = parse_layer("configs/default.toml (embedded)", DEFAULT_TOML)?;
+        check_layer("configs/default.toml (embedded)", &merged, &merged)?;
+        if let Some(path) = file {
+            let name = path.display().to_string();
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| ConfigError::Read { source_name: name.clone(), message: e.to_string() })?;
+            let layer = parse_layer(&name, &text)?;
+            check_layer(&name, &merged, &layer)?;
+            merge(&mut merged, layer);
+        }
+        let mut env: Vec<(String, String)> =
+            env.into_iter().filter(|(k, _)| k.starts_with(ENV_PREFIX)).collect();
+        env.sort();
+        for (key, value) in env {
+            let layer = env_layer(&key, &value)?;
+            check_layer(&format!("environment variable {key}"), &merged, &layer)?;
+            merge(&mut merged, layer);
+        }
+        let settings = deserialize("merged configuration", merged)?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// The embedded defaults alone.
+    pub fn defaults() -> Result<Settings, ConfigError> {
+        Settings::load(None, std::iter::empty())
+    }
+
+    /// Checks that serde cannot express; errors name the dotted key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.kafka.topic.is_empty() {
+            return Err(invalid("kafka.topic", "must not be empty"));
+        }
+        for key in ["enable.auto.commit", "enable.auto.offset.store"] {
+            if let Some(v) = self.kafka.properties.get(key) {
+                if v.to_string() != "false" {
+                    return Err(invalid(
+                        &format!("kafka.properties.\"{key}\""),
+                        "tally owns offset commits (they live in the serving store); remove this property",
+                    ));
+                }
+            }
+        }
+        if self.batch.max_rows == 0 {
+            return Err(invalid("batch.max_rows", "must be at least 1"));
+        }
+        if self.batch.linger.is_zero() {
+            return Err(invalid("batch.linger", "must be positive, e.g. \"1s\""));
+        }
+        if !(1..=22).contains(&self.storage.zstd_level) {
+            return Err(invalid("storage.zstd_level", "must be between 1 and 22"));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, f) in self.schema.fields.iter().enumerate() {
+            let key = format!("schema.fields[{i}].name");
+            let ok = !f.name.is_empty()
+                && f.name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+                && !f.name.starts_with(|c: char| c.is_ascii_digit());
+            if !ok {
+                return Err(invalid(&key, format!("{:?} must match [a-z_][a-z0-9_]*", f.name)));
+            }
+            if !seen.insert(f.name.as_str()) {
+                return Err(invalid(&key, format!("field {:?} is declared twice", f.name)));
+            }
+            if f.field_type != FieldType::String && (f.max_bytes.is_some() || f.pattern.is_some()) {
+                return Err(invalid(
+                    &format!("schema.fields[{i}]"),
+                    "max_bytes and pattern apply only to string fields",
+                ));
+            }
+            if let Some(p) = &f.pattern {
+                regex::Regex::new(p).map_err(|e| {
+                    invalid(&format!("schema.fields[{i}].pattern"), format!("invalid regex: {e}"))
+                })?;
+            }
+        }
+        match self.schema.fields.iter().find(|f| f.name == self.schema.time_field) {
+            Some(f) if f.field_type == FieldType::Timestamp && f.required => {}
+            Some(_) => {
+                return Err(invalid(
+                    "schema.time_field",
+                    "must name a required field of type \"timestamp\"",
+                ))
+            }
+            None => {
+                return Err(invalid(
+                    "schema.time_field",
+                    format!("{:?} is not declared in schema.fields", self.schema.time_field),
+                ))
+            }
+        }
+        Ok(())
+    }
+
+    /// The serving store URL, defaulting to SQLite under the data directory.
+    pub fn serving_url(&self) -> String {
+        if self.serving.url.is_empty() {
+            format!("sqlite://{}", self.storage.data_dir.join("serving.db").display())
+        } else {
+            self.serving.url.clone()
+        }
+    }
+
+    /// The effective config as TOML, with secret-looking librdkafka values masked.
+    pub fn to_masked_toml(&self) -> String {
+        let mut props = toml::Table::new();
+        for (k, v) in &self.kafka.properties {
+            let secret = k.contains("password") || k.contains("secret") || k.contains("key");
+            let shown = if secret { "****".to_string() } else { v.to_string() };
+            props.insert(k.clone(), toml::Value::String(shown));
+        }
+        let mut out = String::new();
+        out.push_str(&format!(
+            "[kafka]\ntopic = {:?}\npoll_timeout = {:?}\n\n[kafka.properties]\n",
+            self.kafka.topic,
+            humantime::format_duration(self.kafka.poll_timeout).to_string()
+        ));
+        out.push_str(&toml::to_string(&props).unwrap_or_default());
+        out.push_str(&format!(
+            "\n[batch]\nmax_rows = {}\nmax_bytes = {}\nlinger = {:?}\n",
+            self.batch.max_rows,
+            self.batch.max_bytes.0,
+            humantime::format_duration(self.batch.linger).to_string()
+        ));
+        let d = &self.decode;
+        out.push_str(&format!(
+            "\n[decode]\nmax_event_bytes = {}\nmax_future_skew = {:?}\nmax_event_age = {:?}\nlate_after = {:?}\ndlq_payload_bytes = {}\n",
+            d.max_event_bytes.0,
+            humantime::format_duration(d.max_future_skew).to_string(),
+            humantime::format_duration(d.max_event_age).to_string(),
+            humantime::format_duration(d.late_after).to_string(),
+            d.dlq_payload_bytes.0
+        ));
+        out.push_str(&format!("\n[schema]\ntime_field = {:?}\n", self.schema.time_field));
+        for f in &self.schema.fields {
+            out.push_str(&format!(
+                "\n[[schema.fields]]\nname = {:?}\ntype = {:?}\nrequired = {}\n",
+                f.name,
+                format!("{:?}", f.field_type).to_ascii_lowercase(),
+                f.required
+            ));
+            if let Some(m) = f.max_bytes {
+                out.push_str(&format!("max_bytes = {m}\n"));
+            }
+            if let Some(p) = &f.pattern {
+                out.push_str(&format!("pattern = {p:?}\n"));
+            }
+        }
+        out.push_str(&format!(
+            "\n[sql]\nrollups_dir = {:?}\n\n[storage]\ndata_dir = {:?}\nzstd_level = {}\n\n[serving]\nurl = {:?}\n\n[api]\nlisten = {:?}\n",
+            self.sql.rollups_dir.display().to_string(),
+            self.storage.data_dir.display().to_string(),
+            self.storage.zstd_level,
+            mask_url(&self.serving_url()),
+            self.api.listen.to_string()
+        ));
+        out
+    }
+}
+
+fn mask_url(url: &str) -> String {
+    // postgres://user:password@host/db -> postgres://user:****@host/db
+    if let (Some(scheme_end), Some(at)) = (url.find("://"), url.rfind('@')) {
+        let creds = &url[scheme_end + 3..at];
+        if let Some(colon) = creds.find(':') {
+            return format!("{}{}:****{}", &url[..scheme_end + 3], &creds[..colon], &url[at..]);
+        }
+    }
+    url.to_string()
+}
+
+fn parse_layer(name: &str, text: &str) -> Result<toml::Table, ConfigError> {
+    text.parse::<toml::Table>()
+        .map_err(|e| ConfigError::Parse { source_name: name.to_string(), message: e.to_string() })
+}
+
+/// Deserialize `base` overlaid with `layer`, attributing any error to `name`.
+fn check_layer(name: &str, base: &toml::Table, layer: &toml::Table) -> Result<(), ConfigError> {
+    let mut t = base.clone();
+    merge(&mut t, layer.clone());
+    deserialize(name, t).map(|_| ())
+}
+
+fn deserialize(name: &str, table: toml::Table) -> Result<Settings, ConfigError> {
+    serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
+        let key = e.path().to_string();
+        let inner = e.into_inner().to_string();
+        let inner = inner.trim().to_string();
+        let message = if inner.contains("unknown field") {
+            format!("{inner}; remove or rename the key (see configs/default.toml for every key)")
+        } else {
+            inner
+        };
+        ConfigError::Key { source_name: name.to_string(), key, message }
+    })
+}
+
+fn merge(base: &mut toml::Table, layer: toml::Table) {
+    for (k, v) in layer {
+        match (base.get_mut(&k), v) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(l)) => merge(b, l),
+            (_, v) => {
+                base.insert(k, v);
+            }
+        }
+    }
+}
+
+/// `TALLY__KAFKA__PROPERTIES__BOOTSTRAP_SERVERS=h:9092` becomes
+/// `[kafka.properties] "bootstrap.servers" = "h:9092"` (librdkafka names use dots).
+fn env_layer(key: &str, value: &str) -> Result<toml::Table, ConfigError> {
+    let path: Vec<String> = key[ENV_PREFIX.len()..]
+        .split("__")
+        .map(|s| s.to_ascii_lowercase())
+        .collect();
+    if path.iter().any(|s| s.is_empty()) {
+        return Err(ConfigError::Key {
+            source_name: format!("environment variable {key}"),
+            key: path.join("."),
+            message: "empty path segment; write TALLY__SECTION__KEY".into(),
+        });
+    }
+    let mut path = path;
+    if path.len() == 3 && path[0] == "kafka" && path[1] == "properties" {
+        path[2] = path[2].replace('_', ".");
+    }
+    let parsed = format!("v = {value}")
+        .parse::<toml::Table>()
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .filter(|v| !v.is_table())
+        .unwrap_or_else(|| toml::Value::String(value.to_string()));
+    let mut leaf = parsed;
+    for seg in path.iter().rev() {
+        let mut t = toml::Table::new();
+        t.insert(seg.clone(), leaf);
+        leaf = toml::Value::Table(t);
+    }
+    match leaf {
+        toml::Value::Table(t) => Ok(t),
+        _ => Err(ConfigError::Key {
+            source_name: format!("environment variable {key}"),
+            key: String::new(),
+            message: "no key given".into(),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn defaults_load_and_validate() {
+        let s = Settings::defaults().unwrap();
+        assert_eq!(s.kafka.topic, "events");
+        assert_eq!(s.batch.linger, Duration::from_secs(1));
+        assert_eq!(s.decode.max_event_bytes, ByteSize(64 * 1024));
+        assert_eq!(s.decode.max_future_skew, Duration::from_secs(300));
+        assert_eq!(s.serving_url(), "sqlite://data/serving.db");
+        assert_eq!(s.api.listen.to_string(), "127.0.0.1:8080");
+    }
+
+    #[test]
+    fn every_shipped_config_loads() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs");
+        let mut n = 0;
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                Settings::load(Some(&path), std::iter::empty())
+                    .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                n += 1;
+            }
+        }
+        assert!(n >= 2);
+    }
+
+    #[test]
+    fn env_overrides_file_and_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(&file, "[kafka]\ntopic = \"from_file\"\n[batch]\nmax_rows = 5\n").unwrap();
+        let s = Settings::load(
+            Some(&file),
+            env(&[
+                ("TALLY__KAFKA__TOPIC", "from_env"),
+                ("TALLY__KAFKA__PROPERTIES__BOOTSTRAP_SERVERS", "10.0.0.1:9092"),
+                ("TALLY__BATCH__LINGER", "250ms"),
+                ("OTHER", "x"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.kafka.topic, "from_env");
+        assert_eq!(s.batch.max_rows, 5);
+        assert_eq!(s.batch.linger, Duration::from_millis(250));
+        assert_eq!(
+            s.kafka.properties.get("bootstrap.servers").unwrap().to_string(),
+            "10.0.0.1:9092"
+        );
+    }
+
+    #[test]
+    fn unknown_key_in_file_names_file_and_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("bad.toml");
+        std::fs::write(&file, "[batch]\nmax_rowz = 5\n").unwrap();
+        let err = Settings::load(Some(&file), std::iter::empty()).unwrap_err().to_string();
+        assert!(err.contains("bad.toml"), "{err}");
+        assert!(err.contains("max_rowz"), "{err}");
+        assert!(err.contains("remove or rename"), "{err}");
+    }
+
+    #[test]
+    fn unknown_env_key_names_variable() {
+        let err = Settings::load(None, env(&[("TALLY__STORAGE__DATADIR", "x")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("TALLY__STORAGE__DATADIR"), "{err}");
+        assert!(err.contains("datadir"), "{err}");
+    }
+
+    #[test]
+    fn bad_value_names_dotted_key() {
+        let err = Settings::load(None, env(&[("TALLY__BATCH__MAX_BYTES", "lots")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("batch.max_bytes"), "{err}");
+        let err = Settings::load(None, env(&[("TALLY__STORAGE__ZSTD_LEVEL", "99")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("storage.zstd_level"), "{err}");
+        let err = Settings::load(
+            None,
+            env(&[("TALLY__KAFKA__PROPERTIES__ENABLE_AUTO_COMMIT", "true")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("enable.auto.commit"), "{err}");
+    }
+
+    #[test]
+    fn byte_sizes() {
+        assert_eq!(ByteSize::parse("64KiB"), Some(ByteSize(65536)));
+        assert_eq!(ByteSize::parse("1MB"), Some(ByteSize(1_000_000)));
+        assert_eq!(ByteSize::parse("12"), Some(ByteSize(12)));
+        assert_eq!(ByteSize::parse("12 parsecs"), None);
+    }
+
+    #[test]
+    fn masks_secrets() {
+        let s = Settings::load(
+            None,
+            env(&[
+                ("TALLY__KAFKA__PROPERTIES__SASL_PASSWORD", "hunter2"),
+                ("TALLY__SERVING__URL", "postgres://u:pw@h/db"),
+            ]),
+        )
+        .unwrap();
+        let t = s.to_masked_toml();
+        assert!(!t.contains("hunter2") && !t.contains(":pw@"), "{t}");
+    }
+}

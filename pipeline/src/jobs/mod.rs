@@ -1,0 +1,4 @@
+//! CLI jobs built from the pipeline's stages.
+
+pub mod produce;
+pub mod topic;

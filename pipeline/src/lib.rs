@@ -1,0 +1,36 @@
+//! tally: exact windowed counting over Kafka.
+//!
+//! ```text
+//!  Kafka ──► source (consumer thread) ──► decode ──► batch ───────┐ bounded channel
+//!                                                                 ▼
+//!            sink::archive (Parquet raw + DLQ) ◄── committer ──► aggregate (DataFusion SQL)
+//!                                                     │
+//!                                                     ▼
+//!            sink::serving: ONE transaction = fence offsets + merge rollups
+//!                                             + record files + advance offsets
+//! ```
+//!
+//! # Layout
+//! - [`config`]: layered settings (embedded defaults, file, `TALLY__*` env).
+//! - [`source`]: the Kafka consumer group member and rebalance handling.
+//! - [`decode`]: JSON -> validated typed values -> Arrow builders; rejects.
+//! - [`batch`]: micro-batch policy (rows, bytes, linger) and sealed batches.
+//! - [`aggregate`]: the SQL catalog (`sql/rollups`), execution, merge algebra.
+//! - [`sink`]: Parquet archive on object storage and the serving store.
+//! - [`pipeline`]: `tally run`, wiring the stages and the commit protocol.
+//! - [`jobs`]: CLI jobs (load generator, topic admin).
+//! - [`cli`]: the command line (the only place besides `main` using anyhow).
+#![deny(clippy::unwrap_used, clippy::expect_used, clippy::todo, clippy::dbg_macro, clippy::print_stdout)]
+
+pub mod aggregate;
+pub mod batch;
+pub mod cli;
+pub mod config;
+pub mod decode;
+pub mod error;
+pub mod jobs;
+pub mod pipeline;
+pub mod sink;
+pub mod source;
+
+pub use error::{Error, ErrorKind, Result, RetryHint};

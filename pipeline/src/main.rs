@@ -1,0 +1,13 @@
+//! The `tally` binary: parse, run, map the result to an exit code.
+use clap::Parser;
+
+fn main() -> std::process::ExitCode {
+    let cli = tally::cli::Cli::parse();
+    match tally::cli::run(cli) {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            std::process::ExitCode::from(2)
+        }
+    }
+}

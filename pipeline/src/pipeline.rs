@@ -1,0 +1,201 @@
+//! `tally run`: wires source -> decode/batch (consumer thread) -> aggregate +
+//! archive -> serving commit (committer task).
+
+use std::future::Future;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+
+use crate::aggregate::{RollupAggregator, SqlCatalog};
+use crate::batch::{Batch, BatchBuilder};
+use crate::config::Settings;
+use crate::decode::{EventSchema, RecordDecoder, RejectReason};
+use crate::error::{Error, RetryHint};
+use crate::sink::{CommitOutcome, CommitRequest, ParquetArchiveSink, ServingStore};
+use crate::source::kafka::GroupCommitter;
+use crate::source::{ConsumerControl, KafkaSource};
+
+/// Everything built from settings before consuming: fails fast on bad SQL,
+/// bad schema or an unreachable serving store.
+pub struct Stages {
+    pub settings: Settings,
+    pub schema: EventSchema,
+    pub catalog: SqlCatalog,
+    pub store: ServingStore,
+    pub archive: ParquetArchiveSink,
+}
+
+impl Stages {
+    pub async fn build(settings: Settings) -> Result<Stages, Error> {
+        let schema = EventSchema::from_config(&settings.schema)?;
+        let catalog = SqlCatalog::load(&settings.sql.rollups_dir, schema.arrow.clone(), &settings.schema.time_field).await?;
+        let store = ServingStore::open(&settings.serving_url(), &catalog.rollups).await?;
+        let archive = ParquetArchiveSink::local(&settings.storage.data_dir, schema.time_index, settings.storage.zstd_level)?;
+        Ok(Stages { settings, schema, catalog, store, archive })
+    }
+}
+
+/// Totals for a run (logged at exit).
+#[derive(Debug, Default, Clone)]
+pub struct RunStats {
+    pub batches: u64,
+    pub messages: u64,
+    pub accepted: u64,
+    pub rejected: u64,
+    pub fenced: u64,
+    pub dropped_stale: u64,
+}
+
+/// Run the pipeline until `shutdown` resolves.
+pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Result<RunStats, Error> {
+    let stages = Stages::build(settings).await?;
+    let Stages { settings, schema, catalog, store, archive } = stages;
+    let mut aggregator = RollupAggregator::new(&catalog, schema.arrow.clone()).await?;
+    let decoder = RecordDecoder::new(schema.clone(), &settings.decode);
+    let builder = BatchBuilder::new(decoder, &settings.batch, settings.decode.dlq_payload_bytes.as_usize());
+    let source = KafkaSource::new(&settings.kafka, store.clone(), archive.clone(), tokio::runtime::Handle::current())?;
+    let control = source.control();
+    let group = source.committer();
+    let (tx, mut rx) = mpsc::channel::<Batch>(1);
+    let consumer_thread = std::thread::Builder::new()
+        .name("tally-consumer".into())
+        .spawn(move || source.run(builder, tx))
+        .map_err(|e| Error::Internal(format!("cannot start the consumer thread: {e}")))?;
+    tracing::info!(topic = %settings.kafka.topic, serving = %store.url(), data_dir = %settings.storage.data_dir.display(), "tally running");
+
+    let committer = async {
+        let mut stats = RunStats::default();
+        let mut last_log = Instant::now();
+        let mut window = RunStats::default();
+        while let Some(batch) = rx.recv().await {
+            let result = commit_batch(&batch, &control, &mut aggregator, &archive, &store, &group, &mut stats).await;
+            control.done.fetch_add(1, Ordering::AcqRel);
+            result?;
+            if last_log.elapsed() >= Duration::from_secs(10) {
+                let secs = last_log.elapsed().as_secs_f64();
+                tracing::info!(
+                    batches = stats.batches - window.batches,
+                    events_per_sec = ((stats.messages - window.messages) as f64 / secs).round(),
+                    accepted_total = stats.accepted,
+                    rejected_total = stats.rejected,
+                    "progress"
+                );
+                window = stats.clone();
+                last_log = Instant::now();
+            }
+        }
+        Ok::<RunStats, Error>(stats)
+    };
+    let control_for_shutdown = control.clone();
+    tokio::pin!(committer);
+    tokio::pin!(shutdown);
+    let result = tokio::select! {
+        r = &mut committer => r,
+        _ = &mut shutdown => {
+            tracing::info!("shutting down: flushing the open batch");
+            control_for_shutdown.shutdown.store(true, Ordering::Release);
+            committer.await
+        }
+    };
+    control.shutdown.store(true, Ordering::Release);
+    let joined = tokio::task::spawn_blocking(move || consumer_thread.join())
+        .await
+        .map_err(|e| Error::Internal(e.to_string()))?;
+    let stats = result?;
+    match joined {
+        Ok(r) => r?,
+        Err(_) => return Err(Error::Internal("consumer thread panicked".into())),
+    }
+    store.close().await;
+    tracing::info!(?stats, "stopped");
+    Ok(stats)
+}
+
+fn counters(batch: &Batch) -> Vec<(String, i64)> {
+    let mut c = vec![
+        ("messages_total".to_string(), batch.stats.messages as i64),
+        ("accepted_total".to_string(), batch.stats.accepted as i64),
+        ("late_total".to_string(), batch.stats.late as i64),
+    ];
+    for r in RejectReason::ALL {
+        if let Some(n) = batch.stats.rejected.get(&r) {
+            c.push((format!("rejected_total.{}", r.code()), *n as i64));
+        }
+    }
+    c
+}
+
+async fn commit_batch(
+    batch: &Batch,
+    control: &Arc<ConsumerControl>,
+    aggregator: &mut RollupAggregator,
+    archive: &ParquetArchiveSink,
+    store: &ServingStore,
+    group: &GroupCommitter,
+    stats: &mut RunStats,
+) -> Result<(), Error> {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        if batch.epoch != control.epoch.load(Ordering::Acquire) {
+            stats.dropped_stale += 1;
+            tracing::debug!(epoch = batch.epoch, "dropping a batch from before a rebalance");
+            return Ok(());
+        }
+        match try_commit(batch, aggregator, archive, store).await {
+            Ok((CommitOutcome::Committed, _)) => {
+                group.commit(&batch.partitions);
+                stats.batches += 1;
+                stats.messages += batch.stats.messages;
+                stats.accepted += batch.stats.accepted;
+                stats.rejected += batch.stats.rejected.values().sum::<u64>();
+                tracing::debug!(rows = batch.events.num_rows(), partitions = ?batch.partitions, "batch committed");
+                return Ok(());
+            }
+            Ok((CommitOutcome::Fenced { partition, expected, stored }, files)) => {
+                stats.fenced += 1;
+                tracing::warn!(partition, ?expected, ?stored, "batch fenced: another writer advanced the partition; re-reading");
+                let paths: Vec<String> = files.into_iter().map(|f| f.path).collect();
+                if let Err(e) = archive.delete(&paths).await {
+                    tracing::error!(error = %e, "cannot delete a fenced batch's files; they are removed at the next assignment");
+                }
+                control.bump_epoch();
+                control.reset_requested.store(true, Ordering::Release);
+                return Ok(());
+            }
+            Err(e) if e.retry() == RetryHint::WithBackoff => {
+                tracing::error!(error = %e, retry_in = ?backoff, "batch commit failed; retrying (offsets do not advance)");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+async fn try_commit(
+    batch: &Batch,
+    aggregator: &mut RollupAggregator,
+    archive: &ParquetArchiveSink,
+    store: &ServingStore,
+) -> Result<(CommitOutcome, Vec<crate::sink::WrittenFile>), Error> {
+    let write = archive.write_batch(batch);
+    let events = [batch.events.clone()];
+    let agg = aggregator.aggregate(&events);
+    let (files, outputs) = tokio::join!(write, agg);
+    let files = files?;
+    let outputs = outputs?;
+    let counters = counters(batch);
+    let req = CommitRequest {
+        topic: &batch.topic,
+        partitions: &batch.partitions,
+        outputs: &outputs,
+        files: &files,
+        counters: &counters,
+        now_ms: chrono::Utc::now().timestamp_millis(),
+    };
+    let outcome = store.commit(&req).await?;
+    Ok((outcome, files))
+}
+

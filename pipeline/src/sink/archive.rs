@@ -1,0 +1,330 @@
+//! Raw events and dead letters as zstd Parquet on object storage.
+//!
+//! Layout (Hive style, partition columns are strings to readers):
+//! - `raw/events/dt=YYYY-MM-DD/hour=HH/<topic>-p<partition>-<first>-<last>.parquet`
+//!   by event time (UTC);
+//! - `dlq/dt=YYYY-MM-DD/<topic>-p<partition>-<first>-<last>.parquet` by rejection time.
+//!
+//! `<first>-<last>` is the batch's offset range in that partition. A file is
+//! written under a hidden name (`.<name>.inprogress`, skipped by readers) and
+//! renamed when complete. Files beyond a partition's committed offset are
+//! orphans of a crash and are deleted when the partition is assigned.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use chrono::{TimeZone, Utc};
+use datafusion::arrow::array::{
+    Array, AsArray, Int32Array, Int64Array, StringArray, TimestampMillisecondArray, UInt32Array,
+};
+use datafusion::arrow::compute::take_record_batch;
+use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit, TimestampMillisecondType};
+use datafusion::arrow::record_batch::RecordBatch;
+use futures::StreamExt;
+use object_store::path::Path as ObjectPath;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use parquet::arrow::ArrowWriter;
+use parquet::basic::{Compression, ZstdLevel};
+use parquet::file::properties::WriterProperties;
+
+use super::SinkError;
+use crate::batch::{Batch, DeadLetter};
+
+pub const RAW_PREFIX: &str = "raw/events";
+pub const DLQ_PREFIX: &str = "dlq";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileKind {
+    Raw,
+    DeadLetter,
+}
+
+impl FileKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FileKind::Raw => "raw",
+            FileKind::DeadLetter => "dlq",
+        }
+    }
+}
+
+/// A complete, visible file of one batch.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WrittenFile {
+    pub path: String,
+    pub kind: FileKind,
+    pub partition: i32,
+    pub first_offset: i64,
+    pub last_offset: i64,
+    pub rows: u64,
+    pub bytes: u64,
+}
+
+/// Schema of the dead-letter dataset.
+pub fn dead_letter_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("reason", DataType::Utf8, false),
+        Field::new("detail", DataType::Utf8, false),
+        Field::new("topic", DataType::Utf8, false),
+        Field::new("partition", DataType::Int32, false),
+        Field::new("offset", DataType::Int64, false),
+        Field::new("rejected_at", DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into())), false),
+        Field::new("payload", DataType::Utf8, false),
+        Field::new("payload_bytes", DataType::Int64, false),
+    ]))
+}
+
+#[derive(Debug, Clone)]
+pub struct ParquetArchiveSink {
+    store: Arc<dyn ObjectStore>,
+    time_index: usize,
+    props: WriterProperties,
+}
+
+/// File name for a partition's offset range: `<topic>-p00003-<first>-<last>.parquet`.
+pub fn file_name(topic: &str, partition: i32, first: i64, last: i64) -> String {
+    let topic: String = topic
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '.' || c == '_' || c == '-' { c } else { '_' })
+        .collect();
+    format!("{topic}-p{partition:05}-{first:020}-{last:020}.parquet")
+}
+
+/// Parse a (possibly hidden, in-progress) archive file name.
+/// Returns (topic, partition, first, last, in_progress).
+pub fn parse_file_name(name: &str) -> Option<(String, i32, i64, i64, bool)> {
+    let (core, in_progress) = match name.strip_prefix('.').and_then(|n| n.strip_suffix(".inprogress")) {
+        Some(n) => (n, true),
+        None => (name, false),
+    };
+    let core = core.strip_suffix(".parquet")?;
+    let mut parts = core.rsplitn(4, '-');
+    let last: i64 = parts.next()?.parse().ok()?;
+    let first: i64 = parts.next()?.parse().ok()?;
+    let partition: i32 = parts.next()?.strip_prefix('p')?.parse().ok()?;
+    let topic = parts.next()?.to_string();
+    Some((topic, partition, first, last, in_progress))
+}
+
+fn ymd_h(ms: i64) -> (String, String) {
+    let t = Utc.timestamp_millis_opt(ms).single().unwrap_or_default();
+    (t.format("%Y-%m-%d").to_string(), t.format("%H").to_string())
+}
+
+impl ParquetArchiveSink {
+    pub fn new(store: Arc<dyn ObjectStore>, time_index: usize, zstd_level: i32) -> Result<Self, SinkError> {
+        let level = ZstdLevel::try_new(zstd_level)
+            .map_err(|e| SinkError::Encode { path: "storage.zstd_level".into(), message: e.to_string() })?;
+        let props = WriterProperties::builder()
+            .set_compression(Compression::ZSTD(level))
+            .set_max_row_group_row_count(Some(1 << 20))
+            .build();
+        Ok(ParquetArchiveSink { store, time_index, props })
+    }
+
+    /// An archive rooted at a local directory.
+    pub fn local(data_dir: &std::path::Path, time_index: usize, zstd_level: i32) -> Result<Self, SinkError> {
+        std::fs::create_dir_all(data_dir).map_err(|e| SinkError::ObjectStore {
+            path: data_dir.display().to_string(),
+            source: Box::new(object_store::Error::Generic { store: "local", source: Box::new(e) }),
+        })?;
+        let fs = object_store::local::LocalFileSystem::new_with_prefix(data_dir).map_err(|e| {
+            SinkError::ObjectStore { path: data_dir.display().to_string(), source: Box::new(e) }
+        })?;
+        ParquetArchiveSink::new(Arc::new(fs), time_index, zstd_level)
+    }
+
+    pub fn store(&self) -> Arc<dyn ObjectStore> {
+        self.store.clone()
+    }
+
+    /// Encode and write every file of a batch. Nothing is visible until its
+    /// rename; on error, already written files of this batch are returned to
+    /// the caller through [`Self::delete`] on retry (names are deterministic).
+    pub async fn write_batch(&self, batch: &Batch) -> Result<Vec<WrittenFile>, SinkError> {
+        let encoded = {
+            let this = self.clone();
+            let batch = batch.clone();
+            tokio::task::spawn_blocking(move || this.encode_batch(&batch))
+                .await
+                .map_err(|e| SinkError::Encode { path: "batch".into(), message: e.to_string() })??
+        };
+        let mut written = Vec::with_capacity(encoded.len());
+        for (file, bytes) in encoded {
+            self.put_atomic(&file.path, bytes).await?;
+            written.push(file);
+        }
+        Ok(written)
+    }
+
+    fn encode_batch(&self, batch: &Batch) -> Result<Vec<(WrittenFile, Vec<u8>)>, SinkError> {
+        let mut out = Vec::new();
+        // Raw events grouped by (partition, event hour).
+        let events = &batch.events;
+        if events.num_rows() > 0 {
+            let times = events.column(self.time_index).as_primitive::<TimestampMillisecondType>();
+            let mut groups: BTreeMap<(i32, i64), Vec<u32>> = BTreeMap::new();
+            for (i, p) in batch.row_partitions.iter().enumerate() {
+                let hour = times.value(i).div_euclid(3_600_000);
+                groups.entry((*p, hour)).or_default().push(i as u32);
+            }
+            for ((partition, hour), idx) in groups {
+                let Some(range) = batch.partitions.get(&partition) else { continue };
+                let (dt, hh) = ymd_h(hour * 3_600_000);
+                let path = format!(
+                    "{RAW_PREFIX}/dt={dt}/hour={hh}/{}",
+                    file_name(&batch.topic, partition, range.first, range.last)
+                );
+                let rows = idx.len() as u64;
+                let part = take_record_batch(events, &UInt32Array::from(idx))
+                    .map_err(|e| SinkError::Encode { path: path.clone(), message: e.to_string() })?;
+                let bytes = self.encode(&path, &part)?;
+                out.push((
+                    WrittenFile {
+                        path,
+                        kind: FileKind::Raw,
+                        partition,
+                        first_offset: range.first,
+                        last_offset: range.last,
+                        rows,
+                        bytes: bytes.len() as u64,
+                    },
+                    bytes,
+                ));
+            }
+        }
+        // Dead letters grouped by partition, dated by the batch's seal time.
+        let mut by_partition: BTreeMap<i32, Vec<&DeadLetter>> = BTreeMap::new();
+        for d in &batch.dead_letters {
+            by_partition.entry(d.partition).or_default().push(d);
+        }
+        let (dt, _) = ymd_h(batch.sealed_at_ms);
+        for (partition, dls) in by_partition {
+            let Some(range) = batch.partitions.get(&partition) else { continue };
+            let path = format!("{DLQ_PREFIX}/dt={dt}/{}", file_name(&batch.topic, partition, range.first, range.last));
+            let rb = dead_letter_batch(&batch.topic, &dls)
+                .map_err(|e| SinkError::Encode { path: path.clone(), message: e.to_string() })?;
+            let bytes = self.encode(&path, &rb)?;
+            out.push((
+                WrittenFile {
+                    path,
+                    kind: FileKind::DeadLetter,
+                    partition,
+                    first_offset: range.first,
+                    last_offset: range.last,
+                    rows: dls.len() as u64,
+                    bytes: bytes.len() as u64,
+                },
+                bytes,
+            ));
+        }
+        Ok(out)
+    }
+
+    fn encode(&self, path: &str, batch: &RecordBatch) -> Result<Vec<u8>, SinkError> {
+        let err = |e: parquet::errors::ParquetError| SinkError::Encode { path: path.to_string(), message: e.to_string() };
+        let mut buf = Vec::with_capacity(batch.get_array_memory_size() / 4 + 1024);
+        let mut w = ArrowWriter::try_new(&mut buf, batch.schema(), Some(self.props.clone())).map_err(err)?;
+        w.write(batch).map_err(err)?;
+        w.close().map_err(err)?;
+        Ok(buf)
+    }
+
+    async fn put_atomic(&self, path: &str, bytes: Vec<u8>) -> Result<(), SinkError> {
+        let (dir, name) = path.rsplit_once('/').unwrap_or(("", path));
+        let tmp = ObjectPath::from(format!("{dir}/.{name}.inprogress"));
+        let dst = ObjectPath::from(path);
+        let err = |e: object_store::Error| SinkError::ObjectStore { path: path.to_string(), source: Box::new(e) };
+        self.store.put(&tmp, PutPayload::from(bytes)).await.map_err(err)?;
+        self.store.rename(&tmp, &dst).await.map_err(err)?;
+        Ok(())
+    }
+
+    /// Delete files (a fenced batch's output). Missing files are fine.
+    pub async fn delete(&self, paths: &[String]) -> Result<(), SinkError> {
+        for p in paths {
+            match self.store.delete(&ObjectPath::from(p.as_str())).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(SinkError::ObjectStore { path: p.clone(), source: Box::new(e) }),
+            }
+        }
+        Ok(())
+    }
+
+    /// Delete what a crash left for `topic`'s `partitions`: in-progress files,
+    /// and complete files starting at or beyond the partition's committed next
+    /// offset (`None`: nothing committed yet). Returns the deleted paths.
+    pub async fn remove_orphans(
+        &self,
+        topic: &str,
+        committed_next: &HashMap<i32, Option<i64>>,
+    ) -> Result<Vec<String>, SinkError> {
+        let mut doomed = Vec::new();
+        for prefix in [RAW_PREFIX, DLQ_PREFIX] {
+            let mut list = self.store.list(Some(&ObjectPath::from(prefix)));
+            while let Some(meta) = list.next().await {
+                let meta = match meta {
+                    Ok(m) => m,
+                    Err(object_store::Error::NotFound { .. }) => break,
+                    Err(e) => {
+                        return Err(SinkError::ObjectStore { path: prefix.to_string(), source: Box::new(e) })
+                    }
+                };
+                let Some(name) = meta.location.filename() else { continue };
+                let Some((t, p, first, _last, in_progress)) = parse_file_name(name) else { continue };
+                if t != topic {
+                    continue;
+                }
+                let Some(next) = committed_next.get(&p) else { continue };
+                let orphan = in_progress || next.is_none_or(|n| first >= n);
+                if orphan {
+                    doomed.push(meta.location.to_string());
+                }
+            }
+        }
+        if !doomed.is_empty() {
+            tracing::warn!(files = doomed.len(), "removing archive files of uncommitted batches");
+            self.delete(&doomed).await?;
+        }
+        Ok(doomed)
+    }
+}
+
+fn dead_letter_batch(topic: &str, dls: &[&DeadLetter]) -> Result<RecordBatch, datafusion::arrow::error::ArrowError> {
+    let n = dls.len();
+    RecordBatch::try_new(
+        dead_letter_schema(),
+        vec![
+            Arc::new(StringArray::from_iter_values(dls.iter().map(|d| d.reason.code()))),
+            Arc::new(StringArray::from_iter_values(dls.iter().map(|d| d.detail.as_str()))),
+            Arc::new(StringArray::from_iter_values(std::iter::repeat_n(topic, n))),
+            Arc::new(Int32Array::from_iter_values(dls.iter().map(|d| d.partition))),
+            Arc::new(Int64Array::from_iter_values(dls.iter().map(|d| d.offset))),
+            Arc::new(
+                TimestampMillisecondArray::from_iter_values(dls.iter().map(|d| d.rejected_at_ms)).with_timezone("UTC"),
+            ) as Arc<dyn Array>,
+            Arc::new(StringArray::from_iter_values(dls.iter().map(|d| d.payload.as_str()))),
+            Arc::new(Int64Array::from_iter_values(dls.iter().map(|d| d.payload_bytes as i64))),
+        ],
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_names_round_trip() {
+        let n = file_name("video-events.v1", 3, 100, 199);
+        assert_eq!(n, "video-events.v1-p00003-00000000000000000100-00000000000000000199.parquet");
+        assert_eq!(parse_file_name(&n), Some(("video-events.v1".into(), 3, 100, 199, false)));
+        let hidden = format!(".{n}.inprogress");
+        assert_eq!(parse_file_name(&hidden), Some(("video-events.v1".into(), 3, 100, 199, true)));
+        assert_eq!(parse_file_name("README.md"), None);
+    }
+
+    #[test]
+    fn hour_partition_names() {
+        assert_eq!(ymd_h(1_764_300_000_000), ("2025-11-28".to_string(), "03".to_string()));
+    }
+}

@@ -1,0 +1,389 @@
+//! The serving store: one table per rollup plus tally's bookkeeping tables,
+//! in SQLite (WAL mode). Every batch commits in one transaction that
+//! 1. fences: each partition's stored next offset must equal the offset the
+//!    batch was built on, so a stale or zombie writer fails here;
+//! 2. merges the rollup rows (count/sum add, min/max take the extreme);
+//! 3. records the archive files the batch wrote;
+//! 4. advances the offsets and the counters.
+//!
+//! SQL here is built only from identifiers validated by the SQL catalog
+//! (`[a-z_][a-z0-9_]*`); every value is a bound parameter.
+
+use std::collections::BTreeMap;
+use std::str::FromStr;
+use std::time::Duration;
+
+use datafusion::arrow::array::{Array, AsArray};
+use datafusion::arrow::datatypes::{Float64Type, Int64Type};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{AssertSqlSafe, Row, SqlitePool};
+
+use super::archive::WrittenFile;
+use super::{db, SinkError};
+use crate::aggregate::{ColumnKind, MergeRule, RollupDef, RollupOutput};
+use crate::batch::PartitionRange;
+
+/// SQLite allows 32766 bound parameters per statement.
+const MAX_PARAMS: usize = 32_000;
+const MAX_ROWS_PER_STATEMENT: usize = 1_000;
+
+const BOOKKEEPING: &[&str] = &[
+    "CREATE TABLE IF NOT EXISTS tally_offsets (
+        topic TEXT NOT NULL,
+        partition INTEGER NOT NULL,
+        next_offset INTEGER NOT NULL,
+        updated_at_ms INTEGER NOT NULL,
+        PRIMARY KEY (topic, partition)
+    ) WITHOUT ROWID",
+    "CREATE TABLE IF NOT EXISTS tally_files (
+        path TEXT PRIMARY KEY,
+        kind TEXT NOT NULL,
+        topic TEXT NOT NULL,
+        partition INTEGER NOT NULL,
+        first_offset INTEGER NOT NULL,
+        last_offset INTEGER NOT NULL,
+        rows INTEGER NOT NULL,
+        bytes INTEGER NOT NULL,
+        committed_at_ms INTEGER NOT NULL
+    )",
+    "CREATE TABLE IF NOT EXISTS tally_counters (
+        name TEXT PRIMARY KEY,
+        value INTEGER NOT NULL
+    ) WITHOUT ROWID",
+];
+
+#[derive(Debug, Clone)]
+struct TableSpec {
+    name: String,
+    columns: Vec<(String, ColumnKind)>,
+    /// Full-chunk upsert statement and its row count.
+    rows_per_statement: usize,
+    upsert_head: String,
+    upsert_tail: String,
+    row_placeholder: String,
+}
+
+/// The outcome of a commit attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CommitOutcome {
+    Committed,
+    /// Another writer advanced this partition; the batch was not applied.
+    Fenced { partition: i32, expected: Option<i64>, stored: Option<i64> },
+}
+
+/// Everything one batch commits.
+#[derive(Debug)]
+pub struct CommitRequest<'a> {
+    pub topic: &'a str,
+    pub partitions: &'a BTreeMap<i32, PartitionRange>,
+    pub outputs: &'a [RollupOutput],
+    pub files: &'a [WrittenFile],
+    /// Counter increments (name, delta).
+    pub counters: &'a [(String, i64)],
+    pub now_ms: i64,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServingStore {
+    pool: SqlitePool,
+    url: String,
+    tables: Vec<TableSpec>,
+}
+
+fn quote(ident: &str) -> String {
+    format!("\"{}\"", ident.replace('"', "\"\""))
+}
+
+fn sql_type(kind: ColumnKind) -> &'static str {
+    match kind {
+        ColumnKind::Text => "TEXT",
+        ColumnKind::Int => "INTEGER",
+        ColumnKind::Real => "REAL",
+    }
+}
+
+fn merge_sql(table: &str, col: &str, rule: MergeRule) -> String {
+    let (t, c) = (quote(table), quote(col));
+    match rule {
+        MergeRule::Sum => format!("{c} = coalesce({t}.{c} + excluded.{c}, {t}.{c}, excluded.{c})"),
+        MergeRule::Min => format!("{c} = coalesce(min({t}.{c}, excluded.{c}), {t}.{c}, excluded.{c})"),
+        MergeRule::Max => format!("{c} = coalesce(max({t}.{c}, excluded.{c}), {t}.{c}, excluded.{c})"),
+    }
+}
+
+impl TableSpec {
+    fn new(def: &RollupDef) -> TableSpec {
+        let columns: Vec<(String, ColumnKind)> = def.columns.iter().map(|c| (c.name.clone(), c.kind)).collect();
+        let names: Vec<String> = columns.iter().map(|(n, _)| quote(n)).collect();
+        let keys: Vec<String> = def.keys().iter().map(|c| quote(&c.name)).collect();
+        let sets: Vec<String> = def
+            .measures()
+            .iter()
+            .filter_map(|c| c.merge.map(|m| merge_sql(&def.name, &c.name, m)))
+            .collect();
+        let row_placeholder = format!("({})", vec!["?"; columns.len()].join(","));
+        TableSpec {
+            name: def.name.clone(),
+            rows_per_statement: (MAX_PARAMS / columns.len().max(1)).clamp(1, MAX_ROWS_PER_STATEMENT),
+            upsert_head: format!("INSERT INTO {} ({}) VALUES ", quote(&def.name), names.join(", ")),
+            upsert_tail: format!(" ON CONFLICT ({}) DO UPDATE SET {}", keys.join(", "), sets.join(", ")),
+            row_placeholder,
+            columns,
+        }
+    }
+
+    fn upsert_sql(&self, rows: usize) -> String {
+        let mut s = String::with_capacity(self.upsert_head.len() + rows * (self.row_placeholder.len() + 1) + self.upsert_tail.len());
+        s.push_str(&self.upsert_head);
+        for i in 0..rows {
+            if i > 0 {
+                s.push(',');
+            }
+            s.push_str(&self.row_placeholder);
+        }
+        s.push_str(&self.upsert_tail);
+        s
+    }
+}
+
+impl ServingStore {
+    /// Open (creating if needed) the store and its tables.
+    pub async fn open(url: &str, rollups: &[RollupDef]) -> Result<ServingStore, SinkError> {
+        let open_err = |message: String| SinkError::Open { url: url.to_string(), message };
+        if !url.starts_with("sqlite:") {
+            return Err(open_err(
+                "unsupported serving.url scheme; use sqlite://PATH (PostgreSQL support is planned)".into(),
+            ));
+        }
+        let opts = SqliteConnectOptions::from_str(url)
+            .map_err(|e| open_err(e.to_string()))?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(Duration::from_secs(5));
+        if let Some(parent) = opts.get_filename().parent() {
+            if !parent.as_os_str().is_empty() {
+                std::fs::create_dir_all(parent).map_err(|e| open_err(e.to_string()))?;
+            }
+        }
+        let pool = SqlitePoolOptions::new()
+            .max_connections(2)
+            .connect_with(opts)
+            .await
+            .map_err(|e| open_err(e.to_string()))?;
+        for stmt in BOOKKEEPING {
+            sqlx::query(*stmt).execute(&pool).await.map_err(db("create bookkeeping tables"))?;
+        }
+        let mut tables = Vec::new();
+        for def in rollups {
+            ensure_table(&pool, def).await?;
+            tables.push(TableSpec::new(def));
+        }
+        Ok(ServingStore { pool, url: url.to_string(), tables })
+    }
+
+    pub fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// Committed next offsets of `topic`.
+    pub async fn load_offsets(&self, topic: &str) -> Result<BTreeMap<i32, i64>, SinkError> {
+        let rows = sqlx::query("SELECT partition, next_offset FROM tally_offsets WHERE topic = ?")
+            .bind(topic)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db("load offsets"))?;
+        let mut out = BTreeMap::new();
+        for r in rows {
+            let p: i64 = r.try_get(0).map_err(db("load offsets"))?;
+            let n: i64 = r.try_get(1).map_err(db("load offsets"))?;
+            out.insert(p as i32, n);
+        }
+        Ok(out)
+    }
+
+    /// Commit one batch atomically, or report that it was fenced.
+    pub async fn commit(&self, req: &CommitRequest<'_>) -> Result<CommitOutcome, SinkError> {
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(db("begin"))?;
+
+        // 1. Fence.
+        let rows = sqlx::query("SELECT partition, next_offset FROM tally_offsets WHERE topic = ?")
+            .bind(req.topic)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(db("read offsets"))?;
+        let mut stored: BTreeMap<i32, i64> = BTreeMap::new();
+        for r in rows {
+            let p: i64 = r.try_get(0).map_err(db("read offsets"))?;
+            let n: i64 = r.try_get(1).map_err(db("read offsets"))?;
+            stored.insert(p as i32, n);
+        }
+        for (p, range) in req.partitions {
+            let have = stored.get(p).copied();
+            if have != range.expected_start {
+                tx.rollback().await.map_err(db("rollback"))?;
+                return Ok(CommitOutcome::Fenced { partition: *p, expected: range.expected_start, stored: have });
+            }
+        }
+
+        // 2. Merge rollups.
+        for out in req.outputs {
+            let Some(spec) = self.tables.iter().find(|t| t.name == out.rollup) else {
+                continue;
+            };
+            for b in &out.batches {
+                let mut start = 0;
+                while start < b.num_rows() {
+                    let n = (b.num_rows() - start).min(spec.rows_per_statement);
+                    let sql = spec.upsert_sql(n);
+                    let mut q = sqlx::query(AssertSqlSafe(sql));
+                    for row in start..start + n {
+                        for (c, (_, kind)) in spec.columns.iter().enumerate() {
+                            let arr = b.column(c);
+                            let null = arr.is_null(row);
+                            q = match kind {
+                                ColumnKind::Text => q.bind(if null {
+                                    None
+                                } else {
+                                    Some(arr.as_string::<i32>().value(row).to_string())
+                                }),
+                                ColumnKind::Int => q.bind(if null {
+                                    None
+                                } else {
+                                    Some(arr.as_primitive::<Int64Type>().value(row))
+                                }),
+                                ColumnKind::Real => q.bind(if null {
+                                    None
+                                } else {
+                                    Some(arr.as_primitive::<Float64Type>().value(row))
+                                }),
+                            };
+                        }
+                    }
+                    q.execute(&mut *tx).await.map_err(db("merge rollup rows"))?;
+                    start += n;
+                }
+            }
+        }
+
+        // 3. Record files.
+        for f in req.files {
+            sqlx::query(
+                "INSERT INTO tally_files (path, kind, topic, partition, first_offset, last_offset, rows, bytes, committed_at_ms)
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+                 ON CONFLICT (path) DO UPDATE SET rows = excluded.rows, bytes = excluded.bytes, committed_at_ms = excluded.committed_at_ms",
+            )
+            .bind(&f.path)
+            .bind(f.kind.as_str())
+            .bind(req.topic)
+            .bind(f.partition)
+            .bind(f.first_offset)
+            .bind(f.last_offset)
+            .bind(f.rows as i64)
+            .bind(f.bytes as i64)
+            .bind(req.now_ms)
+            .execute(&mut *tx)
+            .await
+            .map_err(db("record files"))?;
+        }
+
+        // 4. Offsets and counters.
+        for (p, range) in req.partitions {
+            sqlx::query(
+                "INSERT INTO tally_offsets (topic, partition, next_offset, updated_at_ms) VALUES (?, ?, ?, ?)
+                 ON CONFLICT (topic, partition) DO UPDATE SET next_offset = excluded.next_offset, updated_at_ms = excluded.updated_at_ms",
+            )
+            .bind(req.topic)
+            .bind(*p)
+            .bind(range.next_offset())
+            .bind(req.now_ms)
+            .execute(&mut *tx)
+            .await
+            .map_err(db("advance offsets"))?;
+        }
+        for (name, delta) in req.counters {
+            if *delta == 0 {
+                continue;
+            }
+            sqlx::query(
+                "INSERT INTO tally_counters (name, value) VALUES (?, ?)
+                 ON CONFLICT (name) DO UPDATE SET value = tally_counters.value + excluded.value",
+            )
+            .bind(name)
+            .bind(*delta)
+            .execute(&mut *tx)
+            .await
+            .map_err(db("update counters"))?;
+        }
+        tx.commit().await.map_err(db("commit"))?;
+        Ok(CommitOutcome::Committed)
+    }
+
+    /// All persistent counters.
+    pub async fn counters(&self) -> Result<BTreeMap<String, i64>, SinkError> {
+        let rows = sqlx::query("SELECT name, value FROM tally_counters ORDER BY name")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db("read counters"))?;
+        rows.into_iter()
+            .map(|r| Ok((r.try_get(0).map_err(db("read counters"))?, r.try_get(1).map_err(db("read counters"))?)))
+            .collect()
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+async fn ensure_table(pool: &SqlitePool, def: &RollupDef) -> Result<(), SinkError> {
+    let info = sqlx::query(AssertSqlSafe(format!("PRAGMA table_info({})", quote(&def.name))))
+        .fetch_all(pool)
+        .await
+        .map_err(db("inspect rollup table"))?;
+    let wanted: Vec<(String, String)> = def
+        .columns
+        .iter()
+        .map(|c| (c.name.clone(), sql_type(c.kind).to_string()))
+        .collect();
+    if info.is_empty() {
+        let mut cols: Vec<String> = def
+            .columns
+            .iter()
+            .map(|c| {
+                let null = if c.merge.is_none() { " NOT NULL" } else { "" };
+                format!("{} {}{null}", quote(&c.name), sql_type(c.kind))
+            })
+            .collect();
+        let keys: Vec<String> = def.keys().iter().map(|c| quote(&c.name)).collect();
+        cols.push(format!("PRIMARY KEY ({})", keys.join(", ")));
+        let ddl = format!("CREATE TABLE {} (\n  {}\n) WITHOUT ROWID", quote(&def.name), cols.join(",\n  "));
+        sqlx::query(AssertSqlSafe(ddl)).execute(pool).await.map_err(db("create rollup table"))?;
+        return Ok(());
+    }
+    let have: Vec<(String, String)> = info
+        .iter()
+        .map(|r| {
+            let name: String = r.try_get("name").unwrap_or_default();
+            let ty: String = r.try_get("type").unwrap_or_default();
+            (name, ty.to_ascii_uppercase())
+        })
+        .collect();
+    if have != wanted {
+        let show = |v: &[(String, String)]| v.iter().map(|(n, t)| format!("{n} {t}")).collect::<Vec<_>>().join(", ");
+        return Err(SinkError::Schema {
+            table: def.name.clone(),
+            message: format!(
+                "the existing table has columns ({}) but {} now produces ({}); \
+                 give the changed rollup a new file name (a new table) and backfill it, or drop the old table",
+                show(&have),
+                def.file.display(),
+                show(&wanted)
+            ),
+        });
+    }
+    Ok(())
+}

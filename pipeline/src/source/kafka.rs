@@ -1,0 +1,330 @@
+//! The consumer thread and its rebalance handling.
+//!
+//! Epochs: every rebalance and every fence failure bumps the epoch. A batch
+//! carries the epoch it was built in; the committer drops stale ones, and the
+//! consumer re-seeks to the stored offsets, so a batch is either committed
+//! exactly once or re-read.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol};
+use rdkafka::error::KafkaError;
+use rdkafka::message::Message;
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use rdkafka::types::RDKafkaRespErr;
+use rdkafka::ClientContext;
+use tokio::runtime::Handle;
+use tokio::sync::mpsc;
+
+use super::SourceError;
+use crate::batch::{Batch, BatchBuilder, PartitionRange};
+use crate::config::KafkaConfig;
+use crate::sink::{ParquetArchiveSink, ServingStore};
+
+/// State shared by the consumer thread, its rebalance callback and the committer.
+#[derive(Debug, Default)]
+pub struct ConsumerControl {
+    pub epoch: AtomicU64,
+    /// Batches handed to the committer / finished (committed or dropped) by it.
+    pub sent: AtomicU64,
+    pub done: AtomicU64,
+    /// Set by the committer after a fence failure.
+    pub reset_requested: AtomicBool,
+    pub shutdown: AtomicBool,
+    /// Set by the rebalance callback; the poll loop discards its open batch.
+    rebalanced: AtomicBool,
+    /// Assigned partitions -> next offset to accept (`None`: nothing stored).
+    partitions: Mutex<BTreeMap<i32, Option<i64>>>,
+}
+
+impl ConsumerControl {
+    /// Wait until the committer has finished every batch sent so far.
+    pub fn wait_idle(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while self.done.load(Ordering::Acquire) < self.sent.load(Ordering::Acquire) {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        true
+    }
+
+    pub fn bump_epoch(&self) -> u64 {
+        self.epoch.fetch_add(1, Ordering::AcqRel) + 1
+    }
+}
+
+/// librdkafka context: seeks assigned partitions to the serving store's offsets.
+pub struct TallyContext {
+    topic: String,
+    control: Arc<ConsumerControl>,
+    store: ServingStore,
+    archive: ParquetArchiveSink,
+    handle: Handle,
+}
+
+impl ClientContext for TallyContext {}
+
+impl TallyContext {
+    /// Stored offsets for `partitions`, after removing orphan files.
+    fn stored_offsets(&self, partitions: &[i32]) -> BTreeMap<i32, Option<i64>> {
+        if !self.control.wait_idle(Duration::from_secs(60)) {
+            tracing::warn!("committer still busy after 60s; continuing (the offset fence keeps counts exact)");
+        }
+        let mut attempt = 0u32;
+        let stored = loop {
+            match self.handle.block_on(self.store.load_offsets(&self.topic)) {
+                Ok(s) => break s,
+                Err(e) => {
+                    attempt += 1;
+                    tracing::error!(error = %e, attempt, "cannot read stored offsets; retrying");
+                    std::thread::sleep(Duration::from_millis(200 * u64::from(attempt.min(25))));
+                }
+            }
+        };
+        let wanted: HashMap<i32, Option<i64>> =
+            partitions.iter().map(|p| (*p, stored.get(p).copied())).collect();
+        match self.handle.block_on(self.archive.remove_orphans(&self.topic, &wanted)) {
+            Ok(removed) if !removed.is_empty() => {
+                tracing::warn!(count = removed.len(), "removed orphan archive files left by a crash")
+            }
+            Ok(_) => {}
+            Err(e) => tracing::error!(error = %e, "orphan cleanup failed; will retry on next assignment"),
+        }
+        wanted.into_iter().collect()
+    }
+}
+
+impl ConsumerContext for TallyContext {
+    fn rebalance(&self, consumer: &BaseConsumer<Self>, err: RDKafkaRespErr, tpl: &mut TopicPartitionList) {
+        self.control.bump_epoch();
+        self.control.rebalanced.store(true, Ordering::Release);
+        let cooperative = matches!(consumer.rebalance_protocol(), RebalanceProtocol::Cooperative);
+        match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                let parts: Vec<i32> = tpl
+                    .elements()
+                    .iter()
+                    .filter(|e| e.topic() == self.topic)
+                    .map(|e| e.partition())
+                    .collect();
+                let stored = self.stored_offsets(&parts);
+                for (p, next) in &stored {
+                    if let Some(n) = next {
+                        if let Err(e) = tpl.set_partition_offset(&self.topic, *p, Offset::Offset(*n)) {
+                            tracing::error!(partition = p, error = %e, "cannot set start offset");
+                        }
+                    }
+                }
+                tracing::info!(partitions = ?stored, "partitions assigned; starting from stored offsets");
+                if let Ok(mut map) = self.control.partitions.lock() {
+                    if !cooperative {
+                        map.clear();
+                    }
+                    map.extend(stored);
+                }
+                let r = if cooperative { consumer.incremental_assign(tpl) } else { consumer.assign(tpl) };
+                if let Err(e) = r {
+                    tracing::error!(error = %e, "assign failed");
+                }
+            }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                tracing::info!(count = tpl.count(), "partitions revoked");
+                if let Ok(mut map) = self.control.partitions.lock() {
+                    for e in tpl.elements() {
+                        map.remove(&e.partition());
+                    }
+                }
+                let r = if cooperative { consumer.incremental_unassign(tpl) } else { consumer.unassign() };
+                if let Err(e) = r {
+                    tracing::error!(error = %e, "unassign failed");
+                }
+            }
+            other => {
+                tracing::error!(error = ?other, "rebalance error");
+                let _ = consumer.unassign();
+                if let Ok(mut map) = self.control.partitions.lock() {
+                    map.clear();
+                }
+            }
+        }
+    }
+}
+
+/// The consumer group member.
+pub struct KafkaSource {
+    consumer: Arc<BaseConsumer<TallyContext>>,
+    control: Arc<ConsumerControl>,
+    topic: String,
+    poll_timeout: Duration,
+}
+
+impl KafkaSource {
+    pub fn new(
+        cfg: &KafkaConfig,
+        store: ServingStore,
+        archive: ParquetArchiveSink,
+        handle: Handle,
+    ) -> Result<Self, SourceError> {
+        let mut cc = ClientConfig::new();
+        for (k, v) in &cfg.properties {
+            cc.set(k, v.to_string());
+        }
+        cc.set("enable.auto.commit", "false");
+        cc.set("enable.auto.offset.store", "false");
+        cc.set("enable.partition.eof", "false");
+        let control = Arc::new(ConsumerControl::default());
+        let context = TallyContext { topic: cfg.topic.clone(), control: control.clone(), store, archive, handle };
+        let consumer: BaseConsumer<TallyContext> =
+            cc.create_with_context(context).map_err(|e| SourceError::Create(e.to_string()))?;
+        consumer
+            .subscribe(&[&cfg.topic])
+            .map_err(|e| SourceError::Subscribe { topic: cfg.topic.clone(), message: e.to_string() })?;
+        Ok(KafkaSource {
+            consumer: Arc::new(consumer),
+            control,
+            topic: cfg.topic.clone(),
+            poll_timeout: cfg.poll_timeout,
+        })
+    }
+
+    pub fn control(&self) -> Arc<ConsumerControl> {
+        self.control.clone()
+    }
+
+    /// Handle used by the committer for Kafka's (monitoring-only) group commit.
+    pub fn committer(&self) -> GroupCommitter {
+        GroupCommitter { consumer: self.consumer.clone(), topic: self.topic.clone() }
+    }
+
+    /// Run the poll loop on the current (dedicated) thread until shutdown.
+    pub fn run(self, mut builder: BatchBuilder, tx: mpsc::Sender<Batch>) -> Result<(), SourceError> {
+        let control = self.control.clone();
+        let mut epoch = control.epoch.load(Ordering::Acquire);
+        loop {
+            if control.shutdown.load(Ordering::Acquire) {
+                break;
+            }
+            if control.reset_requested.swap(false, Ordering::AcqRel) {
+                builder.discard();
+                self.reseek();
+                epoch = control.epoch.load(Ordering::Acquire);
+            }
+            let now = Instant::now();
+            if builder.should_flush(now) {
+                self.send(&mut builder, epoch, &tx)?;
+            }
+            let timeout = builder.time_to_linger(now).unwrap_or(self.poll_timeout).min(self.poll_timeout);
+            let polled = self.consumer.poll(timeout);
+            if control.rebalanced.swap(false, Ordering::AcqRel) {
+                let had_rows = !builder.is_empty();
+                builder.discard();
+                // Eager rebalances re-seek every partition on assignment; with the
+                // cooperative protocol, kept partitions must be moved back explicitly.
+                if had_rows && matches!(self.consumer.rebalance_protocol(), RebalanceProtocol::Cooperative) {
+                    self.reseek();
+                }
+                epoch = control.epoch.load(Ordering::Acquire);
+            }
+            let Some(result) = polled else { continue };
+            let msg = match result {
+                Ok(m) => m,
+                Err(KafkaError::PartitionEOF(_)) => continue,
+                Err(e) => {
+                    tracing::warn!(error = %e, "kafka poll error");
+                    continue;
+                }
+            };
+            if msg.topic() != self.topic {
+                continue;
+            }
+            let (p, offset) = (msg.partition(), msg.offset());
+            let expected = {
+                let Ok(mut map) = control.partitions.lock() else { continue };
+                let Some(next) = map.get_mut(&p) else { continue }; // not (or no longer) ours
+                if next.is_some_and(|n| offset < n) {
+                    continue; // already committed
+                }
+                let expected = *next;
+                *next = Some(offset + 1);
+                expected
+            };
+            let now_ms = chrono::Utc::now().timestamp_millis();
+            builder.push(p, offset, expected, msg.payload(), now_ms, Instant::now());
+        }
+        // Graceful shutdown: hand over what is buffered.
+        if !builder.is_empty() && epoch == control.epoch.load(Ordering::Acquire) {
+            self.send(&mut builder, epoch, &tx)?;
+        }
+        drop(tx);
+        control.wait_idle(Duration::from_secs(30));
+        self.consumer.unsubscribe();
+        Ok(())
+    }
+
+    fn send(&self, builder: &mut BatchBuilder, epoch: u64, tx: &mpsc::Sender<Batch>) -> Result<(), SourceError> {
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        let batch = builder.seal(epoch, &self.topic, now_ms).map_err(|e| SourceError::Thread(e.to_string()))?;
+        self.control.sent.fetch_add(1, Ordering::AcqRel);
+        // Blocks while the committer is busy: consumption pauses, memory stays bounded.
+        tx.blocking_send(batch).map_err(|_| SourceError::Thread("committer stopped".into()))
+    }
+
+    /// After a fence failure: re-read stored offsets and seek every assigned partition.
+    fn reseek(&self) {
+        let parts: Vec<i32> = match self.control.partitions.lock() {
+            Ok(m) => m.keys().copied().collect(),
+            Err(_) => return,
+        };
+        let stored = self.consumer.context().stored_offsets(&parts);
+        let mut tpl = TopicPartitionList::new();
+        for (p, next) in &stored {
+            let off = next.map_or(Offset::Beginning, Offset::Offset);
+            let _ = tpl.add_partition_offset(&self.topic, *p, off);
+        }
+        if tpl.count() > 0 {
+            // Re-assigning with explicit offsets is the reliable way to move a
+            // partition's fetch position (seek fails while a fetch is starting).
+            let r = if matches!(self.consumer.rebalance_protocol(), RebalanceProtocol::Cooperative) {
+                self.consumer.seek_partitions(tpl, Duration::from_secs(10)).map(|_| ())
+            } else {
+                self.consumer.assign(&tpl)
+            };
+            if let Err(e) = r {
+                tracing::error!(error = %e, "seek after fence failure failed");
+            }
+        }
+        if let Ok(mut map) = self.control.partitions.lock() {
+            for (p, next) in stored {
+                if let Some(slot) = map.get_mut(&p) {
+                    *slot = next;
+                }
+            }
+        }
+        tracing::warn!("re-seeked to stored offsets after a fenced batch");
+    }
+}
+
+/// Kafka's group commit, after the serving commit (monitoring only).
+#[derive(Clone)]
+pub struct GroupCommitter {
+    consumer: Arc<BaseConsumer<TallyContext>>,
+    topic: String,
+}
+
+impl GroupCommitter {
+    pub fn commit(&self, partitions: &BTreeMap<i32, PartitionRange>) {
+        let mut tpl = TopicPartitionList::new();
+        for (p, r) in partitions {
+            let _ = tpl.add_partition_offset(&self.topic, *p, Offset::Offset(r.next_offset()));
+        }
+        if let Err(e) = self.consumer.commit(&tpl, CommitMode::Async) {
+            tracing::debug!(error = %e, "kafka group commit failed (monitoring only)");
+        }
+    }
+}

@@ -1,0 +1,13 @@
+-- owner: data-engineering
+-- grain: 1 minute per video and event type
+-- input: events (the configured event schema)
+-- output: serving table minute_video_events
+SELECT video_id,
+       event_type,
+       date_bin(INTERVAL '1 minute', event_time) AS window_start,
+       count(*)   AS events,
+       sum(value) AS value_sum,
+       min(value) AS value_min,
+       max(value) AS value_max
+FROM events
+GROUP BY video_id, event_type, window_start

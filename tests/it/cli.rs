@@ -1,0 +1,73 @@
+//! The binary's startup checks: bad config and bad SQL stop it with a message
+//! naming the file, the key and the fix.
+
+use std::process::Command;
+
+use tally_tests::*;
+
+fn tally(args: &[&str], envs: &[(&str, &str)]) -> (bool, String) {
+    let out = Command::new(tally_bin())
+        .args(args)
+        .envs(envs.iter().copied())
+        .env("TALLY__SQL__ROLLUPS_DIR", workspace_root().join("sql/rollups"))
+        .output()
+        .unwrap();
+    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+}
+
+#[test]
+fn check_prints_derived_rollups() {
+    let (ok, out) = tally(&["check"], &[]);
+    assert!(ok, "{out}");
+    assert!(out.contains("rollup hour_video_events"), "{out}");
+    assert!(out.contains("window:  window_start = 1h"), "{out}");
+    assert!(out.contains("value_min (Real, merge min)"), "{out}");
+    assert!(out.contains("window:  window_start = 1m"), "{out}");
+}
+
+#[test]
+fn unknown_config_key_names_file_and_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("prod.toml");
+    std::fs::write(&f, "[storage]\ndata_dri = \"x\"\n").unwrap();
+    let (ok, out) = tally(&["check", "--config", f.to_str().unwrap()], &[]);
+    assert!(!ok);
+    assert!(out.contains("prod.toml") && out.contains("data_dri") && out.contains("remove or rename"), "{out}");
+    let (ok, out) = tally(&["check"], &[("TALLY__BATCH__LINGERS", "1s")]);
+    assert!(!ok);
+    assert!(out.contains("TALLY__BATCH__LINGERS"), "{out}");
+}
+
+#[test]
+fn unmergeable_sql_is_refused_with_the_fix() {
+    let cases = [
+        ("avg_rollup.sql", "SELECT video_id, date_bin(INTERVAL '1 hour', event_time) AS w, avg(value) AS a FROM events GROUP BY video_id, w", "store sum(x) and count(x)"),
+        ("distinct_rollup.sql", "SELECT video_id, date_bin(INTERVAL '1 hour', event_time) AS w, count(DISTINCT user_id) AS u FROM events GROUP BY video_id, w", "DISTINCT"),
+        ("no_window.sql", "SELECT video_id, count(*) AS n FROM events GROUP BY video_id", "no time window"),
+        ("ratio.sql", "SELECT video_id, date_bin(INTERVAL '1 hour', event_time) AS w, sum(value) / count(*) AS r FROM events GROUP BY video_id, w", "cannot be merged"),
+        ("having.sql", "SELECT video_id, date_bin(INTERVAL '1 hour', event_time) AS w, count(*) AS n FROM events GROUP BY video_id, w HAVING count(*) > 1", "HAVING"),
+        ("typo.sql", "SELECT vidoe_id, count(*) AS n FROM events GROUP BY vidoe_id", "vidoe_id"),
+    ];
+    for (file, sql, needle) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(file), sql).unwrap();
+        let out = Command::new(tally_bin())
+            .arg("check")
+            .env("TALLY__SQL__ROLLUPS_DIR", dir.path())
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{file} accepted");
+        assert!(text.contains(file), "{file}: error does not name the file: {text}");
+        assert!(text.contains(needle), "{file}: expected {needle:?} in {text}");
+    }
+}
+
+#[test]
+fn help_lists_subcommands() {
+    let (ok, out) = tally(&["--help"], &[]);
+    assert!(ok);
+    for s in ["run", "check", "produce", "topic"] {
+        assert!(out.contains(s), "{out}");
+    }
+}

@@ -1,0 +1,4 @@
+//! One integration binary for every black-box test.
+mod cli;
+mod crash;
+mod e2e;

@@ -1,0 +1,391 @@
+//! Black-box test support: a real tansu broker process, the `tally` binary as
+//! a child process, an independent producer and an independent expected-rollup
+//! computation. Nothing here calls tally's library.
+
+use std::collections::BTreeMap;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+/// The tally binary: `$TALLY_BIN`, else next to this test binary's target dir.
+pub fn tally_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("TALLY_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().unwrap();
+    // target/<profile>/deps/it-xxxx -> target/<profile>/tally
+    let profile_dir = exe.parent().unwrap().parent().unwrap();
+    let bin = profile_dir.join("tally");
+    assert!(bin.exists(), "{} not found: run `cargo build -p tally` first (make test does)", bin.display());
+    bin
+}
+
+pub fn tansu_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("TANSU_BIN") {
+        return PathBuf::from(p);
+    }
+    let home = std::env::var("CARGO_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap()).join(".cargo"));
+    let p = home.join("bin/tansu");
+    assert!(p.exists(), "tansu not installed at {}: run `make tansu`", p.display());
+    p
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}-{}-{}", std::process::id(), rand::rng().random_range(0..1_000_000u32))
+}
+
+/// A tansu broker on a free loopback port, with SQLite storage in `dir`.
+pub struct Broker {
+    pub port: u16,
+    child: Child,
+}
+
+impl Broker {
+    pub fn start(dir: &Path) -> Broker {
+        let port = free_port();
+        let url = format!("tcp://127.0.0.1:{port}");
+        let log = std::fs::File::create(dir.join("tansu.log")).unwrap();
+        let child = Command::new(tansu_bin())
+            .arg("broker")
+            .args(["--listener-url", &url, "--advertised-listener-url", &url])
+            // tansu resolves sqlite:// paths against its working directory.
+            .args(["--storage-engine", "sqlite://tansu.db"])
+            .current_dir(dir)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn tansu");
+        let b = Broker { port, child };
+        b.wait_ready();
+        b
+    }
+
+    pub fn bootstrap(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                let c: Result<BaseConsumer, _> =
+                    ClientConfig::new().set("bootstrap.servers", self.bootstrap()).create();
+                if let Ok(c) = c {
+                    if c.fetch_metadata(None, Duration::from_secs(2)).is_ok() {
+                        return;
+                    }
+                }
+            }
+            assert!(Instant::now() < deadline, "tansu did not become ready");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub async fn create_topic(&self, topic: &str, partitions: i32) {
+        let admin: AdminClient<DefaultClientContext> =
+            ClientConfig::new().set("bootstrap.servers", self.bootstrap()).create().unwrap();
+        let t = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
+        let r = admin.create_topics([&t], &AdminOptions::new()).await.unwrap();
+        for x in r {
+            x.unwrap();
+        }
+    }
+
+    /// High watermarks per partition.
+    pub fn end_offsets(&self, topic: &str, partitions: i32) -> BTreeMap<i32, i64> {
+        let c: BaseConsumer = ClientConfig::new().set("bootstrap.servers", self.bootstrap()).create().unwrap();
+        (0..partitions)
+            .map(|p| (p, c.fetch_watermarks(topic, p, Duration::from_secs(10)).unwrap().1))
+            .collect()
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Produce keyed messages with a plain rdkafka producer and wait for acks.
+pub async fn produce(bootstrap: &str, topic: &str, messages: &[Message]) {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("linger.ms", "5")
+        .set("enable.idempotence", "true")
+        .create()
+        .unwrap();
+    for chunk in messages.chunks(2000) {
+        let futs: Vec<_> = chunk
+            .iter()
+            .map(|m| producer.send(FutureRecord::to(topic).key(&m.key).payload(&m.payload), Duration::from_secs(30)))
+            .collect();
+        for f in futs {
+            f.await.map_err(|(e, _)| e).unwrap();
+        }
+    }
+}
+
+/// One test message and what tally should make of it.
+#[derive(Debug, Clone)]
+pub struct Message {
+    pub key: String,
+    pub payload: Vec<u8>,
+    pub expect: Expect,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Expect {
+    Accepted { event_id: String, video: String, kind: String, time_ms: i64, value: Option<i64>, late: bool },
+    Rejected { reason: &'static str },
+}
+
+/// A seeded dataset: valid events (some late, both time forms, unknown
+/// fields) and malformed messages with the reason tally must give.
+pub fn dataset(seed: u64, n: usize, now_ms: i64) -> Vec<Message> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let kinds = ["view", "like", "share"];
+    (0..n)
+        .map(|i| {
+            let video = format!("v{:03}", (rng.random_range(0..40u32) * rng.random_range(0..40u32)) / 40);
+            let key = video.clone();
+            let roll: f64 = rng.random();
+            if roll < 0.04 {
+                let (payload, reason): (String, &'static str) = match i % 6 {
+                    0 => ("{\"video_id\": oops".into(), "not_json"),
+                    1 => (format!(r#"{{"event_type":"view","event_time":{now_ms}}}"#), "missing_field"),
+                    2 => (format!(r#"{{"video_id":"{video}","event_type":"view","event_time":{now_ms},"value":"x"}}"#), "wrong_type"),
+                    3 => (format!(r#"{{"video_id":"{video}","event_type":"VIEW","event_time":{now_ms}}}"#), "invalid_value"),
+                    4 => (format!(r#"{{"video_id":"{video}","event_type":"view","event_time":{}}}"#, now_ms + 3_600_000), "future_event_time"),
+                    _ => (format!(r#"{{"video_id":"{video}","event_type":"view","event_time":{}}}"#, now_ms - 30 * 86_400_000), "too_old"),
+                };
+                return Message { key, payload: payload.into_bytes(), expect: Expect::Rejected { reason } };
+            }
+            let kind = kinds[rng.random_range(0..3)].to_string();
+            let late = roll < 0.10;
+            let back = if late { rng.random_range(5 * 60_000..3 * 3_600_000) } else { rng.random_range(0..20_000) };
+            let time_ms = now_ms - back;
+            let value = if kind == "view" { Some(rng.random_range(1..500i64)) } else { None };
+            let event_id = format!("e{seed}-{i}");
+            let time = if i % 2 == 0 {
+                time_ms.to_string()
+            } else {
+                format!("\"{}\"", chrono::DateTime::from_timestamp_millis(time_ms).unwrap().to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+            };
+            let value_s = value.map(|v| format!(r#","value":{v}"#)).unwrap_or_default();
+            let payload = format!(
+                r#"{{"event_id":"{event_id}","video_id":"{video}","event_type":"{kind}","event_time":{time}{value_s},"unknown":{{"nested":[1,2]}}}}"#
+            );
+            Message { key, payload: payload.into_bytes(), expect: Expect::Accepted { event_id, video, kind, time_ms, value, late } }
+        })
+        .collect()
+}
+
+/// Expected rollup row: (count, sum, min, max) per (video, type, window start).
+pub type Expected = BTreeMap<(String, String, i64), (i64, Option<i64>, Option<i64>, Option<i64>)>;
+
+pub fn expected_rollup(messages: &[Message], width_ms: i64) -> Expected {
+    let mut out: Expected = BTreeMap::new();
+    for m in messages {
+        if let Expect::Accepted { video, kind, time_ms, value, .. } = &m.expect {
+            let w = time_ms - time_ms.rem_euclid(width_ms);
+            let e = out.entry((video.clone(), kind.clone(), w)).or_insert((0, None, None, None));
+            e.0 += 1;
+            if let Some(v) = value {
+                e.1 = Some(e.1.unwrap_or(0) + v);
+                e.2 = Some(e.2.map_or(*v, |m| m.min(*v)));
+                e.3 = Some(e.3.map_or(*v, |m| m.max(*v)));
+            }
+        }
+    }
+    out
+}
+
+/// Read a rollup table from the serving SQLite file.
+pub async fn serving_rollup(db: &Path, table: &str) -> Expected {
+    use sqlx::Row;
+    let url = format!("sqlite://{}?mode=ro", db.display());
+    let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
+    let sql = format!("SELECT video_id, event_type, window_start, events, value_sum, value_min, value_max FROM {table}");
+    let rows = sqlx::query(sqlx::AssertSqlSafe(sql)).fetch_all(&pool).await.unwrap();
+    let mut out = Expected::new();
+    for r in rows {
+        let f = |i: usize| r.get::<Option<f64>, _>(i).map(|x| {
+            assert_eq!(x.fract(), 0.0, "integer inputs give integer sums");
+            x as i64
+        });
+        out.insert(
+            (r.get(0), r.get(1), r.get(2)),
+            (r.get(3), f(4), f(5), f(6)),
+        );
+    }
+    pool.close().await;
+    out
+}
+
+pub async fn serving_query_i64(db: &Path, sql: &'static str) -> Vec<(String, i64)> {
+    use sqlx::Row;
+    let url = format!("sqlite://{}?mode=ro", db.display());
+    let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
+    let rows = sqlx::query(sql).fetch_all(&pool).await.unwrap();
+    let out = rows.iter().map(|r| (r.get::<String, _>(0), r.get::<i64, _>(1))).collect();
+    pool.close().await;
+    out
+}
+
+/// Run a query through DataFusion and return the first column of every row as strings.
+pub async fn datafusion_rows(statements: &[String]) -> Vec<Vec<String>> {
+    use datafusion::arrow::util::display::ArrayFormatter;
+    let ctx = datafusion::prelude::SessionContext::new();
+    let mut last = Vec::new();
+    for s in statements {
+        last = ctx.sql(s).await.unwrap_or_else(|e| panic!("{s}: {e}")).collect().await.unwrap();
+    }
+    let mut out = Vec::new();
+    for b in last {
+        let fmts: Vec<_> = b
+            .columns()
+            .iter()
+            .map(|c| ArrayFormatter::try_new(c.as_ref(), &Default::default()).unwrap())
+            .collect();
+        for i in 0..b.num_rows() {
+            out.push(fmts.iter().map(|f| f.value(i).to_string()).collect());
+        }
+    }
+    out
+}
+
+/// All files under `dir`, relative.
+pub fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else { continue };
+        for e in rd {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push(p.strip_prefix(dir).unwrap().to_path_buf());
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// A `tally run` child process.
+pub struct Tally {
+    pub child: Child,
+}
+
+pub struct TallyEnv {
+    pub vars: Vec<(String, String)>,
+    pub log: PathBuf,
+}
+
+impl TallyEnv {
+    pub fn new(bootstrap: &str, topic: &str, group: &str, data_dir: &Path) -> TallyEnv {
+        let vars = vec![
+            ("TALLY__KAFKA__TOPIC".into(), topic.into()),
+            ("TALLY__KAFKA__PROPERTIES__BOOTSTRAP_SERVERS".into(), bootstrap.into()),
+            ("TALLY__KAFKA__PROPERTIES__GROUP_ID".into(), group.into()),
+            ("TALLY__STORAGE__DATA_DIR".into(), data_dir.display().to_string()),
+            ("TALLY__SQL__ROLLUPS_DIR".into(), workspace_root().join("sql/rollups").display().to_string()),
+            ("TALLY__BATCH__LINGER".into(), "300ms".into()),
+            ("TALLY__BATCH__MAX_ROWS".into(), "3000".into()),
+            // Events up to 20 s old are "on time" however slow the test machine is.
+            ("TALLY__DECODE__LATE_AFTER".into(), "4m".into()),
+            // A killed member leaves the group quickly.
+            ("TALLY__KAFKA__PROPERTIES__SESSION_TIMEOUT_MS".into(), "6000".into()),
+            ("TALLY__KAFKA__PROPERTIES__HEARTBEAT_INTERVAL_MS".into(), "500".into()),
+        ];
+        TallyEnv { vars, log: data_dir.join("tally.log") }
+    }
+    pub fn set(&mut self, k: &str, v: &str) {
+        self.vars.retain(|(x, _)| x != k);
+        self.vars.push((k.into(), v.into()));
+    }
+}
+
+impl Tally {
+    pub fn start(env: &TallyEnv) -> Tally {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&env.log).unwrap();
+        let child = Command::new(tally_bin())
+            .arg("run")
+            .env("TALLY_LOG", std::env::var("TEST_LOG").unwrap_or_else(|_| "info".into()))
+            .envs(env.vars.iter().cloned())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn tally");
+        Tally { child }
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill(); // SIGKILL
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "tally did not stop after SIGTERM");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Tally {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Wait until the serving store's offsets reach `end` for every partition.
+pub async fn wait_committed(db: &Path, topic: &str, end: &BTreeMap<i32, i64>, timeout: Duration, tally: &mut Tally) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = tally.child.try_wait().unwrap() {
+            panic!("tally exited early with {status}");
+        }
+        if db.exists() {
+            let got: BTreeMap<i32, i64> = serving_query_i64(db, "SELECT topic || ':' || partition, next_offset FROM tally_offsets")
+                .await
+                .into_iter()
+                .filter_map(|(k, v)| k.strip_prefix(&format!("{topic}:")).map(|p| (p.parse().unwrap(), v)))
+                .collect();
+            if end.iter().all(|(p, e)| *e == 0 || got.get(p) == Some(e)) {
+                return;
+            }
+        }
+        assert!(Instant::now() < deadline, "offsets did not reach {end:?} in time");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
