@@ -34,8 +34,10 @@ run: $(TANSU) release
 	TANSU=$(TANSU) BROKER_PORT=$(BROKER_PORT) scripts/run-local.sh
 
 ## test: the one test command (unit, property, SQL, end-to-end and crash tests).
+# --all-targets resolves features exactly as `cargo test --workspace` does, so the
+# tally binary the black-box tests run and the test binaries share one build.
 test: $(TANSU)
-	$(CARGO) build -p tally
+	$(CARGO) build --workspace --all-targets
 	$(CARGO) test --workspace --no-fail-fast -- --test-threads=2
 
 unit:

@@ -306,6 +306,7 @@ pub struct TallyEnv {
 
 impl TallyEnv {
     pub fn new(bootstrap: &str, topic: &str, group: &str, data_dir: &Path) -> TallyEnv {
+        std::fs::create_dir_all(data_dir).unwrap();
         let vars = vec![
             ("TALLY__KAFKA__TOPIC".into(), topic.into()),
             ("TALLY__KAFKA__PROPERTIES__BOOTSTRAP_SERVERS".into(), bootstrap.into()),
