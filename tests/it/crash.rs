@@ -8,19 +8,19 @@ use tally_tests::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_mid_ingest_keeps_counts_and_archive_exact() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = test_dir();
     let broker = Broker::start(dir.path());
     let topic = unique("crash");
     broker.create_topic(&topic, 4).await;
     let now = chrono::Utc::now().timestamp_millis();
-    let messages = dataset(23, 40_000, now);
+    let messages = dataset(23, 20_000, now);
 
     let data = dir.path().join("data");
     let mut env = TallyEnv::new(&broker.bootstrap(), &topic, &unique("g"), &data);
     env.set("TALLY__BATCH__LINGER", "150ms");
     env.set("TALLY__BATCH__MAX_ROWS", "1500");
 
-    // Produce in the background, in 20 slices over ~40 s, while tally is killed and restarted.
+    // Produce in the background, in 10 slices over ~20 s, while tally is killed and restarted.
     let bootstrap = broker.bootstrap();
     let (t2, m2) = (topic.clone(), messages.clone());
     let producer = tokio::spawn(async move {

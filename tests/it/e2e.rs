@@ -80,7 +80,7 @@ pub async fn verify_outputs(data: &std::path::Path, topic: &str, messages: &[Mes
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pipeline_counts_exactly_with_malformed_and_late_events() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = test_dir();
     let broker = Broker::start(dir.path());
     let topic = unique("e2e");
     broker.create_topic(&topic, 4).await;
