@@ -108,7 +108,10 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         .context("cannot start the async runtime")?;
     match cli.command {
         Command::Run => rt.block_on(async {
-            crate::pipeline::run(settings, shutdown_signal()).await.context("tally run failed")?;
+            // Register SIGTERM/SIGINT handlers before anything slow, so a signal
+            // during startup still means a clean shutdown.
+            let shutdown = shutdown_signal().context("cannot install signal handlers")?;
+            crate::pipeline::run(settings, shutdown).await.context("tally run failed")?;
             Ok(ExitCode::SUCCESS)
         }),
         Command::Check => rt.block_on(check(settings)),
@@ -177,24 +180,22 @@ fn produce(settings: &Settings, a: ProduceArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => {
-                let _ = ctrl_c.await;
-                return;
-            }
-        };
+#[cfg(unix)]
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(async move {
         tokio::select! {
-            _ = ctrl_c => {}
             _ = term.recv() => {}
+            _ = int.recv() => {}
         }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = ctrl_c.await;
-    }
+    })
+}
+
+#[cfg(not(unix))]
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
+    Ok(async {
+        let _ = tokio::signal::ctrl_c().await;
+    })
 }

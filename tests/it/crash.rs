@@ -20,13 +20,13 @@ async fn sigkill_mid_ingest_keeps_counts_and_archive_exact() {
     env.set("TALLY__BATCH__LINGER", "150ms");
     env.set("TALLY__BATCH__MAX_ROWS", "1500");
 
-    // Produce in the background, in 10 slices over ~20 s, while tally is killed and restarted.
+    // Produce in the background, in 10 slices over ~40 s, while tally is killed and restarted.
     let bootstrap = broker.bootstrap();
     let (t2, m2) = (topic.clone(), messages.clone());
     let producer = tokio::spawn(async move {
         for slice in m2.chunks(2_000) {
             produce(&bootstrap, &t2, slice).await;
-            tokio::time::sleep(Duration::from_millis(2_000)).await;
+            tokio::time::sleep(Duration::from_millis(4_000)).await;
         }
     });
 
@@ -40,6 +40,9 @@ async fn sigkill_mid_ingest_keeps_counts_and_archive_exact() {
         // kill lands while batches are flowing; then at a random moment.
         let before = committed_total(&db).await;
         let deadline = Instant::now() + Duration::from_secs(60);
+        if before >= messages.len() as i64 {
+            break; // everything is in; later kills would not be mid-ingest
+        }
         while committed_total(&db).await <= before && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }

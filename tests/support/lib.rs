@@ -158,13 +158,24 @@ pub async fn produce(bootstrap: &str, topic: &str, messages: &[Message]) {
         .set("enable.idempotence", "true")
         .create()
         .unwrap();
+    // Enqueue a whole chunk, then wait for its acks (FutureProducer::send would
+    // only enqueue when awaited, one message per round trip).
     for chunk in messages.chunks(2000) {
-        let futs: Vec<_> = chunk
-            .iter()
-            .map(|m| producer.send(FutureRecord::to(topic).key(&m.key).payload(&m.payload), Duration::from_secs(30)))
-            .collect();
-        for f in futs {
-            f.await.map_err(|(e, _)| e).unwrap();
+        let mut acks = Vec::with_capacity(chunk.len());
+        for m in chunk {
+            let mut record = FutureRecord::to(topic).key(&m.key).payload(&m.payload);
+            loop {
+                match producer.send_result(record) {
+                    Ok(ack) => break acks.push(ack),
+                    Err((_, r)) => {
+                        record = r;
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                }
+            }
+        }
+        for a in acks {
+            a.await.unwrap().map_err(|(e, _)| e).unwrap();
         }
     }
 }
