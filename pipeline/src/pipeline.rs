@@ -185,6 +185,7 @@ async fn try_commit(
     let agg = aggregator.aggregate(&events);
     let (files, outputs) = tokio::join!(write, agg);
     let files = files?;
+    failpoint("after_archive_write");
     let outputs = outputs?;
     let counters = counters(batch);
     let req = CommitRequest {
@@ -196,6 +197,20 @@ async fn try_commit(
         now_ms: chrono::Utc::now().timestamp_millis(),
     };
     let outcome = store.commit(&req).await?;
+    failpoint("after_serving_commit");
     Ok((outcome, files))
 }
 
+
+/// Crash-test hook: `TALLY_FAILPOINT=<name>` aborts the process (like a
+/// SIGKILL: no cleanup, no flush) the first time execution reaches `name`.
+/// Names: `after_archive_write` (files visible, serving transaction not run),
+/// `after_serving_commit` (committed, Kafka group commit not sent).
+fn failpoint(name: &str) {
+    static ARMED: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    let armed = ARMED.get_or_init(|| std::env::var("TALLY_FAILPOINT").ok());
+    if armed.as_deref() == Some(name) {
+        tracing::error!(failpoint = name, "failpoint reached: aborting");
+        std::process::abort();
+    }
+}

@@ -73,3 +73,57 @@ async fn committed_total(db: &std::path::Path) -> i64 {
         .first()
         .map_or(0, |(_, v)| *v)
 }
+
+/// Crash exactly between the archive write and the serving commit, then
+/// between the serving commit and Kafka's group commit; the restart must
+/// delete the orphan files and count nothing twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failpoints_around_the_commit_leave_no_trace() {
+    let dir = test_dir();
+    let broker = Broker::start(dir.path());
+    let topic = unique("failpoint");
+    broker.create_topic(&topic, 4).await;
+    let now = chrono::Utc::now().timestamp_millis();
+    let messages = dataset(31, 5_000, now);
+    produce(&broker.bootstrap(), &topic, &messages).await;
+    let end = broker.end_offsets(&topic, 4);
+
+    let data = dir.path().join("data");
+    let db = data.join("serving.db");
+    let mut env = TallyEnv::new(&broker.bootstrap(), &topic, &unique("g"), &data);
+    env.set("TALLY__BATCH__MAX_ROWS", "700");
+
+    env.set("TALLY_FAILPOINT", "after_archive_write");
+    let mut t = Tally::start(&env);
+    let status = wait_exit(&mut t, Duration::from_secs(60));
+    assert!(!status.success(), "the failpoint aborts the process");
+    let visible: Vec<_> = files_under(&data.join("raw"));
+    assert!(!visible.is_empty(), "the crashed batch left archive files behind");
+    assert_eq!(committed_total(&db).await, 0, "nothing was committed");
+
+    env.set("TALLY_FAILPOINT", "after_serving_commit");
+    let mut t = Tally::start(&env);
+    let status = wait_exit(&mut t, Duration::from_secs(60));
+    assert!(!status.success());
+    let after_first = committed_total(&db).await;
+    assert!(after_first > 0, "the second run committed one batch before aborting");
+
+    env.set("TALLY_FAILPOINT", "none");
+    let mut t = Tally::start(&env);
+    wait_committed(&db, &topic, &end, Duration::from_secs(120), &mut t).await;
+    assert!(t.stop().success());
+    let log = std::fs::read_to_string(&env.log).unwrap_or_default();
+    assert!(log.contains("removed orphan archive files"), "orphans were cleaned up:\n{log}");
+    crate::e2e::verify_outputs(&data, &topic, &messages).await;
+}
+
+fn wait_exit(t: &mut Tally, timeout: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(s) = t.child.try_wait().unwrap() {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "tally did not reach the failpoint");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
