@@ -7,7 +7,7 @@ TANSU_VERSION := 0.6.0
 BROKER_PORT ?= 9092
 export TANSU_BIN := $(TANSU)
 
-.PHONY: all build release tansu broker topic run test unit check-sql lint bench clean
+.PHONY: all build release tansu broker topic run test unit check-sql lint bench bench-api clean
 
 all: build
 
@@ -50,6 +50,10 @@ lint:
 BENCH_EVENTS ?= 1000000
 bench: $(TANSU) release
 	TANSU=$(TANSU) BENCH_EVENTS=$(BENCH_EVENTS) scripts/bench.sh
+
+## bench-api: open-loop latency of /v1/count and /v1/stats, idle and under ingest.
+bench-api: $(TANSU) release
+	TANSU=$(TANSU) scripts/bench-api.sh
 
 clean:
 	$(CARGO) clean

@@ -1,4 +1,4 @@
-//! Command line: `tally run | check | produce | topic create`.
+//! Command line: `tally run | serve | check | produce | bench-api | topic create`.
 #![allow(clippy::print_stdout)]
 
 use std::path::PathBuf;
@@ -27,12 +27,19 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Consume the topic and maintain the archive and the serving rollups.
+    /// Consume the topic, maintain the archive and the serving rollups, and
+    /// serve the HTTP API on api.listen.
     Run,
+    /// Serve the HTTP API alone from the serving store (a read replica; also
+    /// accepts POST /v1/events).
+    Serve,
     /// Validate the config and the rollup SQL, and print what tally derived.
     Check,
     /// Generate synthetic events (Zipf video popularity) to Kafka or a file.
     Produce(ProduceArgs),
+    /// Open-loop latency benchmark of /v1/count and /v1/stats (30-day ranges)
+    /// against a running tally.
+    BenchApi(BenchApiArgs),
     /// Topic administration.
     Topic {
         #[command(subcommand)]
@@ -84,6 +91,34 @@ pub struct ProduceArgs {
     pub file: Option<PathBuf>,
 }
 
+#[derive(Debug, Args)]
+pub struct BenchApiArgs {
+    /// Address of the API (default: api.listen).
+    #[arg(long)]
+    pub addr: Option<std::net::SocketAddr>,
+    /// Requests per second (fixed schedule, open loop).
+    #[arg(long, default_value_t = 10_000)]
+    pub rate: u64,
+    /// How long to send.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub duration: Duration,
+    /// Keep-alive connections.
+    #[arg(long, default_value_t = 32)]
+    pub connections: usize,
+    /// Videos to query (ids as `tally produce` makes them).
+    #[arg(long, default_value_t = 10_000)]
+    pub videos: u64,
+    /// Range length in days (hour-aligned, ending now).
+    #[arg(long, default_value_t = 30)]
+    pub days: i64,
+    /// Label printed with the results.
+    #[arg(long, default_value = "api")]
+    pub label: String,
+    /// Bearer token for reads, if configured.
+    #[arg(long, env = "TALLY_BENCH_TOKEN")]
+    pub token: Option<String>,
+}
+
 fn init_tracing(filter: &str) {
     let filter = tracing_subscriber::EnvFilter::try_new(filter)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -110,12 +145,52 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Run => rt.block_on(async {
             // Register SIGTERM/SIGINT handlers before anything slow, so a signal
             // during startup still means a clean shutdown.
-            let shutdown = shutdown_signal().context("cannot install signal handlers")?;
-            crate::pipeline::run(settings, shutdown).await.context("tally run failed")?;
+            let stop = Stop::on_signals()?;
+            let stages = crate::pipeline::Stages::build(settings).await.context("tally run cannot start")?;
+            let metrics = std::sync::Arc::new(crate::metrics::Metrics::new());
+            let api = crate::serve::ApiState::build(&stages.settings, &stages.catalog, &stages.schema, metrics.clone(), true)
+                .await
+                .context("tally run cannot start the HTTP API")?;
+            let server = tokio::spawn(crate::serve::bind(api, stop.wait()).await.context("tally run cannot start the HTTP API")?);
+            let result = crate::pipeline::run(stages, metrics, stop.wait()).await;
+            stop.trigger();
+            let served = server.await;
+            result.context("tally run failed")?;
+            served.context("the HTTP API task failed")?.context("the HTTP API failed")?;
+            Ok(ExitCode::SUCCESS)
+        }),
+        Command::Serve => rt.block_on(async {
+            let stop = Stop::on_signals()?;
+            crate::serve::serve_standalone(settings, stop.wait()).await.context("tally serve failed")?;
             Ok(ExitCode::SUCCESS)
         }),
         Command::Check => rt.block_on(check(settings)),
         Command::Produce(args) => produce(&settings, args),
+        Command::BenchApi(a) => rt.block_on(async {
+            use crate::jobs::bench_api;
+            let spec = bench_api::BenchApiSpec {
+                addr: a.addr.unwrap_or(settings.api.listen),
+                rate: a.rate,
+                duration: a.duration,
+                connections: a.connections,
+                paths: bench_api::query_paths(a.videos, a.days, chrono::Utc::now().timestamp_millis(), 1),
+                token: a.token,
+            };
+            let r = bench_api::run(spec).await.map_err(anyhow::Error::msg).context("bench-api failed")?;
+            let ms = |us: u64| us as f64 / 1000.0;
+            println!(
+                "| {} | {} | {:.0} | {} | {:.2} | {:.2} | {:.2} | {:.2} |",
+                a.label,
+                a.rate,
+                r.rate(),
+                r.errors,
+                ms(r.p50),
+                ms(r.p99),
+                ms(r.p999),
+                ms(r.max)
+            );
+            Ok(ExitCode::SUCCESS)
+        }),
         Command::Topic { command: TopicCommand::Create { partitions } } => rt.block_on(async {
             let created = crate::jobs::topic::create(&properties(&settings), &settings.kafka.topic, partitions)
                 .await
@@ -178,6 +253,36 @@ fn produce(settings: &Settings, a: ProduceArgs) -> anyhow::Result<ExitCode> {
     let secs = start.elapsed().as_secs_f64();
     eprintln!("produced {n} events in {secs:.1}s ({:.0}/s)", n as f64 / secs.max(1e-9));
     Ok(ExitCode::SUCCESS)
+}
+
+/// One shutdown for every task: set by SIGTERM/SIGINT or by the pipeline stopping.
+struct Stop {
+    tx: std::sync::Arc<tokio::sync::watch::Sender<bool>>,
+}
+
+impl Stop {
+    fn on_signals() -> anyhow::Result<Stop> {
+        let signal = shutdown_signal().context("cannot install signal handlers")?;
+        let (tx, _) = tokio::sync::watch::channel(false);
+        let tx = std::sync::Arc::new(tx);
+        let t = tx.clone();
+        tokio::spawn(async move {
+            signal.await;
+            t.send_replace(true);
+        });
+        Ok(Stop { tx })
+    }
+
+    fn trigger(&self) {
+        self.tx.send_replace(true);
+    }
+
+    fn wait(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut rx = self.tx.subscribe();
+        async move {
+            let _ = rx.wait_for(|v| *v).await;
+        }
+    }
 }
 
 #[cfg(unix)]

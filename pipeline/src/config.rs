@@ -199,6 +199,54 @@ pub struct ServingConfig {
 #[serde(deny_unknown_fields)]
 pub struct ApiConfig {
     pub listen: SocketAddr,
+    /// Rollups that answer `/v1` queries (same keys and measures, different widths).
+    pub rollups: Vec<String>,
+    /// Longest `[start, end)` a query may ask for.
+    #[serde(with = "humantime_serde")]
+    pub max_range: Duration,
+    /// Most buckets one `/v1/series` answer may hold.
+    pub max_series_points: usize,
+    /// Largest accepted request body (`POST /v1/events`).
+    pub max_body: ByteSize,
+    /// A request that takes longer gets a 503.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// Requests served at once; more get an immediate 503.
+    pub max_concurrency: usize,
+    /// Bearer tokens for the read endpoints; empty means open.
+    pub read_tokens: Tokens,
+    /// Bearer tokens for `POST /v1/events`; empty means open.
+    pub write_tokens: Tokens,
+}
+
+/// Bearer tokens: a list, or one token as a string (handy in the
+/// environment: `TALLY__API__READ_TOKENS=s3cret`). Never printed.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Tokens(pub Vec<String>);
+
+impl std::fmt::Debug for Tokens {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Tokens({} configured)", self.0.len())
+    }
+}
+
+impl<'de> Deserialize<'de> for Tokens {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            One(String),
+            Many(Vec<String>),
+        }
+        let v = match Raw::deserialize(d).map_err(|_| {
+            serde::de::Error::custom("expected a token string or a list of token strings")
+        })? {
+            Raw::One(s) if s.is_empty() => Vec::new(),
+            Raw::One(s) => s.split(',').map(|t| t.trim().to_string()).filter(|t| !t.is_empty()).collect(),
+            Raw::Many(v) => v,
+        };
+        Ok(Tokens(v))
+    }
 }
 
 impl Settings {
@@ -298,6 +346,23 @@ impl Settings {
                 ))
             }
         }
+        if self.api.rollups.is_empty() {
+            return Err(invalid("api.rollups", "name at least one rollup (a file in sql.rollups_dir without .sql)"));
+        }
+        if self.api.max_concurrency == 0 {
+            return Err(invalid("api.max_concurrency", "must be at least 1"));
+        }
+        if self.api.max_series_points == 0 {
+            return Err(invalid("api.max_series_points", "must be at least 1"));
+        }
+        if self.api.request_timeout.is_zero() {
+            return Err(invalid("api.request_timeout", "must be positive, e.g. \"10s\""));
+        }
+        for (key, tokens) in [("api.read_tokens", &self.api.read_tokens), ("api.write_tokens", &self.api.write_tokens)] {
+            if tokens.0.iter().any(|t| t.len() < 16 || t.chars().any(|c| !c.is_ascii_graphic())) {
+                return Err(invalid(key, "each token must be at least 16 printable ASCII characters without spaces"));
+            }
+        }
         Ok(())
     }
 
@@ -356,12 +421,20 @@ impl Settings {
             }
         }
         out.push_str(&format!(
-            "\n[sql]\nrollups_dir = {:?}\n\n[storage]\ndata_dir = {:?}\nzstd_level = {}\n\n[serving]\nurl = {:?}\n\n[api]\nlisten = {:?}\n",
+            "\n[sql]\nrollups_dir = {:?}\n\n[storage]\ndata_dir = {:?}\nzstd_level = {}\n\n[serving]\nurl = {:?}\n\n[api]\nlisten = {:?}\nrollups = {:?}\nmax_range = {:?}\nmax_series_points = {}\nmax_body = {}\nrequest_timeout = {:?}\nmax_concurrency = {}\nread_tokens = \"{} configured (masked)\"\nwrite_tokens = \"{} configured (masked)\"\n",
             self.sql.rollups_dir.display().to_string(),
             self.storage.data_dir.display().to_string(),
             self.storage.zstd_level,
             mask_url(&self.serving_url()),
-            self.api.listen.to_string()
+            self.api.listen.to_string(),
+            self.api.rollups,
+            humantime::format_duration(self.api.max_range).to_string(),
+            self.api.max_series_points,
+            self.api.max_body.0,
+            humantime::format_duration(self.api.request_timeout).to_string(),
+            self.api.max_concurrency,
+            self.api.read_tokens.0.len(),
+            self.api.write_tokens.0.len(),
         ));
         out
     }

@@ -3,6 +3,7 @@
 
 use crate::aggregate::AggregateError;
 use crate::config::ConfigError;
+use crate::serve::ServeError;
 use crate::sink::SinkError;
 use crate::source::SourceError;
 
@@ -34,6 +35,8 @@ pub enum Error {
     Sink(#[from] SinkError),
     #[error(transparent)]
     Source(#[from] SourceError),
+    #[error(transparent)]
+    Serve(#[from] ServeError),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -45,6 +48,7 @@ impl Error {
             Error::Aggregate(e) => e.kind(),
             Error::Sink(e) => e.kind(),
             Error::Source(e) => e.kind(),
+            Error::Serve(e) => e.kind(),
             Error::Internal(_) => ErrorKind::Internal,
         }
     }
@@ -55,6 +59,7 @@ impl Error {
             Error::Aggregate(_) => RetryHint::NoRetry,
             Error::Sink(e) => e.retry(),
             Error::Source(e) => e.retry(),
+            Error::Serve(e) => e.retry(),
             Error::Internal(_) => RetryHint::NoRetry,
         }
     }

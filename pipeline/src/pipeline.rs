@@ -13,6 +13,7 @@ use crate::batch::{Batch, BatchBuilder};
 use crate::config::Settings;
 use crate::decode::{EventSchema, RecordDecoder, RejectReason};
 use crate::error::{Error, RetryHint};
+use crate::metrics::Metrics;
 use crate::sink::{CommitOutcome, CommitRequest, ParquetArchiveSink, ServingStore};
 use crate::source::kafka::GroupCommitter;
 use crate::source::{ConsumerControl, KafkaSource};
@@ -49,13 +50,20 @@ pub struct RunStats {
 }
 
 /// Run the pipeline until `shutdown` resolves.
-pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Result<RunStats, Error> {
-    let stages = Stages::build(settings).await?;
+pub async fn run(stages: Stages, metrics: Arc<Metrics>, shutdown: impl Future<Output = ()>) -> Result<RunStats, Error> {
     let Stages { settings, schema, catalog, store, archive } = stages;
     let mut aggregator = RollupAggregator::new(&catalog, schema.arrow.clone()).await?;
     let decoder = RecordDecoder::new(schema.clone(), &settings.decode);
     let builder = BatchBuilder::new(decoder, &settings.batch, settings.decode.dlq_payload_bytes.as_usize());
-    let source = KafkaSource::new(&settings.kafka, store.clone(), archive.clone(), tokio::runtime::Handle::current())?;
+    let heartbeat = settings.batch.linger.max(Duration::from_secs(1));
+    let source = KafkaSource::new(
+        &settings.kafka,
+        store.clone(),
+        archive.clone(),
+        tokio::runtime::Handle::current(),
+        metrics.clone(),
+        heartbeat,
+    )?;
     let control = source.control();
     let group = source.committer();
     let (tx, mut rx) = mpsc::channel::<Batch>(1);
@@ -70,7 +78,8 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
         let mut last_log = Instant::now();
         let mut window = RunStats::default();
         while let Some(batch) = rx.recv().await {
-            let result = commit_batch(&batch, &control, &mut aggregator, &archive, &store, &group, &mut stats).await;
+            let result =
+                commit_batch(&batch, &control, &mut aggregator, &archive, &store, &group, &metrics, &mut stats).await;
             control.done.fetch_add(1, Ordering::AcqRel);
             result?;
             if last_log.elapsed() >= Duration::from_secs(10) {
@@ -127,6 +136,7 @@ fn counters(batch: &Batch) -> Vec<(String, i64)> {
     c
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn commit_batch(
     batch: &Batch,
     control: &Arc<ConsumerControl>,
@@ -134,9 +144,11 @@ async fn commit_batch(
     archive: &ParquetArchiveSink,
     store: &ServingStore,
     group: &GroupCommitter,
+    metrics: &Metrics,
     stats: &mut RunStats,
 ) -> Result<(), Error> {
     let mut backoff = Duration::from_millis(100);
+    let started = Instant::now();
     loop {
         if batch.epoch != control.epoch.load(Ordering::Acquire) {
             stats.dropped_stale += 1;
@@ -144,8 +156,10 @@ async fn commit_batch(
             return Ok(());
         }
         match try_commit(batch, aggregator, archive, store).await {
-            Ok((CommitOutcome::Committed, _)) => {
+            Ok((CommitOutcome::Committed, _, _)) if batch.is_heartbeat() => return Ok(()),
+            Ok((CommitOutcome::Committed, files, rows_merged)) => {
                 group.commit(&batch.partitions);
+                record_commit(metrics, batch, &files, rows_merged, started.elapsed());
                 stats.batches += 1;
                 stats.messages += batch.stats.messages;
                 stats.accepted += batch.stats.accepted;
@@ -153,8 +167,9 @@ async fn commit_batch(
                 tracing::debug!(rows = batch.events.num_rows(), partitions = ?batch.partitions, "batch committed");
                 return Ok(());
             }
-            Ok((CommitOutcome::Fenced { partition, expected, stored }, files)) => {
+            Ok((CommitOutcome::Fenced { partition, expected, stored }, files, _)) => {
                 stats.fenced += 1;
+                metrics.batches_fenced.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(partition, ?expected, ?stored, "batch fenced: another writer advanced the partition; re-reading");
                 let paths: Vec<String> = files.into_iter().map(|f| f.path).collect();
                 if let Err(e) = archive.delete(&paths).await {
@@ -165,6 +180,7 @@ async fn commit_batch(
                 return Ok(());
             }
             Err(e) if e.retry() == RetryHint::WithBackoff => {
+                metrics.commit_errors.fetch_add(1, Ordering::Relaxed);
                 tracing::error!(error = %e, retry_in = ?backoff, "batch commit failed; retrying (offsets do not advance)");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(5));
@@ -174,12 +190,47 @@ async fn commit_batch(
     }
 }
 
+fn record_commit(metrics: &Metrics, batch: &Batch, files: &[crate::sink::WrittenFile], rows_merged: u64, took: Duration) {
+    let add = |c: &std::sync::atomic::AtomicU64, n: u64| c.fetch_add(n, Ordering::Relaxed);
+    add(&metrics.batches_committed, 1);
+    add(&metrics.messages_consumed, batch.stats.messages);
+    add(&metrics.events_accepted, batch.stats.accepted);
+    add(&metrics.events_late, batch.stats.late);
+    for (reason, n) in &batch.stats.rejected {
+        metrics.add_rejected(*reason, *n);
+    }
+    add(&metrics.raw_bytes_written, files.iter().map(|f| f.bytes).sum());
+    add(&metrics.archive_files_written, files.len() as u64);
+    add(&metrics.rollup_rows_merged, rows_merged);
+    if let Some(newest) = batch.max_event_ms.values().max() {
+        metrics.newest_committed_event_ms.fetch_max(*newest, Ordering::Relaxed);
+    }
+    metrics.commit_duration.observe(took.as_secs_f64());
+}
+
+type Attempt = (CommitOutcome, Vec<crate::sink::WrittenFile>, u64);
+
 async fn try_commit(
     batch: &Batch,
     aggregator: &mut RollupAggregator,
     archive: &ParquetArchiveSink,
     store: &ServingStore,
-) -> Result<(CommitOutcome, Vec<crate::sink::WrittenFile>), Error> {
+) -> Result<Attempt, Error> {
+    let now_ms = chrono::Utc::now().timestamp_millis();
+    if batch.is_heartbeat() {
+        let req = CommitRequest {
+            topic: &batch.topic,
+            partitions: &batch.partitions,
+            outputs: &[],
+            files: &[],
+            counters: &[],
+            max_event_ms: &batch.max_event_ms,
+            caught_up: &batch.caught_up,
+            sealed_at_ms: batch.sealed_at_ms,
+            now_ms,
+        };
+        return Ok((store.commit(&req).await?, Vec::new(), 0));
+    }
     let write = archive.write_batch(batch);
     let events = [batch.events.clone()];
     let agg = aggregator.aggregate(&events);
@@ -194,11 +245,15 @@ async fn try_commit(
         outputs: &outputs,
         files: &files,
         counters: &counters,
-        now_ms: chrono::Utc::now().timestamp_millis(),
+        max_event_ms: &batch.max_event_ms,
+        caught_up: &batch.caught_up,
+        sealed_at_ms: batch.sealed_at_ms,
+        now_ms,
     };
     let outcome = store.commit(&req).await?;
     failpoint("after_serving_commit");
-    Ok((outcome, files))
+    let rows_merged = outputs.iter().flat_map(|o| o.batches.iter()).map(|b| b.num_rows() as u64).sum();
+    Ok((outcome, files, rows_merged))
 }
 
 

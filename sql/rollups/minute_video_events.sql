@@ -7,6 +7,7 @@ SELECT video_id,
        date_bin(INTERVAL '1 minute', event_time) AS window_start,
        count(*)   AS events,
        sum(value) AS value_sum,
+       count(value) AS value_count,
        min(value) AS value_min,
        max(value) AS value_max
 FROM events

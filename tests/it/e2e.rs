@@ -9,7 +9,7 @@ use tally_tests::*;
 pub async fn verify_outputs(data: &std::path::Path, topic: &str, messages: &[Message]) {
     let db = data.join("serving.db");
     // Rollups equal the exact computation, row for row.
-    for (table, width) in [("minute_video_events", 60_000), ("hour_video_events", 3_600_000)] {
+    for (table, width) in [("minute_video_events", 60_000), ("hour_video_events", 3_600_000), ("day_video_events", 86_400_000)] {
         let want = expected_rollup(messages, width);
         let got = serving_rollup(&db, table).await;
         assert_eq!(got.len(), want.len(), "{table}: row count");

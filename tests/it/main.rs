@@ -1,4 +1,5 @@
 //! One integration binary for every black-box test.
+mod api;
 mod cli;
 mod crash;
 mod e2e;

@@ -336,6 +336,8 @@ pub struct Tally {
 pub struct TallyEnv {
     pub vars: Vec<(String, String)>,
     pub log: PathBuf,
+    /// Where the HTTP API listens (a free loopback port per test).
+    pub api: std::net::SocketAddr,
 }
 
 impl TallyEnv {
@@ -356,7 +358,10 @@ impl TallyEnv {
             ("TALLY__KAFKA__PROPERTIES__SESSION_TIMEOUT_MS".into(), "6000".into()),
             ("TALLY__KAFKA__PROPERTIES__HEARTBEAT_INTERVAL_MS".into(), "500".into()),
         ];
-        TallyEnv { vars, log: data_dir.join("tally.log") }
+        let api: std::net::SocketAddr = ([127, 0, 0, 1], free_port()).into();
+        let mut env = TallyEnv { vars, log: data_dir.join("tally.log"), api };
+        env.set("TALLY__API__LISTEN", &api.to_string());
+        env
     }
     pub fn set(&mut self, k: &str, v: &str) {
         self.vars.retain(|(x, _)| x != k);
@@ -365,10 +370,20 @@ impl TallyEnv {
 }
 
 impl Tally {
+    /// `tally run`.
     pub fn start(env: &TallyEnv) -> Tally {
+        Tally::spawn(env, "run")
+    }
+
+    /// `tally serve` (the API alone, reading the same serving store).
+    pub fn serve(env: &TallyEnv) -> Tally {
+        Tally::spawn(env, "serve")
+    }
+
+    fn spawn(env: &TallyEnv, command: &str) -> Tally {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&env.log).unwrap();
         let child = Command::new(tally_bin())
-            .arg("run")
+            .arg(command)
             .env("TALLY_LOG", std::env::var("TEST_LOG").unwrap_or_else(|_| "info".into()))
             .envs(env.vars.iter().cloned())
             .stdout(Stdio::null())
@@ -424,4 +439,48 @@ pub async fn wait_committed(db: &Path, topic: &str, end: &BTreeMap<i32, i64>, ti
         assert!(Instant::now() < deadline, "offsets did not reach {end:?} in time");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// A minimal HTTP/1.1 client (one request per connection): (status, body).
+pub fn http(addr: std::net::SocketAddr, method: &str, path: &str, token: Option<&str>, body: &[u8]) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: tally\r\nConnection: close\r\n{auth}Content-Length: {}\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).unwrap();
+    s.write_all(body).unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).unwrap();
+    let text = String::from_utf8_lossy(&out).to_string();
+    let status = text.get(9..12).and_then(|x| x.parse().ok()).unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    (status, body)
+}
+
+/// GET and parse JSON, asserting 200.
+pub fn get_json(addr: std::net::SocketAddr, path: &str, token: Option<&str>) -> serde_json::Value {
+    let (status, body) = http(addr, "GET", path, token, b"");
+    assert_eq!(status, 200, "{path}: {body}");
+    serde_json::from_str(&body).unwrap_or_else(|e| panic!("{path}: {e}: {body}"))
+}
+
+/// Wait until `GET path` answers 200.
+pub fn wait_http_ok(addr: std::net::SocketAddr, path: &str, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if std::net::TcpStream::connect(addr).is_ok() && http(addr, "GET", path, None, b"").0 == 200 {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{path} on {addr} did not answer 200 in {timeout:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// RFC 3339 UTC, as the API prints it.
+pub fn rfc3339(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms).unwrap().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
 }

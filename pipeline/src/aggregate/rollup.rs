@@ -180,7 +180,8 @@ mod tests {
     fn oracle(events: &[Ev], width_min: i64) -> RollupTable {
         let kinds = ["view", "like", "share"];
         let mut t = RollupTable::default();
-        let rules = [MergeRule::Sum, MergeRule::Sum, MergeRule::Min, MergeRule::Max];
+        // events, value_sum, value_count, value_min, value_max
+        let rules = [MergeRule::Sum, MergeRule::Sum, MergeRule::Sum, MergeRule::Min, MergeRule::Max];
         for e in events {
             let ts = BASE - 200 * 60_000 + e.minute * 60_000 + 1234;
             let w = ts - ts.rem_euclid(width_min * 60_000);
@@ -190,7 +191,8 @@ mod tests {
                 KeyPart::Int(w),
             ];
             let v = e.value.map_or(Value::Null, |v| Value::Real(f64::from(v)));
-            t.merge_row(key, &rules, vec![Value::Int(1), v.clone(), v.clone(), v]);
+            let counted = Value::Int(i64::from(e.value.is_some()));
+            t.merge_row(key, &rules, vec![Value::Int(1), v.clone(), counted, v.clone(), v]);
         }
         t
     }

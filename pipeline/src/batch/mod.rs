@@ -60,9 +60,22 @@ pub struct Batch {
     pub row_partitions: Vec<i32>,
     pub dead_letters: Vec<DeadLetter>,
     pub partitions: BTreeMap<i32, PartitionRange>,
+    /// Newest accepted event time per partition (epoch ms), for `as_of`.
+    pub max_event_ms: BTreeMap<i32, i64>,
+    /// Partitions the consumer had read to the end when the batch was sealed,
+    /// with their next offset: everything appended before `sealed_at_ms` is in.
+    pub caught_up: BTreeMap<i32, i64>,
     pub stats: BatchStats,
     /// Wall-clock time the batch was sealed (epoch ms); names DLQ partitions.
     pub sealed_at_ms: i64,
+}
+
+impl Batch {
+    /// A batch without messages that only reports caught-up partitions
+    /// (keeps `as_of` moving while the topic is idle).
+    pub fn is_heartbeat(&self) -> bool {
+        self.stats.messages == 0
+    }
 }
 
 #[derive(Debug)]
@@ -72,6 +85,7 @@ pub struct BatchBuilder {
     row_partitions: Vec<i32>,
     dead_letters: Vec<DeadLetter>,
     partitions: BTreeMap<i32, PartitionRange>,
+    max_event_ms: BTreeMap<i32, i64>,
     stats: BatchStats,
     started: Option<Instant>,
     max_rows: usize,
@@ -90,6 +104,7 @@ impl BatchBuilder {
             row_partitions: Vec::with_capacity(cap),
             dead_letters: Vec::new(),
             partitions: BTreeMap::new(),
+            max_event_ms: BTreeMap::new(),
             stats: BatchStats::default(),
             started: None,
             max_rows: cfg.max_rows,
@@ -129,6 +144,8 @@ impl BatchBuilder {
         match self.decoder.decode(payload, now_ms, &mut self.columns) {
             Ok(outcome) => {
                 self.row_partitions.push(partition);
+                let newest = self.max_event_ms.entry(partition).or_insert(outcome.event_time_ms);
+                *newest = (*newest).max(outcome.event_time_ms);
                 self.stats.accepted += 1;
                 if outcome.late {
                     self.stats.late += 1;
@@ -181,6 +198,7 @@ impl BatchBuilder {
         epoch: u64,
         topic: &str,
         now_ms: i64,
+        caught_up: BTreeMap<i32, i64>,
     ) -> Result<Batch, datafusion::arrow::error::ArrowError> {
         let events = self.columns.finish()?;
         self.started = None;
@@ -191,6 +209,8 @@ impl BatchBuilder {
             row_partitions: std::mem::take(&mut self.row_partitions),
             dead_letters: std::mem::take(&mut self.dead_letters),
             partitions: std::mem::take(&mut self.partitions),
+            max_event_ms: std::mem::take(&mut self.max_event_ms),
+            caught_up,
             stats: std::mem::take(&mut self.stats),
             sealed_at_ms: now_ms,
         })
@@ -202,6 +222,7 @@ impl BatchBuilder {
         self.row_partitions.clear();
         self.dead_letters.clear();
         self.partitions.clear();
+        self.max_event_ms.clear();
         self.stats = BatchStats::default();
         self.started = None;
     }
@@ -252,17 +273,18 @@ mod tests {
         b.push(2, 10, Some(10), Some(&ev("a")), NOW, t0);
         b.push(1, 5, None, Some(b"{not json at all, and long enough to truncate}"), NOW, t0);
         b.push(2, 11, Some(999), Some(&ev("b")), NOW, t0);
-        let batch = b.seal(4, "t", NOW).unwrap();
+        let batch = b.seal(4, "t", NOW, BTreeMap::new()).unwrap();
         assert_eq!(batch.events.num_rows(), 2);
         assert_eq!(batch.row_partitions, vec![2, 2]);
         assert_eq!(batch.partitions[&2], PartitionRange { expected_start: Some(10), first: 10, last: 11 });
         assert_eq!(batch.partitions[&1], PartitionRange { expected_start: None, first: 5, last: 5 });
+        assert_eq!(batch.max_event_ms, [(2, NOW)].into_iter().collect());
         assert_eq!(batch.dead_letters.len(), 1);
         assert_eq!(batch.dead_letters[0].payload.len(), 16);
         assert_eq!(batch.dead_letters[0].payload_bytes, 46);
         assert_eq!(batch.stats.rejected[&RejectReason::NotJson], 1);
         assert!(b.is_empty());
-        let again = b.seal(5, "t", NOW).unwrap();
+        let again = b.seal(5, "t", NOW, BTreeMap::new()).unwrap();
         assert_eq!(again.events.num_rows(), 0);
     }
 }

@@ -11,8 +11,9 @@ use super::{Reject, RejectReason};
 use crate::config::{DecodeConfig, FieldType};
 
 /// One parsed field value, borrowing from the payload where possible.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 enum Slot<'a> {
+    #[default]
     Missing,
     Null,
     Str(Cow<'a, str>),
@@ -85,9 +86,7 @@ impl RecordDecoder {
     ) -> Result<DecodeOutcome, Reject> {
         let payload = match payload {
             None => return Err(Reject::new(RejectReason::Empty, "message has no payload")),
-            Some(p) if p.is_empty() => {
-                return Err(Reject::new(RejectReason::Empty, "message payload is empty"))
-            }
+            Some([]) => return Err(Reject::new(RejectReason::Empty, "message payload is empty")),
             Some(p) => p,
         };
         if payload.len() > self.max_event_bytes {
@@ -148,11 +147,6 @@ impl RecordDecoder {
     }
 }
 
-impl Default for Slot<'_> {
-    fn default() -> Self {
-        Slot::Missing
-    }
-}
 
 fn wrong_type(field: &SchemaField, expected: &str, slot: &Slot<'_>) -> Reject {
     Reject::new(

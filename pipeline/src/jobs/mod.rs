@@ -1,4 +1,5 @@
 //! CLI jobs built from the pipeline's stages.
 
+pub mod bench_api;
 pub mod produce;
 pub mod topic;

@@ -93,7 +93,7 @@ impl Generator {
             0
         };
         let t = now_ms - back;
-        let time = if self.n % 2 == 0 {
+        let time = if self.n.is_multiple_of(2) {
             t.to_string()
         } else {
             let dt = chrono::DateTime::from_timestamp_millis(t).unwrap_or_default();

@@ -18,12 +18,9 @@ pub async fn create(properties: &[(String, String)], topic: &str, partitions: i3
     let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
     let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
     let results = admin.create_topics([&new], &opts).await.map_err(|e| e.to_string())?;
-    for r in results {
-        match r {
-            Ok(_) => return Ok(true),
-            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => return Ok(false),
-            Err((t, code)) => return Err(format!("creating topic {t}: {code}")),
-        }
+    match results.into_iter().next() {
+        Some(Ok(_)) => Ok(true),
+        Some(Err((_, RDKafkaErrorCode::TopicAlreadyExists))) | None => Ok(false),
+        Some(Err((t, code))) => Err(format!("creating topic {t}: {code}")),
     }
-    Ok(false)
 }

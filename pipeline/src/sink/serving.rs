@@ -33,6 +33,8 @@ const BOOKKEEPING: &[&str] = &[
         partition INTEGER NOT NULL,
         next_offset INTEGER NOT NULL,
         updated_at_ms INTEGER NOT NULL,
+        max_event_ms INTEGER,
+        caught_up_ms INTEGER,
         PRIMARY KEY (topic, partition)
     ) WITHOUT ROWID",
     "CREATE TABLE IF NOT EXISTS tally_files (
@@ -80,6 +82,11 @@ pub struct CommitRequest<'a> {
     pub files: &'a [WrittenFile],
     /// Counter increments (name, delta).
     pub counters: &'a [(String, i64)],
+    /// Newest accepted event time per partition in this batch.
+    pub max_event_ms: &'a BTreeMap<i32, i64>,
+    /// Partitions read to their end, with their next offset, as of `sealed_at_ms`.
+    pub caught_up: &'a BTreeMap<i32, i64>,
+    pub sealed_at_ms: i64,
     pub now_ms: i64,
 }
 
@@ -173,6 +180,22 @@ impl ServingStore {
             .map_err(|e| open_err(e.to_string()))?;
         for stmt in BOOKKEEPING {
             sqlx::query(*stmt).execute(&pool).await.map_err(db("create bookkeeping tables"))?;
+        }
+        // Stores created before `as_of` existed lack these columns.
+        let cols: Vec<String> = sqlx::query("SELECT name FROM pragma_table_info('tally_offsets')")
+            .fetch_all(&pool)
+            .await
+            .map_err(db("inspect tally_offsets"))?
+            .iter()
+            .filter_map(|r| r.try_get::<String, _>(0).ok())
+            .collect();
+        for col in ["max_event_ms", "caught_up_ms"] {
+            if !cols.iter().any(|c| c == col) {
+                sqlx::query(AssertSqlSafe(format!("ALTER TABLE tally_offsets ADD COLUMN {col} INTEGER")))
+                    .execute(&pool)
+                    .await
+                    .map_err(db("upgrade tally_offsets"))?;
+            }
         }
         let mut tables = Vec::new();
         for def in rollups {
@@ -291,19 +314,41 @@ impl ServingStore {
             .map_err(db("record files"))?;
         }
 
-        // 4. Offsets and counters.
+        // 4. Offsets (with the newest event time, for as_of) and counters.
         for (p, range) in req.partitions {
             sqlx::query(
-                "INSERT INTO tally_offsets (topic, partition, next_offset, updated_at_ms) VALUES (?, ?, ?, ?)
-                 ON CONFLICT (topic, partition) DO UPDATE SET next_offset = excluded.next_offset, updated_at_ms = excluded.updated_at_ms",
+                "INSERT INTO tally_offsets (topic, partition, next_offset, updated_at_ms, max_event_ms) VALUES (?, ?, ?, ?, ?)
+                 ON CONFLICT (topic, partition) DO UPDATE SET
+                   next_offset = excluded.next_offset,
+                   updated_at_ms = excluded.updated_at_ms,
+                   max_event_ms = CASE
+                     WHEN excluded.max_event_ms IS NULL THEN tally_offsets.max_event_ms
+                     WHEN tally_offsets.max_event_ms IS NULL THEN excluded.max_event_ms
+                     ELSE max(tally_offsets.max_event_ms, excluded.max_event_ms) END",
             )
             .bind(req.topic)
             .bind(*p)
             .bind(range.next_offset())
             .bind(req.now_ms)
+            .bind(req.max_event_ms.get(p).copied())
             .execute(&mut *tx)
             .await
             .map_err(db("advance offsets"))?;
+        }
+        // A partition read to its end is complete up to the seal time, but only
+        // if the stored offset is the one the consumer saw the end at.
+        for (p, next) in req.caught_up {
+            sqlx::query(
+                "UPDATE tally_offsets SET caught_up_ms = max(coalesce(caught_up_ms, 0), ?)
+                 WHERE topic = ? AND partition = ? AND next_offset = ?",
+            )
+            .bind(req.sealed_at_ms)
+            .bind(req.topic)
+            .bind(*p)
+            .bind(*next)
+            .execute(&mut *tx)
+            .await
+            .map_err(db("mark caught-up partitions"))?;
         }
         for (name, delta) in req.counters {
             if *delta == 0 {
@@ -323,6 +368,13 @@ impl ServingStore {
         Ok(CommitOutcome::Committed)
     }
 
+    /// The time up to which the store is complete for `topic` (epoch ms):
+    /// the minimum over its partitions of the later of the newest committed
+    /// event time and the time the partition was last read to its end.
+    pub async fn as_of(&self, topic: &str) -> Result<Option<i64>, SinkError> {
+        as_of(&self.pool, topic).await
+    }
+
     /// All persistent counters.
     pub async fn counters(&self) -> Result<BTreeMap<String, i64>, SinkError> {
         let rows = sqlx::query("SELECT name, value FROM tally_counters ORDER BY name")
@@ -339,7 +391,47 @@ impl ServingStore {
     }
 }
 
+/// See [`ServingStore::as_of`].
+pub async fn as_of(pool: &SqlitePool, topic: &str) -> Result<Option<i64>, SinkError> {
+    let rows = sqlx::query("SELECT max_event_ms, caught_up_ms FROM tally_offsets WHERE topic = ?")
+        .bind(topic)
+        .fetch_all(pool)
+        .await
+        .map_err(db("read as_of"))?;
+    let mut out: Option<i64> = None;
+    for r in rows {
+        let a: Option<i64> = r.try_get(0).map_err(db("read as_of"))?;
+        let b: Option<i64> = r.try_get(1).map_err(db("read as_of"))?;
+        if let Some(t) = a.max(b) {
+            out = Some(out.map_or(t, |o| o.min(t)));
+        }
+    }
+    Ok(out)
+}
+
+/// A read-only pool on the same store (API readers; `tally serve`).
+pub async fn open_read_pool(url: &str, max_connections: u32) -> Result<SqlitePool, SinkError> {
+    let open_err = |message: String| SinkError::Open { url: url.to_string(), message };
+    let opts = SqliteConnectOptions::from_str(url)
+        .map_err(|e| open_err(e.to_string()))?
+        .read_only(true)
+        .busy_timeout(Duration::from_secs(2));
+    SqlitePoolOptions::new()
+        .max_connections(max_connections)
+        .min_connections(1)
+        .connect_with(opts)
+        .await
+        .map_err(|e| open_err(e.to_string()))
+}
+
 async fn ensure_table(pool: &SqlitePool, def: &RollupDef) -> Result<(), SinkError> {
+    // Range scans by window (API top-K, backfill, export) need this index.
+    let index = format!(
+        "CREATE INDEX IF NOT EXISTS {} ON {} ({})",
+        quote(&format!("{}__by_window", def.name)),
+        quote(&def.name),
+        quote(def.window_name())
+    );
     let info = sqlx::query(AssertSqlSafe(format!("PRAGMA table_info({})", quote(&def.name))))
         .fetch_all(pool)
         .await
@@ -362,6 +454,7 @@ async fn ensure_table(pool: &SqlitePool, def: &RollupDef) -> Result<(), SinkErro
         cols.push(format!("PRIMARY KEY ({})", keys.join(", ")));
         let ddl = format!("CREATE TABLE {} (\n  {}\n) WITHOUT ROWID", quote(&def.name), cols.join(",\n  "));
         sqlx::query(AssertSqlSafe(ddl)).execute(pool).await.map_err(db("create rollup table"))?;
+        sqlx::query(AssertSqlSafe(index)).execute(pool).await.map_err(db("create rollup index"))?;
         return Ok(());
     }
     let have: Vec<(String, String)> = info
@@ -385,5 +478,6 @@ async fn ensure_table(pool: &SqlitePool, def: &RollupDef) -> Result<(), SinkErro
             ),
         });
     }
+    sqlx::query(AssertSqlSafe(index)).execute(pool).await.map_err(db("create rollup index"))?;
     Ok(())
 }

@@ -16,6 +16,7 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::types::RDKafkaRespErr;
+use rdkafka::statistics::Statistics;
 use rdkafka::ClientContext;
 use tokio::runtime::Handle;
 use tokio::sync::mpsc;
@@ -23,6 +24,7 @@ use tokio::sync::mpsc;
 use super::SourceError;
 use crate::batch::{Batch, BatchBuilder, PartitionRange};
 use crate::config::KafkaConfig;
+use crate::metrics::Metrics;
 use crate::sink::{ParquetArchiveSink, ServingStore};
 
 /// State shared by the consumer thread, its rebalance callback and the committer.
@@ -66,9 +68,30 @@ pub struct TallyContext {
     store: ServingStore,
     archive: ParquetArchiveSink,
     handle: Handle,
+    metrics: Arc<Metrics>,
 }
 
-impl ClientContext for TallyContext {}
+impl ClientContext for TallyContext {
+    /// librdkafka statistics (every `statistics.interval.ms`): consumer lag per partition.
+    fn stats(&self, statistics: Statistics) {
+        let owned: Vec<i32> = match self.control.partitions.lock() {
+            Ok(m) => m.keys().copied().collect(),
+            Err(_) => return,
+        };
+        let lag: BTreeMap<i32, i64> = statistics
+            .topics
+            .get(&self.topic)
+            .map(|t| {
+                t.partitions
+                    .iter()
+                    .filter(|(p, part)| **p >= 0 && owned.contains(p) && part.consumer_lag >= 0)
+                    .map(|(p, part)| (*p, part.consumer_lag))
+                    .collect()
+            })
+            .unwrap_or_default();
+        self.metrics.set_consumer_lag(lag);
+    }
+}
 
 impl TallyContext {
     /// Stored offsets for `partitions`, after removing orphan files.
@@ -162,6 +185,8 @@ pub struct KafkaSource {
     control: Arc<ConsumerControl>,
     topic: String,
     poll_timeout: Duration,
+    /// How often an idle consumer reports caught-up partitions.
+    heartbeat: Duration,
 }
 
 impl KafkaSource {
@@ -170,16 +195,22 @@ impl KafkaSource {
         store: ServingStore,
         archive: ParquetArchiveSink,
         handle: Handle,
+        metrics: Arc<Metrics>,
+        heartbeat: Duration,
     ) -> Result<Self, SourceError> {
         let mut cc = ClientConfig::new();
+        // Consumer lag for /metrics, unless the operator chose an interval.
+        cc.set("statistics.interval.ms", "5000");
         for (k, v) in &cfg.properties {
             cc.set(k, v.to_string());
         }
         cc.set("enable.auto.commit", "false");
         cc.set("enable.auto.offset.store", "false");
-        cc.set("enable.partition.eof", "false");
+        // End-of-partition events tell `as_of` that a partition is caught up.
+        cc.set("enable.partition.eof", "true");
         let control = Arc::new(ConsumerControl::default());
-        let context = TallyContext { topic: cfg.topic.clone(), control: control.clone(), store, archive, handle };
+        let context =
+            TallyContext { topic: cfg.topic.clone(), control: control.clone(), store, archive, handle, metrics };
         let consumer: BaseConsumer<TallyContext> =
             cc.create_with_context(context).map_err(|e| SourceError::Create(e.to_string()))?;
         consumer
@@ -190,6 +221,7 @@ impl KafkaSource {
             control,
             topic: cfg.topic.clone(),
             poll_timeout: cfg.poll_timeout,
+            heartbeat,
         })
     }
 
@@ -206,24 +238,32 @@ impl KafkaSource {
     pub fn run(self, mut builder: BatchBuilder, tx: mpsc::Sender<Batch>) -> Result<(), SourceError> {
         let control = self.control.clone();
         let mut epoch = control.epoch.load(Ordering::Acquire);
+        // Partitions read to their end (cleared by the next message or a re-seek).
+        let mut at_end: BTreeMap<i32, ()> = BTreeMap::new();
+        let mut last_sent = Instant::now();
         loop {
             if control.shutdown.load(Ordering::Acquire) {
                 break;
             }
             if control.reset_requested.swap(false, Ordering::AcqRel) {
                 builder.discard();
+                at_end.clear();
                 self.reseek();
                 epoch = control.epoch.load(Ordering::Acquire);
             }
             let now = Instant::now();
-            if builder.should_flush(now) {
-                self.send(&mut builder, epoch, &tx)?;
+            if builder.should_flush(now)
+                || (builder.is_empty() && !at_end.is_empty() && now.duration_since(last_sent) >= self.heartbeat)
+            {
+                self.send(&mut builder, epoch, &at_end, &tx)?;
+                last_sent = now;
             }
             let timeout = builder.time_to_linger(now).unwrap_or(self.poll_timeout).min(self.poll_timeout);
             let polled = self.consumer.poll(timeout);
             if control.rebalanced.swap(false, Ordering::AcqRel) {
                 let had_rows = !builder.is_empty();
                 builder.discard();
+                at_end.clear();
                 // Eager rebalances re-seek every partition on assignment; with the
                 // cooperative protocol, kept partitions must be moved back explicitly.
                 if had_rows && matches!(self.consumer.rebalance_protocol(), RebalanceProtocol::Cooperative) {
@@ -234,7 +274,10 @@ impl KafkaSource {
             let Some(result) = polled else { continue };
             let msg = match result {
                 Ok(m) => m,
-                Err(KafkaError::PartitionEOF(_)) => continue,
+                Err(KafkaError::PartitionEOF(p)) => {
+                    at_end.insert(p, ());
+                    continue;
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "kafka poll error");
                     continue;
@@ -244,6 +287,7 @@ impl KafkaSource {
                 continue;
             }
             let (p, offset) = (msg.partition(), msg.offset());
+            at_end.remove(&p);
             let expected = {
                 let Ok(mut map) = control.partitions.lock() else { continue };
                 let Some(next) = map.get_mut(&p) else { continue }; // not (or no longer) ours
@@ -259,7 +303,7 @@ impl KafkaSource {
         }
         // Graceful shutdown: hand over what is buffered.
         if !builder.is_empty() && epoch == control.epoch.load(Ordering::Acquire) {
-            self.send(&mut builder, epoch, &tx)?;
+            self.send(&mut builder, epoch, &at_end, &tx)?;
         }
         drop(tx);
         control.wait_idle(Duration::from_secs(30));
@@ -267,9 +311,20 @@ impl KafkaSource {
         Ok(())
     }
 
-    fn send(&self, builder: &mut BatchBuilder, epoch: u64, tx: &mpsc::Sender<Batch>) -> Result<(), SourceError> {
+    fn send(
+        &self,
+        builder: &mut BatchBuilder,
+        epoch: u64,
+        at_end: &BTreeMap<i32, ()>,
+        tx: &mpsc::Sender<Batch>,
+    ) -> Result<(), SourceError> {
         let now_ms = chrono::Utc::now().timestamp_millis();
-        let batch = builder.seal(epoch, &self.topic, now_ms).map_err(|e| SourceError::Thread(e.to_string()))?;
+        let caught_up: BTreeMap<i32, i64> = match self.control.partitions.lock() {
+            Ok(m) => at_end.keys().filter_map(|p| m.get(p).copied().flatten().map(|n| (*p, n))).collect(),
+            Err(_) => BTreeMap::new(),
+        };
+        let batch =
+            builder.seal(epoch, &self.topic, now_ms, caught_up).map_err(|e| SourceError::Thread(e.to_string()))?;
         self.control.sent.fetch_add(1, Ordering::AcqRel);
         // Blocks while the committer is busy: consumption pauses, memory stays bounded.
         tx.blocking_send(batch).map_err(|_| SourceError::Thread("committer stopped".into()))

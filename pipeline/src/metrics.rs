@@ -1,0 +1,268 @@
+//! Process metrics in the Prometheus text format: `tally_` prefix, base
+//! units (seconds, bytes), counters ending in `_total`. Labels are bounded
+//! (reason, partition, route, status); a video id never becomes a label.
+//!
+//! The pipeline stages update plain atomics; `/metrics` renders them.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use crate::decode::RejectReason;
+
+/// Bucket upper bounds in seconds for durations.
+const COMMIT_BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+const HTTP_BUCKETS: &[f64] = &[0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0, 5.0];
+
+/// A fixed-bucket histogram.
+#[derive(Debug)]
+pub struct Histogram {
+    bounds: &'static [f64],
+    /// Non-cumulative counts; the last slot is +Inf.
+    counts: Vec<AtomicU64>,
+    sum_bits: AtomicU64,
+    count: AtomicU64,
+}
+
+impl Histogram {
+    fn new(bounds: &'static [f64]) -> Histogram {
+        Histogram {
+            bounds,
+            counts: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
+            sum_bits: AtomicU64::new(0f64.to_bits()),
+            count: AtomicU64::new(0),
+        }
+    }
+
+    pub fn observe(&self, seconds: f64) {
+        let i = self.bounds.iter().position(|b| seconds <= *b).unwrap_or(self.bounds.len());
+        if let Some(c) = self.counts.get(i) {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        let mut cur = self.sum_bits.load(Ordering::Relaxed);
+        loop {
+            let next = (f64::from_bits(cur) + seconds).to_bits();
+            match self.sum_bits.compare_exchange_weak(cur, next, Ordering::Relaxed, Ordering::Relaxed) {
+                Ok(_) => break,
+                Err(v) => cur = v,
+            }
+        }
+    }
+
+    fn render(&self, out: &mut String, name: &str, labels: &str) {
+        let sep = if labels.is_empty() { "" } else { "," };
+        let mut cumulative = 0;
+        for (i, b) in self.bounds.iter().enumerate() {
+            cumulative += self.counts.get(i).map_or(0, |c| c.load(Ordering::Relaxed));
+            let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{b}\"}} {cumulative}");
+        }
+        cumulative += self.counts.last().map_or(0, |c| c.load(Ordering::Relaxed));
+        let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {cumulative}");
+        let braces = if labels.is_empty() { String::new() } else { format!("{{{labels}}}") };
+        let _ = writeln!(out, "{name}_sum{braces} {}", f64::from_bits(self.sum_bits.load(Ordering::Relaxed)));
+        let _ = writeln!(out, "{name}_count{braces} {}", self.count.load(Ordering::Relaxed));
+    }
+}
+
+/// Every metric tally exports.
+#[derive(Debug)]
+pub struct Metrics {
+    pub messages_consumed: AtomicU64,
+    pub events_accepted: AtomicU64,
+    rejected: Vec<AtomicU64>,
+    pub events_late: AtomicU64,
+    pub batches_committed: AtomicU64,
+    pub batches_fenced: AtomicU64,
+    pub commit_errors: AtomicU64,
+    pub commit_duration: Histogram,
+    pub raw_bytes_written: AtomicU64,
+    pub archive_files_written: AtomicU64,
+    pub rollup_rows_merged: AtomicU64,
+    pub api_events_produced: AtomicU64,
+    pub api_events_invalid: AtomicU64,
+    /// Newest event time committed by this process (epoch ms; 0: none yet).
+    pub newest_committed_event_ms: AtomicI64,
+    consumer_lag: Mutex<BTreeMap<i32, i64>>,
+    http: Mutex<BTreeMap<(String, u16), u64>>,
+    http_duration: Mutex<BTreeMap<String, std::sync::Arc<Histogram>>>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        Metrics {
+            messages_consumed: AtomicU64::new(0),
+            events_accepted: AtomicU64::new(0),
+            rejected: RejectReason::ALL.iter().map(|_| AtomicU64::new(0)).collect(),
+            events_late: AtomicU64::new(0),
+            batches_committed: AtomicU64::new(0),
+            batches_fenced: AtomicU64::new(0),
+            commit_errors: AtomicU64::new(0),
+            commit_duration: Histogram::new(COMMIT_BUCKETS),
+            raw_bytes_written: AtomicU64::new(0),
+            archive_files_written: AtomicU64::new(0),
+            rollup_rows_merged: AtomicU64::new(0),
+            api_events_produced: AtomicU64::new(0),
+            api_events_invalid: AtomicU64::new(0),
+            newest_committed_event_ms: AtomicI64::new(0),
+            consumer_lag: Mutex::new(BTreeMap::new()),
+            http: Mutex::new(BTreeMap::new()),
+            http_duration: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    pub fn add_rejected(&self, reason: RejectReason, n: u64) {
+        if let Some(i) = RejectReason::ALL.iter().position(|r| *r == reason) {
+            if let Some(c) = self.rejected.get(i) {
+                c.fetch_add(n, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Replace the per-partition consumer lag (from librdkafka statistics).
+    pub fn set_consumer_lag(&self, lag: BTreeMap<i32, i64>) {
+        if let Ok(mut m) = self.consumer_lag.lock() {
+            *m = lag;
+        }
+    }
+
+    pub fn observe_http(&self, route: &str, status: u16, seconds: f64) {
+        if let Ok(mut m) = self.http.lock() {
+            *m.entry((route.to_string(), status)).or_insert(0) += 1;
+        }
+        let h = match self.http_duration.lock() {
+            Ok(mut m) => m.entry(route.to_string()).or_insert_with(|| std::sync::Arc::new(Histogram::new(HTTP_BUCKETS))).clone(),
+            Err(_) => return,
+        };
+        h.observe(seconds);
+    }
+
+    /// Render everything. `as_of_ms` is the serving store's completeness
+    /// time; `pipeline` is false in `tally serve` (no ingest counters).
+    pub fn render(&self, pipeline: bool, as_of_ms: Option<i64>, now_ms: i64) -> String {
+        let mut o = String::with_capacity(8192);
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        if pipeline {
+            self.render_pipeline(&mut o);
+        }
+        counter(&mut o, "tally_api_events_produced_total", "Events accepted by POST /v1/events and acknowledged by the broker.", load(&self.api_events_produced));
+        counter(&mut o, "tally_api_events_invalid_total", "Events refused by POST /v1/events validation.", load(&self.api_events_invalid));
+        if let Some(a) = as_of_ms {
+            gauge(&mut o, "tally_as_of_timestamp_seconds", "Time up to which the serving store is complete (the as_of of answers).", a as f64 / 1000.0);
+            gauge(
+                &mut o,
+                "tally_event_time_lag_seconds",
+                "How far the complete data lags behind now: now - as_of.",
+                ((now_ms - a).max(0)) as f64 / 1000.0,
+            );
+        }
+        header(&mut o, "tally_http_requests_total", "counter", "HTTP requests by route and status.");
+        if let Ok(m) = self.http.lock() {
+            for ((route, status), n) in m.iter() {
+                let _ = writeln!(o, "tally_http_requests_total{{route=\"{route}\",status=\"{status}\"}} {n}");
+            }
+        }
+        header(&mut o, "tally_http_request_duration_seconds", "histogram", "HTTP request duration by route.");
+        let hs: Vec<(String, std::sync::Arc<Histogram>)> = match self.http_duration.lock() {
+            Ok(m) => m.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            Err(_) => Vec::new(),
+        };
+        for (route, h) in hs {
+            h.render(&mut o, "tally_http_request_duration_seconds", &format!("route=\"{route}\""));
+        }
+        o
+    }
+}
+
+impl Metrics {
+    fn render_pipeline(&self, o: &mut String) {
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        counter(o, "tally_messages_consumed_total", "Kafka messages consumed and committed (accepted + rejected).", load(&self.messages_consumed));
+        counter(o, "tally_events_accepted_total", "Events accepted, archived and counted.", load(&self.events_accepted));
+        header(o, "tally_events_rejected_total", "counter", "Messages sent to the dead-letter dataset, by reason.");
+        for (i, r) in RejectReason::ALL.iter().enumerate() {
+            let v = self.rejected.get(i).map_or(0, load);
+            let _ = writeln!(o, "tally_events_rejected_total{{reason=\"{}\"}} {v}", r.code());
+        }
+        counter(o, "tally_events_late_total", "Accepted events that arrived more than decode.late_after after their event time.", load(&self.events_late));
+        counter(o, "tally_batches_committed_total", "Micro-batches committed to the serving store.", load(&self.batches_committed));
+        counter(o, "tally_batches_fenced_total", "Batches refused by the offset fence (another writer owned the partition).", load(&self.batches_fenced));
+        counter(o, "tally_commit_errors_total", "Failed batch commit attempts (retried with backoff).", load(&self.commit_errors));
+        header(o, "tally_batch_commit_duration_seconds", "histogram", "Archive write + aggregation + serving transaction, per batch.");
+        self.commit_duration.render(o, "tally_batch_commit_duration_seconds", "");
+        counter(o, "tally_raw_bytes_written_total", "Parquet bytes written to the raw archive and the dead-letter dataset.", load(&self.raw_bytes_written));
+        counter(o, "tally_archive_files_written_total", "Parquet files written to the raw archive and the dead-letter dataset.", load(&self.archive_files_written));
+        counter(o, "tally_rollup_rows_merged_total", "Rollup rows merged into the serving store.", load(&self.rollup_rows_merged));
+        header(o, "tally_consumer_lag_messages", "gauge", "Messages between the consumer position and the partition end (librdkafka statistics).");
+        if let Ok(m) = self.consumer_lag.lock() {
+            for (p, lag) in m.iter() {
+                let _ = writeln!(o, "tally_consumer_lag_messages{{partition=\"{p}\"}} {lag}");
+            }
+        }
+        let newest = self.newest_committed_event_ms.load(Ordering::Relaxed);
+        if newest > 0 {
+            gauge(o, "tally_newest_committed_event_timestamp_seconds", "Newest event time this process committed.", newest as f64 / 1000.0);
+        }
+    }
+}
+
+fn header(o: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
+
+fn counter(o: &mut String, name: &str, help: &str, v: u64) {
+    header(o, name, "counter", help);
+    let _ = writeln!(o, "{name} {v}");
+}
+
+fn gauge(o: &mut String, name: &str, help: &str, v: f64) {
+    header(o, name, "gauge", help);
+    let _ = writeln!(o, "{name} {v}");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets_are_cumulative() {
+        let h = Histogram::new(&[0.1, 1.0]);
+        h.observe(0.05);
+        h.observe(0.5);
+        h.observe(5.0);
+        let mut s = String::new();
+        h.render(&mut s, "x", "");
+        assert!(s.contains("x_bucket{le=\"0.1\"} 1\n"), "{s}");
+        assert!(s.contains("x_bucket{le=\"1\"} 2\n"), "{s}");
+        assert!(s.contains("x_bucket{le=\"+Inf\"} 3\n"), "{s}");
+        assert!(s.contains("x_count 3\n"), "{s}");
+        assert!(s.contains("x_sum 5.55\n"), "{s}");
+    }
+
+    #[test]
+    fn render_names_follow_prometheus_conventions() {
+        let m = Metrics::new();
+        m.add_rejected(RejectReason::NotJson, 3);
+        m.observe_http("/v1/count", 200, 0.001);
+        m.set_consumer_lag([(0, 5)].into_iter().collect());
+        let s = m.render(true, Some(1_000), 3_000);
+        assert!(s.contains("tally_events_rejected_total{reason=\"not_json\"} 3\n"), "{s}");
+        assert!(s.contains("tally_http_requests_total{route=\"/v1/count\",status=\"200\"} 1\n"), "{s}");
+        assert!(s.contains("tally_consumer_lag_messages{partition=\"0\"} 5\n"), "{s}");
+        assert!(s.contains("tally_event_time_lag_seconds 2\n"), "{s}");
+        for line in s.lines().filter(|l| l.starts_with("# TYPE")) {
+            let parts: Vec<&str> = line.split(' ').collect();
+            assert!(parts[2].starts_with("tally_"), "{line}");
+            if parts[3] == "counter" {
+                assert!(parts[2].ends_with("_total"), "{line}");
+            }
+        }
+    }
+}

@@ -1,0 +1,550 @@
+//! Routes, parameter parsing, errors, bearer tokens and limits.
+//!
+//! Every error is `{"error": {"code", "message"}}` and names the parameter.
+//! Parameters are parsed strictly: unknown or repeated ones are refused.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, MatchedPath, Query, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::{from_fn_with_state, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use chrono::SecondsFormat;
+use serde_json::{json, Value};
+
+use super::reader::Totals;
+use super::tiers::width_name;
+use super::{ApiState, ServeError};
+
+type Shared = Arc<ApiState>;
+
+/// Longest id accepted in `video_id` / `event_type`.
+pub const MAX_ID_BYTES: usize = 256;
+pub const MAX_TOP_LIMIT: u32 = 1000;
+const MAX_LISTED_INVALID: usize = 1000;
+
+/// An error answer.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+    extra: Option<(&'static str, Value)>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError { status, code, message: message.into(), extra: None }
+    }
+    fn bad(code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, code, message)
+    }
+}
+
+impl From<ServeError> for ApiError {
+    fn from(e: ServeError) -> ApiError {
+        tracing::error!(error = %e, "request failed");
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", format!("{e}; retry later"))
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut err = json!({"code": self.code, "message": self.message});
+        if let (Some((k, v)), Some(obj)) = (self.extra, err.as_object_mut()) {
+            obj.insert(k.to_string(), v);
+        }
+        let mut resp = (self.status, Json(json!({ "error": err }))).into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            resp.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        resp
+    }
+}
+
+type ApiResult = Result<Response, ApiError>;
+
+pub fn router(state: Shared) -> Router {
+    let max_body = state.cfg.max_body.as_usize();
+    Router::new()
+        .route("/v1/count", get(count))
+        .route("/v1/stats", get(stats))
+        .route("/v1/series", get(series))
+        .route("/v1/top", get(top))
+        .route("/v1/events", post(events))
+        .route("/metrics", get(metrics))
+        .route("/livez", get(livez))
+        .route("/readyz", get(readyz))
+        .route("/openapi.json", get(openapi))
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(max_body))
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(|_| {
+            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error; see the server log").into_response()
+        }))
+        .layer(from_fn_with_state(state.clone(), guard))
+        .layer(from_fn_with_state(state.clone(), observe))
+        .with_state(state)
+}
+
+/// Metrics per route and status (route templates only: no ids in labels).
+async fn observe(State(s): State<Shared>, req: Request, next: Next) -> Response {
+    let route = req.extensions().get::<MatchedPath>().map_or_else(|| "unmatched".to_string(), |m| m.as_str().to_string());
+    let t = Instant::now();
+    let resp = next.run(req).await;
+    s.metrics.observe_http(&route, resp.status().as_u16(), t.elapsed().as_secs_f64());
+    resp
+}
+
+/// Load shedding and the request timeout for `/v1/*`: over
+/// `api.max_concurrency` requests in flight, answer 503 at once.
+async fn guard(State(s): State<Shared>, req: Request, next: Next) -> Response {
+    if !req.uri().path().starts_with("/v1/") {
+        return next.run(req).await;
+    }
+    let Ok(_permit) = s.shed.clone().try_acquire_owned() else {
+        return ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "overloaded",
+            format!("more than api.max_concurrency = {} requests in flight; retry with backoff", s.cfg.max_concurrency),
+        )
+        .into_response();
+    };
+    match tokio::time::timeout(s.cfg.request_timeout, next.run(req)).await {
+        Ok(r) => r,
+        Err(_) => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "timeout",
+            format!("the request took longer than api.request_timeout = {}", humantime::format_duration(s.cfg.request_timeout)),
+        )
+        .into_response(),
+    }
+}
+
+async fn not_found(req: Request) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        format!("no route {}; see /openapi.json", req.uri().path()),
+    )
+}
+
+// ---------------------------------------------------------------- tokens
+
+/// Constant-time comparison (no early exit on the first differing byte).
+fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+    let mut diff = a.len() ^ b.len();
+    for i in 0..a.len().max(b.len()) {
+        diff |= usize::from(a.get(i).copied().unwrap_or(0) ^ b.get(i).copied().unwrap_or(0));
+    }
+    diff == 0
+}
+
+fn authorize(tokens: &[String], headers: &HeaderMap, which: &str) -> Result<(), ApiError> {
+    if tokens.is_empty() {
+        return Ok(());
+    }
+    let unauthorized = |m: String| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", m);
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .ok_or_else(|| unauthorized(format!("missing bearer token: send `Authorization: Bearer <{which} token>`")))?;
+    // Check every token, so timing does not reveal which one is close.
+    let ok = tokens.iter().fold(false, |acc, t| acc | ct_eq(t.as_bytes(), given.as_bytes()));
+    if ok {
+        Ok(())
+    } else {
+        Err(unauthorized(format!("the bearer token is not a valid {which} token")))
+    }
+}
+
+// ---------------------------------------------------------------- params
+
+struct Params(BTreeMap<String, String>);
+
+fn params(q: Result<Query<Vec<(String, String)>>, QueryRejection>, allowed: &[&str]) -> Result<Params, ApiError> {
+    let Query(pairs) = q.map_err(|e| ApiError::bad("invalid_query", format!("the query string cannot be parsed: {e}")))?;
+    let mut map = BTreeMap::new();
+    for (k, v) in pairs {
+        if !allowed.contains(&k.as_str()) {
+            let shown: String = k.chars().take(64).collect();
+            return Err(ApiError::bad(
+                "unknown_parameter",
+                format!("unknown parameter `{shown}`; this endpoint takes {}", allowed.join(", ")),
+            ));
+        }
+        if map.contains_key(&k) {
+            return Err(ApiError::bad("invalid_parameter", format!("parameter `{k}` is given more than once")));
+        }
+        map.insert(k, v);
+    }
+    Ok(Params(map))
+}
+
+fn parse_time(name: &str, v: &str) -> Result<i64, ApiError> {
+    chrono::DateTime::parse_from_rfc3339(v).map(|t| t.timestamp_millis()).map_err(|_| {
+        let shown: String = v.chars().take(64).collect();
+        ApiError::bad(
+            "invalid_parameter",
+            format!("`{name}` = {shown:?} is not an RFC 3339 time such as 2026-11-28T10:00:00Z"),
+        )
+    })
+}
+
+pub fn fmt_time(ms: i64) -> String {
+    let format = if ms % 1000 == 0 { SecondsFormat::Secs } else { SecondsFormat::Millis };
+    chrono::DateTime::from_timestamp_millis(ms).map_or_else(|| ms.to_string(), |t| t.to_rfc3339_opts(format, true))
+}
+
+impl Params {
+    fn get(&self, name: &str) -> Option<&str> {
+        self.0.get(name).map(String::as_str)
+    }
+
+    fn required(&self, name: &str) -> Result<&str, ApiError> {
+        match self.get(name) {
+            Some(v) if !v.is_empty() => Ok(v),
+            Some(_) => Err(ApiError::bad("invalid_parameter", format!("`{name}` is empty"))),
+            None => Err(ApiError::bad("missing_parameter", format!("missing required parameter `{name}`"))),
+        }
+    }
+
+    fn id(&self, name: &str, required: bool) -> Result<Option<&str>, ApiError> {
+        let v = if required { Some(self.required(name)?) } else { self.get(name) };
+        match v {
+            Some("") => Err(ApiError::bad("invalid_parameter", format!("`{name}` is empty; omit it instead"))),
+            Some(v) if v.len() > MAX_ID_BYTES => Err(ApiError::bad(
+                "invalid_parameter",
+                format!("`{name}` is {} bytes; ids are at most {MAX_ID_BYTES} bytes", v.len()),
+            )),
+            v => Ok(v),
+        }
+    }
+
+    /// `[start, end)`, checked against `api.max_range`.
+    fn range(&self, s: &ApiState) -> Result<(i64, i64), ApiError> {
+        let start = parse_time("start", self.required("start")?)?;
+        let end = parse_time("end", self.required("end")?)?;
+        if start < 0 {
+            return Err(ApiError::bad("invalid_parameter", "`start` must not be before 1970-01-01T00:00:00Z"));
+        }
+        if start >= end {
+            return Err(ApiError::bad("invalid_range", "`start` must be before `end` (the range is [start, end))"));
+        }
+        let max = i64::try_from(s.cfg.max_range.as_millis()).unwrap_or(i64::MAX);
+        if end - start > max {
+            return Err(ApiError::bad(
+                "range_too_long",
+                format!(
+                    "`end` - `start` is {}; api.max_range allows at most {}",
+                    humantime::format_duration(std::time::Duration::from_millis((end - start).unsigned_abs())),
+                    humantime::format_duration(s.cfg.max_range)
+                ),
+            ));
+        }
+        Ok((start, end))
+    }
+
+    fn plan(&self, s: &ApiState, start: i64, end: i64) -> Result<Vec<super::tiers::Segment>, ApiError> {
+        s.reader.tiers.plan(start, end).map_err(|(_, message)| ApiError::bad("unaligned_range", message))
+    }
+}
+
+fn opt_f64(v: Option<f64>) -> Value {
+    v.map_or(Value::Null, |x| json!(x))
+}
+
+async fn as_of(s: &ApiState) -> Result<Value, ApiError> {
+    Ok(s.reader.as_of().await?.map_or(Value::Null, |t| json!(fmt_time(t))))
+}
+
+// ---------------------------------------------------------------- reads
+
+async fn count(State(s): State<Shared>, headers: HeaderMap, q: Result<Query<Vec<(String, String)>>, QueryRejection>) -> ApiResult {
+    authorize(&s.cfg.read_tokens.0, &headers, "read")?;
+    let p = params(q, &["video_id", "event_type", "start", "end"])?;
+    let video = p.id("video_id", true)?.unwrap_or_default();
+    let et = p.id("event_type", false)?;
+    let (start, end) = p.range(&s)?;
+    let plan = p.plan(&s, start, end)?;
+    let (totals, as_of) = tokio::join!(s.reader.totals(video, et, &plan), as_of(&s));
+    let totals = totals?;
+    Ok(Json(json!({
+        "video_id": video,
+        "event_type": et,
+        "start": fmt_time(start),
+        "end": fmt_time(end),
+        "count": totals.events,
+        "as_of": as_of?,
+    }))
+    .into_response())
+}
+
+const FUNCTIONS: &[&str] = &["count", "sum", "avg", "min", "max"];
+
+async fn stats(State(s): State<Shared>, headers: HeaderMap, q: Result<Query<Vec<(String, String)>>, QueryRejection>) -> ApiResult {
+    authorize(&s.cfg.read_tokens.0, &headers, "read")?;
+    let p = params(q, &["video_id", "event_type", "function", "start", "end"])?;
+    let video = p.id("video_id", true)?.unwrap_or_default();
+    let et = p.id("event_type", false)?;
+    let function = p.required("function")?;
+    if !FUNCTIONS.contains(&function) {
+        let shown: String = function.chars().take(32).collect();
+        return Err(ApiError::bad(
+            "invalid_parameter",
+            format!("`function` = {shown:?} is not one of {}", FUNCTIONS.join(", ")),
+        ));
+    }
+    let (start, end) = p.range(&s)?;
+    let plan = p.plan(&s, start, end)?;
+    let (totals, as_of) = tokio::join!(s.reader.totals(video, et, &plan), as_of(&s));
+    let t: Totals = totals?;
+    let value = match function {
+        "count" => json!(t.events),
+        "sum" => json!(t.value_sum),
+        "avg" => opt_f64(t.avg()),
+        "min" => opt_f64(t.value_min),
+        _ => opt_f64(t.value_max),
+    };
+    Ok(Json(json!({
+        "video_id": video,
+        "event_type": et,
+        "function": function,
+        "start": fmt_time(start),
+        "end": fmt_time(end),
+        "value": value,
+        "count": t.events,
+        "value_count": t.value_count,
+        "as_of": as_of?,
+    }))
+    .into_response())
+}
+
+fn granularity_ms(g: &str) -> Option<i64> {
+    match g {
+        "minute" => Some(60_000),
+        "hour" => Some(3_600_000),
+        "day" => Some(86_400_000),
+        _ => None,
+    }
+}
+
+async fn series(State(s): State<Shared>, headers: HeaderMap, q: Result<Query<Vec<(String, String)>>, QueryRejection>) -> ApiResult {
+    authorize(&s.cfg.read_tokens.0, &headers, "read")?;
+    let p = params(q, &["video_id", "event_type", "start", "end", "granularity"])?;
+    let video = p.id("video_id", true)?.unwrap_or_default();
+    let et = p.id("event_type", false)?;
+    let gname = p.get("granularity").unwrap_or("hour");
+    let g = granularity_ms(gname).ok_or_else(|| {
+        let shown: String = gname.chars().take(32).collect();
+        ApiError::bad("invalid_parameter", format!("`granularity` = {shown:?} is not one of minute, hour, day"))
+    })?;
+    let (start, end) = p.range(&s)?;
+    let tier = s.reader.tiers.series_tier(g).ok_or_else(|| {
+        ApiError::bad(
+            "invalid_parameter",
+            format!("no rollup can answer `granularity` = {gname}; rollups exist for {} windows", s.reader.tiers.granularities()),
+        )
+    })?;
+    for (name, t) in [("start", start), ("end", end)] {
+        if t % g != 0 {
+            return Err(ApiError::bad(
+                "unaligned_range",
+                format!("`{name}` is not on a {gname} boundary ({}); align it or choose a finer granularity", width_name(g)),
+            ));
+        }
+    }
+    let points = (end - start) / g;
+    if points > s.cfg.max_series_points as i64 {
+        return Err(ApiError::bad(
+            "range_too_long",
+            format!(
+                "{points} `granularity` = {gname} buckets exceed api.max_series_points = {}; use a coarser granularity or a shorter range",
+                s.cfg.max_series_points
+            ),
+        ));
+    }
+    let (rows, as_of) = tokio::join!(s.reader.series(video, et, tier, start, end, g), as_of(&s));
+    let rows = rows?;
+    let mut out = Vec::with_capacity(points as usize);
+    let mut b = start;
+    while b < end {
+        let t = rows.get(&b).copied().unwrap_or_default();
+        out.push(json!({
+            "start": fmt_time(b),
+            "count": t.events,
+            "sum": t.value_sum,
+            "value_count": t.value_count,
+            "min": opt_f64(t.value_min),
+            "max": opt_f64(t.value_max),
+            "avg": opt_f64(t.avg()),
+        }));
+        b += g;
+    }
+    Ok(Json(json!({
+        "video_id": video,
+        "event_type": et,
+        "granularity": gname,
+        "start": fmt_time(start),
+        "end": fmt_time(end),
+        "points": out,
+        "as_of": as_of?,
+    }))
+    .into_response())
+}
+
+async fn top(State(s): State<Shared>, headers: HeaderMap, q: Result<Query<Vec<(String, String)>>, QueryRejection>) -> ApiResult {
+    authorize(&s.cfg.read_tokens.0, &headers, "read")?;
+    let p = params(q, &["event_type", "start", "end", "limit"])?;
+    let et = p.id("event_type", false)?;
+    let limit = match p.get("limit") {
+        None => 10,
+        Some(v) => match v.parse::<u32>() {
+            Ok(n) if (1..=MAX_TOP_LIMIT).contains(&n) => n,
+            _ => {
+                let shown: String = v.chars().take(32).collect();
+                return Err(ApiError::bad(
+                    "invalid_parameter",
+                    format!("`limit` = {shown:?} must be an integer from 1 to {MAX_TOP_LIMIT}"),
+                ));
+            }
+        },
+    };
+    let (start, end) = p.range(&s)?;
+    let plan = p.plan(&s, start, end)?;
+    let (rows, as_of) = tokio::join!(s.reader.top(et, &plan, limit), as_of(&s));
+    let videos: Vec<Value> = rows?.into_iter().map(|(v, n)| json!({"video_id": v, "count": n})).collect();
+    Ok(Json(json!({
+        "event_type": et,
+        "start": fmt_time(start),
+        "end": fmt_time(end),
+        "limit": limit,
+        "videos": videos,
+        "as_of": as_of?,
+    }))
+    .into_response())
+}
+
+// ---------------------------------------------------------------- writes
+
+async fn events(State(s): State<Shared>, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> ApiResult {
+    authorize(&s.cfg.write_tokens.0, &headers, "write")?;
+    let body = body.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body_too_large",
+                format!("the body exceeds api.max_body = {} bytes; send fewer events per request", s.cfg.max_body.0),
+            )
+        } else {
+            ApiError::bad("invalid_body", format!("cannot read the body: {e}"))
+        }
+    })?;
+    let events = super::ingest::split_events(&body).map_err(|m| ApiError::bad("invalid_body", format!("body: {m}")))?;
+    if events.is_empty() {
+        return Err(ApiError::bad("invalid_body", "body: no events; send a JSON array or NDJSON (one object per line)"));
+    }
+    let now_ms = chrono::Utc::now().timestamp_millis();
+    let bad = super::ingest::validate(&s.decoder, &events, now_ms);
+    if !bad.is_empty() {
+        s.metrics.api_events_invalid.fetch_add(bad.len() as u64, Ordering::Relaxed);
+        let listed: Vec<Value> = bad
+            .iter()
+            .take(MAX_LISTED_INVALID)
+            .map(|b| json!({"index": b.index, "reason": b.reject.reason.code(), "detail": b.reject.detail}))
+            .collect();
+        let mut e = ApiError::bad(
+            "invalid_events",
+            format!(
+                "{} of {} events are invalid; nothing was produced (listing the first {})",
+                bad.len(),
+                events.len(),
+                listed.len()
+            ),
+        );
+        e.extra = Some(("events", Value::Array(listed)));
+        return Err(e);
+    }
+    match s.ingest.produce(&events).await {
+        Ok(n) => {
+            s.metrics.api_events_produced.fetch_add(n as u64, Ordering::Relaxed);
+            Ok((StatusCode::ACCEPTED, Json(json!({"accepted": n}))).into_response())
+        }
+        Err(f) => {
+            s.metrics.api_events_produced.fetch_add(f.acknowledged as u64, Ordering::Relaxed);
+            let mut e = ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "produce_failed",
+                format!(
+                    "the broker acknowledged {} of {} events before failing: {}",
+                    f.acknowledged,
+                    events.len(),
+                    f.message
+                ),
+            );
+            e.extra = Some(("acknowledged", json!(f.acknowledged)));
+            Err(e)
+        }
+    }
+}
+
+// ---------------------------------------------------------------- operations
+
+async fn metrics(State(s): State<Shared>) -> Response {
+    let as_of = s.reader.as_of().await.ok().flatten();
+    let text = s.metrics.render(s.pipeline, as_of, chrono::Utc::now().timestamp_millis());
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response()
+}
+
+async fn livez() -> Response {
+    Json(json!({"status": "alive"})).into_response()
+}
+
+async fn readyz(State(s): State<Shared>) -> Response {
+    let store = match tokio::time::timeout(std::time::Duration::from_secs(1), s.reader.ping()).await {
+        Ok(Ok(())) => "ok".to_string(),
+        Ok(Err(e)) => e.to_string(),
+        Err(_) => "no answer within 1s".to_string(),
+    };
+    let broker = if s.broker_ok.load(Ordering::Acquire) { "ok" } else { "unreachable (topic metadata not available)" };
+    let ready = store == "ok" && broker == "ok";
+    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let body = json!({
+        "status": if ready { "ready" } else { "not_ready" },
+        "checks": {"serving_store": store, "broker": broker},
+    });
+    (status, Json(body)).into_response()
+}
+
+async fn openapi() -> Response {
+    Json(super::openapi::document()).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ct_eq_matches_only_equal_strings() {
+        assert!(ct_eq(b"abcdefghijklmnop", b"abcdefghijklmnop"));
+        assert!(!ct_eq(b"abcdefghijklmnop", b"abcdefghijklmnoq"));
+        assert!(!ct_eq(b"abc", b"abcd"));
+        assert!(!ct_eq(b"", b"a"));
+    }
+
+    #[test]
+    fn times_format_as_rfc3339_utc() {
+        assert_eq!(fmt_time(0), "1970-01-01T00:00:00Z");
+        assert_eq!(fmt_time(1_500), "1970-01-01T00:00:01.500Z");
+        assert_eq!(parse_time("start", "2026-11-28T10:00:00+01:00").ok(), Some(1_795_856_400_000));
+        assert!(parse_time("start", "yesterday").is_err());
+    }
+}

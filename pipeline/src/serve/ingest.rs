@@ -1,0 +1,258 @@
+//! `POST /v1/events` (processEvents): validate with the pipeline's own
+//! decoder, all or nothing, then produce through the idempotent producer
+//! (`acks=all`) and answer only after the broker acknowledged every event.
+
+use std::time::{Duration, Instant};
+
+use rdkafka::config::ClientConfig;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+
+use crate::config::Settings;
+use crate::decode::{Reject, RecordDecoder};
+
+use super::ServeError;
+
+/// librdkafka consumer-only properties, not passed to the producer.
+const CONSUMER_ONLY: &[&str] = &[
+    "group.id",
+    "group.instance.id",
+    "group.protocol",
+    "auto.offset.reset",
+    "enable.auto.commit",
+    "enable.auto.offset.store",
+    "auto.commit.interval.ms",
+    "session.timeout.ms",
+    "heartbeat.interval.ms",
+    "max.poll.interval.ms",
+    "partition.assignment.strategy",
+    "enable.partition.eof",
+    "isolation.level",
+    "fetch.wait.max.ms",
+    "fetch.min.bytes",
+    "fetch.max.bytes",
+    "fetch.message.max.bytes",
+    "queued.min.messages",
+    "queued.max.messages.kbytes",
+    "check.crcs",
+];
+
+/// Split a body into events: a JSON array, or NDJSON (one object per line).
+/// The array is split at its top-level commas without building values, so
+/// each element reaches the decoder as its original bytes.
+pub fn split_events(body: &[u8]) -> Result<Vec<&[u8]>, String> {
+    let first = body.iter().position(|b| !b.is_ascii_whitespace());
+    match first {
+        None => Ok(Vec::new()),
+        Some(i) if body[i] == b'[' => split_array(body, i),
+        Some(_) => Ok(body
+            .split(|b| *b == b'\n')
+            .map(trim)
+            .filter(|l| !l.is_empty())
+            .collect()),
+    }
+}
+
+fn trim(s: &[u8]) -> &[u8] {
+    let a = s.iter().position(|b| !b.is_ascii_whitespace()).unwrap_or(s.len());
+    let b = s.iter().rposition(|b| !b.is_ascii_whitespace()).map_or(a, |p| p + 1);
+    &s[a..b.max(a)]
+}
+
+fn split_array(body: &[u8], open: usize) -> Result<Vec<&[u8]>, String> {
+    let mut out = Vec::new();
+    let (mut depth, mut in_str, mut esc) = (0usize, false, false);
+    let mut start = open + 1;
+    let mut i = open + 1;
+    while i < body.len() {
+        let b = body[i];
+        if in_str {
+            if esc {
+                esc = false;
+            } else if b == b'\\' {
+                esc = true;
+            } else if b == b'"' {
+                in_str = false;
+            }
+        } else {
+            match b {
+                b'"' => in_str = true,
+                b'{' | b'[' => depth += 1,
+                b'}' | b']' if depth > 0 => depth -= 1,
+                b']' => {
+                    let last = trim(&body[start..i]);
+                    if !last.is_empty() {
+                        out.push(last);
+                    } else if !out.is_empty() {
+                        return Err(format!("a trailing comma before byte {i} of the JSON array"));
+                    }
+                    if !trim(&body[i + 1..]).is_empty() {
+                        return Err(format!("unexpected bytes after the JSON array at byte {}", i + 1));
+                    }
+                    return Ok(out);
+                }
+                b'}' => return Err(format!("unbalanced `}}` at byte {i} of the JSON array")),
+                b',' if depth == 0 => {
+                    let el = trim(&body[start..i]);
+                    if el.is_empty() {
+                        return Err(format!("an empty element before byte {i} of the JSON array"));
+                    }
+                    out.push(el);
+                    start = i + 1;
+                }
+                _ => {}
+            }
+        }
+        i += 1;
+    }
+    Err("the JSON array is not closed".into())
+}
+
+/// One refused event.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Invalid {
+    pub index: usize,
+    pub reject: Reject,
+}
+
+/// Validate every event with the pipeline's decoder; all problems are listed.
+pub fn validate(decoder: &RecordDecoder, events: &[&[u8]], now_ms: i64) -> Vec<Invalid> {
+    let mut scratch = decoder.schema().new_columns(events.len().min(4096));
+    let mut bad = Vec::new();
+    for (index, e) in events.iter().enumerate() {
+        if let Err(reject) = decoder.decode(Some(e), now_ms, &mut scratch) {
+            bad.push(Invalid { index, reject });
+        }
+        if scratch.len() >= 4096 {
+            let _ = scratch.finish();
+        }
+    }
+    bad
+}
+
+/// The producer behind `POST /v1/events` (also the broker readiness probe).
+pub struct Ingest {
+    producer: FutureProducer,
+    topic: String,
+    timeout: Duration,
+}
+
+/// A produce that did not fully succeed.
+#[derive(Debug)]
+pub struct ProduceFailure {
+    pub acknowledged: usize,
+    pub message: String,
+}
+
+impl Ingest {
+    pub fn new(settings: &Settings) -> Result<Ingest, ServeError> {
+        let mut cc = ClientConfig::new();
+        for (k, v) in &settings.kafka.properties {
+            if !CONSUMER_ONLY.contains(&k.as_str()) {
+                cc.set(k, v.to_string());
+            }
+        }
+        // Deliveries must fail before the HTTP request times out.
+        let timeout = settings.api.request_timeout.saturating_sub(Duration::from_millis(500)).max(Duration::from_secs(1));
+        cc.set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", "2")
+            .set("message.timeout.ms", timeout.as_millis().to_string());
+        let producer: FutureProducer = cc.create().map_err(|e| ServeError::Kafka(e.to_string()))?;
+        Ok(Ingest { producer, topic: settings.kafka.topic.clone(), timeout })
+    }
+
+    /// Produce every event; Ok only when the broker acknowledged all of them.
+    pub async fn produce(&self, events: &[&[u8]]) -> Result<usize, ProduceFailure> {
+        let deadline = Instant::now() + self.timeout;
+        let mut pending = Vec::with_capacity(events.len());
+        for e in events {
+            let mut record = FutureRecord::<(), [u8]>::to(&self.topic).payload(*e);
+            loop {
+                match self.producer.send_result(record) {
+                    Ok(f) => break pending.push(f),
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) if Instant::now() < deadline => {
+                        record = r;
+                        tokio::time::sleep(Duration::from_millis(2)).await;
+                    }
+                    Err((e, _)) => {
+                        let acknowledged = count_acks(pending).await;
+                        return Err(ProduceFailure { acknowledged, message: e.to_string() });
+                    }
+                }
+            }
+        }
+        let total = pending.len();
+        let mut acked = 0;
+        let mut first_error = None;
+        for f in pending {
+            match f.await {
+                Ok(Ok(_)) => acked += 1,
+                Ok(Err((e, _))) => {
+                    first_error.get_or_insert_with(|| e.to_string());
+                }
+                Err(_) => {
+                    first_error.get_or_insert_with(|| "the producer was dropped".to_string());
+                }
+            }
+        }
+        match first_error {
+            None => Ok(total),
+            Some(message) => Err(ProduceFailure { acknowledged: acked, message }),
+        }
+    }
+
+    /// Can the broker be reached (topic metadata within `timeout`)?
+    pub fn broker_reachable(&self, timeout: Duration) -> bool {
+        match self.producer.client().fetch_metadata(Some(&self.topic), timeout) {
+            Ok(md) => md.topics().iter().any(|t| t.name() == self.topic && t.error().is_none()),
+            Err(_) => false,
+        }
+    }
+}
+
+async fn count_acks(pending: Vec<rdkafka::producer::DeliveryFuture>) -> usize {
+    let mut n = 0;
+    for f in pending {
+        if matches!(f.await, Ok(Ok(_))) {
+            n += 1;
+        }
+    }
+    n
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splits_arrays_at_top_level_commas_only() {
+        let body = br#" [ {"a":"x,]}","b":[1,2]} , {"c":{"d":"\"]"}} ]  "#;
+        let got = split_events(body).unwrap();
+        assert_eq!(got, vec![&br#"{"a":"x,]}","b":[1,2]}"#[..], &br#"{"c":{"d":"\"]"}}"#[..]]);
+        assert_eq!(split_events(b"[]").unwrap().len(), 0);
+        assert_eq!(split_events(b"[1, \"s\", null]").unwrap().len(), 3, "non-objects reach the decoder");
+    }
+
+    #[test]
+    fn malformed_arrays_are_errors() {
+        for bad in [&b"[{}"[..], b"[{},]", b"[,{}]", b"[{}] x", b"[{}}]"] {
+            assert!(split_events(bad).is_err(), "{}", String::from_utf8_lossy(bad));
+        }
+    }
+
+    #[test]
+    fn ndjson_lines_skip_blank_lines() {
+        let got = split_events(b"{\"a\":1}\r\n\n  {\"b\":2}\n").unwrap();
+        assert_eq!(got, vec![&b"{\"a\":1}"[..], &b"{\"b\":2}"[..]]);
+    }
+
+    #[test]
+    fn deep_nesting_does_not_recurse() {
+        let mut body = b"[".to_vec();
+        body.extend(std::iter::repeat_n(b'[', 100_000));
+        body.extend(std::iter::repeat_n(b']', 100_000));
+        body.push(b']');
+        assert_eq!(split_events(&body).unwrap().len(), 1);
+    }
+}

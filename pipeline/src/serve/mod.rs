@@ -1,0 +1,146 @@
+//! Stage 6: the HTTP API (axum). Served in-process by `tally run` and
+//! standalone by `tally serve` (a read replica of the serving store).
+//!
+//! - [`tiers`]: which rollup answers which part of a range (exact or 400).
+//! - [`reader`]: the read queries (bound parameters only).
+//! - [`ingest`]: `POST /v1/events` through the idempotent producer.
+//! - [`http`]: routes, parameters, errors, tokens, limits.
+
+pub mod http;
+pub mod ingest;
+mod openapi;
+pub mod reader;
+pub mod tiers;
+#[cfg(test)]
+mod tests;
+
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::aggregate::SqlCatalog;
+use crate::config::{ApiConfig, Settings};
+use crate::decode::{EventSchema, RecordDecoder};
+use crate::error::{ErrorKind, RetryHint};
+use crate::metrics::Metrics;
+
+pub use reader::Reader;
+pub use tiers::Tiers;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("config key `{key}`: {message}")]
+    Config { key: String, message: String },
+    #[error("api.listen = {addr}: cannot listen: {message}; pick a free address or stop the other process")]
+    Bind { addr: String, message: String },
+    #[error("serving store: {0}")]
+    Store(String),
+    #[error("kafka producer: {0}")]
+    Kafka(String),
+    #[error("http server: {0}")]
+    Server(String),
+}
+
+impl ServeError {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            ServeError::Config { .. } | ServeError::Bind { .. } => ErrorKind::User,
+            ServeError::Store(_) | ServeError::Kafka(_) | ServeError::Server(_) => ErrorKind::External,
+        }
+    }
+    pub fn retry(&self) -> RetryHint {
+        match self {
+            ServeError::Store(_) => RetryHint::WithBackoff,
+            _ => RetryHint::NoRetry,
+        }
+    }
+}
+
+/// Everything the handlers share.
+pub struct ApiState {
+    pub cfg: ApiConfig,
+    pub reader: Reader,
+    pub ingest: ingest::Ingest,
+    pub decoder: RecordDecoder,
+    pub metrics: Arc<Metrics>,
+    /// `tally run` (pipeline metrics are live) or `tally serve`.
+    pub pipeline: bool,
+    pub broker_ok: AtomicBool,
+    pub(crate) shed: Arc<tokio::sync::Semaphore>,
+}
+
+impl ApiState {
+    /// Resolve the API rollups and open the read pool. Fails fast on a bad
+    /// `api.*` key or an unreadable store.
+    pub async fn build(
+        settings: &Settings,
+        catalog: &SqlCatalog,
+        schema: &EventSchema,
+        metrics: Arc<Metrics>,
+        pipeline: bool,
+    ) -> Result<Arc<ApiState>, ServeError> {
+        let tiers = Tiers::from_catalog(&settings.api.rollups, catalog)?;
+        let pool = crate::sink::serving::open_read_pool(&settings.serving_url(), 4)
+            .await
+            .map_err(|e| ServeError::Store(e.to_string()))?;
+        let reader = Reader::new(pool, tiers, &settings.kafka.topic);
+        let ingest = ingest::Ingest::new(settings)?;
+        Ok(Arc::new(ApiState {
+            cfg: settings.api.clone(),
+            reader,
+            ingest,
+            decoder: RecordDecoder::new(schema.clone(), &settings.decode),
+            metrics,
+            pipeline,
+            broker_ok: AtomicBool::new(false),
+            shed: Arc::new(tokio::sync::Semaphore::new(settings.api.max_concurrency)),
+        }))
+    }
+}
+
+/// Bind `api.listen` now (so a taken port fails startup), then serve until
+/// `shutdown` resolves.
+pub async fn bind(
+    state: Arc<ApiState>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<impl Future<Output = Result<(), ServeError>>, ServeError> {
+    let addr = state.cfg.listen;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| ServeError::Bind { addr: addr.to_string(), message: e.to_string() })?;
+    tracing::info!(listen = %addr, "HTTP API listening");
+    let probe_state = state.clone();
+    let probe = tokio::spawn(async move {
+        loop {
+            let s = probe_state.clone();
+            let ok = tokio::task::spawn_blocking(move || s.ingest.broker_reachable(Duration::from_secs(2)))
+                .await
+                .unwrap_or(false);
+            if probe_state.broker_ok.swap(ok, Ordering::AcqRel) != ok {
+                tracing::info!(reachable = ok, "broker reachability changed");
+            }
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+    });
+    let app = http::router(state);
+    Ok(async move {
+        let r = axum::serve(listener, app).with_graceful_shutdown(shutdown).await;
+        probe.abort();
+        r.map_err(|e| ServeError::Server(e.to_string()))
+    })
+}
+
+/// `tally serve`: the API alone over an existing serving store.
+pub async fn serve_standalone(settings: Settings, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), crate::Error> {
+    let schema = EventSchema::from_config(&settings.schema)?;
+    let catalog =
+        SqlCatalog::load(&settings.sql.rollups_dir, schema.arrow.clone(), &settings.schema.time_field).await?;
+    // Creates the tables if this replica starts first; then only reads.
+    let store = crate::sink::ServingStore::open(&settings.serving_url(), &catalog.rollups).await?;
+    store.close().await;
+    let state = ApiState::build(&settings, &catalog, &schema, Arc::new(Metrics::new()), false).await?;
+    let server = bind(state, shutdown).await?;
+    server.await?;
+    Ok(())
+}

@@ -1,0 +1,381 @@
+//! Contract tests: the real router over a real SQLite store seeded through
+//! the real pipeline stages (decoder -> rollup SQL -> serving commit), with
+//! every answer checked against a brute-force computation over the events.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde_json::Value;
+use tower::ServiceExt;
+
+use super::http::{fmt_time, router};
+use super::ApiState;
+use crate::aggregate::{RollupAggregator, SqlCatalog};
+use crate::batch::PartitionRange;
+use crate::config::Settings;
+use crate::decode::{EventSchema, RecordDecoder};
+use crate::metrics::Metrics;
+use crate::sink::{CommitRequest, ServingStore};
+
+const M: i64 = 60_000;
+const H: i64 = 60 * M;
+const D: i64 = 24 * H;
+/// 2026-11-28T00:00:00Z
+const NOW: i64 = 1_795_824_000_000;
+const READ: &str = "read-token-0123456789";
+const WRITE: &str = "write-token-0123456789";
+
+#[derive(Debug, Clone)]
+struct Ev {
+    video: String,
+    kind: &'static str,
+    t: i64,
+    value: Option<f64>,
+}
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    app: axum::Router,
+    state: Arc<ApiState>,
+    events: Vec<Ev>,
+}
+
+async fn fixture(extra_env: &[(&str, &str)]) -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut env: Vec<(String, String)> = vec![
+        ("TALLY__STORAGE__DATA_DIR".into(), dir.path().display().to_string()),
+        ("TALLY__SQL__ROLLUPS_DIR".into(), root.join("sql/rollups").display().to_string()),
+        ("TALLY__DECODE__MAX_EVENT_AGE".into(), "30days".into()),
+    ];
+    env.extend(extra_env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    let settings = Settings::load(None, env).unwrap();
+    let schema = EventSchema::from_config(&settings.schema).unwrap();
+    let catalog = SqlCatalog::load(&settings.sql.rollups_dir, schema.arrow.clone(), &settings.schema.time_field)
+        .await
+        .unwrap();
+    let store = ServingStore::open(&settings.serving_url(), &catalog.rollups).await.unwrap();
+    let mut agg = RollupAggregator::new(&catalog, schema.arrow.clone()).await.unwrap();
+    let decoder = RecordDecoder::new(schema.clone(), &settings.decode);
+
+    // Three days before NOW, Zipf-ish videos, values on views only.
+    let mut rng = StdRng::seed_from_u64(7);
+    let kinds = ["view", "like", "share"];
+    let events: Vec<Ev> = (0..6000)
+        .map(|_| {
+            let a: u32 = rng.random_range(0..12);
+            let b: u32 = rng.random_range(0..12);
+            let kind = kinds[rng.random_range(0..3)];
+            Ev {
+                video: format!("v{}", a * b / 12),
+                kind,
+                t: NOW - 3 * D + rng.random_range(0..3 * D),
+                value: (kind == "view").then(|| f64::from(rng.random_range(1..1000u32))),
+            }
+        })
+        .collect();
+    let mut cols = schema.new_columns(events.len());
+    for e in &events {
+        let value = e.value.map(|v| format!(r#","value":{v}"#)).unwrap_or_default();
+        let json = format!(r#"{{"video_id":"{}","event_type":"{}","event_time":{}{value}}}"#, e.video, e.kind, e.t);
+        decoder.decode(Some(json.as_bytes()), NOW, &mut cols).unwrap();
+    }
+    let batch = cols.finish().unwrap();
+    // Commit in two batches, so merging is exercised too.
+    let (first, second) = (batch.slice(0, 2500), batch.slice(2500, batch.num_rows() - 2500));
+    let mut expected_start = None;
+    for (i, part) in [first, second].into_iter().enumerate() {
+        let outputs = agg.aggregate(std::slice::from_ref(&part)).await.unwrap();
+        let first_off = if i == 0 { 0 } else { 2500 };
+        let partitions: BTreeMap<i32, PartitionRange> = [(
+            0,
+            PartitionRange { expected_start, first: first_off, last: first_off + part.num_rows() as i64 - 1 },
+        )]
+        .into_iter()
+        .collect();
+        let max_event_ms = [(0, NOW - 1000)].into_iter().collect();
+        let req = CommitRequest {
+            topic: &settings.kafka.topic,
+            partitions: &partitions,
+            outputs: &outputs,
+            files: &[],
+            counters: &[],
+            max_event_ms: &max_event_ms,
+            caught_up: &BTreeMap::new(),
+            sealed_at_ms: NOW,
+            now_ms: NOW,
+        };
+        store.commit(&req).await.unwrap();
+        expected_start = Some(first_off + part.num_rows() as i64);
+    }
+    let state = ApiState::build(&settings, &catalog, &schema, Arc::new(Metrics::new()), false).await.unwrap();
+    Fixture { _dir: dir, app: router(state.clone()), state, events }
+}
+
+async fn call(app: &axum::Router, method: &str, uri: &str, token: Option<&str>, body: Vec<u8>) -> (StatusCode, Value) {
+    let mut req = Request::builder().method(method).uri(uri);
+    if let Some(t) = token {
+        req = req.header("authorization", format!("Bearer {t}"));
+    }
+    let resp = app.clone().oneshot(req.body(Body::from(body)).unwrap()).await.unwrap();
+    let status = resp.status();
+    let bytes = axum::body::to_bytes(resp.into_body(), 1 << 24).await.unwrap();
+    let v = serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()));
+    (status, v)
+}
+
+async fn get(app: &axum::Router, uri: &str) -> (StatusCode, Value) {
+    call(app, "GET", uri, None, Vec::new()).await
+}
+
+fn enc(s: &str) -> String {
+    s.replace('+', "%2B").replace(':', "%3A")
+}
+
+fn range_q(s: i64, e: i64) -> String {
+    format!("start={}&end={}", enc(&fmt_time(s)), enc(&fmt_time(e)))
+}
+
+fn brute<'a>(events: &'a [Ev], video: Option<&str>, kind: Option<&str>, s: i64, e: i64) -> impl Iterator<Item = &'a Ev> {
+    let video = video.map(str::to_string);
+    let kind = kind.map(str::to_string);
+    events.iter().filter(move |ev| {
+        video.as_deref().is_none_or(|v| ev.video == v)
+            && kind.as_deref().is_none_or(|k| ev.kind == k)
+            && ev.t >= s
+            && ev.t < e
+    })
+}
+
+fn random_range(rng: &mut StdRng) -> (i64, i64) {
+    let unit = [M, H, D][rng.random_range(0..3)];
+    let span = 4 * D / unit;
+    let a = rng.random_range(0..span);
+    let b = rng.random_range(a + 1..=span);
+    let base = NOW - 4 * D;
+    (base + a * unit, base + b * unit)
+}
+
+#[tokio::test]
+async fn count_and_stats_equal_brute_force_over_random_ranges() {
+    let f = fixture(&[]).await;
+    let mut rng = StdRng::seed_from_u64(11);
+    for _ in 0..120 {
+        let video = format!("v{}", rng.random_range(0..11));
+        let kind = [None, Some("view"), Some("like"), Some("share")][rng.random_range(0..4)];
+        let (s, e) = random_range(&mut rng);
+        // Minute-aligned edges on some ranges too.
+        let (s, e) = if rng.random_bool(0.5) { (s + 7 * M, e + 13 * M) } else { (s, e) };
+        let et = kind.map(|k| format!("&event_type={k}")).unwrap_or_default();
+        let want: Vec<&Ev> = brute(&f.events, Some(&video), kind, s, e).collect();
+
+        let (st, v) = get(&f.app, &format!("/v1/count?video_id={video}{et}&{}", range_q(s, e))).await;
+        assert_eq!(st, StatusCode::OK, "{v}");
+        assert_eq!(v["count"], want.len() as i64, "count {video} {kind:?} {s}..{e}");
+        assert_eq!(v["start"], fmt_time(s));
+        assert_eq!(v["as_of"], fmt_time(NOW - 1000));
+
+        let values: Vec<f64> = want.iter().filter_map(|e| e.value).collect();
+        for (function, expected) in [
+            ("count", Some(want.len() as f64)),
+            ("sum", Some(values.iter().sum::<f64>())),
+            ("avg", (!values.is_empty()).then(|| values.iter().sum::<f64>() / values.len() as f64)),
+            ("min", values.iter().copied().reduce(f64::min)),
+            ("max", values.iter().copied().reduce(f64::max)),
+        ] {
+            let (st, v) = get(&f.app, &format!("/v1/stats?video_id={video}{et}&function={function}&{}", range_q(s, e))).await;
+            assert_eq!(st, StatusCode::OK, "{v}");
+            match expected {
+                None => assert!(v["value"].is_null(), "{function}: {v}"),
+                Some(x) => {
+                    let got = v["value"].as_f64().unwrap();
+                    assert!((got - x).abs() < 1e-6 * x.abs().max(1.0), "{function}: got {got}, want {x}");
+                }
+            }
+            assert_eq!(v["count"], want.len() as i64);
+            assert_eq!(v["value_count"], values.len() as i64);
+        }
+    }
+}
+
+#[tokio::test]
+async fn series_and_top_equal_brute_force() {
+    let f = fixture(&[]).await;
+    let (s, e) = (NOW - 3 * D, NOW);
+    for (g, width) in [("hour", H), ("day", D)] {
+        let (st, v) = get(&f.app, &format!("/v1/series?video_id=v0&event_type=view&granularity={g}&{}", range_q(s, e))).await;
+        assert_eq!(st, StatusCode::OK, "{v}");
+        let points = v["points"].as_array().unwrap();
+        assert_eq!(points.len() as i64, (e - s) / width);
+        for (i, p) in points.iter().enumerate() {
+            let b = s + i as i64 * width;
+            let want: Vec<&Ev> = brute(&f.events, Some("v0"), Some("view"), b, b + width).collect();
+            assert_eq!(p["start"], fmt_time(b));
+            assert_eq!(p["count"], want.len() as i64, "bucket {b}");
+            let vals: Vec<f64> = want.iter().filter_map(|e| e.value).collect();
+            assert_eq!(p["sum"].as_f64().unwrap(), vals.iter().sum::<f64>());
+            assert_eq!(p["min"].as_f64(), vals.iter().copied().reduce(f64::min));
+        }
+    }
+    // A minute series over two hours, all event types.
+    let (ms, me) = (NOW - D + 5 * M, NOW - D + 2 * H + 5 * M);
+    let (st, v) = get(&f.app, &format!("/v1/series?video_id=v1&granularity=minute&{}", range_q(ms, me))).await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    let total: i64 = v["points"].as_array().unwrap().iter().map(|p| p["count"].as_i64().unwrap()).sum();
+    assert_eq!(total, brute(&f.events, Some("v1"), None, ms, me).count() as i64);
+
+    for (kind, s, e) in [(Some("like"), NOW - 2 * D + 3 * M, NOW - 5 * H), (None, NOW - 3 * D, NOW)] {
+        let et = kind.map(|k| format!("&event_type={k}")).unwrap_or_default();
+        let (st, v) = get(&f.app, &format!("/v1/top?limit=5{et}&{}", range_q(s, e))).await;
+        assert_eq!(st, StatusCode::OK, "{v}");
+        let mut counts: BTreeMap<&str, i64> = BTreeMap::new();
+        for ev in brute(&f.events, None, kind, s, e) {
+            *counts.entry(ev.video.as_str()).or_default() += 1;
+        }
+        let mut want: Vec<(&str, i64)> = counts.into_iter().collect();
+        want.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
+        want.truncate(5);
+        let got: Vec<(String, i64)> = v["videos"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| (x["video_id"].as_str().unwrap().to_string(), x["count"].as_i64().unwrap()))
+            .collect();
+        let want: Vec<(String, i64)> = want.into_iter().map(|(a, b)| (a.to_string(), b)).collect();
+        assert_eq!(got, want);
+    }
+}
+
+#[tokio::test]
+async fn bad_requests_are_400_and_name_the_parameter() {
+    let f = fixture(&[]).await;
+    let ok = range_q(NOW - D, NOW);
+    let long_id = "x".repeat(257);
+    let cases: Vec<(String, &str, &str)> = vec![
+        (format!("/v1/count?{ok}"), "missing_parameter", "video_id"),
+        ("/v1/count?video_id=v1&end=2026-11-28T00:00:00Z".into(), "missing_parameter", "start"),
+        (format!("/v1/count?video_id=v1&start=yesterday&end={}", enc(&fmt_time(NOW))), "invalid_parameter", "start"),
+        (format!("/v1/count?video_id=v1&start={}&end=2026-13-01T00:00:00Z", enc(&fmt_time(NOW))), "invalid_parameter", "end"),
+        (format!("/v1/count?video_id=v1&{}", range_q(NOW, NOW)), "invalid_range", "start"),
+        (format!("/v1/count?video_id=v1&{}", range_q(NOW, NOW - H)), "invalid_range", "end"),
+        (format!("/v1/count?video_id=v1&{}", range_q(NOW - 401 * D, NOW)), "range_too_long", "api.max_range"),
+        (format!("/v1/count?video_id=v1&{}", range_q(NOW - D + 1_000, NOW)), "unaligned_range", "1d, 1h, 1m"),
+        (format!("/v1/count?video_id={long_id}&{ok}"), "invalid_parameter", "video_id"),
+        (format!("/v1/count?video_id=v1&event_type={long_id}&{ok}"), "invalid_parameter", "event_type"),
+        (format!("/v1/count?video_id=v1&video=v2&{ok}"), "unknown_parameter", "video"),
+        (format!("/v1/count?video_id=v1&video_id=v2&{ok}"), "invalid_parameter", "video_id"),
+        (format!("/v1/stats?video_id=v1&{ok}"), "missing_parameter", "function"),
+        (format!("/v1/stats?video_id=v1&function=median&{ok}"), "invalid_parameter", "function"),
+        (format!("/v1/series?video_id=v1&granularity=week&{ok}"), "invalid_parameter", "granularity"),
+        (format!("/v1/series?video_id=v1&granularity=minute&{}", range_q(NOW - 30 * D, NOW)), "range_too_long", "granularity"),
+        (format!("/v1/series?video_id=v1&granularity=day&{}", range_q(NOW - D - H, NOW)), "unaligned_range", "start"),
+        (format!("/v1/top?limit=1001&{ok}"), "invalid_parameter", "limit"),
+        (format!("/v1/top?limit=0&{ok}"), "invalid_parameter", "limit"),
+        (format!("/v1/top?limit=ten&{ok}"), "invalid_parameter", "limit"),
+        ("/v1/top?start=%FF&end=x".into(), "invalid_parameter", "start"),
+    ];
+    for (uri, code, names) in cases {
+        let (st, v) = get(&f.app, &uri).await;
+        assert_eq!(st, StatusCode::BAD_REQUEST, "{uri}: {v}");
+        assert_eq!(v["error"]["code"], code, "{uri}: {v}");
+        let msg = v["error"]["message"].as_str().unwrap();
+        assert!(msg.contains(names), "{uri}: message {msg:?} should name {names}");
+    }
+    // SQL never comes from input: an injection string is just an unknown video.
+    let evil = "v1'%3B%20DROP%20TABLE%20hour_video_events%3B--";
+    let (st, v) = get(&f.app, &format!("/v1/count?video_id={evil}&{ok}")).await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    assert_eq!(v["count"], 0);
+    let (st, v) = get(&f.app, &format!("/v1/count?video_id=v1&{ok}")).await;
+    assert_eq!(st, StatusCode::OK, "the table is intact: {v}");
+    let (st, v) = get(&f.app, "/v1/nope").await;
+    assert_eq!(st, StatusCode::NOT_FOUND, "{v}");
+}
+
+#[tokio::test]
+async fn post_events_validates_all_or_nothing_with_the_pipeline_decoder() {
+    let f = fixture(&[("TALLY__API__MAX_BODY", "2KiB")]).await;
+    let now = chrono::Utc::now().timestamp_millis();
+    let good = format!(r#"{{"video_id":"v1","event_type":"view","event_time":{now}}}"#);
+    let body = format!(
+        r#"[{good}, {{"video_id":"v1","event_type":"VIEW","event_time":{now}}}, {good}, "text", {{"event_type":"view","event_time":{now}}}]"#
+    );
+    let (st, v) = call(&f.app, "POST", "/v1/events", None, body.into_bytes()).await;
+    assert_eq!(st, StatusCode::BAD_REQUEST, "{v}");
+    assert_eq!(v["error"]["code"], "invalid_events");
+    let listed: Vec<(i64, String)> = v["error"]["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e["index"].as_i64().unwrap(), e["reason"].as_str().unwrap().to_string()))
+        .collect();
+    assert_eq!(
+        listed,
+        vec![(1, "invalid_value".into()), (3, "not_object".into()), (4, "missing_field".into())]
+    );
+    let ndjson = format!("{good}\n{{not json\n");
+    let (st, v) = call(&f.app, "POST", "/v1/events", None, ndjson.into_bytes()).await;
+    assert_eq!(st, StatusCode::BAD_REQUEST, "{v}");
+    assert_eq!(v["error"]["events"][0]["index"], 1);
+    assert_eq!(v["error"]["events"][0]["reason"], "not_json");
+
+    for (body, code) in [
+        (Vec::new(), "invalid_body"),
+        (b"[{}, ".to_vec(), "invalid_body"),
+        (vec![b' '; 4096], "body_too_large"),
+    ] {
+        let (st, v) = call(&f.app, "POST", "/v1/events", None, body).await;
+        assert!(st == StatusCode::BAD_REQUEST || st == StatusCode::PAYLOAD_TOO_LARGE, "{v}");
+        assert_eq!(v["error"]["code"], code, "{v}");
+    }
+    let m = f.state.metrics.render(false, None, 0);
+    assert!(m.contains("tally_api_events_invalid_total 4\n"), "{m}");
+}
+
+#[tokio::test]
+async fn tokens_guard_reads_and_writes_separately() {
+    let f = fixture(&[("TALLY__API__READ_TOKENS", READ), ("TALLY__API__WRITE_TOKENS", WRITE)]).await;
+    let uri = format!("/v1/count?video_id=v1&{}", range_q(NOW - D, NOW));
+    let (st, v) = call(&f.app, "GET", &uri, None, Vec::new()).await;
+    assert_eq!(st, StatusCode::UNAUTHORIZED, "{v}");
+    assert_eq!(v["error"]["code"], "unauthorized");
+    assert_eq!(call(&f.app, "GET", &uri, Some("read-token-0123456788"), Vec::new()).await.0, StatusCode::UNAUTHORIZED);
+    assert_eq!(call(&f.app, "GET", &uri, Some(WRITE), Vec::new()).await.0, StatusCode::UNAUTHORIZED);
+    assert_eq!(call(&f.app, "GET", &uri, Some(READ), Vec::new()).await.0, StatusCode::OK);
+    let (st, _) = call(&f.app, "POST", "/v1/events", Some(READ), b"[{}]".to_vec()).await;
+    assert_eq!(st, StatusCode::UNAUTHORIZED);
+    let (st, v) = call(&f.app, "POST", "/v1/events", Some(WRITE), b"[{}]".to_vec()).await;
+    assert_eq!(st, StatusCode::BAD_REQUEST, "the write token passes; the event is invalid: {v}");
+    for open in ["/metrics", "/livez", "/openapi.json"] {
+        assert_eq!(call(&f.app, "GET", open, None, Vec::new()).await.0, StatusCode::OK, "{open}");
+    }
+    // Tokens never appear in the effective config.
+    let shown = f.state.cfg.read_tokens.clone();
+    assert!(!format!("{shown:?}").contains(READ));
+}
+
+#[tokio::test]
+async fn overload_is_an_immediate_503_and_health_stays_open() {
+    let f = fixture(&[("TALLY__API__MAX_CONCURRENCY", "2")]).await;
+    let held = f.state.shed.clone().acquire_many_owned(2).await.unwrap();
+    let (st, v) = get(&f.app, &format!("/v1/count?video_id=v1&{}", range_q(NOW - D, NOW))).await;
+    assert_eq!(st, StatusCode::SERVICE_UNAVAILABLE, "{v}");
+    assert_eq!(v["error"]["code"], "overloaded");
+    assert_eq!(get(&f.app, "/livez").await.0, StatusCode::OK);
+    drop(held);
+    assert_eq!(get(&f.app, &format!("/v1/count?video_id=v1&{}", range_q(NOW - D, NOW))).await.0, StatusCode::OK);
+    // Requests are counted by route template, never by id.
+    let m = f.state.metrics.render(false, None, 0);
+    assert!(m.contains("tally_http_requests_total{route=\"/v1/count\",status=\"503\"} 1"), "{m}");
+    assert!(!m.contains("v1\""), "no video id in labels: {m}");
+    let (st, doc) = get(&f.app, "/openapi.json").await;
+    assert_eq!(st, StatusCode::OK);
+    for path in ["/v1/count", "/v1/stats", "/v1/series", "/v1/top", "/v1/events", "/metrics", "/livez", "/readyz"] {
+        assert!(doc["paths"][path].is_object(), "openapi lacks {path}");
+    }
+}
