@@ -218,6 +218,9 @@ async fn check(settings: Settings) -> anyhow::Result<ExitCode> {
     for r in &catalog.rollups {
         println!("{}\n", r.describe());
     }
+    let tiers = crate::serve::Tiers::from_catalog(&settings.api.rollups, &catalog).context("the API rollups are invalid")?;
+    let names: Vec<String> = tiers.tiers.iter().map(|t| format!("{} ({})", t.rollup, crate::serve::tiers::width_name(t.width_ms))).collect();
+    println!("# API\nqueries are answered from: {}\n", names.join(", "));
     println!("ok: config and {} rollup(s) are valid", catalog.rollups.len());
     Ok(ExitCode::SUCCESS)
 }

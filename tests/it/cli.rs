@@ -26,6 +26,34 @@ fn check_prints_derived_rollups() {
 }
 
 #[test]
+fn api_rollups_are_checked_at_startup() {
+    let (ok, out) = tally(&["check"], &[]);
+    assert!(ok && out.contains("day_video_events (1d), hour_video_events (1h), minute_video_events (1m)"), "{out}");
+    let (ok, out) = tally(&["check"], &[("TALLY__API__ROLLUPS", "[\"hour_video_events\", \"weekly\"]")]);
+    assert!(!ok);
+    assert!(out.contains("api.rollups") && out.contains("no rollup named `weekly`"), "{out}");
+    // A rollup without the API measures cannot answer queries; the message says what it needs.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("thin.sql"),
+        "SELECT video_id, event_type, date_bin(INTERVAL '1 hour', event_time) AS window_start, count(*) AS events FROM events GROUP BY video_id, event_type, window_start",
+    )
+    .unwrap();
+    let out = Command::new(tally_bin())
+        .arg("check")
+        .env("TALLY__SQL__ROLLUPS_DIR", dir.path())
+        .env("TALLY__API__ROLLUPS", "[\"thin\"]")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(text.contains("thin.sql") && text.contains("value_sum") && text.contains("api.rollups"), "{text}");
+    let (ok, out) = tally(&["check"], &[("TALLY__API__READ_TOKENS", "short")]);
+    assert!(!ok && out.contains("api.read_tokens") && out.contains("16"), "{out}");
+    assert!(!out.contains("short\""), "tokens are never echoed: {out}");
+}
+
+#[test]
 fn unknown_config_key_names_file_and_key() {
     let dir = tempfile::tempdir().unwrap();
     let f = dir.path().join("prod.toml");
