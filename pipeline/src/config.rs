@@ -213,6 +213,8 @@ pub struct ApiConfig {
     pub request_timeout: Duration,
     /// Requests served at once; more get an immediate 503.
     pub max_concurrency: usize,
+    /// Open connections; more are closed at once.
+    pub max_connections: usize,
     /// Bearer tokens for the read endpoints; empty means open.
     pub read_tokens: Tokens,
     /// Bearer tokens for `POST /v1/events`; empty means open.
@@ -352,6 +354,9 @@ impl Settings {
         if self.api.max_concurrency == 0 {
             return Err(invalid("api.max_concurrency", "must be at least 1"));
         }
+        if self.api.max_connections == 0 {
+            return Err(invalid("api.max_connections", "must be at least 1"));
+        }
         if self.api.max_series_points == 0 {
             return Err(invalid("api.max_series_points", "must be at least 1"));
         }
@@ -421,7 +426,7 @@ impl Settings {
             }
         }
         out.push_str(&format!(
-            "\n[sql]\nrollups_dir = {:?}\n\n[storage]\ndata_dir = {:?}\nzstd_level = {}\n\n[serving]\nurl = {:?}\n\n[api]\nlisten = {:?}\nrollups = {:?}\nmax_range = {:?}\nmax_series_points = {}\nmax_body = {}\nrequest_timeout = {:?}\nmax_concurrency = {}\nread_tokens = \"{} configured (masked)\"\nwrite_tokens = \"{} configured (masked)\"\n",
+            "\n[sql]\nrollups_dir = {:?}\n\n[storage]\ndata_dir = {:?}\nzstd_level = {}\n\n[serving]\nurl = {:?}\n\n[api]\nlisten = {:?}\nrollups = {:?}\nmax_range = {:?}\nmax_series_points = {}\nmax_body = {}\nrequest_timeout = {:?}\nmax_concurrency = {}\nmax_connections = {}\nread_tokens = \"{} configured (masked)\"\nwrite_tokens = \"{} configured (masked)\"\n",
             self.sql.rollups_dir.display().to_string(),
             self.storage.data_dir.display().to_string(),
             self.storage.zstd_level,
@@ -433,6 +438,7 @@ impl Settings {
             self.api.max_body.0,
             humantime::format_duration(self.api.request_timeout).to_string(),
             self.api.max_concurrency,
+            self.api.max_connections,
             self.api.read_tokens.0.len(),
             self.api.write_tokens.0.len(),
         ));

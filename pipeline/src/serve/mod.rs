@@ -10,6 +10,7 @@ pub mod http;
 pub mod ingest;
 mod openapi;
 pub mod reader;
+mod server;
 pub mod tiers;
 #[cfg(test)]
 mod tests;
@@ -123,11 +124,12 @@ pub async fn bind(
             tokio::time::sleep(Duration::from_secs(2)).await;
         }
     });
+    let (timeout, max_connections) = (state.cfg.request_timeout, state.cfg.max_connections);
     let app = http::router(state);
     Ok(async move {
-        let r = axum::serve(listener, app).with_graceful_shutdown(shutdown).await;
+        server::serve(listener, app, timeout, max_connections, shutdown).await;
         probe.abort();
-        r.map_err(|e| ServeError::Server(e.to_string()))
+        Ok(())
     })
 }
 

@@ -379,3 +379,50 @@ async fn overload_is_an_immediate_503_and_health_stays_open() {
         assert!(doc["paths"][path].is_object(), "openapi lacks {path}");
     }
 }
+
+#[tokio::test]
+async fn slow_clients_are_cut_off_and_connections_are_capped() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let listen = format!("127.0.0.1:{port}");
+    let f = fixture(&[
+        ("TALLY__API__LISTEN", listen.as_str()),
+        ("TALLY__API__REQUEST_TIMEOUT", "1s"),
+        ("TALLY__API__MAX_CONNECTIONS", "2"),
+    ])
+    .await;
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = super::bind(f.state.clone(), async {
+        let _ = stop_rx.await;
+    })
+    .await
+    .unwrap();
+    let server = tokio::spawn(server);
+    let addr: std::net::SocketAddr = listen.parse().unwrap();
+
+    // A client trickling its request head is disconnected after the timeout.
+    let mut slow = tokio::net::TcpStream::connect(addr).await.unwrap();
+    slow.write_all(b"GET /livez HTTP/1.1\r\nHo").await.unwrap();
+    let t = std::time::Instant::now();
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(std::time::Duration::from_secs(5), slow.read_to_end(&mut buf)).await;
+    assert!(read.is_ok(), "the server kept a half-sent request open for 5 s");
+    assert!(t.elapsed() >= std::time::Duration::from_millis(900), "cut off too early: {:?}", t.elapsed());
+
+    // Two open connections fill api.max_connections = 2; a third is closed at once.
+    let mut a = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let _b = tokio::net::TcpStream::connect(addr).await.unwrap();
+    a.write_all(b"GET /livez HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    let mut head = [0u8; 12];
+    a.read_exact(&mut head).await.unwrap();
+    assert_eq!(&head, b"HTTP/1.1 200");
+    let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let _ = c.write_all(b"GET /livez HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    let mut rest = Vec::new();
+    let n = tokio::time::timeout(std::time::Duration::from_secs(2), c.read_to_end(&mut rest)).await;
+    assert!(matches!(n, Ok(Ok(0)) | Ok(Err(_))), "the third connection was served: {:?}", String::from_utf8_lossy(&rest));
+
+    // Graceful shutdown returns.
+    let _ = stop_tx.send(());
+    tokio::time::timeout(std::time::Duration::from_secs(15), server).await.unwrap().unwrap().unwrap();
+}
