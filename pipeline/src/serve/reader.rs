@@ -3,6 +3,8 @@
 //! parameter.
 
 use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use sqlx::{AssertSqlSafe, Row, SqlitePool};
 
@@ -41,8 +43,6 @@ impl Totals {
 
 #[derive(Debug, Clone)]
 struct TierSql {
-    point_type: String,
-    point_all: String,
     series_type: String,
     series_all: String,
     quoted: String,
@@ -69,13 +69,6 @@ impl TierSql {
         let t = format!("\"{}\"", table.replace('"', "\"\""));
         let w = format!("\"{}\"", window.replace('"', "\"\""));
         TierSql {
-            point_type: format!(
-                "SELECT {MEASURES_SQL} FROM {t} r WHERE r.video_id = ?1 AND r.event_type = ?2 AND r.{w} >= ?3 AND r.{w} < ?4"
-            ),
-            point_all: format!(
-                "{} SELECT {MEASURES_SQL} FROM types JOIN {t} r ON r.video_id = ?1 AND r.event_type = types.et AND r.{w} >= ?2 AND r.{w} < ?3",
-                types_cte(&t)
-            ),
             series_type: format!(
                 "SELECT (r.{w} / ?5) * ?5 AS b, {MEASURES_SQL} FROM {t} r
                  WHERE r.video_id = ?1 AND r.event_type = ?2 AND r.{w} >= ?3 AND r.{w} < ?4 GROUP BY b"
@@ -91,13 +84,17 @@ impl TierSql {
     }
 }
 
+/// `as_of` is re-read at most this often (it moves once per committed batch).
+const AS_OF_TTL: Duration = Duration::from_millis(100);
+
 /// Read access to the API rollups.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Reader {
     pool: SqlitePool,
     pub tiers: Tiers,
     sql: Vec<TierSql>,
     topic: String,
+    as_of_cache: Mutex<Option<(Instant, Option<i64>)>>,
 }
 
 fn store_err(what: &'static str) -> impl Fn(sqlx::Error) -> ServeError {
@@ -117,47 +114,74 @@ fn totals(r: &sqlx::sqlite::SqliteRow, from: usize) -> Result<Totals, sqlx::Erro
 impl Reader {
     pub fn new(pool: SqlitePool, tiers: Tiers, topic: &str) -> Reader {
         let sql = tiers.tiers.iter().map(|t| TierSql::new(&t.rollup, &t.window)).collect();
-        Reader { pool, tiers, sql, topic: topic.to_string() }
+        Reader { pool, tiers, sql, topic: topic.to_string(), as_of_cache: Mutex::new(None) }
     }
 
     pub fn pool(&self) -> &SqlitePool {
         &self.pool
     }
 
-    /// See [`crate::sink::ServingStore::as_of`].
+    /// See [`crate::sink::ServingStore::as_of`]; at most [`AS_OF_TTL`] old.
     pub async fn as_of(&self) -> Result<Option<i64>, ServeError> {
-        crate::sink::serving::as_of(&self.pool, &self.topic).await.map_err(|e| ServeError::Store(e.to_string()))
-    }
-
-    /// Totals for one video (one or all event types) over planned segments.
-    pub async fn totals(&self, video: &str, event_type: Option<&str>, plan: &[Segment]) -> Result<Totals, ServeError> {
-        let mut conn = self.pool.acquire().await.map_err(store_err("connect"))?;
-        let mut out = Totals::default();
-        for seg in plan {
-            let Some(sql) = self.sql.get(seg.tier) else { continue };
-            let row = match event_type {
-                Some(et) => {
-                    sqlx::query(AssertSqlSafe(sql.point_type.as_str()))
-                        .bind(video)
-                        .bind(et)
-                        .bind(seg.lo)
-                        .bind(seg.hi)
-                        .fetch_one(&mut *conn)
-                        .await
-                }
-                None => {
-                    sqlx::query(AssertSqlSafe(sql.point_all.as_str()))
-                        .bind(video)
-                        .bind(seg.lo)
-                        .bind(seg.hi)
-                        .fetch_one(&mut *conn)
-                        .await
+        if let Ok(cache) = self.as_of_cache.lock() {
+            if let Some((at, v)) = *cache {
+                if at.elapsed() < AS_OF_TTL {
+                    return Ok(v);
                 }
             }
-            .map_err(store_err("read totals"))?;
-            out.merge(&totals(&row, 0).map_err(store_err("decode totals"))?);
         }
-        Ok(out)
+        let v = crate::sink::serving::as_of(&self.pool, &self.topic)
+            .await
+            .map_err(|e| ServeError::Store(e.to_string()))?;
+        if let Ok(mut cache) = self.as_of_cache.lock() {
+            *cache = Some((Instant::now(), v));
+        }
+        Ok(v)
+    }
+
+    /// Totals for one video (one or all event types) over planned segments,
+    /// in one statement: a `UNION ALL` of one index range per segment.
+    pub async fn totals(&self, video: &str, event_type: Option<&str>, plan: &[Segment]) -> Result<Totals, ServeError> {
+        let text = self.totals_sql(plan, event_type.is_some());
+        let mut q = sqlx::query(AssertSqlSafe(text)).bind(video);
+        if let Some(et) = event_type {
+            q = q.bind(et);
+        }
+        for seg in plan {
+            q = q.bind(seg.lo).bind(seg.hi);
+        }
+        let row = q.fetch_one(&self.pool).await.map_err(store_err("read totals"))?;
+        totals(&row, 0).map_err(store_err("decode totals"))
+    }
+
+    /// `?1` video, (`?2` event type), then (lo, hi) per segment.
+    fn totals_sql(&self, plan: &[Segment], with_type: bool) -> String {
+        let mut next = if with_type { 3 } else { 2 };
+        let mut parts = Vec::with_capacity(plan.len());
+        for seg in plan {
+            let Some(sql) = self.sql.get(seg.tier) else { continue };
+            let (t, w, lo, hi) = (&sql.quoted, &sql.window, next, next + 1);
+            next += 2;
+            parts.push(if with_type {
+                format!(
+                    "SELECT events, value_sum, value_count, value_min, value_max FROM {t} \
+                     WHERE video_id = ?1 AND event_type = ?2 AND {w} >= ?{lo} AND {w} < ?{hi}"
+                )
+            } else {
+                format!(
+                    "SELECT r.events, r.value_sum, r.value_count, r.value_min, r.value_max FROM types JOIN {t} r \
+                     ON r.video_id = ?1 AND r.event_type = types.et AND r.{w} >= ?{lo} AND r.{w} < ?{hi}"
+                )
+            });
+        }
+        if parts.is_empty() {
+            parts.push("SELECT 0 AS events, 0.0 AS value_sum, 0 AS value_count, NULL AS value_min, NULL AS value_max WHERE 0".into());
+        }
+        let cte = match (with_type, self.sql.first()) {
+            (false, Some(coarsest)) => types_cte(&coarsest.quoted),
+            _ => String::new(),
+        };
+        format!("{cte} SELECT {MEASURES_SQL} FROM ({}) r", parts.join(" UNION ALL "))
     }
 
     /// Per-bucket totals; buckets without rows are absent.
