@@ -179,7 +179,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let r = bench_api::run(spec).await.map_err(anyhow::Error::msg).context("bench-api failed")?;
             let ms = |us: u64| us as f64 / 1000.0;
             println!(
-                "| {} | {} | {:.0} | {} | {:.2} | {:.2} | {:.2} | {:.2} |",
+                "| {} | {} | {:.0} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {} / {} |",
                 a.label,
                 a.rate,
                 r.rate(),
@@ -187,7 +187,9 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 ms(r.p50),
                 ms(r.p99),
                 ms(r.p999),
-                ms(r.max)
+                ms(r.max),
+                r.server_p50.map_or("-".into(), |u| if u == u64::MAX { "> 5000".into() } else { format!("≤ {}", ms(u)) }),
+                r.server_p99.map_or("-".into(), |u| if u == u64::MAX { "> 5000".into() } else { format!("≤ {}", ms(u)) }),
             );
             Ok(ExitCode::SUCCESS)
         }),

@@ -5,6 +5,7 @@
 //! so a stalled server shows up as queueing delay instead of being hidden
 //! (no coordinated omission). Keep-alive HTTP/1.1 over a pool of connections.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -38,6 +39,10 @@ pub struct BenchApiReport {
     pub p99: u64,
     pub p999: u64,
     pub max: u64,
+    /// Server-side p50 / p99 (upper bucket bounds of
+    /// `tally_http_request_duration_seconds` over the run), in microseconds.
+    pub server_p50: Option<u64>,
+    pub server_p99: Option<u64>,
 }
 
 impl BenchApiReport {
@@ -125,6 +130,48 @@ impl Conn {
     }
 }
 
+/// Cumulative `tally_http_request_duration_seconds` buckets of the /v1 read
+/// routes, summed: (upper bound in seconds, count).
+fn server_buckets(text: &str) -> Vec<(f64, u64)> {
+    let mut by_le: BTreeMap<u64, (f64, u64)> = BTreeMap::new();
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix("tally_http_request_duration_seconds_bucket{") else { continue };
+        if !(rest.contains("route=\"/v1/count\"") || rest.contains("route=\"/v1/stats\"")) {
+            continue;
+        }
+        let Some((labels, value)) = rest.split_once("} ") else { continue };
+        let Some(le) = labels.split("le=\"").nth(1).and_then(|l| l.strip_suffix('"')) else { continue };
+        let le: f64 = if le == "+Inf" { f64::INFINITY } else { le.parse().unwrap_or(f64::INFINITY) };
+        let n: u64 = value.trim().parse().unwrap_or(0);
+        let e = by_le.entry(le.to_bits()).or_insert((le, 0));
+        e.1 += n;
+    }
+    let mut v: Vec<(f64, u64)> = by_le.into_values().collect();
+    v.sort_by(|a, b| a.0.total_cmp(&b.0));
+    v
+}
+
+fn bucket_percentile(before: &[(f64, u64)], after: &[(f64, u64)], q: f64) -> Option<u64> {
+    let delta: Vec<(f64, u64)> = after
+        .iter()
+        .map(|(le, n)| (*le, n - before.iter().find(|(l, _)| l == le).map_or(0, |(_, b)| *b).min(*n)))
+        .collect();
+    let total = delta.last()?.1;
+    if total == 0 {
+        return None;
+    }
+    let want = (total as f64 * q).ceil() as u64;
+    delta.iter().find(|(_, n)| *n >= want).map(|(le, _)| if le.is_finite() { (le * 1e6) as u64 } else { u64::MAX })
+}
+
+async fn scrape(addr: SocketAddr) -> Option<String> {
+    let mut s = TcpStream::connect(addr).await.ok()?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: tally\r\nConnection: close\r\n\r\n").await.ok()?;
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).await.ok()?;
+    Some(String::from_utf8_lossy(&out).into_owned())
+}
+
 fn find(h: &[u8], n: &[u8]) -> Option<usize> {
     h.windows(n.len()).position(|w| w == n)
 }
@@ -179,19 +226,23 @@ pub async fn run(spec: BenchApiSpec) -> Result<BenchApiReport, String> {
             (lat, ok, errors)
         }));
     }
+    let before = scrape(spec.addr).await.map(|t| server_buckets(&t)).unwrap_or_default();
     let start = Instant::now();
     let interval = Duration::from_secs_f64(1.0 / spec.rate as f64);
-    for i in 0..total {
-        let at = start + interval.mul_f64(i as f64);
-        let now = Instant::now();
-        if at > now {
-            tokio::time::sleep(at - now).await;
+    // The schedule runs on its own thread: std sleeps are finer than tokio's
+    // 1 ms timer, so the generator's own lateness does not pollute latencies.
+    let scheduler = std::thread::spawn(move || {
+        for i in 0..total {
+            let at = start + interval.mul_f64(i as f64);
+            let now = Instant::now();
+            if at > now {
+                std::thread::sleep(at - now);
+            }
+            if tx.send((at, i as usize)).is_err() {
+                break;
+            }
         }
-        if tx.send((at, i as usize)).is_err() {
-            break;
-        }
-    }
-    drop(tx);
+    });
     let mut report = BenchApiReport { sent: total, ..Default::default() };
     let mut all = Vec::with_capacity(total as usize);
     for w in workers {
@@ -201,6 +252,11 @@ pub async fn run(spec: BenchApiSpec) -> Result<BenchApiReport, String> {
         report.errors += errors;
     }
     report.wall = start.elapsed();
+    let _ = scheduler.join();
+    if let Some(after) = scrape(spec.addr).await.map(|t| server_buckets(&t)) {
+        report.server_p50 = bucket_percentile(&before, &after, 0.50);
+        report.server_p99 = bucket_percentile(&before, &after, 0.99);
+    }
     all.sort_unstable();
     report.p50 = percentile(&all, 0.50);
     report.p99 = percentile(&all, 0.99);
@@ -220,6 +276,18 @@ mod tests {
         assert_eq!(percentile(&v, 0.99), 990);
         assert_eq!(percentile(&v, 0.999), 999);
         assert_eq!(percentile(&[], 0.5), 0);
+    }
+
+    #[test]
+    fn server_percentiles_come_from_bucket_deltas() {
+        let before = "tally_http_request_duration_seconds_bucket{route=\"/v1/count\",le=\"0.0005\"} 10\n\
+                      tally_http_request_duration_seconds_bucket{route=\"/v1/count\",le=\"+Inf\"} 10\n";
+        let after = "tally_http_request_duration_seconds_bucket{route=\"/v1/count\",le=\"0.0005\"} 108\n\
+                     tally_http_request_duration_seconds_bucket{route=\"/v1/count\",le=\"+Inf\"} 110\n\
+                     tally_http_request_duration_seconds_bucket{route=\"/v1/top\",le=\"+Inf\"} 999\n";
+        let (b, a) = (server_buckets(before), server_buckets(after));
+        assert_eq!(bucket_percentile(&b, &a, 0.5), Some(500));
+        assert_eq!(bucket_percentile(&b, &a, 0.99), Some(u64::MAX));
     }
 
     #[test]

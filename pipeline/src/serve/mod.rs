@@ -82,10 +82,7 @@ impl ApiState {
         pipeline: bool,
     ) -> Result<Arc<ApiState>, ServeError> {
         let tiers = Tiers::from_catalog(&settings.api.rollups, catalog)?;
-        let pool = crate::sink::serving::open_read_pool(&settings.serving_url(), 4)
-            .await
-            .map_err(|e| ServeError::Store(e.to_string()))?;
-        let reader = Reader::new(pool, tiers, &settings.kafka.topic);
+        let reader = Reader::open(&settings.serving_url(), 4, tiers, &settings.kafka.topic)?;
         let ingest = ingest::Ingest::new(settings)?;
         Ok(Arc::new(ApiState {
             cfg: settings.api.clone(),

@@ -1,12 +1,18 @@
-//! Read queries over the API rollups. SQL text is built once at startup from
-//! identifiers the SQL catalog validated; every request value is a bound
-//! parameter.
+//! Read queries over the API rollups. SQL text is built from identifiers the
+//! SQL catalog validated; every request value is a bound parameter.
+//!
+//! Reads use their own read-only SQLite connections (rusqlite, linked to the
+//! same bundled SQLite as sqlx) and run on the calling thread: an indexed
+//! lookup takes tens of microseconds, less than handing it to a connection
+//! thread and back. Scans that can take longer (series, top) move off the
+//! async worker with `block_in_place`.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use sqlx::{AssertSqlSafe, Row, SqlitePool};
+use rusqlite::{params_from_iter, types::Value as Sql, Connection, OpenFlags};
 
 use super::tiers::{Segment, Tiers};
 use super::ServeError;
@@ -90,35 +96,88 @@ const AS_OF_TTL: Duration = Duration::from_millis(100);
 /// Read access to the API rollups.
 #[derive(Debug)]
 pub struct Reader {
-    pool: SqlitePool,
+    conns: Vec<Mutex<Connection>>,
+    next: AtomicUsize,
     pub tiers: Tiers,
     sql: Vec<TierSql>,
     topic: String,
     as_of_cache: Mutex<Option<(Instant, Option<i64>)>>,
 }
 
-fn store_err(what: &'static str) -> impl Fn(sqlx::Error) -> ServeError {
+fn store_err(what: &'static str) -> impl Fn(rusqlite::Error) -> ServeError {
     move |e| ServeError::Store(format!("{what}: {e}"))
 }
 
-fn totals(r: &sqlx::sqlite::SqliteRow, from: usize) -> Result<Totals, sqlx::Error> {
+fn totals(r: &rusqlite::Row<'_>, from: usize) -> rusqlite::Result<Totals> {
     Ok(Totals {
-        events: r.try_get(from)?,
-        value_sum: r.try_get(from + 1)?,
-        value_count: r.try_get(from + 2)?,
-        value_min: r.try_get(from + 3)?,
-        value_max: r.try_get(from + 4)?,
+        events: r.get(from)?,
+        value_sum: r.get(from + 1)?,
+        value_count: r.get(from + 2)?,
+        value_min: r.get(from + 3)?,
+        value_max: r.get(from + 4)?,
     })
 }
 
+/// Run a possibly long query without stalling the async workers.
+fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        _ => f(),
+    }
+}
+
+/// The file path of a `sqlite://PATH[?options]` URL.
+fn sqlite_path(url: &str) -> Result<String, ServeError> {
+    let rest = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))
+        .ok_or_else(|| ServeError::Store(format!("{url}: the API reads SQLite stores only (sqlite://PATH)")))?;
+    Ok(rest.split('?').next().unwrap_or(rest).to_string())
+}
+
 impl Reader {
-    pub fn new(pool: SqlitePool, tiers: Tiers, topic: &str) -> Reader {
+    /// Open `connections` read-only connections to the store at `url`.
+    pub fn open(url: &str, connections: usize, tiers: Tiers, topic: &str) -> Result<Reader, ServeError> {
+        let path = sqlite_path(url)?;
+        let open_err = |e: rusqlite::Error| ServeError::Store(format!("cannot open {path} read-only: {e}"));
+        let mut conns = Vec::with_capacity(connections);
+        for _ in 0..connections.max(1) {
+            let c = Connection::open_with_flags(
+                &path,
+                OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+            )
+            .map_err(open_err)?;
+            c.busy_timeout(Duration::from_secs(2)).map_err(open_err)?;
+            c.set_prepared_statement_cache_capacity(64);
+            conns.push(Mutex::new(c));
+        }
         let sql = tiers.tiers.iter().map(|t| TierSql::new(&t.rollup, &t.window)).collect();
-        Reader { pool, tiers, sql, topic: topic.to_string(), as_of_cache: Mutex::new(None) }
+        Ok(Reader {
+            conns,
+            next: AtomicUsize::new(0),
+            tiers,
+            sql,
+            topic: topic.to_string(),
+            as_of_cache: Mutex::new(None),
+        })
     }
 
-    pub fn pool(&self) -> &SqlitePool {
-        &self.pool
+    /// Run `f` on a free connection (or wait for one).
+    fn with_conn<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>, what: &'static str) -> Result<T, ServeError> {
+        let n = self.conns.len();
+        let start = self.next.fetch_add(1, Ordering::Relaxed) % n;
+        for i in 0..n {
+            if let Some(Ok(c)) = self.conns.get((start + i) % n).map(Mutex::try_lock) {
+                return f(&c).map_err(store_err(what));
+            }
+        }
+        let c = self
+            .conns
+            .get(start)
+            .ok_or_else(|| ServeError::Store("no connection".into()))?
+            .lock()
+            .map_err(|_| ServeError::Store("a reader connection was poisoned".into()))?;
+        f(&c).map_err(store_err(what))
     }
 
     /// See [`crate::sink::ServingStore::as_of`]; at most [`AS_OF_TTL`] old.
@@ -130,9 +189,20 @@ impl Reader {
                 }
             }
         }
-        let v = crate::sink::serving::as_of(&self.pool, &self.topic)
-            .await
-            .map_err(|e| ServeError::Store(e.to_string()))?;
+        let v = self.with_conn(
+            |c| {
+                let mut st = c.prepare_cached("SELECT max_event_ms, caught_up_ms FROM tally_offsets WHERE topic = ?1")?;
+                let mut out: Option<i64> = None;
+                let rows = st.query_map([&self.topic], |r| Ok(r.get::<_, Option<i64>>(0)?.max(r.get::<_, Option<i64>>(1)?)))?;
+                for t in rows {
+                    if let Some(t) = t? {
+                        out = Some(out.map_or(t, |o| o.min(t)));
+                    }
+                }
+                Ok(out)
+            },
+            "read as_of",
+        )?;
         if let Ok(mut cache) = self.as_of_cache.lock() {
             *cache = Some((Instant::now(), v));
         }
@@ -143,15 +213,15 @@ impl Reader {
     /// in one statement: a `UNION ALL` of one index range per segment.
     pub async fn totals(&self, video: &str, event_type: Option<&str>, plan: &[Segment]) -> Result<Totals, ServeError> {
         let text = self.totals_sql(plan, event_type.is_some());
-        let mut q = sqlx::query(AssertSqlSafe(text)).bind(video);
+        let mut args: Vec<Sql> = vec![Sql::Text(video.to_string())];
         if let Some(et) = event_type {
-            q = q.bind(et);
+            args.push(Sql::Text(et.to_string()));
         }
         for seg in plan {
-            q = q.bind(seg.lo).bind(seg.hi);
+            args.push(Sql::Integer(seg.lo));
+            args.push(Sql::Integer(seg.hi));
         }
-        let row = q.fetch_one(&self.pool).await.map_err(store_err("read totals"))?;
-        totals(&row, 0).map_err(store_err("decode totals"))
+        self.with_conn(|c| c.prepare_cached(&text)?.query_row(params_from_iter(args), |r| totals(r, 0)), "read totals")
     }
 
     /// `?1` video, (`?2` event type), then (lo, hi) per segment.
@@ -195,40 +265,33 @@ impl Reader {
         granularity_ms: i64,
     ) -> Result<BTreeMap<i64, Totals>, ServeError> {
         let sql = self.sql.get(tier).ok_or_else(|| ServeError::Store("no such tier".into()))?;
-        let rows = match event_type {
-            Some(et) => {
-                sqlx::query(AssertSqlSafe(sql.series_type.as_str()))
-                    .bind(video)
-                    .bind(et)
-                    .bind(start)
-                    .bind(end)
-                    .bind(granularity_ms)
-                    .fetch_all(&self.pool)
-                    .await
-            }
-            None => {
-                sqlx::query(AssertSqlSafe(sql.series_all.as_str()))
-                    .bind(video)
-                    .bind(start)
-                    .bind(end)
-                    .bind(granularity_ms)
-                    .fetch_all(&self.pool)
-                    .await
-            }
-        }
-        .map_err(store_err("read series"))?;
-        let mut out = BTreeMap::new();
-        for r in rows {
-            let b: i64 = r.try_get(0).map_err(store_err("decode series"))?;
-            out.insert(b, totals(&r, 1).map_err(store_err("decode series"))?);
-        }
-        Ok(out)
+        let (text, args): (&str, Vec<Sql>) = match event_type {
+            Some(et) => (
+                &sql.series_type,
+                vec![Sql::Text(video.into()), Sql::Text(et.into()), Sql::Integer(start), Sql::Integer(end), Sql::Integer(granularity_ms)],
+            ),
+            None => (
+                &sql.series_all,
+                vec![Sql::Text(video.into()), Sql::Integer(start), Sql::Integer(end), Sql::Integer(granularity_ms)],
+            ),
+        };
+        blocking(|| {
+            self.with_conn(
+                |c| {
+                    let mut st = c.prepare_cached(text)?;
+                    let rows = st.query_map(params_from_iter(args), |r| Ok((r.get::<_, i64>(0)?, totals(r, 1)?)))?;
+                    rows.collect::<rusqlite::Result<BTreeMap<i64, Totals>>>()
+                },
+                "read series",
+            )
+        })
     }
 
     /// The `limit` videos with the most events over planned segments.
     pub async fn top(&self, event_type: Option<&str>, plan: &[Segment], limit: u32) -> Result<Vec<(String, i64)>, ServeError> {
         // One statement: a UNION ALL of per-segment partial sums.
         let mut parts = Vec::new();
+        let mut args: Vec<Sql> = Vec::new();
         for seg in plan {
             let Some(sql) = self.sql.get(seg.tier) else { continue };
             let filter = if event_type.is_some() { " AND event_type = ?" } else { "" };
@@ -236,31 +299,34 @@ impl Reader {
                 "SELECT video_id, sum(events) AS n FROM {} WHERE {} >= ? AND {} < ?{filter} GROUP BY video_id",
                 sql.quoted, sql.window, sql.window
             ));
+            args.push(Sql::Integer(seg.lo));
+            args.push(Sql::Integer(seg.hi));
+            if let Some(et) = event_type {
+                args.push(Sql::Text(et.to_string()));
+            }
         }
         if parts.is_empty() {
             return Ok(Vec::new());
         }
+        args.push(Sql::Integer(i64::from(limit)));
         let text = format!(
             "SELECT video_id, sum(n) AS total FROM ({}) GROUP BY video_id ORDER BY total DESC, video_id LIMIT ?",
             parts.join(" UNION ALL ")
         );
-        let mut q = sqlx::query(AssertSqlSafe(text));
-        for seg in plan {
-            q = q.bind(seg.lo).bind(seg.hi);
-            if let Some(et) = event_type {
-                q = q.bind(et.to_string());
-            }
-        }
-        let rows = q.bind(i64::from(limit)).fetch_all(&self.pool).await.map_err(store_err("read top"))?;
-        rows.iter()
-            .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
-            .collect::<Result<Vec<_>, sqlx::Error>>()
-            .map_err(store_err("decode top"))
+        blocking(|| {
+            self.with_conn(
+                |c| {
+                    let mut st = c.prepare_cached(&text)?;
+                    let rows = st.query_map(params_from_iter(args), |r| Ok((r.get(0)?, r.get(1)?)))?;
+                    rows.collect()
+                },
+                "read top",
+            )
+        })
     }
 
     /// A trivial query: is the store readable?
     pub async fn ping(&self) -> Result<(), ServeError> {
-        sqlx::query("SELECT 1").fetch_one(&self.pool).await.map_err(store_err("ping"))?;
-        Ok(())
+        self.with_conn(|c| c.query_row("SELECT count(*) FROM tally_offsets", [], |_| Ok(())), "ping")
     }
 }

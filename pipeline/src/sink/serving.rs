@@ -409,21 +409,6 @@ pub async fn as_of(pool: &SqlitePool, topic: &str) -> Result<Option<i64>, SinkEr
     Ok(out)
 }
 
-/// A read-only pool on the same store (API readers; `tally serve`).
-pub async fn open_read_pool(url: &str, max_connections: u32) -> Result<SqlitePool, SinkError> {
-    let open_err = |message: String| SinkError::Open { url: url.to_string(), message };
-    let opts = SqliteConnectOptions::from_str(url)
-        .map_err(|e| open_err(e.to_string()))?
-        .read_only(true)
-        .busy_timeout(Duration::from_secs(2));
-    SqlitePoolOptions::new()
-        .max_connections(max_connections)
-        .min_connections(1)
-        .connect_with(opts)
-        .await
-        .map_err(|e| open_err(e.to_string()))
-}
-
 async fn ensure_table(pool: &SqlitePool, def: &RollupDef) -> Result<(), SinkError> {
     // Range scans by window (API top-K, backfill, export) need this index.
     let index = format!(
