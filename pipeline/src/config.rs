@@ -193,6 +193,8 @@ pub struct StorageConfig {
 #[serde(deny_unknown_fields)]
 pub struct ServingConfig {
     pub url: String,
+    /// Index rollup tables by window (faster /v1/top, slower ingest).
+    pub window_index: bool,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -426,11 +428,12 @@ impl Settings {
             }
         }
         out.push_str(&format!(
-            "\n[sql]\nrollups_dir = {:?}\n\n[storage]\ndata_dir = {:?}\nzstd_level = {}\n\n[serving]\nurl = {:?}\n\n[api]\nlisten = {:?}\nrollups = {:?}\nmax_range = {:?}\nmax_series_points = {}\nmax_body = {}\nrequest_timeout = {:?}\nmax_concurrency = {}\nmax_connections = {}\nread_tokens = \"{} configured (masked)\"\nwrite_tokens = \"{} configured (masked)\"\n",
+            "\n[sql]\nrollups_dir = {:?}\n\n[storage]\ndata_dir = {:?}\nzstd_level = {}\n\n[serving]\nurl = {:?}\nwindow_index = {}\n\n[api]\nlisten = {:?}\nrollups = {:?}\nmax_range = {:?}\nmax_series_points = {}\nmax_body = {}\nrequest_timeout = {:?}\nmax_concurrency = {}\nmax_connections = {}\nread_tokens = \"{} configured (masked)\"\nwrite_tokens = \"{} configured (masked)\"\n",
             self.sql.rollups_dir.display().to_string(),
             self.storage.data_dir.display().to_string(),
             self.storage.zstd_level,
             mask_url(&self.serving_url()),
+            self.serving.window_index,
             self.api.listen.to_string(),
             self.api.rollups,
             humantime::format_duration(self.api.max_range).to_string(),

@@ -32,7 +32,7 @@ impl Stages {
     pub async fn build(settings: Settings) -> Result<Stages, Error> {
         let schema = EventSchema::from_config(&settings.schema)?;
         let catalog = SqlCatalog::load(&settings.sql.rollups_dir, schema.arrow.clone(), &settings.schema.time_field).await?;
-        let store = ServingStore::open(&settings.serving_url(), &catalog.rollups).await?;
+        let store = ServingStore::open_with(&settings.serving_url(), &catalog.rollups, settings.serving.window_index).await?;
         let archive = ParquetArchiveSink::local(&settings.storage.data_dir, schema.time_index, settings.storage.zstd_level)?;
         Ok(Stages { settings, schema, catalog, store, archive })
     }

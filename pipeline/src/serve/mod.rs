@@ -136,7 +136,8 @@ pub async fn serve_standalone(settings: Settings, shutdown: impl Future<Output =
     let catalog =
         SqlCatalog::load(&settings.sql.rollups_dir, schema.arrow.clone(), &settings.schema.time_field).await?;
     // Creates the tables if this replica starts first; then only reads.
-    let store = crate::sink::ServingStore::open(&settings.serving_url(), &catalog.rollups).await?;
+    let store =
+        crate::sink::ServingStore::open_with(&settings.serving_url(), &catalog.rollups, settings.serving.window_index).await?;
     store.close().await;
     let state = ApiState::build(&settings, &catalog, &schema, Arc::new(Metrics::new()), false).await?;
     let server = bind(state, shutdown).await?;
