@@ -37,6 +37,9 @@ pub enum Command {
     Check,
     /// Generate synthetic events (Zipf video popularity) to Kafka or a file.
     Produce(ProduceArgs),
+    /// Recompute the rollup windows inside [--from, --to) from the raw archive
+    /// and compare them with the serving store; exits 1 on drift.
+    Verify(VerifyArgs),
     /// Open-loop latency benchmark of /v1/count and /v1/stats (30-day ranges)
     /// against a running tally.
     BenchApi(BenchApiArgs),
@@ -89,6 +92,25 @@ pub struct ProduceArgs {
     /// Write JSON lines to this file instead of producing to Kafka.
     #[arg(long)]
     pub file: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// Range start (RFC 3339, inclusive); only whole windows inside the range are checked.
+    #[arg(long, value_parser = parse_rfc3339)]
+    pub from: i64,
+    /// Range end (RFC 3339, exclusive).
+    #[arg(long, value_parser = parse_rfc3339)]
+    pub to: i64,
+    /// Check only this rollup.
+    #[arg(long)]
+    pub rollup: Option<String>,
+}
+
+fn parse_rfc3339(s: &str) -> Result<i64, String> {
+    chrono::DateTime::parse_from_rfc3339(s)
+        .map(|t| t.timestamp_millis())
+        .map_err(|e| format!("{e}; write an RFC 3339 time such as 2026-11-28T00:00:00Z"))
 }
 
 #[derive(Debug, Args)]
@@ -166,6 +188,24 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }),
         Command::Check => rt.block_on(check(settings)),
         Command::Produce(args) => produce(&settings, args),
+        Command::Verify(a) => rt.block_on(async {
+            if a.from >= a.to {
+                anyhow::bail!("--from must be before --to");
+            }
+            let r = crate::jobs::verify::verify(&settings, a.from, a.to, a.rollup.as_deref())
+                .await
+                .context("tally verify failed")?;
+            let fmt = crate::serve::http::fmt_time;
+            for (name, rows, lo, hi) in &r.checked {
+                println!("{name}: {rows} rows in [{}, {})", fmt(*lo), fmt(*hi));
+            }
+            for d in r.drift.iter().take(100) {
+                let show = |v: &Option<Vec<String>>| v.as_ref().map_or("(missing)".to_string(), |v| v.join(", "));
+                println!("DRIFT {} [{}]: serving ({}) != raw archive ({})", d.rollup, d.key.join(", "), show(&d.serving), show(&d.recomputed));
+            }
+            println!("{} raw files read; {} rows differ", r.files, r.drift.len());
+            Ok(if r.drift.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+        }),
         Command::BenchApi(a) => rt.block_on(async {
             use crate::jobs::bench_api;
             let spec = bench_api::BenchApiSpec {

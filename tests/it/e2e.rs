@@ -102,4 +102,39 @@ async fn pipeline_counts_exactly_with_malformed_and_late_events() {
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert!(again.stop().success());
     verify_outputs(&data, &topic, &messages).await;
+
+    // `tally verify` recomputes from the raw archive and agrees...
+    let day = 86_400_000;
+    let (from, to) = (rfc3339(now - now.rem_euclid(day) - day), rfc3339(now - now.rem_euclid(day) + day));
+    let verify = || {
+        let out = std::process::Command::new(tally_bin())
+            .args(["verify", "--from", &from, "--to", &to])
+            .envs(env.vars.iter().cloned())
+            .output()
+            .unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr))
+    };
+    let (code, out) = verify();
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("0 rows differ") && out.contains("day_video_events:"), "{out}");
+    // ...and reports drift when serving rows are deleted or corrupted.
+    let url = format!("sqlite://{}", data.join("serving.db").display());
+    let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
+    let deleted = sqlx::query("DELETE FROM hour_video_events WHERE (video_id, event_type, window_start) IN (SELECT video_id, event_type, window_start FROM hour_video_events ORDER BY events DESC LIMIT 1)")
+        .execute(&pool)
+        .await
+        .unwrap()
+        .rows_affected();
+    let corrupted = sqlx::query("UPDATE minute_video_events SET events = events + 1 WHERE (video_id, event_type, window_start) IN (SELECT video_id, event_type, window_start FROM minute_video_events LIMIT 1)")
+        .execute(&pool)
+        .await
+        .unwrap()
+        .rows_affected();
+    pool.close().await;
+    assert_eq!((deleted, corrupted), (1, 1));
+    let (code, out) = verify();
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("2 rows differ"), "{out}");
+    assert!(out.contains("DRIFT hour_video_events") && out.contains("(missing)"), "{out}");
+    assert!(out.contains("DRIFT minute_video_events"), "{out}");
 }

@@ -3,3 +3,4 @@
 pub mod bench_api;
 pub mod produce;
 pub mod topic;
+pub mod verify;
