@@ -40,6 +40,9 @@ pub enum Command {
     /// Recompute the rollup windows inside [--from, --to) from the raw archive
     /// and compare them with the serving store; exits 1 on drift.
     Verify(VerifyArgs),
+    /// Recompute the rollup windows inside [--from, --to) from the raw archive
+    /// and replace them in the serving store (safe while `tally run` is live).
+    Backfill(BackfillArgs),
     /// Open-loop latency benchmark of /v1/count and /v1/stats (30-day ranges)
     /// against a running tally.
     BenchApi(BenchApiArgs),
@@ -105,6 +108,15 @@ pub struct VerifyArgs {
     /// Check only this rollup.
     #[arg(long)]
     pub rollup: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct BackfillArgs {
+    #[command(flatten)]
+    pub range: VerifyArgs,
+    /// Print, per window, what would change; write nothing.
+    #[arg(long)]
+    pub dry_run: bool,
 }
 
 fn parse_rfc3339(s: &str) -> Result<i64, String> {
@@ -188,23 +200,28 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }),
         Command::Check => rt.block_on(check(settings)),
         Command::Produce(args) => produce(&settings, args),
-        Command::Verify(a) => rt.block_on(async {
-            if a.from >= a.to {
+        Command::Verify(a) => rt.block_on(verify(settings, a, "DRIFT", "serving", "raw archive")),
+        Command::Backfill(a) if a.dry_run => rt.block_on(async {
+            verify(settings, a.range, "WOULD REWRITE", "now", "after backfill").await?;
+            println!("dry run: nothing was written");
+            Ok(ExitCode::SUCCESS)
+        }),
+        Command::Backfill(a) => rt.block_on(async {
+            if a.range.from >= a.range.to {
                 anyhow::bail!("--from must be before --to");
             }
-            let r = crate::jobs::verify::verify(&settings, a.from, a.to, a.rollup.as_deref())
+            let r = crate::jobs::backfill::backfill(&settings, a.range.from, a.range.to, a.range.rollup.as_deref())
                 .await
-                .context("tally verify failed")?;
+                .context("tally backfill failed")?;
             let fmt = crate::serve::http::fmt_time;
-            for (name, rows, lo, hi) in &r.checked {
-                println!("{name}: {rows} rows in [{}, {})", fmt(*lo), fmt(*hi));
+            for (name, lo, hi) in &r.windows {
+                println!("{name}: replaced windows in [{}, {})", fmt(*lo), fmt(*hi));
             }
-            for d in r.drift.iter().take(100) {
-                let show = |v: &Option<Vec<String>>| v.as_ref().map_or("(missing)".to_string(), |v| v.join(", "));
-                println!("DRIFT {} [{}]: serving ({}) != raw archive ({})", d.rollup, d.key.join(", "), show(&d.serving), show(&d.recomputed));
-            }
-            println!("{} raw files read; {} rows differ", r.files, r.drift.len());
-            Ok(if r.drift.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+            println!(
+                "{} raw files read (+{} committed during the backfill); {} rows deleted, {} rows written",
+                r.files, r.files_committed_meanwhile, r.rows_deleted, r.rows_written
+            );
+            Ok(ExitCode::SUCCESS)
         }),
         Command::BenchApi(a) => rt.block_on(async {
             use crate::jobs::bench_api;
@@ -246,6 +263,25 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }),
     }
+}
+
+async fn verify(settings: Settings, a: VerifyArgs, tag: &str, left: &str, right: &str) -> anyhow::Result<ExitCode> {
+    if a.from >= a.to {
+        anyhow::bail!("--from must be before --to");
+    }
+    let r = crate::jobs::verify::verify(&settings, a.from, a.to, a.rollup.as_deref())
+        .await
+        .context("recomputing from the raw archive failed")?;
+    let fmt = crate::serve::http::fmt_time;
+    for (name, rows, lo, hi) in &r.checked {
+        println!("{name}: {rows} rows in [{}, {})", fmt(*lo), fmt(*hi));
+    }
+    for d in r.drift.iter().take(100) {
+        let show = |v: &Option<Vec<String>>| v.as_ref().map_or("(missing)".to_string(), |v| v.join(", "));
+        println!("{tag} {} [{}]: {left} ({}) != {right} ({})", d.rollup, d.key.join(", "), show(&d.serving), show(&d.recomputed));
+    }
+    println!("{} raw files read; {} rows differ", r.files, r.drift.len());
+    Ok(if r.drift.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }
 
 async fn check(settings: Settings) -> anyhow::Result<ExitCode> {

@@ -106,14 +106,30 @@ async fn pipeline_counts_exactly_with_malformed_and_late_events() {
     // `tally verify` recomputes from the raw archive and agrees...
     let day = 86_400_000;
     let (from, to) = (rfc3339(now - now.rem_euclid(day) - day), rfc3339(now - now.rem_euclid(day) + day));
-    let verify = || {
+    let job = |args: &[&str]| {
         let out = std::process::Command::new(tally_bin())
-            .args(["verify", "--from", &from, "--to", &to])
+            .args(args)
+            .args(["--from", &from, "--to", &to])
             .envs(env.vars.iter().cloned())
             .output()
             .unwrap();
         (out.status.code(), String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr))
     };
+    let verify = || job(&["verify"]);
+    let db = data.join("serving.db");
+    let tables = ["minute_video_events", "hour_video_events", "day_video_events"];
+    let mut before = Vec::new();
+    for t in tables {
+        before.push(serving_rollup(&db, t).await);
+    }
+    // A backfill over what the pipeline produced changes nothing, twice.
+    for _ in 0..2 {
+        let (code, out) = job(&["backfill"]);
+        assert_eq!(code, Some(0), "{out}");
+        for (t, b) in tables.iter().zip(&before) {
+            assert_eq!(&serving_rollup(&db, t).await, b, "{t} changed by a backfill");
+        }
+    }
     let (code, out) = verify();
     assert_eq!(code, Some(0), "{out}");
     assert!(out.contains("0 rows differ") && out.contains("day_video_events:"), "{out}");
@@ -137,4 +153,15 @@ async fn pipeline_counts_exactly_with_malformed_and_late_events() {
     assert!(out.contains("2 rows differ"), "{out}");
     assert!(out.contains("DRIFT hour_video_events") && out.contains("(missing)"), "{out}");
     assert!(out.contains("DRIFT minute_video_events"), "{out}");
+
+    // --dry-run says what would change and writes nothing; the backfill repairs.
+    let (code, out) = job(&["backfill", "--dry-run"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("WOULD REWRITE hour_video_events") && out.contains("nothing was written"), "{out}");
+    assert_eq!(verify().0, Some(1), "dry run wrote nothing");
+    let (code, out) = job(&["backfill"]);
+    assert_eq!(code, Some(0), "{out}");
+    let (code, out) = verify();
+    assert_eq!(code, Some(0), "{out}");
+    verify_outputs(&data, &topic, &messages).await;
 }

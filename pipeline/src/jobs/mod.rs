@@ -1,5 +1,6 @@
 //! CLI jobs built from the pipeline's stages.
 
+pub mod backfill;
 pub mod bench_api;
 pub mod produce;
 pub mod topic;

@@ -10,7 +10,8 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use datafusion::arrow::array::{Array, AsArray};
+use datafusion::arrow::array::{Array, AsArray, BooleanArray};
+use datafusion::arrow::compute::filter_record_batch;
 use datafusion::arrow::datatypes::{Float64Type, Int64Type};
 use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::datasource::MemTable;
@@ -85,6 +86,60 @@ fn batch_rows(def: &RollupDef, b: &RecordBatch, lo: i64, hi: i64, out: &mut Rows
     }
 }
 
+/// Run each rollup's SQL over exactly `files` (relative to the data
+/// directory), keeping only windows inside its `[lo, hi)`. Canonical batches.
+pub async fn recompute(
+    settings: &Settings,
+    schema: &EventSchema,
+    defs: &[RollupDef],
+    ranges: &[(i64, i64)],
+    files: &[String],
+) -> Result<Vec<Vec<RecordBatch>>, crate::Error> {
+    let ev_lo = ranges.iter().map(|r| r.0).min().unwrap_or(0);
+    let ev_hi = ranges.iter().map(|r| r.1).max().unwrap_or(0);
+    let ctx = SessionContext::new();
+    if files.is_empty() {
+        let empty = MemTable::try_new(schema.arrow.clone(), vec![vec![]]).map_err(err)?;
+        ctx.register_table("raw", Arc::new(empty)).map_err(err)?;
+    } else {
+        let paths: Vec<String> =
+            files.iter().map(|p| settings.storage.data_dir.join(p).display().to_string()).collect();
+        let df = ctx.read_parquet(paths, ParquetReadOptions::default()).await.map_err(err)?;
+        ctx.register_table("raw", df.into_view()).map_err(err)?;
+    }
+    let t = &settings.schema.time_field;
+    ctx.sql(&format!(
+        "CREATE VIEW events AS SELECT * FROM raw WHERE \"{t}\" >= to_timestamp_millis({ev_lo}) AND \"{t}\" < to_timestamp_millis({ev_hi})"
+    ))
+    .await
+    .map_err(err)?;
+    let mut out = Vec::with_capacity(defs.len());
+    for (def, (lo, hi)) in defs.iter().zip(ranges) {
+        let batches = ctx.sql(&def.sql).await.map_err(err)?.collect().await.map_err(err)?;
+        let mut kept = Vec::with_capacity(batches.len());
+        for b in &batches {
+            let b = canonical(def, b).map_err(err)?;
+            let w = b.column(def.window_column).as_primitive::<Int64Type>();
+            let mask: BooleanArray = w.iter().map(|v| Some(v.is_some_and(|v| v >= *lo && v < *hi))).collect();
+            kept.push(filter_record_batch(&b, &mask).map_err(err)?);
+        }
+        out.push(kept);
+    }
+    Ok(out)
+}
+
+/// Committed raw files whose event hour overlaps `[lo, hi)`.
+pub fn files_in(all: Vec<String>, lo: i64, hi: i64) -> Vec<String> {
+    all.into_iter()
+        .filter(|p| p.starts_with(RAW_PREFIX) && file_hour(p).is_some_and(|h| h + 3_600_000 > lo && h < hi))
+        .collect()
+}
+
+/// Whole windows of each rollup inside `[from, to)`.
+pub fn window_ranges(defs: &[RollupDef], from: i64, to: i64) -> Vec<(i64, i64)> {
+    defs.iter().map(|d| inner(from, to, d.window_ms)).collect()
+}
+
 /// Recompute and compare. Errors only when something cannot be read.
 pub async fn verify(settings: &Settings, from: i64, to: i64, only: Option<&str>) -> Result<VerifyReport, crate::Error> {
     let schema = EventSchema::from_config(&settings.schema)?;
@@ -138,29 +193,13 @@ pub async fn verify(settings: &Settings, from: i64, to: i64, only: Option<&str>)
     tx.rollback().await.map_err(err)?;
 
     // Recompute with the same SQL, over exactly those files.
-    let ctx = SessionContext::new();
-    if files.is_empty() {
-        let empty = MemTable::try_new(schema.arrow.clone(), vec![vec![]]).map_err(err)?;
-        ctx.register_table("raw", Arc::new(empty)).map_err(err)?;
-    } else {
-        let paths: Vec<String> =
-            files.iter().map(|p| settings.storage.data_dir.join(p).display().to_string()).collect();
-        let df = ctx.read_parquet(paths, ParquetReadOptions::default()).await.map_err(err)?;
-        ctx.register_table("raw", df.into_view()).map_err(err)?;
-    }
-    let t = &settings.schema.time_field;
-    ctx.sql(&format!(
-        "CREATE VIEW events AS SELECT * FROM raw WHERE \"{t}\" >= to_timestamp_millis({ev_lo}) AND \"{t}\" < to_timestamp_millis({ev_hi})"
-    ))
-    .await
-    .map_err(err)?;
+    let owned: Vec<RollupDef> = defs.iter().map(|d| (*d).clone()).collect();
+    let recomputed = recompute(settings, &schema, &owned, &ranges, &files).await?;
     let mut report = VerifyReport { files: files.len(), ..Default::default() };
-    for ((def, (lo, hi)), have) in defs.iter().zip(&ranges).zip(serving) {
-        let batches = ctx.sql(&def.sql).await.map_err(err)?.collect().await.map_err(err)?;
+    for (((def, (lo, hi)), have), batches) in defs.iter().zip(&ranges).zip(serving).zip(recomputed) {
         let mut want = Rows::new();
         for b in &batches {
-            let b = canonical(def, b).map_err(err)?;
-            batch_rows(def, &b, *lo, *hi, &mut want);
+            batch_rows(def, b, *lo, *hi, &mut want);
         }
         report.checked.push((def.name.clone(), want.len().max(have.len()), *lo, *hi));
         let keys: std::collections::BTreeSet<&Vec<String>> = want.keys().chain(have.keys()).collect();

@@ -260,44 +260,7 @@ impl ServingStore {
         }
 
         // 2. Merge rollups.
-        for out in req.outputs {
-            let Some(spec) = self.tables.iter().find(|t| t.name == out.rollup) else {
-                continue;
-            };
-            for b in &out.batches {
-                let mut start = 0;
-                while start < b.num_rows() {
-                    let n = (b.num_rows() - start).min(spec.rows_per_statement);
-                    let sql = spec.upsert_sql(n);
-                    let mut q = sqlx::query(AssertSqlSafe(sql));
-                    for row in start..start + n {
-                        for (c, (_, kind)) in spec.columns.iter().enumerate() {
-                            let arr = b.column(c);
-                            let null = arr.is_null(row);
-                            q = match kind {
-                                ColumnKind::Text => q.bind(if null {
-                                    None
-                                } else {
-                                    Some(arr.as_string::<i32>().value(row).to_string())
-                                }),
-                                ColumnKind::Int => q.bind(if null {
-                                    None
-                                } else {
-                                    Some(arr.as_primitive::<Int64Type>().value(row))
-                                }),
-                                ColumnKind::Real => q.bind(if null {
-                                    None
-                                } else {
-                                    Some(arr.as_primitive::<Float64Type>().value(row))
-                                }),
-                            };
-                        }
-                    }
-                    q.execute(&mut *tx).await.map_err(db("merge rollup rows"))?;
-                    start += n;
-                }
-            }
-        }
+        self.merge_outputs(&mut tx, req.outputs).await?;
 
         // 3. Record files.
         for f in req.files {
@@ -372,6 +335,93 @@ impl ServingStore {
         }
         tx.commit().await.map_err(db("commit"))?;
         Ok(CommitOutcome::Committed)
+    }
+
+    /// Upsert-merge rollup rows (count/sum add, min/max take the extreme).
+    async fn merge_outputs(&self, tx: &mut sqlx::SqliteConnection, outputs: &[RollupOutput]) -> Result<(), SinkError> {
+        for out in outputs {
+            let Some(spec) = self.tables.iter().find(|t| t.name == out.rollup) else {
+                continue;
+            };
+            for b in &out.batches {
+                let mut start = 0;
+                while start < b.num_rows() {
+                    let n = (b.num_rows() - start).min(spec.rows_per_statement);
+                    let sql = spec.upsert_sql(n);
+                    let mut q = sqlx::query(AssertSqlSafe(sql));
+                    for row in start..start + n {
+                        for (c, (_, kind)) in spec.columns.iter().enumerate() {
+                            let arr = b.column(c);
+                            let null = arr.is_null(row);
+                            q = match kind {
+                                ColumnKind::Text => q.bind(if null {
+                                    None
+                                } else {
+                                    Some(arr.as_string::<i32>().value(row).to_string())
+                                }),
+                                ColumnKind::Int => q.bind(if null {
+                                    None
+                                } else {
+                                    Some(arr.as_primitive::<Int64Type>().value(row))
+                                }),
+                                ColumnKind::Real => q.bind(if null {
+                                    None
+                                } else {
+                                    Some(arr.as_primitive::<Float64Type>().value(row))
+                                }),
+                            };
+                        }
+                    }
+                    q.execute(&mut *tx).await.map_err(db("merge rollup rows"))?;
+                    start += n;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Start the write transaction of a window replacement (excludes the live
+    /// writer until [`ServingStore::replace_windows`] commits).
+    pub async fn begin_replace(&self) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>, SinkError> {
+        self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(db("begin"))
+    }
+
+    /// Committed raw archive files (paths relative to the data directory).
+    pub async fn raw_files(conn: &mut sqlx::SqliteConnection) -> Result<Vec<String>, SinkError> {
+        let rows = sqlx::query("SELECT path FROM tally_files WHERE kind = 'raw' ORDER BY path")
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(db("list raw files"))?;
+        rows.iter().map(|r| r.try_get::<String, _>(0).map_err(db("list raw files"))).collect()
+    }
+
+    /// In `tx`: delete each rollup's windows in its `[lo, hi)`, then merge
+    /// `outputs` (rows outside the ranges must already be filtered out), and commit.
+    pub async fn replace_windows(
+        &self,
+        mut tx: sqlx::Transaction<'static, sqlx::Sqlite>,
+        ranges: &[(RollupDef, i64, i64)],
+        outputs: &[RollupOutput],
+    ) -> Result<u64, SinkError> {
+        let mut deleted = 0;
+        for (def, lo, hi) in ranges {
+            let sql = format!(
+                "DELETE FROM {} WHERE {} >= ? AND {} < ?",
+                quote(&def.name),
+                quote(def.window_name()),
+                quote(def.window_name())
+            );
+            deleted += sqlx::query(AssertSqlSafe(sql))
+                .bind(lo)
+                .bind(hi)
+                .execute(&mut *tx)
+                .await
+                .map_err(db("delete windows"))?
+                .rows_affected();
+        }
+        self.merge_outputs(&mut tx, outputs).await?;
+        tx.commit().await.map_err(db("commit"))?;
+        Ok(deleted)
     }
 
     /// The time up to which the store is complete for `topic` (epoch ms):

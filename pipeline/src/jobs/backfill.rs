@@ -1,0 +1,91 @@
+//! `tally backfill --from T1 --to T2`: recompute the rollup windows inside
+//! `[T1, T2)` from the raw archive and replace them in the serving store.
+//!
+//! Safe while `tally run` is live (see ARCHITECTURE.md, "Backfill"):
+//! 1. snapshot S = the committed raw files for the range, and recompute R(S)
+//!    without holding any lock;
+//! 2. `BEGIN IMMEDIATE` (the live writer now waits), list the committed files
+//!    again, F ⊇ S; recompute R(F \ S), the batches committed meanwhile;
+//! 3. in that transaction delete the windows, write R(S) and merge R(F \ S),
+//!    then commit. Readers see the old windows or the new ones.
+//!
+//! The result equals one pass over every committed event in the windows,
+//! because rollups merge. A second run changes nothing.
+
+use crate::aggregate::{RollupDef, RollupOutput, SqlCatalog};
+use crate::config::Settings;
+use crate::decode::EventSchema;
+use crate::sink::ServingStore;
+
+use super::verify::{files_in, recompute, window_ranges};
+
+#[derive(Debug, Default)]
+pub struct BackfillReport {
+    pub files: usize,
+    pub files_committed_meanwhile: usize,
+    pub rows_deleted: u64,
+    pub rows_written: u64,
+    /// (rollup, lo, hi)
+    pub windows: Vec<(String, i64, i64)>,
+}
+
+pub async fn backfill(
+    settings: &Settings,
+    from: i64,
+    to: i64,
+    only: Option<&str>,
+) -> Result<BackfillReport, crate::Error> {
+    let err = |m: &dyn std::fmt::Display| crate::Error::Internal(m.to_string());
+    let schema = EventSchema::from_config(&settings.schema)?;
+    let catalog = SqlCatalog::load(&settings.sql.rollups_dir, schema.arrow.clone(), &settings.schema.time_field).await?;
+    let defs: Vec<RollupDef> = catalog.rollups.iter().filter(|d| only.is_none_or(|n| n == d.name)).cloned().collect();
+    if defs.is_empty() {
+        return Err(err(&format!("--rollup {}: no such rollup in {}", only.unwrap_or(""), settings.sql.rollups_dir.display())));
+    }
+    let ranges: Vec<(i64, i64)> = window_ranges(&defs, from, to);
+    let (lo, hi) = (
+        ranges.iter().map(|r| r.0).min().unwrap_or(from),
+        ranges.iter().map(|r| r.1).max().unwrap_or(to),
+    );
+    let store = ServingStore::open_with(&settings.serving_url(), &catalog.rollups, settings.serving.window_index).await?;
+
+    // 1. Snapshot and recompute, no lock held.
+    let snapshot = {
+        let mut conn = store.pool().acquire().await.map_err(|e| err(&e))?;
+        files_in(ServingStore::raw_files(&mut conn).await?, lo, hi)
+    };
+    tracing::info!(files = snapshot.len(), "backfill: recomputing from the raw archive");
+    let base = recompute(settings, &schema, &defs, &ranges, &snapshot).await?;
+
+    // 2. Lock, catch up with batches committed meanwhile.
+    let mut tx = store.begin_replace().await?;
+    let now = files_in(ServingStore::raw_files(&mut tx).await?, lo, hi);
+    let known: std::collections::HashSet<&String> = snapshot.iter().collect();
+    let delta_files: Vec<String> = now.iter().filter(|f| !known.contains(f)).cloned().collect();
+    let delta = if delta_files.is_empty() {
+        Vec::new()
+    } else {
+        recompute(settings, &schema, &defs, &ranges, &delta_files).await?
+    };
+
+    // 3. Replace, in the same transaction.
+    let mut outputs: Vec<RollupOutput> = Vec::new();
+    let mut rows_written = 0;
+    for (i, def) in defs.iter().enumerate() {
+        for part in [base.get(i), delta.get(i)].into_iter().flatten() {
+            rows_written += part.iter().map(|b| b.num_rows() as u64).sum::<u64>();
+            outputs.push(RollupOutput { rollup: def.name.clone(), batches: part.clone() });
+        }
+    }
+    let replace: Vec<(RollupDef, i64, i64)> =
+        defs.iter().zip(&ranges).filter(|(_, r)| r.0 < r.1).map(|(d, r)| (d.clone(), r.0, r.1)).collect();
+    let rows_deleted = store.replace_windows(tx, &replace, &outputs).await?;
+    store.close().await;
+    Ok(BackfillReport {
+        files: snapshot.len(),
+        files_committed_meanwhile: delta_files.len(),
+        rows_deleted,
+        rows_written,
+        windows: replace.iter().map(|(d, a, b)| (d.name.clone(), *a, *b)).collect(),
+    })
+}
