@@ -1,5 +1,6 @@
 //! One integration binary for every black-box test.
 mod api;
+mod backfill;
 mod cli;
 mod crash;
 mod e2e;
