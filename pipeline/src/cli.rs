@@ -186,8 +186,10 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .await
                 .context("tally run cannot start the HTTP API")?;
             let server = tokio::spawn(crate::serve::bind(api, stop.wait()).await.context("tally run cannot start the HTTP API")?);
+            let checker = tokio::spawn(crate::jobs::verify::run_periodically(stages.settings.clone(), metrics.clone(), stop.wait()));
             let result = crate::pipeline::run(stages, metrics, stop.wait()).await;
             stop.trigger();
+            let _ = checker.await;
             let served = server.await;
             result.context("tally run failed")?;
             served.context("the HTTP API task failed")?.context("the HTTP API failed")?;

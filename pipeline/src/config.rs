@@ -89,6 +89,19 @@ pub struct Settings {
     pub storage: StorageConfig,
     pub serving: ServingConfig,
     pub api: ApiConfig,
+    pub verify: VerifyConfig,
+}
+
+/// `tally run`'s periodic self-check against the raw archive.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct VerifyConfig {
+    /// How often; 0 disables.
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    /// How far back from the current hour's start the checked windows reach.
+    #[serde(with = "humantime_serde")]
+    pub lookback: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -428,7 +441,7 @@ impl Settings {
             }
         }
         out.push_str(&format!(
-            "\n[sql]\nrollups_dir = {:?}\n\n[storage]\ndata_dir = {:?}\nzstd_level = {}\n\n[serving]\nurl = {:?}\nwindow_index = {}\n\n[api]\nlisten = {:?}\nrollups = {:?}\nmax_range = {:?}\nmax_series_points = {}\nmax_body = {}\nrequest_timeout = {:?}\nmax_concurrency = {}\nmax_connections = {}\nread_tokens = \"{} configured (masked)\"\nwrite_tokens = \"{} configured (masked)\"\n",
+            "\n[sql]\nrollups_dir = {:?}\n\n[storage]\ndata_dir = {:?}\nzstd_level = {}\n\n[serving]\nurl = {:?}\nwindow_index = {}\n\n[api]\nlisten = {:?}\nrollups = {:?}\nmax_range = {:?}\nmax_series_points = {}\nmax_body = {}\nrequest_timeout = {:?}\nmax_concurrency = {}\nmax_connections = {}\nread_tokens = \"{} configured (masked)\"\nwrite_tokens = \"{} configured (masked)\"\n\n[verify]\ninterval = {:?}\nlookback = {:?}\n",
             self.sql.rollups_dir.display().to_string(),
             self.storage.data_dir.display().to_string(),
             self.storage.zstd_level,
@@ -444,6 +457,8 @@ impl Settings {
             self.api.max_connections,
             self.api.read_tokens.0.len(),
             self.api.write_tokens.0.len(),
+            humantime::format_duration(self.verify.interval).to_string(),
+            humantime::format_duration(self.verify.lookback).to_string(),
         ));
         out
     }

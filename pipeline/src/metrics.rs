@@ -82,6 +82,9 @@ pub struct Metrics {
     pub rollup_rows_merged: AtomicU64,
     pub api_events_produced: AtomicU64,
     pub api_events_invalid: AtomicU64,
+    pub verify_runs: AtomicU64,
+    /// Rows that differed in the last periodic verify (-1: none run yet).
+    pub verify_drift_rows: AtomicI64,
     /// Newest event time committed by this process (epoch ms; 0: none yet).
     pub newest_committed_event_ms: AtomicI64,
     consumer_lag: Mutex<BTreeMap<i32, i64>>,
@@ -112,6 +115,8 @@ impl Metrics {
             api_events_produced: AtomicU64::new(0),
             api_events_invalid: AtomicU64::new(0),
             newest_committed_event_ms: AtomicI64::new(0),
+            verify_runs: AtomicU64::new(0),
+            verify_drift_rows: AtomicI64::new(-1),
             consumer_lag: Mutex::new(BTreeMap::new()),
             http: Mutex::new(BTreeMap::new()),
             http_duration: Mutex::new(BTreeMap::new()),
@@ -205,6 +210,11 @@ impl Metrics {
             for (p, lag) in m.iter() {
                 let _ = writeln!(o, "tally_consumer_lag_messages{{partition=\"{p}\"}} {lag}");
             }
+        }
+        counter(o, "tally_verify_runs_total", "Periodic verify runs (serving rollups vs the raw archive).", load(&self.verify_runs));
+        let drift = self.verify_drift_rows.load(Ordering::Relaxed);
+        if drift >= 0 {
+            gauge(o, "tally_verify_drift_rows", "Rollup rows that differed from the raw archive in the last periodic verify.", drift as f64);
         }
         let newest = self.newest_committed_event_ms.load(Ordering::Relaxed);
         if newest > 0 {

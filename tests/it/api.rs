@@ -94,6 +94,7 @@ async fn events_posted_over_http_are_answered_exactly() {
     let mut env = TallyEnv::new(&broker.bootstrap(), &topic, &unique("g"), &data);
     env.set("TALLY__API__READ_TOKENS", READ);
     env.set("TALLY__API__WRITE_TOKENS", WRITE);
+    env.set("TALLY__VERIFY__INTERVAL", "1s");
     let api = env.api;
     let mut tally = Tally::start(&env);
     wait_http_ok(api, "/readyz", Duration::from_secs(60));
@@ -170,6 +171,8 @@ async fn events_posted_over_http_are_answered_exactly() {
     assert!(metric(&m, "tally_http_requests_total{route=\"/v1/events\",status=\"202\"}") >= 1.0);
     assert!(metric(&m, "tally_event_time_lag_seconds") < 60.0);
     assert!(!m.contains(busiest.as_str()), "no video id in any label");
+    assert!(metric(&m, "tally_verify_runs_total") >= 1.0, "periodic verify ran");
+    assert_eq!(metric(&m, "tally_verify_drift_rows"), 0.0, "no drift while live");
     assert!(tally.stop().success(), "clean exit on SIGTERM");
 
     // `tally serve` answers the same from the same file (read replica), and

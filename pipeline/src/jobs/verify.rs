@@ -219,6 +219,43 @@ pub async fn verify(settings: &Settings, from: i64, to: i64, only: Option<&str>)
     Ok(report)
 }
 
+/// `tally run`'s self-check: every `verify.interval`, verify the closed
+/// windows in `[current hour - verify.lookback, current hour)` and export the
+/// number of differing rows as `tally_verify_drift_rows`.
+pub async fn run_periodically(
+    settings: Settings,
+    metrics: Arc<crate::metrics::Metrics>,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    use std::sync::atomic::Ordering;
+    let interval = settings.verify.interval;
+    if interval.is_zero() {
+        return;
+    }
+    let lookback = i64::try_from(settings.verify.lookback.as_millis()).unwrap_or(i64::MAX);
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = &mut shutdown => return,
+        }
+        let now = chrono::Utc::now().timestamp_millis();
+        let hi = now - now.rem_euclid(3_600_000);
+        match verify(&settings, hi.saturating_sub(lookback), hi, None).await {
+            Ok(r) => {
+                metrics.verify_runs.fetch_add(1, Ordering::Relaxed);
+                metrics.verify_drift_rows.store(r.drift.len() as i64, Ordering::Relaxed);
+                if r.drift.is_empty() {
+                    tracing::debug!(files = r.files, "periodic verify: no drift");
+                } else {
+                    tracing::error!(rows = r.drift.len(), first = ?r.drift.first(), "periodic verify: serving rollups differ from the raw archive; run tally backfill over the range");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "periodic verify failed"),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
