@@ -43,6 +43,9 @@ pub enum Command {
     /// Recompute the rollup windows inside [--from, --to) from the raw archive
     /// and replace them in the serving store (safe while `tally run` is live).
     Backfill(BackfillArgs),
+    /// Write the closed rollup windows of the whole UTC days in [--from, --to)
+    /// to Parquet under <data_dir>/rollups/<rollup>/dt=YYYY-MM-DD/ for analysts.
+    Export(VerifyArgs),
     /// Open-loop latency benchmark of /v1/count and /v1/stats (30-day ranges)
     /// against a running tally.
     BenchApi(BenchApiArgs),
@@ -223,6 +226,19 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 "{} raw files read (+{} committed during the backfill); {} rows deleted, {} rows written",
                 r.files, r.files_committed_meanwhile, r.rows_deleted, r.rows_written
             );
+            Ok(ExitCode::SUCCESS)
+        }),
+        Command::Export(a) => rt.block_on(async {
+            if a.from >= a.to {
+                anyhow::bail!("--from must be before --to");
+            }
+            let r = crate::jobs::export::export(&settings, a.from, a.to, a.rollup.as_deref())
+                .await
+                .context("tally export failed")?;
+            for (path, rows) in &r.files {
+                println!("{path}: {rows} rows");
+            }
+            println!("{} files written under {}", r.files.len(), settings.storage.data_dir.display());
             Ok(ExitCode::SUCCESS)
         }),
         Command::BenchApi(a) => rt.block_on(async {

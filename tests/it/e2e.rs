@@ -164,4 +164,25 @@ async fn pipeline_counts_exactly_with_malformed_and_late_events() {
     let (code, out) = verify();
     assert_eq!(code, Some(0), "{out}");
     verify_outputs(&data, &topic, &messages).await;
+
+    // Export closed minute windows to Parquet; analysts read them with DataFusion.
+    let before_export = chrono::Utc::now().timestamp_millis();
+    let (code, out) = job(&["export", "--rollup", "minute_video_events"]);
+    assert_eq!(code, Some(0), "{out}");
+    let exported = datafusion_rows(&[
+        format!(
+            "CREATE EXTERNAL TABLE r STORED AS PARQUET LOCATION '{}/rollups/minute_video_events/'",
+            data.display()
+        ),
+        "SELECT video_id, event_type, CAST(window_start AS BIGINT), events, dt FROM r".into(),
+    ])
+    .await;
+    let serving = serving_rollup(&db, "minute_video_events").await;
+    let closed = serving.keys().filter(|k| k.2 + 60_000 <= before_export).count();
+    assert!(exported.len() >= closed && closed > 0, "{} exported, {closed} closed", exported.len());
+    for r in &exported {
+        let key = (r[0].clone(), r[1].clone(), r[2].parse::<i64>().unwrap());
+        assert_eq!(serving.get(&key).map(|v| v.0.to_string()), Some(r[3].clone()), "{key:?}");
+        assert_eq!(r[4], rfc3339(key.2)[..10], "dt is the window's UTC day");
+    }
 }

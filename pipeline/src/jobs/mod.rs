@@ -2,6 +2,7 @@
 
 pub mod backfill;
 pub mod bench_api;
+pub mod export;
 pub mod produce;
 pub mod topic;
 pub mod verify;

@@ -1,0 +1,123 @@
+//! `tally export --from T1 --to T2`: write the closed rollup windows (ended
+//! by now) of every whole UTC day inside `[T1, T2)` to Parquet, one file per
+//! rollup and day:
+//! `<data_dir>/rollups/<rollup>/dt=YYYY-MM-DD/<rollup>.parquet` (zstd), so
+//! analysts can query rollups with datafusion-cli. Re-exporting a day
+//! replaces its file (written under a hidden name, then renamed).
+
+use std::sync::Arc;
+
+use datafusion::arrow::array::{ArrayRef, Float64Array, Int64Array, StringArray, TimestampMillisecondArray};
+use datafusion::arrow::datatypes::{DataType, Field, Schema, TimeUnit};
+use datafusion::arrow::record_batch::RecordBatch;
+use parquet::arrow::ArrowWriter;
+use parquet::basic::{Compression, ZstdLevel};
+use parquet::file::properties::WriterProperties;
+use sqlx::{AssertSqlSafe, Row};
+
+use crate::aggregate::{ColumnKind, RollupDef, SqlCatalog};
+use crate::config::Settings;
+use crate::decode::EventSchema;
+use crate::sink::ServingStore;
+
+const DAY: i64 = 86_400_000;
+
+#[derive(Debug, Default)]
+pub struct ExportReport {
+    /// (path relative to the data directory, rows)
+    pub files: Vec<(String, usize)>,
+}
+
+fn err(m: impl std::fmt::Display) -> crate::Error {
+    crate::Error::Internal(m.to_string())
+}
+
+fn arrow_schema(def: &RollupDef) -> Arc<Schema> {
+    Arc::new(Schema::new(
+        def.columns
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let dt = match c.kind {
+                    _ if i == def.window_column || c.timestamp => DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into())),
+                    ColumnKind::Text => DataType::Utf8,
+                    ColumnKind::Int => DataType::Int64,
+                    ColumnKind::Real => DataType::Float64,
+                };
+                Field::new(&c.name, dt, c.merge.is_some())
+            })
+            .collect::<Vec<_>>(),
+    ))
+}
+
+pub async fn export(settings: &Settings, from: i64, to: i64, only: Option<&str>) -> Result<ExportReport, crate::Error> {
+    let schema = EventSchema::from_config(&settings.schema)?;
+    let catalog = SqlCatalog::load(&settings.sql.rollups_dir, schema.arrow.clone(), &settings.schema.time_field).await?;
+    let store = ServingStore::open_with(&settings.serving_url(), &catalog.rollups, settings.serving.window_index).await?;
+    let (first_day, end_day) = (from + (DAY - from.rem_euclid(DAY)) % DAY, to - to.rem_euclid(DAY));
+    // Only closed windows (ended by now); re-export a day later to pick up the rest.
+    let now = chrono::Utc::now().timestamp_millis();
+    let props = WriterProperties::builder()
+        .set_compression(Compression::ZSTD(ZstdLevel::try_new(settings.storage.zstd_level).map_err(err)?))
+        .build();
+    let mut report = ExportReport::default();
+    for def in catalog.rollups.iter().filter(|d| only.is_none_or(|n| n == d.name)) {
+        let schema = arrow_schema(def);
+        let sql = format!(
+            "SELECT * FROM \"{}\" WHERE \"{w}\" >= ? AND \"{w}\" < ? AND \"{w}\" <= ? ORDER BY \"{w}\"",
+            def.name,
+            w = def.window_name(),
+        );
+        let mut day = first_day;
+        while day < end_day {
+            let rows = sqlx::query(AssertSqlSafe(sql.as_str()))
+                .bind(day)
+                .bind(day + DAY)
+                .bind(now - def.window_ms)
+                .fetch_all(store.pool())
+                .await
+                .map_err(err)?;
+            if !rows.is_empty() {
+                let mut cols: Vec<ArrayRef> = Vec::with_capacity(def.columns.len());
+                for (i, c) in def.columns.iter().enumerate() {
+                    let col: ArrayRef = if i == def.window_column || c.timestamp {
+                        let v: Vec<Option<i64>> = rows.iter().map(|r| r.try_get(i)).collect::<Result<_, _>>().map_err(err)?;
+                        Arc::new(TimestampMillisecondArray::from(v).with_timezone("UTC"))
+                    } else {
+                        match c.kind {
+                            ColumnKind::Text => {
+                                let v: Vec<Option<String>> = rows.iter().map(|r| r.try_get(i)).collect::<Result<_, _>>().map_err(err)?;
+                                Arc::new(StringArray::from(v))
+                            }
+                            ColumnKind::Int => {
+                                let v: Vec<Option<i64>> = rows.iter().map(|r| r.try_get(i)).collect::<Result<_, _>>().map_err(err)?;
+                                Arc::new(Int64Array::from(v))
+                            }
+                            ColumnKind::Real => {
+                                let v: Vec<Option<f64>> = rows.iter().map(|r| r.try_get(i)).collect::<Result<_, _>>().map_err(err)?;
+                                Arc::new(Float64Array::from(v))
+                            }
+                        }
+                    };
+                    cols.push(col);
+                }
+                let batch = RecordBatch::try_new(schema.clone(), cols).map_err(err)?;
+                let dt = chrono::DateTime::from_timestamp_millis(day).map(|t| t.format("%Y-%m-%d").to_string()).unwrap_or_default();
+                let rel = format!("rollups/{}/dt={dt}/{}.parquet", def.name, def.name);
+                let path = settings.storage.data_dir.join(&rel);
+                let dir = path.parent().ok_or_else(|| err("bad export path"))?;
+                std::fs::create_dir_all(dir).map_err(err)?;
+                let tmp = dir.join(format!(".{}.parquet.inprogress", def.name));
+                let file = std::fs::File::create(&tmp).map_err(err)?;
+                let mut w = ArrowWriter::try_new(file, schema.clone(), Some(props.clone())).map_err(err)?;
+                w.write(&batch).map_err(err)?;
+                w.close().map_err(err)?;
+                std::fs::rename(&tmp, &path).map_err(err)?;
+                report.files.push((rel, batch.num_rows()));
+            }
+            day += DAY;
+        }
+    }
+    store.close().await;
+    Ok(report)
+}
