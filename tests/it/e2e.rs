@@ -185,4 +185,23 @@ async fn pipeline_counts_exactly_with_malformed_and_late_events() {
         assert_eq!(serving.get(&key).map(|v| v.0.to_string()), Some(r[3].clone()), "{key:?}");
         assert_eq!(r[4], rfc3339(key.2)[..10], "dt is the window's UTC day");
     }
+
+    // The README's analyst statements run as written against this data.
+    let (code, out) = job(&["export"]);
+    assert_eq!(code, Some(0), "{out}");
+    let readme = std::fs::read_to_string(workspace_root().join("README.md")).unwrap();
+    let section = readme.split("## For analysts").nth(1).unwrap().split("\n## ").next().unwrap();
+    let mut statements = Vec::new();
+    for block in section.split("```sql").skip(1) {
+        let sql = block.split("```").next().unwrap();
+        let sql: String = sql.lines().filter(|l| !l.trim_start().starts_with("--")).collect::<Vec<_>>().join("\n");
+        for s in sql.split(';').map(str::trim).filter(|s| !s.is_empty()) {
+            statements.push(s.replace("LOCATION 'data/", &format!("LOCATION '{}/", data.display())));
+        }
+    }
+    assert!(statements.len() >= 6, "{statements:?}");
+    // Each statement runs after the ones before it (fresh context; panics on any error).
+    for i in 0..statements.len() {
+        datafusion_rows(&statements[..=i]).await;
+    }
 }
