@@ -49,13 +49,14 @@ pub async fn backfill(
     );
     let store = ServingStore::open_with(&settings.serving_url(), &catalog.rollups, settings.serving.window_index).await?;
 
+    let mut progress = super::Progress::new("backfill", defs.len() as u64 + 2);
     // 1. Snapshot and recompute, no lock held.
     let snapshot = {
         let mut conn = store.pool().acquire().await.map_err(|e| err(&e))?;
         files_in(ServingStore::raw_files(&mut conn).await?, lo, hi)
     };
-    tracing::info!(files = snapshot.len(), "backfill: recomputing from the raw archive");
-    let base = recompute(settings, &schema, &defs, &ranges, &snapshot).await?;
+    progress.step(&format!("{} committed raw files to read", snapshot.len()));
+    let base = recompute(settings, &schema, &defs, &ranges, &snapshot, Some(&mut progress)).await?;
 
     // 2. Lock, catch up with batches committed meanwhile.
     let mut tx = store.begin_replace().await?;
@@ -65,7 +66,7 @@ pub async fn backfill(
     let delta = if delta_files.is_empty() {
         Vec::new()
     } else {
-        recompute(settings, &schema, &defs, &ranges, &delta_files).await?
+        recompute(settings, &schema, &defs, &ranges, &delta_files, None).await?
     };
 
     // 3. Replace, in the same transaction.
@@ -80,6 +81,8 @@ pub async fn backfill(
     let replace: Vec<(RollupDef, i64, i64)> =
         defs.iter().zip(&ranges).filter(|(_, r)| r.0 < r.1).map(|(d, r)| (d.clone(), r.0, r.1)).collect();
     let rows_deleted = store.replace_windows(tx, &replace, &outputs).await?;
+    progress.step("windows replaced");
+    progress.finish();
     store.close().await;
     Ok(BackfillReport {
         files: snapshot.len(),

@@ -94,6 +94,7 @@ pub async fn recompute(
     defs: &[RollupDef],
     ranges: &[(i64, i64)],
     files: &[String],
+    mut progress: Option<&mut super::Progress>,
 ) -> Result<Vec<Vec<RecordBatch>>, crate::Error> {
     let ev_lo = ranges.iter().map(|r| r.0).min().unwrap_or(0);
     let ev_hi = ranges.iter().map(|r| r.1).max().unwrap_or(0);
@@ -124,6 +125,9 @@ pub async fn recompute(
             kept.push(filter_record_batch(&b, &mask).map_err(err)?);
         }
         out.push(kept);
+        if let Some(p) = progress.as_deref_mut() {
+            p.step(&format!("recomputed {}", def.name));
+        }
     }
     Ok(out)
 }
@@ -194,7 +198,7 @@ pub async fn verify(settings: &Settings, from: i64, to: i64, only: Option<&str>)
 
     // Recompute with the same SQL, over exactly those files.
     let owned: Vec<RollupDef> = defs.iter().map(|d| (*d).clone()).collect();
-    let recomputed = recompute(settings, &schema, &owned, &ranges, &files).await?;
+    let recomputed = recompute(settings, &schema, &owned, &ranges, &files, None).await?;
     let mut report = VerifyReport { files: files.len(), ..Default::default() };
     for (((def, (lo, hi)), have), batches) in defs.iter().zip(&ranges).zip(serving).zip(recomputed) {
         let mut want = Rows::new();
