@@ -331,6 +331,16 @@ pub fn files_under(dir: &Path) -> Vec<PathBuf> {
 /// A `tally run` child process.
 pub struct Tally {
     pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Tally {
+    /// The last lines of this process's log, for failure messages.
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
 }
 
 pub struct TallyEnv {
@@ -390,7 +400,7 @@ impl Tally {
             .stderr(log)
             .spawn()
             .expect("spawn tally");
-        Tally { child }
+        Tally { child, log: env.log.clone() }
     }
 
     pub fn kill9(&mut self) {
@@ -424,7 +434,7 @@ pub async fn wait_committed(db: &Path, topic: &str, end: &BTreeMap<i32, i64>, ti
     let deadline = Instant::now() + timeout;
     loop {
         if let Some(status) = tally.child.try_wait().unwrap() {
-            panic!("tally exited early with {status}");
+            panic!("tally exited early with {status}; log tail:\n{}", tally.log_tail());
         }
         if db.exists() {
             let got: BTreeMap<i32, i64> = serving_query_i64(db, "SELECT topic || ':' || partition, next_offset FROM tally_offsets")

@@ -184,12 +184,15 @@ impl ServingStore {
             .connect_with(opts)
             .await
             .map_err(|e| open_err(e.to_string()))?;
+        // Schema setup in one write transaction: `tally run`, `tally backfill`
+        // and `tally serve` may open a new store at the same moment.
+        let mut tx = pool.begin_with("BEGIN IMMEDIATE").await.map_err(db("begin schema setup"))?;
         for stmt in BOOKKEEPING {
-            sqlx::query(*stmt).execute(&pool).await.map_err(db("create bookkeeping tables"))?;
+            sqlx::query(*stmt).execute(&mut *tx).await.map_err(db("create bookkeeping tables"))?;
         }
         // Stores created before `as_of` existed lack these columns.
         let cols: Vec<String> = sqlx::query("SELECT name FROM pragma_table_info('tally_offsets')")
-            .fetch_all(&pool)
+            .fetch_all(&mut *tx)
             .await
             .map_err(db("inspect tally_offsets"))?
             .iter()
@@ -198,16 +201,17 @@ impl ServingStore {
         for col in ["max_event_ms", "caught_up_ms"] {
             if !cols.iter().any(|c| c == col) {
                 sqlx::query(AssertSqlSafe(format!("ALTER TABLE tally_offsets ADD COLUMN {col} INTEGER")))
-                    .execute(&pool)
+                    .execute(&mut *tx)
                     .await
                     .map_err(db("upgrade tally_offsets"))?;
             }
         }
         let mut tables = Vec::new();
         for def in rollups {
-            ensure_table(&pool, def, window_index).await?;
+            ensure_table(&mut tx, def, window_index).await?;
             tables.push(TableSpec::new(def));
         }
+        tx.commit().await.map_err(db("commit schema setup"))?;
         Ok(ServingStore { pool, url: url.to_string(), tables })
     }
 
@@ -465,7 +469,11 @@ pub async fn as_of(pool: &SqlitePool, topic: &str) -> Result<Option<i64>, SinkEr
     Ok(out)
 }
 
-async fn ensure_table(pool: &SqlitePool, def: &RollupDef, window_index: bool) -> Result<(), SinkError> {
+async fn ensure_table(
+    conn: &mut sqlx::SqliteConnection,
+    def: &RollupDef,
+    window_index: bool,
+) -> Result<(), SinkError> {
     // Optional: makes range scans by window (API top-K) index ranges, at
     // roughly a third more ingest CPU (one more B-tree write per upsert).
     let index_name = quote(&format!("{}__by_window", def.name));
@@ -475,7 +483,7 @@ async fn ensure_table(pool: &SqlitePool, def: &RollupDef, window_index: bool) ->
         format!("DROP INDEX IF EXISTS {index_name}")
     };
     let info = sqlx::query(AssertSqlSafe(format!("PRAGMA table_info({})", quote(&def.name))))
-        .fetch_all(pool)
+        .fetch_all(&mut *conn)
         .await
         .map_err(db("inspect rollup table"))?;
     let wanted: Vec<(String, String)> = def
@@ -495,8 +503,8 @@ async fn ensure_table(pool: &SqlitePool, def: &RollupDef, window_index: bool) ->
         let keys: Vec<String> = def.keys().iter().map(|c| quote(&c.name)).collect();
         cols.push(format!("PRIMARY KEY ({})", keys.join(", ")));
         let ddl = format!("CREATE TABLE {} (\n  {}\n) WITHOUT ROWID", quote(&def.name), cols.join(",\n  "));
-        sqlx::query(AssertSqlSafe(ddl)).execute(pool).await.map_err(db("create rollup table"))?;
-        sqlx::query(AssertSqlSafe(index)).execute(pool).await.map_err(db("create or drop the rollup window index"))?;
+        sqlx::query(AssertSqlSafe(ddl)).execute(&mut *conn).await.map_err(db("create rollup table"))?;
+        sqlx::query(AssertSqlSafe(index)).execute(&mut *conn).await.map_err(db("create or drop the rollup window index"))?;
         return Ok(());
     }
     let have: Vec<(String, String)> = info
@@ -520,6 +528,6 @@ async fn ensure_table(pool: &SqlitePool, def: &RollupDef, window_index: bool) ->
             ),
         });
     }
-    sqlx::query(AssertSqlSafe(index)).execute(pool).await.map_err(db("create or drop the rollup window index"))?;
+    sqlx::query(AssertSqlSafe(index)).execute(&mut *conn).await.map_err(db("create or drop the rollup window index"))?;
     Ok(())
 }
