@@ -7,7 +7,7 @@ TANSU_VERSION := 0.6.0
 BROKER_PORT ?= 9092
 export TANSU_BIN := $(TANSU)
 
-.PHONY: all build release tansu broker topic run test unit check-sql lint bench bench-api clean
+.PHONY: all build release tansu broker topic run test unit check-sql lint bench bench-api report-demo clean
 
 all: build
 
@@ -54,6 +54,11 @@ bench: $(TANSU) release
 ## bench-api: open-loop latency of /v1/count and /v1/stats, idle and under ingest.
 bench-api: $(TANSU) release
 	TANSU=$(TANSU) scripts/bench-api.sh
+
+## report-demo: events for the sample dims through a local broker and `tally run`, then the
+## monthly report as HTML, CSV and Markdown in bench-out/report/ (REPORT_SCREENSHOT=x.png: Chromium).
+report-demo: $(TANSU) release
+	TANSU=$(TANSU) scripts/report-demo.sh
 
 clean:
 	$(CARGO) clean

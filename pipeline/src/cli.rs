@@ -46,6 +46,12 @@ pub enum Command {
     /// Write the closed rollup windows of the whole UTC days in [--from, --to)
     /// to Parquet under <data_dir>/rollups/<rollup>/dt=YYYY-MM-DD/ for analysts.
     Export(VerifyArgs),
+    /// Reports for marketing, computed from the hourly rollup and the
+    /// dimension tables with the SQL in sql/reports/.
+    Report {
+        #[command(subcommand)]
+        command: ReportCommand,
+    },
     /// Open-loop latency benchmark of /v1/count and /v1/stats (30-day ranges)
     /// against a running tally.
     BenchApi(BenchApiArgs),
@@ -54,6 +60,28 @@ pub enum Command {
         #[command(subcommand)]
         command: TopicCommand,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ReportCommand {
+    /// One month (UTC) against the month before: totals by event type, daily
+    /// trend, top videos and channels, month-over-month change.
+    Monthly(MonthlyArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct MonthlyArgs {
+    /// The month, YYYY-MM (default: the last whole month).
+    #[arg(long, value_parser = crate::jobs::report::Month::parse)]
+    pub month: Option<crate::jobs::report::Month>,
+    /// html: one self-contained file with SVG charts; csv: one file per table
+    /// in the --out directory; md: one Markdown file.
+    #[arg(long, value_enum, default_value = "html")]
+    pub format: crate::jobs::report::Format,
+    /// Output file (html, md) or directory (csv); default report-YYYY-MM.html,
+    /// report-YYYY-MM.md or report-YYYY-MM/.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -95,6 +123,10 @@ pub struct ProduceArgs {
     /// Fraction of malformed messages.
     #[arg(long, default_value_t = 0.0)]
     pub malformed_fraction: f64,
+    /// Draw video ids from this dimension CSV (first column video_id), e.g.
+    /// data/dims/videos.csv, instead of vid-00000..; --videos is then ignored.
+    #[arg(long)]
+    pub dims: Option<PathBuf>,
     /// Write JSON lines to this file instead of producing to Kafka.
     #[arg(long)]
     pub file: Option<PathBuf>,
@@ -241,6 +273,24 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("{} files written under {}", r.files.len(), settings.storage.data_dir.display());
             Ok(ExitCode::SUCCESS)
         }),
+        Command::Report { command: ReportCommand::Monthly(a) } => rt.block_on(async {
+            use crate::jobs::report::{self, Format, Month};
+            let month = a.month.unwrap_or_else(|| Month::previous_to(chrono::Utc::now().timestamp_millis()));
+            let out = a.out.unwrap_or_else(|| {
+                PathBuf::from(match a.format {
+                    Format::Html => format!("report-{month}.html"),
+                    Format::Md => format!("report-{month}.md"),
+                    Format::Csv => format!("report-{month}"),
+                })
+            });
+            let r = report::monthly(&settings, month).await.context("tally report monthly failed")?;
+            let files = report::write(&r, a.format, &out).context("tally report monthly failed")?;
+            for f in &files {
+                println!("{}", f.display());
+            }
+            eprintln!("report for {month}: {} tables, {} files", r.tables.len(), files.len());
+            Ok(ExitCode::SUCCESS)
+        }),
         Command::BenchApi(a) => rt.block_on(async {
             use crate::jobs::bench_api;
             let spec = bench_api::BenchApiSpec {
@@ -338,6 +388,10 @@ fn produce(settings: &Settings, a: ProduceArgs) -> anyhow::Result<ExitCode> {
         time_spread: a.time_spread,
         late_fraction: a.late_fraction,
         malformed_fraction: a.malformed_fraction,
+        video_ids: match &a.dims {
+            Some(path) => Some(crate::jobs::produce::video_ids_from_csv(path).context("--dims")?),
+            None => None,
+        },
     };
     let start = std::time::Instant::now();
     let n = match &a.file {

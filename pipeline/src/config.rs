@@ -90,6 +90,19 @@ pub struct Settings {
     pub serving: ServingConfig,
     pub api: ApiConfig,
     pub verify: VerifyConfig,
+    pub report: ReportConfig,
+}
+
+/// `tally report monthly`: report SQL, dimension tables and the rollup they read.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ReportConfig {
+    /// Directory of report queries, one SELECT per file, run in file-name order.
+    pub sql_dir: PathBuf,
+    /// Directory holding videos.csv and channels.csv.
+    pub dims_dir: PathBuf,
+    /// The hourly rollup the report SQL reads (registered under its own name).
+    pub rollup: String,
 }
 
 /// `tally run`'s periodic self-check against the raw archive.

@@ -38,5 +38,7 @@ pub mod pipeline;
 pub mod serve;
 pub mod sink;
 pub mod source;
+#[cfg(test)]
+pub(crate) mod testing;
 
 pub use error::{Error, ErrorKind, Result, RetryHint};

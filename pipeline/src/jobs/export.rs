@@ -32,7 +32,7 @@ fn err(m: impl std::fmt::Display) -> crate::Error {
     crate::Error::Internal(m.to_string())
 }
 
-fn arrow_schema(def: &RollupDef) -> Arc<Schema> {
+pub(crate) fn arrow_schema(def: &RollupDef) -> Arc<Schema> {
     Arc::new(Schema::new(
         def.columns
             .iter()
@@ -70,38 +70,7 @@ pub async fn export(settings: &Settings, from: i64, to: i64, only: Option<&str>)
         );
         let mut day = first_day;
         while day < end_day {
-            let rows = sqlx::query(AssertSqlSafe(sql.as_str()))
-                .bind(day)
-                .bind(day + DAY)
-                .bind(now - def.window_ms)
-                .fetch_all(store.pool())
-                .await
-                .map_err(err)?;
-            if !rows.is_empty() {
-                let mut cols: Vec<ArrayRef> = Vec::with_capacity(def.columns.len());
-                for (i, c) in def.columns.iter().enumerate() {
-                    let col: ArrayRef = if i == def.window_column || c.timestamp {
-                        let v: Vec<Option<i64>> = rows.iter().map(|r| r.try_get(i)).collect::<Result<_, _>>().map_err(err)?;
-                        Arc::new(TimestampMillisecondArray::from(v).with_timezone("UTC"))
-                    } else {
-                        match c.kind {
-                            ColumnKind::Text => {
-                                let v: Vec<Option<String>> = rows.iter().map(|r| r.try_get(i)).collect::<Result<_, _>>().map_err(err)?;
-                                Arc::new(StringArray::from(v))
-                            }
-                            ColumnKind::Int => {
-                                let v: Vec<Option<i64>> = rows.iter().map(|r| r.try_get(i)).collect::<Result<_, _>>().map_err(err)?;
-                                Arc::new(Int64Array::from(v))
-                            }
-                            ColumnKind::Real => {
-                                let v: Vec<Option<f64>> = rows.iter().map(|r| r.try_get(i)).collect::<Result<_, _>>().map_err(err)?;
-                                Arc::new(Float64Array::from(v))
-                            }
-                        }
-                    };
-                    cols.push(col);
-                }
-                let batch = RecordBatch::try_new(schema.clone(), cols).map_err(err)?;
+            if let Some(batch) = load_windows(&store, def, &sql, &[day, day + DAY, now - def.window_ms]).await? {
                 let dt = chrono::DateTime::from_timestamp_millis(day).map(|t| t.format("%Y-%m-%d").to_string()).unwrap_or_default();
                 let rel = format!("rollups/{}/dt={dt}/{}.parquet", def.name, def.name);
                 let path = settings.storage.data_dir.join(&rel);
@@ -120,4 +89,47 @@ pub async fn export(settings: &Settings, from: i64, to: i64, only: Option<&str>)
     }
     store.close().await;
     Ok(report)
+}
+
+/// Run `sql` (a `SELECT *` over `def`'s table with integer bind parameters)
+/// on the serving store and return the rows as one Arrow batch with
+/// [`arrow_schema`]'s types; `None` when there are no rows.
+pub(crate) async fn load_windows(
+    store: &ServingStore,
+    def: &RollupDef,
+    sql: &str,
+    binds: &[i64],
+) -> Result<Option<RecordBatch>, crate::Error> {
+    let mut q = sqlx::query(AssertSqlSafe(sql));
+    for b in binds {
+        q = q.bind(*b);
+    }
+    let rows = q.fetch_all(store.pool()).await.map_err(err)?;
+    if rows.is_empty() {
+        return Ok(None);
+    }
+    let mut cols: Vec<ArrayRef> = Vec::with_capacity(def.columns.len());
+    for (i, c) in def.columns.iter().enumerate() {
+        let col: ArrayRef = if i == def.window_column || c.timestamp {
+            let v: Vec<Option<i64>> = rows.iter().map(|r| r.try_get(i)).collect::<Result<_, _>>().map_err(err)?;
+            Arc::new(TimestampMillisecondArray::from(v).with_timezone("UTC"))
+        } else {
+            match c.kind {
+                ColumnKind::Text => {
+                    let v: Vec<Option<String>> = rows.iter().map(|r| r.try_get(i)).collect::<Result<_, _>>().map_err(err)?;
+                    Arc::new(StringArray::from(v))
+                }
+                ColumnKind::Int => {
+                    let v: Vec<Option<i64>> = rows.iter().map(|r| r.try_get(i)).collect::<Result<_, _>>().map_err(err)?;
+                    Arc::new(Int64Array::from(v))
+                }
+                ColumnKind::Real => {
+                    let v: Vec<Option<f64>> = rows.iter().map(|r| r.try_get(i)).collect::<Result<_, _>>().map_err(err)?;
+                    Arc::new(Float64Array::from(v))
+                }
+            }
+        };
+        cols.push(col);
+    }
+    Ok(Some(RecordBatch::try_new(arrow_schema(def), cols).map_err(err)?))
 }

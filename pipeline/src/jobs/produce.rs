@@ -25,6 +25,31 @@ pub struct ProduceSpec {
     pub late_fraction: f64,
     /// Fraction of malformed messages (rejected to the dead-letter dataset).
     pub malformed_fraction: f64,
+    /// Video ids to draw from (rank order = popularity order), e.g. from
+    /// `data/dims/videos.csv`; `None` makes `vid-00000` .. `vid-{videos-1}`.
+    pub video_ids: Option<Vec<String>>,
+}
+
+/// The `video_id` column (the first) of a dimension CSV with a header row.
+pub fn video_ids_from_csv(path: &std::path::Path) -> std::io::Result<Vec<String>> {
+    let text = std::fs::read_to_string(path)?;
+    let mut lines = text.lines();
+    let header = lines.next().unwrap_or_default();
+    if header.split(',').next().map(str::trim) != Some("video_id") {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("{}: the first column must be video_id (found header {header:?})", path.display()),
+        ));
+    }
+    let ids: Vec<String> = lines
+        .filter_map(|l| l.split(',').next())
+        .map(|id| id.trim().trim_matches('"').to_string())
+        .filter(|id| !id.is_empty())
+        .collect();
+    if ids.is_empty() {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{}: no video ids", path.display())));
+    }
+    Ok(ids)
 }
 
 /// A Zipf sampler over ranks `0..n` (rank 0 most popular).
@@ -64,14 +89,19 @@ pub struct Generator {
 
 impl Generator {
     pub fn new(spec: ProduceSpec) -> Generator {
-        let zipf = Zipf::new(spec.videos, spec.zipf_exponent);
+        let n = spec.video_ids.as_ref().map_or(spec.videos, |v| v.len() as u64);
+        let zipf = Zipf::new(n, spec.zipf_exponent);
         Generator { rng: StdRng::seed_from_u64(spec.seed), zipf, spec, n: 0 }
     }
 
     /// The next payload and the partitioning key (the video id).
     pub fn next_event(&mut self, now_ms: i64) -> (String, Vec<u8>) {
         self.n += 1;
-        let video = format!("vid-{:05}", self.zipf.sample(&mut self.rng));
+        let rank = self.zipf.sample(&mut self.rng);
+        let video = match &self.spec.video_ids {
+            Some(ids) => ids.get(rank as usize).cloned().unwrap_or_default(),
+            None => format!("vid-{rank:05}"),
+        };
         if self.rng.random_bool(self.spec.malformed_fraction.clamp(0.0, 1.0)) {
             let bad = match self.rng.random_range(0..5) {
                 0 => "this is not json".to_string(),
@@ -194,7 +224,25 @@ mod tests {
             time_spread: Duration::from_secs(10),
             late_fraction: 0.0,
             malformed_fraction: 0.0,
+            video_ids: None,
         }
+    }
+
+    #[test]
+    fn dims_csv_gives_the_video_ids() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../data/dims/videos.csv");
+        let ids = video_ids_from_csv(&root).unwrap();
+        assert_eq!(ids.len(), 500);
+        assert_eq!(ids[0], "vid-00000");
+        let mut g = Generator::new(ProduceSpec { video_ids: Some(ids.clone()), ..spec() });
+        for _ in 0..200 {
+            let (key, _) = g.next_event(1);
+            assert!(ids.contains(&key), "{key}");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let bad = dir.path().join("v.csv");
+        std::fs::write(&bad, "title,video_id\nx,y\n").unwrap();
+        assert!(video_ids_from_csv(&bad).unwrap_err().to_string().contains("first column must be video_id"));
     }
 
     #[test]

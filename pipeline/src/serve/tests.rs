@@ -15,12 +15,7 @@ use tower::ServiceExt;
 
 use super::http::{fmt_time, router};
 use super::ApiState;
-use crate::aggregate::{RollupAggregator, SqlCatalog};
-use crate::batch::PartitionRange;
-use crate::config::Settings;
-use crate::decode::{EventSchema, RecordDecoder};
 use crate::metrics::Metrics;
-use crate::sink::{CommitRequest, ServingStore};
 
 const M: i64 = 60_000;
 const H: i64 = 60 * M;
@@ -47,22 +42,7 @@ struct Fixture {
 
 async fn fixture(extra_env: &[(&str, &str)]) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let mut env: Vec<(String, String)> = vec![
-        ("TALLY__STORAGE__DATA_DIR".into(), dir.path().display().to_string()),
-        ("TALLY__SQL__ROLLUPS_DIR".into(), root.join("sql/rollups").display().to_string()),
-        ("TALLY__DECODE__MAX_EVENT_AGE".into(), "30days".into()),
-    ];
-    env.extend(extra_env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
-    let settings = Settings::load(None, env).unwrap();
-    let schema = EventSchema::from_config(&settings.schema).unwrap();
-    let catalog = SqlCatalog::load(&settings.sql.rollups_dir, schema.arrow.clone(), &settings.schema.time_field)
-        .await
-        .unwrap();
-    let store = ServingStore::open(&settings.serving_url(), &catalog.rollups).await.unwrap();
-    let mut agg = RollupAggregator::new(&catalog, schema.arrow.clone()).await.unwrap();
-    let decoder = RecordDecoder::new(schema.clone(), &settings.decode);
-
+    let settings = crate::testing::settings(dir.path(), extra_env);
     // Three days before NOW, Zipf-ish videos, values on views only.
     let mut rng = StdRng::seed_from_u64(7);
     let kinds = ["view", "like", "share"];
@@ -79,40 +59,15 @@ async fn fixture(extra_env: &[(&str, &str)]) -> Fixture {
             }
         })
         .collect();
-    let mut cols = schema.new_columns(events.len());
-    for e in &events {
-        let value = e.value.map(|v| format!(r#","value":{v}"#)).unwrap_or_default();
-        let json = format!(r#"{{"video_id":"{}","event_type":"{}","event_time":{}{value}}}"#, e.video, e.kind, e.t);
-        decoder.decode(Some(json.as_bytes()), NOW, &mut cols).unwrap();
-    }
-    let batch = cols.finish().unwrap();
-    // Commit in two batches, so merging is exercised too.
-    let (first, second) = (batch.slice(0, 2500), batch.slice(2500, batch.num_rows() - 2500));
-    let mut expected_start = None;
-    for (i, part) in [first, second].into_iter().enumerate() {
-        let outputs = agg.aggregate(std::slice::from_ref(&part)).await.unwrap();
-        let first_off = if i == 0 { 0 } else { 2500 };
-        let partitions: BTreeMap<i32, PartitionRange> = [(
-            0,
-            PartitionRange { expected_start, first: first_off, last: first_off + part.num_rows() as i64 - 1 },
-        )]
-        .into_iter()
+    let payloads: Vec<String> = events
+        .iter()
+        .map(|e| {
+            let value = e.value.map(|v| format!(r#","value":{v}"#)).unwrap_or_default();
+            format!(r#"{{"video_id":"{}","event_type":"{}","event_time":{}{value}}}"#, e.video, e.kind, e.t)
+        })
         .collect();
-        let max_event_ms = [(0, NOW - 1000)].into_iter().collect();
-        let req = CommitRequest {
-            topic: &settings.kafka.topic,
-            partitions: &partitions,
-            outputs: &outputs,
-            files: &[],
-            counters: &[],
-            max_event_ms: &max_event_ms,
-            caught_up: &BTreeMap::new(),
-            sealed_at_ms: NOW,
-            now_ms: NOW,
-        };
-        store.commit(&req).await.unwrap();
-        expected_start = Some(first_off + part.num_rows() as i64);
-    }
+    // Committed in two batches, so merging is exercised too.
+    let (catalog, schema) = crate::testing::seed(&settings, &payloads, NOW, 2).await;
     let state = ApiState::build(&settings, &catalog, &schema, Arc::new(Metrics::new()), false).await.unwrap();
     Fixture { _dir: dir, app: router(state.clone()), state, events }
 }

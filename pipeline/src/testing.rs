@@ -1,0 +1,70 @@
+//! Test support: seed a real serving store through the real stages
+//! (decoder -> rollup SQL -> serving commit), as `tally run` would.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+
+use crate::aggregate::{RollupAggregator, SqlCatalog};
+use crate::batch::PartitionRange;
+use crate::config::Settings;
+use crate::decode::{EventSchema, RecordDecoder};
+use crate::sink::{CommitRequest, ServingStore};
+
+/// Settings over a temporary data directory and the repository's SQL.
+pub fn settings(data_dir: &std::path::Path, extra_env: &[(&str, &str)]) -> Settings {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut env: Vec<(String, String)> = vec![
+        ("TALLY__STORAGE__DATA_DIR".into(), data_dir.display().to_string()),
+        ("TALLY__SQL__ROLLUPS_DIR".into(), root.join("sql/rollups").display().to_string()),
+        ("TALLY__REPORT__SQL_DIR".into(), root.join("sql/reports").display().to_string()),
+        ("TALLY__REPORT__DIMS_DIR".into(), root.join("data/dims").display().to_string()),
+        ("TALLY__DECODE__MAX_EVENT_AGE".into(), "30days".into()),
+    ];
+    env.retain(|(k, _)| !extra_env.iter().any(|(x, _)| x == k));
+    env.extend(extra_env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    Settings::load(None, env).unwrap()
+}
+
+/// Decode `payloads` as of `now` and commit their rollups to the serving
+/// store of `settings` in `batches` consecutive batches of partition 0.
+pub async fn seed(settings: &Settings, payloads: &[String], now: i64, batches: usize) -> (SqlCatalog, EventSchema) {
+    let schema = EventSchema::from_config(&settings.schema).unwrap();
+    let catalog = SqlCatalog::load(&settings.sql.rollups_dir, schema.arrow.clone(), &settings.schema.time_field)
+        .await
+        .unwrap();
+    let store = ServingStore::open(&settings.serving_url(), &catalog.rollups).await.unwrap();
+    let mut agg = RollupAggregator::new(&catalog, schema.arrow.clone()).await.unwrap();
+    let decoder = RecordDecoder::new(schema.clone(), &settings.decode);
+    let mut cols = schema.new_columns(payloads.len());
+    for p in payloads {
+        decoder.decode(Some(p.as_bytes()), now, &mut cols).unwrap();
+    }
+    let batch = cols.finish().unwrap();
+    let per = batch.num_rows().div_ceil(batches.max(1)).max(1);
+    let mut expected_start = None;
+    let mut offset = 0;
+    while offset < batch.num_rows() {
+        let part = batch.slice(offset, per.min(batch.num_rows() - offset));
+        let outputs = agg.aggregate(std::slice::from_ref(&part)).await.unwrap();
+        let first = offset as i64;
+        let partitions: BTreeMap<i32, PartitionRange> =
+            [(0, PartitionRange { expected_start, first, last: first + part.num_rows() as i64 - 1 })].into_iter().collect();
+        let max_event_ms = [(0, now - 1000)].into_iter().collect();
+        let req = CommitRequest {
+            topic: &settings.kafka.topic,
+            partitions: &partitions,
+            outputs: &outputs,
+            files: &[],
+            counters: &[],
+            max_event_ms: &max_event_ms,
+            caught_up: &BTreeMap::new(),
+            sealed_at_ms: now,
+            now_ms: now,
+        };
+        store.commit(&req).await.unwrap();
+        expected_start = Some(first + part.num_rows() as i64);
+        offset += part.num_rows();
+    }
+    store.close().await;
+    (catalog, schema)
+}
