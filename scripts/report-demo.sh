@@ -53,8 +53,9 @@ mkdir -p "$DEST"
 "$TALLY" --log warn report monthly --month "$MONTH" --format md --out "$DEST/report-$MONTH.md"
 "$TALLY" --log warn report monthly --month "$MONTH" --format csv --out "$DEST/report-$MONTH"
 if [ -n "${REPORT_SCREENSHOT:-}" ] && command -v chromium >/dev/null; then
+  mkdir -p "$(dirname "$REPORT_SCREENSHOT")"
   chromium --headless --no-sandbox --disable-gpu --disable-quic --no-first-run --disable-background-networking \
     --disable-component-update --disable-sync --user-data-dir="$OUT/chromium" --hide-scrollbars \
-    --window-size=1024,2400 --screenshot="$REPORT_SCREENSHOT" "file://$DEST/report-$MONTH.html" 2>/dev/null
+    --window-size=1024,${REPORT_SCREENSHOT_HEIGHT:-2000} --screenshot="$REPORT_SCREENSHOT" "file://$DEST/report-$MONTH.html" 2>/dev/null
   echo "$REPORT_SCREENSHOT"
 fi

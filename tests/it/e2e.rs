@@ -204,4 +204,45 @@ async fn pipeline_counts_exactly_with_malformed_and_late_events() {
     for i in 0..statements.len() {
         datafusion_rows(&statements[..=i]).await;
     }
+
+    // `tally report monthly` over what the pipeline committed: the month's total
+    // and the top video equal the exact computation.
+    let month = chrono::DateTime::from_timestamp_millis(now).unwrap().format("%Y-%m").to_string();
+    let start = chrono::NaiveDate::parse_from_str(&format!("{month}-01"), "%Y-%m-%d").unwrap();
+    let (m0, m1) = (
+        start.and_hms_opt(0, 0, 0).unwrap().and_utc().timestamp_millis(),
+        start.checked_add_months(chrono::Months::new(1)).unwrap().and_hms_opt(0, 0, 0).unwrap().and_utc().timestamp_millis(),
+    );
+    let mut per_video: BTreeMap<&str, i64> = BTreeMap::new();
+    for m in &messages {
+        if let Expect::Accepted { video, time_ms, .. } = &m.expect {
+            if *time_ms >= m0 && *time_ms < m1 {
+                *per_video.entry(video).or_default() += 1;
+            }
+        }
+    }
+    let out_dir = dir.path().join("report");
+    let report = |format: &str, out: &std::path::Path| {
+        let o = std::process::Command::new(tally_bin())
+            .args(["report", "monthly", "--month", &month, "--format", format, "--out"])
+            .arg(out)
+            .env("TALLY__REPORT__DIMS_DIR", workspace_root().join("data/dims"))
+            .env("TALLY__REPORT__SQL_DIR", workspace_root().join("sql/reports"))
+            .envs(env.vars.iter().cloned())
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    };
+    report("csv", &out_dir);
+    let summary = std::fs::read_to_string(out_dir.join("summary.csv")).unwrap();
+    let total: i64 = per_video.values().sum();
+    assert_eq!(summary.lines().nth(1).unwrap().split(',').next().unwrap(), total.to_string(), "{summary}");
+    let top = std::fs::read_to_string(out_dir.join("top_videos.csv")).unwrap();
+    let first: Vec<&str> = top.lines().nth(1).unwrap().split(',').collect();
+    let best = per_video.values().max().unwrap();
+    assert_eq!(first[3], best.to_string(), "{top}");
+    assert_eq!(per_video[first[0]], *best, "{top}");
+    report("html", &dir.path().join("report.html"));
+    let html = std::fs::read_to_string(dir.path().join("report.html")).unwrap();
+    assert!(html.starts_with("<!doctype html>") && html.contains("<svg"), "self-contained HTML with charts");
 }

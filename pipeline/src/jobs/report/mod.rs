@@ -8,7 +8,7 @@
 //! - `report_month`, one row: `month_start`, `month_end`, `prev_start`
 //!   (timestamps, UTC);
 //! - `report_days`, a calendar: one row (`day`, timestamp) per UTC day of
-//!   the month.
+//!   the month that has begun by the data's `as_of`.
 //!
 //! A file's header comments name its title and chart:
 //! `-- title: Top 10 videos`, `-- note: ...`,
@@ -194,7 +194,7 @@ fn ts_field(name: &str) -> Field {
 }
 
 /// Register `videos`, `channels` and `report_month` in `ctx`.
-async fn register_inputs(ctx: &SessionContext, dims: &Path, month: Month) -> Result<(), crate::Error> {
+async fn register_inputs(ctx: &SessionContext, dims: &Path, month: Month, as_of: Option<i64>) -> Result<(), crate::Error> {
     let utf8 = |n: &str| Field::new(n, DataType::Utf8, true);
     let videos = Schema::new(vec![
         utf8("video_id"),
@@ -226,7 +226,9 @@ async fn register_inputs(ctx: &SessionContext, dims: &Path, month: Month) -> Res
     let table = MemTable::try_new(schema, vec![vec![row]]).map_err(err)?;
     ctx.register_table("report_month", Arc::new(table)).map_err(err)?;
     let schema = Arc::new(Schema::new(vec![ts_field("day")]));
-    let days: Vec<i64> = (month.start_ms()..month.end_ms()).step_by(86_400_000).collect();
+    // Days not begun by `as_of` are left out: a month in progress has no future days.
+    let until = as_of.map_or(month.end_ms(), |t| t.clamp(month.start_ms() + 1, month.end_ms()));
+    let days: Vec<i64> = (month.start_ms()..until).step_by(86_400_000).collect();
     let days = RecordBatch::try_new(schema.clone(), vec![Arc::new(TimestampMillisecondArray::from(days).with_timezone("UTC"))])
         .map_err(err)?;
     let table = MemTable::try_new(schema, vec![vec![days]]).map_err(err)?;
@@ -261,7 +263,7 @@ pub async fn monthly(settings: &Settings, month: Month) -> Result<MonthlyReport,
     let rollup_schema = arrow_schema(def);
     let rollup = MemTable::try_new(rollup_schema.clone(), vec![rows.into_iter().collect()]).map_err(err)?;
     ctx.register_table(def.name.as_str(), Arc::new(rollup)).map_err(err)?;
-    register_inputs(&ctx, &settings.report.dims_dir, month).await?;
+    register_inputs(&ctx, &settings.report.dims_dir, month, as_of).await?;
     let tables = run_queries(&ctx, queries).await?;
     Ok(MonthlyReport {
         month,

@@ -127,7 +127,7 @@ fn bar_svg(t: &ReportTable, label: &str, value: &str) -> String {
     let max = nice_max(values.iter().flatten().copied().fold(0.0, f64::max));
     let bar_w = w - label_w - 90.0;
     let mut s = format!(
-        r#"<svg class="chart" role="img" aria-label="{}" viewBox="0 0 {w} {h}" width="{w}" height="{h}" xmlns="http://www.w3.org/2000/svg">"#,
+        r#"<svg class="chart" role="img" aria-label="{}" viewBox="0 0 {w} {h}" width="100%" xmlns="http://www.w3.org/2000/svg">"#,
         esc(&t.query.title)
     );
     for (i, (l, v)) in labels.iter().zip(&values).enumerate() {
@@ -177,7 +177,7 @@ fn line_svg(t: &ReportTable, x: &str, series: &str, y: &str) -> String {
     let px = |i: usize| left + if x_order.len() > 1 { pw * i as f64 / (x_order.len() - 1) as f64 } else { pw / 2.0 };
     let py = |v: f64| top + ph - ph * v / max;
     let mut s = format!(
-        r#"<svg class="chart" role="img" aria-label="{}" viewBox="0 0 {w} {h}" width="{w}" height="{h}" xmlns="http://www.w3.org/2000/svg">"#,
+        r#"<svg class="chart" role="img" aria-label="{}" viewBox="0 0 {w} {h}" width="100%" xmlns="http://www.w3.org/2000/svg">"#,
         esc(&t.query.title)
     );
     for k in 0..=4 {
@@ -228,6 +228,41 @@ fn line_svg(t: &ReportTable, x: &str, series: &str, y: &str) -> String {
         );
     }
     s.push_str("</svg>");
+    s
+}
+
+/// A line chart's table, pivoted for reading: one row per x value, one
+/// column per series (the CSV keeps the long form).
+fn pivot_table(t: &ReportTable, x: &str, series: &str, y: &str) -> String {
+    let xs = column_text(&t.batch, x);
+    let ss = column_text(&t.batch, series);
+    let ys = column_text(&t.batch, y);
+    let mut x_order: Vec<&String> = Vec::new();
+    let mut s_order: Vec<&String> = Vec::new();
+    let mut values: std::collections::HashMap<(&String, &String), &String> = std::collections::HashMap::new();
+    for ((xv, sv), yv) in xs.iter().zip(&ss).zip(&ys) {
+        if !x_order.contains(&xv) {
+            x_order.push(xv);
+        }
+        if !s_order.contains(&sv) {
+            s_order.push(sv);
+        }
+        values.insert((xv, sv), yv);
+    }
+    let mut s = format!(r#"<table id="t-{}"><thead><tr><th>{}</th>"#, esc(&t.query.name), esc(&heading(x)));
+    for sv in &s_order {
+        let _ = write!(s, r#"<th class="num">{}</th>"#, esc(sv));
+    }
+    s.push_str("</tr></thead><tbody>");
+    for xv in &x_order {
+        let _ = write!(s, "<tr><td>{}</td>", esc(xv));
+        for sv in &s_order {
+            let v = values.get(&(*xv, *sv)).map_or_else(|| "–".to_string(), |v| group_digits(v));
+            let _ = write!(s, r#"<td class="num">{}</td>"#, esc(&v));
+        }
+        s.push_str("</tr>");
+    }
+    s.push_str("</tbody></table>");
     s
 }
 
@@ -314,10 +349,11 @@ fn period_line(r: &MonthlyReport) -> String {
         Some(t) => format!("data complete up to {}", fmt_time(t)),
         None => "no committed data yet".to_string(),
     };
+    let day = |ms: i64| chrono::DateTime::from_timestamp_millis(ms).map_or_else(String::new, |d| d.format("%-d %B %Y").to_string());
     format!(
         "{} to {} (UTC), compared with {}; {as_of}",
-        fmt_time(r.month.start_ms()),
-        fmt_time(r.month.end_ms()),
+        day(r.month.start_ms()),
+        day(r.month.end_ms() - 1),
         r.month.prev().long_name(),
     )
 }
@@ -343,7 +379,12 @@ pub fn html(r: &MonthlyReport) -> String {
             match &t.query.chart {
                 Some(_) if t.batch.num_rows() == 0 => {}
                 Some(Chart::Bar { label, value }) => s.push_str(&bar_svg(t, label, value)),
-                Some(Chart::Line { x, series, y }) => s.push_str(&line_svg(t, x, series, y)),
+                Some(Chart::Line { x, series, y }) => {
+                    s.push_str(&line_svg(t, x, series, y));
+                    s.push_str(&pivot_table(t, x, series, y));
+                    s.push_str("</section>");
+                    continue;
+                }
                 None => {}
             }
             s.push_str(&html_table(t));
