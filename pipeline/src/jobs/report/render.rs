@@ -391,9 +391,9 @@ pub fn html(r: &MonthlyReport) -> String {
         }
         s.push_str("</section>");
     }
-    let _ = write!(
+    let _ = writeln!(
         s,
-        "<footer>Generated {} by <code>tally report monthly --month {}</code> from sql/reports/*.sql over the {} rollup.</footer></main></body></html>\n",
+        "<footer>Generated {} by <code>tally report monthly --month {}</code> from sql/reports/*.sql over the {} rollup.</footer></main></body></html>",
         fmt_time(r.generated_at / 1000 * 1000),
         r.month,
         esc(&r.rollup),

@@ -1,7 +1,7 @@
 //! The monthly report over a real serving store seeded through the pipeline's
 //! stages, checked against an exact computation over the events and the
 //! dimension CSVs; the CSV output is also compared with golden files.
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::type_complexity)]
 
 use std::collections::{BTreeMap, BTreeSet};
 
