@@ -46,6 +46,14 @@ pub enum Command {
     /// Write the closed rollup windows of the whole UTC days in [--from, --to)
     /// to Parquet under <data_dir>/rollups/<rollup>/dt=YYYY-MM-DD/ for analysts.
     Export(VerifyArgs),
+    /// The pipeline without a broker: each line of --file is one message
+    /// (topic replay.<file stem>, offset = line number), exactly once and
+    /// resumable; archive and serving store as with `tally run`.
+    Replay {
+        /// A JSON-lines file, e.g. from `tally produce --file`.
+        #[arg(long)]
+        file: PathBuf,
+    },
     /// Reports for marketing, computed from the hourly rollup and the
     /// dimension tables with the SQL in sql/reports/.
     Report {
@@ -271,6 +279,21 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 println!("{path}: {rows} rows");
             }
             println!("{} files written under {}", r.files.len(), settings.storage.data_dir.display());
+            Ok(ExitCode::SUCCESS)
+        }),
+        Command::Replay { file } => rt.block_on(async {
+            let r = crate::jobs::replay::replay(settings, file).await.context("tally replay failed")?;
+            println!(
+                "{}: {} messages in {} batches ({} accepted, {} rejected; {} lines committed before were skipped) in {:.2} s, {:.0} messages/s",
+                r.topic,
+                r.messages,
+                r.batches,
+                r.accepted,
+                r.rejected,
+                r.skipped,
+                r.seconds,
+                r.messages as f64 / r.seconds.max(1e-9)
+            );
             Ok(ExitCode::SUCCESS)
         }),
         Command::Report { command: ReportCommand::Monthly(a) } => rt.block_on(async {

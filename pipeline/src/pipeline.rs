@@ -208,9 +208,9 @@ fn record_commit(metrics: &Metrics, batch: &Batch, files: &[crate::sink::Written
     metrics.commit_duration.observe(took.as_secs_f64());
 }
 
-type Attempt = (CommitOutcome, Vec<crate::sink::WrittenFile>, u64);
+pub(crate) type Attempt = (CommitOutcome, Vec<crate::sink::WrittenFile>, u64);
 
-async fn try_commit(
+pub(crate) async fn try_commit(
     batch: &Batch,
     aggregator: &mut RollupAggregator,
     archive: &ParquetArchiveSink,

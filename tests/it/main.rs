@@ -4,3 +4,4 @@ mod backfill;
 mod cli;
 mod crash;
 mod e2e;
+mod replay;

@@ -4,6 +4,7 @@ pub mod backfill;
 pub mod bench_api;
 pub mod export;
 pub mod produce;
+pub mod replay;
 pub mod report;
 pub mod topic;
 pub mod verify;

@@ -1,0 +1,153 @@
+//! `tally replay --file events.jsonl`: the pipeline without a broker. Each
+//! line is one message of partition 0 of the pseudo-topic `replay.<file
+//! stem>`, its offset the line number (from 0). Lines go through the same
+//! decode -> batch -> archive + rollup SQL -> serving commit stages as
+//! `tally run`, with the same offset fence, so a replay is exactly once: a
+//! second run of the same file skips what was committed, and a replay killed
+//! midway resumes where its last batch committed (its orphan files are
+//! removed first). It backs the core-path benchmark and loads archives for
+//! backfill benchmarks.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+
+use crate::aggregate::RollupAggregator;
+use crate::batch::{Batch, BatchBuilder};
+use crate::config::Settings;
+use crate::decode::RecordDecoder;
+use crate::error::RetryHint;
+use crate::pipeline::{try_commit, Stages};
+use crate::sink::CommitOutcome;
+
+#[derive(Debug, Default, Clone)]
+pub struct ReplayReport {
+    pub topic: String,
+    /// Lines committed before this run (skipped).
+    pub skipped: u64,
+    pub messages: u64,
+    pub accepted: u64,
+    pub rejected: u64,
+    pub batches: u64,
+    pub seconds: f64,
+}
+
+fn err(m: impl std::fmt::Display) -> crate::Error {
+    crate::Error::Internal(m.to_string())
+}
+
+/// `replay.<stem>`, with characters outside Kafka's topic alphabet replaced.
+pub fn replay_topic(file: &Path) -> String {
+    let stem = file.file_stem().and_then(|s| s.to_str()).unwrap_or("file");
+    let clean: String =
+        stem.chars().map(|c| if c.is_ascii_alphanumeric() || c == '.' || c == '_' { c } else { '_' }).collect();
+    format!("replay.{clean}")
+}
+
+pub async fn replay(settings: Settings, file: PathBuf) -> Result<ReplayReport, crate::Error> {
+    let started = Instant::now();
+    let stages = Stages::build(settings).await?;
+    let Stages { settings, schema, catalog, store, archive } = stages;
+    let topic = replay_topic(&file);
+    let committed = store.load_offsets(&topic).await?.get(&0).copied();
+    let wanted: HashMap<i32, Option<i64>> = [(0, committed)].into_iter().collect();
+    let removed = archive.remove_orphans(&topic, &wanted).await?;
+    if !removed.is_empty() {
+        tracing::warn!(files = removed.len(), "removed archive files of a replay that did not commit");
+    }
+    let mut aggregator = RollupAggregator::new(&catalog, schema.arrow.clone()).await?;
+    let decoder = RecordDecoder::new(schema.clone(), &settings.decode);
+    let mut builder = BatchBuilder::new(decoder, &settings.batch, settings.decode.dlq_payload_bytes.as_usize());
+    let max_rows = settings.batch.max_rows.max(1);
+
+    // Reader + decoder thread -> bounded channel -> committer (this task),
+    // as in `tally run`: decoding the next batch overlaps the commit.
+    let (tx, mut rx) = mpsc::channel::<Batch>(1);
+    let reader_topic = topic.clone();
+    let reader_file = file.clone();
+    let reader = std::thread::Builder::new()
+        .name("tally-replay-reader".into())
+        .spawn(move || -> Result<u64, String> {
+            let f = std::fs::File::open(&reader_file).map_err(|e| format!("{}: {e}", reader_file.display()))?;
+            let mut lines = std::io::BufReader::with_capacity(1 << 20, f);
+            let start = committed.unwrap_or(0);
+            let mut expected = committed;
+            let mut offset: i64 = 0;
+            let mut line = Vec::with_capacity(512);
+            let mut pending = 0usize;
+            loop {
+                line.clear();
+                let n = lines.read_until(b'\n', &mut line).map_err(|e| format!("{}: {e}", reader_file.display()))?;
+                if n == 0 {
+                    break;
+                }
+                let this = offset;
+                offset += 1;
+                if this < start {
+                    continue;
+                }
+                while matches!(line.last(), Some(b'\n' | b'\r')) {
+                    line.pop();
+                }
+                let now_ms = chrono::Utc::now().timestamp_millis();
+                builder.push(0, this, expected, Some(&line), now_ms, Instant::now());
+                pending += 1;
+                if pending >= max_rows {
+                    let batch = builder.seal(0, &reader_topic, now_ms, BTreeMap::new()).map_err(|e| e.to_string())?;
+                    expected = batch.partitions.get(&0).map(|r| r.next_offset());
+                    pending = 0;
+                    if tx.blocking_send(batch).is_err() {
+                        return Ok(start.max(0) as u64);
+                    }
+                }
+            }
+            if pending > 0 {
+                let now_ms = chrono::Utc::now().timestamp_millis();
+                let batch = builder.seal(0, &reader_topic, now_ms, BTreeMap::new()).map_err(|e| e.to_string())?;
+                let _ = tx.blocking_send(batch);
+            }
+            Ok(start.max(0) as u64)
+        })
+        .map_err(err)?;
+
+    let mut report = ReplayReport { topic: topic.clone(), ..ReplayReport::default() };
+    while let Some(batch) = rx.recv().await {
+        let mut backoff = Duration::from_millis(100);
+        let mut attempts = 0;
+        loop {
+            match try_commit(&batch, &mut aggregator, &archive, &store).await {
+                Ok((CommitOutcome::Committed, _, _)) => break,
+                Ok((CommitOutcome::Fenced { partition, expected, stored }, files, _)) => {
+                    let paths: Vec<String> = files.into_iter().map(|f| f.path).collect();
+                    let _ = archive.delete(&paths).await;
+                    return Err(err(format!(
+                        "{}: the serving store has offset {stored:?} for {topic}:{partition}, this replay expected {expected:?}; \
+                         is another `tally replay` of the same file running?",
+                        file.display()
+                    )));
+                }
+                Err(e) if e.retry() == RetryHint::WithBackoff && attempts < 8 => {
+                    attempts += 1;
+                    tracing::error!(error = %e, retry_in = ?backoff, "replay batch commit failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        report.batches += 1;
+        report.messages += batch.stats.messages;
+        report.accepted += batch.stats.accepted;
+        report.rejected += batch.stats.rejected.values().sum::<u64>();
+        if report.batches.is_multiple_of(20) {
+            tracing::info!(messages = report.messages, batches = report.batches, "replay progress");
+        }
+    }
+    report.skipped = reader.join().map_err(|_| err("the replay reader thread panicked"))?.map_err(err)?;
+    store.close().await;
+    report.seconds = started.elapsed().as_secs_f64();
+    Ok(report)
+}
