@@ -173,7 +173,10 @@ impl ServingStore {
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Normal)
-            .busy_timeout(Duration::from_secs(5));
+            .busy_timeout(Duration::from_secs(5))
+            // 64 MiB of page cache per connection (default 2 MiB): large merge
+            // transactions otherwise spill dirty pages to the WAL mid-transaction.
+            .pragma("cache_size", "-65536");
         if let Some(parent) = opts.get_filename().parent() {
             if !parent.as_os_str().is_empty() {
                 std::fs::create_dir_all(parent).map_err(|e| open_err(e.to_string()))?;
