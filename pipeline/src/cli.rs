@@ -390,6 +390,20 @@ async fn check(settings: Settings) -> anyhow::Result<ExitCode> {
     let tiers = crate::serve::Tiers::from_catalog(&settings.api.rollups, &catalog).context("the API rollups are invalid")?;
     let names: Vec<String> = tiers.tiers.iter().map(|t| format!("{} ({})", t.rollup, crate::serve::tiers::width_name(t.width_ms))).collect();
     println!("# API\nqueries are answered from: {}\n", names.join(", "));
+    match crate::jobs::report::check(&settings, &catalog).await.context("report SQL is invalid")? {
+        Some(queries) => {
+            let names: Vec<String> = queries.iter().map(|q| q.file.display().to_string()).collect();
+            println!("# reports
+{} report queries plan: {}
+", queries.len(), names.join(", "));
+        }
+        None => println!(
+            "# reports
+skipped: no videos.csv and channels.csv in report.dims_dir ({})
+",
+            settings.report.dims_dir.display()
+        ),
+    }
     println!("ok: config and {} rollup(s) are valid", catalog.rollups.len());
     Ok(ExitCode::SUCCESS)
 }

@@ -70,7 +70,10 @@ async fn replay_is_exact_idempotent_and_survives_sigkill() {
         let mut done = false;
         loop {
             let committed = if db.exists() {
-                serving_query_i64(&db, "SELECT topic, next_offset FROM tally_offsets").await.first().map_or(0, |r| r.1)
+                // The schema may not exist yet right after the process started.
+                try_serving_query_i64(&db, "SELECT topic, next_offset FROM tally_offsets")
+                    .await
+                    .map_or(0, |rows| rows.first().map_or(0, |r| r.1))
             } else {
                 0
             };

@@ -278,13 +278,18 @@ pub async fn serving_rollup(db: &Path, table: &str) -> Expected {
 }
 
 pub async fn serving_query_i64(db: &Path, sql: &'static str) -> Vec<(String, i64)> {
+    try_serving_query_i64(db, sql).await.unwrap()
+}
+
+/// As [`serving_query_i64`], but an error (e.g. the schema is not created
+/// yet by a process that just started) is returned, not a panic.
+pub async fn try_serving_query_i64(db: &Path, sql: &'static str) -> Result<Vec<(String, i64)>, sqlx::Error> {
     use sqlx::Row;
     let url = format!("sqlite://{}?mode=ro", db.display());
-    let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
-    let rows = sqlx::query(sql).fetch_all(&pool).await.unwrap();
-    let out = rows.iter().map(|r| (r.get::<String, _>(0), r.get::<i64, _>(1))).collect();
+    let pool = sqlx::SqlitePool::connect(&url).await?;
+    let rows = sqlx::query(sql).fetch_all(&pool).await;
     pool.close().await;
-    out
+    Ok(rows?.iter().map(|r| (r.get::<String, _>(0), r.get::<i64, _>(1))).collect())
 }
 
 /// Run a query through DataFusion and return the first column of every row as strings.
@@ -437,8 +442,10 @@ pub async fn wait_committed(db: &Path, topic: &str, end: &BTreeMap<i32, i64>, ti
             panic!("tally exited early with {status}; log tail:\n{}", tally.log_tail());
         }
         if db.exists() {
-            let got: BTreeMap<i32, i64> = serving_query_i64(db, "SELECT topic || ':' || partition, next_offset FROM tally_offsets")
+            // Errors (schema not created yet by a process just started) count as "not yet".
+            let got: BTreeMap<i32, i64> = try_serving_query_i64(db, "SELECT topic || ':' || partition, next_offset FROM tally_offsets")
                 .await
+                .unwrap_or_default()
                 .into_iter()
                 .filter_map(|(k, v)| k.strip_prefix(&format!("{topic}:")).map(|p| (p.parse().unwrap(), v)))
                 .collect();

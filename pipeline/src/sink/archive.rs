@@ -79,6 +79,10 @@ pub struct ParquetArchiveSink {
     store: Arc<dyn ObjectStore>,
     time_index: usize,
     props: WriterProperties,
+    /// The data directory when the store is the local filesystem: its put
+    /// stages data in `<name>#<n>` files that its listing hides, so a crash
+    /// mid-put leaves files only a directory walk finds.
+    local_root: Option<std::path::PathBuf>,
 }
 
 /// File name for a partition's offset range: `<topic>-p00003-<first>-<last>.parquet`.
@@ -106,6 +110,35 @@ pub fn parse_file_name(name: &str) -> Option<(String, i32, i64, i64, bool)> {
     Some((topic, partition, first, last, in_progress))
 }
 
+/// The local filesystem store's staging files (`<name>#<digits>`) of
+/// `topic`'s listed partitions under `root`'s raw/ and dlq/ trees: always
+/// uncommitted (a complete put renames them away).
+fn staging_files(root: &std::path::Path, topic: &str, partitions: &HashMap<i32, Option<i64>>) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let mut dirs: Vec<std::path::PathBuf> = [RAW_PREFIX, DLQ_PREFIX].iter().map(|p| root.join(p)).collect();
+    while let Some(dir) = dirs.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+        for e in entries.flatten() {
+            let path = e.path();
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                dirs.push(path);
+                continue;
+            }
+            let name = e.file_name().to_string_lossy().to_string();
+            let Some((base, n)) = name.rsplit_once('#') else { continue };
+            if n.is_empty() || !n.bytes().all(|b| b.is_ascii_digit()) {
+                continue;
+            }
+            if let Some((t, p, ..)) = parse_file_name(base) {
+                if t == topic && partitions.contains_key(&p) {
+                    out.push(path);
+                }
+            }
+        }
+    }
+    out
+}
+
 fn ymd_h(ms: i64) -> (String, String) {
     let t = Utc.timestamp_millis_opt(ms).single().unwrap_or_default();
     (t.format("%Y-%m-%d").to_string(), t.format("%H").to_string())
@@ -119,7 +152,7 @@ impl ParquetArchiveSink {
             .set_compression(Compression::ZSTD(level))
             .set_max_row_group_row_count(Some(1 << 20))
             .build();
-        Ok(ParquetArchiveSink { store, time_index, props })
+        Ok(ParquetArchiveSink { store, time_index, props, local_root: None })
     }
 
     /// An archive rooted at a local directory.
@@ -131,7 +164,9 @@ impl ParquetArchiveSink {
         let fs = object_store::local::LocalFileSystem::new_with_prefix(data_dir).map_err(|e| {
             SinkError::ObjectStore { path: data_dir.display().to_string(), source: Box::new(e) }
         })?;
-        ParquetArchiveSink::new(Arc::new(fs), time_index, zstd_level)
+        let mut sink = ParquetArchiveSink::new(Arc::new(fs), time_index, zstd_level)?;
+        sink.local_root = Some(data_dir.to_path_buf());
+        Ok(sink)
     }
 
     pub fn store(&self) -> Arc<dyn ObjectStore> {
@@ -286,6 +321,20 @@ impl ParquetArchiveSink {
             tracing::warn!(files = doomed.len(), "removing archive files of uncommitted batches");
             self.delete(&doomed).await?;
         }
+        if let Some(root) = &self.local_root {
+            for staged in staging_files(root, topic, committed_next) {
+                match std::fs::remove_file(&staged) {
+                    Ok(()) => doomed.push(staged.display().to_string()),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => {
+                        return Err(SinkError::ObjectStore {
+                            path: staged.display().to_string(),
+                            source: Box::new(object_store::Error::Generic { store: "local", source: Box::new(e) }),
+                        })
+                    }
+                }
+            }
+        }
         Ok(doomed)
     }
 }
@@ -321,6 +370,21 @@ mod tests {
         let hidden = format!(".{n}.inprogress");
         assert_eq!(parse_file_name(&hidden), Some(("video-events.v1".into(), 3, 100, 199, true)));
         assert_eq!(parse_file_name("README.md"), None);
+    }
+
+    #[test]
+    fn staging_files_of_a_crashed_put_are_found() {
+        let dir = tempfile::tempdir().unwrap();
+        let hour = dir.path().join(RAW_PREFIX).join("dt=2026-11-28/hour=09");
+        std::fs::create_dir_all(&hour).unwrap();
+        let ours = format!(".{}.inprogress#1", file_name("t", 0, 10, 19));
+        let other_topic = format!(".{}.inprogress#1", file_name("u", 0, 10, 19));
+        let other_partition = format!("{}#2", file_name("t", 1, 10, 19));
+        for n in [&ours, &other_topic, &other_partition, &file_name("t", 0, 0, 9)] {
+            std::fs::write(hour.join(n), b"x").unwrap();
+        }
+        let wanted: HashMap<i32, Option<i64>> = [(0, Some(10))].into_iter().collect();
+        assert_eq!(staging_files(dir.path(), "t", &wanted), vec![hour.join(&ours)]);
     }
 
     #[test]

@@ -274,28 +274,58 @@ pub async fn monthly(settings: &Settings, month: Month) -> Result<MonthlyReport,
     })
 }
 
+/// Plan `query` and check that its chart names returned columns.
+async fn plan(ctx: &SessionContext, query: &ReportQuery) -> Result<datafusion::dataframe::DataFrame, crate::Error> {
+    let named = |e: &dyn std::fmt::Display| err(format!("{}: {e}", query.file.display()));
+    let df = ctx.sql(&query.sql).await.map_err(|e| named(&e))?;
+    if let Some(chart) = &query.chart {
+        let cols: Vec<&String> = match chart {
+            Chart::Bar { label, value } => vec![label, value],
+            Chart::Line { x, series, y } => vec![x, series, y],
+        };
+        for c in cols {
+            if df.schema().as_arrow().index_of(c).is_err() {
+                return Err(named(&format!("`-- chart:` names column {c:?}, which the query does not return")));
+            }
+        }
+    }
+    Ok(df)
+}
+
 async fn run_queries(ctx: &SessionContext, queries: Vec<ReportQuery>) -> Result<Vec<ReportTable>, crate::Error> {
     let mut tables = Vec::with_capacity(queries.len());
     for query in queries {
-        let named = |e: &dyn std::fmt::Display| err(format!("{}: {e}", query.file.display()));
-        let df = ctx.sql(&query.sql).await.map_err(|e| named(&e))?;
+        let df = plan(ctx, &query).await?;
         let schema = Arc::new(df.schema().as_arrow().clone());
-        let batches = df.collect().await.map_err(|e| named(&e))?;
-        let batch = concat_batches(&schema, &batches).map_err(|e| named(&e))?;
-        if let Some(chart) = &query.chart {
-            let cols: Vec<&String> = match chart {
-                Chart::Bar { label, value } => vec![label, value],
-                Chart::Line { x, series, y } => vec![x, series, y],
-            };
-            for c in cols {
-                if schema.index_of(c).is_err() {
-                    return Err(named(&format!("`-- chart:` names column {c:?}, which the query does not return")));
-                }
-            }
-        }
+        let batches = df.collect().await.map_err(|e| err(format!("{}: {e}", query.file.display())))?;
+        let batch = concat_batches(&schema, &batches).map_err(|e| err(format!("{}: {e}", query.file.display())))?;
         tables.push(ReportTable { query, batch });
     }
     Ok(tables)
+}
+
+/// For `tally check`: load and plan every report query against empty
+/// tables (no serving store needed). `Ok(None)` when the dimension tables
+/// are not there (reports not set up here).
+pub async fn check(settings: &Settings, catalog: &SqlCatalog) -> Result<Option<Vec<ReportQuery>>, crate::Error> {
+    let dims = &settings.report.dims_dir;
+    if !dims.join("videos.csv").is_file() || !dims.join("channels.csv").is_file() {
+        return Ok(None);
+    }
+    let queries = load_queries(&settings.report.sql_dir)?;
+    let def = catalog
+        .rollups
+        .iter()
+        .find(|d| d.name == settings.report.rollup)
+        .ok_or_else(|| err(format!("report.rollup = {:?}: no such rollup in {}", settings.report.rollup, settings.sql.rollups_dir.display())))?;
+    let ctx = SessionContext::new();
+    let empty = MemTable::try_new(arrow_schema(def), vec![vec![]]).map_err(err)?;
+    ctx.register_table(def.name.as_str(), Arc::new(empty)).map_err(err)?;
+    register_inputs(&ctx, dims, Month::previous_to(Utc::now().timestamp_millis()), None).await?;
+    for q in &queries {
+        plan(&ctx, q).await?;
+    }
+    Ok(Some(queries))
 }
 
 /// Output format of `tally report monthly`.

@@ -291,6 +291,12 @@ async fn an_empty_month_renders_and_bad_inputs_name_the_fix() {
     std::fs::write(sql_dir.join("10_broken.sql"), "-- chart: bar label=x value=y\nSELECT 1 AS x").unwrap();
     let e = monthly(&bad, month()).await.unwrap_err().to_string();
     assert!(e.contains("10_broken.sql") && e.contains("\"y\""), "{e}");
+    // `tally check` plans report queries too, without a serving store.
+    let schema = crate::decode::EventSchema::from_config(&bad.schema).unwrap();
+    let catalog = crate::aggregate::SqlCatalog::load(&bad.sql.rollups_dir, schema.arrow.clone(), &bad.schema.time_field).await.unwrap();
+    let e = super::check(&bad, &catalog).await.unwrap_err().to_string();
+    assert!(e.contains("10_broken.sql") && e.contains("\"y\""), "{e}");
+    assert_eq!(super::check(&settings, &catalog).await.unwrap().unwrap().len(), 5);
     std::fs::write(sql_dir.join("10_broken.sql"), "-- chart: pie\nSELECT 1 AS x").unwrap();
     let e = monthly(&bad, month()).await.unwrap_err().to_string();
     assert!(e.contains("10_broken.sql") && e.contains("unknown chart kind"), "{e}");
