@@ -32,6 +32,7 @@ pub mod cli;
 pub mod config;
 pub mod decode;
 pub mod error;
+pub mod failpoint;
 pub mod jobs;
 pub mod metrics;
 pub mod pipeline;

@@ -13,6 +13,7 @@ use crate::batch::{Batch, BatchBuilder};
 use crate::config::Settings;
 use crate::decode::{EventSchema, RecordDecoder, RejectReason};
 use crate::error::{Error, RetryHint};
+use crate::failpoint::failpoint;
 use crate::metrics::Metrics;
 use crate::sink::{CommitOutcome, CommitRequest, ParquetArchiveSink, ServingStore};
 use crate::source::kafka::GroupCommitter;
@@ -238,6 +239,7 @@ pub(crate) async fn try_commit(
     let files = files?;
     failpoint("after_archive_write");
     let outputs = outputs?;
+    failpoint("after_aggregate");
     let counters = counters(batch);
     let req = CommitRequest {
         topic: &batch.topic,
@@ -257,15 +259,3 @@ pub(crate) async fn try_commit(
 }
 
 
-/// Crash-test hook: `TALLY_FAILPOINT=<name>` aborts the process (like a
-/// SIGKILL: no cleanup, no flush) the first time execution reaches `name`.
-/// Names: `after_archive_write` (files visible, serving transaction not run),
-/// `after_serving_commit` (committed, Kafka group commit not sent).
-fn failpoint(name: &str) {
-    static ARMED: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
-    let armed = ARMED.get_or_init(|| std::env::var("TALLY_FAILPOINT").ok());
-    if armed.as_deref() == Some(name) {
-        tracing::error!(failpoint = name, "failpoint reached: aborting");
-        std::process::abort();
-    }
-}

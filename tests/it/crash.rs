@@ -93,20 +93,30 @@ async fn failpoints_around_the_commit_leave_no_trace() {
     let mut env = TallyEnv::new(&broker.bootstrap(), &topic, &unique("g"), &data);
     env.set("TALLY__BATCH__MAX_ROWS", "700");
 
-    env.set("TALLY_FAILPOINT", "after_archive_write");
-    let mut t = Tally::start(&env);
-    let status = wait_exit(&mut t, Duration::from_secs(60));
-    assert!(!status.success(), "the failpoint aborts the process");
-    let visible: Vec<_> = files_under(&data.join("raw"));
-    assert!(!visible.is_empty(), "the crashed batch left archive files behind");
-    assert_eq!(committed_total(&db).await, 0, "nothing was committed");
-
-    env.set("TALLY_FAILPOINT", "after_serving_commit");
-    let mut t = Tally::start(&env);
-    let status = wait_exit(&mut t, Duration::from_secs(60));
-    assert!(!status.success());
-    let after_first = committed_total(&db).await;
-    assert!(after_first > 0, "the second run committed one batch before aborting");
+    // Each failpoint aborts the first batch that reaches it; only
+    // `after_serving_commit` leaves that batch committed.
+    let mut committed = 0;
+    for (point, commits) in [
+        ("after_archive_write", false),
+        ("after_aggregate", false),
+        ("inside_serving_transaction", false),
+        ("after_serving_commit", true),
+    ] {
+        env.set("TALLY_FAILPOINT", point);
+        let mut t = Tally::start(&env);
+        let status = wait_exit(&mut t, Duration::from_secs(60));
+        assert!(!status.success(), "{point}: the failpoint aborts the process");
+        let log = std::fs::read_to_string(&env.log).unwrap_or_default();
+        assert!(log.contains(&format!("failpoint reached: aborting failpoint=\"{point}\"")) || log.contains(point), "{point} reached");
+        let now_committed = committed_total(&db).await;
+        if commits {
+            assert!(now_committed > committed, "{point}: the batch was committed before the abort");
+        } else {
+            assert_eq!(now_committed, committed, "{point}: nothing more was committed");
+            assert!(!files_under(&data.join("raw")).is_empty(), "{point}: the crashed batch left archive files behind");
+        }
+        committed = now_committed;
+    }
 
     env.set("TALLY_FAILPOINT", "none");
     let mut t = Tally::start(&env);

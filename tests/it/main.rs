@@ -4,4 +4,5 @@ mod backfill;
 mod cli;
 mod crash;
 mod e2e;
+mod faults;
 mod replay;

@@ -156,6 +156,8 @@ pub async fn produce(bootstrap: &str, topic: &str, messages: &[Message]) {
         // Larger producer batches: tansu serves a fetch per record batch.
         .set("linger.ms", "50")
         .set("enable.idempotence", "true")
+        // Room for the 10 MB poison pill of the fault tests.
+        .set("message.max.bytes", "16000000")
         .create()
         .unwrap();
     // Enqueue a whole chunk, then wait for its acks (FutureProducer::send would
@@ -437,13 +439,14 @@ impl Drop for Tally {
 /// Wait until the serving store's offsets reach `end` for every partition.
 pub async fn wait_committed(db: &Path, topic: &str, end: &BTreeMap<i32, i64>, timeout: Duration, tally: &mut Tally) {
     let deadline = Instant::now() + timeout;
+    let mut got: BTreeMap<i32, i64> = BTreeMap::new();
     loop {
         if let Some(status) = tally.child.try_wait().unwrap() {
             panic!("tally exited early with {status}; log tail:\n{}", tally.log_tail());
         }
         if db.exists() {
             // Errors (schema not created yet by a process just started) count as "not yet".
-            let got: BTreeMap<i32, i64> = try_serving_query_i64(db, "SELECT topic || ':' || partition, next_offset FROM tally_offsets")
+            got = try_serving_query_i64(db, "SELECT topic || ':' || partition, next_offset FROM tally_offsets")
                 .await
                 .unwrap_or_default()
                 .into_iter()
@@ -453,7 +456,7 @@ pub async fn wait_committed(db: &Path, topic: &str, end: &BTreeMap<i32, i64>, ti
                 return;
             }
         }
-        assert!(Instant::now() < deadline, "offsets did not reach {end:?} in time");
+        assert!(Instant::now() < deadline, "offsets did not reach {end:?} in time (at {got:?}); log tail:\n{}", tally.log_tail());
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }

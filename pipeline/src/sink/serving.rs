@@ -268,6 +268,7 @@ impl ServingStore {
 
         // 2. Merge rollups.
         self.merge_outputs(&mut tx, req.outputs).await?;
+        crate::failpoint::failpoint("inside_serving_transaction");
 
         // 3. Record files.
         for f in req.files {
