@@ -64,7 +64,7 @@ async fn sigkill_mid_ingest_keeps_counts_and_archive_exact() {
     crate::e2e::verify_outputs(&data, &topic, &messages).await;
 }
 
-async fn committed_total(db: &std::path::Path) -> i64 {
+pub(crate) async fn committed_total(db: &std::path::Path) -> i64 {
     if !db.exists() {
         return 0;
     }

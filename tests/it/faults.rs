@@ -72,3 +72,66 @@ async fn poison_pills_go_to_the_dead_letter_dataset_and_partitions_keep_flowing(
     let dlq_bytes: u64 = files_under(&data.join("dlq")).iter().map(|f| std::fs::metadata(data.join("dlq").join(f)).unwrap().len()).sum();
     assert!(dlq_bytes < 1 << 20, "dead letters are truncated ({dlq_bytes} bytes)");
 }
+
+/// Another process holds the SQLite serving store locked (an exclusive write
+/// transaction) for 12 s while events stream in: commits fail and retry with
+/// backoff, offsets do not advance, consumption pauses (memory stays
+/// bounded), and tally recovers by itself when the lock goes; counts exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn locked_serving_store_retries_pauses_and_recovers() {
+    use sqlx::Connection;
+    let dir = test_dir();
+    let broker = Broker::start(dir.path());
+    let topic = unique("locked");
+    broker.create_topic(&topic, 2).await;
+    let now = chrono::Utc::now().timestamp_millis();
+    let messages = dataset(51, 8_000, now);
+    let data = dir.path().join("data");
+    let db = data.join("serving.db");
+    let mut env = TallyEnv::new(&broker.bootstrap(), &topic, &unique("g"), &data);
+    env.set("TALLY__BATCH__MAX_ROWS", "400");
+    let mut tally = Tally::start(&env);
+
+    let bootstrap = broker.bootstrap();
+    let (t2, m2) = (topic.clone(), messages.clone());
+    let producer = tokio::spawn(async move {
+        for slice in m2.chunks(500) {
+            produce(&bootstrap, &t2, slice).await;
+            tokio::time::sleep(Duration::from_millis(600)).await;
+        }
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while crate::crash::committed_total(&db).await == 0 {
+        assert!(std::time::Instant::now() < deadline, "nothing committed before the lock");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let mut lock = sqlx::SqliteConnection::connect(&format!("sqlite://{}", db.display())).await.unwrap();
+    sqlx::query("PRAGMA busy_timeout = 10000").execute(&mut lock).await.unwrap();
+    sqlx::query("BEGIN EXCLUSIVE").execute(&mut lock).await.unwrap();
+    let before = crate::crash::committed_total(&db).await;
+    let rss_before = rss_kib(tally.child.id());
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    let during = crate::crash::committed_total(&db).await;
+    let rss_during = rss_kib(tally.child.id());
+    sqlx::query("COMMIT").execute(&mut lock).await.unwrap();
+    lock.close().await.unwrap();
+    assert_eq!(during, before, "offsets do not advance while the store is locked");
+    assert!(rss_during < rss_before + 200 * 1024, "memory stays bounded: {rss_before} -> {rss_during} KiB");
+
+    producer.await.unwrap();
+    let end = broker.end_offsets(&topic, 2);
+    wait_committed(&db, &topic, &end, Duration::from_secs(120), &mut tally).await;
+    assert!(tally.stop().success());
+    let log = std::fs::read_to_string(&env.log).unwrap_or_default();
+    assert!(log.contains("batch commit failed; retrying"), "commits were retried:\n{}", tally.log_tail());
+    verify_outputs(&data, &topic, &messages).await;
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:").and_then(|v| v.split_whitespace().next()).and_then(|v| v.parse().ok()))
+        .unwrap_or(0)
+}

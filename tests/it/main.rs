@@ -2,7 +2,7 @@
 mod api;
 mod backfill;
 mod cli;
-mod crash;
+pub(crate) mod crash;
 mod e2e;
 mod faults;
 mod replay;
