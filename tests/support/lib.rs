@@ -79,13 +79,29 @@ pub fn unique(prefix: &str) -> String {
 pub struct Broker {
     pub port: u16,
     child: Child,
+    dir: PathBuf,
 }
 
 impl Broker {
     pub fn start(dir: &Path) -> Broker {
-        let port = free_port();
+        Broker::start_on(dir, free_port())
+    }
+
+    /// SIGKILL the broker (its SQLite storage stays).
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Start it again on the same port and storage.
+    pub fn restart(&mut self) {
+        self.kill9();
+        *self = Broker::start_on(&self.dir.clone(), self.port);
+    }
+
+    fn start_on(dir: &Path, port: u16) -> Broker {
         let url = format!("tcp://127.0.0.1:{port}");
-        let log = std::fs::File::create(dir.join("tansu.log")).unwrap();
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("tansu.log")).unwrap();
         let child = Command::new(tansu_bin())
             .arg("broker")
             .args(["--listener-url", &url, "--advertised-listener-url", &url])
@@ -97,7 +113,7 @@ impl Broker {
             .stderr(log)
             .spawn()
             .expect("spawn tansu");
-        let b = Broker { port, child };
+        let b = Broker { port, child, dir: dir.to_path_buf() };
         b.wait_ready();
         b
     }
