@@ -7,7 +7,7 @@ TANSU_VERSION := 0.6.0
 BROKER_PORT ?= 9092
 export TANSU_BIN := $(TANSU)
 
-.PHONY: all build release tansu broker topic run test unit check-sql lint bench bench-api report-demo clean
+.PHONY: all build release tansu broker topic run test soak unit check-sql lint bench bench-api report-demo clean
 
 all: build
 
@@ -39,6 +39,16 @@ run: $(TANSU) release
 test: $(TANSU)
 	$(CARGO) build --workspace --all-targets
 	$(CARGO) test --workspace --no-fail-fast -- --test-threads=2
+
+## soak: the long fault runs (issue #5): >= 20 SIGKILLs over >= 1 M events (SOAK_EVENTS,
+## SOAK_KILLS), then the fault and crash tests again, all against a release tally.
+SOAK_EVENTS ?= 1000000
+SOAK_KILLS ?= 20
+soak: $(TANSU) release
+	$(CARGO) build --workspace --all-targets
+	TALLY_BIN=$(CURDIR)/target/release/tally SOAK_EVENTS=$(SOAK_EVENTS) SOAK_KILLS=$(SOAK_KILLS) \
+	  $(CARGO) test --workspace --test it soak_kill_loop -- --ignored --nocapture
+	TALLY_BIN=$(CURDIR)/target/release/tally $(CARGO) test --workspace --test it faults:: crash:: replay:: -- --test-threads=2 --nocapture 2>&1 | grep -E "^test |survived|SOAK|test result"
 
 unit:
 	$(CARGO) test -p tally --lib

@@ -8,34 +8,54 @@ use tally_tests::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_mid_ingest_keeps_counts_and_archive_exact() {
+    kill_loop(20_000, 6, 5, Duration::from_secs(150)).await;
+}
+
+/// `make soak`: at least 20 SIGKILLs during at least 1 M events (override
+/// with SOAK_EVENTS and SOAK_KILLS); prints the faults injected and survived.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "long: run by `make soak`"]
+async fn soak_kill_loop() {
+    let events = std::env::var("SOAK_EVENTS").ok().and_then(|v| v.parse().ok()).unwrap_or(1_000_000);
+    let kills = std::env::var("SOAK_KILLS").ok().and_then(|v| v.parse().ok()).unwrap_or(20);
+    let started = Instant::now();
+    let done = kill_loop(events, kills, kills, Duration::from_secs(3600)).await;
+    println!("SOAK kill loop: {done} SIGKILLs injected and survived over {events} events in {:.0} s; counts, archive and DLQ exact", started.elapsed().as_secs_f64());
+}
+
+/// SIGKILL `tally run` `kills` times (at least `min_kills`) at random moments
+/// while `events` stream in, restarting it each time; then check everything.
+/// Returns the number of kills.
+async fn kill_loop(events: usize, kills: usize, min_kills: usize, budget: Duration) -> usize {
     let dir = test_dir();
     let broker = Broker::start(dir.path());
     let topic = unique("crash");
     broker.create_topic(&topic, 4).await;
     let now = chrono::Utc::now().timestamp_millis();
-    let messages = dataset(23, 20_000, now);
+    let messages = dataset(23, events, now);
 
     let data = dir.path().join("data");
     let mut env = TallyEnv::new(&broker.bootstrap(), &topic, &unique("g"), &data);
     env.set("TALLY__BATCH__LINGER", "150ms");
     env.set("TALLY__BATCH__MAX_ROWS", "1500");
 
-    // Produce in the background, in 10 slices over ~40 s, while tally is killed and restarted.
+    // Produce in the background, in slices spread over the run, while tally is killed and restarted.
     let bootstrap = broker.bootstrap();
     let (t2, m2) = (topic.clone(), messages.clone());
+    let slice = (events / (2 * kills).max(10)).max(1);
     let producer = tokio::spawn(async move {
-        for slice in m2.chunks(2_000) {
-            produce(&bootstrap, &t2, slice).await;
+        for chunk in m2.chunks(slice) {
+            produce(&bootstrap, &t2, chunk).await;
             tokio::time::sleep(Duration::from_millis(4_000)).await;
         }
     });
 
     let db = data.join("serving.db");
     let mut rng = rand::rngs::StdRng::seed_from_u64(std::process::id() as u64);
-    let mut kills = 0;
+    let mut done = 0;
     let started = Instant::now();
     let mut tally = Tally::start(&env);
-    while kills < 6 && started.elapsed() < Duration::from_secs(150) {
+    while done < kills && started.elapsed() < budget {
         // Kill only once this incarnation has committed something, so every
         // kill lands while batches are flowing; then at a random moment.
         let before = committed_total(&db).await;
@@ -48,20 +68,21 @@ async fn sigkill_mid_ingest_keeps_counts_and_archive_exact() {
         }
         tokio::time::sleep(Duration::from_millis(rng.random_range(0..1_200))).await;
         tally.kill9();
-        kills += 1;
-        eprintln!("kill {kills} at {:?}, committed {}", started.elapsed(), committed_total(&db).await);
+        done += 1;
+        eprintln!("kill {done} at {:?}, committed {}", started.elapsed(), committed_total(&db).await);
         tally = Tally::start(&env);
     }
     producer.await.unwrap();
-    assert!(kills >= 5, "only {kills} kills");
+    assert!(done >= min_kills, "only {done} kills");
     let end = broker.end_offsets(&topic, 4);
     assert_eq!(end.values().sum::<i64>(), messages.len() as i64);
-    wait_committed(&data.join("serving.db"), &topic, &end, Duration::from_secs(180), &mut tally).await;
+    wait_committed(&data.join("serving.db"), &topic, &end, Duration::from_secs(180 + events as u64 / 5_000), &mut tally).await;
     assert!(tally.stop().success());
-    eprintln!("survived {kills} SIGKILLs");
+    eprintln!("survived {done} SIGKILLs");
     let log = std::fs::read_to_string(&env.log).unwrap_or_default();
     assert!(!log.contains("panicked"), "tally panicked:\n{log}");
     crate::e2e::verify_outputs(&data, &topic, &messages).await;
+    done
 }
 
 pub(crate) async fn committed_total(db: &std::path::Path) -> i64 {
