@@ -14,3 +14,24 @@ pub fn failpoint(name: &str) {
         std::process::abort();
     }
 }
+
+/// Crash-test hook: `TALLY_PAUSEPOINT=<name>:<millis>` makes the first
+/// batch that reaches `name` wait that long (the caller sleeps), e.g. so a
+/// test can freeze the process with SIGSTOP while it holds a batch that is
+/// about to commit (a zombie). Returns the pause, once.
+pub fn pause(name: &str) -> Option<std::time::Duration> {
+    static ARMED: std::sync::OnceLock<Option<(String, u64)>> = std::sync::OnceLock::new();
+    static FIRED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    let armed = ARMED.get_or_init(|| {
+        let v = std::env::var("TALLY_PAUSEPOINT").ok()?;
+        let (n, ms) = v.rsplit_once(':')?;
+        Some((n.to_string(), ms.parse().ok()?))
+    });
+    match armed {
+        Some((n, ms)) if n == name && !FIRED.swap(true, std::sync::atomic::Ordering::AcqRel) => {
+            tracing::warn!(pausepoint = name, millis = ms, "pausepoint reached: waiting");
+            Some(std::time::Duration::from_millis(*ms))
+        }
+        _ => None,
+    }
+}

@@ -240,6 +240,9 @@ pub(crate) async fn try_commit(
     failpoint("after_archive_write");
     let outputs = outputs?;
     failpoint("after_aggregate");
+    if let Some(pause) = crate::failpoint::pause("after_aggregate") {
+        tokio::time::sleep(pause).await;
+    }
     let counters = counters(batch);
     let req = CommitRequest {
         topic: &batch.topic,

@@ -182,11 +182,19 @@ impl ServingStore {
                 std::fs::create_dir_all(parent).map_err(|e| open_err(e.to_string()))?;
             }
         }
-        let pool = SqlitePoolOptions::new()
-            .max_connections(2)
-            .connect_with(opts)
-            .await
-            .map_err(|e| open_err(e.to_string()))?;
+        // Another tally opening the same file may hold the lock for a moment
+        // (switching to WAL, creating the schema): retry "database is locked".
+        let mut attempt = 0;
+        let pool = loop {
+            match SqlitePoolOptions::new().max_connections(2).connect_with(opts.clone()).await {
+                Ok(pool) => break pool,
+                Err(e) if attempt < 40 && is_busy(&e) => {
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+                Err(e) => return Err(open_err(e.to_string())),
+            }
+        };
         // Schema setup in one write transaction: `tally run`, `tally backfill`
         // and `tally serve` may open a new store at the same moment.
         let mut tx = pool.begin_with("BEGIN IMMEDIATE").await.map_err(db("begin schema setup"))?;
@@ -471,6 +479,11 @@ pub async fn as_of(pool: &SqlitePool, topic: &str) -> Result<Option<i64>, SinkEr
         }
     }
     Ok(out)
+}
+
+/// SQLITE_BUSY (5) or SQLITE_LOCKED (6).
+fn is_busy(e: &sqlx::Error) -> bool {
+    e.as_database_error().and_then(|d| d.code()).is_some_and(|c| c == "5" || c == "6")
 }
 
 async fn ensure_table(
