@@ -160,6 +160,7 @@ async fn commit_batch(
             Ok((CommitOutcome::Committed, _, _)) if batch.is_heartbeat() => return Ok(()),
             Ok((CommitOutcome::Committed, files, rows_merged)) => {
                 group.commit(&batch.partitions);
+                remove_dead_files(batch, control, archive, store).await;
                 record_commit(metrics, batch, &files, rows_merged, started.elapsed());
                 stats.batches += 1;
                 stats.messages += batch.stats.messages;
@@ -207,6 +208,35 @@ fn record_commit(metrics: &Metrics, batch: &Batch, files: &[crate::sink::Written
         metrics.newest_committed_event_ms.fetch_max(*newest, Ordering::Relaxed);
     }
     metrics.commit_duration.observe(took.as_secs_f64());
+}
+
+/// After the first commit on a newly assigned partition, delete the archive
+/// files there that can never be committed (see `remove_dead`). Errors are
+/// logged: a leftover file is unrecorded, so readers of `tally_files` and the
+/// verify/backfill jobs never see it; the next assignment retries.
+async fn remove_dead_files(batch: &Batch, control: &ConsumerControl, archive: &ParquetArchiveSink, store: &ServingStore) {
+    let todo: Vec<(i32, i64)> = match control.cleanup_pending.lock() {
+        Ok(mut pending) => batch
+            .partitions
+            .iter()
+            .filter(|(p, _)| pending.remove(p))
+            .map(|(p, r)| (*p, r.next_offset()))
+            .collect(),
+        Err(_) => return,
+    };
+    for (partition, next) in todo {
+        let removed = match store.recorded_files(&batch.topic, partition, next).await {
+            Ok(recorded) => archive.remove_dead(&batch.topic, partition, next, &recorded).await,
+            Err(e) => Err(e),
+        };
+        match removed {
+            Ok(r) if !r.is_empty() => {
+                tracing::warn!(partition, count = r.len(), "removed orphan archive files left by a crash or a fenced writer")
+            }
+            Ok(_) => {}
+            Err(e) => tracing::error!(partition, error = %e, "orphan cleanup failed; will retry on next assignment"),
+        }
+    }
 }
 
 pub(crate) type Attempt = (CommitOutcome, Vec<crate::sink::WrittenFile>, u64);

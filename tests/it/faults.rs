@@ -184,8 +184,6 @@ async fn broker_killed_and_restarted_mid_ingest() {
 /// until its partitions move, then resumed (a zombie). The offset fence and
 /// the epochs keep every count exact.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "finds a real bug (issue #5): a fenced zombie writer deletes its batch's files by name, \
-            and the live writer's file for the same offset range has the same name"]
 async fn rebalances_and_a_frozen_zombie_stay_exact() {
     let dir = test_dir();
     let broker = Broker::start(dir.path());

@@ -83,15 +83,19 @@ pub struct ParquetArchiveSink {
     /// stages data in `<name>#<n>` files that its listing hides, so a crash
     /// mid-put leaves files only a directory walk finds.
     local_root: Option<std::path::PathBuf>,
+    /// This process's token in file names, so two writers of one offset range
+    /// (a zombie and the new owner) never share a file name.
+    writer: String,
 }
 
-/// File name for a partition's offset range: `<topic>-p00003-<first>-<last>.parquet`.
-pub fn file_name(topic: &str, partition: i32, first: i64, last: i64) -> String {
+/// File name for a partition's offset range written by `writer`:
+/// `<topic>-p00003-<first>-<last>-w<writer>.parquet`.
+pub fn file_name(topic: &str, partition: i32, first: i64, last: i64, writer: &str) -> String {
     let topic: String = topic
         .chars()
         .map(|c| if c.is_ascii_alphanumeric() || c == '.' || c == '_' || c == '-' { c } else { '_' })
         .collect();
-    format!("{topic}-p{partition:05}-{first:020}-{last:020}.parquet")
+    format!("{topic}-p{partition:05}-{first:020}-{last:020}-w{writer}.parquet")
 }
 
 /// Parse a (possibly hidden, in-progress) archive file name.
@@ -102,6 +106,11 @@ pub fn parse_file_name(name: &str) -> Option<(String, i32, i64, i64, bool)> {
         None => (name, false),
     };
     let core = core.strip_suffix(".parquet")?;
+    // The writer token (absent in names from before it existed).
+    let core = match core.rsplit_once('-') {
+        Some((head, w)) if w.len() > 1 && w.starts_with('w') && w[1..].bytes().all(|b| b.is_ascii_hexdigit()) => head,
+        _ => core,
+    };
     let mut parts = core.rsplitn(4, '-');
     let last: i64 = parts.next()?.parse().ok()?;
     let first: i64 = parts.next()?.parse().ok()?;
@@ -152,7 +161,8 @@ impl ParquetArchiveSink {
             .set_compression(Compression::ZSTD(level))
             .set_max_row_group_row_count(Some(1 << 20))
             .build();
-        Ok(ParquetArchiveSink { store, time_index, props, local_root: None })
+        let writer = format!("{:08x}", rand::random::<u32>());
+        Ok(ParquetArchiveSink { store, time_index, props, local_root: None, writer })
     }
 
     /// An archive rooted at a local directory.
@@ -208,7 +218,7 @@ impl ParquetArchiveSink {
                 let (dt, hh) = ymd_h(hour * 3_600_000);
                 let path = format!(
                     "{RAW_PREFIX}/dt={dt}/hour={hh}/{}",
-                    file_name(&batch.topic, partition, range.first, range.last)
+                    file_name(&batch.topic, partition, range.first, range.last, &self.writer)
                 );
                 let rows = idx.len() as u64;
                 let part = take_record_batch(events, &UInt32Array::from(idx))
@@ -236,7 +246,7 @@ impl ParquetArchiveSink {
         let (dt, _) = ymd_h(batch.sealed_at_ms);
         for (partition, dls) in by_partition {
             let Some(range) = batch.partitions.get(&partition) else { continue };
-            let path = format!("{DLQ_PREFIX}/dt={dt}/{}", file_name(&batch.topic, partition, range.first, range.last));
+            let path = format!("{DLQ_PREFIX}/dt={dt}/{}", file_name(&batch.topic, partition, range.first, range.last, &self.writer));
             let rb = dead_letter_batch(&batch.topic, &dls)
                 .map_err(|e| SinkError::Encode { path: path.clone(), message: e.to_string() })?;
             let bytes = self.encode(&path, &rb)?;
@@ -286,13 +296,56 @@ impl ParquetArchiveSink {
         Ok(())
     }
 
-    /// Delete what a crash left for `topic`'s `partitions`: in-progress files,
-    /// and complete files starting at or beyond the partition's committed next
+    /// Single-writer cleanup (`tally replay`): delete in-progress files and
+    /// complete files starting at or beyond the partition's committed next
     /// offset (`None`: nothing committed yet). Returns the deleted paths.
     pub async fn remove_orphans(
         &self,
         topic: &str,
         committed_next: &HashMap<i32, Option<i64>>,
+    ) -> Result<Vec<String>, SinkError> {
+        self.sweep(topic, committed_next, true, |p, first, in_progress, _| {
+            in_progress || committed_next.get(&p).is_some_and(|next| next.is_none_or(|n| first >= n))
+        })
+        .await
+    }
+
+    /// At assignment, with other writers possibly alive (a zombie): delete
+    /// only in-progress and staging files of `partitions`. Safe: a writer whose
+    /// hidden file disappears fails its rename and retries the batch.
+    pub async fn remove_in_progress(
+        &self,
+        topic: &str,
+        partitions: &HashMap<i32, Option<i64>>,
+    ) -> Result<Vec<String>, SinkError> {
+        self.sweep(topic, partitions, true, |p, _, in_progress, _| in_progress && partitions.contains_key(&p)).await
+    }
+
+    /// After this writer committed `partition` up to `next` (exclusive):
+    /// delete its complete files that start below `next` and are not in
+    /// `recorded` (the committed files). Their writers can never commit them:
+    /// a commit needs the stored offset to equal its batch start, which is
+    /// below `next`, and stored offsets only grow.
+    pub async fn remove_dead(
+        &self,
+        topic: &str,
+        partition: i32,
+        next: i64,
+        recorded: &std::collections::HashSet<String>,
+    ) -> Result<Vec<String>, SinkError> {
+        let none = HashMap::new();
+        self.sweep(topic, &none, false, |p, first, in_progress, path| {
+            p == partition && !in_progress && first < next && !recorded.contains(path)
+        })
+        .await
+    }
+
+    async fn sweep(
+        &self,
+        topic: &str,
+        staging_of: &HashMap<i32, Option<i64>>,
+        staging: bool,
+        doomed_if: impl Fn(i32, i64, bool, &str) -> bool,
     ) -> Result<Vec<String>, SinkError> {
         let mut doomed = Vec::new();
         for prefix in [RAW_PREFIX, DLQ_PREFIX] {
@@ -307,12 +360,7 @@ impl ParquetArchiveSink {
                 };
                 let Some(name) = meta.location.filename() else { continue };
                 let Some((t, p, first, _last, in_progress)) = parse_file_name(name) else { continue };
-                if t != topic {
-                    continue;
-                }
-                let Some(next) = committed_next.get(&p) else { continue };
-                let orphan = in_progress || next.is_none_or(|n| first >= n);
-                if orphan {
+                if t == topic && doomed_if(p, first, in_progress, meta.location.as_ref()) {
                     doomed.push(meta.location.to_string());
                 }
             }
@@ -321,8 +369,8 @@ impl ParquetArchiveSink {
             tracing::warn!(files = doomed.len(), "removing archive files of uncommitted batches");
             self.delete(&doomed).await?;
         }
-        if let Some(root) = &self.local_root {
-            for staged in staging_files(root, topic, committed_next) {
+        if let (true, Some(root)) = (staging, &self.local_root) {
+            for staged in staging_files(root, topic, staging_of) {
                 match std::fs::remove_file(&staged) {
                     Ok(()) => doomed.push(staged.display().to_string()),
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -364,8 +412,10 @@ mod tests {
 
     #[test]
     fn file_names_round_trip() {
-        let n = file_name("video-events.v1", 3, 100, 199);
-        assert_eq!(n, "video-events.v1-p00003-00000000000000000100-00000000000000000199.parquet");
+        let n = file_name("video-events.v1", 3, 100, 199, "0a1b2c3d");
+        assert_eq!(n, "video-events.v1-p00003-00000000000000000100-00000000000000000199-w0a1b2c3d.parquet");
+        let old = "video-events.v1-p00003-00000000000000000100-00000000000000000199.parquet";
+        assert_eq!(parse_file_name(old), Some(("video-events.v1".into(), 3, 100, 199, false)));
         assert_eq!(parse_file_name(&n), Some(("video-events.v1".into(), 3, 100, 199, false)));
         let hidden = format!(".{n}.inprogress");
         assert_eq!(parse_file_name(&hidden), Some(("video-events.v1".into(), 3, 100, 199, true)));
@@ -377,10 +427,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let hour = dir.path().join(RAW_PREFIX).join("dt=2026-11-28/hour=09");
         std::fs::create_dir_all(&hour).unwrap();
-        let ours = format!(".{}.inprogress#1", file_name("t", 0, 10, 19));
-        let other_topic = format!(".{}.inprogress#1", file_name("u", 0, 10, 19));
-        let other_partition = format!("{}#2", file_name("t", 1, 10, 19));
-        for n in [&ours, &other_topic, &other_partition, &file_name("t", 0, 0, 9)] {
+        let ours = format!(".{}.inprogress#1", file_name("t", 0, 10, 19, "1"));
+        let other_topic = format!(".{}.inprogress#1", file_name("u", 0, 10, 19, "1"));
+        let other_partition = format!("{}#2", file_name("t", 1, 10, 19, "1"));
+        for n in [&ours, &other_topic, &other_partition, &file_name("t", 0, 0, 9, "1")] {
             std::fs::write(hour.join(n), b"x").unwrap();
         }
         let wanted: HashMap<i32, Option<i64>> = [(0, Some(10))].into_iter().collect();

@@ -440,6 +440,23 @@ impl ServingStore {
         Ok(deleted)
     }
 
+    /// Committed archive files of `topic`:`partition` starting below `below`.
+    pub async fn recorded_files(
+        &self,
+        topic: &str,
+        partition: i32,
+        below: i64,
+    ) -> Result<std::collections::HashSet<String>, SinkError> {
+        let rows = sqlx::query("SELECT path FROM tally_files WHERE topic = ? AND partition = ? AND first_offset < ?")
+            .bind(topic)
+            .bind(partition)
+            .bind(below)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db("read recorded files"))?;
+        rows.iter().map(|r| r.try_get::<String, _>(0).map_err(db("read recorded files"))).collect()
+    }
+
     /// The time up to which the store is complete for `topic` (epoch ms):
     /// the minimum over its partitions of the later of the newest committed
     /// event time and the time the partition was last read to its end.

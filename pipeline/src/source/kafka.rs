@@ -41,6 +41,9 @@ pub struct ConsumerControl {
     rebalanced: AtomicBool,
     /// Assigned partitions -> next offset to accept (`None`: nothing stored).
     partitions: Mutex<BTreeMap<i32, Option<i64>>>,
+    /// Newly assigned partitions whose dead archive files (left by a crash or
+    /// a fenced zombie) the committer removes after its first commit there.
+    pub cleanup_pending: Mutex<std::collections::BTreeSet<i32>>,
 }
 
 impl ConsumerControl {
@@ -112,12 +115,18 @@ impl TallyContext {
         };
         let wanted: HashMap<i32, Option<i64>> =
             partitions.iter().map(|p| (*p, stored.get(p).copied())).collect();
-        match self.handle.block_on(self.archive.remove_orphans(&self.topic, &wanted)) {
+        // Only hidden files here: a complete file beyond the stored offset may
+        // belong to a zombie that can still commit before we do; such files are
+        // removed after our first commit on the partition (pipeline.rs).
+        match self.handle.block_on(self.archive.remove_in_progress(&self.topic, &wanted)) {
             Ok(removed) if !removed.is_empty() => {
                 tracing::warn!(count = removed.len(), "removed orphan archive files left by a crash")
             }
             Ok(_) => {}
             Err(e) => tracing::error!(error = %e, "orphan cleanup failed; will retry on next assignment"),
+        }
+        if let Ok(mut pending) = self.control.cleanup_pending.lock() {
+            pending.extend(partitions.iter().copied());
         }
         wanted.into_iter().collect()
     }
