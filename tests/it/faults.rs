@@ -268,3 +268,79 @@ async fn rebalances_and_a_frozen_zombie_stay_exact() {
     );
     verify_outputs(&data, &topic, &messages).await;
 }
+
+/// Broker faults from librdkafka's mock cluster (in a helper process):
+/// request errors on Fetch and OffsetCommit, a slow broker, a leaderless
+/// partition, and the broker down for 30 s with events waiting. tally never
+/// crashes, `/readyz` is 503 while the broker is down, the backlog drains
+/// after it comes back, and the counts are exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mock_cluster_broker_faults() {
+    let dir = test_dir();
+    let topic = unique("mock");
+    let mut mock = MockBroker::start(&topic, 2);
+    let now = chrono::Utc::now().timestamp_millis();
+    let messages = dataset(81, 6_000, now);
+    let parts: Vec<&[Message]> = messages.chunks(1_200).collect();
+    let data = dir.path().join("data");
+    let db = data.join("serving.db");
+    let env = TallyEnv::new(&mock.bootstrap, &topic, &unique("g"), &data);
+    let mut tally = Tally::start(&env);
+    let api = env.api;
+    let mut sent = 0;
+    let step = |tally_alive: &mut Tally, what: &str| {
+        assert!(tally_alive.child.try_wait().unwrap().is_none(), "tally crashed during {what}:\n{}", tally_alive.log_tail());
+        eprintln!("fault step done: {what}");
+    };
+
+    // 1. Baseline.
+    produce(&mock.bootstrap, &topic, parts[0]).await;
+    sent += parts[0].len();
+    wait_committed(&db, &topic, &end_offsets_at(&mock.bootstrap, &topic, 2), Duration::from_secs(60), &mut tally).await;
+    // 2. Request errors on Fetch and OffsetCommit.
+    mock.cmd("errors fetch 30");
+    mock.cmd("errors offsetcommit 30");
+    produce(&mock.bootstrap, &topic, parts[1]).await;
+    sent += parts[1].len();
+    wait_committed(&db, &topic, &end_offsets_at(&mock.bootstrap, &topic, 2), Duration::from_secs(60), &mut tally).await;
+    step(&mut tally, "request errors");
+    // 3. A slow broker (500 ms per request).
+    mock.cmd("rtt 500");
+    produce(&mock.bootstrap, &topic, parts[2]).await;
+    sent += parts[2].len();
+    wait_committed(&db, &topic, &end_offsets_at(&mock.bootstrap, &topic, 2), Duration::from_secs(90), &mut tally).await;
+    mock.cmd("rtt 0");
+    step(&mut tally, "slow broker");
+    // 4. Partition 1 without a reachable leader for 5 s (moved to broker 2, which goes down).
+    mock.cmd("leader 1 2");
+    mock.cmd("down 2");
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    mock.cmd("up 2");
+    mock.cmd("leader 1 1");
+    produce(&mock.bootstrap, &topic, parts[3]).await;
+    sent += parts[3].len();
+    wait_committed(&db, &topic, &end_offsets_at(&mock.bootstrap, &topic, 2), Duration::from_secs(60), &mut tally).await;
+    step(&mut tally, "leaderless partition");
+    // 5. Events waiting, then the broker down for 30 s.
+    produce(&mock.bootstrap, &topic, parts[4]).await;
+    sent += parts[4].len();
+    mock.cmd("down");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while http(api, "GET", "/readyz", None, b"").0 != 503 {
+        assert!(std::time::Instant::now() < deadline, "/readyz stayed 200 with the broker down");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    assert_eq!(http(api, "GET", "/livez", None, b"").0, 200, "alive while the broker is down");
+    step(&mut tally, "broker down 30 s");
+    mock.cmd("up");
+    produce(&mock.bootstrap, &topic, parts[5..].concat().as_slice()).await;
+    sent += parts[5..].iter().map(|p| p.len()).sum::<usize>();
+    assert_eq!(sent, messages.len());
+    let end = end_offsets_at(&mock.bootstrap, &topic, 2);
+    assert_eq!(end.values().sum::<i64>(), messages.len() as i64);
+    wait_committed(&db, &topic, &end, Duration::from_secs(120), &mut tally).await;
+    wait_http_ok(api, "/readyz", Duration::from_secs(30));
+    assert!(tally.stop().success());
+    verify_outputs(&data, &topic, &messages).await;
+}

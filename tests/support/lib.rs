@@ -151,10 +151,59 @@ impl Broker {
 
     /// High watermarks per partition.
     pub fn end_offsets(&self, topic: &str, partitions: i32) -> BTreeMap<i32, i64> {
-        let c: BaseConsumer = ClientConfig::new().set("bootstrap.servers", self.bootstrap()).create().unwrap();
-        (0..partitions)
-            .map(|p| (p, c.fetch_watermarks(topic, p, Duration::from_secs(10)).unwrap().1))
-            .collect()
+        end_offsets_at(&self.bootstrap(), topic, partitions)
+    }
+}
+
+/// High watermarks per partition of `topic` on the cluster at `bootstrap`.
+pub fn end_offsets_at(bootstrap: &str, topic: &str, partitions: i32) -> BTreeMap<i32, i64> {
+    let c: BaseConsumer = ClientConfig::new().set("bootstrap.servers", bootstrap).create().unwrap();
+    (0..partitions).map(|p| (p, c.fetch_watermarks(topic, p, Duration::from_secs(10)).unwrap().1)).collect()
+}
+
+/// librdkafka's mock cluster in a helper process (`tests/bin/mock_broker.rs`),
+/// driven by commands: `down`, `up`, `rtt <ms>`, `errors fetch|offsetcommit <n>`,
+/// `leader <partition> none|<id>`.
+pub struct MockBroker {
+    child: Child,
+    stdin: std::process::ChildStdin,
+    stdout: std::io::BufReader<std::process::ChildStdout>,
+    pub bootstrap: String,
+}
+
+impl MockBroker {
+    pub fn start(topic: &str, partitions: i32) -> MockBroker {
+        use std::io::BufRead;
+        let bin = tally_bin().with_file_name("mock_broker");
+        let mut child = Command::new(&bin)
+            .args([topic, &partitions.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap_or_else(|e| panic!("{}: {e} (make test builds it)", bin.display()));
+        let stdin = child.stdin.take().unwrap();
+        let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+        let mut bootstrap = String::new();
+        stdout.read_line(&mut bootstrap).unwrap();
+        MockBroker { child, stdin, stdout, bootstrap: bootstrap.trim().to_string() }
+    }
+
+    pub fn cmd(&mut self, line: &str) {
+        use std::io::{BufRead, Write};
+        if let Err(e) = writeln!(self.stdin, "{line}") {
+            panic!("mock broker gone before `{line}` ({e}): {:?}", self.child.try_wait());
+        }
+        let mut answer = String::new();
+        self.stdout.read_line(&mut answer).unwrap();
+        assert!(answer.starts_with("ok "), "mock broker: {line}: {answer}");
+    }
+}
+
+impl Drop for MockBroker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
