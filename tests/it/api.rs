@@ -154,8 +154,16 @@ async fn events_posted_over_http_are_answered_exactly() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 
-    // Metrics agree with what was sent.
-    let (st, m) = http(api, "GET", "/metrics", None, b"");
+    // Metrics agree with what was sent. The periodic verify (every 1 s) may
+    // still be on its first run on a loaded machine: wait for it.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let (st, m) = loop {
+        let (st, m) = http(api, "GET", "/metrics", None, b"");
+        if st == 200 && metric(&m, "tally_verify_runs_total") >= 1.0 || Instant::now() > deadline {
+            break (st, m);
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
     assert_eq!(st, 200);
     let n = evs.len() as f64;
     assert_eq!(metric(&m, "tally_api_events_produced_total"), n);

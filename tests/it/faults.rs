@@ -344,3 +344,117 @@ async fn mock_cluster_broker_faults() {
     assert!(tally.stop().success());
     verify_outputs(&data, &topic, &messages).await;
 }
+
+/// A tolerant request: write errors (the server may close early, e.g. on an
+/// oversized body) are ignored; `0` when no status line came back.
+fn raw(addr: std::net::SocketAddr, method: &str, path: &str, token: Option<&str>, body: &[u8]) -> u16 {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(addr) else { return 0 };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
+    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+    let head = format!("{method} {path} HTTP/1.1\r\nHost: tally\r\nConnection: close\r\n{auth}Content-Length: {}\r\n\r\n", body.len());
+    let _ = s.write_all(head.as_bytes()).and_then(|()| s.write_all(body));
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    String::from_utf8_lossy(&out).get(9..12).and_then(|x| x.parse().ok()).unwrap_or(0)
+}
+
+/// API abuse against `tally serve`: injection strings in every parameter,
+/// a 1 MB id, absurd ranges and limits, an oversized body, wrong tokens and
+/// 10,000 concurrent connections. Nothing crashes or answers 5xx, memory
+/// stays bounded, the server answers normally afterwards, and the tables are
+/// unchanged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_abuse_leaves_server_and_tables_intact() {
+    let dir = test_dir();
+    let data = dir.path().join("data");
+    let file = dir.path().join("seed.jsonl");
+    let now = chrono::Utc::now().timestamp_millis();
+    let seed: Vec<u8> = dataset(91, 3_000, now)
+        .iter()
+        .filter(|m| !m.payload.contains(&b'\n'))
+        .flat_map(|m| m.payload.iter().copied().chain([b'\n']))
+        .collect();
+    std::fs::write(&file, seed).unwrap();
+    let (read, write) = ("read-token-0123456789", "write-token-0123456789");
+    let mut env = TallyEnv::new("127.0.0.1:1", "abuse", "g", &data);
+    env.set("TALLY__API__READ_TOKENS", read);
+    env.set("TALLY__API__WRITE_TOKENS", write);
+    let out = std::process::Command::new(tally_bin()).args(["replay", "--file"]).arg(&file).envs(env.vars.iter().cloned()).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let db = data.join("serving.db");
+    let counts = || async {
+        let mut v = Vec::new();
+        for t in ["minute_video_events", "hour_video_events", "day_video_events", "tally_offsets", "tally_files"] {
+            let sql: &'static str = Box::leak(format!("SELECT '{t}', count(*) FROM {t}").into_boxed_str());
+            v.extend(serving_query_i64(&db, sql).await);
+        }
+        v
+    };
+    let before = counts().await;
+    let mut serve = Tally::serve(&env);
+    let api = env.api;
+    wait_http_ok(api, "/livez", Duration::from_secs(30));
+    let t = Some(read);
+    let day = |ms: i64| rfc3339(ms - ms.rem_euclid(86_400_000));
+    let (start, end) = (day(now), day(now + 86_400_000));
+    let mut statuses = std::collections::BTreeMap::<u16, usize>::new();
+    let mut hit = |method: &str, path: &str, token: Option<&str>, body: &[u8]| {
+        let s = raw(api, method, path, token, body);
+        assert!(s != 0 && s < 500 || s == 503, "{method} {} -> {s}", &path[..path.len().min(120)]);
+        *statuses.entry(s).or_default() += 1;
+        s
+    };
+
+    // Injection strings in every parameter.
+    let evil = ["' OR 1=1 --", "1; DROP TABLE hour_video_events; --", "\" UNION SELECT * FROM tally_offsets --", "%00", "../../etc/passwd", "${jndi:ldap://x}"];
+    for e in evil {
+        let e = e.replace('%', "%25").replace(' ', "%20").replace('"', "%22").replace('\'', "%27").replace(';', "%3B").replace('{', "%7B").replace('}', "%7D");
+        for (k, path) in [
+            ("video_id", format!("/v1/count?video_id={e}&start={start}&end={end}")),
+            ("event_type", format!("/v1/count?video_id=v001&event_type={e}&start={start}&end={end}")),
+            ("start", format!("/v1/count?video_id=v001&start={e}&end={end}")),
+            ("end", format!("/v1/count?video_id=v001&start={start}&end={e}")),
+            ("function", format!("/v1/stats?video_id=v001&function={e}&start={start}&end={end}")),
+            ("granularity", format!("/v1/series?video_id=v001&granularity={e}&start={start}&end={end}")),
+            ("limit", format!("/v1/top?limit={e}&start={start}&end={end}")),
+        ] {
+            let s = hit("GET", &path, t, b"");
+            assert!(s == 200 || s == 400, "{k}: {s}");
+        }
+    }
+    // A 1 MB id, absurd ranges and limits.
+    let big = "v".repeat(1 << 20);
+    hit("GET", &format!("/v1/count?video_id={big}&start={start}&end={end}"), t, b"");
+    assert_eq!(hit("GET", "/v1/count?video_id=v001&start=0001-01-01T00:00:00Z&end=9999-12-31T00:00:00Z", t, b""), 400);
+    assert_eq!(hit("GET", &format!("/v1/top?limit=99999999999999999999999&start={start}&end={end}"), t, b""), 400);
+    assert_eq!(hit("GET", &format!("/v1/top?limit=-1&start={start}&end={end}"), t, b""), 400);
+    // An oversized body, wrong and missing tokens.
+    assert_eq!(hit("POST", "/v1/events", Some(write), &vec![b'x'; 20 << 20]), 413);
+    assert_eq!(hit("GET", &format!("/v1/count?video_id=v001&start={start}&end={end}"), Some("wrong-token-0123456789"), b""), 401);
+    assert_eq!(hit("GET", &format!("/v1/count?video_id=v001&start={start}&end={end}"), None, b""), 401);
+    assert_eq!(hit("POST", "/v1/events", Some(read), b"[]"), 401);
+
+    // 10,000 concurrent connections (beyond api.max_connections = 4096 they are closed).
+    let rss = |pid: u32| rss_kib(pid);
+    let rss_before = rss(serve.child.id());
+    let mut held = Vec::new();
+    for _ in 0..10_000 {
+        if let Ok(s) = std::net::TcpStream::connect(api) {
+            held.push(s);
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rss_held = rss(serve.child.id());
+    assert!(serve.child.try_wait().unwrap().is_none(), "tally serve survived 10k connections");
+    drop(held);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(rss_held < rss_before + 512 * 1024, "memory bounded under 10k connections: {rss_before} -> {rss_held} KiB");
+    let (s, body) = http(api, "GET", &format!("/v1/count?video_id=v001&start={start}&end={end}"), t, b"");
+    assert_eq!(s, 200, "{body}");
+
+    assert!(serve.child.try_wait().unwrap().is_none(), "no crash:\n{}", serve.log_tail());
+    assert!(serve.stop().success());
+    assert_eq!(counts().await, before, "tables intact");
+    eprintln!("api abuse statuses: {statuses:?}");
+}

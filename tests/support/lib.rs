@@ -411,7 +411,14 @@ impl Tally {
     pub fn log_tail(&self) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(40)..].join("\n")
+        // Any panic message first (its backtrace may push it out of the tail).
+        let panics: Vec<String> = lines
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| l.contains("panicked at"))
+            .map(|(i, _)| lines[i..(i + 3).min(lines.len())].join("\n"))
+            .collect();
+        format!("{}\n...\n{}", panics.join("\n"), lines[lines.len().saturating_sub(40)..].join("\n"))
     }
 }
 

@@ -195,34 +195,40 @@ impl ServingStore {
                 Err(e) => return Err(open_err(e.to_string())),
             }
         };
-        // Schema setup in one write transaction: `tally run`, `tally backfill`
-        // and `tally serve` may open a new store at the same moment.
-        let mut tx = pool.begin_with("BEGIN IMMEDIATE").await.map_err(db("begin schema setup"))?;
+        // Schema setup without a long write transaction (readers such as
+        // `tally verify` open the store while `tally run` commits), and safe
+        // when several processes open a new store at once: every statement is
+        // idempotent (IF NOT EXISTS; a concurrent ADD COLUMN is re-checked).
+        let mut conn = pool.acquire().await.map_err(db("schema setup"))?;
         for stmt in BOOKKEEPING {
-            sqlx::query(*stmt).execute(&mut *tx).await.map_err(db("create bookkeeping tables"))?;
+            sqlx::query(*stmt).execute(&mut *conn).await.map_err(db("create bookkeeping tables"))?;
         }
         // Stores created before `as_of` existed lack these columns.
-        let cols: Vec<String> = sqlx::query("SELECT name FROM pragma_table_info('tally_offsets')")
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(db("inspect tally_offsets"))?
-            .iter()
-            .filter_map(|r| r.try_get::<String, _>(0).ok())
-            .collect();
         for col in ["max_event_ms", "caught_up_ms"] {
+            let cols: Vec<String> = sqlx::query("SELECT name FROM pragma_table_info('tally_offsets')")
+                .fetch_all(&mut *conn)
+                .await
+                .map_err(db("inspect tally_offsets"))?
+                .iter()
+                .filter_map(|r| r.try_get::<String, _>(0).ok())
+                .collect();
             if !cols.iter().any(|c| c == col) {
-                sqlx::query(AssertSqlSafe(format!("ALTER TABLE tally_offsets ADD COLUMN {col} INTEGER")))
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(db("upgrade tally_offsets"))?;
+                let added = sqlx::query(AssertSqlSafe(format!("ALTER TABLE tally_offsets ADD COLUMN {col} INTEGER")))
+                    .execute(&mut *conn)
+                    .await;
+                if let Err(e) = added {
+                    if !e.to_string().contains("duplicate column") {
+                        return Err(db("upgrade tally_offsets")(e));
+                    }
+                }
             }
         }
         let mut tables = Vec::new();
         for def in rollups {
-            ensure_table(&mut tx, def, window_index).await?;
+            ensure_table(&mut conn, def, window_index).await?;
             tables.push(TableSpec::new(def));
         }
-        tx.commit().await.map_err(db("commit schema setup"))?;
+        drop(conn);
         Ok(ServingStore { pool, url: url.to_string(), tables })
     }
 
@@ -536,7 +542,7 @@ async fn ensure_table(
             .collect();
         let keys: Vec<String> = def.keys().iter().map(|c| quote(&c.name)).collect();
         cols.push(format!("PRIMARY KEY ({})", keys.join(", ")));
-        let ddl = format!("CREATE TABLE {} (\n  {}\n) WITHOUT ROWID", quote(&def.name), cols.join(",\n  "));
+        let ddl = format!("CREATE TABLE IF NOT EXISTS {} (\n  {}\n) WITHOUT ROWID", quote(&def.name), cols.join(",\n  "));
         sqlx::query(AssertSqlSafe(ddl)).execute(&mut *conn).await.map_err(db("create rollup table"))?;
         sqlx::query(AssertSqlSafe(index)).execute(&mut *conn).await.map_err(db("create or drop the rollup window index"))?;
         return Ok(());

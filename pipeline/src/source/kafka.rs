@@ -27,6 +27,18 @@ use crate::config::KafkaConfig;
 use crate::metrics::Metrics;
 use crate::sink::{ParquetArchiveSink, ServingStore};
 
+/// Run `fut` to completion from a rebalance callback. It normally runs on
+/// the consumer thread, but librdkafka also calls it while the consumer is
+/// dropped (closing), which can happen on a runtime thread at shutdown; there
+/// a plain `block_on` would panic, so leave the runtime context first.
+fn block_on<F: std::future::Future>(handle: &tokio::runtime::Handle, fut: F) -> F::Output {
+    if tokio::runtime::Handle::try_current().is_ok() {
+        tokio::task::block_in_place(|| handle.block_on(fut))
+    } else {
+        handle.block_on(fut)
+    }
+}
+
 /// State shared by the consumer thread, its rebalance callback and the committer.
 #[derive(Debug, Default)]
 pub struct ConsumerControl {
@@ -104,7 +116,7 @@ impl TallyContext {
         }
         let mut attempt = 0u32;
         let stored = loop {
-            match self.handle.block_on(self.store.load_offsets(&self.topic)) {
+            match block_on(&self.handle, self.store.load_offsets(&self.topic)) {
                 Ok(s) => break s,
                 Err(e) => {
                     attempt += 1;
@@ -118,7 +130,7 @@ impl TallyContext {
         // Only hidden files here: a complete file beyond the stored offset may
         // belong to a zombie that can still commit before we do; such files are
         // removed after our first commit on the partition (pipeline.rs).
-        match self.handle.block_on(self.archive.remove_in_progress(&self.topic, &wanted)) {
+        match block_on(&self.handle, self.archive.remove_in_progress(&self.topic, &wanted)) {
             Ok(removed) if !removed.is_empty() => {
                 tracing::warn!(count = removed.len(), "removed orphan archive files left by a crash")
             }
@@ -138,6 +150,15 @@ impl ConsumerContext for TallyContext {
         self.control.rebalanced.store(true, Ordering::Release);
         let cooperative = matches!(consumer.rebalance_protocol(), RebalanceProtocol::Cooperative);
         match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS if self.control.shutdown.load(Ordering::Acquire) => {
+                // Closing (at shutdown): nothing will be consumed, so neither
+                // wait for the committer nor read offsets; accept and move on.
+                tracing::info!(count = tpl.count(), "partitions assigned while shutting down; not consuming them");
+                let r = if cooperative { consumer.incremental_assign(tpl) } else { consumer.assign(tpl) };
+                if let Err(e) = r {
+                    tracing::error!(error = %e, "assign failed");
+                }
+            }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
                 let parts: Vec<i32> = tpl
                     .elements()
