@@ -48,7 +48,7 @@ soak: $(TANSU) release
 	$(CARGO) build --workspace --all-targets
 	TALLY_BIN=$(CURDIR)/target/release/tally SOAK_EVENTS=$(SOAK_EVENTS) SOAK_KILLS=$(SOAK_KILLS) \
 	  $(CARGO) test --workspace --test it soak_kill_loop -- --ignored --nocapture
-	TALLY_BIN=$(CURDIR)/target/release/tally $(CARGO) test --workspace --test it -- faults:: crash:: replay:: --test-threads=2 --nocapture 2>&1 | grep -E "^test |survived|SOAK|test result"
+	set -o pipefail; TALLY_BIN=$(CURDIR)/target/release/tally $(CARGO) test --workspace --test it -- faults:: crash:: replay:: --test-threads=2 --nocapture 2>&1 | grep -E "^test |survived|SOAK|test result"
 
 unit:
 	$(CARGO) test -p tally --lib

@@ -174,7 +174,9 @@ pub struct MockBroker {
 impl MockBroker {
     pub fn start(topic: &str, partitions: i32) -> MockBroker {
         use std::io::BufRead;
-        let bin = tally_bin().with_file_name("mock_broker");
+        // Built with the tests (not next to TALLY_BIN, which may be a release tally).
+        let exe = std::env::current_exe().unwrap();
+        let bin = exe.parent().unwrap().parent().unwrap().join("mock_broker");
         let mut child = Command::new(&bin)
             .args([topic, &partitions.to_string()])
             .stdin(Stdio::piped())
