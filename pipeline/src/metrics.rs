@@ -88,6 +88,8 @@ pub struct Metrics {
     /// Newest event time committed by this process (epoch ms; 0: none yet).
     pub newest_committed_event_ms: AtomicI64,
     consumer_lag: Mutex<BTreeMap<i32, i64>>,
+    /// Partition -> next offset committed to the serving store by this process.
+    committed_offsets: Mutex<BTreeMap<i32, i64>>,
     http: Mutex<BTreeMap<(String, u16), u64>>,
     http_duration: Mutex<BTreeMap<String, std::sync::Arc<Histogram>>>,
 }
@@ -118,6 +120,7 @@ impl Metrics {
             verify_runs: AtomicU64::new(0),
             verify_drift_rows: AtomicI64::new(-1),
             consumer_lag: Mutex::new(BTreeMap::new()),
+            committed_offsets: Mutex::new(BTreeMap::new()),
             http: Mutex::new(BTreeMap::new()),
             http_duration: Mutex::new(BTreeMap::new()),
         }
@@ -136,6 +139,19 @@ impl Metrics {
         if let Ok(mut m) = self.consumer_lag.lock() {
             *m = lag;
         }
+    }
+
+    /// Record a serving-store commit: `partition` is committed up to `next_offset`.
+    pub fn set_committed_offset(&self, partition: i32, next_offset: i64) {
+        if let Ok(mut m) = self.committed_offsets.lock() {
+            let e = m.entry(partition).or_insert(next_offset);
+            *e = (*e).max(next_offset);
+        }
+    }
+
+    /// The next offset this process committed to the serving store for `partition`.
+    pub fn committed_offset(&self, partition: i32) -> Option<i64> {
+        self.committed_offsets.lock().ok()?.get(&partition).copied()
     }
 
     pub fn observe_http(&self, route: &str, status: u16, seconds: f64) {
@@ -205,7 +221,7 @@ impl Metrics {
         counter(o, "tally_raw_bytes_written_total", "Parquet bytes written to the raw archive and the dead-letter dataset.", load(&self.raw_bytes_written));
         counter(o, "tally_archive_files_written_total", "Parquet files written to the raw archive and the dead-letter dataset.", load(&self.archive_files_written));
         counter(o, "tally_rollup_rows_merged_total", "Rollup rows merged into the serving store.", load(&self.rollup_rows_merged));
-        header(o, "tally_consumer_lag_messages", "gauge", "Messages between the consumer position and the partition end (librdkafka statistics).");
+        header(o, "tally_consumer_lag_messages", "gauge", "Messages between the offsets committed to the serving store and the partition end (librdkafka statistics).");
         if let Ok(m) = self.consumer_lag.lock() {
             for (p, lag) in m.iter() {
                 let _ = writeln!(o, "tally_consumer_lag_messages{{partition=\"{p}\"}} {lag}");

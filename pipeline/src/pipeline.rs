@@ -204,6 +204,9 @@ fn record_commit(metrics: &Metrics, batch: &Batch, files: &[crate::sink::Written
     add(&metrics.raw_bytes_written, files.iter().map(|f| f.bytes).sum());
     add(&metrics.archive_files_written, files.len() as u64);
     add(&metrics.rollup_rows_merged, rows_merged);
+    for (partition, range) in &batch.partitions {
+        metrics.set_committed_offset(*partition, range.next_offset());
+    }
     if let Some(newest) = batch.max_event_ms.values().max() {
         metrics.newest_committed_event_ms.fetch_max(*newest, Ordering::Relaxed);
     }

@@ -284,9 +284,11 @@ async fn mock_cluster_broker_faults() {
     let parts: Vec<&[Message]> = messages.chunks(1_200).collect();
     let data = dir.path().join("data");
     let db = data.join("serving.db");
-    let env = TallyEnv::new(&mock.bootstrap, &topic, &unique("g"), &data);
+    let mut env = TallyEnv::new(&mock.bootstrap, &topic, &unique("g"), &data);
+    env.set("TALLY__KAFKA__PROPERTIES__STATISTICS_INTERVAL_MS", "500");
     let mut tally = Tally::start(&env);
     let api = env.api;
+    let lag = LagSampler::start(api);
     let mut sent = 0;
     let step = |tally_alive: &mut Tally, what: &str| {
         assert!(tally_alive.child.try_wait().unwrap().is_none(), "tally crashed during {what}:\n{}", tally_alive.log_tail());
@@ -341,8 +343,64 @@ async fn mock_cluster_broker_faults() {
     assert_eq!(end.values().sum::<i64>(), messages.len() as i64);
     wait_committed(&db, &topic, &end, Duration::from_secs(120), &mut tally).await;
     wait_http_ok(api, "/readyz", Duration::from_secs(30));
+    // The consumer lag rose during the faults and drains to zero.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while consumer_lag(api) != Some(0) {
+        assert!(std::time::Instant::now() < deadline, "lag never drained: {:?}", consumer_lag(api));
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let peak = lag.stop();
+    assert!(peak > 0, "tally_consumer_lag_messages never rose during the faults");
+    eprintln!("peak consumer lag during the faults: {peak} messages; drained to 0");
     assert!(tally.stop().success());
     verify_outputs(&data, &topic, &messages).await;
+}
+
+/// Sum of `tally_consumer_lag_messages` over partitions; `None` when the
+/// metric has no partitions yet (or /metrics does not answer).
+fn consumer_lag(api: std::net::SocketAddr) -> Option<i64> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(api).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: tally\r\nConnection: close\r\n\r\n").ok()?;
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).ok()?;
+    let body = String::from_utf8_lossy(&out);
+    if body.get(9..12) != Some("200") {
+        return None;
+    }
+    let values: Vec<i64> = body
+        .lines()
+        .filter(|l| l.starts_with("tally_consumer_lag_messages{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+        .collect();
+    (!values.is_empty()).then(|| values.iter().sum())
+}
+
+/// Samples the consumer lag every 250 ms in a thread; `stop` returns the peak.
+struct LagSampler {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<i64>,
+}
+
+impl LagSampler {
+    fn start(api: std::net::SocketAddr) -> LagSampler {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut peak = 0;
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                peak = peak.max(consumer_lag(api).unwrap_or(0));
+                std::thread::sleep(Duration::from_millis(250));
+            }
+            peak
+        });
+        LagSampler { stop, thread }
+    }
+    fn stop(self) -> i64 {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().unwrap_or(0)
+    }
 }
 
 /// A tolerant request: write errors (the server may close early, e.g. on an
@@ -457,4 +515,115 @@ async fn api_abuse_leaves_server_and_tables_intact() {
     assert!(serve.stop().success());
     assert_eq!(counts().await, before, "tables intact");
     eprintln!("api abuse statuses: {statuses:?}");
+}
+
+/// A tmpfs mounted for one test, unmounted (lazily) when dropped.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(at: &std::path::Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(at).unwrap();
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(at)
+            .output()
+            .expect("run mount");
+        assert!(
+            out.status.success(),
+            "the disk-full test mounts a small tmpfs and needs root (CAP_SYS_ADMIN): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Tmpfs(at.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// Write zeros into `path` until the file system says it is full.
+fn fill_disk(path: &std::path::Path) -> u64 {
+    use std::io::Write;
+    let mut f = std::fs::File::create(path).unwrap();
+    let chunk = vec![0u8; 64 * 1024];
+    let mut written = 0u64;
+    loop {
+        match f.write(&chunk) {
+            Ok(0) => break,
+            Ok(n) => written += n as u64,
+            Err(e) if e.raw_os_error() == Some(28) => break, // ENOSPC
+            Err(e) => panic!("filling the disk: {e}"),
+        }
+    }
+    let _ = f.sync_all();
+    written
+}
+
+fn metric(api: std::net::SocketAddr, name: &str) -> f64 {
+    let (status, body) = http(api, "GET", "/metrics", None, b"");
+    assert_eq!(status, 200);
+    body.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(' ')).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or(0.0)
+}
+
+/// The data directory (archive, dead letters and the SQLite serving store)
+/// is a 48 MB tmpfs, filled up mid-ingest: commits fail with ENOSPC and
+/// retry (the error is logged and counted in `tally_commit_errors_total`),
+/// offsets do not advance, DataFusion still reads the archive (nothing
+/// partial is visible), and once space is freed tally resumes by itself and
+/// every count is exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disk_full_surfaces_errors_and_resumes_when_space_is_freed() {
+    let dir = test_dir();
+    let data = dir.path().join("data");
+    let _tmpfs = Tmpfs::mount(&data, "48m");
+    let broker = Broker::start(dir.path());
+    let topic = unique("diskfull");
+    broker.create_topic(&topic, 2).await;
+    let now = chrono::Utc::now().timestamp_millis();
+    let messages = dataset(81, 12_000, now);
+    let (first, second) = messages.split_at(4_000);
+    let db = data.join("serving.db");
+    let mut env = TallyEnv::new(&broker.bootstrap(), &topic, &unique("g"), &data);
+    env.log = dir.path().join("tally.log"); // not on the full disk
+    env.set("TALLY__BATCH__MAX_ROWS", "500");
+    let mut tally = Tally::start(&env);
+    produce(&broker.bootstrap(), &topic, first).await;
+    let end_first = broker.end_offsets(&topic, 2);
+    wait_committed(&db, &topic, &end_first, Duration::from_secs(120), &mut tally).await;
+
+    let filler = data.join("filler");
+    let filled = fill_disk(&filler);
+    assert!(filled > 0);
+    produce(&broker.bootstrap(), &topic, second).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while metric(env.api, "tally_commit_errors_total") < 1.0 {
+        assert!(std::time::Instant::now() < deadline, "no commit error surfaced on a full disk:\n{}", tally.log_tail());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let before = crate::crash::committed_total(&db).await;
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let during = crate::crash::committed_total(&db).await;
+    assert_eq!(during, before, "offsets do not advance while the disk is full");
+    assert_eq!(before, first.len() as i64, "nothing of the second half committed on a full disk");
+    assert!(tally.child.try_wait().unwrap().is_none(), "tally survives a full disk:\n{}", tally.log_tail());
+    // Whatever is visible in the archive is complete: DataFusion reads it all.
+    let raw = data.join("raw/events");
+    let rows = datafusion_rows(&[
+        format!("CREATE EXTERNAL TABLE events STORED AS PARQUET LOCATION '{}/'", raw.display()),
+        "SELECT count(*) >= 0 FROM events".into(),
+    ])
+    .await;
+    assert_eq!(rows[0][0], "true");
+    let log = std::fs::read_to_string(&env.log).unwrap_or_default();
+    assert!(log.contains("No space left on device"), "the error names the cause:\n{}", tally.log_tail());
+
+    std::fs::remove_file(&filler).unwrap();
+    let end = broker.end_offsets(&topic, 2);
+    wait_committed(&db, &topic, &end, Duration::from_secs(120), &mut tally).await;
+    assert!(tally.stop().success(), "clean exit: {}", tally.log_tail());
+    verify_outputs(&data, &topic, &messages).await;
 }

@@ -99,8 +99,14 @@ impl ClientContext for TallyContext {
             .map(|t| {
                 t.partitions
                     .iter()
-                    .filter(|(p, part)| **p >= 0 && owned.contains(p) && part.consumer_lag >= 0)
-                    .map(|(p, part)| (*p, part.consumer_lag))
+                    .filter(|(p, _)| **p >= 0 && owned.contains(p))
+                    .filter_map(|(p, part)| {
+                        // The serving store holds the real position; Kafka's group
+                        // commit is a hint that may fail or lag behind it.
+                        let end = if part.ls_offset >= 0 { part.ls_offset } else { part.hi_offset };
+                        let position = part.committed_offset.max(self.metrics.committed_offset(*p).unwrap_or(-1));
+                        (end >= 0 && position >= 0).then(|| (*p, (end - position).max(0)))
+                    })
                     .collect()
             })
             .unwrap_or_default();
@@ -175,6 +181,11 @@ impl ConsumerContext for TallyContext {
                     }
                 }
                 tracing::info!(partitions = ?stored, "partitions assigned; starting from stored offsets");
+                for (p, next) in &stored {
+                    if let Some(n) = next {
+                        self.metrics.set_committed_offset(*p, *n);
+                    }
+                }
                 if let Ok(mut map) = self.control.partitions.lock() {
                     if !cooperative {
                         map.clear();
