@@ -82,6 +82,7 @@ async fn kill_loop(events: usize, kills: usize, min_kills: usize, budget: Durati
     let log = std::fs::read_to_string(&env.log).unwrap_or_default();
     assert!(!log.contains("panicked"), "tally panicked:\n{log}");
     crate::e2e::verify_outputs(&data, &topic, &messages).await;
+    report_faults(&[("sigkill", done)]);
     done
 }
 
@@ -146,6 +147,7 @@ async fn failpoints_around_the_commit_leave_no_trace() {
     let log = std::fs::read_to_string(&env.log).unwrap_or_default();
     assert!(log.contains("removed orphan archive files"), "orphans were cleaned up:\n{log}");
     crate::e2e::verify_outputs(&data, &topic, &messages).await;
+    report_faults(&[("failpoint_crashes", 4)]);
 }
 
 fn wait_exit(t: &mut Tally, timeout: Duration) -> std::process::ExitStatus {
@@ -214,4 +216,5 @@ async fn sigterm_and_ctrl_c_mid_ingest_exit_cleanly_and_stay_exact() {
     let log = std::fs::read_to_string(&env.log).unwrap_or_default();
     assert!(!log.contains("panicked"), "tally panicked:\n{log}");
     crate::e2e::verify_outputs(&data, &topic, &messages).await;
+    report_faults(&[("sigterm", 2), ("sigint", 2)]);
 }

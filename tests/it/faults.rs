@@ -71,6 +71,7 @@ async fn poison_pills_go_to_the_dead_letter_dataset_and_partitions_keep_flowing(
     // The DLQ keeps a bounded prefix of each payload, not 10 MB.
     let dlq_bytes: u64 = files_under(&data.join("dlq")).iter().map(|f| std::fs::metadata(data.join("dlq").join(f)).unwrap().len()).sum();
     assert!(dlq_bytes < 1 << 20, "dead letters are truncated ({dlq_bytes} bytes)");
+    report_faults(&[("poison_pills", n)]);
 }
 
 /// Another process holds the SQLite serving store locked (an exclusive write
@@ -126,6 +127,7 @@ async fn locked_serving_store_retries_pauses_and_recovers() {
     let log = std::fs::read_to_string(&env.log).unwrap_or_default();
     assert!(log.contains("batch commit failed; retrying"), "commits were retried:\n{}", tally.log_tail());
     verify_outputs(&data, &topic, &messages).await;
+    report_faults(&[("serving_store_locked_12s", 1), ("commit_retries", log.matches("batch commit failed; retrying").count())]);
 }
 
 fn rss_kib(pid: u32) -> u64 {
@@ -177,6 +179,7 @@ async fn broker_killed_and_restarted_mid_ingest() {
     wait_http_ok(api, "/readyz", Duration::from_secs(30));
     assert!(tally.stop().success());
     verify_outputs(&data, &topic, &messages).await;
+    report_faults(&[("broker_kill9", 1)]);
 }
 
 /// Two `tally run` instances in one consumer group: one is stopped and
@@ -267,6 +270,11 @@ async fn rebalances_and_a_frozen_zombie_stay_exact() {
         logs.matches("dropping a batch from before a rebalance").count()
     );
     verify_outputs(&data, &topic, &messages).await;
+    report_faults(&[
+        ("rebalances", logs.matches("partitions assigned").count()),
+        ("zombie_sigstop", 1),
+        ("fenced_commits", logs.matches("batch fenced").count()),
+    ]);
 }
 
 /// Broker faults from librdkafka's mock cluster (in a helper process):
@@ -354,6 +362,13 @@ async fn mock_cluster_broker_faults() {
     eprintln!("peak consumer lag during the faults: {peak} messages; drained to 0");
     assert!(tally.stop().success());
     verify_outputs(&data, &topic, &messages).await;
+    report_faults(&[
+        ("fetch_errors", 30),
+        ("offsetcommit_errors", 30),
+        ("slow_broker", 1),
+        ("leaderless_partition", 1),
+        ("broker_outage_30s", 1),
+    ]);
 }
 
 /// Sum of `tally_consumer_lag_messages` over partitions; `None` when the
@@ -515,6 +530,7 @@ async fn api_abuse_leaves_server_and_tables_intact() {
     assert!(serve.stop().success());
     assert_eq!(counts().await, before, "tables intact");
     eprintln!("api abuse statuses: {statuses:?}");
+    report_faults(&[("hostile_requests", statuses.values().sum()), ("concurrent_connections", 10_000)]);
 }
 
 /// A tmpfs mounted for one test, unmounted (lazily) when dropped.
@@ -626,4 +642,6 @@ async fn disk_full_surfaces_errors_and_resumes_when_space_is_freed() {
     wait_committed(&db, &topic, &end, Duration::from_secs(120), &mut tally).await;
     assert!(tally.stop().success(), "clean exit: {}", tally.log_tail());
     verify_outputs(&data, &topic, &messages).await;
+    let log = std::fs::read_to_string(&env.log).unwrap_or_default();
+    report_faults(&[("disk_full", 1), ("commit_retries", log.matches("batch commit failed; retrying").count())]);
 }

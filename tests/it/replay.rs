@@ -99,6 +99,7 @@ async fn replay_is_exact_idempotent_and_survives_sigkill() {
     assert!(kills >= 3, "the replay was killed mid-flight {kills} times");
     replay(&env, &file);
     verify_outputs(&data, "replay.big", &messages).await;
+    report_faults(&[("sigkill", kills)]);
 }
 
 /// Deterministic, varied delays before each kill.

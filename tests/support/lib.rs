@@ -578,3 +578,10 @@ pub fn wait_http_ok(addr: std::net::SocketAddr, path: &str, timeout: Duration) {
 pub fn rfc3339(ms: i64) -> String {
     chrono::DateTime::from_timestamp_millis(ms).unwrap().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
 }
+
+/// Print what a fault test injected and survived, one `FAULTS name=n ...`
+/// line; `make soak` sums these over its run.
+pub fn report_faults(faults: &[(&str, usize)]) {
+    let parts: Vec<String> = faults.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    println!("FAULTS {}", parts.join(" "));
+}
