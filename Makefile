@@ -7,7 +7,7 @@ TANSU_VERSION := 0.6.0
 BROKER_PORT ?= 9092
 export TANSU_BIN := $(TANSU)
 
-.PHONY: all build release tansu broker topic run test soak unit check-sql lint bench bench-api report-demo clean
+.PHONY: all build release tansu postgres broker topic run test soak unit check-sql lint bench bench-api report-demo clean
 
 all: build
 
@@ -21,6 +21,11 @@ release:
 tansu: $(TANSU)
 $(TANSU):
 	$(CARGO) install tansu --locked --version $(TANSU_VERSION) --features dynostore,libsql
+
+## postgres: a local PostgreSQL on 127.0.0.1:5432 with role and database `tally` (password
+## `tally`) for the PostgreSQL serving-store tests; installs Debian's postgresql when absent.
+postgres:
+	scripts/postgres.sh
 
 ## broker: run tansu on 127.0.0.1:$(BROKER_PORT) in the foreground (storage in data/tansu/).
 broker: $(TANSU)
@@ -36,7 +41,7 @@ run: $(TANSU) release
 ## test: the one test command (unit, property, SQL, end-to-end and crash tests).
 # --all-targets resolves features exactly as `cargo test --workspace` does, so the
 # tally binary the black-box tests run and the test binaries share one build.
-test: $(TANSU)
+test: $(TANSU) postgres
 	$(CARGO) build --workspace --all-targets
 	$(CARGO) test --workspace --no-fail-fast -- --test-threads=2
 
@@ -44,11 +49,11 @@ test: $(TANSU)
 ## SOAK_KILLS), then the fault and crash tests again, all against a release tally.
 SOAK_EVENTS ?= 1000000
 SOAK_KILLS ?= 20
-soak: $(TANSU) release
+soak: $(TANSU) postgres release
 	$(CARGO) build --workspace --all-targets
 	TALLY_BIN=$(CURDIR)/target/release/tally SOAK_EVENTS=$(SOAK_EVENTS) SOAK_KILLS=$(SOAK_KILLS) \
 	  $(CARGO) test --workspace --test it soak_kill_loop -- --ignored --nocapture
-	set -o pipefail; TALLY_BIN=$(CURDIR)/target/release/tally $(CARGO) test --workspace --test it -- faults:: crash:: replay:: --test-threads=2 --nocapture 2>&1 | tee target/soak-faults.log | grep -E "^test |survived|SOAK|FAULTS|test result"
+	set -o pipefail; TALLY_BIN=$(CURDIR)/target/release/tally $(CARGO) test --workspace --test it -- faults:: crash:: replay:: postgres:: --test-threads=2 --nocapture 2>&1 | tee target/soak-faults.log | grep -E "^test |survived|SOAK|FAULTS|test result"
 	@grep -h "^FAULTS" target/soak-faults.log | tr ' ' '\n' | grep = | awk -F= '{n[$$1]+=$$2; t+=$$2} END {printf "SOAK faults injected and survived, counts exact after each: "; for (k in n) printf "%s=%d ", k, n[k]; printf "(total %d, plus the kill loop above)\n", t}'
 
 unit:

@@ -25,13 +25,35 @@ export TALLY__STORAGE__DATA_DIR="$OUT/data"
 echo "pre-filling $N events..." >&2
 "$TALLY" --log warn produce --count "$N" --videos 100000 --zipf 1.1 --time-spread 1h 2>&1 | tail -1 >&2
 
-start=$(date +%s.%N)
-"$TALLY" --log warn run 2>"$OUT/tally.log" &
-TPID=$!
-pids+=($TPID)
-python3 - "$OUT/data/serving.db" "$N" "$TPID" "$start" <<'PY'
-import os, sqlite3, sys, time
-db, n, pid, start = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+postgres_cpu() {  # CPU seconds (user+sys) of every postgres process so far
+  python3 - <<'PY'
+import os
+tick = os.sysconf("SC_CLK_TCK"); total = 0
+for pid in filter(str.isdigit, os.listdir("/proc")):
+    try:
+        if open(f"/proc/{pid}/comm").read().strip() in ("postgres", "postmaster"):
+            f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+            total += int(f[11]) + int(f[12])
+    except OSError:
+        pass
+print(total / tick)
+PY
+}
+
+# drain STORE_URL LABEL: time `tally run` (own consumer group) draining the topic into STORE_URL.
+drain() {
+  local url=$1 label=$2 api
+  api=$(free_port)
+  local pg0; pg0=$(postgres_cpu)
+  local start; start=$(date +%s.%N)
+  TALLY__KAFKA__PROPERTIES__GROUP_ID="bench-$label" TALLY__SERVING__URL="$url" TALLY__STORAGE__DATA_DIR="$OUT/data-$label" \
+    TALLY__API__LISTEN="127.0.0.1:$api" "$TALLY" --log warn run 2>"$OUT/tally-$label.log" &
+  local tpid=$!
+  pids+=($tpid)
+  python3 - "$url" "$N" "$tpid" "$start" "$api" "$label" "$pg0" <<'PY'
+import os, sqlite3, subprocess, sys, time, urllib.request
+url, n, pid, start, api, label, pg0 = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), sys.argv[5], sys.argv[6], float(sys.argv[7])
 tick = os.sysconf("SC_CLK_TCK")
 def cpu():
     f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
@@ -40,34 +62,70 @@ def hwm():
     for line in open(f"/proc/{pid}/status"):
         if line.startswith("VmHWM"):
             return int(line.split()[1]) / 1024
+def postgres_cpu():
+    total = 0
+    for p in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if open(f"/proc/{p}/comm").read().strip() in ("postgres", "postmaster"):
+                f = open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()
+                total += int(f[11]) + int(f[12])
+        except OSError:
+            pass
+    return total / tick
+def committed():
+    q = "SELECT coalesce(sum(next_offset),0) FROM tally_offsets"
+    if url.startswith("postgres"):
+        r = subprocess.run(["psql", url, "-tAc", q], capture_output=True, text=True)
+        return int(r.stdout.strip() or 0) if r.returncode == 0 else 0
+    try:
+        c = sqlite3.connect(f"file:{url[len('sqlite://'):]}?mode=ro", uri=True, timeout=5)
+        v = c.execute(q).fetchone()[0]
+        c.close()
+        return v
+    except sqlite3.Error:
+        return 0
+def metric(name):
+    try:
+        body = urllib.request.urlopen(f"http://127.0.0.1:{api}/metrics", timeout=5).read().decode()
+    except OSError:
+        return 0
+    for line in body.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return 0
 deadline = time.time() + 1800
 done = 0
 while time.time() < deadline:
-    try:
-        c = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
-        done = c.execute("SELECT coalesce(sum(next_offset),0) FROM tally_offsets").fetchone()[0]
-        c.close()
-    except sqlite3.Error:
-        pass
+    done = committed()
     if done >= n:
         break
     time.sleep(0.05)
 wall = time.time() - start
 c = cpu()
-print()
-print(f"| metric | value |")
-print(f"|---|---|")
-print(f"| events drained | {done} |")
-print(f"| wall time (s) | {wall:.2f} |")
-print(f"| events/s | {done / wall:,.0f} |")
-print(f"| tally CPU (user+sys, s) | {c:.2f} |")
-print(f"| events per CPU-second | {done / c:,.0f} |")
-print(f"| peak RSS (MiB) | {hwm():.0f} |")
+rows = metric("tally_rollup_rows_merged_total")
+pg = 0.0
+if url.startswith("postgres"):
+    pg = postgres_cpu() - pg0
+share = f"{100 * pg / (c + pg):.0f}% (PostgreSQL server {pg:.2f} CPU-s)" if pg else "in-process"
+print(f"| {label} | {done} | {wall:.2f} | {done / wall:,.0f} | {c:.2f} | {done / c:,.0f} | {rows / wall:,.0f} | {share} | {hwm():.0f} |")
 PY
-du -sh "$OUT/data/raw" | awk '{print "| raw archive size | "$1" |"}'
+  kill -TERM "$tpid" 2>/dev/null || true
+  wait "$tpid" 2>/dev/null || true
+}
 
-kill -TERM "$TPID" 2>/dev/null || true
-wait "$TPID" 2>/dev/null || true
+echo
+echo "| serving store | events drained | wall s | events/s | tally CPU s | events per CPU-s | rollup rows upserted/s | server CPU share | peak RSS MiB |"
+echo "|---|---|---|---|---|---|---|---|---|"
+drain "sqlite://$OUT/data-sqlite/serving.db" sqlite
+if [ -z "${BENCH_SKIP_POSTGRES:-}" ]; then
+  scripts/postgres.sh 2>/dev/null
+  PGDB="tally_bench_$$"
+  psql postgres://tally:tally@127.0.0.1:5432/tally -qc "CREATE DATABASE $PGDB"
+  drain "postgres://tally:tally@127.0.0.1:5432/$PGDB" postgres
+  psql postgres://tally:tally@127.0.0.1:5432/tally -qc "DROP DATABASE $PGDB WITH (FORCE)"
+fi
+echo
+du -sh "$OUT/data-sqlite/raw" | awk '{print "raw archive size: "$1}'
 
 # Backfill speed over a 10M-event archive (loaded without the broker).
 scripts/bench-backfill.sh

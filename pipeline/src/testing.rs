@@ -68,3 +68,34 @@ pub async fn seed(settings: &Settings, payloads: &[String], now: i64, batches: u
     store.close().await;
     (catalog, schema)
 }
+
+/// A new, empty PostgreSQL database for one test, on the server named by
+/// `TALLY_TEST_PG_URL` (default: the one `scripts/postgres.sh` starts).
+pub async fn pg_database() -> String {
+    use sqlx::Connection;
+    let base = std::env::var("TALLY_TEST_PG_URL").unwrap_or_else(|_| "postgres://tally:tally@127.0.0.1:5432/tally".into());
+    let mut conn = sqlx::PgConnection::connect(&base)
+        .await
+        .unwrap_or_else(|e| panic!("PostgreSQL at {base} is needed (run scripts/postgres.sh or `make postgres`): {e}"));
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let name = format!(
+        "tally_t{}_{}_{}",
+        std::process::id(),
+        N.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+        chrono::Utc::now().timestamp_micros() % 1_000_000
+    );
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&mut conn).await.unwrap();
+    conn.close().await.unwrap();
+    let (head, _) = base.rsplit_once('/').unwrap();
+    format!("{head}/{name}")
+}
+
+/// Drop a database made by [`pg_database`].
+pub async fn drop_pg_database(url: &str) {
+    use sqlx::Connection;
+    let base = std::env::var("TALLY_TEST_PG_URL").unwrap_or_else(|_| "postgres://tally:tally@127.0.0.1:5432/tally".into());
+    let (_, name) = url.rsplit_once('/').unwrap();
+    if let Ok(mut conn) = sqlx::PgConnection::connect(&base).await {
+        let _ = sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))).execute(&mut conn).await;
+    }
+}

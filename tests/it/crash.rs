@@ -87,11 +87,12 @@ async fn kill_loop(events: usize, kills: usize, min_kills: usize, budget: Durati
 }
 
 pub(crate) async fn committed_total(db: &std::path::Path) -> i64 {
-    if !db.exists() {
+    if !store_exists(db) {
         return 0;
     }
-    serving_query_i64(db, "SELECT 'total', coalesce(sum(next_offset), 0) FROM tally_offsets")
+    try_serving_query_i64(db, "SELECT 'total', CAST(coalesce(sum(next_offset), 0) AS BIGINT) FROM tally_offsets")
         .await
+        .unwrap_or_default()
         .first()
         .map_or(0, |(_, v)| *v)
 }

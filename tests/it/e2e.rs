@@ -7,7 +7,12 @@ use std::time::Duration;
 use tally_tests::*;
 
 pub async fn verify_outputs(data: &std::path::Path, topic: &str, messages: &[Message]) {
-    let db = data.join("serving.db");
+    verify_outputs_in(data, &data.join("serving.db"), topic, messages).await;
+}
+
+/// [`verify_outputs`] with the serving store at `db` (a SQLite path or a PostgreSQL URL).
+pub async fn verify_outputs_in(data: &std::path::Path, db: &std::path::Path, topic: &str, messages: &[Message]) {
+    let db = db.to_path_buf();
     // Rollups equal the exact computation, row for row.
     for (table, width) in [("minute_video_events", 60_000), ("hour_video_events", 3_600_000), ("day_video_events", 86_400_000)] {
         let want = expected_rollup(messages, width);

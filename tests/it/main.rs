@@ -5,4 +5,5 @@ mod cli;
 pub(crate) mod crash;
 mod e2e;
 mod faults;
+mod postgres;
 mod replay;

@@ -324,26 +324,41 @@ pub fn expected_rollup(messages: &[Message], width_ms: i64) -> Expected {
     out
 }
 
-/// Read a rollup table from the serving SQLite file.
+/// A serving store in these tests: the path of a SQLite file, or a
+/// `postgres://` URL held in a path (see [`pg_store`]).
+pub fn pg_url(db: &Path) -> Option<&str> {
+    db.to_str().filter(|s| s.starts_with("postgres://"))
+}
+
+/// Does the serving store exist yet?
+pub fn store_exists(db: &Path) -> bool {
+    pg_url(db).is_some() || db.exists()
+}
+
+/// Read a rollup table from the serving store.
 pub async fn serving_rollup(db: &Path, table: &str) -> Expected {
     use sqlx::Row;
-    let url = format!("sqlite://{}?mode=ro", db.display());
-    let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
     let sql = format!("SELECT video_id, event_type, window_start, events, value_sum, value_min, value_max FROM {table}");
-    let rows = sqlx::query(sqlx::AssertSqlSafe(sql)).fetch_all(&pool).await.unwrap();
-    let mut out = Expected::new();
-    for r in rows {
-        let f = |i: usize| r.get::<Option<f64>, _>(i).map(|x| {
-            assert_eq!(x.fract(), 0.0, "integer inputs give integer sums");
-            x as i64
-        });
-        out.insert(
-            (r.get(0), r.get(1), r.get(2)),
-            (r.get(3), f(4), f(5), f(6)),
-        );
+    macro_rules! read {
+        ($pool:expr) => {{
+            let pool = $pool;
+            let rows = sqlx::query(sqlx::AssertSqlSafe(sql)).fetch_all(&pool).await.unwrap();
+            let mut out = Expected::new();
+            for r in rows {
+                let f = |i: usize| r.get::<Option<f64>, _>(i).map(|x| {
+                    assert_eq!(x.fract(), 0.0, "integer inputs give integer sums");
+                    x as i64
+                });
+                out.insert((r.get(0), r.get(1), r.get(2)), (r.get(3), f(4), f(5), f(6)));
+            }
+            pool.close().await;
+            out
+        }};
     }
-    pool.close().await;
-    out
+    match pg_url(db) {
+        Some(url) => read!(sqlx::PgPool::connect(url).await.unwrap()),
+        None => read!(sqlx::SqlitePool::connect(&format!("sqlite://{}?mode=ro", db.display())).await.unwrap()),
+    }
 }
 
 pub async fn serving_query_i64(db: &Path, sql: &'static str) -> Vec<(String, i64)> {
@@ -354,6 +369,12 @@ pub async fn serving_query_i64(db: &Path, sql: &'static str) -> Vec<(String, i64
 /// yet by a process that just started) is returned, not a panic.
 pub async fn try_serving_query_i64(db: &Path, sql: &'static str) -> Result<Vec<(String, i64)>, sqlx::Error> {
     use sqlx::Row;
+    if let Some(url) = pg_url(db) {
+        let pool = sqlx::PgPool::connect(url).await?;
+        let rows = sqlx::query(sql).fetch_all(&pool).await;
+        pool.close().await;
+        return Ok(rows?.iter().map(|r| (r.get::<String, _>(0), r.get::<i64, _>(1))).collect());
+    }
     let url = format!("sqlite://{}?mode=ro", db.display());
     let pool = sqlx::SqlitePool::connect(&url).await?;
     let rows = sqlx::query(sql).fetch_all(&pool).await;
@@ -518,9 +539,9 @@ pub async fn wait_committed(db: &Path, topic: &str, end: &BTreeMap<i32, i64>, ti
         if let Some(status) = tally.child.try_wait().unwrap() {
             panic!("tally exited early with {status}; log tail:\n{}", tally.log_tail());
         }
-        if db.exists() {
+        if store_exists(db) {
             // Errors (schema not created yet by a process just started) count as "not yet".
-            got = try_serving_query_i64(db, "SELECT topic || ':' || partition, next_offset FROM tally_offsets")
+            got = try_serving_query_i64(db, "SELECT topic || ':' || CAST(partition AS TEXT), next_offset FROM tally_offsets")
                 .await
                 .unwrap_or_default()
                 .into_iter()
@@ -584,4 +605,44 @@ pub fn rfc3339(ms: i64) -> String {
 pub fn report_faults(faults: &[(&str, usize)]) {
     let parts: Vec<String> = faults.iter().map(|(k, v)| format!("{k}={v}")).collect();
     println!("FAULTS {}", parts.join(" "));
+}
+
+/// A new PostgreSQL database (on `TALLY_TEST_PG_URL`, default: the server
+/// `scripts/postgres.sh` starts) for one test, dropped when this is dropped.
+/// `path()` is its URL in the form the store helpers accept.
+pub struct PgStore {
+    pub url: String,
+    base: String,
+    name: String,
+}
+
+pub async fn pg_store() -> PgStore {
+    use sqlx::Connection;
+    let base = std::env::var("TALLY_TEST_PG_URL").unwrap_or_else(|_| "postgres://tally:tally@127.0.0.1:5432/tally".into());
+    let mut conn = sqlx::PgConnection::connect(&base)
+        .await
+        .unwrap_or_else(|e| panic!("PostgreSQL at {base} is needed (`make postgres` starts one): {e}"));
+    let name = unique("tally_it").replace('-', "_").to_lowercase();
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&mut conn).await.unwrap();
+    conn.close().await.unwrap();
+    let (head, _) = base.rsplit_once('/').unwrap();
+    PgStore { url: format!("{head}/{name}"), base, name }
+}
+
+impl PgStore {
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from(&self.url)
+    }
+}
+
+impl Drop for PgStore {
+    fn drop(&mut self) {
+        let _ = Command::new("psql")
+            .arg(&self.base)
+            .arg("-qc")
+            .arg(format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
 }

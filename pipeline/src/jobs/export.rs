@@ -13,11 +13,11 @@ use datafusion::arrow::record_batch::RecordBatch;
 use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
-use sqlx::{AssertSqlSafe, Row};
 
 use crate::aggregate::{ColumnKind, RollupDef, SqlCatalog};
 use crate::config::Settings;
 use crate::decode::EventSchema;
+use crate::sink::serving::Cell;
 use crate::sink::ServingStore;
 
 const DAY: i64 = 86_400_000;
@@ -63,14 +63,9 @@ pub async fn export(settings: &Settings, from: i64, to: i64, only: Option<&str>)
     let mut report = ExportReport::default();
     for def in catalog.rollups.iter().filter(|d| only.is_none_or(|n| n == d.name)) {
         let schema = arrow_schema(def);
-        let sql = format!(
-            "SELECT * FROM \"{}\" WHERE \"{w}\" >= ? AND \"{w}\" < ? AND \"{w}\" <= ? ORDER BY \"{w}\"",
-            def.name,
-            w = def.window_name(),
-        );
         let mut day = first_day;
         while day < end_day {
-            if let Some(batch) = load_windows(&store, def, &sql, &[day, day + DAY, now - def.window_ms]).await? {
+            if let Some(batch) = load_windows(&store, def, day, day + DAY, Some(now - def.window_ms)).await? {
                 let dt = chrono::DateTime::from_timestamp_millis(day).map(|t| t.format("%Y-%m-%d").to_string()).unwrap_or_default();
                 let rel = format!("rollups/{}/dt={dt}/{}.parquet", def.name, def.name);
                 let path = settings.storage.data_dir.join(&rel);
@@ -91,42 +86,36 @@ pub async fn export(settings: &Settings, from: i64, to: i64, only: Option<&str>)
     Ok(report)
 }
 
-/// Run `sql` (a `SELECT *` over `def`'s table with integer bind parameters)
-/// on the serving store and return the rows as one Arrow batch with
+/// The rows of `def` with `lo <= window < hi` (and `window <= max`) from the
+/// serving store, ordered by window, as one Arrow batch with
 /// [`arrow_schema`]'s types; `None` when there are no rows.
 pub(crate) async fn load_windows(
     store: &ServingStore,
     def: &RollupDef,
-    sql: &str,
-    binds: &[i64],
+    lo: i64,
+    hi: i64,
+    max: Option<i64>,
 ) -> Result<Option<RecordBatch>, crate::Error> {
-    let mut q = sqlx::query(AssertSqlSafe(sql));
-    for b in binds {
-        q = q.bind(*b);
-    }
-    let rows = q.fetch_all(store.pool()).await.map_err(err)?;
+    let rows = store.read_rows(def, lo, hi, max).await?;
     if rows.is_empty() {
         return Ok(None);
     }
+    let ints = |i: usize| -> Vec<Option<i64>> {
+        rows.iter().map(|r| match r.get(i) { Some(Cell::Int(v)) => Some(*v), _ => None }).collect()
+    };
     let mut cols: Vec<ArrayRef> = Vec::with_capacity(def.columns.len());
     for (i, c) in def.columns.iter().enumerate() {
         let col: ArrayRef = if i == def.window_column || c.timestamp {
-            let v: Vec<Option<i64>> = rows.iter().map(|r| r.try_get(i)).collect::<Result<_, _>>().map_err(err)?;
-            Arc::new(TimestampMillisecondArray::from(v).with_timezone("UTC"))
+            Arc::new(TimestampMillisecondArray::from(ints(i)).with_timezone("UTC"))
         } else {
             match c.kind {
-                ColumnKind::Text => {
-                    let v: Vec<Option<String>> = rows.iter().map(|r| r.try_get(i)).collect::<Result<_, _>>().map_err(err)?;
-                    Arc::new(StringArray::from(v))
-                }
-                ColumnKind::Int => {
-                    let v: Vec<Option<i64>> = rows.iter().map(|r| r.try_get(i)).collect::<Result<_, _>>().map_err(err)?;
-                    Arc::new(Int64Array::from(v))
-                }
-                ColumnKind::Real => {
-                    let v: Vec<Option<f64>> = rows.iter().map(|r| r.try_get(i)).collect::<Result<_, _>>().map_err(err)?;
-                    Arc::new(Float64Array::from(v))
-                }
+                ColumnKind::Text => Arc::new(StringArray::from(
+                    rows.iter().map(|r| match r.get(i) { Some(Cell::Text(s)) => Some(s.as_str()), _ => None }).collect::<Vec<_>>(),
+                )),
+                ColumnKind::Int => Arc::new(Int64Array::from(ints(i))),
+                ColumnKind::Real => Arc::new(Float64Array::from(
+                    rows.iter().map(|r| match r.get(i) { Some(Cell::Real(v)) => Some(*v), _ => None }).collect::<Vec<_>>(),
+                )),
             }
         };
         cols.push(col);

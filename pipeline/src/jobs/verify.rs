@@ -16,13 +16,13 @@ use datafusion::arrow::datatypes::{Float64Type, Int64Type};
 use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::datasource::MemTable;
 use datafusion::prelude::{ParquetReadOptions, SessionContext};
-use sqlx::{AssertSqlSafe, Row};
 
 use crate::aggregate::executor::canonical;
 use crate::aggregate::{ColumnKind, RollupDef, SqlCatalog};
 use crate::config::Settings;
 use crate::decode::EventSchema;
 use crate::sink::archive::RAW_PREFIX;
+use crate::sink::serving::Cell;
 use crate::sink::ServingStore;
 
 /// A rollup row: key columns and measure columns, rendered for comparison.
@@ -160,41 +160,29 @@ pub async fn verify(settings: &Settings, from: i64, to: i64, only: Option<&str>)
     );
 
     // One read transaction: committed files and serving rows from one snapshot.
-    let mut tx = store.pool().begin().await.map_err(err)?;
-    let mut serving: Vec<Rows> = Vec::new();
-    for (def, (lo, hi)) in defs.iter().zip(&ranges) {
-        let sql = format!(
-            "SELECT * FROM \"{}\" WHERE \"{}\" >= ? AND \"{}\" < ?",
-            def.name,
-            def.window_name(),
-            def.window_name()
-        );
-        let rows = sqlx::query(AssertSqlSafe(sql)).bind(lo).bind(hi).fetch_all(&mut *tx).await.map_err(err)?;
+    let (tables, all_files) = store.read_snapshot(&defs, &ranges).await?;
+    let mut serving: Vec<Rows> = Vec::with_capacity(tables.len());
+    for (def, rows) in defs.iter().zip(tables) {
         let mut out = Rows::new();
-        for r in rows {
-            let mut cells = Vec::with_capacity(def.columns.len());
-            for (i, c) in def.columns.iter().enumerate() {
-                let cell = match c.kind {
-                    ColumnKind::Text => r.try_get::<Option<String>, _>(i).map_err(err)?,
-                    ColumnKind::Int => r.try_get::<Option<i64>, _>(i).map_err(err)?.map(|v| v.to_string()),
-                    ColumnKind::Real => r.try_get::<Option<f64>, _>(i).map_err(err)?.map(|v| format!("{v:?}")),
-                };
-                cells.push(cell.unwrap_or_else(|| "NULL".into()));
-            }
-            let (k, m) = cells.split_at(def.key_count);
+        for row in rows {
+            let cells: Vec<String> = row
+                .into_iter()
+                .map(|c| match c {
+                    Cell::Null => "NULL".to_string(),
+                    Cell::Text(s) => s,
+                    Cell::Int(v) => v.to_string(),
+                    Cell::Real(v) => format!("{v:?}"),
+                })
+                .collect();
+            let (k, m) = cells.split_at(def.key_count.min(cells.len()));
             out.insert(k.to_vec(), m.to_vec());
         }
         serving.push(out);
     }
-    let files: Vec<String> = sqlx::query("SELECT path FROM tally_files WHERE kind = 'raw' ORDER BY path")
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(err)?
-        .iter()
-        .filter_map(|r| r.try_get::<String, _>(0).ok())
+    let files: Vec<String> = all_files
+        .into_iter()
         .filter(|p| p.starts_with(RAW_PREFIX) && file_hour(p).is_some_and(|h| h + 3_600_000 > ev_lo && h < ev_hi))
         .collect();
-    tx.rollback().await.map_err(err)?;
 
     // Recompute with the same SQL, over exactly those files.
     let owned: Vec<RollupDef> = defs.iter().map(|d| (*d).clone()).collect();

@@ -1,18 +1,24 @@
 //! Read queries over the API rollups. SQL text is built from identifiers the
 //! SQL catalog validated; every request value is a bound parameter.
 //!
-//! Reads use their own read-only SQLite connections (rusqlite, linked to the
-//! same bundled SQLite as sqlx) and run on the calling thread: an indexed
+//! On SQLite, reads use their own read-only connections (rusqlite, linked to
+//! the same bundled SQLite as sqlx) and run on the calling thread: an indexed
 //! lookup takes tens of microseconds, less than handing it to a connection
 //! thread and back. Scans that can take longer (series, top) move off the
-//! async worker with `block_in_place`.
+//! async worker with `block_in_place`. On PostgreSQL, reads go through a
+//! sqlx pool; the statement text is the same, with numbered placeholders.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
+use std::str::FromStr;
 use std::time::{Duration, Instant};
 
 use rusqlite::{params_from_iter, types::Value as Sql, Connection, OpenFlags};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
+use sqlx::{AssertSqlSafe, Row};
+
+use crate::sink::serving::number_placeholders;
 
 use super::tiers::{Segment, Tiers};
 use super::ServeError;
@@ -55,8 +61,9 @@ struct TierSql {
     window: String,
 }
 
-const MEASURES_SQL: &str =
-    "coalesce(sum(r.events), 0), coalesce(sum(r.value_sum), 0.0), coalesce(sum(r.value_count), 0), min(r.value_min), max(r.value_max)";
+// Integer sums are cast back to BIGINT: PostgreSQL sums BIGINT into NUMERIC.
+const MEASURES_SQL: &str = "CAST(coalesce(sum(r.events), 0) AS BIGINT), coalesce(sum(r.value_sum), 0.0), \
+     CAST(coalesce(sum(r.value_count), 0) AS BIGINT), min(r.value_min), max(r.value_max)";
 
 /// Distinct event types of one video by index skip-scan (one B-tree probe
 /// per type), so queries over all types never scan a video's history.
@@ -93,11 +100,16 @@ impl TierSql {
 /// `as_of` is re-read at most this often (it moves once per committed batch).
 const AS_OF_TTL: Duration = Duration::from_millis(100);
 
+#[derive(Debug)]
+enum Backend {
+    Sqlite { conns: Vec<Mutex<Connection>>, next: AtomicUsize },
+    Postgres(PgPool),
+}
+
 /// Read access to the API rollups.
 #[derive(Debug)]
 pub struct Reader {
-    conns: Vec<Mutex<Connection>>,
-    next: AtomicUsize,
+    backend: Backend,
     pub tiers: Tiers,
     sql: Vec<TierSql>,
     topic: String,
@@ -106,6 +118,16 @@ pub struct Reader {
 
 fn store_err(what: &'static str) -> impl Fn(rusqlite::Error) -> ServeError {
     move |e| ServeError::Store(format!("{what}: {e}"))
+}
+
+fn pg_totals(r: &PgRow, from: usize) -> Result<Totals, sqlx::Error> {
+    Ok(Totals {
+        events: r.try_get(from)?,
+        value_sum: r.try_get(from + 1)?,
+        value_count: r.try_get(from + 2)?,
+        value_min: r.try_get(from + 3)?,
+        value_max: r.try_get(from + 4)?,
+    })
 }
 
 fn totals(r: &rusqlite::Row<'_>, from: usize) -> rusqlite::Result<Totals> {
@@ -136,43 +158,73 @@ fn sqlite_path(url: &str) -> Result<String, ServeError> {
 }
 
 impl Reader {
-    /// Open `connections` read-only connections to the store at `url`.
+    /// Open `connections` read-only connections to the store at `url`
+    /// (PostgreSQL: a pool of that size, connected on first use).
     pub fn open(url: &str, connections: usize, tiers: Tiers, topic: &str) -> Result<Reader, ServeError> {
-        let path = sqlite_path(url)?;
-        let open_err = |e: rusqlite::Error| ServeError::Store(format!("cannot open {path} read-only: {e}"));
-        let mut conns = Vec::with_capacity(connections);
-        for _ in 0..connections.max(1) {
-            let c = Connection::open_with_flags(
-                &path,
-                OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        let backend = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            let opts = PgConnectOptions::from_str(url)
+                .map_err(|e| ServeError::Store(format!("{}: {e}", crate::sink::serving::redact(url))))?;
+            Backend::Postgres(
+                PgPoolOptions::new()
+                    .max_connections(connections.max(1) as u32)
+                    .acquire_timeout(Duration::from_secs(2))
+                    .connect_lazy_with(opts),
             )
-            .map_err(open_err)?;
-            c.busy_timeout(Duration::from_secs(2)).map_err(open_err)?;
-            c.set_prepared_statement_cache_capacity(64);
-            conns.push(Mutex::new(c));
-        }
+        } else {
+            let path = sqlite_path(url)?;
+            let open_err = |e: rusqlite::Error| ServeError::Store(format!("cannot open {path} read-only: {e}"));
+            let mut conns = Vec::with_capacity(connections);
+            for _ in 0..connections.max(1) {
+                let c = Connection::open_with_flags(
+                    &path,
+                    OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+                )
+                .map_err(open_err)?;
+                c.busy_timeout(Duration::from_secs(2)).map_err(open_err)?;
+                c.set_prepared_statement_cache_capacity(64);
+                conns.push(Mutex::new(c));
+            }
+            Backend::Sqlite { conns, next: AtomicUsize::new(0) }
+        };
         let sql = tiers.tiers.iter().map(|t| TierSql::new(&t.rollup, &t.window)).collect();
-        Ok(Reader {
-            conns,
-            next: AtomicUsize::new(0),
-            tiers,
-            sql,
-            topic: topic.to_string(),
-            as_of_cache: Mutex::new(None),
-        })
+        Ok(Reader { backend, tiers, sql, topic: topic.to_string(), as_of_cache: Mutex::new(None) })
+    }
+
+    /// Run `text` with `args` on PostgreSQL.
+    async fn pg<T>(
+        pool: &PgPool,
+        text: &str,
+        args: Vec<Sql>,
+        what: &'static str,
+        row: impl Fn(&PgRow) -> Result<T, sqlx::Error>,
+    ) -> Result<Vec<T>, ServeError> {
+        let sql = number_placeholders(text);
+        let mut q = sqlx::query(AssertSqlSafe(sql));
+        for a in args {
+            q = match a {
+                Sql::Integer(v) => q.bind(v),
+                Sql::Text(v) => q.bind(v),
+                Sql::Real(v) => q.bind(v),
+                _ => q.bind(Option::<i64>::None),
+            };
+        }
+        let rows = q.fetch_all(pool).await.map_err(|e| ServeError::Store(format!("{what}: {e}")))?;
+        rows.iter().map(|r| row(r).map_err(|e| ServeError::Store(format!("{what}: {e}")))).collect()
     }
 
     /// Run `f` on a free connection (or wait for one).
     fn with_conn<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>, what: &'static str) -> Result<T, ServeError> {
-        let n = self.conns.len();
-        let start = self.next.fetch_add(1, Ordering::Relaxed) % n;
+        let Backend::Sqlite { conns, next } = &self.backend else {
+            return Err(ServeError::Store(format!("{what}: not a SQLite store")));
+        };
+        let n = conns.len();
+        let start = next.fetch_add(1, Ordering::Relaxed) % n;
         for i in 0..n {
-            if let Some(Ok(c)) = self.conns.get((start + i) % n).map(Mutex::try_lock) {
+            if let Some(Ok(c)) = conns.get((start + i) % n).map(Mutex::try_lock) {
                 return f(&c).map_err(store_err(what));
             }
         }
-        let c = self
-            .conns
+        let c = conns
             .get(start)
             .ok_or_else(|| ServeError::Store("no connection".into()))?
             .lock()
@@ -189,7 +241,22 @@ impl Reader {
                 }
             }
         }
-        let v = self.with_conn(
+        let v = if let Backend::Postgres(pool) = &self.backend {
+            let rows = Self::pg(
+                pool,
+                "SELECT max_event_ms, caught_up_ms FROM tally_offsets WHERE topic = ?1",
+                vec![Sql::Text(self.topic.clone())],
+                "read as_of",
+                |r| Ok(r.try_get::<Option<i64>, _>(0)?.max(r.try_get::<Option<i64>, _>(1)?)),
+            )
+            .await?;
+            let mut out: Option<i64> = None;
+            for t in rows.into_iter().flatten() {
+                out = Some(out.map_or(t, |o| o.min(t)));
+            }
+            out
+        } else {
+            self.with_conn(
             |c| {
                 let mut st = c.prepare_cached("SELECT max_event_ms, caught_up_ms FROM tally_offsets WHERE topic = ?1")?;
                 let mut out: Option<i64> = None;
@@ -202,7 +269,8 @@ impl Reader {
                 Ok(out)
             },
             "read as_of",
-        )?;
+        )?
+        };
         if let Ok(mut cache) = self.as_of_cache.lock() {
             *cache = Some((Instant::now(), v));
         }
@@ -220,6 +288,10 @@ impl Reader {
         for seg in plan {
             args.push(Sql::Integer(seg.lo));
             args.push(Sql::Integer(seg.hi));
+        }
+        if let Backend::Postgres(pool) = &self.backend {
+            let rows = Self::pg(pool, &text, args, "read totals", |r| pg_totals(r, 0)).await?;
+            return Ok(rows.into_iter().next().unwrap_or_default());
         }
         self.with_conn(|c| c.prepare_cached(&text)?.query_row(params_from_iter(args), |r| totals(r, 0)), "read totals")
     }
@@ -245,7 +317,7 @@ impl Reader {
             });
         }
         if parts.is_empty() {
-            parts.push("SELECT 0 AS events, 0.0 AS value_sum, 0 AS value_count, NULL AS value_min, NULL AS value_max WHERE 0".into());
+            parts.push("SELECT 0 AS events, 0.0 AS value_sum, 0 AS value_count, NULL AS value_min, NULL AS value_max WHERE 1 = 0".into());
         }
         let cte = match (with_type, self.sql.first()) {
             (false, Some(coarsest)) => types_cte(&coarsest.quoted),
@@ -275,6 +347,10 @@ impl Reader {
                 vec![Sql::Text(video.into()), Sql::Integer(start), Sql::Integer(end), Sql::Integer(granularity_ms)],
             ),
         };
+        if let Backend::Postgres(pool) = &self.backend {
+            let rows = Self::pg(pool, text, args, "read series", |r| Ok((r.try_get::<i64, _>(0)?, pg_totals(r, 1)?))).await?;
+            return Ok(rows.into_iter().collect());
+        }
         blocking(|| {
             self.with_conn(
                 |c| {
@@ -310,9 +386,12 @@ impl Reader {
         }
         args.push(Sql::Integer(i64::from(limit)));
         let text = format!(
-            "SELECT video_id, sum(n) AS total FROM ({}) GROUP BY video_id ORDER BY total DESC, video_id LIMIT ?",
+            "SELECT video_id, CAST(sum(n) AS BIGINT) AS total FROM ({}) parts GROUP BY video_id ORDER BY total DESC, video_id LIMIT ?",
             parts.join(" UNION ALL ")
         );
+        if let Backend::Postgres(pool) = &self.backend {
+            return Self::pg(pool, &text, args, "read top", |r| Ok((r.try_get(0)?, r.try_get(1)?))).await;
+        }
         blocking(|| {
             self.with_conn(
                 |c| {
@@ -327,6 +406,9 @@ impl Reader {
 
     /// A trivial query: is the store readable?
     pub async fn ping(&self) -> Result<(), ServeError> {
+        if let Backend::Postgres(pool) = &self.backend {
+            return Self::pg(pool, "SELECT count(*) FROM tally_offsets", vec![], "ping", |_| Ok(())).await.map(|_| ());
+        }
         self.with_conn(|c| c.query_row("SELECT count(*) FROM tally_offsets", [], |_| Ok(())), "ping")
     }
 }

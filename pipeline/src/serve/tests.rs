@@ -118,7 +118,26 @@ fn random_range(rng: &mut StdRng) -> (i64, i64) {
 
 #[tokio::test]
 async fn count_and_stats_equal_brute_force_over_random_ranges() {
-    let f = fixture(&[]).await;
+    check_count_and_stats(&fixture(&[]).await).await;
+}
+
+#[tokio::test]
+async fn series_and_top_equal_brute_force() {
+    check_series_and_top(&fixture(&[]).await).await;
+}
+
+/// The same answers from a PostgreSQL serving store (same SQL, numbered
+/// placeholders, BIGINT sums).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_store_answers_equal_brute_force() {
+    let url = crate::testing::pg_database().await;
+    let f = fixture(&[("TALLY__SERVING__URL", &url)]).await;
+    check_count_and_stats(&f).await;
+    check_series_and_top(&f).await;
+    crate::testing::drop_pg_database(&url).await;
+}
+
+async fn check_count_and_stats(f: &Fixture) {
     let mut rng = StdRng::seed_from_u64(11);
     for _ in 0..120 {
         let video = format!("v{}", rng.random_range(0..11));
@@ -158,9 +177,7 @@ async fn count_and_stats_equal_brute_force_over_random_ranges() {
     }
 }
 
-#[tokio::test]
-async fn series_and_top_equal_brute_force() {
-    let f = fixture(&[]).await;
+async fn check_series_and_top(f: &Fixture) {
     let (s, e) = (NOW - 3 * D, NOW);
     for (g, width) in [("hour", H), ("day", D)] {
         let (st, v) = get(&f.app, &format!("/v1/series?video_id=v0&event_type=view&granularity={g}&{}", range_q(s, e))).await;

@@ -1,10 +1,19 @@
 //! The serving store: one table per rollup plus tally's bookkeeping tables,
-//! in SQLite (WAL mode). Every batch commits in one transaction that
+//! in SQLite (WAL mode, the default) or PostgreSQL (chosen by URL). Every
+//! batch commits in one transaction that
 //! 1. fences: each partition's stored next offset must equal the offset the
 //!    batch was built on, so a stale or zombie writer fails here;
 //! 2. merges the rollup rows (count/sum add, min/max take the extreme);
 //! 3. records the archive files the batch wrote;
 //! 4. advances the offsets and the counters.
+//!
+//! SQLite serializes writers with `BEGIN IMMEDIATE`. PostgreSQL writers (many
+//! `tally run` processes) take a transaction-scoped advisory lock per
+//! (topic, partition) before the fence read, and merge rows in key order so
+//! that concurrent batches touching the same keys do not deadlock.
+//!
+//! The same statement text serves both engines: it is written with `?`
+//! placeholders and numbered (`$1`, `$2`, ...) for PostgreSQL.
 //!
 //! SQL here is built only from identifiers validated by the SQL catalog
 //! (`[a-z_][a-z0-9_]*`); every value is a bound parameter.
@@ -13,51 +22,159 @@ use std::collections::BTreeMap;
 use std::str::FromStr;
 use std::time::Duration;
 
-use datafusion::arrow::array::{Array, AsArray};
+use datafusion::arrow::array::{Array, AsArray, RecordBatch};
+use datafusion::arrow::compute::{lexsort_to_indices, SortColumn};
 use datafusion::arrow::datatypes::{Float64Type, Int64Type};
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{AssertSqlSafe, Row, SqlitePool};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{AssertSqlSafe, Row};
 
 use super::archive::WrittenFile;
 use super::{db, SinkError};
 use crate::aggregate::{ColumnKind, MergeRule, RollupDef, RollupOutput};
 use crate::batch::PartitionRange;
 
-/// SQLite allows 32766 bound parameters per statement.
+/// Bound parameters per statement: SQLite allows 32766, PostgreSQL 65535.
 const MAX_PARAMS: usize = 32_000;
 const MAX_ROWS_PER_STATEMENT: usize = 1_000;
 
+/// `{int}`, `{real}` and `{noid}` are filled in per engine.
 const BOOKKEEPING: &[&str] = &[
     "CREATE TABLE IF NOT EXISTS tally_offsets (
         topic TEXT NOT NULL,
-        partition INTEGER NOT NULL,
-        next_offset INTEGER NOT NULL,
-        updated_at_ms INTEGER NOT NULL,
-        max_event_ms INTEGER,
-        caught_up_ms INTEGER,
+        partition {int} NOT NULL,
+        next_offset {int} NOT NULL,
+        updated_at_ms {int} NOT NULL,
+        max_event_ms {int},
+        caught_up_ms {int},
         PRIMARY KEY (topic, partition)
-    ) WITHOUT ROWID",
+    ){noid}",
     "CREATE TABLE IF NOT EXISTS tally_files (
         path TEXT PRIMARY KEY,
         kind TEXT NOT NULL,
         topic TEXT NOT NULL,
-        partition INTEGER NOT NULL,
-        first_offset INTEGER NOT NULL,
-        last_offset INTEGER NOT NULL,
-        rows INTEGER NOT NULL,
-        bytes INTEGER NOT NULL,
-        committed_at_ms INTEGER NOT NULL
+        partition {int} NOT NULL,
+        first_offset {int} NOT NULL,
+        last_offset {int} NOT NULL,
+        rows {int} NOT NULL,
+        bytes {int} NOT NULL,
+        committed_at_ms {int} NOT NULL
     )",
     "CREATE TABLE IF NOT EXISTS tally_counters (
         name TEXT PRIMARY KEY,
-        value INTEGER NOT NULL
-    ) WITHOUT ROWID",
+        value {int} NOT NULL
+    ){noid}",
 ];
+
+/// The SQL engine behind a store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dialect {
+    Sqlite,
+    Postgres,
+}
+
+impl Dialect {
+    /// Number `?` placeholders as `$1, $2, ...` for PostgreSQL; `?N` becomes `$N`.
+    pub fn sql(self, text: &str) -> String {
+        match self {
+            Dialect::Sqlite => text.to_string(),
+            Dialect::Postgres => number_placeholders(text),
+        }
+    }
+    fn int(self) -> &'static str {
+        match self {
+            Dialect::Sqlite => "INTEGER",
+            Dialect::Postgres => "BIGINT",
+        }
+    }
+    fn sql_type(self, kind: ColumnKind) -> &'static str {
+        match (self, kind) {
+            (_, ColumnKind::Text) => "TEXT",
+            (d, ColumnKind::Int) => d.int(),
+            (Dialect::Sqlite, ColumnKind::Real) => "REAL",
+            (Dialect::Postgres, ColumnKind::Real) => "DOUBLE PRECISION",
+        }
+    }
+    /// Two-argument minimum and maximum.
+    fn least(self) -> &'static str {
+        match self {
+            Dialect::Sqlite => "min",
+            Dialect::Postgres => "least",
+        }
+    }
+    fn greatest(self) -> &'static str {
+        match self {
+            Dialect::Sqlite => "max",
+            Dialect::Postgres => "greatest",
+        }
+    }
+    fn ddl(self, template: &str) -> String {
+        template.replace("{int}", self.int()).replace(
+            "{noid}",
+            match self {
+                Dialect::Sqlite => " WITHOUT ROWID",
+                Dialect::Postgres => "",
+            },
+        )
+    }
+}
+
+/// `?` -> `$n` (in order) and `?N` -> `$N`, outside quoted strings and identifiers.
+pub fn number_placeholders(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 16);
+    let mut n = 0;
+    let mut quote: Option<char> = None;
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        match (quote, c) {
+            (Some(q), c) if c == q => {
+                quote = None;
+                out.push(c);
+            }
+            (Some(_), c) => out.push(c),
+            (None, '\'' | '"') => {
+                quote = Some(c);
+                out.push(c);
+            }
+            (None, '?') => {
+                out.push('$');
+                if chars.peek().is_some_and(|d| d.is_ascii_digit()) {
+                    while let Some(d) = chars.peek().copied().filter(char::is_ascii_digit) {
+                        out.push(d);
+                        chars.next();
+                    }
+                } else {
+                    n += 1;
+                    out.push_str(&n.to_string());
+                }
+            }
+            (None, c) => out.push(c),
+        }
+    }
+    out
+}
+
+#[derive(Debug, Clone)]
+enum Pool {
+    Sqlite(SqlitePool),
+    Postgres(PgPool),
+}
+
+/// Run the same code against whichever pool the store has.
+macro_rules! on_pool {
+    ($pool:expr, $p:ident => $body:expr) => {
+        match $pool {
+            Pool::Sqlite($p) => $body,
+            Pool::Postgres($p) => $body,
+        }
+    };
+}
 
 #[derive(Debug, Clone)]
 struct TableSpec {
     name: String,
     columns: Vec<(String, ColumnKind)>,
+    key_count: usize,
     /// Full-chunk upsert statement and its row count.
     rows_per_statement: usize,
     upsert_head: String,
@@ -90,47 +207,59 @@ pub struct CommitRequest<'a> {
     pub now_ms: i64,
 }
 
+/// One value read back from a rollup table.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Cell {
+    Null,
+    Text(String),
+    Int(i64),
+    Real(f64),
+}
+
+/// Rows of one rollup table, columns in the rollup's order.
+pub type TableRows = Vec<Vec<Cell>>;
+
 #[derive(Debug, Clone)]
 pub struct ServingStore {
-    pool: SqlitePool,
+    pool: Pool,
+    dialect: Dialect,
     url: String,
     tables: Vec<TableSpec>,
+}
+
+/// The write transaction of a window replacement (see [`ServingStore::begin_replace`]).
+pub enum ReplaceTx {
+    Sqlite(sqlx::Transaction<'static, sqlx::Sqlite>),
+    Postgres(sqlx::Transaction<'static, sqlx::Postgres>),
 }
 
 fn quote(ident: &str) -> String {
     format!("\"{}\"", ident.replace('"', "\"\""))
 }
 
-fn sql_type(kind: ColumnKind) -> &'static str {
-    match kind {
-        ColumnKind::Text => "TEXT",
-        ColumnKind::Int => "INTEGER",
-        ColumnKind::Real => "REAL",
-    }
-}
-
-fn merge_sql(table: &str, col: &str, rule: MergeRule) -> String {
+fn merge_sql(dialect: Dialect, table: &str, col: &str, rule: MergeRule) -> String {
     let (t, c) = (quote(table), quote(col));
     match rule {
         MergeRule::Sum => format!("{c} = coalesce({t}.{c} + excluded.{c}, {t}.{c}, excluded.{c})"),
-        MergeRule::Min => format!("{c} = coalesce(min({t}.{c}, excluded.{c}), {t}.{c}, excluded.{c})"),
-        MergeRule::Max => format!("{c} = coalesce(max({t}.{c}, excluded.{c}), {t}.{c}, excluded.{c})"),
+        MergeRule::Min => format!("{c} = coalesce({}({t}.{c}, excluded.{c}), {t}.{c}, excluded.{c})", dialect.least()),
+        MergeRule::Max => format!("{c} = coalesce({}({t}.{c}, excluded.{c}), {t}.{c}, excluded.{c})", dialect.greatest()),
     }
 }
 
 impl TableSpec {
-    fn new(def: &RollupDef) -> TableSpec {
+    fn new(def: &RollupDef, dialect: Dialect) -> TableSpec {
         let columns: Vec<(String, ColumnKind)> = def.columns.iter().map(|c| (c.name.clone(), c.kind)).collect();
         let names: Vec<String> = columns.iter().map(|(n, _)| quote(n)).collect();
         let keys: Vec<String> = def.keys().iter().map(|c| quote(&c.name)).collect();
         let sets: Vec<String> = def
             .measures()
             .iter()
-            .filter_map(|c| c.merge.map(|m| merge_sql(&def.name, &c.name, m)))
+            .filter_map(|c| c.merge.map(|m| merge_sql(dialect, &def.name, &c.name, m)))
             .collect();
         let row_placeholder = format!("({})", vec!["?"; columns.len()].join(","));
         TableSpec {
             name: def.name.clone(),
+            key_count: def.key_count,
             rows_per_statement: (MAX_PARAMS / columns.len().max(1)).clamp(1, MAX_ROWS_PER_STATEMENT),
             upsert_head: format!("INSERT INTO {} ({}) VALUES ", quote(&def.name), names.join(", ")),
             upsert_tail: format!(" ON CONFLICT ({}) DO UPDATE SET {}", keys.join(", "), sets.join(", ")),
@@ -139,7 +268,7 @@ impl TableSpec {
         }
     }
 
-    fn upsert_sql(&self, rows: usize) -> String {
+    fn upsert_sql(&self, rows: usize, dialect: Dialect) -> String {
         let mut s = String::with_capacity(self.upsert_head.len() + rows * (self.row_placeholder.len() + 1) + self.upsert_tail.len());
         s.push_str(&self.upsert_head);
         for i in 0..rows {
@@ -149,229 +278,40 @@ impl TableSpec {
             s.push_str(&self.row_placeholder);
         }
         s.push_str(&self.upsert_tail);
-        s
+        dialect.sql(&s)
+    }
+
+    /// Row order for merging: as produced (SQLite, one writer), or by key
+    /// (PostgreSQL), so concurrent writers lock shared rows in one order.
+    fn row_order(&self, b: &RecordBatch, dialect: Dialect) -> Result<Option<Vec<usize>>, SinkError> {
+        if dialect == Dialect::Sqlite || b.num_rows() < 2 {
+            return Ok(None);
+        }
+        let keys: Vec<SortColumn> =
+            (0..self.key_count).map(|i| SortColumn { values: b.column(i).clone(), options: None }).collect();
+        let idx = lexsort_to_indices(&keys, None)
+            .map_err(|e| SinkError::Encode { path: self.name.clone(), message: format!("sort rollup rows by key: {e}") })?;
+        Ok(Some(idx.values().iter().map(|i| *i as usize).collect()))
     }
 }
 
-impl ServingStore {
-    /// Open (creating if needed) the store and its tables.
-    pub async fn open(url: &str, rollups: &[RollupDef]) -> Result<ServingStore, SinkError> {
-        ServingStore::open_with(url, rollups, false).await
-    }
-
-    /// Open, creating (or, when `window_index` is false, dropping) an index on
-    /// each rollup's window column.
-    pub async fn open_with(url: &str, rollups: &[RollupDef], window_index: bool) -> Result<ServingStore, SinkError> {
-        let open_err = |message: String| SinkError::Open { url: url.to_string(), message };
-        if !url.starts_with("sqlite:") {
-            return Err(open_err(
-                "unsupported serving.url scheme; use sqlite://PATH (PostgreSQL support is planned)".into(),
-            ));
-        }
-        let opts = SqliteConnectOptions::from_str(url)
-            .map_err(|e| open_err(e.to_string()))?
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Normal)
-            .busy_timeout(Duration::from_secs(5))
-            // 64 MiB of page cache per connection (default 2 MiB): large merge
-            // transactions otherwise spill dirty pages to the WAL mid-transaction.
-            .pragma("cache_size", "-65536");
-        if let Some(parent) = opts.get_filename().parent() {
-            if !parent.as_os_str().is_empty() {
-                std::fs::create_dir_all(parent).map_err(|e| open_err(e.to_string()))?;
-            }
-        }
-        // Another tally opening the same file may hold the lock for a moment
-        // (switching to WAL, creating the schema): retry "database is locked".
-        let mut attempt = 0;
-        let pool = loop {
-            match SqlitePoolOptions::new().max_connections(2).connect_with(opts.clone()).await {
-                Ok(pool) => break pool,
-                Err(e) if attempt < 40 && is_busy(&e) => {
-                    attempt += 1;
-                    tokio::time::sleep(Duration::from_millis(250)).await;
-                }
-                Err(e) => return Err(open_err(e.to_string())),
-            }
-        };
-        // Schema setup without a long write transaction (readers such as
-        // `tally verify` open the store while `tally run` commits), and safe
-        // when several processes open a new store at once: every statement is
-        // idempotent (IF NOT EXISTS; a concurrent ADD COLUMN is re-checked).
-        let mut conn = pool.acquire().await.map_err(db("schema setup"))?;
-        for stmt in BOOKKEEPING {
-            sqlx::query(*stmt).execute(&mut *conn).await.map_err(db("create bookkeeping tables"))?;
-        }
-        // Stores created before `as_of` existed lack these columns.
-        for col in ["max_event_ms", "caught_up_ms"] {
-            let cols: Vec<String> = sqlx::query("SELECT name FROM pragma_table_info('tally_offsets')")
-                .fetch_all(&mut *conn)
-                .await
-                .map_err(db("inspect tally_offsets"))?
-                .iter()
-                .filter_map(|r| r.try_get::<String, _>(0).ok())
-                .collect();
-            if !cols.iter().any(|c| c == col) {
-                let added = sqlx::query(AssertSqlSafe(format!("ALTER TABLE tally_offsets ADD COLUMN {col} INTEGER")))
-                    .execute(&mut *conn)
-                    .await;
-                if let Err(e) = added {
-                    if !e.to_string().contains("duplicate column") {
-                        return Err(db("upgrade tally_offsets")(e));
-                    }
-                }
-            }
-        }
-        let mut tables = Vec::new();
-        for def in rollups {
-            ensure_table(&mut conn, def, window_index).await?;
-            tables.push(TableSpec::new(def));
-        }
-        drop(conn);
-        Ok(ServingStore { pool, url: url.to_string(), tables })
-    }
-
-    pub fn pool(&self) -> &SqlitePool {
-        &self.pool
-    }
-
-    pub fn url(&self) -> &str {
-        &self.url
-    }
-
-    /// Committed next offsets of `topic`.
-    pub async fn load_offsets(&self, topic: &str) -> Result<BTreeMap<i32, i64>, SinkError> {
-        let rows = sqlx::query("SELECT partition, next_offset FROM tally_offsets WHERE topic = ?")
-            .bind(topic)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(db("load offsets"))?;
-        let mut out = BTreeMap::new();
-        for r in rows {
-            let p: i64 = r.try_get(0).map_err(db("load offsets"))?;
-            let n: i64 = r.try_get(1).map_err(db("load offsets"))?;
-            out.insert(p as i32, n);
-        }
-        Ok(out)
-    }
-
-    /// Commit one batch atomically, or report that it was fenced.
-    pub async fn commit(&self, req: &CommitRequest<'_>) -> Result<CommitOutcome, SinkError> {
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(db("begin"))?;
-
-        // 1. Fence.
-        let rows = sqlx::query("SELECT partition, next_offset FROM tally_offsets WHERE topic = ?")
-            .bind(req.topic)
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(db("read offsets"))?;
-        let mut stored: BTreeMap<i32, i64> = BTreeMap::new();
-        for r in rows {
-            let p: i64 = r.try_get(0).map_err(db("read offsets"))?;
-            let n: i64 = r.try_get(1).map_err(db("read offsets"))?;
-            stored.insert(p as i32, n);
-        }
-        for (p, range) in req.partitions {
-            let have = stored.get(p).copied();
-            if have != range.expected_start {
-                tx.rollback().await.map_err(db("rollback"))?;
-                return Ok(CommitOutcome::Fenced { partition: *p, expected: range.expected_start, stored: have });
-            }
-        }
-
-        // 2. Merge rollups.
-        self.merge_outputs(&mut tx, req.outputs).await?;
-        crate::failpoint::failpoint("inside_serving_transaction");
-
-        // 3. Record files.
-        for f in req.files {
-            sqlx::query(
-                "INSERT INTO tally_files (path, kind, topic, partition, first_offset, last_offset, rows, bytes, committed_at_ms)
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
-                 ON CONFLICT (path) DO UPDATE SET rows = excluded.rows, bytes = excluded.bytes, committed_at_ms = excluded.committed_at_ms",
-            )
-            .bind(&f.path)
-            .bind(f.kind.as_str())
-            .bind(req.topic)
-            .bind(f.partition)
-            .bind(f.first_offset)
-            .bind(f.last_offset)
-            .bind(f.rows as i64)
-            .bind(f.bytes as i64)
-            .bind(req.now_ms)
-            .execute(&mut *tx)
-            .await
-            .map_err(db("record files"))?;
-        }
-
-        // 4. Offsets (with the newest event time, for as_of) and counters.
-        for (p, range) in req.partitions {
-            sqlx::query(
-                "INSERT INTO tally_offsets (topic, partition, next_offset, updated_at_ms, max_event_ms) VALUES (?, ?, ?, ?, ?)
-                 ON CONFLICT (topic, partition) DO UPDATE SET
-                   next_offset = excluded.next_offset,
-                   updated_at_ms = excluded.updated_at_ms,
-                   max_event_ms = CASE
-                     WHEN excluded.max_event_ms IS NULL THEN tally_offsets.max_event_ms
-                     WHEN tally_offsets.max_event_ms IS NULL THEN excluded.max_event_ms
-                     ELSE max(tally_offsets.max_event_ms, excluded.max_event_ms) END",
-            )
-            .bind(req.topic)
-            .bind(*p)
-            .bind(range.next_offset())
-            .bind(req.now_ms)
-            .bind(req.max_event_ms.get(p).copied())
-            .execute(&mut *tx)
-            .await
-            .map_err(db("advance offsets"))?;
-        }
-        // A partition read to its end is complete up to the seal time, but only
-        // if the stored offset is the one the consumer saw the end at.
-        for (p, next) in req.caught_up {
-            sqlx::query(
-                "UPDATE tally_offsets SET caught_up_ms = max(coalesce(caught_up_ms, 0), ?)
-                 WHERE topic = ? AND partition = ? AND next_offset = ?",
-            )
-            .bind(req.sealed_at_ms)
-            .bind(req.topic)
-            .bind(*p)
-            .bind(*next)
-            .execute(&mut *tx)
-            .await
-            .map_err(db("mark caught-up partitions"))?;
-        }
-        for (name, delta) in req.counters {
-            if *delta == 0 {
-                continue;
-            }
-            sqlx::query(
-                "INSERT INTO tally_counters (name, value) VALUES (?, ?)
-                 ON CONFLICT (name) DO UPDATE SET value = tally_counters.value + excluded.value",
-            )
-            .bind(name)
-            .bind(*delta)
-            .execute(&mut *tx)
-            .await
-            .map_err(db("update counters"))?;
-        }
-        tx.commit().await.map_err(db("commit"))?;
-        Ok(CommitOutcome::Committed)
-    }
-
-    /// Upsert-merge rollup rows (count/sum add, min/max take the extreme).
-    async fn merge_outputs(&self, tx: &mut sqlx::SqliteConnection, outputs: &[RollupOutput]) -> Result<(), SinkError> {
-        for out in outputs {
-            let Some(spec) = self.tables.iter().find(|t| t.name == out.rollup) else {
+/// Merge rollup rows (count/sum add, min/max take the extreme) on `$conn`.
+macro_rules! merge_outputs {
+    ($store:expr, $conn:expr, $outputs:expr) => {{
+        let store: &ServingStore = $store;
+        for out in $outputs {
+            let Some(spec) = store.tables.iter().find(|t| t.name == out.rollup) else {
                 continue;
             };
             for b in &out.batches {
+                let order = spec.row_order(b, store.dialect)?;
                 let mut start = 0;
                 while start < b.num_rows() {
                     let n = (b.num_rows() - start).min(spec.rows_per_statement);
-                    let sql = spec.upsert_sql(n);
+                    let sql = spec.upsert_sql(n, store.dialect);
                     let mut q = sqlx::query(AssertSqlSafe(sql));
-                    for row in start..start + n {
+                    for i in start..start + n {
+                        let row = order.as_ref().and_then(|o| o.get(i).copied()).unwrap_or(i);
                         for (c, (_, kind)) in spec.columns.iter().enumerate() {
                             let arr = b.column(c);
                             let null = arr.is_null(row);
@@ -394,56 +334,475 @@ impl ServingStore {
                             };
                         }
                     }
-                    q.execute(&mut *tx).await.map_err(db("merge rollup rows"))?;
+                    q.execute(&mut *$conn).await.map_err(db("merge rollup rows"))?;
                     start += n;
                 }
             }
         }
+        Ok::<(), SinkError>(())
+    }};
+}
+
+/// Read the rows of `def` with `lo <= window < hi` (and `window <= max` if
+/// given), ordered by window, on `$conn`.
+macro_rules! read_rows {
+    ($dialect:expr, $conn:expr, $def:expr, $lo:expr, $hi:expr, $max:expr) => {{
+        let def: &RollupDef = $def;
+        let max: Option<i64> = $max;
+        let w = quote(def.window_name());
+        let cap = if max.is_some() { format!(" AND {w} <= ?") } else { String::new() };
+        let sql = $dialect.sql(&format!("SELECT * FROM {} WHERE {w} >= ? AND {w} < ?{cap} ORDER BY {w}", quote(&def.name)));
+        let mut q = sqlx::query(AssertSqlSafe(sql)).bind($lo).bind($hi);
+        if let Some(m) = max {
+            q = q.bind(m);
+        }
+        let rows = q.fetch_all(&mut *$conn).await.map_err(db("read rollup rows"))?;
+        let mut out: TableRows = Vec::with_capacity(rows.len());
+        for r in rows {
+            let mut cells = Vec::with_capacity(def.columns.len());
+            for (i, c) in def.columns.iter().enumerate() {
+                let cell = match c.kind {
+                    ColumnKind::Text => r.try_get::<Option<String>, _>(i).map_err(db("read rollup rows"))?.map(Cell::Text),
+                    ColumnKind::Int => r.try_get::<Option<i64>, _>(i).map_err(db("read rollup rows"))?.map(Cell::Int),
+                    ColumnKind::Real => r.try_get::<Option<f64>, _>(i).map_err(db("read rollup rows"))?.map(Cell::Real),
+                };
+                cells.push(cell.unwrap_or(Cell::Null));
+            }
+            out.push(cells);
+        }
+        Ok::<TableRows, SinkError>(out)
+    }};
+}
+
+/// Committed raw archive files (paths relative to the data directory), on `$conn`.
+macro_rules! raw_files {
+    ($conn:expr) => {{
+        let rows = sqlx::query("SELECT path FROM tally_files WHERE kind = 'raw' ORDER BY path")
+            .fetch_all(&mut *$conn)
+            .await
+            .map_err(db("list raw files"))?;
+        rows.iter().map(|r| r.try_get::<String, _>(0).map_err(db("list raw files"))).collect::<Result<Vec<String>, SinkError>>()
+    }};
+}
+
+/// One batch commit on `$pool` (see the module docs).
+macro_rules! commit {
+    ($store:expr, $pool:expr, $begin:expr, $req:expr) => {{
+        let store: &ServingStore = $store;
+        let req: &CommitRequest<'_> = $req;
+        let d = store.dialect;
+        let mut tx = $pool.begin_with($begin).await.map_err(db("begin"))?;
+        if d == Dialect::Postgres {
+            // Serialize the writers of each partition (in partition order).
+            for p in req.partitions.keys() {
+                sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1), $2)")
+                    .bind(req.topic)
+                    .bind(*p)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db("lock partition"))?;
+            }
+        }
+
+        // 1. Fence.
+        let rows = sqlx::query(AssertSqlSafe(d.sql("SELECT partition, next_offset FROM tally_offsets WHERE topic = ?")))
+            .bind(req.topic)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(db("read offsets"))?;
+        let mut stored: BTreeMap<i32, i64> = BTreeMap::new();
+        for r in rows {
+            let p: i64 = r.try_get(0).map_err(db("read offsets"))?;
+            let n: i64 = r.try_get(1).map_err(db("read offsets"))?;
+            stored.insert(p as i32, n);
+        }
+        for (p, range) in req.partitions {
+            let have = stored.get(p).copied();
+            if have != range.expected_start {
+                tx.rollback().await.map_err(db("rollback"))?;
+                return Ok(CommitOutcome::Fenced { partition: *p, expected: range.expected_start, stored: have });
+            }
+        }
+
+        // 2. Merge rollups.
+        merge_outputs!(store, tx, req.outputs)?;
+        crate::failpoint::failpoint("inside_serving_transaction");
+
+        // 3. Record files.
+        let record = d.sql(
+            "INSERT INTO tally_files (path, kind, topic, partition, first_offset, last_offset, rows, bytes, committed_at_ms)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+             ON CONFLICT (path) DO UPDATE SET rows = excluded.rows, bytes = excluded.bytes, committed_at_ms = excluded.committed_at_ms",
+        );
+        for f in req.files {
+            sqlx::query(AssertSqlSafe(record.clone()))
+                .bind(&f.path)
+                .bind(f.kind.as_str())
+                .bind(req.topic)
+                .bind(i64::from(f.partition))
+                .bind(f.first_offset)
+                .bind(f.last_offset)
+                .bind(f.rows as i64)
+                .bind(f.bytes as i64)
+                .bind(req.now_ms)
+                .execute(&mut *tx)
+                .await
+                .map_err(db("record files"))?;
+        }
+
+        // 4. Offsets (with the newest event time, for as_of) and counters.
+        let advance = d.sql(&format!(
+            "INSERT INTO tally_offsets (topic, partition, next_offset, updated_at_ms, max_event_ms) VALUES (?, ?, ?, ?, ?)
+             ON CONFLICT (topic, partition) DO UPDATE SET
+               next_offset = excluded.next_offset,
+               updated_at_ms = excluded.updated_at_ms,
+               max_event_ms = CASE
+                 WHEN excluded.max_event_ms IS NULL THEN tally_offsets.max_event_ms
+                 WHEN tally_offsets.max_event_ms IS NULL THEN excluded.max_event_ms
+                 ELSE {}(tally_offsets.max_event_ms, excluded.max_event_ms) END",
+            d.greatest()
+        ));
+        for (p, range) in req.partitions {
+            sqlx::query(AssertSqlSafe(advance.clone()))
+                .bind(req.topic)
+                .bind(i64::from(*p))
+                .bind(range.next_offset())
+                .bind(req.now_ms)
+                .bind(req.max_event_ms.get(p).copied())
+                .execute(&mut *tx)
+                .await
+                .map_err(db("advance offsets"))?;
+        }
+        // A partition read to its end is complete up to the seal time, but only
+        // if the stored offset is the one the consumer saw the end at.
+        let caught_up = d.sql(&format!(
+            "UPDATE tally_offsets SET caught_up_ms = {}(coalesce(caught_up_ms, 0), ?)
+             WHERE topic = ? AND partition = ? AND next_offset = ?",
+            d.greatest()
+        ));
+        for (p, next) in req.caught_up {
+            sqlx::query(AssertSqlSafe(caught_up.clone()))
+                .bind(req.sealed_at_ms)
+                .bind(req.topic)
+                .bind(i64::from(*p))
+                .bind(*next)
+                .execute(&mut *tx)
+                .await
+                .map_err(db("mark caught-up partitions"))?;
+        }
+        let count = d.sql(
+            "INSERT INTO tally_counters (name, value) VALUES (?, ?)
+             ON CONFLICT (name) DO UPDATE SET value = tally_counters.value + excluded.value",
+        );
+        for (name, delta) in req.counters {
+            if *delta == 0 {
+                continue;
+            }
+            sqlx::query(AssertSqlSafe(count.clone()))
+                .bind(name)
+                .bind(*delta)
+                .execute(&mut *tx)
+                .await
+                .map_err(db("update counters"))?;
+        }
+        tx.commit().await.map_err(db("commit"))?;
+        Ok(CommitOutcome::Committed)
+    }};
+}
+
+/// `(name, upper-case type)` of each column of `$table`, in order; empty when
+/// the table does not exist.
+macro_rules! table_columns {
+    ($dialect:expr, $conn:expr, $table:expr) => {{
+        let sql = match $dialect {
+            Dialect::Sqlite => "SELECT name, upper(type) FROM pragma_table_info(?)",
+            Dialect::Postgres => {
+                "SELECT column_name::text, upper(data_type)::text FROM information_schema.columns
+                 WHERE table_schema = current_schema() AND table_name = $1 ORDER BY ordinal_position"
+            }
+        };
+        sqlx::query(sql)
+            .bind($table)
+            .fetch_all(&mut *$conn)
+            .await
+            .map_err(db("inspect table"))?
+            .iter()
+            .map(|r| Ok((r.try_get::<String, _>(0)?, r.try_get::<String, _>(1)?)))
+            .collect::<Result<Vec<(String, String)>, sqlx::Error>>()
+            .map_err(db("inspect table"))
+    }};
+}
+
+/// Create `$def`'s table if absent, or check that its columns still match.
+macro_rules! ensure_table {
+    ($dialect:expr, $conn:expr, $def:expr, $window_index:expr) => {{
+        let d: Dialect = $dialect;
+        let def: &RollupDef = $def;
+        // Optional: makes range scans by window (API top-K) index ranges, at
+        // roughly a third more ingest CPU (one more B-tree write per upsert).
+        let index_name = quote(&format!("{}__by_window", def.name));
+        let index = if $window_index {
+            format!("CREATE INDEX IF NOT EXISTS {index_name} ON {} ({})", quote(&def.name), quote(def.window_name()))
+        } else {
+            format!("DROP INDEX IF EXISTS {index_name}")
+        };
+        let have = table_columns!(d, $conn, def.name.as_str())?;
+        let wanted: Vec<(String, String)> = def.columns.iter().map(|c| (c.name.clone(), d.sql_type(c.kind).to_string())).collect();
+        if have.is_empty() {
+            let mut cols: Vec<String> = def
+                .columns
+                .iter()
+                .map(|c| {
+                    let null = if c.merge.is_none() { " NOT NULL" } else { "" };
+                    format!("{} {}{null}", quote(&c.name), d.sql_type(c.kind))
+                })
+                .collect();
+            let keys: Vec<String> = def.keys().iter().map(|c| quote(&c.name)).collect();
+            cols.push(format!("PRIMARY KEY ({})", keys.join(", ")));
+            let ddl = d.ddl(&format!("CREATE TABLE IF NOT EXISTS {} (\n  {}\n){{noid}}", quote(&def.name), cols.join(",\n  ")));
+            sqlx::query(AssertSqlSafe(ddl)).execute(&mut *$conn).await.map_err(db("create rollup table"))?;
+            sqlx::query(AssertSqlSafe(index)).execute(&mut *$conn).await.map_err(db("create or drop the rollup window index"))?;
+            Ok::<(), SinkError>(())
+        } else if have != wanted {
+            let show = |v: &[(String, String)]| v.iter().map(|(n, t)| format!("{n} {t}")).collect::<Vec<_>>().join(", ");
+            Err(SinkError::Schema {
+                table: def.name.clone(),
+                message: format!(
+                    "the existing table has columns ({}) but {} now produces ({}); \
+                     give the changed rollup a new file name (a new table) and backfill it, or drop the old table",
+                    show(&have),
+                    def.file.display(),
+                    show(&wanted)
+                ),
+            })
+        } else {
+            sqlx::query(AssertSqlSafe(index)).execute(&mut *$conn).await.map_err(db("create or drop the rollup window index"))?;
+            Ok(())
+        }
+    }};
+}
+
+impl ServingStore {
+    /// Open (creating if needed) the store and its tables.
+    pub async fn open(url: &str, rollups: &[RollupDef]) -> Result<ServingStore, SinkError> {
+        ServingStore::open_with(url, rollups, false).await
+    }
+
+    /// Open, creating (or, when `window_index` is false, dropping) an index on
+    /// each rollup's window column.
+    pub async fn open_with(url: &str, rollups: &[RollupDef], window_index: bool) -> Result<ServingStore, SinkError> {
+        let open_err = |message: String| SinkError::Open { url: redact(url), message };
+        let (pool, dialect) = if url.starts_with("sqlite:") {
+            (Pool::Sqlite(open_sqlite(url).await.map_err(open_err)?), Dialect::Sqlite)
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            let opts = PgConnectOptions::from_str(url).map_err(|e| open_err(e.to_string()))?;
+            let pool = PgPoolOptions::new()
+                .max_connections(4)
+                .acquire_timeout(Duration::from_secs(10))
+                .connect_with(opts)
+                .await
+                .map_err(|e| open_err(e.to_string()))?;
+            (Pool::Postgres(pool), Dialect::Postgres)
+        } else {
+            return Err(open_err("unsupported serving.url scheme; use sqlite://PATH or postgres://USER:PASSWORD@HOST:PORT/DB".into()));
+        };
+        let store = ServingStore {
+            pool,
+            dialect,
+            url: url.to_string(),
+            tables: rollups.iter().map(|d| TableSpec::new(d, dialect)).collect(),
+        };
+        match &store.pool {
+            Pool::Sqlite(p) => {
+                let mut conn = p.acquire().await.map_err(db("schema setup"))?;
+                store.setup_schema(&mut conn, rollups, window_index).await?;
+            }
+            Pool::Postgres(p) => {
+                // Several processes may create a new store at once: one at a time.
+                let mut conn = p.acquire().await.map_err(db("schema setup"))?;
+                sqlx::query("SELECT pg_advisory_lock(7461626101)").execute(&mut *conn).await.map_err(db("schema lock"))?;
+                let r = store.setup_schema_pg(&mut conn, rollups, window_index).await;
+                let _ = sqlx::query("SELECT pg_advisory_unlock(7461626101)").execute(&mut *conn).await;
+                r?;
+            }
+        }
+        Ok(store)
+    }
+
+    async fn setup_schema(&self, conn: &mut sqlx::SqliteConnection, rollups: &[RollupDef], window_index: bool) -> Result<(), SinkError> {
+        // Schema setup without a long write transaction (readers such as
+        // `tally verify` open the store while `tally run` commits), and safe
+        // when several processes open a new store at once: every statement is
+        // idempotent (IF NOT EXISTS; a concurrent ADD COLUMN is re-checked).
+        for stmt in BOOKKEEPING {
+            sqlx::query(AssertSqlSafe(Dialect::Sqlite.ddl(stmt))).execute(&mut *conn).await.map_err(db("create bookkeeping tables"))?;
+        }
+        // Stores created before `as_of` existed lack these columns.
+        for col in ["max_event_ms", "caught_up_ms"] {
+            let cols = table_columns!(Dialect::Sqlite, conn, "tally_offsets")?;
+            if !cols.iter().any(|(c, _)| c == col) {
+                let added = sqlx::query(AssertSqlSafe(format!("ALTER TABLE tally_offsets ADD COLUMN {col} INTEGER")))
+                    .execute(&mut *conn)
+                    .await;
+                if let Err(e) = added {
+                    if !e.to_string().contains("duplicate column") {
+                        return Err(db("upgrade tally_offsets")(e));
+                    }
+                }
+            }
+        }
+        for def in rollups {
+            ensure_table!(Dialect::Sqlite, conn, def, window_index)?;
+        }
         Ok(())
     }
 
-    /// Start the write transaction of a window replacement (excludes the live
-    /// writer until [`ServingStore::replace_windows`] commits).
-    pub async fn begin_replace(&self) -> Result<sqlx::Transaction<'static, sqlx::Sqlite>, SinkError> {
-        self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(db("begin"))
+    async fn setup_schema_pg(&self, conn: &mut sqlx::PgConnection, rollups: &[RollupDef], window_index: bool) -> Result<(), SinkError> {
+        for stmt in BOOKKEEPING {
+            sqlx::query(AssertSqlSafe(Dialect::Postgres.ddl(stmt)))
+                .execute(&mut *conn)
+                .await
+                .map_err(db("create bookkeeping tables"))?;
+        }
+        for def in rollups {
+            ensure_table!(Dialect::Postgres, conn, def, window_index)?;
+        }
+        Ok(())
+    }
+
+    pub fn dialect(&self) -> Dialect {
+        self.dialect
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// Committed next offsets of `topic`.
+    pub async fn load_offsets(&self, topic: &str) -> Result<BTreeMap<i32, i64>, SinkError> {
+        let sql = self.dialect.sql("SELECT partition, next_offset FROM tally_offsets WHERE topic = ?");
+        let rows: Vec<(i64, i64)> = on_pool!(&self.pool, p => {
+            sqlx::query(AssertSqlSafe(sql))
+                .bind(topic)
+                .fetch_all(p)
+                .await
+                .map_err(db("load offsets"))?
+                .iter()
+                .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+                .collect::<Result<Vec<_>, sqlx::Error>>()
+                .map_err(db("load offsets"))?
+        });
+        Ok(rows.into_iter().map(|(p, n)| (p as i32, n)).collect())
+    }
+
+    /// Commit one batch atomically, or report that it was fenced.
+    pub async fn commit(&self, req: &CommitRequest<'_>) -> Result<CommitOutcome, SinkError> {
+        match &self.pool {
+            Pool::Sqlite(p) => commit!(self, p, "BEGIN IMMEDIATE", req),
+            Pool::Postgres(p) => commit!(self, p, "BEGIN", req),
+        }
+    }
+
+    /// Start the write transaction of a window replacement. It excludes batch
+    /// commits until [`ServingStore::replace_windows`] commits: SQLite's
+    /// `BEGIN IMMEDIATE`; on PostgreSQL, table locks on the rollups and
+    /// `tally_files` (taken in the order batch commits write them).
+    pub async fn begin_replace(&self) -> Result<ReplaceTx, SinkError> {
+        match &self.pool {
+            Pool::Sqlite(p) => Ok(ReplaceTx::Sqlite(p.begin_with("BEGIN IMMEDIATE").await.map_err(db("begin"))?)),
+            Pool::Postgres(p) => {
+                let mut tx = p.begin().await.map_err(db("begin"))?;
+                let mut tables: Vec<String> = self.tables.iter().map(|t| quote(&t.name)).collect();
+                tables.push("tally_files".into());
+                sqlx::query(AssertSqlSafe(format!("LOCK TABLE {} IN SHARE ROW EXCLUSIVE MODE", tables.join(", "))))
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db("lock rollup tables"))?;
+                Ok(ReplaceTx::Postgres(tx))
+            }
+        }
     }
 
     /// Committed raw archive files (paths relative to the data directory).
-    pub async fn raw_files(conn: &mut sqlx::SqliteConnection) -> Result<Vec<String>, SinkError> {
-        let rows = sqlx::query("SELECT path FROM tally_files WHERE kind = 'raw' ORDER BY path")
-            .fetch_all(&mut *conn)
-            .await
-            .map_err(db("list raw files"))?;
-        rows.iter().map(|r| r.try_get::<String, _>(0).map_err(db("list raw files"))).collect()
+    pub async fn raw_files(&self) -> Result<Vec<String>, SinkError> {
+        on_pool!(&self.pool, p => {
+            let mut conn = p.acquire().await.map_err(db("list raw files"))?;
+            raw_files!(conn)
+        })
+    }
+
+    /// [`ServingStore::raw_files`] inside a replacement transaction.
+    pub async fn raw_files_in(tx: &mut ReplaceTx) -> Result<Vec<String>, SinkError> {
+        match tx {
+            ReplaceTx::Sqlite(t) => raw_files!((*t)),
+            ReplaceTx::Postgres(t) => raw_files!((*t)),
+        }
     }
 
     /// In `tx`: delete each rollup's windows in its `[lo, hi)`, then merge
     /// `outputs` (rows outside the ranges must already be filtered out), and commit.
     pub async fn replace_windows(
         &self,
-        mut tx: sqlx::Transaction<'static, sqlx::Sqlite>,
+        tx: ReplaceTx,
         ranges: &[(RollupDef, i64, i64)],
         outputs: &[RollupOutput],
     ) -> Result<u64, SinkError> {
-        let mut deleted = 0;
-        for (def, lo, hi) in ranges {
-            let sql = format!(
-                "DELETE FROM {} WHERE {} >= ? AND {} < ?",
-                quote(&def.name),
-                quote(def.window_name()),
-                quote(def.window_name())
-            );
-            deleted += sqlx::query(AssertSqlSafe(sql))
-                .bind(lo)
-                .bind(hi)
-                .execute(&mut *tx)
-                .await
-                .map_err(db("delete windows"))?
-                .rows_affected();
+        macro_rules! replace {
+            ($tx:expr) => {{
+                let mut tx = $tx;
+                let mut deleted = 0;
+                for (def, lo, hi) in ranges {
+                    let w = quote(def.window_name());
+                    let sql = self.dialect.sql(&format!("DELETE FROM {} WHERE {w} >= ? AND {w} < ?", quote(&def.name)));
+                    deleted += sqlx::query(AssertSqlSafe(sql))
+                        .bind(lo)
+                        .bind(hi)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(db("delete windows"))?
+                        .rows_affected();
+                }
+                merge_outputs!(self, tx, outputs)?;
+                tx.commit().await.map_err(db("commit"))?;
+                Ok(deleted)
+            }};
         }
-        self.merge_outputs(&mut tx, outputs).await?;
-        tx.commit().await.map_err(db("commit"))?;
-        Ok(deleted)
+        match tx {
+            ReplaceTx::Sqlite(t) => replace!(t),
+            ReplaceTx::Postgres(t) => replace!(t),
+        }
+    }
+
+    /// Rows of `def` with `lo <= window < hi` (and `window <= max`), by window.
+    pub async fn read_rows(&self, def: &RollupDef, lo: i64, hi: i64, max: Option<i64>) -> Result<TableRows, SinkError> {
+        on_pool!(&self.pool, p => {
+            let mut conn = p.acquire().await.map_err(db("read rollup rows"))?;
+            read_rows!(self.dialect, conn, def, lo, hi, max)
+        })
+    }
+
+    /// The rows of each `defs[i]` in `ranges[i]` and the committed raw files,
+    /// all from one snapshot (a read transaction).
+    pub async fn read_snapshot(&self, defs: &[&RollupDef], ranges: &[(i64, i64)]) -> Result<(Vec<TableRows>, Vec<String>), SinkError> {
+        macro_rules! snapshot {
+            ($tx:expr) => {{
+                let mut tx = $tx;
+                let mut tables = Vec::with_capacity(defs.len());
+                for (def, (lo, hi)) in defs.iter().zip(ranges) {
+                    tables.push(read_rows!(self.dialect, tx, def, *lo, *hi, None)?);
+                }
+                let files = raw_files!(tx)?;
+                tx.rollback().await.map_err(db("rollback"))?;
+                Ok((tables, files))
+            }};
+        }
+        match &self.pool {
+            Pool::Sqlite(p) => snapshot!(p.begin().await.map_err(db("begin"))?),
+            Pool::Postgres(p) => snapshot!(p
+                .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                .await
+                .map_err(db("begin"))?),
+        }
     }
 
     /// Committed archive files of `topic`:`partition` starting below `below`.
@@ -453,55 +812,104 @@ impl ServingStore {
         partition: i32,
         below: i64,
     ) -> Result<std::collections::HashSet<String>, SinkError> {
-        let rows = sqlx::query("SELECT path FROM tally_files WHERE topic = ? AND partition = ? AND first_offset < ?")
-            .bind(topic)
-            .bind(partition)
-            .bind(below)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(db("read recorded files"))?;
-        rows.iter().map(|r| r.try_get::<String, _>(0).map_err(db("read recorded files"))).collect()
+        let sql = self.dialect.sql("SELECT path FROM tally_files WHERE topic = ? AND partition = ? AND first_offset < ?");
+        on_pool!(&self.pool, p => {
+            let rows = sqlx::query(AssertSqlSafe(sql))
+                .bind(topic)
+                .bind(i64::from(partition))
+                .bind(below)
+                .fetch_all(p)
+                .await
+                .map_err(db("read recorded files"))?;
+            rows.iter().map(|r| r.try_get::<String, _>(0).map_err(db("read recorded files"))).collect()
+        })
     }
 
     /// The time up to which the store is complete for `topic` (epoch ms):
     /// the minimum over its partitions of the later of the newest committed
     /// event time and the time the partition was last read to its end.
     pub async fn as_of(&self, topic: &str) -> Result<Option<i64>, SinkError> {
-        as_of(&self.pool, topic).await
+        let sql = self.dialect.sql("SELECT max_event_ms, caught_up_ms FROM tally_offsets WHERE topic = ?");
+        let rows: Vec<(Option<i64>, Option<i64>)> = on_pool!(&self.pool, p => {
+            sqlx::query(AssertSqlSafe(sql))
+                .bind(topic)
+                .fetch_all(p)
+                .await
+                .map_err(db("read as_of"))?
+                .iter()
+                .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+                .collect::<Result<Vec<_>, sqlx::Error>>()
+                .map_err(db("read as_of"))?
+        });
+        let mut out: Option<i64> = None;
+        for (a, b) in rows {
+            if let Some(t) = a.max(b) {
+                out = Some(out.map_or(t, |o| o.min(t)));
+            }
+        }
+        Ok(out)
     }
 
     /// All persistent counters.
     pub async fn counters(&self) -> Result<BTreeMap<String, i64>, SinkError> {
-        let rows = sqlx::query("SELECT name, value FROM tally_counters ORDER BY name")
-            .fetch_all(&self.pool)
-            .await
-            .map_err(db("read counters"))?;
-        rows.into_iter()
-            .map(|r| Ok((r.try_get(0).map_err(db("read counters"))?, r.try_get(1).map_err(db("read counters"))?)))
-            .collect()
+        on_pool!(&self.pool, p => {
+            let rows = sqlx::query("SELECT name, value FROM tally_counters ORDER BY name")
+                .fetch_all(p)
+                .await
+                .map_err(db("read counters"))?;
+            rows.into_iter()
+                .map(|r| Ok((r.try_get(0).map_err(db("read counters"))?, r.try_get(1).map_err(db("read counters"))?)))
+                .collect()
+        })
     }
 
     pub async fn close(&self) {
-        self.pool.close().await;
+        on_pool!(&self.pool, p => p.close().await)
     }
 }
 
-/// See [`ServingStore::as_of`].
-pub async fn as_of(pool: &SqlitePool, topic: &str) -> Result<Option<i64>, SinkError> {
-    let rows = sqlx::query("SELECT max_event_ms, caught_up_ms FROM tally_offsets WHERE topic = ?")
-        .bind(topic)
-        .fetch_all(pool)
-        .await
-        .map_err(db("read as_of"))?;
-    let mut out: Option<i64> = None;
-    for r in rows {
-        let a: Option<i64> = r.try_get(0).map_err(db("read as_of"))?;
-        let b: Option<i64> = r.try_get(1).map_err(db("read as_of"))?;
-        if let Some(t) = a.max(b) {
-            out = Some(out.map_or(t, |o| o.min(t)));
+/// The URL without its password, for messages.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let creds = &url[s + 3..at];
+            match creds.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..s + 3], &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
+
+async fn open_sqlite(url: &str) -> Result<SqlitePool, String> {
+    let opts = SqliteConnectOptions::from_str(url)
+        .map_err(|e| e.to_string())?
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Wal)
+        .synchronous(SqliteSynchronous::Normal)
+        .busy_timeout(Duration::from_secs(5))
+        // 64 MiB of page cache per connection (default 2 MiB): large merge
+        // transactions otherwise spill dirty pages to the WAL mid-transaction.
+        .pragma("cache_size", "-65536");
+    if let Some(parent) = opts.get_filename().parent() {
+        if !parent.as_os_str().is_empty() {
+            std::fs::create_dir_all(parent).map_err(|e| e.to_string())?;
         }
     }
-    Ok(out)
+    // Another tally opening the same file may hold the lock for a moment
+    // (switching to WAL, creating the schema): retry "database is locked".
+    let mut attempt = 0;
+    loop {
+        match SqlitePoolOptions::new().max_connections(2).connect_with(opts.clone()).await {
+            Ok(pool) => return Ok(pool),
+            Err(e) if attempt < 40 && is_busy(&e) => {
+                attempt += 1;
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            Err(e) => return Err(e.to_string()),
+        }
+    }
 }
 
 /// SQLITE_BUSY (5) or SQLITE_LOCKED (6).
@@ -509,65 +917,23 @@ fn is_busy(e: &sqlx::Error) -> bool {
     e.as_database_error().and_then(|d| d.code()).is_some_and(|c| c == "5" || c == "6")
 }
 
-async fn ensure_table(
-    conn: &mut sqlx::SqliteConnection,
-    def: &RollupDef,
-    window_index: bool,
-) -> Result<(), SinkError> {
-    // Optional: makes range scans by window (API top-K) index ranges, at
-    // roughly a third more ingest CPU (one more B-tree write per upsert).
-    let index_name = quote(&format!("{}__by_window", def.name));
-    let index = if window_index {
-        format!("CREATE INDEX IF NOT EXISTS {index_name} ON {} ({})", quote(&def.name), quote(def.window_name()))
-    } else {
-        format!("DROP INDEX IF EXISTS {index_name}")
-    };
-    let info = sqlx::query(AssertSqlSafe(format!("PRAGMA table_info({})", quote(&def.name))))
-        .fetch_all(&mut *conn)
-        .await
-        .map_err(db("inspect rollup table"))?;
-    let wanted: Vec<(String, String)> = def
-        .columns
-        .iter()
-        .map(|c| (c.name.clone(), sql_type(c.kind).to_string()))
-        .collect();
-    if info.is_empty() {
-        let mut cols: Vec<String> = def
-            .columns
-            .iter()
-            .map(|c| {
-                let null = if c.merge.is_none() { " NOT NULL" } else { "" };
-                format!("{} {}{null}", quote(&c.name), sql_type(c.kind))
-            })
-            .collect();
-        let keys: Vec<String> = def.keys().iter().map(|c| quote(&c.name)).collect();
-        cols.push(format!("PRIMARY KEY ({})", keys.join(", ")));
-        let ddl = format!("CREATE TABLE IF NOT EXISTS {} (\n  {}\n) WITHOUT ROWID", quote(&def.name), cols.join(",\n  "));
-        sqlx::query(AssertSqlSafe(ddl)).execute(&mut *conn).await.map_err(db("create rollup table"))?;
-        sqlx::query(AssertSqlSafe(index)).execute(&mut *conn).await.map_err(db("create or drop the rollup window index"))?;
-        return Ok(());
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn placeholders_are_numbered_for_postgres() {
+        assert_eq!(number_placeholders("SELECT ? , ?"), "SELECT $1 , $2");
+        assert_eq!(number_placeholders("a = ?1 AND b = ?12 AND c = ?1"), "a = $1 AND b = $12 AND c = $1");
+        assert_eq!(number_placeholders("x = '?' AND \"q?\" = ?"), "x = '?' AND \"q?\" = $1");
+        assert_eq!(Dialect::Sqlite.sql("a = ?"), "a = ?");
     }
-    let have: Vec<(String, String)> = info
-        .iter()
-        .map(|r| {
-            let name: String = r.try_get("name").unwrap_or_default();
-            let ty: String = r.try_get("type").unwrap_or_default();
-            (name, ty.to_ascii_uppercase())
-        })
-        .collect();
-    if have != wanted {
-        let show = |v: &[(String, String)]| v.iter().map(|(n, t)| format!("{n} {t}")).collect::<Vec<_>>().join(", ");
-        return Err(SinkError::Schema {
-            table: def.name.clone(),
-            message: format!(
-                "the existing table has columns ({}) but {} now produces ({}); \
-                 give the changed rollup a new file name (a new table) and backfill it, or drop the old table",
-                show(&have),
-                def.file.display(),
-                show(&wanted)
-            ),
-        });
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(redact("postgres://tally:secret@db:5432/tally"), "postgres://tally:***@db:5432/tally");
+        assert_eq!(redact("sqlite:///tmp/x.db"), "sqlite:///tmp/x.db");
+        assert_eq!(redact("postgres://tally@db/t"), "postgres://tally@db/t");
     }
-    sqlx::query(AssertSqlSafe(index)).execute(&mut *conn).await.map_err(db("create or drop the rollup window index"))?;
-    Ok(())
 }

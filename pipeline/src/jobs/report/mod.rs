@@ -250,12 +250,7 @@ pub async fn monthly(settings: &Settings, month: Month) -> Result<MonthlyReport,
         ))
     })?;
     let store = ServingStore::open_with(&settings.serving_url(), &catalog.rollups, settings.serving.window_index).await?;
-    let sql = format!(
-        "SELECT * FROM \"{}\" WHERE \"{w}\" >= ? AND \"{w}\" < ? ORDER BY \"{w}\"",
-        def.name,
-        w = def.window_name()
-    );
-    let rows = load_windows(&store, def, &sql, &[month.prev().start_ms(), month.end_ms()]).await?;
+    let rows = load_windows(&store, def, month.prev().start_ms(), month.end_ms(), None).await?;
     let as_of = store.as_of(&settings.kafka.topic).await?;
     store.close().await;
 
