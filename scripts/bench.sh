@@ -26,34 +26,19 @@ echo "pre-filling $N events..." >&2
 "$TALLY" --log warn produce --count "$N" --videos 100000 --zipf 1.1 --time-spread 1h 2>&1 | tail -1 >&2
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-postgres_cpu() {  # CPU seconds (user+sys) of every postgres process so far
-  python3 - <<'PY'
-import os
-tick = os.sysconf("SC_CLK_TCK"); total = 0
-for pid in filter(str.isdigit, os.listdir("/proc")):
-    try:
-        if open(f"/proc/{pid}/comm").read().strip() in ("postgres", "postmaster"):
-            f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-            total += int(f[11]) + int(f[12])
-    except OSError:
-        pass
-print(total / tick)
-PY
-}
 
 # drain STORE_URL LABEL: time `tally run` (own consumer group) draining the topic into STORE_URL.
 drain() {
   local url=$1 label=$2 api
   api=$(free_port)
-  local pg0; pg0=$(postgres_cpu)
   local start; start=$(date +%s.%N)
   TALLY__KAFKA__PROPERTIES__GROUP_ID="bench-$label" TALLY__SERVING__URL="$url" TALLY__STORAGE__DATA_DIR="$OUT/data-$label" \
     TALLY__API__LISTEN="127.0.0.1:$api" "$TALLY" --log warn run 2>"$OUT/tally-$label.log" &
   local tpid=$!
   pids+=($tpid)
-  python3 - "$url" "$N" "$tpid" "$start" "$api" "$label" "$pg0" <<'PY'
+  python3 - "$url" "$N" "$tpid" "$start" "$api" "$label" <<'PY'
 import os, sqlite3, subprocess, sys, time, urllib.request
-url, n, pid, start, api, label, pg0 = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), sys.argv[5], sys.argv[6], float(sys.argv[7])
+url, n, pid, start, api, label = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), sys.argv[5], sys.argv[6]
 tick = os.sysconf("SC_CLK_TCK")
 def cpu():
     f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
@@ -93,6 +78,7 @@ def metric(name):
         if line.startswith(name + " "):
             return float(line.split()[1])
     return 0
+pg0 = postgres_cpu()
 deadline = time.time() + 1800
 done = 0
 while time.time() < deadline:
@@ -128,4 +114,4 @@ echo
 du -sh "$OUT/data-sqlite/raw" | awk '{print "raw archive size: "$1}'
 
 # Backfill speed over a 10M-event archive (loaded without the broker).
-scripts/bench-backfill.sh
+if [ -z "${BENCH_SKIP_BACKFILL:-}" ]; then scripts/bench-backfill.sh; fi

@@ -20,14 +20,7 @@ async fn backfill_during_live_ingest_stays_exact() {
     env.set("TALLY__BATCH__MAX_ROWS", "500");
     let mut tally = Tally::start(&env);
 
-    let bootstrap = broker.bootstrap();
-    let (t2, m2) = (topic.clone(), messages.clone());
-    let producer = tokio::spawn(async move {
-        for slice in m2.chunks(800) {
-            produce(&bootstrap, &t2, slice).await;
-            tokio::time::sleep(Duration::from_millis(700)).await;
-        }
-    });
+    let producer = produce_in_background(&broker.bootstrap(), &topic, &messages, 800, Duration::from_millis(700));
     let day = 86_400_000;
     let (from, to) = (rfc3339(now - now.rem_euclid(day) - day), rfc3339(now - now.rem_euclid(day) + day));
     let mut runs = 0;

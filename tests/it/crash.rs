@@ -40,15 +40,8 @@ async fn kill_loop(events: usize, kills: usize, min_kills: usize, budget: Durati
     env.set("TALLY__BATCH__MAX_ROWS", "1500");
 
     // Produce in the background, in slices spread over the run, while tally is killed and restarted.
-    let bootstrap = broker.bootstrap();
-    let (t2, m2) = (topic.clone(), messages.clone());
     let slice = (events / (2 * kills).max(10)).max(1);
-    let producer = tokio::spawn(async move {
-        for chunk in m2.chunks(slice) {
-            produce(&bootstrap, &t2, chunk).await;
-            tokio::time::sleep(Duration::from_millis(4_000)).await;
-        }
-    });
+    let producer = produce_in_background(&broker.bootstrap(), &topic, &messages, slice, Duration::from_millis(4_000));
 
     let db = data.join("serving.db");
     let mut rng = rand::rngs::StdRng::seed_from_u64(std::process::id() as u64);
@@ -178,14 +171,7 @@ async fn sigterm_and_ctrl_c_mid_ingest_exit_cleanly_and_stay_exact() {
     let mut env = TallyEnv::new(&broker.bootstrap(), &topic, &unique("g"), &data);
     env.set("TALLY__BATCH__LINGER", "150ms");
     env.set("TALLY__BATCH__MAX_ROWS", "800");
-    let bootstrap = broker.bootstrap();
-    let (t2, m2) = (topic.clone(), messages.clone());
-    let producer = tokio::spawn(async move {
-        for chunk in m2.chunks(1_000) {
-            produce(&bootstrap, &t2, chunk).await;
-            tokio::time::sleep(Duration::from_millis(700)).await;
-        }
-    });
+    let producer = produce_in_background(&broker.bootstrap(), &topic, &messages, 1_000, Duration::from_millis(700));
     let mut tally = Tally::start(&env);
     let mut slowest = Duration::ZERO;
     for signal in ["TERM", "INT", "TERM", "INT"] {

@@ -93,14 +93,7 @@ async fn locked_serving_store_retries_pauses_and_recovers() {
     env.set("TALLY__BATCH__MAX_ROWS", "400");
     let mut tally = Tally::start(&env);
 
-    let bootstrap = broker.bootstrap();
-    let (t2, m2) = (topic.clone(), messages.clone());
-    let producer = tokio::spawn(async move {
-        for slice in m2.chunks(500) {
-            produce(&bootstrap, &t2, slice).await;
-            tokio::time::sleep(Duration::from_millis(600)).await;
-        }
-    });
+    let producer = produce_in_background(&broker.bootstrap(), &topic, &messages, 500, Duration::from_millis(600));
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while crate::crash::committed_total(&db).await == 0 {
         assert!(std::time::Instant::now() < deadline, "nothing committed before the lock");
@@ -205,14 +198,7 @@ async fn rebalances_and_a_frozen_zombie_stay_exact() {
     env_b.set("TALLY__BATCH__LINGER", "200ms");
     env_b.log = data.join("tally-b.log");
 
-    let bootstrap = broker.bootstrap();
-    let (t2, m2) = (topic.clone(), messages.clone());
-    let producer = tokio::spawn(async move {
-        for slice in m2.chunks(800) {
-            produce(&bootstrap, &t2, slice).await;
-            tokio::time::sleep(Duration::from_millis(1_500)).await;
-        }
-    });
+    let producer = produce_in_background(&broker.bootstrap(), &topic, &messages, 800, Duration::from_millis(1_500));
     let mut a = Tally::start(&env_a);
     let mut b = Tally::start(&env_b);
     // Rebalances: B leaves and comes back three times.

@@ -37,14 +37,7 @@ async fn postgres_store_survives_sigkills_and_serves_exact_answers() {
     let messages = dataset(91, 12_000, now);
     let data = dir.path().join("data");
     let env = pg_env(&broker, &topic, &unique("g"), &data, &pg, "run");
-    let bootstrap = broker.bootstrap();
-    let (t2, m2) = (topic.clone(), messages.clone());
-    let producer = tokio::spawn(async move {
-        for chunk in m2.chunks(1_000) {
-            produce(&bootstrap, &t2, chunk).await;
-            tokio::time::sleep(Duration::from_millis(800)).await;
-        }
-    });
+    let producer = produce_in_background(&broker.bootstrap(), &topic, &messages, 1_000, Duration::from_millis(800));
     let mut tally = Tally::start(&env);
     let mut kills = 0;
     while kills < 4 {
@@ -88,8 +81,8 @@ async fn postgres_store_survives_sigkills_and_serves_exact_answers() {
     report_faults(&[("sigkill", kills)]);
 }
 
-/// Three `tally run` instances share one consumer group over a 6-partition
-/// topic and one PostgreSQL store; one is SIGKILLed midway and a fourth
+/// Three `tally run` instances share one consumer group (cooperative-sticky
+/// assignment) over a 6-partition topic and one PostgreSQL store; one is SIGKILLed midway and a fourth
 /// joins. Every partition's archive is written by its owner; the final
 /// rollups and archive are exact.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -104,15 +97,15 @@ async fn three_instances_over_six_partitions_one_killed_one_added() {
     let messages = dataset(97, 18_000, now);
     let data = dir.path().join("data");
     let group = unique("g");
-    let envs: Vec<TallyEnv> = ["a", "b", "c", "d"].iter().map(|n| pg_env(&broker, &topic, &group, &data, &pg, n)).collect();
-    let bootstrap = broker.bootstrap();
-    let (t2, m2) = (topic.clone(), messages.clone());
-    let producer = tokio::spawn(async move {
-        for chunk in m2.chunks(1_000) {
-            produce(&bootstrap, &t2, chunk).await;
-            tokio::time::sleep(Duration::from_millis(700)).await;
-        }
-    });
+    let envs: Vec<TallyEnv> = ["a", "b", "c", "d"]
+        .iter()
+        .map(|n| {
+            let mut env = pg_env(&broker, &topic, &group, &data, &pg, n);
+            env.set("TALLY__KAFKA__PROPERTIES__PARTITION_ASSIGNMENT_STRATEGY", "cooperative-sticky");
+            env
+        })
+        .collect();
+    let producer = produce_in_background(&broker.bootstrap(), &topic, &messages, 1_000, Duration::from_millis(700));
     let mut a = Tally::start(&envs[0]);
     let mut b = Tally::start(&envs[1]);
     let mut c = Tally::start(&envs[2]);

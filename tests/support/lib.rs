@@ -646,3 +646,15 @@ impl Drop for PgStore {
             .status();
     }
 }
+
+/// Produce `messages` in the background, `chunk` at a time with `pause`
+/// between chunks (a steady stream while a test injects faults).
+pub fn produce_in_background(bootstrap: &str, topic: &str, messages: &[Message], chunk: usize, pause: Duration) -> tokio::task::JoinHandle<()> {
+    let (bootstrap, topic, messages) = (bootstrap.to_string(), topic.to_string(), messages.to_vec());
+    tokio::spawn(async move {
+        for slice in messages.chunks(chunk.max(1)) {
+            produce(&bootstrap, &topic, slice).await;
+            tokio::time::sleep(pause).await;
+        }
+    })
+}

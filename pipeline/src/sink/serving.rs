@@ -180,6 +180,8 @@ struct TableSpec {
     upsert_head: String,
     upsert_tail: String,
     row_placeholder: String,
+    /// PostgreSQL: the whole batch as one `UNNEST` of column arrays.
+    unnest_sql: String,
 }
 
 /// The outcome of a commit attempt.
@@ -257,7 +259,18 @@ impl TableSpec {
             .filter_map(|c| c.merge.map(|m| merge_sql(dialect, &def.name, &c.name, m)))
             .collect();
         let row_placeholder = format!("({})", vec!["?"; columns.len()].join(","));
+        let arrays: Vec<String> =
+            columns.iter().enumerate().map(|(i, (_, k))| format!("${}::{}[]", i + 1, dialect.sql_type(*k))).collect();
+        let unnest_sql = format!(
+            "INSERT INTO {} ({}) SELECT * FROM UNNEST({}) ON CONFLICT ({}) DO UPDATE SET {}",
+            quote(&def.name),
+            names.join(", "),
+            arrays.join(", "),
+            keys.join(", "),
+            sets.join(", ")
+        );
         TableSpec {
+            unnest_sql,
             name: def.name.clone(),
             key_count: def.key_count,
             rows_per_statement: (MAX_PARAMS / columns.len().max(1)).clamp(1, MAX_ROWS_PER_STATEMENT),
@@ -295,52 +308,83 @@ impl TableSpec {
     }
 }
 
-/// Merge rollup rows (count/sum add, min/max take the extreme) on `$conn`.
-macro_rules! merge_outputs {
-    ($store:expr, $conn:expr, $outputs:expr) => {{
-        let store: &ServingStore = $store;
-        for out in $outputs {
+/// Merge rollup rows (count/sum add, min/max take the extreme) into the
+/// store's tables, inside the caller's transaction.
+trait MergeRows {
+    async fn merge_rows(&mut self, store: &ServingStore, outputs: &[RollupOutput]) -> Result<(), SinkError>;
+}
+
+/// SQLite: multi-row `INSERT … VALUES (…), (…) ON CONFLICT DO UPDATE`, up to
+/// 1,000 rows per statement.
+impl MergeRows for sqlx::SqliteConnection {
+    async fn merge_rows(&mut self, store: &ServingStore, outputs: &[RollupOutput]) -> Result<(), SinkError> {
+        for out in outputs {
             let Some(spec) = store.tables.iter().find(|t| t.name == out.rollup) else {
                 continue;
             };
             for b in &out.batches {
-                let order = spec.row_order(b, store.dialect)?;
                 let mut start = 0;
                 while start < b.num_rows() {
                     let n = (b.num_rows() - start).min(spec.rows_per_statement);
                     let sql = spec.upsert_sql(n, store.dialect);
                     let mut q = sqlx::query(AssertSqlSafe(sql));
-                    for i in start..start + n {
-                        let row = order.as_ref().and_then(|o| o.get(i).copied()).unwrap_or(i);
+                    for row in start..start + n {
                         for (c, (_, kind)) in spec.columns.iter().enumerate() {
                             let arr = b.column(c);
                             let null = arr.is_null(row);
                             q = match kind {
-                                ColumnKind::Text => q.bind(if null {
-                                    None
-                                } else {
-                                    Some(arr.as_string::<i32>().value(row).to_string())
-                                }),
-                                ColumnKind::Int => q.bind(if null {
-                                    None
-                                } else {
-                                    Some(arr.as_primitive::<Int64Type>().value(row))
-                                }),
-                                ColumnKind::Real => q.bind(if null {
-                                    None
-                                } else {
-                                    Some(arr.as_primitive::<Float64Type>().value(row))
-                                }),
+                                ColumnKind::Text => q.bind((!null).then(|| arr.as_string::<i32>().value(row).to_string())),
+                                ColumnKind::Int => q.bind((!null).then(|| arr.as_primitive::<Int64Type>().value(row))),
+                                ColumnKind::Real => q.bind((!null).then(|| arr.as_primitive::<Float64Type>().value(row))),
                             };
                         }
                     }
-                    q.execute(&mut *$conn).await.map_err(db("merge rollup rows"))?;
+                    q.execute(&mut *self).await.map_err(db("merge rollup rows"))?;
                     start += n;
                 }
             }
         }
-        Ok::<(), SinkError>(())
-    }};
+        Ok(())
+    }
+}
+
+/// PostgreSQL: one `INSERT … SELECT * FROM UNNEST($1::text[], …) ON CONFLICT
+/// DO UPDATE` per rollup batch (one array per column, rows in key order),
+/// a single statement text per table whatever the row count.
+impl MergeRows for sqlx::PgConnection {
+    async fn merge_rows(&mut self, store: &ServingStore, outputs: &[RollupOutput]) -> Result<(), SinkError> {
+        for out in outputs {
+            let Some(spec) = store.tables.iter().find(|t| t.name == out.rollup) else {
+                continue;
+            };
+            for b in &out.batches {
+                if b.num_rows() == 0 {
+                    continue;
+                }
+                let order: Vec<usize> = spec.row_order(b, Dialect::Postgres)?.unwrap_or_else(|| (0..b.num_rows()).collect());
+                let mut q = sqlx::query(AssertSqlSafe(spec.unnest_sql.clone()));
+                for (c, (_, kind)) in spec.columns.iter().enumerate() {
+                    let arr = b.column(c);
+                    q = match kind {
+                        ColumnKind::Text => {
+                            let a = arr.as_string::<i32>();
+                            q.bind(order.iter().map(|&i| (!a.is_null(i)).then(|| a.value(i))).collect::<Vec<Option<&str>>>())
+                        }
+                        ColumnKind::Int => {
+                            let a = arr.as_primitive::<Int64Type>();
+                            q.bind(order.iter().map(|&i| (!a.is_null(i)).then(|| a.value(i))).collect::<Vec<Option<i64>>>())
+                        }
+                        ColumnKind::Real => {
+                            let a = arr.as_primitive::<Float64Type>();
+                            q.bind(order.iter().map(|&i| (!a.is_null(i)).then(|| a.value(i))).collect::<Vec<Option<f64>>>())
+                        }
+                    };
+                }
+                q.execute(&mut *self).await.map_err(db("merge rollup rows"))?;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Read the rows of `def` with `lo <= window < hi` (and `window <= max` if
@@ -425,7 +469,7 @@ macro_rules! commit {
         }
 
         // 2. Merge rollups.
-        merge_outputs!(store, tx, req.outputs)?;
+        MergeRows::merge_rows(&mut *tx, store, req.outputs).await?;
         crate::failpoint::failpoint("inside_serving_transaction");
 
         // 3. Record files.
@@ -762,7 +806,7 @@ impl ServingStore {
                         .map_err(db("delete windows"))?
                         .rows_affected();
                 }
-                merge_outputs!(self, tx, outputs)?;
+                MergeRows::merge_rows(&mut *tx, self, outputs).await?;
                 tx.commit().await.map_err(db("commit"))?;
                 Ok(deleted)
             }};
