@@ -7,7 +7,7 @@ TANSU_VERSION := 0.6.0
 BROKER_PORT ?= 9092
 export TANSU_BIN := $(TANSU)
 
-.PHONY: all build release tansu postgres broker topic run test soak unit check-sql lint bench bench-api report-demo clean
+.PHONY: all build release tansu postgres moto broker topic run test soak unit check-sql lint bench bench-api report-demo clean
 
 all: build
 
@@ -27,6 +27,10 @@ $(TANSU):
 postgres:
 	scripts/postgres.sh
 
+## moto: the S3-compatible server (PyPI moto[server]) the S3 archive tests start on loopback.
+moto:
+	scripts/moto.sh
+
 ## broker: run tansu on 127.0.0.1:$(BROKER_PORT) in the foreground (storage in data/tansu/).
 broker: $(TANSU)
 	mkdir -p data/tansu
@@ -41,19 +45,19 @@ run: $(TANSU) release
 ## test: the one test command (unit, property, SQL, end-to-end and crash tests).
 # --all-targets resolves features exactly as `cargo test --workspace` does, so the
 # tally binary the black-box tests run and the test binaries share one build.
-test: $(TANSU) postgres
+test: $(TANSU) postgres moto
 	$(CARGO) build --workspace --all-targets
-	$(CARGO) test --workspace --no-fail-fast -- --test-threads=2
+	TALLY_TEST_PYTHON=$$(scripts/moto.sh) $(CARGO) test --workspace --no-fail-fast -- --test-threads=2
 
 ## soak: the long fault runs (issue #5): >= 20 SIGKILLs over >= 1 M events (SOAK_EVENTS,
 ## SOAK_KILLS), then the fault and crash tests again, all against a release tally.
 SOAK_EVENTS ?= 1000000
 SOAK_KILLS ?= 20
-soak: $(TANSU) postgres release
+soak: $(TANSU) postgres moto release
 	$(CARGO) build --workspace --all-targets
 	TALLY_BIN=$(CURDIR)/target/release/tally SOAK_EVENTS=$(SOAK_EVENTS) SOAK_KILLS=$(SOAK_KILLS) \
 	  $(CARGO) test --workspace --test it soak_kill_loop -- --ignored --nocapture
-	set -o pipefail; TALLY_BIN=$(CURDIR)/target/release/tally $(CARGO) test --workspace --test it -- faults:: crash:: replay:: postgres:: --test-threads=2 --nocapture 2>&1 | tee target/soak-faults.log | grep -E "^test |survived|SOAK|FAULTS|test result"
+	set -o pipefail; TALLY_BIN=$(CURDIR)/target/release/tally TALLY_TEST_PYTHON=$$(scripts/moto.sh) $(CARGO) test --workspace --test it -- faults:: crash:: replay:: postgres:: s3:: --test-threads=2 --nocapture 2>&1 | tee target/soak-faults.log | grep -E "^test |survived|SOAK|FAULTS|test result"
 	@grep -h "^FAULTS" target/soak-faults.log | tr ' ' '\n' | grep = | awk -F= '{n[$$1]+=$$2; t+=$$2} END {printf "SOAK faults injected and survived, counts exact after each: "; for (k in n) printf "%s=%d ", k, n[k]; printf "(total %d, plus the kill loop above)\n", t}'
 
 unit:

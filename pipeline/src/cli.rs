@@ -278,7 +278,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             for (path, rows) in &r.files {
                 println!("{path}: {rows} rows");
             }
-            println!("{} files written under {}", r.files.len(), settings.storage.data_dir.display());
+            println!("{} files written under {}", r.files.len(), r.root);
             Ok(ExitCode::SUCCESS)
         }),
         Command::Replay { file } => rt.block_on(async {

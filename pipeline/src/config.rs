@@ -213,6 +213,16 @@ pub struct SqlConfig {
 pub struct StorageConfig {
     pub data_dir: PathBuf,
     pub zstd_level: i32,
+    /// Where raw/ and dlq/ live: empty means `data_dir`; `s3://BUCKET/PREFIX`
+    /// means S3 or any S3-compatible store.
+    pub archive_url: String,
+    /// object_store options for `archive_url`, passed verbatim (`aws_endpoint`,
+    /// `aws_region`, `aws_access_key_id`, `aws_allow_http`, …). They override
+    /// the standard `AWS_*` environment variables.
+    pub options: BTreeMap<String, PropertyValue>,
+    /// Archive files at least this large are uploaded in parts (S3 multipart);
+    /// smaller ones with one PUT. Either way an object appears only when complete.
+    pub multipart_threshold: ByteSize,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -337,6 +347,27 @@ impl Settings {
         if !(1..=22).contains(&self.storage.zstd_level) {
             return Err(invalid("storage.zstd_level", "must be between 1 and 22"));
         }
+        let url = &self.storage.archive_url;
+        if !url.is_empty() {
+            match url.strip_prefix("s3://") {
+                Some(rest) if !rest.is_empty() && !rest.starts_with('/') => {}
+                Some(_) => return Err(invalid("storage.archive_url", "name a bucket: s3://BUCKET or s3://BUCKET/PREFIX")),
+                None => {
+                    return Err(invalid(
+                        "storage.archive_url",
+                        format!("{url:?}: unsupported; use \"\" for storage.data_dir or s3://BUCKET/PREFIX"),
+                    ))
+                }
+            }
+        } else if !self.storage.options.is_empty() {
+            return Err(invalid("storage.options", "apply only to an s3:// storage.archive_url; set one or remove the options"));
+        }
+        if self.storage.multipart_threshold.0 < 5 * 1024 * 1024 && self.storage.multipart_threshold.0 != 0 {
+            return Err(invalid(
+                "storage.multipart_threshold",
+                "must be 0 (every file in parts) or at least 5MiB (S3's smallest part)",
+            ));
+        }
         let mut seen = std::collections::HashSet::new();
         for (i, f) in self.schema.fields.iter().enumerate() {
             let key = format!("schema.fields[{i}].name");
@@ -454,10 +485,20 @@ impl Settings {
             }
         }
         out.push_str(&format!(
-            "\n[sql]\nrollups_dir = {:?}\n\n[storage]\ndata_dir = {:?}\nzstd_level = {}\n\n[serving]\nurl = {:?}\nwindow_index = {}\n\n[api]\nlisten = {:?}\nrollups = {:?}\nmax_range = {:?}\nmax_series_points = {}\nmax_body = {}\nrequest_timeout = {:?}\nmax_concurrency = {}\nmax_connections = {}\nread_tokens = \"{} configured (masked)\"\nwrite_tokens = \"{} configured (masked)\"\n\n[verify]\ninterval = {:?}\nlookback = {:?}\n",
+            "\n[sql]\nrollups_dir = {:?}\n\n[storage]\ndata_dir = {:?}\nzstd_level = {}\narchive_url = {:?}\nmultipart_threshold = {}\n{}\n[serving]\nurl = {:?}\nwindow_index = {}\n\n[api]\nlisten = {:?}\nrollups = {:?}\nmax_range = {:?}\nmax_series_points = {}\nmax_body = {}\nrequest_timeout = {:?}\nmax_concurrency = {}\nmax_connections = {}\nread_tokens = \"{} configured (masked)\"\nwrite_tokens = \"{} configured (masked)\"\n\n[verify]\ninterval = {:?}\nlookback = {:?}\n",
             self.sql.rollups_dir.display().to_string(),
             self.storage.data_dir.display().to_string(),
             self.storage.zstd_level,
+            self.storage.archive_url,
+            self.storage.multipart_threshold.0,
+            {
+                let mut opts = toml::Table::new();
+                for (k, v) in &self.storage.options {
+                    let secret = k.contains("secret") || k.contains("key") || k.contains("token") || k.contains("password");
+                    opts.insert(k.clone(), toml::Value::String(if secret { "****".into() } else { v.to_string() }));
+                }
+                format!("\n[storage.options]\n{}", toml::to_string(&opts).unwrap_or_default())
+            },
             mask_url(&self.serving_url()),
             self.serving.window_index,
             self.api.listen.to_string(),

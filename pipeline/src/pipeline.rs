@@ -15,7 +15,7 @@ use crate::decode::{EventSchema, RecordDecoder, RejectReason};
 use crate::error::{Error, RetryHint};
 use crate::failpoint::failpoint;
 use crate::metrics::Metrics;
-use crate::sink::{CommitOutcome, CommitRequest, ParquetArchiveSink, ServingStore};
+use crate::sink::{ArchiveLocation, CommitOutcome, CommitRequest, ParquetArchiveSink, ServingStore};
 use crate::source::kafka::GroupCommitter;
 use crate::source::{ConsumerControl, KafkaSource};
 
@@ -34,7 +34,13 @@ impl Stages {
         let schema = EventSchema::from_config(&settings.schema)?;
         let catalog = SqlCatalog::load(&settings.sql.rollups_dir, schema.arrow.clone(), &settings.schema.time_field).await?;
         let store = ServingStore::open_with(&settings.serving_url(), &catalog.rollups, settings.serving.window_index).await?;
-        let archive = ParquetArchiveSink::local(&settings.storage.data_dir, schema.time_index, settings.storage.zstd_level)?;
+        let location = ArchiveLocation::open(&settings.storage)?;
+        let archive = ParquetArchiveSink::open(
+            &location,
+            schema.time_index,
+            settings.storage.zstd_level,
+            settings.storage.multipart_threshold.0,
+        )?;
         Ok(Stages { settings, schema, catalog, store, archive })
     }
 }
@@ -72,7 +78,7 @@ pub async fn run(stages: Stages, metrics: Arc<Metrics>, shutdown: impl Future<Ou
         .name("tally-consumer".into())
         .spawn(move || source.run(builder, tx))
         .map_err(|e| Error::Internal(format!("cannot start the consumer thread: {e}")))?;
-    tracing::info!(topic = %settings.kafka.topic, serving = %store.url(), data_dir = %settings.storage.data_dir.display(), "tally running");
+    tracing::info!(topic = %settings.kafka.topic, serving = %store.url(), data_dir = %settings.storage.data_dir.display(), archive = %archive.describe(), "tally running");
 
     let committer = async {
         let mut stats = RunStats::default();

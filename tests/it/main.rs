@@ -7,3 +7,4 @@ mod e2e;
 mod faults;
 mod postgres;
 mod replay;
+mod s3;

@@ -1,15 +1,17 @@
 //! `tally export --from T1 --to T2`: write the closed rollup windows (ended
 //! by now) of every whole UTC day inside `[T1, T2)` to Parquet, one file per
 //! rollup and day:
-//! `<data_dir>/rollups/<rollup>/dt=YYYY-MM-DD/<rollup>.parquet` (zstd), so
+//! `<archive>/rollups/<rollup>/dt=YYYY-MM-DD/<rollup>.parquet` (zstd) next to
+//! raw/ (under `storage.data_dir`, or in S3 with `storage.archive_url`), so
 //! analysts can query rollups with datafusion-cli. Re-exporting a day
-//! replaces its file (written under a hidden name, then renamed).
+//! replaces its object atomically (one PUT; locally a staged file renamed).
 
 use std::sync::Arc;
 
 use datafusion::arrow::array::{ArrayRef, Float64Array, Int64Array, StringArray, TimestampMillisecondArray};
 use datafusion::arrow::datatypes::{DataType, Field, Schema, TimeUnit};
 use datafusion::arrow::record_batch::RecordBatch;
+use object_store::ObjectStoreExt;
 use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
@@ -24,8 +26,10 @@ const DAY: i64 = 86_400_000;
 
 #[derive(Debug, Default)]
 pub struct ExportReport {
-    /// (path relative to the data directory, rows)
+    /// (path relative to the archive root, rows)
     pub files: Vec<(String, usize)>,
+    /// The archive root: a directory or an s3:// URL.
+    pub root: String,
 }
 
 fn err(m: impl std::fmt::Display) -> crate::Error {
@@ -60,7 +64,8 @@ pub async fn export(settings: &Settings, from: i64, to: i64, only: Option<&str>)
     let props = WriterProperties::builder()
         .set_compression(Compression::ZSTD(ZstdLevel::try_new(settings.storage.zstd_level).map_err(err)?))
         .build();
-    let mut report = ExportReport::default();
+    let location = crate::sink::ArchiveLocation::open(&settings.storage)?;
+    let mut report = ExportReport { root: location.describe(), ..Default::default() };
     for def in catalog.rollups.iter().filter(|d| only.is_none_or(|n| n == d.name)) {
         let schema = arrow_schema(def);
         let mut day = first_day;
@@ -68,15 +73,15 @@ pub async fn export(settings: &Settings, from: i64, to: i64, only: Option<&str>)
             if let Some(batch) = load_windows(&store, def, day, day + DAY, Some(now - def.window_ms)).await? {
                 let dt = chrono::DateTime::from_timestamp_millis(day).map(|t| t.format("%Y-%m-%d").to_string()).unwrap_or_default();
                 let rel = format!("rollups/{}/dt={dt}/{}.parquet", def.name, def.name);
-                let path = settings.storage.data_dir.join(&rel);
-                let dir = path.parent().ok_or_else(|| err("bad export path"))?;
-                std::fs::create_dir_all(dir).map_err(err)?;
-                let tmp = dir.join(format!(".{}.parquet.inprogress", def.name));
-                let file = std::fs::File::create(&tmp).map_err(err)?;
-                let mut w = ArrowWriter::try_new(file, schema.clone(), Some(props.clone())).map_err(err)?;
+                let mut buf = Vec::new();
+                let mut w = ArrowWriter::try_new(&mut buf, schema.clone(), Some(props.clone())).map_err(err)?;
                 w.write(&batch).map_err(err)?;
                 w.close().map_err(err)?;
-                std::fs::rename(&tmp, &path).map_err(err)?;
+                location
+                    .store
+                    .put(&object_store::path::Path::from(rel.as_str()), object_store::PutPayload::from(buf))
+                    .await
+                    .map_err(|e| crate::sink::SinkError::ObjectStore { path: location.url(&rel), source: Box::new(e) })?;
                 report.files.push((rel, batch.num_rows()));
             }
             day += DAY;

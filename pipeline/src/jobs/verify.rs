@@ -103,8 +103,9 @@ pub async fn recompute(
         let empty = MemTable::try_new(schema.arrow.clone(), vec![vec![]]).map_err(err)?;
         ctx.register_table("raw", Arc::new(empty)).map_err(err)?;
     } else {
-        let paths: Vec<String> =
-            files.iter().map(|p| settings.storage.data_dir.join(p).display().to_string()).collect();
+        let location = crate::sink::ArchiveLocation::open(&settings.storage)?;
+        location.register(&ctx)?;
+        let paths: Vec<String> = files.iter().map(|p| location.url(p)).collect();
         let df = ctx.read_parquet(paths, ParquetReadOptions::default()).await.map_err(err)?;
         ctx.register_table("raw", df.into_view()).map_err(err)?;
     }

@@ -5,10 +5,18 @@
 //!   by event time (UTC);
 //! - `dlq/dt=YYYY-MM-DD/<topic>-p<partition>-<first>-<last>.parquet` by rejection time.
 //!
-//! `<first>-<last>` is the batch's offset range in that partition. A file is
-//! written under a hidden name (`.<name>.inprogress`, skipped by readers) and
-//! renamed when complete. Files beyond a partition's committed offset are
-//! orphans of a crash and are deleted when the partition is assigned.
+//! `<first>-<last>` is the batch's offset range in that partition. An object
+//! appears only when complete:
+//! - on a local directory a file is written under a hidden name
+//!   (`.<name>.inprogress`, skipped by readers) and renamed when complete;
+//! - on S3 a file is one PUT of the final key (atomic), or, from
+//!   `storage.multipart_threshold` up, a multipart upload: the object appears
+//!   at CompleteMultipartUpload. A crash leaves the upload in progress; the
+//!   next owner of the partition lists the uploads under raw/ and dlq/
+//!   (ListMultipartUploads) and aborts those of its partitions.
+//!
+//! Files beyond a partition's committed offset are orphans of a crash and are
+//! deleted when the partition is assigned.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -27,11 +35,14 @@ use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
 
+use super::location::{ArchiveLocation, S3Location};
 use super::SinkError;
 use crate::batch::{Batch, DeadLetter};
 
 pub const RAW_PREFIX: &str = "raw/events";
 pub const DLQ_PREFIX: &str = "dlq";
+/// Part size of multipart uploads (S3's minimum is 5 MiB).
+const PART_BYTES: usize = 16 << 20;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FileKind {
@@ -86,6 +97,9 @@ pub struct ParquetArchiveSink {
     /// This process's token in file names, so two writers of one offset range
     /// (a zombie and the new owner) never share a file name.
     writer: String,
+    /// S3: direct PUTs of final keys, multipart uploads from `multipart_threshold`.
+    s3: Option<S3Location>,
+    multipart_threshold: u64,
 }
 
 /// File name for a partition's offset range written by `writer`:
@@ -162,25 +176,34 @@ impl ParquetArchiveSink {
             .set_max_row_group_row_count(Some(1 << 20))
             .build();
         let writer = format!("{:08x}", rand::random::<u32>());
-        Ok(ParquetArchiveSink { store, time_index, props, local_root: None, writer })
+        Ok(ParquetArchiveSink { store, time_index, props, local_root: None, writer, s3: None, multipart_threshold: u64::MAX })
+    }
+
+    /// The archive at `location` (a local directory or S3).
+    pub fn open(location: &ArchiveLocation, time_index: usize, zstd_level: i32, multipart_threshold: u64) -> Result<Self, SinkError> {
+        let mut sink = ParquetArchiveSink::new(location.store.clone(), time_index, zstd_level)?;
+        sink.local_root = location.local_root.clone();
+        sink.s3 = location.s3.clone();
+        sink.multipart_threshold = multipart_threshold;
+        Ok(sink)
     }
 
     /// An archive rooted at a local directory.
     pub fn local(data_dir: &std::path::Path, time_index: usize, zstd_level: i32) -> Result<Self, SinkError> {
-        std::fs::create_dir_all(data_dir).map_err(|e| SinkError::ObjectStore {
-            path: data_dir.display().to_string(),
-            source: Box::new(object_store::Error::Generic { store: "local", source: Box::new(e) }),
-        })?;
-        let fs = object_store::local::LocalFileSystem::new_with_prefix(data_dir).map_err(|e| {
-            SinkError::ObjectStore { path: data_dir.display().to_string(), source: Box::new(e) }
-        })?;
-        let mut sink = ParquetArchiveSink::new(Arc::new(fs), time_index, zstd_level)?;
-        sink.local_root = Some(data_dir.to_path_buf());
-        Ok(sink)
+        ParquetArchiveSink::open(&ArchiveLocation::local(data_dir)?, time_index, zstd_level, u64::MAX)
     }
 
     pub fn store(&self) -> Arc<dyn ObjectStore> {
         self.store.clone()
+    }
+
+    /// The archive root, for logs.
+    pub fn describe(&self) -> String {
+        match (&self.s3, &self.local_root) {
+            (Some(s3), _) => format!("s3://{}/{}", s3.bucket, s3.prefix),
+            (None, Some(root)) => root.display().to_string(),
+            (None, None) => "(object store)".into(),
+        }
     }
 
     /// Encode and write every file of a batch. Nothing is visible until its
@@ -276,6 +299,16 @@ impl ParquetArchiveSink {
     }
 
     async fn put_atomic(&self, path: &str, bytes: Vec<u8>) -> Result<(), SinkError> {
+        if let Some(s3) = &self.s3 {
+            // S3: a PUT, or a CompleteMultipartUpload, makes the whole object
+            // visible at once; no hidden name and no (copying) rename.
+            if bytes.len() as u64 >= self.multipart_threshold {
+                return self.put_multipart(s3, path, bytes).await;
+            }
+            let err = |e: object_store::Error| SinkError::ObjectStore { path: path.to_string(), source: Box::new(e) };
+            self.store.put(&ObjectPath::from(path), PutPayload::from(bytes)).await.map_err(err)?;
+            return Ok(());
+        }
         let (dir, name) = path.rsplit_once('/').unwrap_or(("", path));
         let tmp = ObjectPath::from(format!("{dir}/.{name}.inprogress"));
         let dst = ObjectPath::from(path);
@@ -283,6 +316,35 @@ impl ParquetArchiveSink {
         self.store.put(&tmp, PutPayload::from(bytes)).await.map_err(err)?;
         self.store.rename(&tmp, &dst).await.map_err(err)?;
         Ok(())
+    }
+
+    /// A multipart upload of `path`, aborted on error. A crash leaves it in
+    /// progress, for [`Self::sweep`] of the partition's next owner.
+    async fn put_multipart(&self, s3: &S3Location, path: &str, bytes: Vec<u8>) -> Result<(), SinkError> {
+        let err = |e: object_store::Error| SinkError::ObjectStore { path: path.to_string(), source: Box::new(e) };
+        let key = s3.key(path);
+        let mp = s3.multipart();
+        let id = mp.create_multipart(&key).await.map_err(err)?;
+        let upload = async {
+            let mut parts = Vec::with_capacity(bytes.len().div_ceil(PART_BYTES).max(1));
+            for (i, chunk) in bytes.chunks(PART_BYTES).enumerate() {
+                parts.push(mp.put_part(&key, &id, i, PutPayload::from(chunk.to_vec())).await?);
+                crate::failpoint::failpoint("inside_multipart_upload");
+            }
+            if parts.is_empty() {
+                parts.push(mp.put_part(&key, &id, 0, PutPayload::default()).await?);
+            }
+            mp.complete_multipart(&key, &id, parts).await
+        };
+        match upload.await {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                if let Err(abort) = mp.abort_multipart(&key, &id).await {
+                    tracing::warn!(path, error = %abort, "cannot abort a failed multipart upload; the next assignment retries");
+                }
+                Err(err(e))
+            }
+        }
     }
 
     /// Delete files (a fenced batch's output). Missing files are fine.
@@ -368,6 +430,32 @@ impl ParquetArchiveSink {
         if !doomed.is_empty() {
             tracing::warn!(files = doomed.len(), "removing archive files of uncommitted batches");
             self.delete(&doomed).await?;
+        }
+        if let (true, Some(s3)) = (staging, &self.s3) {
+            // Multipart uploads a crash left in progress: abort them, like staging files.
+            for prefix in [RAW_PREFIX, DLQ_PREFIX] {
+                let uploads = s3.list_uploads(prefix).await.map_err(|e| SinkError::ObjectStore {
+                    path: format!("{prefix} (multipart uploads)"),
+                    source: Box::new(e),
+                })?;
+                let ours: Vec<_> = uploads
+                    .into_iter()
+                    .filter(|u| {
+                        let name = u.key.rsplit('/').next().unwrap_or("");
+                        parse_file_name(name).is_some_and(|(t, p, ..)| t == topic && staging_of.contains_key(&p))
+                    })
+                    .collect();
+                if !ours.is_empty() {
+                    tracing::warn!(uploads = ours.len(), "aborting multipart uploads left by a crash");
+                }
+                for u in ours {
+                    let key = ObjectPath::from(u.key.as_str());
+                    match s3.multipart().abort_multipart(&key, &u.id).await {
+                        Ok(()) | Err(object_store::Error::NotFound { .. }) => doomed.push(format!("{} (upload {})", u.key, u.id)),
+                        Err(e) => return Err(SinkError::ObjectStore { path: u.key.clone(), source: Box::new(e) }),
+                    }
+                }
+            }
         }
         if let (true, Some(root)) = (staging, &self.local_root) {
             for staged in staging_files(root, topic, staging_of) {

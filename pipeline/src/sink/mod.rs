@@ -3,9 +3,11 @@
 //! in one transaction (the exactly-once fence).
 
 pub mod archive;
+pub mod location;
 pub mod serving;
 
 pub use archive::{FileKind, ParquetArchiveSink, WrittenFile};
+pub use location::ArchiveLocation;
 pub use serving::{CommitOutcome, CommitRequest, ServingStore};
 
 use crate::error::{ErrorKind, RetryHint};
