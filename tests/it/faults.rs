@@ -579,25 +579,39 @@ fn metric(api: std::net::SocketAddr, name: &str) -> f64 {
 /// every count is exact.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn disk_full_surfaces_errors_and_resumes_when_space_is_freed() {
+    disk_full(false).await;
+}
+
+/// The same with only the SQLite serving store on the full tmpfs, so the
+/// failure is SQLITE_FULL inside the serving transaction (the archive write
+/// succeeds). The failed connection must not poison the pool: tally resumes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serving_store_disk_full_inside_the_transaction_resumes() {
+    disk_full(true).await;
+}
+
+async fn disk_full(store_only: bool) {
     let dir = test_dir();
     let data = dir.path().join("data");
-    let _tmpfs = Tmpfs::mount(&data, "48m");
+    let full = if store_only { dir.path().join("store") } else { data.clone() };
+    let _tmpfs = Tmpfs::mount(&full, if store_only { "8m" } else { "48m" });
     let broker = Broker::start(dir.path());
     let topic = unique("diskfull");
     broker.create_topic(&topic, 2).await;
     let now = chrono::Utc::now().timestamp_millis();
     let messages = dataset(81, 12_000, now);
     let (first, second) = messages.split_at(4_000);
-    let db = data.join("serving.db");
+    let db = full.join("serving.db");
     let mut env = TallyEnv::new(&broker.bootstrap(), &topic, &unique("g"), &data);
     env.log = dir.path().join("tally.log"); // not on the full disk
     env.set("TALLY__BATCH__MAX_ROWS", "500");
+    env.set("TALLY__SERVING__URL", &format!("sqlite://{}", db.display()));
     let mut tally = Tally::start(&env);
     produce(&broker.bootstrap(), &topic, first).await;
     let end_first = broker.end_offsets(&topic, 2);
     wait_committed(&db, &topic, &end_first, Duration::from_secs(120), &mut tally).await;
 
-    let filler = data.join("filler");
+    let filler = full.join("filler");
     let filled = fill_disk(&filler);
     assert!(filled > 0);
     produce(&broker.bootstrap(), &topic, second).await;
@@ -634,7 +648,10 @@ async fn disk_full_surfaces_errors_and_resumes_when_space_is_freed() {
     let end = broker.end_offsets(&topic, 2);
     wait_committed(&db, &topic, &end, Duration::from_secs(120), &mut tally).await;
     assert!(tally.stop().success(), "clean exit: {}", tally.log_tail());
-    verify_outputs(&data, &topic, &messages).await;
+    crate::e2e::verify_outputs_in(&data, &db, &topic, &messages).await;
     let log = std::fs::read_to_string(&env.log).unwrap_or_default();
-    report_faults(&[("disk_full", 1), ("commit_retries", log.matches("batch commit failed; retrying").count())]);
+    if store_only {
+        assert!(log.contains("database or disk is full"), "SQLite reported the full disk inside the transaction");
+    }
+    report_faults(&[(if store_only { "serving_store_disk_full" } else { "disk_full" }, 1), ("commit_retries", log.matches("batch commit failed; retrying").count())]);
 }

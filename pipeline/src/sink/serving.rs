@@ -27,7 +27,7 @@ use datafusion::arrow::compute::{lexsort_to_indices, SortColumn};
 use datafusion::arrow::datatypes::{Float64Type, Int64Type};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{AssertSqlSafe, Row};
+use sqlx::{AssertSqlSafe, Connection as _, Row};
 
 use super::archive::WrittenFile;
 use super::{db, SinkError};
@@ -741,9 +741,28 @@ impl ServingStore {
 
     /// Commit one batch atomically, or report that it was fenced.
     pub async fn commit(&self, req: &CommitRequest<'_>) -> Result<CommitOutcome, SinkError> {
+        // A connection whose transaction failed is closed, not returned to the
+        // pool: after SQLITE_FULL (disk full) SQLite may already have rolled
+        // the transaction back itself, sqlx's deferred ROLLBACK then fails, and
+        // the pooled connection would refuse every later BEGIN ("non-zero
+        // transaction depth") even after space is freed.
         match &self.pool {
-            Pool::Sqlite(p) => commit!(self, p, "BEGIN IMMEDIATE", req),
-            Pool::Postgres(p) => commit!(self, p, "BEGIN", req),
+            Pool::Sqlite(p) => {
+                let mut conn = p.acquire().await.map_err(db("acquire"))?;
+                let outcome = async { commit!(self, conn, "BEGIN IMMEDIATE", req) }.await;
+                if outcome.is_err() {
+                    let _ = conn.detach().close().await;
+                }
+                outcome
+            }
+            Pool::Postgres(p) => {
+                let mut conn = p.acquire().await.map_err(db("acquire"))?;
+                let outcome = async { commit!(self, conn, "BEGIN", req) }.await;
+                if outcome.is_err() {
+                    let _ = conn.detach().close().await;
+                }
+                outcome
+            }
         }
     }
 
