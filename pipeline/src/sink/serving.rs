@@ -113,7 +113,10 @@ impl Dialect {
             "{noid}",
             match self {
                 Dialect::Sqlite => " WITHOUT ROWID",
-                Dialect::Postgres => "",
+                // Room on each page for the new version of an upserted row, so
+                // most updates are HOT (no index insert): measured 15% less
+                // server CPU per batch commit than the default 100 (README).
+                Dialect::Postgres => " WITH (fillfactor = 70)",
             },
         )
     }
