@@ -9,7 +9,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${BENCH_EVENTS:-1000000}; SPREAD=${SPREAD:-10s}; FF=${FILLFACTOR:-70}
-TALLY=$PWD/target/release/tally
+TALLY=${TALLY_BIN:-$PWD/target/release/tally}
 OUT=$(mktemp -d /tmp/tally-bench-share.XXXXXX)
 ADMIN=postgres://tally:tally@127.0.0.1:5432/tally
 DB=tally_share_$$
