@@ -7,7 +7,7 @@ TANSU_VERSION := 0.6.0
 BROKER_PORT ?= 9092
 export TANSU_BIN := $(TANSU)
 
-.PHONY: all build release tansu postgres moto broker topic run test soak unit check-sql lint bench bench-api report-demo clean
+.PHONY: all build release tansu postgres moto bench-smoke broker topic run test soak unit check-sql lint bench bench-api report-demo clean
 
 all: build
 
@@ -48,6 +48,7 @@ run: $(TANSU) release
 test: $(TANSU) postgres moto
 	$(CARGO) build --workspace --all-targets
 	TALLY_TEST_PYTHON=$$(scripts/moto.sh) $(CARGO) test --workspace --no-fail-fast -- --test-threads=2
+	$(MAKE) --no-print-directory bench-smoke
 
 ## soak: the long fault runs (issue #5): >= 20 SIGKILLs over >= 1 M events (SOAK_EVENTS,
 ## SOAK_KILLS), then the fault and crash tests again, all against a release tally.
@@ -68,8 +69,18 @@ lint:
 
 ## bench: pre-fill a topic with BENCH_EVENTS events and time `tally run` draining it.
 BENCH_EVENTS ?= 1000000
+## The drain (with the bare-consumer limit and the PostgreSQL store), backfill speed, then the core
+## path without a broker against DuckDB and DataFusion (CORE_EVENTS events).
+CORE_EVENTS ?= 5000000
 bench: $(TANSU) release
 	TANSU=$(TANSU) BENCH_EVENTS=$(BENCH_EVENTS) scripts/bench.sh
+	CORE_EVENTS=$(CORE_EVENTS) scripts/bench-core.sh
+
+## bench-smoke: every part of `make bench`, scaled down, on the debug build; checks that it runs
+## (no timing assertion). Part of `make test`.
+bench-smoke: $(TANSU) postgres
+	TALLY_BIN=$(CURDIR)/target/debug/tally TANSU=$(TANSU) BENCH_EVENTS=50000 BACKFILL_EVENTS=50000 scripts/bench.sh
+	TALLY_BIN=$(CURDIR)/target/debug/tally CORE_EVENTS=50000 scripts/bench-core.sh
 
 ## bench-api: open-loop latency of /v1/count and /v1/stats, idle and under ingest.
 bench-api: $(TANSU) release

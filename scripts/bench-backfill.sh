@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${BACKFILL_EVENTS:-10000000}
-TALLY=$PWD/target/release/tally
+TALLY=${TALLY_BIN:-$PWD/target/release/tally}
 OUT=$(mktemp -d /tmp/tally-bench-backfill.XXXXXX)
 trap 'rm -rf "$OUT"' EXIT
 export TALLY__STORAGE__DATA_DIR="$OUT/data"

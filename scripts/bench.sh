@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 TANSU=${TANSU:-$HOME/.cargo/bin/tansu}
 N=${BENCH_EVENTS:-1000000}
-TALLY=$PWD/target/release/tally
+TALLY=${TALLY_BIN:-$PWD/target/release/tally}
 OUT=$(mktemp -d /tmp/tally-bench.XXXXXX)
 PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 pids=()
@@ -36,7 +36,7 @@ drain() {
     TALLY__API__LISTEN="127.0.0.1:$api" "$TALLY" --log warn run 2>"$OUT/tally-$label.log" &
   local tpid=$!
   pids+=($tpid)
-  python3 - "$url" "$N" "$tpid" "$start" "$api" "$label" <<'PY'
+  python3 - "$url" "$N" "$tpid" "$start" "$api" "$label" "$OUT/rate-$label" <<'PY'
 import os, sqlite3, subprocess, sys, time, urllib.request
 url, n, pid, start, api, label = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), sys.argv[5], sys.argv[6]
 tick = os.sysconf("SC_CLK_TCK")
@@ -93,15 +93,28 @@ pg = 0.0
 if url.startswith("postgres"):
     pg = postgres_cpu() - pg0
 share = f"{100 * pg / (c + pg):.0f}% (PostgreSQL server {pg:.2f} CPU-s)" if pg else "in-process"
+open(sys.argv[7], "w").write(f"{done} {wall}")
 print(f"| {label} | {done} | {wall:.2f} | {done / wall:,.0f} | {c:.2f} | {done / c:,.0f} | {rows / wall:,.0f} | {share} | {hwm():.0f} |")
 PY
   kill -TERM "$tpid" 2>/dev/null || true
   wait "$tpid" 2>/dev/null || true
 }
 
+# The limit: a bare librdkafka consumer reading the same topic (no decoding, no group).
+bare() {
+  /usr/bin/time -f "%e %U %S %M" -o "$OUT/bare.time" "$TALLY" --log warn topic drain >"$OUT/bare.out" 2>&1 || { cat "$OUT/bare.out" >&2; return 1; }
+  read -r w u s m < "$OUT/bare.time"
+  msgs=$(cut -d' ' -f1 "$OUT/bare.out")
+  python3 -c "
+n,w,u,s,m=$msgs,$w,$u,$s,$m
+print(f'| bare librdkafka consumer (tally topic drain) | {n} | {w:.2f} | {n/w:,.0f} | {u+s:.2f} | {n/max(u+s,0.01):,.0f} | - | - | {m/1024:.0f} |')"
+  echo "$msgs $w" > "$OUT/bare.rate"
+}
+
 echo
 echo "| serving store | events drained | wall s | events/s | tally CPU s | events per CPU-s | rollup rows upserted/s | server CPU share | peak RSS MiB |"
 echo "|---|---|---|---|---|---|---|---|---|"
+bare
 drain "sqlite://$OUT/data-sqlite/serving.db" sqlite
 if [ -z "${BENCH_SKIP_POSTGRES:-}" ]; then
   scripts/postgres.sh 2>/dev/null
@@ -111,6 +124,13 @@ if [ -z "${BENCH_SKIP_POSTGRES:-}" ]; then
   psql postgres://tally:tally@127.0.0.1:5432/tally -qc "DROP DATABASE $PGDB WITH (FORCE)"
 fi
 echo
+if [ -f "$OUT/bare.rate" ]; then
+  for r in "$OUT"/rate-*; do
+    python3 -c "
+bn, bw = map(float, open('$OUT/bare.rate').read().split()); n, w = map(float, open('$r').read().split())
+print(f'tally with ${r##*rate-} drains at {100 * (n / w) / (bn / bw):.0f}% of the bare consumer\'s rate (goal: at least 80%)')"
+  done
+fi
 du -sh "$OUT/data-sqlite/raw" | awk '{print "raw archive size: "$1}'
 
 # Backfill speed over a 10M-event archive (loaded without the broker).

@@ -100,6 +100,14 @@ pub enum TopicCommand {
         #[arg(long, default_value_t = 4, env = "TALLY_TOPIC_PARTITIONS")]
         partitions: i32,
     },
+    /// Read the whole topic with a bare librdkafka consumer (no group, no
+    /// decoding, no commits) and print messages/s: the broker-side limit that
+    /// `make bench` compares `tally run` with.
+    Drain {
+        /// Give up after this long.
+        #[arg(long, default_value = "30m", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -341,6 +349,19 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }),
+        Command::Topic { command: TopicCommand::Drain { timeout } } => {
+            let r = crate::jobs::topic::drain(&properties(&settings), &settings.kafka.topic, timeout)
+                .map_err(anyhow::Error::msg)
+                .context("topic drain failed")?;
+            println!(
+                "{} messages, {} bytes in {:.2} s: {:.0} messages/s",
+                r.messages,
+                r.bytes,
+                r.seconds,
+                r.messages as f64 / r.seconds.max(1e-9)
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Topic { command: TopicCommand::Create { partitions } } => rt.block_on(async {
             let created = crate::jobs::topic::create(&properties(&settings), &settings.kafka.topic, partitions)
                 .await

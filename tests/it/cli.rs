@@ -99,3 +99,25 @@ fn help_lists_subcommands() {
         assert!(out.contains(s), "{out}");
     }
 }
+
+/// `tally topic drain` (the bare-consumer baseline of `make bench`) reads
+/// exactly what an independent producer wrote to a real broker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topic_drain_reads_every_message() {
+    let dir = test_dir();
+    let broker = Broker::start(dir.path());
+    let topic = unique("drain");
+    broker.create_topic(&topic, 3).await;
+    let messages = dataset(7, 2_500, chrono::Utc::now().timestamp_millis());
+    produce(&broker.bootstrap(), &topic, &messages).await;
+    let bytes: usize = messages.iter().map(|m| m.payload.len()).sum();
+    let out = std::process::Command::new(tally_bin())
+        .args(["--log", "warn", "topic", "drain", "--timeout", "60s"])
+        .env("TALLY__KAFKA__TOPIC", &topic)
+        .env("TALLY__KAFKA__PROPERTIES__BOOTSTRAP_SERVERS", broker.bootstrap())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    assert!(text.starts_with(&format!("{} messages, {bytes} bytes in ", messages.len())), "{text}");
+}

@@ -24,3 +24,55 @@ pub async fn create(properties: &[(String, String)], topic: &str, partitions: i3
         Some(Err((t, code))) => Err(format!("creating topic {t}: {code}")),
     }
 }
+
+/// What [`drain`] read.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DrainReport {
+    pub messages: u64,
+    pub bytes: u64,
+    pub seconds: f64,
+}
+
+/// Read every message of `topic` (low to high watermark of each partition,
+/// as of the start) with a bare librdkafka consumer: manual assignment, no
+/// group, no commits, payloads touched but not decoded. The broker-side limit
+/// for `make bench`. Fails after `timeout`.
+pub fn drain(properties: &[(String, String)], topic: &str, timeout: Duration) -> Result<DrainReport, String> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::{Message, Offset, TopicPartitionList};
+    let mut cc = ClientConfig::new();
+    for (k, v) in properties {
+        cc.set(k, v);
+    }
+    cc.set("enable.auto.commit", "false").set("enable.auto.offset.store", "false");
+    let consumer: BaseConsumer = cc.create().map_err(|e| e.to_string())?;
+    let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(10)).map_err(|e| e.to_string())?;
+    let partitions: Vec<i32> = md.topics().iter().flat_map(|t| t.partitions().iter().map(|p| p.id())).collect();
+    if partitions.is_empty() {
+        return Err(format!("topic {topic} has no partitions (does it exist?)"));
+    }
+    let mut tpl = TopicPartitionList::new();
+    let mut wanted = 0u64;
+    for p in &partitions {
+        let (lo, hi) = consumer.fetch_watermarks(topic, *p, Duration::from_secs(10)).map_err(|e| e.to_string())?;
+        wanted += (hi - lo).max(0) as u64;
+        tpl.add_partition_offset(topic, *p, Offset::Offset(lo)).map_err(|e| e.to_string())?;
+    }
+    consumer.assign(&tpl).map_err(|e| e.to_string())?;
+    let start = std::time::Instant::now();
+    let (mut messages, mut bytes) = (0u64, 0u64);
+    while messages < wanted {
+        if start.elapsed() > timeout {
+            return Err(format!("read {messages} of {wanted} messages in {timeout:?}"));
+        }
+        match consumer.poll(Duration::from_millis(100)) {
+            Some(Ok(m)) => {
+                messages += 1;
+                bytes += m.payload().map_or(0, |p| p.len() as u64);
+            }
+            Some(Err(e)) => tracing::warn!(error = %e, "fetch error; continuing"),
+            None => {}
+        }
+    }
+    Ok(DrainReport { messages, bytes, seconds: start.elapsed().as_secs_f64() })
+}
