@@ -68,19 +68,20 @@ lint:
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
 ## bench: pre-fill a topic with BENCH_EVENTS events and time `tally run` draining it.
-BENCH_EVENTS ?= 1000000
-## The drain (with the bare-consumer limit and the PostgreSQL store), backfill speed, then the core
-## path without a broker against DuckDB and DataFusion (CORE_EVENTS events).
+BENCH_EVENTS ?= 5000000
+## The drain (with the bare-consumer limit and the PostgreSQL store), freshness and API latency at a
+## steady FRESH_RATE, backfill speed, then the core path without a broker against DuckDB and
+## DataFusion (CORE_EVENTS events) with peak RSS per buffered event; ends with one summary table.
 CORE_EVENTS ?= 5000000
-bench: $(TANSU) release
-	TANSU=$(TANSU) BENCH_EVENTS=$(BENCH_EVENTS) scripts/bench.sh
-	CORE_EVENTS=$(CORE_EVENTS) scripts/bench-core.sh
+FRESH_RATE ?= 10000
+bench: $(TANSU) release postgres
+	TANSU=$(TANSU) BENCH_EVENTS=$(BENCH_EVENTS) CORE_EVENTS=$(CORE_EVENTS) FRESH_RATE=$(FRESH_RATE) scripts/bench.sh
 
 ## bench-smoke: every part of `make bench`, scaled down, on the debug build; checks that it runs
 ## (no timing assertion). Part of `make test`.
 bench-smoke: $(TANSU) postgres
-	TALLY_BIN=$(CURDIR)/target/debug/tally TANSU=$(TANSU) BENCH_EVENTS=50000 BACKFILL_EVENTS=50000 scripts/bench.sh
-	TALLY_BIN=$(CURDIR)/target/debug/tally CORE_EVENTS=50000 scripts/bench-core.sh
+	TALLY_BIN=$(CURDIR)/target/debug/tally TANSU=$(TANSU) BENCH_EVENTS=50000 BACKFILL_EVENTS=50000 CORE_EVENTS=50000 \
+	  FRESH_RATE=2000 FRESH_PROBES=20 scripts/bench.sh
 
 ## bench-api: open-loop latency of /v1/count and /v1/stats, idle and under ingest.
 bench-api: $(TANSU) release

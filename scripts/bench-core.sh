@@ -38,7 +38,22 @@ export TALLY__STORAGE__DATA_DIR="$OUT/tally" TALLY__SQL__ROLLUPS_DIR="$OUT/rollu
 read -r tw tu ts tm < "$OUT/time"
 traw=$(du -sb "$OUT/tally/raw" | cut -f1)
 
-python3 - "$OUT" "$N" "$bytes" "$tw" "$tu" "$ts" "$tm" "$traw" <<'PY'
+# Peak RSS against the micro-batch size: the same replay with batch.max_rows
+# at R1 and R2 (no byte or time limit); the slope is the memory each buffered
+# event costs, across the batch being decoded, the one queued and the one
+# being committed.
+R2=$(( N < 1000000 ? N : 1000000 )); R1=$(( R2 / 10 ))
+rss() {
+  rm -rf "$OUT/rss"
+  TALLY__STORAGE__DATA_DIR="$OUT/rss" TALLY__BATCH__MAX_ROWS=$1 TALLY__BATCH__MAX_BYTES=4GiB TALLY__BATCH__LINGER=1h \
+    /usr/bin/time -f "%M" -o "$OUT/rss.time" "$TALLY" --log warn replay --file "$OUT/events.jsonl" >/dev/null 2>"$OUT/rss.err" \
+    || { cat "$OUT/rss.err" >&2; exit 1; }
+  cat "$OUT/rss.time"
+}
+m1=$(rss "$R1"); m2=$(rss "$R2")
+rm -rf "$OUT/rss"
+
+python3 - "$OUT" "$N" "$bytes" "$tw" "$tu" "$ts" "$tm" "$traw" "$R1" "$m1" "$R2" "$m2" <<'PY'
 import os, resource, sys, time
 out, n, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 tw, tu, ts, tm, traw = float(sys.argv[4]), float(sys.argv[5]), float(sys.argv[6]), int(sys.argv[7]), int(sys.argv[8])
@@ -87,4 +102,15 @@ t_eff = n / rows[0][2]
 for name, w, c, raw in rows:
     print(f"| {name} | {w:.2f} | {c:.2f} | {n / w:,.0f} | {n / c:,.0f} | {raw / n:.1f} | {t_eff / (n / c):.2f}x |")
 print(f"tally peak RSS {tm / 1024:.0f} MiB")
+r1, m1, r2, m2 = int(sys.argv[9]), int(sys.argv[10]), int(sys.argv[11]), int(sys.argv[12])
+per_m = (m2 - m1) * 1024 / (r2 - r1) * 1e6 / 1e6  # bytes per event -> MB per million events
+print(f"peak RSS with batch.max_rows = {r1:,}: {m1 / 1024:.0f} MiB; = {r2:,}: {m2 / 1024:.0f} MiB; "
+      f"{per_m:.0f} MB per million buffered events ({(m2 - m1) * 1024 / (r2 - r1):.0f} bytes each)")
+summary = os.environ.get("BENCH_SUMMARY")
+if summary:
+    duck = rows[1]
+    with open(summary, "a") as out:
+        out.write(f"core path (no broker), events per CPU-second: tally / {duck[0]}|{t_eff:,.0f} / {n / duck[2]:,.0f} = {t_eff / (n / duck[2]):.2f}x|above 1x\n")
+        out.write(f"core path Parquet bytes per event: tally / {duck[0]}|{rows[0][3] / n:.1f} / {duck[3] / n:.1f}|at most 30\n")
+        out.write(f"peak RSS per million buffered events (slope from batch.max_rows {r1:,} to {r2:,})|{per_m:.0f} MB|at most 250 MB\n")
 PY

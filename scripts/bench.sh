@@ -7,6 +7,12 @@ TANSU=${TANSU:-$HOME/.cargo/bin/tansu}
 N=${BENCH_EVENTS:-1000000}
 TALLY=${TALLY_BIN:-$PWD/target/release/tally}
 OUT=$(mktemp -d /tmp/tally-bench.XXXXXX)
+# One line per headline figure: "metric|measured|goal"; printed as the summary table at the end.
+SUMMARY=${BENCH_SUMMARY:-$OUT/summary}
+export BENCH_SUMMARY=$SUMMARY
+: > "$SUMMARY"
+FRESH_RATE=${FRESH_RATE:-10000}
+FRESH_PROBES=${FRESH_PROBES:-200}
 PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done; rm -rf "$OUT"; }
@@ -26,6 +32,8 @@ echo "pre-filling $N events..." >&2
 "$TALLY" --log warn produce --count "$N" --videos 100000 --zipf 1.1 --time-spread 1h 2>&1 | tail -1 >&2
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+# GET a URL (no curl on a fresh machine); fails on a non-2xx answer.
+http_get() { python3 -c 'import sys, urllib.request; print(urllib.request.urlopen(sys.argv[1], timeout=5).read().decode())' "$1" 2>/dev/null; }
 
 # drain STORE_URL LABEL: time `tally run` (own consumer group) draining the topic into STORE_URL.
 drain() {
@@ -94,6 +102,7 @@ if url.startswith("postgres"):
     pg = postgres_cpu() - pg0
 share = f"{100 * pg / (c + pg):.0f}% (PostgreSQL server {pg:.2f} CPU-s)" if pg else "in-process"
 open(sys.argv[7], "w").write(f"{done} {wall}")
+open(os.environ["BENCH_SUMMARY"], "a").write(f"end to end, tally run ({label}): events per CPU-second of tally|{done / c:,.0f}|at least 500,000 (stretch 1,000,000)\n")
 print(f"| {label} | {done} | {wall:.2f} | {done / wall:,.0f} | {c:.2f} | {done / c:,.0f} | {rows / wall:,.0f} | {share} | {hwm():.0f} |")
 PY
   kill -TERM "$tpid" 2>/dev/null || true
@@ -128,10 +137,80 @@ if [ -f "$OUT/bare.rate" ]; then
   for r in "$OUT"/rate-*; do
     python3 -c "
 bn, bw = map(float, open('$OUT/bare.rate').read().split()); n, w = map(float, open('$r').read().split())
-print(f'tally with ${r##*rate-} drains at {100 * (n / w) / (bn / bw):.0f}% of the bare consumer\'s rate (goal: at least 80%)')"
+pct = 100 * (n / w) / (bn / bw)
+print(f'tally with ${r##*rate-} drains at {pct:.0f}% of the bare consumer\'s rate (goal: at least 80%)')
+open('$SUMMARY', 'a').write(f'end to end, tally run (${r##*rate-}): share of the bare consumer\'s drain rate|{pct:.0f}%|at least 80%\n')"
   done
 fi
-du -sh "$OUT/data-sqlite/raw" | awk '{print "raw archive size: "$1}'
+raw_bytes=$(du -sb "$OUT/data-sqlite/raw" | cut -f1)
+python3 -c "
+b, n = $raw_bytes, $N
+print(f'raw archive: {b / 2**20:.1f} MiB, {b / n:.1f} bytes per event')
+open('$SUMMARY', 'a').write(f'raw Parquet archive (zstd), bytes per event|{b / n:.1f}|at most 30\n')"
+
+# Freshness and API latency at a steady rate: a second, empty broker (tansu's
+# SQLite storage slows down with the pre-filled topic in it), `tally run`
+# (SQLite), `tally produce --rate FRESH_RATE`; then probe events timed from
+# produce to visible in /v1/count, then /v1/count + /v1/stats at 2,000 req/s.
+fresh() {
+  local api bport; api=$(free_port); bport=$(free_port)
+  mkdir -p "$OUT/broker-fresh"
+  (cd "$OUT/broker-fresh" && exec "$TANSU" broker --listener-url "tcp://127.0.0.1:$bport" --advertised-listener-url "tcp://127.0.0.1:$bport" \
+    --storage-engine sqlite://tansu.db >tansu.log 2>&1) &
+  pids+=($!)
+  for _ in $(seq 1 100); do (echo >/dev/tcp/127.0.0.1/"$bport") 2>/dev/null && break; sleep 0.1; done
+  export TALLY__KAFKA__TOPIC=fresh TALLY__KAFKA__PROPERTIES__GROUP_ID=bench-fresh TALLY__STORAGE__DATA_DIR="$OUT/data-fresh" \
+    TALLY__API__LISTEN="127.0.0.1:$api" TALLY__KAFKA__PROPERTIES__BOOTSTRAP_SERVERS="127.0.0.1:$bport"
+  "$TALLY" topic create --partitions 4 >/dev/null
+  "$TALLY" --log warn run 2>"$OUT/tally-fresh.log" &
+  local tpid=$!
+  pids+=($tpid)
+  for _ in $(seq 1 300); do http_get "http://127.0.0.1:$api/readyz" >/dev/null && break; sleep 0.1; done
+  local secs=$(( 8 + FRESH_PROBES / 10 + 15 ))
+  "$TALLY" --log warn produce --rate "$FRESH_RATE" --count $(( FRESH_RATE * secs )) --videos 100000 --zipf 1.1 --time-spread 2s \
+    2>"$OUT/produce-fresh.log" &
+  local ppid=$!
+  pids+=($ppid)
+  sleep 5
+  local c0 m0; c0=$(http_get "http://127.0.0.1:$api/metrics" | awk '/^tally_messages_consumed_total /{print $2}'); m0=$(date +%s.%N)
+  echo
+  echo "steady ingest at $FRESH_RATE events/s (tally run, SQLite), after 5 s of warm-up:"
+  echo "| freshness | probes | visible | p50 ms | p99 ms | max ms |"
+  echo "|---|---|---|---|---|---|"
+  "$TALLY" --log warn bench-freshness --probes "$FRESH_PROBES" --interval 100ms --label "produce -> visible in /v1/count" \
+    | tee "$OUT/fresh.row"
+  echo
+  echo "| API phase | target req/s | achieved req/s | errors | p50 ms | p99 ms | p99.9 ms | max ms | server p50 / p99 ms |"
+  echo "|---|---|---|---|---|---|---|---|---|"
+  "$TALLY" --log warn bench-api --rate 2000 --duration 10s --days 1 --videos 100000 --label "ingest $FRESH_RATE ev/s, 1-day ranges" \
+    | tee "$OUT/api.row"
+  local c1 m1; c1=$(http_get "http://127.0.0.1:$api/metrics" | awk '/^tally_messages_consumed_total /{print $2}'); m1=$(date +%s.%N)
+  python3 -c "print(f'tally consumed {($c1 - $c0) / ($m1 - $m0):,.0f} events/s during the probes (produced at $FRESH_RATE/s)')"
+  kill "$ppid" 2>/dev/null || true
+  kill -TERM "$tpid" 2>/dev/null || true
+  wait "$tpid" 2>/dev/null || true
+  python3 - "$OUT/fresh.row" "$OUT/api.row" "$SUMMARY" "$FRESH_RATE" <<'PY'
+import sys
+f = [c.strip() for c in open(sys.argv[1]).read().split("|")[1:-1]] or ["", "0", "0", "-", "-", "-"]
+a = [c.strip() for c in open(sys.argv[2]).read().split("|")[1:-1]]
+with open(sys.argv[3], "a") as out:
+    out.write(f"freshness at {sys.argv[4]} ev/s: produce to visible in /v1/count, p50 / p99 ms ({f[2]} of {f[1]} probes seen)|{f[3]} / {f[4]}|p99 at most 2,000\n")
+    out.write(f"API under {sys.argv[4]} ev/s of ingest, 2,000 req/s: p50 / p99 ms|{a[4]} / {a[5]}|p99 at most 5 (issue 3)\n")
+PY
+}
+fresh
 
 # Backfill speed over a 10M-event archive (loaded without the broker).
 if [ -z "${BENCH_SKIP_BACKFILL:-}" ]; then scripts/bench-backfill.sh; fi
+
+# Core path without a broker, against DuckDB and DataFusion; peak RSS per buffered event.
+if [ -z "${BENCH_SKIP_CORE:-}" ]; then TALLY_BIN=$TALLY scripts/bench-core.sh; fi
+
+echo
+echo "summary ($(nproc) cores, $(date -u +%Y-%m-%dT%H:%M:%SZ), tally $("$TALLY" --version | cut -d' ' -f2), $N events end to end):"
+echo "| figure | measured | goal |"
+echo "|---|---|---|"
+python3 -c "
+for line in open('$SUMMARY'):
+    if line.strip():
+        print('| ' + ' | '.join(line.rstrip('\n').split('|')) + ' |')"

@@ -63,6 +63,9 @@ pub enum Command {
     /// Open-loop latency benchmark of /v1/count and /v1/stats (30-day ranges)
     /// against a running tally.
     BenchApi(BenchApiArgs),
+    /// Freshness benchmark: produce probe events at a fixed interval and time
+    /// each one until `/v1/count` shows it (run it next to a loaded tally).
+    BenchFreshness(BenchFreshnessArgs),
     /// Topic administration.
     Topic {
         #[command(subcommand)]
@@ -174,6 +177,25 @@ fn parse_rfc3339(s: &str) -> Result<i64, String> {
     chrono::DateTime::parse_from_rfc3339(s)
         .map(|t| t.timestamp_millis())
         .map_err(|e| format!("{e}; write an RFC 3339 time such as 2026-11-28T00:00:00Z"))
+}
+
+#[derive(Debug, Args)]
+pub struct BenchFreshnessArgs {
+    /// Address of the API (default: api.listen).
+    #[arg(long)]
+    pub addr: Option<std::net::SocketAddr>,
+    /// Number of probe events.
+    #[arg(long, default_value_t = 200)]
+    pub probes: u64,
+    /// Time between probes.
+    #[arg(long, default_value = "100ms", value_parser = humantime::parse_duration)]
+    pub interval: Duration,
+    /// A probe not visible after this long counts as not visible.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
+    /// Label printed with the results.
+    #[arg(long, default_value = "freshness")]
+    pub label: String,
 }
 
 #[derive(Debug, Args)]
@@ -348,6 +370,23 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 r.server_p99.map_or("-".into(), |u| if u == u64::MAX { "> 5000".into() } else { format!("≤ {}", ms(u)) }),
             );
             Ok(ExitCode::SUCCESS)
+        }),
+        Command::BenchFreshness(a) => rt.block_on(async {
+            use crate::jobs::freshness;
+            let spec = freshness::FreshnessSpec {
+                addr: a.addr.unwrap_or(settings.api.listen),
+                topic: settings.kafka.topic.clone(),
+                probes: a.probes,
+                interval: a.interval,
+                timeout: a.timeout,
+                poll: Duration::from_millis(5),
+            };
+            let r = freshness::run(spec, &properties(&settings))
+                .await
+                .map_err(anyhow::Error::msg)
+                .context("bench-freshness failed")?;
+            println!("| {} | {} | {} | {} | {} | {} |", a.label, r.probes, r.visible, r.p50_ms, r.p99_ms, r.max_ms);
+            Ok(if r.visible == r.probes { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }),
         Command::Topic { command: TopicCommand::Drain { timeout } } => {
             let r = crate::jobs::topic::drain(&properties(&settings), &settings.kafka.topic, timeout)

@@ -78,6 +78,32 @@ impl Batch {
     }
 }
 
+/// Wall-clock milliseconds derived from a monotonic [`Instant`] the caller
+/// already has, re-read from the system clock once a second: one clock read
+/// per message instead of two (the clock was 3% of replay CPU).
+#[derive(Debug, Clone, Copy)]
+pub struct WallClock {
+    base: Instant,
+    base_ms: i64,
+}
+
+impl Default for WallClock {
+    fn default() -> Self {
+        WallClock { base: Instant::now(), base_ms: chrono::Utc::now().timestamp_millis() }
+    }
+}
+
+impl WallClock {
+    pub fn now_ms(&mut self, now: Instant) -> i64 {
+        let since = now.saturating_duration_since(self.base);
+        if since >= Duration::from_secs(1) {
+            *self = WallClock::default();
+            return self.base_ms;
+        }
+        self.base_ms + since.as_millis() as i64
+    }
+}
+
 #[derive(Debug)]
 pub struct BatchBuilder {
     decoder: RecordDecoder,
@@ -245,6 +271,19 @@ mod tests {
 
     fn ev(v: &str) -> Vec<u8> {
         format!(r#"{{"video_id":"{v}","event_type":"view","event_time":{NOW}}}"#).into_bytes()
+    }
+
+    #[test]
+    fn wall_clock_follows_the_system_clock() {
+        let mut c = WallClock::default();
+        let t0 = Instant::now();
+        let sys = chrono::Utc::now().timestamp_millis();
+        assert!((c.now_ms(t0) - sys).abs() <= 5);
+        let later = c.now_ms(t0 + Duration::from_millis(300));
+        assert!((later - sys - 300).abs() <= 5, "{later} vs {sys}");
+        // Past a second it re-reads the system clock (here: no time passed).
+        let resync = c.now_ms(t0 + Duration::from_secs(2));
+        assert!((resync - chrono::Utc::now().timestamp_millis()).abs() <= 5);
     }
 
     #[test]

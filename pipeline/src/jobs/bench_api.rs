@@ -79,20 +79,26 @@ pub fn query_paths(videos: u64, days: i64, end_ms: i64, seed: u64) -> Vec<String
         .collect()
 }
 
-struct Conn {
+pub(crate) struct Conn {
     stream: TcpStream,
     buf: Vec<u8>,
+    body_at: usize,
 }
 
 impl Conn {
-    async fn open(addr: SocketAddr) -> std::io::Result<Conn> {
+    pub(crate) async fn open(addr: SocketAddr) -> std::io::Result<Conn> {
         let stream = TcpStream::connect(addr).await?;
         stream.set_nodelay(true)?;
-        Ok(Conn { stream, buf: Vec::with_capacity(16 * 1024) })
+        Ok(Conn { stream, buf: Vec::with_capacity(16 * 1024), body_at: 0 })
+    }
+
+    /// The body of the last response.
+    pub(crate) fn body(&self) -> &[u8] {
+        self.buf.get(self.body_at..).unwrap_or_default()
     }
 
     /// One request; returns the status code.
-    async fn get(&mut self, path: &str, token: Option<&str>) -> std::io::Result<u16> {
+    pub(crate) async fn get(&mut self, path: &str, token: Option<&str>) -> std::io::Result<u16> {
         let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
         let req = format!("GET {path} HTTP/1.1\r\nHost: tally\r\n{auth}\r\n");
         self.stream.write_all(req.as_bytes()).await?;
@@ -126,6 +132,7 @@ impl Conn {
             }
             self.buf.extend_from_slice(&chunk[..n]);
         }
+        self.body_at = head_end;
         Ok(status)
     }
 }
@@ -176,7 +183,7 @@ fn find(h: &[u8], n: &[u8]) -> Option<usize> {
     h.windows(n.len()).position(|w| w == n)
 }
 
-fn percentile(sorted: &[u64], q: f64) -> u64 {
+pub(crate) fn percentile(sorted: &[u64], q: f64) -> u64 {
     if sorted.is_empty() {
         return 0;
     }

@@ -3,6 +3,7 @@
 pub mod backfill;
 pub mod bench_api;
 pub mod export;
+pub mod freshness;
 pub mod produce;
 pub mod replay;
 pub mod report;

@@ -167,13 +167,8 @@ pub fn to_file(spec: ProduceSpec, path: &std::path::Path) -> std::io::Result<u64
     Ok(spec.count)
 }
 
-/// Produce `spec.count` events to `topic`, keyed by video id.
-pub fn to_kafka(
-    spec: ProduceSpec,
-    properties: &[(String, String)],
-    topic: &str,
-    progress: impl Fn(u64),
-) -> Result<u64, String> {
+/// An idempotent producer from the `[kafka.properties]` (consumer-only keys dropped).
+pub fn producer(properties: &[(String, String)], linger_ms: u32) -> Result<ThreadedProducer<DefaultProducerContext>, String> {
     let mut cc = ClientConfig::new();
     for (k, v) in properties {
         // Consumer-only properties would make the producer warn.
@@ -182,9 +177,19 @@ pub fn to_kafka(
         }
         cc.set(k, v);
     }
-    cc.set("linger.ms", "5");
+    cc.set("linger.ms", linger_ms.to_string());
     cc.set("enable.idempotence", "true");
-    let producer: ThreadedProducer<DefaultProducerContext> = cc.create().map_err(|e| e.to_string())?;
+    cc.create().map_err(|e| e.to_string())
+}
+
+/// Produce `spec.count` events to `topic`, keyed by video id.
+pub fn to_kafka(
+    spec: ProduceSpec,
+    properties: &[(String, String)],
+    topic: &str,
+    progress: impl Fn(u64),
+) -> Result<u64, String> {
+    let producer = producer(properties, 5)?;
     let mut g = Generator::new(spec.clone());
     let start = Instant::now();
     for i in 0..spec.count {

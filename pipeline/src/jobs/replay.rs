@@ -78,6 +78,7 @@ pub async fn replay(settings: Settings, file: PathBuf) -> Result<ReplayReport, c
             let mut offset: i64 = 0;
             let mut line = Vec::with_capacity(512);
             let mut pending = 0usize;
+            let mut clock = crate::batch::WallClock::default();
             loop {
                 line.clear();
                 let n = lines.read_until(b'\n', &mut line).map_err(|e| format!("{}: {e}", reader_file.display()))?;
@@ -92,8 +93,9 @@ pub async fn replay(settings: Settings, file: PathBuf) -> Result<ReplayReport, c
                 while matches!(line.last(), Some(b'\n' | b'\r')) {
                     line.pop();
                 }
-                let now_ms = chrono::Utc::now().timestamp_millis();
-                builder.push(0, this, expected, Some(&line), now_ms, Instant::now());
+                let now = Instant::now();
+                let now_ms = clock.now_ms(now);
+                builder.push(0, this, expected, Some(&line), now_ms, now);
                 pending += 1;
                 if pending >= max_rows {
                     let batch = builder.seal(0, &reader_topic, now_ms, BTreeMap::new()).map_err(|e| e.to_string())?;

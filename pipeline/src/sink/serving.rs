@@ -297,10 +297,11 @@ impl TableSpec {
         dialect.sql(&s)
     }
 
-    /// Row order for merging: as produced (SQLite, one writer), or by key
-    /// (PostgreSQL), so concurrent writers lock shared rows in one order.
-    fn row_order(&self, b: &RecordBatch, dialect: Dialect) -> Result<Option<Vec<usize>>, SinkError> {
-        if dialect == Dialect::Sqlite || b.num_rows() < 2 {
+    /// Row order for merging: by key. PostgreSQL: concurrent writers lock
+    /// shared rows in one order. SQLite: each statement touches fewer B-tree
+    /// pages, so fewer go through its statement journal.
+    fn row_order(&self, b: &RecordBatch) -> Result<Option<Vec<usize>>, SinkError> {
+        if b.num_rows() < 2 {
             return Ok(None);
         }
         let keys: Vec<SortColumn> =
@@ -308,6 +309,23 @@ impl TableSpec {
         let idx = lexsort_to_indices(&keys, None)
             .map_err(|e| SinkError::Encode { path: self.name.clone(), message: format!("sort rollup rows by key: {e}") })?;
         Ok(Some(idx.values().iter().map(|i| *i as usize).collect()))
+    }
+}
+
+/// A canonical rollup column, downcast once per batch.
+enum TypedColumn<'a> {
+    Text(&'a datafusion::arrow::array::StringArray),
+    Int(&'a datafusion::arrow::array::Int64Array),
+    Real(&'a datafusion::arrow::array::Float64Array),
+}
+
+impl<'a> TypedColumn<'a> {
+    fn new(arr: &'a dyn Array, kind: ColumnKind) -> TypedColumn<'a> {
+        match kind {
+            ColumnKind::Text => TypedColumn::Text(arr.as_string::<i32>()),
+            ColumnKind::Int => TypedColumn::Int(arr.as_primitive::<Int64Type>()),
+            ColumnKind::Real => TypedColumn::Real(arr.as_primitive::<Float64Type>()),
+        }
     }
 }
 
@@ -326,19 +344,25 @@ impl MergeRows for sqlx::SqliteConnection {
                 continue;
             };
             for b in &out.batches {
+                let order: Vec<usize> = spec.row_order(b)?.unwrap_or_else(|| (0..b.num_rows()).collect());
+                // Downcast each column once, not per cell.
+                let cols: Vec<TypedColumn<'_>> = spec
+                    .columns
+                    .iter()
+                    .enumerate()
+                    .map(|(c, (_, kind))| TypedColumn::new(b.column(c).as_ref(), *kind))
+                    .collect();
                 let mut start = 0;
                 while start < b.num_rows() {
                     let n = (b.num_rows() - start).min(spec.rows_per_statement);
                     let sql = spec.upsert_sql(n, store.dialect);
                     let mut q = sqlx::query(AssertSqlSafe(sql));
-                    for row in start..start + n {
-                        for (c, (_, kind)) in spec.columns.iter().enumerate() {
-                            let arr = b.column(c);
-                            let null = arr.is_null(row);
-                            q = match kind {
-                                ColumnKind::Text => q.bind((!null).then(|| arr.as_string::<i32>().value(row).to_string())),
-                                ColumnKind::Int => q.bind((!null).then(|| arr.as_primitive::<Int64Type>().value(row))),
-                                ColumnKind::Real => q.bind((!null).then(|| arr.as_primitive::<Float64Type>().value(row))),
+                    for &row in &order[start..start + n] {
+                        for col in &cols {
+                            q = match col {
+                                TypedColumn::Text(a) => q.bind((!a.is_null(row)).then(|| a.value(row).to_string())),
+                                TypedColumn::Int(a) => q.bind((!a.is_null(row)).then(|| a.value(row))),
+                                TypedColumn::Real(a) => q.bind((!a.is_null(row)).then(|| a.value(row))),
                             };
                         }
                     }
@@ -364,7 +388,7 @@ impl MergeRows for sqlx::PgConnection {
                 if b.num_rows() == 0 {
                     continue;
                 }
-                let order: Vec<usize> = spec.row_order(b, Dialect::Postgres)?.unwrap_or_else(|| (0..b.num_rows()).collect());
+                let order: Vec<usize> = spec.row_order(b)?.unwrap_or_else(|| (0..b.num_rows()).collect());
                 let mut q = sqlx::query(AssertSqlSafe(spec.unnest_sql.clone()));
                 for (c, (_, kind)) in spec.columns.iter().enumerate() {
                     let arr = b.column(c);
@@ -957,7 +981,11 @@ async fn open_sqlite(url: &str) -> Result<SqlitePool, String> {
         .busy_timeout(Duration::from_secs(5))
         // 64 MiB of page cache per connection (default 2 MiB): large merge
         // transactions otherwise spill dirty pages to the WAL mid-transaction.
-        .pragma("cache_size", "-65536");
+        .pragma("cache_size", "-65536")
+        // A multi-row upsert keeps a statement journal of every page it
+        // touches; in a temp file that is a pwrite per page (measured: a fifth
+        // of all replay CPU). In memory it is a copy.
+        .pragma("temp_store", "memory");
     if let Some(parent) = opts.get_filename().parent() {
         if !parent.as_os_str().is_empty() {
             std::fs::create_dir_all(parent).map_err(|e| e.to_string())?;

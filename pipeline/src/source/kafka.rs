@@ -282,6 +282,7 @@ impl KafkaSource {
         // Partitions read to their end (cleared by the next message or a re-seek).
         let mut at_end: BTreeMap<i32, ()> = BTreeMap::new();
         let mut last_sent = Instant::now();
+        let mut clock = crate::batch::WallClock::default();
         loop {
             if control.shutdown.load(Ordering::Acquire) {
                 break;
@@ -339,8 +340,9 @@ impl KafkaSource {
                 *next = Some(offset + 1);
                 expected
             };
-            let now_ms = chrono::Utc::now().timestamp_millis();
-            builder.push(p, offset, expected, msg.payload(), now_ms, Instant::now());
+            let arrived = Instant::now();
+            let now_ms = clock.now_ms(arrived);
+            builder.push(p, offset, expected, msg.payload(), now_ms, arrived);
         }
         // Graceful shutdown: hand over what is buffered.
         if !builder.is_empty() && epoch == control.epoch.load(Ordering::Acquire) {
