@@ -379,7 +379,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 probes: a.probes,
                 interval: a.interval,
                 timeout: a.timeout,
-                poll: Duration::from_millis(5),
+                poll: Duration::from_millis(20),
             };
             let r = freshness::run(spec, &properties(&settings))
                 .await

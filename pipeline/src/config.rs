@@ -618,7 +618,7 @@ mod tests {
     fn defaults_load_and_validate() {
         let s = Settings::defaults().unwrap();
         assert_eq!(s.kafka.topic, "events");
-        assert_eq!(s.batch.linger, Duration::from_secs(1));
+        assert_eq!(s.batch.linger, Duration::from_millis(500));
         assert_eq!(s.decode.max_event_bytes, ByteSize(64 * 1024));
         assert_eq!(s.decode.max_future_skew, Duration::from_secs(300));
         assert_eq!(s.serving_url(), "sqlite://data/serving.db");

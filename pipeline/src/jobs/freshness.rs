@@ -22,7 +22,9 @@ pub struct FreshnessSpec {
     pub interval: Duration,
     /// A probe not visible after this long counts as lost.
     pub timeout: Duration,
-    /// Pause between polls of one probe.
+    /// Pause between polls of one probe: the resolution of the measurement.
+    /// Short pauses load the API (outstanding probes x polls per second)
+    /// on the machine being measured.
     pub poll: Duration,
 }
 

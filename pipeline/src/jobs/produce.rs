@@ -172,7 +172,7 @@ pub fn producer(properties: &[(String, String)], linger_ms: u32) -> Result<Threa
     let mut cc = ClientConfig::new();
     for (k, v) in properties {
         // Consumer-only properties would make the producer warn.
-        if matches!(k.as_str(), "group.id" | "auto.offset.reset") {
+        if crate::serve::ingest::CONSUMER_ONLY.contains(&k.as_str()) {
             continue;
         }
         cc.set(k, v);

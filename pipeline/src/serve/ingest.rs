@@ -14,7 +14,7 @@ use crate::decode::{Reject, RecordDecoder};
 use super::ServeError;
 
 /// librdkafka consumer-only properties, not passed to the producer.
-const CONSUMER_ONLY: &[&str] = &[
+pub(crate) const CONSUMER_ONLY: &[&str] = &[
     "group.id",
     "group.instance.id",
     "group.protocol",
