@@ -32,12 +32,22 @@ pub enum SinkError {
         #[source]
         source: Box<sqlx::Error>,
     },
+    /// The SQLite batch-commit connection (rusqlite).
+    #[error("serving store: {operation}: {source}")]
+    Sqlite {
+        operation: &'static str,
+        #[source]
+        source: Box<rusqlite::Error>,
+    },
 }
 
 impl SinkError {
     pub fn kind(&self) -> ErrorKind {
         match self {
-            SinkError::ObjectStore { .. } | SinkError::Database { .. } | SinkError::Open { .. } => {
+            SinkError::ObjectStore { .. }
+            | SinkError::Database { .. }
+            | SinkError::Sqlite { .. }
+            | SinkError::Open { .. } => {
                 ErrorKind::External
             }
             SinkError::Encode { .. } => ErrorKind::Internal,
@@ -46,7 +56,9 @@ impl SinkError {
     }
     pub fn retry(&self) -> RetryHint {
         match self {
-            SinkError::ObjectStore { .. } | SinkError::Database { .. } => RetryHint::WithBackoff,
+            SinkError::ObjectStore { .. } | SinkError::Database { .. } | SinkError::Sqlite { .. } => {
+                RetryHint::WithBackoff
+            }
             SinkError::Open { .. } | SinkError::Encode { .. } | SinkError::Schema { .. } => {
                 RetryHint::NoRetry
             }
@@ -56,4 +68,8 @@ impl SinkError {
 
 pub(crate) fn db(operation: &'static str) -> impl FnOnce(sqlx::Error) -> SinkError {
     move |e| SinkError::Database { operation, source: Box::new(e) }
+}
+
+pub(crate) fn sq(operation: &'static str) -> impl FnOnce(rusqlite::Error) -> SinkError {
+    move |e| SinkError::Sqlite { operation, source: Box::new(e) }
 }

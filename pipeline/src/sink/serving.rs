@@ -19,7 +19,9 @@
 //! (`[a-z_][a-z0-9_]*`); every value is a bound parameter.
 
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use datafusion::arrow::array::{Array, AsArray, RecordBatch};
@@ -30,7 +32,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePo
 use sqlx::{AssertSqlSafe, Connection as _, Row};
 
 use super::archive::WrittenFile;
-use super::{db, SinkError};
+use super::{db, sq, SinkError};
 use crate::aggregate::{ColumnKind, MergeRule, RollupDef, RollupOutput};
 use crate::batch::PartitionRange;
 
@@ -185,6 +187,8 @@ struct TableSpec {
     row_placeholder: String,
     /// PostgreSQL: the whole batch as one `UNNEST` of column arrays.
     unnest_sql: String,
+    /// SQLite batch commits: a one-row upsert, prepared once and stepped per row.
+    row_upsert_sql: String,
 }
 
 /// The outcome of a commit attempt.
@@ -230,6 +234,8 @@ pub struct ServingStore {
     dialect: Dialect,
     url: String,
     tables: Vec<TableSpec>,
+    /// SQLite: the batch-commit connection.
+    writer: Option<Arc<SqliteWriter>>,
 }
 
 /// The write transaction of a window replacement (see [`ServingStore::begin_replace`]).
@@ -272,8 +278,16 @@ impl TableSpec {
             keys.join(", "),
             sets.join(", ")
         );
+        let row_upsert_sql = format!(
+            "INSERT INTO {} ({}) VALUES {row_placeholder} ON CONFLICT ({}) DO UPDATE SET {}",
+            quote(&def.name),
+            names.join(", "),
+            keys.join(", "),
+            sets.join(", ")
+        );
         TableSpec {
             unnest_sql,
+            row_upsert_sql,
             name: def.name.clone(),
             key_count: def.key_count,
             rows_per_statement: (MAX_PARAMS / columns.len().max(1)).clamp(1, MAX_ROWS_PER_STATEMENT),
@@ -456,6 +470,40 @@ macro_rules! raw_files {
     }};
 }
 
+/// The statements of a batch commit after the rollup merge, shared by both
+/// engines (`?` placeholders; see [`Dialect::sql`]).
+const FENCE_SQL: &str = "SELECT partition, next_offset FROM tally_offsets WHERE topic = ?";
+const RECORD_FILE_SQL: &str = "INSERT INTO tally_files (path, kind, topic, partition, first_offset, last_offset, rows, bytes, committed_at_ms)
+     VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+     ON CONFLICT (path) DO UPDATE SET rows = excluded.rows, bytes = excluded.bytes, committed_at_ms = excluded.committed_at_ms";
+const COUNTER_SQL: &str = "INSERT INTO tally_counters (name, value) VALUES (?, ?)
+     ON CONFLICT (name) DO UPDATE SET value = tally_counters.value + excluded.value";
+
+/// Advance a partition's offset, keeping the newest event time (for as_of).
+fn advance_sql(d: Dialect) -> String {
+    format!(
+        "INSERT INTO tally_offsets (topic, partition, next_offset, updated_at_ms, max_event_ms) VALUES (?, ?, ?, ?, ?)
+         ON CONFLICT (topic, partition) DO UPDATE SET
+           next_offset = excluded.next_offset,
+           updated_at_ms = excluded.updated_at_ms,
+           max_event_ms = CASE
+             WHEN excluded.max_event_ms IS NULL THEN tally_offsets.max_event_ms
+             WHEN tally_offsets.max_event_ms IS NULL THEN excluded.max_event_ms
+             ELSE {}(tally_offsets.max_event_ms, excluded.max_event_ms) END",
+        d.greatest()
+    )
+}
+
+/// A partition read to its end is complete up to the seal time, but only if
+/// the stored offset is the one the consumer saw the end at.
+fn caught_up_sql(d: Dialect) -> String {
+    format!(
+        "UPDATE tally_offsets SET caught_up_ms = {}(coalesce(caught_up_ms, 0), ?)
+         WHERE topic = ? AND partition = ? AND next_offset = ?",
+        d.greatest()
+    )
+}
+
 /// One batch commit on `$pool` (see the module docs).
 macro_rules! commit {
     ($store:expr, $pool:expr, $begin:expr, $req:expr) => {{
@@ -476,7 +524,7 @@ macro_rules! commit {
         }
 
         // 1. Fence.
-        let rows = sqlx::query(AssertSqlSafe(d.sql("SELECT partition, next_offset FROM tally_offsets WHERE topic = ?")))
+        let rows = sqlx::query(AssertSqlSafe(d.sql(FENCE_SQL)))
             .bind(req.topic)
             .fetch_all(&mut *tx)
             .await
@@ -500,11 +548,7 @@ macro_rules! commit {
         crate::failpoint::failpoint("inside_serving_transaction");
 
         // 3. Record files.
-        let record = d.sql(
-            "INSERT INTO tally_files (path, kind, topic, partition, first_offset, last_offset, rows, bytes, committed_at_ms)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
-             ON CONFLICT (path) DO UPDATE SET rows = excluded.rows, bytes = excluded.bytes, committed_at_ms = excluded.committed_at_ms",
-        );
+        let record = d.sql(RECORD_FILE_SQL);
         for f in req.files {
             sqlx::query(AssertSqlSafe(record.clone()))
                 .bind(&f.path)
@@ -522,17 +566,7 @@ macro_rules! commit {
         }
 
         // 4. Offsets (with the newest event time, for as_of) and counters.
-        let advance = d.sql(&format!(
-            "INSERT INTO tally_offsets (topic, partition, next_offset, updated_at_ms, max_event_ms) VALUES (?, ?, ?, ?, ?)
-             ON CONFLICT (topic, partition) DO UPDATE SET
-               next_offset = excluded.next_offset,
-               updated_at_ms = excluded.updated_at_ms,
-               max_event_ms = CASE
-                 WHEN excluded.max_event_ms IS NULL THEN tally_offsets.max_event_ms
-                 WHEN tally_offsets.max_event_ms IS NULL THEN excluded.max_event_ms
-                 ELSE {}(tally_offsets.max_event_ms, excluded.max_event_ms) END",
-            d.greatest()
-        ));
+        let advance = d.sql(&advance_sql(d));
         for (p, range) in req.partitions {
             sqlx::query(AssertSqlSafe(advance.clone()))
                 .bind(req.topic)
@@ -544,13 +578,7 @@ macro_rules! commit {
                 .await
                 .map_err(db("advance offsets"))?;
         }
-        // A partition read to its end is complete up to the seal time, but only
-        // if the stored offset is the one the consumer saw the end at.
-        let caught_up = d.sql(&format!(
-            "UPDATE tally_offsets SET caught_up_ms = {}(coalesce(caught_up_ms, 0), ?)
-             WHERE topic = ? AND partition = ? AND next_offset = ?",
-            d.greatest()
-        ));
+        let caught_up = d.sql(&caught_up_sql(d));
         for (p, next) in req.caught_up {
             sqlx::query(AssertSqlSafe(caught_up.clone()))
                 .bind(req.sealed_at_ms)
@@ -561,10 +589,7 @@ macro_rules! commit {
                 .await
                 .map_err(db("mark caught-up partitions"))?;
         }
-        let count = d.sql(
-            "INSERT INTO tally_counters (name, value) VALUES (?, ?)
-             ON CONFLICT (name) DO UPDATE SET value = tally_counters.value + excluded.value",
-        );
+        let count = d.sql(COUNTER_SQL);
         for (name, delta) in req.counters {
             if *delta == 0 {
                 continue;
@@ -579,6 +604,163 @@ macro_rules! commit {
         tx.commit().await.map_err(db("commit"))?;
         Ok(CommitOutcome::Committed)
     }};
+}
+
+/// SQLite batch commits, on one rusqlite connection (the same bundled SQLite
+/// as sqlx) opened on first use. Each rollup row is one step of a prepared
+/// one-row upsert: no statement text per chunk, no copy of every value into
+/// an owned parameter, no hand-off to a connection thread, and a one-row
+/// statement needs no statement journal. After a failed commit the
+/// connection is closed (rolling back whatever SQLite left open, e.g. after
+/// SQLITE_FULL) and the next commit opens a new one.
+#[derive(Debug)]
+struct SqliteWriter {
+    path: PathBuf,
+    conn: Mutex<Option<rusqlite::Connection>>,
+}
+
+impl SqliteWriter {
+    fn open(path: &Path) -> rusqlite::Result<rusqlite::Connection> {
+        use rusqlite::OpenFlags;
+        let conn = rusqlite::Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        conn.busy_timeout(Duration::from_secs(5))?;
+        // As the sqlx connections (see `open_sqlite`); WAL mode is a property
+        // of the file, set when the store was opened.
+        conn.execute_batch("PRAGMA synchronous = NORMAL; PRAGMA cache_size = -65536; PRAGMA temp_store = memory;")?;
+        conn.set_prepared_statement_cache_capacity(64);
+        Ok(conn)
+    }
+
+    fn commit(&self, store: &ServingStore, req: &CommitRequest<'_>) -> Result<CommitOutcome, SinkError> {
+        // A panic elsewhere cannot leave the connection mid-transaction:
+        // every failed commit below drops it.
+        let mut slot = self.conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if slot.is_none() {
+            *slot = Some(Self::open(&self.path).map_err(sq("open the write connection"))?);
+        }
+        let Some(conn) = slot.as_mut() else {
+            return Err(SinkError::Encode { path: self.path.display().to_string(), message: "no write connection".into() });
+        };
+        let outcome = commit_sqlite(conn, store, req);
+        if outcome.is_err() {
+            *slot = None;
+        }
+        outcome
+    }
+}
+
+/// One batch commit on a rusqlite connection (see the module docs).
+fn commit_sqlite(conn: &rusqlite::Connection, store: &ServingStore, req: &CommitRequest<'_>) -> Result<CommitOutcome, SinkError> {
+    conn.execute_batch("BEGIN IMMEDIATE").map_err(sq("begin"))?;
+
+    // 1. Fence.
+    let mut stored: BTreeMap<i32, i64> = BTreeMap::new();
+    {
+        let mut st = conn.prepare_cached(FENCE_SQL).map_err(sq("read offsets"))?;
+        let mut rows = st.query([req.topic]).map_err(sq("read offsets"))?;
+        while let Some(r) = rows.next().map_err(sq("read offsets"))? {
+            let p: i64 = r.get(0).map_err(sq("read offsets"))?;
+            stored.insert(p as i32, r.get(1).map_err(sq("read offsets"))?);
+        }
+    }
+    for (p, range) in req.partitions {
+        let have = stored.get(p).copied();
+        if have != range.expected_start {
+            conn.execute_batch("ROLLBACK").map_err(sq("rollback"))?;
+            return Ok(CommitOutcome::Fenced { partition: *p, expected: range.expected_start, stored: have });
+        }
+    }
+
+    // 2. Merge rollups.
+    merge_rows_sqlite(conn, &store.tables, req.outputs)?;
+    crate::failpoint::failpoint("inside_serving_transaction");
+
+    // 3. Record files.
+    {
+        let mut st = conn.prepare_cached(RECORD_FILE_SQL).map_err(sq("record files"))?;
+        for f in req.files {
+            st.execute(rusqlite::params![
+                f.path,
+                f.kind.as_str(),
+                req.topic,
+                i64::from(f.partition),
+                f.first_offset,
+                f.last_offset,
+                f.rows as i64,
+                f.bytes as i64,
+                req.now_ms
+            ])
+            .map_err(sq("record files"))?;
+        }
+    }
+
+    // 4. Offsets and counters.
+    {
+        let mut st = conn.prepare_cached(&advance_sql(Dialect::Sqlite)).map_err(sq("advance offsets"))?;
+        for (p, range) in req.partitions {
+            st.execute(rusqlite::params![req.topic, i64::from(*p), range.next_offset(), req.now_ms, req.max_event_ms.get(p)])
+                .map_err(sq("advance offsets"))?;
+        }
+    }
+    if !req.caught_up.is_empty() {
+        let mut st = conn.prepare_cached(&caught_up_sql(Dialect::Sqlite)).map_err(sq("mark caught-up partitions"))?;
+        for (p, next) in req.caught_up {
+            st.execute(rusqlite::params![req.sealed_at_ms, req.topic, i64::from(*p), next])
+                .map_err(sq("mark caught-up partitions"))?;
+        }
+    }
+    {
+        let mut st = conn.prepare_cached(COUNTER_SQL).map_err(sq("update counters"))?;
+        for (name, delta) in req.counters.iter().filter(|(_, d)| *d != 0) {
+            st.execute(rusqlite::params![name, delta]).map_err(sq("update counters"))?;
+        }
+    }
+    conn.execute_batch("COMMIT").map_err(sq("commit"))?;
+    Ok(CommitOutcome::Committed)
+}
+
+/// SQLite: each rollup row, in key order, through the table's prepared
+/// one-row upsert.
+fn merge_rows_sqlite(conn: &rusqlite::Connection, tables: &[TableSpec], outputs: &[RollupOutput]) -> Result<(), SinkError> {
+    for out in outputs {
+        let Some(spec) = tables.iter().find(|t| t.name == out.rollup) else {
+            continue;
+        };
+        let mut st = conn.prepare_cached(&spec.row_upsert_sql).map_err(sq("prepare the rollup upsert"))?;
+        for b in &out.batches {
+            let order: Vec<usize> = spec.row_order(b)?.unwrap_or_else(|| (0..b.num_rows()).collect());
+            let cols: Vec<TypedColumn<'_>> = spec
+                .columns
+                .iter()
+                .enumerate()
+                .map(|(c, (_, kind))| TypedColumn::new(b.column(c).as_ref(), *kind))
+                .collect();
+            for &row in &order {
+                for (i, col) in cols.iter().enumerate() {
+                    match col {
+                        TypedColumn::Text(a) => st.raw_bind_parameter(i + 1, (!a.is_null(row)).then(|| a.value(row))),
+                        TypedColumn::Int(a) => st.raw_bind_parameter(i + 1, (!a.is_null(row)).then(|| a.value(row))),
+                        TypedColumn::Real(a) => st.raw_bind_parameter(i + 1, (!a.is_null(row)).then(|| a.value(row))),
+                    }
+                    .map_err(sq("merge rollup rows"))?;
+                }
+                st.raw_execute().map_err(sq("merge rollup rows"))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Run blocking work without stalling the other async tasks (the API and
+/// the consumer share the runtime).
+fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        _ => f(),
+    }
 }
 
 /// `(name, upper-case type)` of each column of `$table`, in order; empty when
@@ -663,8 +845,11 @@ impl ServingStore {
     /// each rollup's window column.
     pub async fn open_with(url: &str, rollups: &[RollupDef], window_index: bool) -> Result<ServingStore, SinkError> {
         let open_err = |message: String| SinkError::Open { url: redact(url), message };
+        let mut writer = None;
         let (pool, dialect) = if url.starts_with("sqlite:") {
-            (Pool::Sqlite(open_sqlite(url).await.map_err(open_err)?), Dialect::Sqlite)
+            let (pool, path) = open_sqlite(url).await.map_err(open_err)?;
+            writer = Some(Arc::new(SqliteWriter { path, conn: Mutex::new(None) }));
+            (Pool::Sqlite(pool), Dialect::Sqlite)
         } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             let opts = PgConnectOptions::from_str(url).map_err(|e| open_err(e.to_string()))?;
             let pool = PgPoolOptions::new()
@@ -682,6 +867,7 @@ impl ServingStore {
             dialect,
             url: url.to_string(),
             tables: rollups.iter().map(|d| TableSpec::new(d, dialect)).collect(),
+            writer,
         };
         match &store.pool {
             Pool::Sqlite(p) => {
@@ -773,8 +959,9 @@ impl ServingStore {
         // the transaction back itself, sqlx's deferred ROLLBACK then fails, and
         // the pooled connection would refuse every later BEGIN ("non-zero
         // transaction depth") even after space is freed.
-        match &self.pool {
-            Pool::Sqlite(p) => {
+        match (&self.pool, &self.writer) {
+            (Pool::Sqlite(_), Some(w)) => blocking(|| w.commit(self, req)),
+            (Pool::Sqlite(p), None) => {
                 let mut conn = p.acquire().await.map_err(db("acquire"))?;
                 let outcome = async { commit!(self, conn, "BEGIN IMMEDIATE", req) }.await;
                 if outcome.is_err() {
@@ -782,7 +969,7 @@ impl ServingStore {
                 }
                 outcome
             }
-            Pool::Postgres(p) => {
+            (Pool::Postgres(p), _) => {
                 let mut conn = p.acquire().await.map_err(db("acquire"))?;
                 let outcome = async { commit!(self, conn, "BEGIN", req) }.await;
                 if outcome.is_err() {
@@ -972,7 +1159,7 @@ pub fn redact(url: &str) -> String {
     }
 }
 
-async fn open_sqlite(url: &str) -> Result<SqlitePool, String> {
+async fn open_sqlite(url: &str) -> Result<(SqlitePool, PathBuf), String> {
     let opts = SqliteConnectOptions::from_str(url)
         .map_err(|e| e.to_string())?
         .create_if_missing(true)
@@ -996,7 +1183,7 @@ async fn open_sqlite(url: &str) -> Result<SqlitePool, String> {
     let mut attempt = 0;
     loop {
         match SqlitePoolOptions::new().max_connections(2).connect_with(opts.clone()).await {
-            Ok(pool) => return Ok(pool),
+            Ok(pool) => return Ok((pool, opts.get_filename().to_path_buf())),
             Err(e) if attempt < 40 && is_busy(&e) => {
                 attempt += 1;
                 tokio::time::sleep(Duration::from_millis(250)).await;
@@ -1022,6 +1209,148 @@ mod tests {
         assert_eq!(number_placeholders("a = ?1 AND b = ?12 AND c = ?1"), "a = $1 AND b = $12 AND c = $1");
         assert_eq!(number_placeholders("x = '?' AND \"q?\" = ?"), "x = '?' AND \"q?\" = $1");
         assert_eq!(Dialect::Sqlite.sql("a = ?"), "a = ?");
+    }
+
+    /// The rusqlite batch commit against the sqlx one and against totals
+    /// computed here: the same batches give the same tables; a stale batch
+    /// is fenced and changes nothing; a failed commit drops the connection
+    /// and the next commit opens a new one.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[allow(clippy::unwrap_used)]
+    async fn sqlite_commits_merge_fence_and_match_the_sqlx_path() {
+        use crate::aggregate::{RollupAggregator, SqlCatalog};
+        use crate::decode::{EventSchema, RecordDecoder};
+        let dir = tempfile::tempdir().unwrap();
+        let settings = crate::testing::settings(dir.path(), &[]);
+        let schema = EventSchema::from_config(&settings.schema).unwrap();
+        let catalog = SqlCatalog::load(&settings.sql.rollups_dir, schema.arrow.clone(), &settings.schema.time_field).await.unwrap();
+        let mut agg = RollupAggregator::new(&catalog, schema.arrow.clone()).await.unwrap();
+        let decoder = RecordDecoder::new(schema.clone(), &settings.decode);
+        let now = chrono::Utc::now().timestamp_millis();
+        let hour = now - now.rem_euclid(3_600_000) - 3_600_000;
+        // 3 batches of 400 events over 7 videos, 3 types, 2 hours; every
+        // third event has no value.
+        let mut expected: BTreeMap<(String, String, i64), (i64, f64, i64, Option<f64>, Option<f64>)> = BTreeMap::new();
+        let mut batches = Vec::new();
+        for b in 0..3i64 {
+            let mut cols = schema.new_columns(400);
+            for i in 0..400i64 {
+                let n = b * 400 + i;
+                let (video, kind, t) = (format!("v{}", n * 7 % 13 % 7), ["view", "like", "share"][(n % 3) as usize], hour + (n * 7919) % 7_200_000);
+                let value = (n % 3 != 0).then(|| ((n * 37) % 101) as f64 - 50.0);
+                let v = value.map(|v| format!(r#","value":{v}"#)).unwrap_or_default();
+                let p = format!(r#"{{"video_id":"{video}","event_type":"{kind}","event_time":{t}{v}}}"#);
+                decoder.decode(Some(p.as_bytes()), now, &mut cols).unwrap();
+                let e = expected.entry((video, kind.to_string(), t - t.rem_euclid(3_600_000))).or_insert((0, 0.0, 0, None, None));
+                e.0 += 1;
+                if let Some(v) = value {
+                    e.1 += v;
+                    e.2 += 1;
+                    e.3 = Some(e.3.map_or(v, |m: f64| m.min(v)));
+                    e.4 = Some(e.4.map_or(v, |m: f64| m.max(v)));
+                }
+            }
+            let events = cols.finish().unwrap();
+            batches.push(agg.aggregate(std::slice::from_ref(&events)).await.unwrap());
+        }
+        let fast = ServingStore::open(&format!("sqlite://{}/fast.db", dir.path().display()), &catalog.rollups).await.unwrap();
+        let mut slow = ServingStore::open(&format!("sqlite://{}/slow.db", dir.path().display()), &catalog.rollups).await.unwrap();
+        slow.writer = None;
+        let topic = "t";
+        let commit = |store: &ServingStore, b: usize, expected_start: Option<i64>| {
+            let partitions: BTreeMap<i32, PartitionRange> =
+                [(0, PartitionRange { expected_start, first: b as i64 * 400, last: b as i64 * 400 + 399 })].into_iter().collect();
+            let store = store.clone();
+            let outputs = batches[b].clone();
+            async move {
+                let req = CommitRequest {
+                    topic,
+                    partitions: &partitions,
+                    outputs: &outputs,
+                    files: &[],
+                    counters: &[("accepted_total".to_string(), 400)],
+                    max_event_ms: &[(0, now - 5)].into_iter().collect(),
+                    caught_up: &[(0, b as i64 * 400 + 400)].into_iter().collect(),
+                    sealed_at_ms: now,
+                    now_ms: now,
+                };
+                store.commit(&req).await
+            }
+        };
+        for store in [&fast, &slow] {
+            for b in 0..3 {
+                let start = (b > 0).then(|| b as i64 * 400);
+                assert_eq!(commit(store, b, start).await.unwrap(), CommitOutcome::Committed);
+            }
+            // A stale writer re-sending batch 1 is fenced and changes nothing.
+            assert_eq!(
+                commit(store, 1, Some(400)).await.unwrap(),
+                CommitOutcome::Fenced { partition: 0, expected: Some(400), stored: Some(1200) }
+            );
+            assert_eq!(store.load_offsets(topic).await.unwrap(), [(0, 1200)].into_iter().collect());
+            assert_eq!(store.counters().await.unwrap().get("accepted_total"), Some(&1200));
+            assert_eq!(store.as_of(topic).await.unwrap(), Some(now));
+        }
+        for def in &catalog.rollups {
+            let a = fast.read_rows(def, i64::MIN, i64::MAX, None).await.unwrap();
+            let b = slow.read_rows(def, i64::MIN, i64::MAX, None).await.unwrap();
+            let sort = |mut v: TableRows| {
+                v.sort_by(|x, y| format!("{x:?}").cmp(&format!("{y:?}")));
+                v
+            };
+            assert_eq!(sort(a), sort(b), "{}: rusqlite and sqlx commits differ", def.name);
+        }
+        let hourly = catalog.rollups.iter().find(|d| d.name == "hour_video_events").unwrap();
+        let mut got = BTreeMap::new();
+        for r in fast.read_rows(hourly, i64::MIN, i64::MAX, None).await.unwrap() {
+            let text = |c: &Cell| match c {
+                Cell::Text(s) => s.clone(),
+                other => panic!("{other:?}"),
+            };
+            let int = |c: &Cell| match c {
+                Cell::Int(v) => *v,
+                other => panic!("{other:?}"),
+            };
+            let real = |c: &Cell| match c {
+                Cell::Real(v) => Some(*v),
+                Cell::Null => None,
+                other => panic!("{other:?}"),
+            };
+            got.insert((text(&r[0]), text(&r[1]), int(&r[2])), (int(&r[3]), real(&r[4]).unwrap_or(0.0), int(&r[5]), real(&r[6]), real(&r[7])));
+        }
+        assert_eq!(got, expected);
+
+        // A commit that fails (its table is gone) drops the connection; once
+        // the table is back, the next commit succeeds on a new connection.
+        let w = fast.writer.clone().unwrap();
+        let dropped = format!("ALTER TABLE {} RENAME TO gone", quote(&hourly.name));
+        let raw = rusqlite::Connection::open(dir.path().join("fast.db")).unwrap();
+        raw.execute_batch(&dropped).unwrap();
+        let failed = commit(&fast, 1, Some(1200)).await;
+        assert!(matches!(failed, Err(SinkError::Sqlite { .. })), "the commit fails while the table is missing: {failed:?}");
+        assert!(w.conn.lock().unwrap().is_none(), "the failed commit dropped its connection");
+        raw.execute_batch(&format!("ALTER TABLE gone RENAME TO {}", quote(&hourly.name))).unwrap();
+        assert_eq!(store_offsets_after(&fast, topic).await, 1200, "the failed commit changed nothing");
+        let partitions: BTreeMap<i32, PartitionRange> =
+            [(0, PartitionRange { expected_start: Some(1200), first: 1200, last: 1599 })].into_iter().collect();
+        let req = CommitRequest {
+            topic,
+            partitions: &partitions,
+            outputs: &batches[1],
+            files: &[],
+            counters: &[],
+            max_event_ms: &BTreeMap::new(),
+            caught_up: &BTreeMap::new(),
+            sealed_at_ms: now,
+            now_ms: now,
+        };
+        assert_eq!(fast.commit(&req).await.unwrap(), CommitOutcome::Committed);
+        assert_eq!(store_offsets_after(&fast, topic).await, 1600);
+    }
+
+    #[allow(clippy::unwrap_used)]
+    async fn store_offsets_after(store: &ServingStore, topic: &str) -> i64 {
+        store.load_offsets(topic).await.unwrap()[&0]
     }
 
     #[test]
