@@ -2,6 +2,7 @@
 use clap::Parser;
 
 fn main() -> std::process::ExitCode {
+    tally::allocator::tune();
     let cli = tally::cli::Cli::parse();
     match tally::cli::run(cli) {
         Ok(code) => code,

@@ -248,9 +248,7 @@ impl ParquetArchiveSink {
                     file_name(&batch.topic, partition, range.first, range.last, &self.writer)
                 );
                 let rows = idx.len() as u64;
-                let part = take_record_batch(events, &UInt32Array::from(idx))
-                    .map_err(|e| SinkError::Encode { path: path.clone(), message: e.to_string() })?;
-                let bytes = self.encode(&path, &part)?;
+                let bytes = self.encode_rows(&path, events, &idx)?;
                 out.push((
                     WrittenFile {
                         path,
@@ -291,6 +289,27 @@ impl ParquetArchiveSink {
             ));
         }
         Ok(out)
+    }
+
+    /// Encode rows `idx` of `events` into one file. The rows are copied out
+    /// a chunk at a time (all of them at once is another copy of the batch
+    /// in memory); a batch that is one file whole is not copied at all.
+    fn encode_rows(&self, path: &str, events: &RecordBatch, idx: &[u32]) -> Result<Vec<u8>, SinkError> {
+        const CHUNK: usize = 65_536;
+        if idx.len() == events.num_rows() && idx.iter().enumerate().all(|(i, r)| *r as usize == i) {
+            return self.encode(path, events);
+        }
+        let err = |e: parquet::errors::ParquetError| SinkError::Encode { path: path.to_string(), message: e.to_string() };
+        let share = events.get_array_memory_size() / events.num_rows().max(1) * idx.len();
+        let mut buf = Vec::with_capacity(share / 4 + 1024);
+        let mut w = ArrowWriter::try_new(&mut buf, events.schema(), Some(self.props.clone())).map_err(err)?;
+        for chunk in idx.chunks(CHUNK) {
+            let part = take_record_batch(events, &UInt32Array::from(chunk.to_vec()))
+                .map_err(|e| SinkError::Encode { path: path.to_string(), message: e.to_string() })?;
+            w.write(&part).map_err(err)?;
+        }
+        w.close().map_err(err)?;
+        Ok(buf)
     }
 
     fn encode(&self, path: &str, batch: &RecordBatch) -> Result<Vec<u8>, SinkError> {

@@ -1227,7 +1227,7 @@ mod tests {
         let mut agg = RollupAggregator::new(&catalog, schema.arrow.clone()).await.unwrap();
         let decoder = RecordDecoder::new(schema.clone(), &settings.decode);
         let now = chrono::Utc::now().timestamp_millis();
-        let hour = now - now.rem_euclid(3_600_000) - 3_600_000;
+        let hour = now - now.rem_euclid(3_600_000) - 3 * 3_600_000;
         // 3 batches of 400 events over 7 videos, 3 types, 2 hours; every
         // third event has no value.
         let mut expected: BTreeMap<(String, String, i64), (i64, f64, i64, Option<f64>, Option<f64>)> = BTreeMap::new();
