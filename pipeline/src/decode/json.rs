@@ -110,11 +110,19 @@ impl RecordDecoder {
         parse_object(text, &self.schema.fields, slots)?;
 
         // Validate every slot before touching the builders (all or nothing).
+        // Timestamps are parsed once, here: the slot becomes epoch ms.
         let mut event_time_ms = 0;
-        for (i, (field, slot)) in self.schema.fields.iter().zip(slots.iter()).enumerate() {
+        for (i, (field, slot)) in self.schema.fields.iter().zip(slots.iter_mut()).enumerate() {
+            if matches!(field.field_type, FieldType::Timestamp) && matches!(slot, Slot::Str(_)) {
+                if let Some(ms) = timestamp_ms(field, slot)? {
+                    *slot = Slot::Int(ms);
+                }
+            }
             check_field(field, slot)?;
             if i == self.schema.time_index {
-                event_time_ms = timestamp_ms(field, slot)?.unwrap_or(0);
+                if let Slot::Int(ms) = slot {
+                    event_time_ms = *ms;
+                }
             }
         }
         if event_time_ms > now_ms.saturating_add(self.max_future_skew_ms) {
@@ -224,8 +232,10 @@ fn timestamp_ms(field: &SchemaField, slot: &Slot<'_>) -> Result<Option<i64>, Rej
     match slot {
         Slot::Missing | Slot::Null => Ok(None),
         Slot::Int(ms) => Ok(Some(*ms)),
-        Slot::Str(s) => chrono::DateTime::parse_from_rfc3339(s)
-            .map(|t| Some(t.timestamp_millis()))
+        Slot::Str(s) => match rfc3339_ms(s) {
+            Some(ms) => Ok(Some(ms)),
+            None => chrono::DateTime::parse_from_rfc3339(s).map(|t| Some(t.timestamp_millis())),
+        }
             .map_err(|e| {
                 let shown: String = s.chars().take(64).collect();
                 Reject::new(
@@ -235,6 +245,84 @@ fn timestamp_ms(field: &SchemaField, slot: &Slot<'_>) -> Result<Option<i64>, Rej
             }),
         other => Err(wrong_type(field, "RFC 3339 string or integer epoch milliseconds", other)),
     }
+}
+
+/// The common RFC 3339 form, `YYYY-MM-DDTHH:MM:SS[.F{1,9}](Z|+HH:MM|-HH:MM)`,
+/// to epoch milliseconds (fraction truncated, as chrono's
+/// `timestamp_millis`), about ten times faster than chrono. `None` for
+/// anything else, which then goes to chrono (other accepted spellings, leap
+/// seconds, and the error message for invalid input).
+fn rfc3339_ms(s: &str) -> Option<i64> {
+    let b = s.as_bytes();
+    if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || b[10] != b'T' || b[13] != b':' || b[16] != b':' {
+        return None;
+    }
+    let digit = |i: usize| -> Option<i64> {
+        let c = b.get(i)?.wrapping_sub(b'0');
+        (c < 10).then_some(i64::from(c))
+    };
+    let two = |i: usize| Some(digit(i)? * 10 + digit(i + 1)?);
+    let (year, month, day) = (two(0)? * 100 + two(2)?, two(5)?, two(8)?);
+    let (hour, minute, second) = (two(11)?, two(14)?, two(17)?);
+    let leap = year % 4 == 0 && (year % 100 != 0 || year % 400 == 0);
+    let month_days = match month {
+        1 | 3 | 5 | 7 | 8 | 10 | 12 => 31,
+        4 | 6 | 9 | 11 => 30,
+        2 if leap => 29,
+        2 => 28,
+        _ => return None,
+    };
+    if day < 1 || day > month_days || hour > 23 || minute > 59 || second > 59 {
+        return None;
+    }
+    let mut i = 19;
+    let mut millis = 0;
+    if b[i] == b'.' {
+        i += 1;
+        let start = i;
+        while let Some(d) = digit(i) {
+            if i - start < 3 {
+                millis = millis * 10 + d;
+            }
+            i += 1;
+        }
+        let n = i - start;
+        if n == 0 || n > 9 {
+            return None;
+        }
+        for _ in n..3 {
+            millis *= 10;
+        }
+    }
+    let offset = match *b.get(i)? {
+        b'Z' => {
+            i += 1;
+            0
+        }
+        sign @ (b'+' | b'-') => {
+            if b.get(i + 3) != Some(&b':') {
+                return None;
+            }
+            let (h, m) = (two(i + 1)?, two(i + 4)?);
+            if h > 23 || m > 59 {
+                return None;
+            }
+            i += 6;
+            if sign == b'-' { -(h * 3600 + m * 60) } else { h * 3600 + m * 60 }
+        }
+        _ => return None,
+    };
+    if i != b.len() {
+        return None;
+    }
+    // Days since 1970-01-01 of a proleptic Gregorian date (H. Hinnant's
+    // days_from_civil).
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * ((month + 9) % 12) + 2) / 5 + day - 1;
+    let days = era * 146_097 + yoe * 365 + yoe / 4 - yoe / 100 + doy - 719_468;
+    Some((days * 86_400 + hour * 3600 + minute * 60 + second - offset) * 1000 + millis)
 }
 
 fn append(field: &SchemaField, slot: &Slot<'_>, col: &mut ColumnBuilder) -> Result<(), Reject> {
@@ -421,6 +509,36 @@ impl<'de> Visitor<'de> for SlotSeed {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// The fast RFC 3339 path agrees with chrono on every string it
+        /// accepts, and accepts every well-formed one in its form.
+        #[test]
+        fn fast_rfc3339_agrees_with_chrono(
+            year in 0i64..10_000, month in 0i64..14, day in 0i64..33, hour in 0i64..26, minute in 0i64..62, second in 0i64..62,
+            frac in proptest::option::of("[0-9]{0,11}"),
+            zone in prop_oneof![Just("Z".to_string()), Just("z".to_string()), (0i64..26, 0i64..62, any::<bool>()).prop_map(|(h, m, neg)| format!("{}{h:02}:{m:02}", if neg { '-' } else { '+' }))],
+            cut in proptest::option::of((0usize..40, any::<u8>())),
+        ) {
+            let frac_s = frac.as_ref().map(|f| format!(".{f}")).unwrap_or_default();
+            let mut s = format!("{year:04}-{month:02}-{day:02}T{hour:02}:{minute:02}:{second:02}{frac_s}{zone}");
+            if let Some((at, byte)) = cut {
+                // A corrupted byte somewhere (kept ASCII so the string stays valid UTF-8).
+                let mut b = s.into_bytes();
+                if at < b.len() { b[at] = byte % 128; }
+                s = String::from_utf8(b).unwrap();
+            }
+            let chrono_ms = chrono::DateTime::parse_from_rfc3339(&s).map(|t| t.timestamp_millis());
+            match rfc3339_ms(&s) {
+                Some(ms) => prop_assert_eq!(chrono_ms.ok(), Some(ms), "{}", s),
+                None => {
+                    let in_form = cut.is_none() && frac.as_ref().is_none_or(|f| (1..=9).contains(&f.len())) && zone != "z" && second < 60;
+                    prop_assert!(!(in_form && chrono_ms.is_ok()), "{} is in the fast form but was left to chrono", s);
+                }
+            }
+        }
+    }
     use crate::config::Settings;
     use datafusion::arrow::array::{Array, AsArray};
     use datafusion::arrow::datatypes::{Float64Type, TimestampMillisecondType};

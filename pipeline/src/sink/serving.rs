@@ -1230,7 +1230,9 @@ mod tests {
         let hour = now - now.rem_euclid(3_600_000) - 3 * 3_600_000;
         // 3 batches of 400 events over 7 videos, 3 types, 2 hours; every
         // third event has no value.
-        let mut expected: BTreeMap<(String, String, i64), (i64, f64, i64, Option<f64>, Option<f64>)> = BTreeMap::new();
+        type Key = (String, String, i64);
+        type Measures = (i64, f64, i64, Option<f64>, Option<f64>);
+        let mut expected: BTreeMap<Key, Measures> = BTreeMap::new();
         let mut batches = Vec::new();
         for b in 0..3i64 {
             let mut cols = schema.new_columns(400);
