@@ -107,7 +107,10 @@ impl RecordDecoder {
             heap_slots = vec![Slot::Missing; n];
             &mut heap_slots
         };
-        parse_object(text, &self.schema.fields, slots)?;
+        if parse_flat(text, &self.schema.fields, slots).is_none() {
+            slots.iter_mut().for_each(|s| *s = Slot::Missing);
+            parse_object(text, &self.schema.fields, slots)?;
+        }
 
         // Validate every slot before touching the builders (all or nothing).
         // Timestamps are parsed once, here: the slot becomes epoch ms.
@@ -378,6 +381,110 @@ fn parse_object<'a>(
     }
 }
 
+/// Fast path for the common event: one flat object, keys and string values
+/// without escapes, integer or literal values, no duplicate keys. Fills the
+/// slots exactly as [`parse_object`] would; `None` (slots possibly partly
+/// filled) for anything else, which then goes through serde_json from the
+/// start, for its general parsing and its error messages.
+fn parse_flat<'a>(text: &'a str, fields: &[SchemaField], slots: &mut [Slot<'a>]) -> Option<()> {
+    let b = text.as_bytes();
+    let mut i = 0;
+    let ws = |i: &mut usize| {
+        while matches!(b.get(*i), Some(b' ' | b'\t' | b'\n' | b'\r')) {
+            *i += 1;
+        }
+    };
+    // A string without escapes or control characters, starting at b[i] == '"'.
+    let string = |i: &mut usize| -> Option<&'a str> {
+        let start = *i + 1;
+        let len = b.get(start..)?.iter().position(|c| *c == b'"' || *c == b'\\' || *c < 0x20)?;
+        if b[start + len] != b'"' {
+            return None;
+        }
+        *i = start + len + 1;
+        text.get(start..start + len)
+    };
+    ws(&mut i);
+    if b.get(i) != Some(&b'{') {
+        return None;
+    }
+    i += 1;
+    ws(&mut i);
+    if b.get(i) == Some(&b'}') {
+        i += 1;
+    } else {
+        loop {
+            if b.get(i) != Some(&b'"') {
+                return None;
+            }
+            let key = string(&mut i)?;
+            ws(&mut i);
+            if b.get(i) != Some(&b':') {
+                return None;
+            }
+            i += 1;
+            ws(&mut i);
+            let value = match *b.get(i)? {
+                b'"' => Slot::Str(Cow::Borrowed(string(&mut i)?)),
+                b't' if b.get(i..i + 4) == Some(b"true") => {
+                    i += 4;
+                    Slot::Bool(true)
+                }
+                b'f' if b.get(i..i + 5) == Some(b"false") => {
+                    i += 5;
+                    Slot::Bool(false)
+                }
+                b'n' if b.get(i..i + 4) == Some(b"null") => {
+                    i += 4;
+                    Slot::Null
+                }
+                c if c == b'-' || c.is_ascii_digit() => {
+                    // Integers only, without a leading zero, that fit in i64
+                    // for sure (18 digits); anything else to serde_json.
+                    let neg = c == b'-';
+                    let start = i + usize::from(neg);
+                    let digits = b.get(start..)?.iter().take_while(|d| d.is_ascii_digit()).count();
+                    if digits == 0 || digits > 18 || (b[start] == b'0' && (digits > 1 || neg)) {
+                        return None;
+                    }
+                    let mut v: i64 = 0;
+                    for d in &b[start..start + digits] {
+                        v = v * 10 + i64::from(d - b'0');
+                    }
+                    i = start + digits;
+                    Slot::Int(if neg { -v } else { v })
+                }
+                _ => return None,
+            };
+            // The end of a value: whitespace, a comma or the closing brace
+            // (so `1.5`, `1e3` or `truex` go to serde_json).
+            if !matches!(b.get(i), Some(b' ' | b'\t' | b'\n' | b'\r' | b',' | b'}')) {
+                return None;
+            }
+            if let Some(f) = fields.iter().position(|f| f.name == key) {
+                if !matches!(slots[f], Slot::Missing) {
+                    return None;
+                }
+                slots[f] = value;
+            }
+            ws(&mut i);
+            match b.get(i) {
+                Some(b',') => {
+                    i += 1;
+                    ws(&mut i);
+                }
+                Some(b'}') => {
+                    i += 1;
+                    break;
+                }
+                _ => return None,
+            }
+        }
+    }
+    ws(&mut i);
+    (i == b.len()).then_some(())
+}
+
 fn cut(s: &str) -> &str {
     s.split(" at line ").next().unwrap_or(s)
 }
@@ -510,6 +617,67 @@ impl<'de> Visitor<'de> for SlotSeed {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    /// JSON-ish text: objects over the default schema's keys and others,
+    /// with every kind of value, whitespace, escapes, duplicates and noise.
+    fn jsonish() -> impl Strategy<Value = String> {
+        let key = prop_oneof![
+            8 => prop_oneof![Just("video_id"), Just("event_type"), Just("event_time"), Just("value"), Just("user_id"), Just("event_id"), Just("other")],
+            1 => prop_oneof![Just("vid\\u0065o_id"), Just("")],
+        ];
+        let good = prop_oneof![
+            "\"[a-z0-9 _é-]{0,12}\"", "-?[0-9]{1,19}", Just("true".to_string()), Just("false".to_string()), Just("null".to_string()),
+            Just("\"2026-11-29T02:03:35.188Z\"".to_string()), Just("1795919201079".to_string()), Just("0".to_string()),
+        ];
+        let bad = prop_oneof![
+            Just("\"a\\\"b\"".to_string()), Just("\"tab\\tx\"".to_string()), "-?[0-9]{1,4}\\.[0-9]{1,4}", "[0-9]e[0-9]",
+            Just("-0".to_string()), Just("00".to_string()), Just("nul".to_string()), Just("[1, {\"a\": 2}]".to_string()),
+            Just("{\"x\": \"y\"}".to_string()), Just("truex".to_string()), Just("\"ctl\u{1}\"".to_string()),
+        ];
+        let value = prop_oneof![20 => good, 1 => bad];
+        let sp = prop_oneof![Just(""), Just(" "), Just("\n\t "), Just("\r")];
+        (
+            proptest::collection::vec((key, value, sp.clone()), 0..8),
+            sp,
+            prop_oneof![Just(""), Just("}"), Just(","), Just(" x"), Just("\n")],
+            proptest::option::of(Just("[")),
+        )
+            .prop_map(|(entries, ws, tail, open)| {
+                let body: Vec<String> = entries.iter().map(|(k, v, s)| format!("{s}\"{k}\"{s}:{s}{v}{s}")).collect();
+                format!("{ws}{}{}}}{tail}", open.unwrap_or("{"), body.join(","))
+            })
+    }
+
+    proptest! {
+        /// The fast path fills the slots exactly as serde_json does, on
+        /// every input it accepts.
+        #[test]
+        fn fast_flat_objects_match_serde(text in jsonish()) {
+            let (d, _) = decoder();
+            let fields = &d.schema().fields;
+            let mut fast = vec![Slot::Missing; fields.len()];
+            let mut slow = vec![Slot::Missing; fields.len()];
+            let serde = parse_object(&text, fields, &mut slow);
+            if parse_flat(&text, fields, &mut fast).is_some() {
+                prop_assert!(serde.is_ok(), "fast path accepted {:?}, serde_json rejects it: {:?}", text, serde);
+                prop_assert_eq!(fast, slow, "{}", text);
+            }
+        }
+    }
+
+    #[test]
+    fn common_events_take_the_fast_path() {
+        let (d, _) = decoder();
+        let fields = &d.schema().fields;
+        for text in [
+            r#"{"event_id":"1-1","video_id":"vid-55602","event_type":"view","event_time":"2026-11-29T02:03:35.188Z","user_id":"u25455","value":311}"#,
+            r#"{ "video_id": "v", "event_type": "like", "event_time": 1795919201079, "value": null, "extra": true }"#,
+            "{}",
+        ] {
+            let mut slots = vec![Slot::Missing; fields.len()];
+            assert!(parse_flat(text, fields, &mut slots).is_some(), "{text}");
+        }
+    }
 
     proptest! {
         /// The fast RFC 3339 path agrees with chrono on every string it
