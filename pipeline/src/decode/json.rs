@@ -439,20 +439,32 @@ fn parse_flat<'a>(text: &'a str, fields: &[SchemaField], slots: &mut [Slot<'a>])
                     Slot::Null
                 }
                 c if c == b'-' || c.is_ascii_digit() => {
-                    // Integers only, without a leading zero, that fit in i64
-                    // for sure (18 digits); anything else to serde_json.
                     let neg = c == b'-';
                     let start = i + usize::from(neg);
                     let digits = b.get(start..)?.iter().take_while(|d| d.is_ascii_digit()).count();
-                    if digits == 0 || digits > 18 || (b[start] == b'0' && (digits > 1 || neg)) {
-                        return None;
+                    if matches!(b.get(start + digits), Some(b'.' | b'e' | b'E')) {
+                        // A fraction or exponent: serde_json's own number
+                        // parser on just this token, so the f64 is the same.
+                        let len = b[i..]
+                            .iter()
+                            .take_while(|c| matches!(c, b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E'))
+                            .count();
+                        let v: f64 = serde_json::from_str(text.get(i..i + len)?).ok()?;
+                        i += len;
+                        Slot::Float(v)
+                    } else {
+                        // Integers without a leading zero that fit in i64 for
+                        // sure (18 digits); longer ones to serde_json.
+                        if digits == 0 || digits > 18 || (b[start] == b'0' && (digits > 1 || neg)) {
+                            return None;
+                        }
+                        let mut v: i64 = 0;
+                        for d in &b[start..start + digits] {
+                            v = v * 10 + i64::from(d - b'0');
+                        }
+                        i = start + digits;
+                        Slot::Int(if neg { -v } else { v })
                     }
-                    let mut v: i64 = 0;
-                    for d in &b[start..start + digits] {
-                        v = v * 10 + i64::from(d - b'0');
-                    }
-                    i = start + digits;
-                    Slot::Int(if neg { -v } else { v })
                 }
                 _ => return None,
             };
@@ -628,9 +640,10 @@ mod tests {
         let good = prop_oneof![
             "\"[a-z0-9 _é-]{0,12}\"", "-?[0-9]{1,19}", Just("true".to_string()), Just("false".to_string()), Just("null".to_string()),
             Just("\"2026-11-29T02:03:35.188Z\"".to_string()), Just("1795919201079".to_string()), Just("0".to_string()),
+            "-?[0-9]{1,4}\\.[0-9]{1,17}", "-?[0-9]{1,3}(\\.[0-9]{1,3})?[eE][+-]?[0-9]{1,3}",
         ];
         let bad = prop_oneof![
-            Just("\"a\\\"b\"".to_string()), Just("\"tab\\tx\"".to_string()), "-?[0-9]{1,4}\\.[0-9]{1,4}", "[0-9]e[0-9]",
+            Just("\"a\\\"b\"".to_string()), Just("\"tab\\tx\"".to_string()), "[0-9.eE+-]{1,6}",
             Just("-0".to_string()), Just("00".to_string()), Just("nul".to_string()), Just("[1, {\"a\": 2}]".to_string()),
             Just("{\"x\": \"y\"}".to_string()), Just("truex".to_string()), Just("\"ctl\u{1}\"".to_string()),
         ];
