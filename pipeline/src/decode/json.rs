@@ -397,7 +397,7 @@ fn parse_flat<'a>(text: &'a str, fields: &[SchemaField], slots: &mut [Slot<'a>])
     // A string without escapes or control characters, starting at b[i] == '"'.
     let string = |i: &mut usize| -> Option<&'a str> {
         let start = *i + 1;
-        let len = b.get(start..)?.iter().position(|c| *c == b'"' || *c == b'\\' || *c < 0x20)?;
+        let len = string_end(b.get(start..)?)?;
         if b[start + len] != b'"' {
             return None;
         }
@@ -495,6 +495,28 @@ fn parse_flat<'a>(text: &'a str, fields: &[SchemaField], slots: &mut [Slot<'a>])
     }
     ws(&mut i);
     (i == b.len()).then_some(())
+}
+
+/// Index of the first `"`, backslash or control byte in `b`, eight bytes
+/// at a time (a SWAR test of each word; a hit is then found byte by byte).
+fn string_end(b: &[u8]) -> Option<usize> {
+    const LO: u64 = 0x0101_0101_0101_0101;
+    const HI: u64 = 0x8080_8080_8080_8080;
+    let mut i = 0;
+    while let Some(word) = b.get(i..i + 8) {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(word);
+        let x = u64::from_le_bytes(w);
+        let quote = x ^ (LO * u64::from(b'"'));
+        let backslash = x ^ (LO * u64::from(b'\\'));
+        // Each term has a high bit set if some byte is zero (or below 0x20).
+        let hit = (quote.wrapping_sub(LO) & !quote) | (backslash.wrapping_sub(LO) & !backslash) | (x.wrapping_sub(LO * 0x20) & !x);
+        if hit & HI != 0 {
+            break;
+        }
+        i += 8;
+    }
+    b[i..].iter().position(|c| *c == b'"' || *c == b'\\' || *c < 0x20).map(|p| p + i)
 }
 
 fn cut(s: &str) -> &str {
@@ -675,6 +697,13 @@ mod tests {
                 prop_assert!(serde.is_ok(), "fast path accepted {:?}, serde_json rejects it: {:?}", text, serde);
                 prop_assert_eq!(fast, slow, "{}", text);
             }
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn string_end_finds_the_first_stop_byte(b in proptest::collection::vec(prop_oneof![8 => 0x20u8..0x7f, 1 => Just(b'"'), 1 => Just(b'\\'), 1 => 0u8..0x20, 1 => 0x80u8..=0xff], 0..40)) {
+            prop_assert_eq!(string_end(&b), b.iter().position(|c| *c == b'"' || *c == b'\\' || *c < 0x20));
         }
     }
 
