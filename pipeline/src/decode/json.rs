@@ -404,6 +404,7 @@ fn parse_flat<'a>(text: &'a str, fields: &[SchemaField], slots: &mut [Slot<'a>])
         *i = start + len + 1;
         text.get(start..start + len)
     };
+    let mut hint = 0;
     ws(&mut i);
     if b.get(i) != Some(&b'{') {
         return None;
@@ -473,11 +474,19 @@ fn parse_flat<'a>(text: &'a str, fields: &[SchemaField], slots: &mut [Slot<'a>])
             if !matches!(b.get(i), Some(b' ' | b'\t' | b'\n' | b'\r' | b',' | b'}')) {
                 return None;
             }
-            if let Some(f) = fields.iter().position(|f| f.name == key) {
+            // Producers write keys in one order: try the field after the
+            // last one matched before searching them all.
+            let found = if fields.get(hint).is_some_and(|f| f.name == key) {
+                Some(hint)
+            } else {
+                fields.iter().position(|f| f.name == key)
+            };
+            if let Some(f) = found {
                 if !matches!(slots[f], Slot::Missing) {
                     return None;
                 }
                 slots[f] = value;
+                hint = f + 1;
             }
             ws(&mut i);
             match b.get(i) {

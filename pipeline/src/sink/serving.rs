@@ -326,6 +326,21 @@ impl TableSpec {
     }
 }
 
+impl TableSpec {
+    /// Row order for a SQLite merge: by the leading key column only. Rows
+    /// of one leading key are neighbours in the B-tree, so this gives the
+    /// page locality of a full key sort at a fraction of its cost (no lock
+    /// order to keep: SQLite has one writer).
+    fn leading_key_order(&self, b: &RecordBatch) -> Result<Vec<usize>, SinkError> {
+        if b.num_rows() < 2 || self.key_count == 0 {
+            return Ok((0..b.num_rows()).collect());
+        }
+        let idx = datafusion::arrow::compute::sort_to_indices(b.column(0), None, None)
+            .map_err(|e| SinkError::Encode { path: self.name.clone(), message: format!("sort rollup rows by key: {e}") })?;
+        Ok(idx.values().iter().map(|i| *i as usize).collect())
+    }
+}
+
 /// A canonical rollup column, downcast once per batch.
 enum TypedColumn<'a> {
     Text(&'a datafusion::arrow::array::StringArray),
@@ -731,7 +746,7 @@ fn merge_rows_sqlite(conn: &rusqlite::Connection, tables: &[TableSpec], outputs:
         };
         let mut st = conn.prepare_cached(&spec.row_upsert_sql).map_err(sq("prepare the rollup upsert"))?;
         for b in &out.batches {
-            let order: Vec<usize> = spec.row_order(b)?.unwrap_or_else(|| (0..b.num_rows()).collect());
+            let order = spec.leading_key_order(b)?;
             let cols: Vec<TypedColumn<'_>> = spec
                 .columns
                 .iter()
