@@ -15,6 +15,10 @@ const MMAP_THRESHOLD: i32 = 1 << 20;
 /// Apply the settings. Call before any threads start.
 #[allow(unsafe_code)]
 pub fn tune() {
+    // glibc's own environment setting, when given, wins.
+    if std::env::var_os("MALLOC_MMAP_THRESHOLD_").is_some() {
+        return;
+    }
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
         // SAFETY: mallopt only sets a malloc parameter; M_MMAP_THRESHOLD
