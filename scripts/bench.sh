@@ -157,7 +157,8 @@ fresh() {
   mkdir -p "$OUT/broker-fresh"
   (cd "$OUT/broker-fresh" && exec "$TANSU" broker --listener-url "tcp://127.0.0.1:$bport" --advertised-listener-url "tcp://127.0.0.1:$bport" \
     --storage-engine sqlite://tansu.db >tansu.log 2>&1) &
-  pids+=($!)
+  local bpid=$!
+  pids+=($bpid)
   for _ in $(seq 1 100); do (echo >/dev/tcp/127.0.0.1/"$bport") 2>/dev/null && break; sleep 0.1; done
   export TALLY__KAFKA__TOPIC=fresh TALLY__KAFKA__PROPERTIES__GROUP_ID=bench-fresh TALLY__STORAGE__DATA_DIR="$OUT/data-fresh" \
     TALLY__API__LISTEN="127.0.0.1:$api" TALLY__KAFKA__PROPERTIES__BOOTSTRAP_SERVERS="127.0.0.1:$bport"
@@ -172,20 +173,67 @@ fresh() {
   local ppid=$!
   pids+=($ppid)
   sleep 5
-  local c0 m0; c0=$(http_get "http://127.0.0.1:$api/metrics" | awk '/^tally_messages_consumed_total /{print $2}'); m0=$(date +%s.%N)
+  # CPU seconds (user + sys) of a process so far.
+  cpu_s() { python3 -c "import os,sys; f=open(f'/proc/{sys.argv[1]}/stat').read().rsplit(')',1)[1].split(); print((int(f[11])+int(f[12]))/os.sysconf('SC_CLK_TCK'))" "$1"; }
+  local c0 m0 t0 b0; c0=$(http_get "http://127.0.0.1:$api/metrics" | awk '/^tally_messages_consumed_total /{print $2}'); m0=$(date +%s.%N)
+  t0=$(cpu_s "$tpid"); b0=$(cpu_s "$bpid")
   echo
   echo "steady ingest at $FRESH_RATE events/s (tally run, SQLite), after 5 s of warm-up:"
   echo "| freshness | probes | visible | p50 ms | p99 ms | max ms |"
   echo "|---|---|---|---|---|---|"
+  http_get "http://127.0.0.1:$api/metrics" > "$OUT/metrics-before"
   "$TALLY" --log warn bench-freshness --probes "$FRESH_PROBES" --interval 100ms --label "produce -> visible in /v1/count" \
     | tee "$OUT/fresh.row"
+  http_get "http://127.0.0.1:$api/metrics" > "$OUT/metrics-after"
+  # Where the time went, per batch committed during the probes (tally's own histograms,
+  # tally_batch_stage_seconds and tally_visible_delay_seconds; quantiles interpolated
+  # within buckets, as Prometheus' histogram_quantile does).
+  echo
+  echo "| per batch, during the probes | batches | p50 ms | p99 ms | over 1 s | over 2 s |"
+  echo "|---|---|---|---|---|---|"
+  python3 - "$OUT/metrics-before" "$OUT/metrics-after" <<'PY'
+import re, sys
+def buckets(path):
+    h = {}
+    for line in open(path):
+        m = re.match(r'(tally_batch_stage_seconds|tally_visible_delay_seconds)_bucket\{(?:stage="(\w+)",)?le="([^"]+)"\} (\d+)', line)
+        if m:
+            name = m.group(2) or "visible"
+            h.setdefault(name, []).append((float(m.group(3)), int(m.group(4))))
+    return h
+a, b = buckets(sys.argv[1]), buckets(sys.argv[2])
+def q(bs, phi):
+    total = bs[-1][1]
+    rank, prev_le, prev_c = phi * total, 0.0, 0
+    for le, c in bs:
+        if c >= rank:
+            if le == float("inf"):
+                return prev_le
+            return prev_le + (le - prev_le) * ((rank - prev_c) / max(c - prev_c, 1))
+        prev_le, prev_c = le, c
+    return prev_le
+def over(bs, t):
+    below = max((c for le, c in bs if le <= t), default=0)
+    return bs[-1][1] - below
+for name in ["fetch", "linger", "queue", "commit", "visible"]:
+    if name not in b:
+        continue
+    before = dict(a.get(name, []))
+    bs = [(le, c - before.get(le, 0)) for le, c in b[name]]
+    n = bs[-1][1]
+    if n == 0:
+        continue
+    label = "visible (oldest event: produce -> committed)" if name == "visible" else name
+    print(f"| {label} | {n} | {q(bs, 0.5) * 1000:,.0f} | {q(bs, 0.99) * 1000:,.0f} | {over(bs, 1.0)} | {over(bs, 2.0)} |")
+PY
   echo
   echo "| API phase | target req/s | achieved req/s | errors | p50 ms | p99 ms | p99.9 ms | max ms | server p50 / p99 ms |"
   echo "|---|---|---|---|---|---|---|---|---|"
   "$TALLY" --log warn bench-api --rate 2000 --duration 10s --days 1 --videos 100000 --label "ingest $FRESH_RATE ev/s, 1-day ranges" \
     | tee "$OUT/api.row"
-  local c1 m1; c1=$(http_get "http://127.0.0.1:$api/metrics" | awk '/^tally_messages_consumed_total /{print $2}'); m1=$(date +%s.%N)
-  python3 -c "print(f'tally consumed {($c1 - $c0) / ($m1 - $m0):,.0f} events/s during the probes (produced at $FRESH_RATE/s)')"
+  local c1 m1 t1 b1; c1=$(http_get "http://127.0.0.1:$api/metrics" | awk '/^tally_messages_consumed_total /{print $2}'); m1=$(date +%s.%N)
+  t1=$(cpu_s "$tpid"); b1=$(cpu_s "$bpid")
+  python3 -c "w = $m1 - $m0; print(f'tally consumed {($c1 - $c0) / w:,.0f} events/s during the probes and the API phase (produced at $FRESH_RATE/s), using {100 * ($t1 - $t0) / w:.0f}% of a core (the API load included); the broker used {100 * ($b1 - $b0) / w:.0f}%')"
   kill "$ppid" 2>/dev/null || true
   kill -TERM "$tpid" 2>/dev/null || true
   wait "$tpid" 2>/dev/null || true

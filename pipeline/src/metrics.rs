@@ -13,6 +13,10 @@ use crate::decode::RejectReason;
 
 /// Bucket upper bounds in seconds for durations.
 const COMMIT_BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+/// Bucket upper bounds in seconds for the stages of produce -> visible.
+const FRESHNESS_BUCKETS: &[f64] = &[0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0, 60.0];
+/// The stages of `tally_batch_stage_seconds`, in order.
+pub const BATCH_STAGES: [&str; 4] = ["fetch", "linger", "queue", "commit"];
 const HTTP_BUCKETS: &[f64] = &[0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0, 5.0];
 
 /// A fixed-bucket histogram.
@@ -77,6 +81,9 @@ pub struct Metrics {
     pub batches_fenced: AtomicU64,
     pub commit_errors: AtomicU64,
     pub commit_duration: Histogram,
+    /// Per batch, by stage ([`BATCH_STAGES`]).
+    batch_stage: Vec<Histogram>,
+    visible_delay: Histogram,
     pub raw_bytes_written: AtomicU64,
     pub archive_files_written: AtomicU64,
     pub rollup_rows_merged: AtomicU64,
@@ -111,6 +118,8 @@ impl Metrics {
             batches_fenced: AtomicU64::new(0),
             commit_errors: AtomicU64::new(0),
             commit_duration: Histogram::new(COMMIT_BUCKETS),
+            batch_stage: BATCH_STAGES.iter().map(|_| Histogram::new(FRESHNESS_BUCKETS)).collect(),
+            visible_delay: Histogram::new(FRESHNESS_BUCKETS),
             raw_bytes_written: AtomicU64::new(0),
             archive_files_written: AtomicU64::new(0),
             rollup_rows_merged: AtomicU64::new(0),
@@ -131,6 +140,29 @@ impl Metrics {
             if let Some(c) = self.rejected.get(i) {
                 c.fetch_add(n, Ordering::Relaxed);
             }
+        }
+    }
+
+    /// Record where a committed batch's time went, from wall-clock epoch ms:
+    /// its oldest message's Kafka timestamp (if any), its first message's
+    /// arrival, its seal, and the start and end of its commit. The four
+    /// stages add up to the visible delay (each is clamped at zero, as the
+    /// Kafka timestamp comes from another clock).
+    pub fn observe_batch_latency(&self, produced_ms: Option<i64>, opened_ms: i64, sealed_ms: i64, commit_start_ms: i64, commit_end_ms: i64) {
+        let secs = |from: i64, to: i64| (to - from).max(0) as f64 / 1000.0;
+        let stages = [
+            produced_ms.map(|p| secs(p, opened_ms)),
+            Some(secs(opened_ms, sealed_ms)),
+            Some(secs(sealed_ms, commit_start_ms)),
+            Some(secs(commit_start_ms, commit_end_ms)),
+        ];
+        for (h, v) in self.batch_stage.iter().zip(stages) {
+            if let Some(v) = v {
+                h.observe(v);
+            }
+        }
+        if let Some(p) = produced_ms {
+            self.visible_delay.observe(secs(p, commit_end_ms));
         }
     }
 
@@ -218,6 +250,22 @@ impl Metrics {
         counter(o, "tally_commit_errors_total", "Failed batch commit attempts (retried with backoff).", load(&self.commit_errors));
         header(o, "tally_batch_commit_duration_seconds", "histogram", "Archive write + aggregation + serving transaction, per batch.");
         self.commit_duration.render(o, "tally_batch_commit_duration_seconds", "");
+        header(
+            o,
+            "tally_batch_stage_seconds",
+            "histogram",
+            "Where each batch's time goes: fetch (oldest message's Kafka timestamp to the batch's first message at tally), linger (to seal), queue (to commit start), commit (archive, aggregation and serving transaction).",
+        );
+        for (stage, h) in BATCH_STAGES.iter().zip(&self.batch_stage) {
+            h.render(o, "tally_batch_stage_seconds", &format!("stage=\"{stage}\""));
+        }
+        header(
+            o,
+            "tally_visible_delay_seconds",
+            "histogram",
+            "Produce to visible: per batch, from its oldest message's Kafka timestamp to the end of its serving commit.",
+        );
+        self.visible_delay.render(o, "tally_visible_delay_seconds", "");
         counter(o, "tally_raw_bytes_written_total", "Parquet bytes written to the raw archive and the dead-letter dataset.", load(&self.raw_bytes_written));
         counter(o, "tally_archive_files_written_total", "Parquet files written to the raw archive and the dead-letter dataset.", load(&self.archive_files_written));
         counter(o, "tally_rollup_rows_merged_total", "Rollup rows merged into the serving store.", load(&self.rollup_rows_merged));
@@ -270,6 +318,35 @@ mod tests {
         assert!(s.contains("x_bucket{le=\"+Inf\"} 3\n"), "{s}");
         assert!(s.contains("x_count 3\n"), "{s}");
         assert!(s.contains("x_sum 5.55\n"), "{s}");
+    }
+
+    #[test]
+    fn batch_stages_split_produce_to_visible() {
+        let m = Metrics::new();
+        // produced at 0, first message at tally 120 ms later, sealed at 620,
+        // commit from 700 to 1,900: visible 1.9 s after produce.
+        m.observe_batch_latency(Some(1_000_000), 1_000_120, 1_000_620, 1_000_700, 1_001_900);
+        // A message stamped by a clock ahead of ours: fetch clamps to zero.
+        m.observe_batch_latency(Some(2_000_050), 2_000_000, 2_000_500, 2_000_500, 2_000_600);
+        // No Kafka timestamp: no fetch stage and no visible delay.
+        m.observe_batch_latency(None, 3_000_000, 3_000_500, 3_000_500, 3_000_600);
+        let s = m.render(true, None, 0);
+        for want in [
+            "tally_batch_stage_seconds_bucket{stage=\"fetch\",le=\"0.01\"} 1\n",
+            "tally_batch_stage_seconds_bucket{stage=\"fetch\",le=\"0.25\"} 2\n",
+            "tally_batch_stage_seconds_count{stage=\"fetch\"} 2\n",
+            "tally_batch_stage_seconds_sum{stage=\"fetch\"} 0.12\n",
+            "tally_batch_stage_seconds_bucket{stage=\"linger\",le=\"0.5\"} 3\n",
+            "tally_batch_stage_seconds_sum{stage=\"queue\"} 0.08\n",
+            "tally_batch_stage_seconds_bucket{stage=\"commit\",le=\"1\"} 2\n",
+            "tally_batch_stage_seconds_bucket{stage=\"commit\",le=\"1.5\"} 3\n",
+            "tally_visible_delay_seconds_bucket{le=\"0.5\"} 0\n",
+            "tally_visible_delay_seconds_bucket{le=\"0.75\"} 1\n",
+            "tally_visible_delay_seconds_bucket{le=\"2\"} 2\n",
+            "tally_visible_delay_seconds_count 2\n",
+        ] {
+            assert!(s.contains(want), "missing {want:?} in\n{s}");
+        }
     }
 
     #[test]

@@ -156,6 +156,7 @@ async fn commit_batch(
 ) -> Result<(), Error> {
     let mut backoff = Duration::from_millis(100);
     let started = Instant::now();
+    let started_ms = chrono::Utc::now().timestamp_millis();
     loop {
         if batch.epoch != control.epoch.load(Ordering::Acquire) {
             stats.dropped_stale += 1;
@@ -168,6 +169,13 @@ async fn commit_batch(
                 group.commit(&batch.partitions);
                 remove_dead_files(batch, control, archive, store).await;
                 record_commit(metrics, batch, &files, rows_merged, started.elapsed());
+                metrics.observe_batch_latency(
+                    batch.oldest_produced_ms,
+                    batch.opened_at_ms,
+                    batch.sealed_at_ms,
+                    started_ms,
+                    chrono::Utc::now().timestamp_millis(),
+                );
                 stats.batches += 1;
                 stats.messages += batch.stats.messages;
                 stats.accepted += batch.stats.accepted;

@@ -68,6 +68,12 @@ pub struct Batch {
     pub stats: BatchStats,
     /// Wall-clock time the batch was sealed (epoch ms); names DLQ partitions.
     pub sealed_at_ms: i64,
+    /// Wall-clock time its first message arrived (epoch ms; `sealed_at_ms`
+    /// for a heartbeat).
+    pub opened_at_ms: i64,
+    /// Oldest Kafka message timestamp in the batch (epoch ms), when the
+    /// messages carry one: the start of produce -> visible.
+    pub oldest_produced_ms: Option<i64>,
 }
 
 impl Batch {
@@ -114,6 +120,8 @@ pub struct BatchBuilder {
     max_event_ms: BTreeMap<i32, i64>,
     stats: BatchStats,
     started: Option<Instant>,
+    opened_at_ms: Option<i64>,
+    oldest_produced_ms: Option<i64>,
     max_rows: usize,
     max_bytes: usize,
     linger: Duration,
@@ -133,6 +141,8 @@ impl BatchBuilder {
             max_event_ms: BTreeMap::new(),
             stats: BatchStats::default(),
             started: None,
+            opened_at_ms: None,
+            oldest_produced_ms: None,
             max_rows: cfg.max_rows,
             max_bytes: cfg.max_bytes.as_usize(),
             linger: cfg.linger,
@@ -157,6 +167,7 @@ impl BatchBuilder {
     ) {
         if self.started.is_none() {
             self.started = Some(now);
+            self.opened_at_ms = Some(now_ms);
         }
         let range = self.partitions.entry(partition).or_insert(PartitionRange {
             expected_start,
@@ -201,6 +212,14 @@ impl BatchBuilder {
         }
     }
 
+    /// Note a pushed message's Kafka timestamp (producer create time or
+    /// broker append time, epoch ms), for the freshness metrics.
+    pub fn note_produced(&mut self, produced_ms: i64) {
+        if produced_ms > 0 {
+            self.oldest_produced_ms = Some(self.oldest_produced_ms.map_or(produced_ms, |o| o.min(produced_ms)));
+        }
+    }
+
     /// Whether the batch should be sealed now.
     pub fn should_flush(&self, now: Instant) -> bool {
         match self.started {
@@ -228,6 +247,7 @@ impl BatchBuilder {
     ) -> Result<Batch, datafusion::arrow::error::ArrowError> {
         let events = self.columns.finish()?;
         self.started = None;
+        let opened_at_ms = self.opened_at_ms.take().unwrap_or(now_ms);
         Ok(Batch {
             epoch,
             topic: topic.to_string(),
@@ -239,6 +259,8 @@ impl BatchBuilder {
             caught_up,
             stats: std::mem::take(&mut self.stats),
             sealed_at_ms: now_ms,
+            opened_at_ms,
+            oldest_produced_ms: self.oldest_produced_ms.take(),
         })
     }
 
@@ -251,6 +273,8 @@ impl BatchBuilder {
         self.max_event_ms.clear();
         self.stats = BatchStats::default();
         self.started = None;
+        self.opened_at_ms = None;
+        self.oldest_produced_ms = None;
     }
 }
 
@@ -325,5 +349,25 @@ mod tests {
         assert!(b.is_empty());
         let again = b.seal(5, "t", NOW, BTreeMap::new()).unwrap();
         assert_eq!(again.events.num_rows(), 0);
+        assert_eq!((again.opened_at_ms, again.oldest_produced_ms), (NOW, None), "a heartbeat opens when sealed");
+    }
+
+    #[test]
+    fn seal_reports_when_the_batch_opened_and_its_oldest_message() {
+        let t0 = Instant::now();
+        let mut b = builder(100, 1 << 20);
+        b.push(0, 0, None, Some(&ev("a")), NOW + 5, t0);
+        b.note_produced(NOW - 40);
+        b.push(1, 0, None, Some(&ev("b")), NOW + 9, t0);
+        b.note_produced(NOW - 70);
+        b.push(0, 1, None, Some(&ev("c")), NOW + 12, t0);
+        b.note_produced(-1); // no timestamp on the message
+        let batch = b.seal(1, "t", NOW + 500, BTreeMap::new()).unwrap();
+        assert_eq!((batch.opened_at_ms, batch.sealed_at_ms, batch.oldest_produced_ms), (NOW + 5, NOW + 500, Some(NOW - 70)));
+        b.push(0, 2, None, Some(&ev("d")), NOW + 600, t0);
+        b.discard();
+        b.push(0, 3, None, Some(&ev("e")), NOW + 700, t0);
+        let next = b.seal(1, "t", NOW + 900, BTreeMap::new()).unwrap();
+        assert_eq!((next.opened_at_ms, next.oldest_produced_ms), (NOW + 700, None), "nothing carries over");
     }
 }

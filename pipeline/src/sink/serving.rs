@@ -1174,10 +1174,20 @@ pub fn redact(url: &str) -> String {
     }
 }
 
+/// Page size of a new SQLite serving store (SQLite's largest).
+pub const SQLITE_PAGE_SIZE: u32 = 65_536;
+
 async fn open_sqlite(url: &str) -> Result<(SqlitePool, PathBuf), String> {
     let opts = SqliteConnectOptions::from_str(url)
         .map_err(|e| e.to_string())?
         .create_if_missing(true)
+        // Applies to a new file only (before WAL mode is set). Each commit
+        // rewrites every page that holds a merged row; with 64 KiB pages the
+        // same bytes go to the WAL in a sixteenth of the writes, and the
+        // B-tree is two levels shallower. Measured on a 2 M-event replay with
+        // 9,000-event batches and the three rollups: 13.6-14.1 CPU-s with
+        // 4 KiB pages, 10.3-10.5 with 64 KiB; API point reads unchanged.
+        .page_size(SQLITE_PAGE_SIZE)
         .journal_mode(SqliteJournalMode::Wal)
         .synchronous(SqliteSynchronous::Normal)
         .busy_timeout(Duration::from_secs(5))
@@ -1224,6 +1234,41 @@ mod tests {
         assert_eq!(number_placeholders("a = ?1 AND b = ?12 AND c = ?1"), "a = $1 AND b = $12 AND c = $1");
         assert_eq!(number_placeholders("x = '?' AND \"q?\" = ?"), "x = '?' AND \"q?\" = $1");
         assert_eq!(Dialect::Sqlite.sql("a = ?"), "a = ?");
+    }
+
+    /// A new SQLite store gets 64 KiB pages and WAL; an existing file keeps
+    /// its page size (SQLite changes it only by VACUUM) and still opens.
+    #[tokio::test]
+    #[allow(clippy::unwrap_used)]
+    async fn new_sqlite_stores_use_large_pages_and_old_ones_still_open() {
+        use crate::aggregate::SqlCatalog;
+        use crate::decode::EventSchema;
+        let dir = tempfile::tempdir().unwrap();
+        let settings = crate::testing::settings(dir.path(), &[]);
+        let schema = EventSchema::from_config(&settings.schema).unwrap();
+        let catalog = SqlCatalog::load(&settings.sql.rollups_dir, schema.arrow.clone(), &settings.schema.time_field).await.unwrap();
+        let pragmas = |path: &Path| {
+            let c = rusqlite::Connection::open(path).unwrap();
+            let size: i64 = c.query_row("PRAGMA page_size", [], |r| r.get(0)).unwrap();
+            let mode: String = c.query_row("PRAGMA journal_mode", [], |r| r.get(0)).unwrap();
+            let tables: i64 =
+                c.query_row("SELECT count(*) FROM sqlite_master WHERE name = 'minute_video_events'", [], |r| r.get(0)).unwrap();
+            (size, mode, tables)
+        };
+        let new = dir.path().join("new.db");
+        let store = ServingStore::open(&format!("sqlite://{}", new.display()), &catalog.rollups).await.unwrap();
+        store.close().await;
+        assert_eq!(pragmas(&new), (i64::from(SQLITE_PAGE_SIZE), "wal".to_string(), 1));
+
+        let old = dir.path().join("old.db");
+        {
+            let c = rusqlite::Connection::open(&old).unwrap();
+            c.execute_batch("PRAGMA page_size = 4096; PRAGMA journal_mode = WAL; CREATE TABLE keep (x INTEGER);").unwrap();
+        }
+        let store = ServingStore::open(&format!("sqlite://{}", old.display()), &catalog.rollups).await.unwrap();
+        assert_eq!(store.load_offsets("t").await.unwrap(), BTreeMap::new());
+        store.close().await;
+        assert_eq!(pragmas(&old), (4096, "wal".to_string(), 1));
     }
 
     /// The rusqlite batch commit against the sqlx one and against totals

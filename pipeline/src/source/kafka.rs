@@ -343,6 +343,9 @@ impl KafkaSource {
             let arrived = Instant::now();
             let now_ms = clock.now_ms(arrived);
             builder.push(p, offset, expected, msg.payload(), now_ms, arrived);
+            if let Some(produced) = msg.timestamp().to_millis() {
+                builder.note_produced(produced);
+            }
         }
         // Graceful shutdown: hand over what is buffered.
         if !builder.is_empty() && epoch == control.epoch.load(Ordering::Acquire) {
