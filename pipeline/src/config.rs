@@ -223,6 +223,11 @@ pub struct StorageConfig {
     /// Archive files at least this large are uploaded in parts (S3 multipart);
     /// smaller ones with one PUT. Either way an object appears only when complete.
     pub multipart_threshold: ByteSize,
+    /// How often each owned partition's archive is swept for files of batches
+    /// that can never commit (after the first sweep, which follows the first
+    /// commit on a newly assigned partition).
+    #[serde(with = "humantime_serde")]
+    pub orphan_sweep_interval: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -368,6 +373,9 @@ impl Settings {
                 "must be 0 (every file in parts) or at least 5MiB (S3's smallest part)",
             ));
         }
+        if self.storage.orphan_sweep_interval < Duration::from_secs(1) {
+            return Err(invalid("storage.orphan_sweep_interval", "must be at least 1s (for example \"5m\")"));
+        }
         let mut seen = std::collections::HashSet::new();
         for (i, f) in self.schema.fields.iter().enumerate() {
             let key = format!("schema.fields[{i}].name");
@@ -485,12 +493,13 @@ impl Settings {
             }
         }
         out.push_str(&format!(
-            "\n[sql]\nrollups_dir = {:?}\n\n[storage]\ndata_dir = {:?}\nzstd_level = {}\narchive_url = {:?}\nmultipart_threshold = {}\n{}\n[serving]\nurl = {:?}\nwindow_index = {}\n\n[api]\nlisten = {:?}\nrollups = {:?}\nmax_range = {:?}\nmax_series_points = {}\nmax_body = {}\nrequest_timeout = {:?}\nmax_concurrency = {}\nmax_connections = {}\nread_tokens = \"{} configured (masked)\"\nwrite_tokens = \"{} configured (masked)\"\n\n[verify]\ninterval = {:?}\nlookback = {:?}\n",
+            "\n[sql]\nrollups_dir = {:?}\n\n[storage]\ndata_dir = {:?}\nzstd_level = {}\narchive_url = {:?}\nmultipart_threshold = {}\norphan_sweep_interval = {:?}\n{}\n[serving]\nurl = {:?}\nwindow_index = {}\n\n[api]\nlisten = {:?}\nrollups = {:?}\nmax_range = {:?}\nmax_series_points = {}\nmax_body = {}\nrequest_timeout = {:?}\nmax_concurrency = {}\nmax_connections = {}\nread_tokens = \"{} configured (masked)\"\nwrite_tokens = \"{} configured (masked)\"\n\n[verify]\ninterval = {:?}\nlookback = {:?}\n",
             self.sql.rollups_dir.display().to_string(),
             self.storage.data_dir.display().to_string(),
             self.storage.zstd_level,
             self.storage.archive_url,
             self.storage.multipart_threshold.0,
+            humantime::format_duration(self.storage.orphan_sweep_interval).to_string(),
             {
                 let mut opts = toml::Table::new();
                 for (k, v) in &self.storage.options {

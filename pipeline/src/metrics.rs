@@ -86,6 +86,7 @@ pub struct Metrics {
     visible_delay: Histogram,
     pub raw_bytes_written: AtomicU64,
     pub archive_files_written: AtomicU64,
+    pub archive_orphans_removed: AtomicU64,
     pub rollup_rows_merged: AtomicU64,
     pub api_events_produced: AtomicU64,
     pub api_events_invalid: AtomicU64,
@@ -122,6 +123,7 @@ impl Metrics {
             visible_delay: Histogram::new(FRESHNESS_BUCKETS),
             raw_bytes_written: AtomicU64::new(0),
             archive_files_written: AtomicU64::new(0),
+            archive_orphans_removed: AtomicU64::new(0),
             rollup_rows_merged: AtomicU64::new(0),
             api_events_produced: AtomicU64::new(0),
             api_events_invalid: AtomicU64::new(0),
@@ -268,6 +270,7 @@ impl Metrics {
         self.visible_delay.render(o, "tally_visible_delay_seconds", "");
         counter(o, "tally_raw_bytes_written_total", "Parquet bytes written to the raw archive and the dead-letter dataset.", load(&self.raw_bytes_written));
         counter(o, "tally_archive_files_written_total", "Parquet files written to the raw archive and the dead-letter dataset.", load(&self.archive_files_written));
+        counter(o, "tally_archive_orphans_removed_total", "Archive files of batches that never committed (a crash or a fenced writer), removed by the orphan sweep.", load(&self.archive_orphans_removed));
         counter(o, "tally_rollup_rows_merged_total", "Rollup rows merged into the serving store.", load(&self.rollup_rows_merged));
         header(o, "tally_consumer_lag_messages", "gauge", "Messages between the offsets committed to the serving store and the partition end (librdkafka statistics).");
         if let Ok(m) = self.consumer_lag.lock() {

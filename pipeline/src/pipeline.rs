@@ -80,13 +80,15 @@ pub async fn run(stages: Stages, metrics: Arc<Metrics>, shutdown: impl Future<Ou
         .map_err(|e| Error::Internal(format!("cannot start the consumer thread: {e}")))?;
     tracing::info!(topic = %settings.kafka.topic, serving = %store.url(), data_dir = %settings.storage.data_dir.display(), archive = %archive.describe(), "tally running");
 
+    let mut sweeper = OrphanSweeper::new(&settings.kafka.topic, settings.storage.orphan_sweep_interval);
     let committer = async {
         let mut stats = RunStats::default();
         let mut last_log = Instant::now();
         let mut window = RunStats::default();
         while let Some(batch) = rx.recv().await {
             let result =
-                commit_batch(&batch, &control, &mut aggregator, &archive, &store, &group, &metrics, &mut stats).await;
+                commit_batch(&batch, &control, &mut aggregator, &archive, &store, &group, &mut sweeper, &metrics, &mut stats)
+                    .await;
             control.done.fetch_add(1, Ordering::AcqRel);
             result?;
             if last_log.elapsed() >= Duration::from_secs(10) {
@@ -102,6 +104,7 @@ pub async fn run(stages: Stages, metrics: Arc<Metrics>, shutdown: impl Future<Ou
                 last_log = Instant::now();
             }
         }
+        sweeper.finish().await;
         Ok::<RunStats, Error>(stats)
     };
     let control_for_shutdown = control.clone();
@@ -151,7 +154,8 @@ async fn commit_batch(
     archive: &ParquetArchiveSink,
     store: &ServingStore,
     group: &GroupCommitter,
-    metrics: &Metrics,
+    sweeper: &mut OrphanSweeper,
+    metrics: &Arc<Metrics>,
     stats: &mut RunStats,
 ) -> Result<(), Error> {
     let mut backoff = Duration::from_millis(100);
@@ -164,10 +168,13 @@ async fn commit_batch(
             return Ok(());
         }
         match try_commit(batch, aggregator, archive, store).await {
-            Ok((CommitOutcome::Committed, _, _)) if batch.is_heartbeat() => return Ok(()),
+            Ok((CommitOutcome::Committed, _, _)) if batch.is_heartbeat() => {
+                sweeper.after_commit(batch, control, archive, store, metrics).await;
+                return Ok(());
+            }
             Ok((CommitOutcome::Committed, files, rows_merged)) => {
                 group.commit(&batch.partitions);
-                remove_dead_files(batch, control, archive, store).await;
+                sweeper.after_commit(batch, control, archive, store, metrics).await;
                 record_commit(metrics, batch, &files, rows_merged, started.elapsed());
                 metrics.observe_batch_latency(
                     batch.oldest_produced_ms,
@@ -227,33 +234,124 @@ fn record_commit(metrics: &Metrics, batch: &Batch, files: &[crate::sink::Written
     metrics.commit_duration.observe(took.as_secs_f64());
 }
 
-/// After the first commit on a newly assigned partition, delete the archive
-/// files there that can never be committed (see `remove_dead`). Errors are
-/// logged: a leftover file is unrecorded, so readers of `tally_files` and the
-/// verify/backfill jobs never see it; the next assignment retries.
-async fn remove_dead_files(batch: &Batch, control: &ConsumerControl, archive: &ParquetArchiveSink, store: &ServingStore) {
-    let todo: Vec<(i32, i64)> = match control.cleanup_pending.lock() {
-        Ok(mut pending) => batch
-            .partitions
-            .iter()
-            .filter(|(p, _)| pending.remove(p))
-            .map(|(p, r)| (*p, r.next_offset()))
-            .collect(),
-        Err(_) => return,
-    };
-    for (partition, next) in todo {
-        let removed = match store.recorded_files(&batch.topic, partition, next).await {
-            Ok(recorded) => archive.remove_dead(&batch.topic, partition, next, &recorded).await,
-            Err(e) => Err(e),
-        };
-        match removed {
-            Ok(r) if !r.is_empty() => {
-                tracing::warn!(partition, count = r.len(), "removed orphan archive files left by a crash or a fenced writer")
+/// Deletes archive files of batches that can never commit (left by a crash
+/// or a fenced zombie; see `ParquetArchiveSink::remove_dead`). Each owned
+/// partition is swept after its first commit since assignment, then every
+/// `storage.orphan_sweep_interval`: an orphan can appear after a sweep, since
+/// S3 may still apply a PUT that a killed process had sent. Sweeps read the
+/// stored offsets and run one at a time. The first one after an assignment
+/// finishes before the next commit, as before; periodic ones run in the
+/// background, so a long listing never delays a commit. A failed sweep is
+/// retried within 30 s; shutdown waits for a running one.
+struct OrphanSweeper {
+    topic: String,
+    interval: Duration,
+    /// Owned partitions past their first commit -> when the next sweep is due.
+    due: std::collections::HashMap<i32, Instant>,
+    running: Option<tokio::task::JoinHandle<Result<Vec<i32>, Vec<i32>>>>,
+}
+
+impl OrphanSweeper {
+    fn new(topic: &str, interval: Duration) -> Self {
+        OrphanSweeper { topic: topic.to_string(), interval, due: Default::default(), running: None }
+    }
+
+    /// Called after every committed batch (heartbeats too).
+    async fn after_commit(
+        &mut self,
+        batch: &Batch,
+        control: &ConsumerControl,
+        archive: &ParquetArchiveSink,
+        store: &ServingStore,
+        metrics: &Arc<Metrics>,
+    ) {
+        let now = Instant::now();
+        let mut first = false;
+        if let Ok(mut pending) = control.cleanup_pending.lock() {
+            for p in batch.partitions.keys() {
+                if pending.remove(p) {
+                    self.due.insert(*p, now);
+                    first = true;
+                }
             }
-            Ok(_) => {}
-            Err(e) => tracing::error!(partition, error = %e, "orphan cleanup failed; will retry on next assignment"),
+        }
+        if !first && self.running.as_ref().is_some_and(|h| !h.is_finished()) {
+            return;
+        }
+        self.finish().await;
+        let owned = control.owned_partitions();
+        self.due.retain(|p, _| owned.contains(p));
+        let todo: Vec<i32> = self.due.iter().filter(|(_, due)| **due <= now).map(|(p, _)| *p).collect();
+        if todo.is_empty() {
+            return;
+        }
+        for p in &todo {
+            self.due.insert(*p, now + self.interval);
+        }
+        let (topic, archive, store, metrics) = (self.topic.clone(), archive.clone(), store.clone(), metrics.clone());
+        self.running = Some(tokio::spawn(async move {
+            match sweep_orphans(&topic, &todo, &archive, &store).await {
+                Ok(removed) => {
+                    if !removed.is_empty() {
+                        tracing::warn!(partitions = ?todo, count = removed.len(), files = ?removed, "removed orphan archive files left by a crash or a fenced writer");
+                        metrics.archive_orphans_removed.fetch_add(removed.len() as u64, Ordering::Relaxed);
+                    }
+                    Ok(todo)
+                }
+                Err(e) => {
+                    tracing::error!(partitions = ?todo, error = %e, "orphan sweep failed; retrying within 30 s");
+                    Err(todo)
+                }
+            }
+        }));
+        if first {
+            self.finish().await;
         }
     }
+
+    /// Wait for the running sweep; schedule a retry for partitions it failed on.
+    async fn finish(&mut self) {
+        let Some(handle) = self.running.take() else { return };
+        match handle.await {
+            Ok(Err(failed)) => {
+                let retry = Instant::now() + self.interval.min(Duration::from_secs(30));
+                for p in failed {
+                    if let Some(due) = self.due.get_mut(&p) {
+                        *due = (*due).min(retry);
+                    }
+                }
+            }
+            Ok(Ok(_)) => {}
+            Err(e) => tracing::error!(error = %e, "orphan sweep task failed"),
+        }
+    }
+}
+
+impl Drop for OrphanSweeper {
+    fn drop(&mut self) {
+        if let Some(handle) = self.running.take() {
+            handle.abort();
+        }
+    }
+}
+
+async fn sweep_orphans(
+    topic: &str,
+    partitions: &[i32],
+    archive: &ParquetArchiveSink,
+    store: &ServingStore,
+) -> Result<Vec<String>, crate::sink::SinkError> {
+    let stored = store.load_offsets(topic).await?;
+    let mut committed = std::collections::HashMap::new();
+    for p in partitions {
+        if let Some(next) = stored.get(p) {
+            committed.insert(*p, (*next, store.recorded_files(topic, *p, *next).await?));
+        }
+    }
+    if committed.is_empty() {
+        return Ok(Vec::new());
+    }
+    archive.remove_dead(topic, &committed).await
 }
 
 pub(crate) type Attempt = (CommitOutcome, Vec<crate::sink::WrittenFile>, u64);

@@ -205,3 +205,61 @@ async fn sigterm_and_ctrl_c_mid_ingest_exit_cleanly_and_stay_exact() {
     crate::e2e::verify_outputs(&data, &topic, &messages).await;
     report_faults(&[("sigterm", 2), ("sigint", 2)]);
 }
+
+/// An archive file of a batch that never committed can appear after the
+/// new owner's first sweep: S3 may still apply a PUT that a killed process
+/// had sent. The periodic sweep (`storage.orphan_sweep_interval`) removes
+/// it, and leaves alone a file starting at or beyond the committed offset,
+/// which a live writer may still commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_orphan_file_is_removed_by_the_periodic_sweep() {
+    let dir = test_dir();
+    let broker = Broker::start(dir.path());
+    let topic = unique("sweep");
+    broker.create_topic(&topic, 2).await;
+    let now = chrono::Utc::now().timestamp_millis();
+    let messages = dataset(41, 3_000, now);
+    produce(&broker.bootstrap(), &topic, &messages).await;
+    let end = broker.end_offsets(&topic, 2);
+
+    let data = dir.path().join("data");
+    let db = data.join("serving.db");
+    let mut env = TallyEnv::new(&broker.bootstrap(), &topic, &unique("g"), &data);
+    env.set("TALLY__BATCH__MAX_ROWS", "500");
+    env.set("TALLY__STORAGE__ORPHAN_SWEEP_INTERVAL", "1s");
+    let mut tally = Tally::start(&env);
+    wait_committed(&db, &topic, &end, Duration::from_secs(120), &mut tally).await;
+
+    // A killed writer's file of a committed offset range (same range, another
+    // writer token), and a file starting at partition 0's committed offset.
+    let recorded = serving_query_i64(&db, "SELECT path, rows FROM tally_files").await;
+    let (path, _) = recorded
+        .iter()
+        .find(|(p, _)| p.starts_with("raw/") && p.contains(&format!("{topic}-p00000-")))
+        .expect("a recorded raw file of partition 0");
+    let source = data.join(path);
+    let name = source.file_name().unwrap().to_string_lossy().to_string();
+    let range: Vec<&str> = name.trim_start_matches(&format!("{topic}-p00000-")).splitn(3, '-').collect();
+    let (first, last) = (range[0], range[1]);
+    let late = source.with_file_name(format!("{topic}-p00000-{first}-{last}-w0badc0de.parquet"));
+    let beyond = source.with_file_name(format!("{topic}-p00000-{:020}-{:020}-w0badc0de.parquet", end[&0], end[&0] + 99));
+    std::fs::copy(&source, &late).unwrap();
+    std::fs::copy(&source, &beyond).unwrap();
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while late.exists() {
+        assert!(Instant::now() < deadline, "the late orphan was not removed:\n{}", tally.log_tail());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Two more sweep intervals: the file a live writer may commit stays.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(beyond.exists(), "a file at the committed offset was removed:\n{}", tally.log_tail());
+    let (status, metrics) = http(env.api, "GET", "/metrics", None, b"");
+    assert_eq!(status, 200);
+    assert!(metrics.lines().any(|l| l == "tally_archive_orphans_removed_total 1"), "orphans metric:\n{metrics}");
+    assert!(tally.stop().success(), "clean exit:\n{}", tally.log_tail());
+    let log = std::fs::read_to_string(&env.log).unwrap_or_default();
+    assert!(log.contains("removed orphan archive files"), "the sweep logs what it removed:\n{log}");
+    std::fs::remove_file(&beyond).unwrap();
+    crate::e2e::verify_outputs(&data, &topic, &messages).await;
+}

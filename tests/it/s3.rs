@@ -50,6 +50,9 @@ async fn s3_archive_is_exact_across_sigkills_and_a_crash_mid_multipart_upload() 
     s3.configure(&mut env, bucket, &prefix);
     env.set("TALLY__BATCH__MAX_ROWS", "600");
     env.set("TALLY__BATCH__LINGER", "150ms");
+    // A PUT a killed process sent may land after the new owner's first sweep;
+    // the periodic sweep removes it.
+    env.set("TALLY__STORAGE__ORPHAN_SWEEP_INTERVAL", "1s");
     let mut multipart = env.vars.clone();
     multipart.push(("TALLY__STORAGE__MULTIPART_THRESHOLD".into(), "0".into()));
     let multipart_env = TallyEnv { vars: multipart, log: env.log.clone(), api: env.api };
@@ -85,6 +88,8 @@ async fn s3_archive_is_exact_across_sigkills_and_a_crash_mid_multipart_upload() 
     producer.await.unwrap();
     let end = broker.end_offsets(&topic, 4);
     wait_committed(&db, &topic, &end, Duration::from_secs(120), &mut tally).await;
+    // Two sweep intervals (heartbeat commits run the sweeps while idle).
+    tokio::time::sleep(Duration::from_secs(3)).await;
     assert!(tally.stop().success(), "clean exit:\n{}", tally.log_tail());
     let log = std::fs::read_to_string(&env.log).unwrap_or_default();
     assert!(log.contains("aborting multipart uploads left by a crash"), "the crashed upload was found and aborted");

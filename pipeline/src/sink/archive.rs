@@ -15,8 +15,10 @@
 //!   next owner of the partition lists the uploads under raw/ and dlq/
 //!   (ListMultipartUploads) and aborts those of its partitions.
 //!
-//! Files beyond a partition's committed offset are orphans of a crash and are
-//! deleted when the partition is assigned.
+//! Files of batches that never committed are orphans (a crash, a fenced
+//! zombie): in-progress files and uploads are removed when a partition is
+//! assigned, complete ones after the first commit there and then every
+//! `storage.orphan_sweep_interval` (`pipeline.rs`, `OrphanSweeper`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -406,21 +408,20 @@ impl ParquetArchiveSink {
         self.sweep(topic, partitions, true, |p, _, in_progress, _| in_progress && partitions.contains_key(&p)).await
     }
 
-    /// After this writer committed `partition` up to `next` (exclusive):
-    /// delete its complete files that start below `next` and are not in
-    /// `recorded` (the committed files). Their writers can never commit them:
-    /// a commit needs the stored offset to equal its batch start, which is
-    /// below `next`, and stored offsets only grow.
+    /// Delete the complete files of each partition in `committed` that start
+    /// below its committed next offset and are not among its recorded
+    /// (committed) files. Their writers can never commit them: a commit needs
+    /// the stored offset to equal its batch start, which is below the
+    /// committed offset, and stored offsets only grow. One listing for all.
     pub async fn remove_dead(
         &self,
         topic: &str,
-        partition: i32,
-        next: i64,
-        recorded: &std::collections::HashSet<String>,
+        committed: &HashMap<i32, (i64, std::collections::HashSet<String>)>,
     ) -> Result<Vec<String>, SinkError> {
         let none = HashMap::new();
         self.sweep(topic, &none, false, |p, first, in_progress, path| {
-            p == partition && !in_progress && first < next && !recorded.contains(path)
+            !in_progress
+                && committed.get(&p).is_some_and(|(next, recorded)| first < *next && !recorded.contains(path))
         })
         .await
     }

@@ -296,6 +296,10 @@ mod tests {
         assert!(e.contains("storage.options") && e.contains("archive_url"), "{e}");
         let e = storage(&[("TALLY__STORAGE__MULTIPART_THRESHOLD", "1MiB")]).unwrap_err();
         assert!(e.contains("storage.multipart_threshold") && e.contains("5MiB"), "{e}");
+        let e = storage(&[("TALLY__STORAGE__ORPHAN_SWEEP_INTERVAL", "200ms")]).unwrap_err();
+        assert!(e.contains("storage.orphan_sweep_interval") && e.contains("at least 1s"), "{e}");
+        let e = storage(&[("TALLY__STORAGE__ORPHAN_SWEEP_INTERVAL", "soon")]).unwrap_err();
+        assert!(e.contains("orphan_sweep_interval"), "{e}");
         let cfg = storage(&[
             ("TALLY__STORAGE__ARCHIVE_URL", "s3://lake"),
             ("TALLY__STORAGE__OPTIONS__AWS_ENDPOINTT", "http://x"),

@@ -54,7 +54,8 @@ pub struct ConsumerControl {
     /// Assigned partitions -> next offset to accept (`None`: nothing stored).
     partitions: Mutex<BTreeMap<i32, Option<i64>>>,
     /// Newly assigned partitions whose dead archive files (left by a crash or
-    /// a fenced zombie) the committer removes after its first commit there.
+    /// a fenced zombie) the committer sweeps after its first commit there,
+    /// then periodically (`pipeline.rs`, `OrphanSweeper`).
     pub cleanup_pending: Mutex<std::collections::BTreeSet<i32>>,
 }
 
@@ -69,6 +70,11 @@ impl ConsumerControl {
             std::thread::sleep(Duration::from_millis(2));
         }
         true
+    }
+
+    /// The partitions this member owns now.
+    pub fn owned_partitions(&self) -> std::collections::BTreeSet<i32> {
+        self.partitions.lock().map(|m| m.keys().copied().collect()).unwrap_or_default()
     }
 
     pub fn bump_epoch(&self) -> u64 {
