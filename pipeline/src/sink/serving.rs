@@ -1271,6 +1271,60 @@ mod tests {
         assert_eq!(pragmas(&old), (4096, "wal".to_string(), 1));
     }
 
+    /// Merge rows are ordered by the whole key, as a plain sort of the key
+    /// tuples orders them: PostgreSQL writers lock shared rows in one order.
+    #[tokio::test]
+    #[allow(clippy::unwrap_used)]
+    async fn merge_rows_are_ordered_by_the_whole_key() {
+        use crate::aggregate::SqlCatalog;
+        use crate::decode::EventSchema;
+        use datafusion::arrow::array::{ArrayRef, Float64Array, Int64Array, StringArray};
+        use rand::{Rng, SeedableRng};
+        let dir = tempfile::tempdir().unwrap();
+        let settings = crate::testing::settings(dir.path(), &[]);
+        let schema = EventSchema::from_config(&settings.schema).unwrap();
+        let catalog = SqlCatalog::load(&settings.sql.rollups_dir, schema.arrow.clone(), &settings.schema.time_field).await.unwrap();
+        let def = catalog.rollups.iter().find(|d| d.name == "minute_video_events").unwrap();
+        let spec = TableSpec::new(def, Dialect::Postgres);
+        assert_eq!(spec.key_count, 3, "video_id, event_type, window");
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let n = 2_000;
+        let mut keys: Vec<(String, String, i64)> = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        while keys.len() < n {
+            let k = (format!("v{}", rng.random_range(0..300)), ["view", "like", "share"][rng.random_range(0..3)].to_string(), rng.random_range(-5..60) * 60_000);
+            if seen.insert(k.clone()) {
+                keys.push(k);
+            }
+        }
+        let columns: Vec<ArrayRef> = def
+            .columns
+            .iter()
+            .enumerate()
+            .map(|(i, c)| -> ArrayRef {
+                match (i, c.kind) {
+                    (0, _) => Arc::new(StringArray::from_iter_values(keys.iter().map(|k| k.0.as_str()))),
+                    (1, _) => Arc::new(StringArray::from_iter_values(keys.iter().map(|k| k.1.as_str()))),
+                    (2, _) => Arc::new(Int64Array::from_iter_values(keys.iter().map(|k| k.2))),
+                    (_, ColumnKind::Real) => Arc::new(Float64Array::from_iter_values((0..n).map(|i| i as f64))),
+                    (_, ColumnKind::Int) => Arc::new(Int64Array::from_iter_values((0..n).map(|i| i as i64))),
+                    (_, ColumnKind::Text) => Arc::new(StringArray::from_iter_values((0..n).map(|i| i.to_string()))),
+                }
+            })
+            .collect();
+        let fields: Vec<datafusion::arrow::datatypes::Field> = def
+            .columns
+            .iter()
+            .zip(&columns)
+            .map(|(c, a)| datafusion::arrow::datatypes::Field::new(&c.name, a.data_type().clone(), true))
+            .collect();
+        let batch = RecordBatch::try_new(Arc::new(datafusion::arrow::datatypes::Schema::new(fields)), columns).unwrap();
+        let got: Vec<(String, String, i64)> = spec.row_order(&batch).unwrap().unwrap().into_iter().map(|i| keys[i].clone()).collect();
+        let mut want = keys.clone();
+        want.sort();
+        assert_eq!(got, want);
+    }
+
     /// The rusqlite batch commit against the sqlx one and against totals
     /// computed here: the same batches give the same tables; a stale batch
     /// is fenced and changes nothing; a failed commit drops the connection
