@@ -189,6 +189,7 @@ async fn events_posted_over_http_are_answered_exactly() {
     let addr: std::net::SocketAddr = ([127, 0, 0, 1], serve_port).into();
     let mut serve_env = env;
     serve_env.set("TALLY__API__LISTEN", &addr.to_string());
+    serve_env.set("TALLY__API__REQUEST_TIMEOUT", "5s");
     let mut serve = Tally::serve(&serve_env);
     wait_http_ok(addr, "/livez", Duration::from_secs(30));
     check_answers(addr, &evs, s, e);
@@ -200,5 +201,13 @@ async fn events_posted_over_http_are_answered_exactly() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert_eq!(http(addr, "GET", "/livez", None, b"").0, 200, "alive while not ready");
+    // With the broker gone, a produce fails inside the request timeout and
+    // says how much the broker acknowledged (nothing).
+    let one = format!(r#"[{{"video_id":"v1","event_type":"view","event_time":{now}}}]"#);
+    let started = Instant::now();
+    let (st, body) = http(addr, "POST", "/v1/events", Some(WRITE), one.as_bytes());
+    assert_eq!(st, 503, "{body}");
+    assert!(body.contains("produce_failed") && body.contains(r#""acknowledged":0"#), "{body}");
+    assert!(started.elapsed() < Duration::from_secs(9), "the delivery failed within the 5 s request timeout");
     assert!(serve.stop().success(), "tally serve exits cleanly on SIGTERM");
 }
