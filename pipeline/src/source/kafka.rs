@@ -289,6 +289,9 @@ impl KafkaSource {
         let mut at_end: BTreeMap<i32, ()> = BTreeMap::new();
         let mut last_sent = Instant::now();
         let mut clock = crate::batch::WallClock::default();
+        // When the last poll returned: the arrival time of its message and
+        // the time the flush checks use (one clock read per message).
+        let mut now = Instant::now();
         loop {
             if control.shutdown.load(Ordering::Acquire) {
                 break;
@@ -299,7 +302,6 @@ impl KafkaSource {
                 self.reseek();
                 epoch = control.epoch.load(Ordering::Acquire);
             }
-            let now = Instant::now();
             if builder.should_flush(now)
                 || (builder.is_empty() && !at_end.is_empty() && now.duration_since(last_sent) >= self.heartbeat)
             {
@@ -308,6 +310,7 @@ impl KafkaSource {
             }
             let timeout = builder.time_to_linger(now).unwrap_or(self.poll_timeout).min(self.poll_timeout);
             let polled = self.consumer.poll(timeout);
+            now = Instant::now();
             if control.rebalanced.swap(false, Ordering::AcqRel) {
                 let had_rows = !builder.is_empty();
                 builder.discard();
@@ -346,9 +349,8 @@ impl KafkaSource {
                 *next = Some(offset + 1);
                 expected
             };
-            let arrived = Instant::now();
-            let now_ms = clock.now_ms(arrived);
-            builder.push(p, offset, expected, msg.payload(), now_ms, arrived);
+            let now_ms = clock.now_ms(now);
+            builder.push(p, offset, expected, msg.payload(), now_ms, now);
             if let Some(produced) = msg.timestamp().to_millis() {
                 builder.note_produced(produced);
             }
