@@ -50,7 +50,7 @@ while time.time() < deadline:
     time.sleep(0.2)
 sys.exit("pre-fill was not drained in 15 minutes")
 PY
-echo "drained; serving rows: $(python3 -c "import sqlite3,sys; c=sqlite3.connect('file:$OUT/data/serving.db?mode=ro',uri=True); print(', '.join(f'{t}={c.execute(f\"select count(*) from {t}\").fetchone()[0]}' for t in ['minute_video_events','hour_video_events','day_video_events']))")" >&2
+echo "drained; serving rows: $(python3 -c "import sqlite3,sys; c=sqlite3.connect('file:$OUT/data/serving.db?mode=ro',uri=True); print(', '.join(f'{t}={c.execute(f\"select count(*) from {t}__merged\").fetchone()[0]}' for t in ['minute_video_events','hour_video_events','day_video_events']))")" >&2
 
 bench() { "$TALLY" --log warn bench-api --rate "$1" --duration "$DURATION" --days "$2" --videos 10000 --label "$3"; }
 TPID=$(pgrep -f "$TALLY --log warn run" | head -1)

@@ -27,13 +27,13 @@ cat <<MSG
 tally is running (logs: data/tally.log, data/produce.log, data/tansu/tansu.log).
   raw archive:   data/raw/events/dt=YYYY-MM-DD/hour=HH/*.parquet
   dead letters:  data/dlq/dt=YYYY-MM-DD/*.parquet
-  serving store: data/serving.db (tables minute_video_events, hour_video_events, day_video_events)
+  serving store: data/serving.db (views minute_video_events__merged, hour_video_events__merged, day_video_events__merged)
   HTTP API:      http://127.0.0.1:8080 (see /openapi.json)
 Look at it:
   curl -s "http://127.0.0.1:8080/v1/top?event_type=view&start=\$(date -u +%Y-%m-%dT00:00:00Z)&end=\$(date -u -d tomorrow +%Y-%m-%dT00:00:00Z)&limit=5"
   curl -s "http://127.0.0.1:8080/v1/count?video_id=vid-00001&start=\$(date -u +%Y-%m-%dT00:00:00Z)&end=\$(date -u -d tomorrow +%Y-%m-%dT00:00:00Z)"
   curl -s http://127.0.0.1:8080/metrics | grep ^tally_events
-  sqlite3 data/serving.db "SELECT video_id, event_type, datetime(window_start/1000,'unixepoch'), events FROM hour_video_events ORDER BY events DESC LIMIT 10"
+  sqlite3 data/serving.db "SELECT video_id, event_type, datetime(window_start/1000,'unixepoch'), events FROM hour_video_events__merged ORDER BY events DESC LIMIT 10"
   datafusion-cli -c "CREATE EXTERNAL TABLE events STORED AS PARQUET LOCATION 'data/raw/events/'; SELECT event_type, count(*) FROM events GROUP BY 1"
 Press Ctrl-C to stop.
 MSG

@@ -236,6 +236,9 @@ pub struct ServingConfig {
     pub url: String,
     /// Index rollup tables by window (faster /v1/top, slower ingest).
     pub window_index: bool,
+    /// SQLite: batch commits upsert into small delta tables, folded into the
+    /// rollup tables once this many rows went in (0: on every commit).
+    pub sqlite_fold_rows: usize,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -493,7 +496,7 @@ impl Settings {
             }
         }
         out.push_str(&format!(
-            "\n[sql]\nrollups_dir = {:?}\n\n[storage]\ndata_dir = {:?}\nzstd_level = {}\narchive_url = {:?}\nmultipart_threshold = {}\norphan_sweep_interval = {:?}\n{}\n[serving]\nurl = {:?}\nwindow_index = {}\n\n[api]\nlisten = {:?}\nrollups = {:?}\nmax_range = {:?}\nmax_series_points = {}\nmax_body = {}\nrequest_timeout = {:?}\nmax_concurrency = {}\nmax_connections = {}\nread_tokens = \"{} configured (masked)\"\nwrite_tokens = \"{} configured (masked)\"\n\n[verify]\ninterval = {:?}\nlookback = {:?}\n",
+            "\n[sql]\nrollups_dir = {:?}\n\n[storage]\ndata_dir = {:?}\nzstd_level = {}\narchive_url = {:?}\nmultipart_threshold = {}\norphan_sweep_interval = {:?}\n{}\n[serving]\nurl = {:?}\nwindow_index = {}\nsqlite_fold_rows = {}\n\n[api]\nlisten = {:?}\nrollups = {:?}\nmax_range = {:?}\nmax_series_points = {}\nmax_body = {}\nrequest_timeout = {:?}\nmax_concurrency = {}\nmax_connections = {}\nread_tokens = \"{} configured (masked)\"\nwrite_tokens = \"{} configured (masked)\"\n\n[verify]\ninterval = {:?}\nlookback = {:?}\n",
             self.sql.rollups_dir.display().to_string(),
             self.storage.data_dir.display().to_string(),
             self.storage.zstd_level,
@@ -510,6 +513,7 @@ impl Settings {
             },
             mask_url(&self.serving_url()),
             self.serving.window_index,
+            self.serving.sqlite_fold_rows,
             self.api.listen.to_string(),
             self.api.rollups,
             humantime::format_duration(self.api.max_range).to_string(),

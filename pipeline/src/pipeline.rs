@@ -33,7 +33,9 @@ impl Stages {
     pub async fn build(settings: Settings) -> Result<Stages, Error> {
         let schema = EventSchema::from_config(&settings.schema)?;
         let catalog = SqlCatalog::load(&settings.sql.rollups_dir, schema.arrow.clone(), &settings.schema.time_field).await?;
-        let store = ServingStore::open_with(&settings.serving_url(), &catalog.rollups, settings.serving.window_index).await?;
+        let store = ServingStore::open_with(&settings.serving_url(), &catalog.rollups, settings.serving.window_index)
+            .await?
+            .with_fold_rows(settings.serving.sqlite_fold_rows);
         let location = ArchiveLocation::open(&settings.storage)?;
         let archive = ParquetArchiveSink::open(
             &location,

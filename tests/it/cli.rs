@@ -75,6 +75,7 @@ fn unmergeable_sql_is_refused_with_the_fix() {
         ("ratio.sql", "SELECT video_id, date_bin(INTERVAL '1 hour', event_time) AS w, sum(value) / count(*) AS r FROM events GROUP BY video_id, w", "cannot be merged"),
         ("having.sql", "SELECT video_id, date_bin(INTERVAL '1 hour', event_time) AS w, count(*) AS n FROM events GROUP BY video_id, w HAVING count(*) > 1", "HAVING"),
         ("typo.sql", "SELECT vidoe_id, count(*) AS n FROM events GROUP BY vidoe_id", "vidoe_id"),
+        ("hour__delta.sql", "SELECT video_id, date_bin(INTERVAL '1 hour', event_time) AS w, count(*) AS n FROM events GROUP BY video_id, w", "no \"__\""),
     ];
     for (file, sql, needle) in cases {
         let dir = tempfile::tempdir().unwrap();

@@ -38,6 +38,9 @@ async fn kill_loop(events: usize, kills: usize, min_kills: usize, budget: Durati
     let mut env = TallyEnv::new(&broker.bootstrap(), &topic, &unique("g"), &data);
     env.set("TALLY__BATCH__LINGER", "150ms");
     env.set("TALLY__BATCH__MAX_ROWS", "1500");
+    // Fold the SQLite delta tables every few commits, so kills land before,
+    // during and after folds.
+    env.set("TALLY__SERVING__SQLITE_FOLD_ROWS", "1000");
 
     // Produce in the background, in slices spread over the run, while tally is killed and restarted.
     let slice = (events / (2 * kills).max(10)).max(1);
@@ -75,6 +78,8 @@ async fn kill_loop(events: usize, kills: usize, min_kills: usize, budget: Durati
     let log = std::fs::read_to_string(&env.log).unwrap_or_default();
     assert!(!log.contains("panicked"), "tally panicked:\n{log}");
     crate::e2e::verify_outputs(&data, &topic, &messages).await;
+    let folded = serving_query_i64(&db, "SELECT 'rows', count(*) FROM minute_video_events").await;
+    assert!(folded.first().is_some_and(|(_, n)| *n > 0), "the delta tables were folded: {folded:?}");
     report_faults(&[("sigkill", done)]);
     done
 }

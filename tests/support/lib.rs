@@ -338,7 +338,15 @@ pub fn store_exists(db: &Path) -> bool {
 /// Read a rollup table from the serving store.
 pub async fn serving_rollup(db: &Path, table: &str) -> Expected {
     use sqlx::Row;
-    let sql = format!("SELECT video_id, event_type, window_start, events, value_sum, value_min, value_max FROM {table}");
+    // SQLite: batch commits land in `{table}__delta`, folded into `{table}`
+    // every so many rows; a key may be in both.
+    let sql = match pg_url(db) {
+        Some(_) => format!("SELECT video_id, event_type, window_start, events, value_sum, value_min, value_max FROM {table}"),
+        None => format!(
+            "SELECT video_id, event_type, window_start, sum(events), sum(value_sum), min(value_min), max(value_max) \
+             FROM (SELECT * FROM {table} UNION ALL SELECT * FROM {table}__delta) GROUP BY video_id, event_type, window_start"
+        ),
+    };
     macro_rules! read {
         ($pool:expr) => {{
             let pool = $pool;

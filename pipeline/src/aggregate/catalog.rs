@@ -173,10 +173,10 @@ pub async fn plan_rollup(
         column: column.map(str::to_string),
         message,
     };
-    if !is_identifier(&name) || name.starts_with("tally_") {
+    if !is_identifier(&name) || name.starts_with("tally_") || name.contains("__") {
         return Err(refuse(
             None,
-            format!("the file stem {name:?} names the rollup and its table; rename the file to [a-z_][a-z0-9_]*.sql (not tally_*)"),
+            format!("the file stem {name:?} names the rollup and its table; rename the file to [a-z_][a-z0-9_]*.sql (not tally_*, no \"__\": tally's own tables use them)"),
         ));
     }
     let plan = ctx

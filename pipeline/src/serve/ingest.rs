@@ -183,8 +183,11 @@ impl Ingest {
             }
         }
         // Deliveries must fail before the HTTP request times out. librdkafka
-        // scans for timed-out messages once a second, so leave two.
-        let timeout = settings.api.request_timeout.saturating_sub(Duration::from_secs(2)).max(Duration::from_secs(1));
+        // scans for timed-out messages once a second, and a busy machine adds
+        // its own delay: give up at half the request timeout (at most 2 s
+        // before it would leave too little on a busy machine; at least 1 s).
+        let half = settings.api.request_timeout / 2;
+        let timeout = half.min(settings.api.request_timeout.saturating_sub(Duration::from_secs(2))).max(Duration::from_secs(1));
         cc.set("enable.idempotence", "true")
             .set("acks", "all")
             .set("linger.ms", "2")

@@ -57,7 +57,10 @@ impl Totals {
 struct TierSql {
     series_type: String,
     series_all: String,
-    quoted: String,
+    /// The quoted tables that hold this tier's rows: the rollup table and,
+    /// on SQLite, its delta table (see `sink::serving`). Every read sums
+    /// over all of them.
+    tables: Vec<String>,
     window: String,
 }
 
@@ -65,33 +68,49 @@ struct TierSql {
 const MEASURES_SQL: &str = "CAST(coalesce(sum(r.events), 0) AS BIGINT), coalesce(sum(r.value_sum), 0.0), \
      CAST(coalesce(sum(r.value_count), 0) AS BIGINT), min(r.value_min), max(r.value_max)";
 
+/// `part(table)` for each table, as one `UNION ALL`.
+fn each_table(tables: &[String], part: impl Fn(&str) -> String) -> String {
+    tables.iter().map(|t| part(t)).collect::<Vec<_>>().join(" UNION ALL ")
+}
+
 /// Distinct event types of one video by index skip-scan (one B-tree probe
-/// per type), so queries over all types never scan a video's history.
-fn types_cte(t: &str) -> String {
+/// per type and table), so queries over all types never scan a video's history.
+fn types_cte(tables: &[String]) -> String {
+    let first = each_table(tables, |t| format!("SELECT min(event_type) AS et FROM {t} WHERE video_id = ?1"));
+    let next = each_table(tables, |t| format!("SELECT min(event_type) AS et FROM {t} WHERE video_id = ?1 AND event_type > types.et"));
     format!(
         "WITH RECURSIVE types(et) AS (
-           SELECT (SELECT min(event_type) FROM {t} WHERE video_id = ?1)
+           SELECT (SELECT min(et) FROM ({first}) f)
            UNION ALL
-           SELECT (SELECT min(event_type) FROM {t} WHERE video_id = ?1 AND event_type > types.et)
+           SELECT (SELECT min(et) FROM ({next}) n)
            FROM types WHERE types.et IS NOT NULL)"
     )
 }
 
+fn quote(ident: &str) -> String {
+    format!("\"{}\"", ident.replace('"', "\"\""))
+}
+
 impl TierSql {
-    fn new(table: &str, window: &str) -> TierSql {
-        let t = format!("\"{}\"", table.replace('"', "\"\""));
-        let w = format!("\"{}\"", window.replace('"', "\"\""));
+    fn new(table: &str, window: &str, with_delta: bool) -> TierSql {
+        let mut tables = vec![quote(table)];
+        if with_delta {
+            tables.push(quote(&crate::sink::serving::delta_table(table)));
+        }
+        let w = quote(window);
+        let by_type = each_table(&tables, |t| {
+            format!("SELECT * FROM {t} WHERE video_id = ?1 AND event_type = ?2 AND {w} >= ?3 AND {w} < ?4")
+        });
+        let all_types = each_table(&tables, |t| {
+            format!("SELECT r.* FROM types JOIN {t} r ON r.video_id = ?1 AND r.event_type = types.et AND r.{w} >= ?2 AND r.{w} < ?3")
+        });
         TierSql {
-            series_type: format!(
-                "SELECT (r.{w} / ?5) * ?5 AS b, {MEASURES_SQL} FROM {t} r
-                 WHERE r.video_id = ?1 AND r.event_type = ?2 AND r.{w} >= ?3 AND r.{w} < ?4 GROUP BY b"
-            ),
+            series_type: format!("SELECT (r.{w} / ?5) * ?5 AS b, {MEASURES_SQL} FROM ({by_type}) r GROUP BY b"),
             series_all: format!(
-                "{} SELECT (r.{w} / ?4) * ?4 AS b, {MEASURES_SQL} FROM types JOIN {t} r
-                 ON r.video_id = ?1 AND r.event_type = types.et AND r.{w} >= ?2 AND r.{w} < ?3 GROUP BY b",
-                types_cte(&t)
+                "{} SELECT (r.{w} / ?4) * ?4 AS b, {MEASURES_SQL} FROM ({all_types}) r GROUP BY b",
+                types_cte(&tables)
             ),
-            quoted: t,
+            tables,
             window: w,
         }
     }
@@ -186,7 +205,8 @@ impl Reader {
             }
             Backend::Sqlite { conns, next: AtomicUsize::new(0) }
         };
-        let sql = tiers.tiers.iter().map(|t| TierSql::new(&t.rollup, &t.window)).collect();
+        let with_delta = matches!(backend, Backend::Sqlite { .. });
+        let sql = tiers.tiers.iter().map(|t| TierSql::new(&t.rollup, &t.window, with_delta)).collect();
         Ok(Reader { backend, tiers, sql, topic: topic.to_string(), as_of_cache: Mutex::new(None) })
     }
 
@@ -302,25 +322,27 @@ impl Reader {
         let mut parts = Vec::with_capacity(plan.len());
         for seg in plan {
             let Some(sql) = self.sql.get(seg.tier) else { continue };
-            let (t, w, lo, hi) = (&sql.quoted, &sql.window, next, next + 1);
+            let (w, lo, hi) = (&sql.window, next, next + 1);
             next += 2;
-            parts.push(if with_type {
-                format!(
-                    "SELECT events, value_sum, value_count, value_min, value_max FROM {t} \
-                     WHERE video_id = ?1 AND event_type = ?2 AND {w} >= ?{lo} AND {w} < ?{hi}"
-                )
-            } else {
-                format!(
-                    "SELECT r.events, r.value_sum, r.value_count, r.value_min, r.value_max FROM types JOIN {t} r \
-                     ON r.video_id = ?1 AND r.event_type = types.et AND r.{w} >= ?{lo} AND r.{w} < ?{hi}"
-                )
-            });
+            parts.push(each_table(&sql.tables, |t| {
+                if with_type {
+                    format!(
+                        "SELECT events, value_sum, value_count, value_min, value_max FROM {t} \
+                         WHERE video_id = ?1 AND event_type = ?2 AND {w} >= ?{lo} AND {w} < ?{hi}"
+                    )
+                } else {
+                    format!(
+                        "SELECT r.events, r.value_sum, r.value_count, r.value_min, r.value_max FROM types JOIN {t} r \
+                         ON r.video_id = ?1 AND r.event_type = types.et AND r.{w} >= ?{lo} AND r.{w} < ?{hi}"
+                    )
+                }
+            }));
         }
         if parts.is_empty() {
             parts.push("SELECT 0 AS events, 0.0 AS value_sum, 0 AS value_count, NULL AS value_min, NULL AS value_max WHERE 1 = 0".into());
         }
         let cte = match (with_type, self.sql.first()) {
-            (false, Some(coarsest)) => types_cte(&coarsest.quoted),
+            (false, Some(coarsest)) => types_cte(&coarsest.tables),
             _ => String::new(),
         };
         format!("{cte} SELECT {MEASURES_SQL} FROM ({}) r", parts.join(" UNION ALL "))
@@ -371,14 +393,16 @@ impl Reader {
         for seg in plan {
             let Some(sql) = self.sql.get(seg.tier) else { continue };
             let filter = if event_type.is_some() { " AND event_type = ?" } else { "" };
-            parts.push(format!(
-                "SELECT video_id, sum(events) AS n FROM {} WHERE {} >= ? AND {} < ?{filter} GROUP BY video_id",
-                sql.quoted, sql.window, sql.window
-            ));
-            args.push(Sql::Integer(seg.lo));
-            args.push(Sql::Integer(seg.hi));
-            if let Some(et) = event_type {
-                args.push(Sql::Text(et.to_string()));
+            for t in &sql.tables {
+                parts.push(format!(
+                    "SELECT video_id, sum(events) AS n FROM {t} WHERE {} >= ? AND {} < ?{filter} GROUP BY video_id",
+                    sql.window, sql.window
+                ));
+                args.push(Sql::Integer(seg.lo));
+                args.push(Sql::Integer(seg.hi));
+                if let Some(et) = event_type {
+                    args.push(Sql::Text(et.to_string()));
+                }
             }
         }
         if parts.is_empty() {

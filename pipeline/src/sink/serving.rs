@@ -187,8 +187,11 @@ struct TableSpec {
     row_placeholder: String,
     /// PostgreSQL: the whole batch as one `UNNEST` of column arrays.
     unnest_sql: String,
-    /// SQLite batch commits: a one-row upsert, prepared once and stepped per row.
-    row_upsert_sql: String,
+    /// SQLite batch commits: a one-row upsert into the delta table, prepared
+    /// once and stepped per row.
+    delta_upsert_sql: String,
+    /// SQLite: fold the delta table into the main table, then empty it.
+    fold_delta_sql: [String; 2],
 }
 
 /// The outcome of a commit attempt.
@@ -244,6 +247,21 @@ pub enum ReplaceTx {
     Postgres(sqlx::Transaction<'static, sqlx::Postgres>),
 }
 
+/// Rows upserted into the SQLite delta tables between folds, unless set
+/// with [`ServingStore::with_fold_rows`] (`serving.sqlite_fold_rows`).
+const DEFAULT_FOLD_ROWS: usize = 200_000;
+
+/// The SQLite view of rollup table `table` that merges in its delta table:
+/// one row per key, as the API reads them.
+pub fn merged_view(table: &str) -> String {
+    format!("{table}__merged")
+}
+
+/// The SQLite delta table of rollup table `table` (see [`SqliteWriter`]).
+pub fn delta_table(table: &str) -> String {
+    format!("{table}__delta")
+}
+
 fn quote(ident: &str) -> String {
     format!("\"{}\"", ident.replace('"', "\"\""))
 }
@@ -278,16 +296,36 @@ impl TableSpec {
             keys.join(", "),
             sets.join(", ")
         );
-        let row_upsert_sql = format!(
+        let delta = delta_table(&def.name);
+        let delta_sets: Vec<String> = def
+            .measures()
+            .iter()
+            .filter_map(|c| c.merge.map(|m| merge_sql(dialect, &delta, &c.name, m)))
+            .collect();
+        let delta_upsert_sql = format!(
             "INSERT INTO {} ({}) VALUES {row_placeholder} ON CONFLICT ({}) DO UPDATE SET {}",
-            quote(&def.name),
+            quote(&delta),
             names.join(", "),
             keys.join(", "),
-            sets.join(", ")
+            delta_sets.join(", ")
         );
+        // `WHERE true`: SQLite's parser needs it between a SELECT and ON CONFLICT.
+        let fold_delta_sql = [
+            format!(
+                "INSERT INTO {} ({}) SELECT {} FROM {} WHERE true ON CONFLICT ({}) DO UPDATE SET {}",
+                quote(&def.name),
+                names.join(", "),
+                names.join(", "),
+                quote(&delta),
+                keys.join(", "),
+                sets.join(", ")
+            ),
+            format!("DELETE FROM {}", quote(&delta)),
+        ];
         TableSpec {
             unnest_sql,
-            row_upsert_sql,
+            delta_upsert_sql,
+            fold_delta_sql,
             name: def.name.clone(),
             key_count: def.key_count,
             rows_per_statement: (MAX_PARAMS / columns.len().max(1)).clamp(1, MAX_ROWS_PER_STATEMENT),
@@ -443,15 +481,51 @@ impl MergeRows for sqlx::PgConnection {
     }
 }
 
+/// `?1`: low, `?2`: high, `?3`: cap (if `capped`). SQLite: the main and the
+/// delta table, one row per key (merged as the rollup's merge rules say).
+fn read_rows_sql(d: Dialect, def: &RollupDef, capped: bool) -> String {
+    let w = quote(def.window_name());
+    let cap = if capped { format!(" AND {w} <= ?3") } else { String::new() };
+    let range = format!("{w} >= ?1 AND {w} < ?2{cap}");
+    if d == Dialect::Postgres {
+        return format!("SELECT * FROM {} WHERE {range} ORDER BY {w}", quote(&def.name));
+    }
+    format!("{} ORDER BY {w}", merged_sql(def, &format!(" WHERE {range}")))
+}
+
+/// SQLite: one row per key over the rollup table and its delta table
+/// (`filter` applies to both), merged as the rollup's merge rules say.
+fn merged_sql(def: &RollupDef, filter: &str) -> String {
+    let keys: Vec<String> = def.keys().iter().map(|c| quote(&c.name)).collect();
+    let cols: Vec<String> = def
+        .columns
+        .iter()
+        .map(|c| {
+            let name = quote(&c.name);
+            match c.merge {
+                None => name,
+                Some(MergeRule::Sum) => format!("sum({name}) AS {name}"),
+                Some(MergeRule::Min) => format!("min({name}) AS {name}"),
+                Some(MergeRule::Max) => format!("max({name}) AS {name}"),
+            }
+        })
+        .collect();
+    format!(
+        "SELECT {} FROM (SELECT * FROM {}{filter} UNION ALL SELECT * FROM {}{filter}) GROUP BY {}",
+        cols.join(", "),
+        quote(&def.name),
+        quote(&delta_table(&def.name)),
+        keys.join(", ")
+    )
+}
+
 /// Read the rows of `def` with `lo <= window < hi` (and `window <= max` if
 /// given), ordered by window, on `$conn`.
 macro_rules! read_rows {
     ($dialect:expr, $conn:expr, $def:expr, $lo:expr, $hi:expr, $max:expr) => {{
         let def: &RollupDef = $def;
         let max: Option<i64> = $max;
-        let w = quote(def.window_name());
-        let cap = if max.is_some() { format!(" AND {w} <= ?") } else { String::new() };
-        let sql = $dialect.sql(&format!("SELECT * FROM {} WHERE {w} >= ? AND {w} < ?{cap} ORDER BY {w}", quote(&def.name)));
+        let sql = $dialect.sql(&read_rows_sql($dialect, def, max.is_some()));
         let mut q = sqlx::query(AssertSqlSafe(sql)).bind($lo).bind($hi);
         if let Some(m) = max {
             q = q.bind(m);
@@ -632,6 +706,9 @@ macro_rules! commit {
 struct SqliteWriter {
     path: PathBuf,
     conn: Mutex<Option<rusqlite::Connection>>,
+    /// Rows upserted into the delta tables since they were last folded.
+    delta_rows: Mutex<usize>,
+    fold_rows: usize,
 }
 
 impl SqliteWriter {
@@ -653,22 +730,79 @@ impl SqliteWriter {
         // A panic elsewhere cannot leave the connection mid-transaction:
         // every failed commit below drops it.
         let mut slot = self.conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        if slot.is_none() {
-            *slot = Some(Self::open(&self.path).map_err(sq("open the write connection"))?);
-        }
-        let Some(conn) = slot.as_mut() else {
-            return Err(SinkError::Encode { path: self.path.display().to_string(), message: "no write connection".into() });
-        };
-        let outcome = commit_sqlite(conn, store, req);
-        if outcome.is_err() {
-            *slot = None;
+        let mut delta_rows = self.delta_rows.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let conn = self.connection(&mut slot, &mut delta_rows, store)?;
+        let rows: usize = req.outputs.iter().flat_map(|o| o.batches.iter()).map(|b| b.num_rows()).sum();
+        let fold = *delta_rows + rows >= self.fold_rows;
+        let outcome = commit_sqlite(conn, store, req, fold);
+        match outcome {
+            Err(_) => *slot = None,
+            Ok(CommitOutcome::Committed) if fold => *delta_rows = 0,
+            Ok(CommitOutcome::Committed) => *delta_rows += rows,
+            Ok(_) => {}
         }
         outcome
     }
 }
 
+impl SqliteWriter {
+    /// The write connection, opened if needed. On open, the rows the delta
+    /// tables hold (e.g. left by the previous process) are counted, so a
+    /// process that restarts often still folds.
+    fn connection<'a>(
+        &self,
+        slot: &'a mut Option<rusqlite::Connection>,
+        delta_rows: &mut usize,
+        store: &ServingStore,
+    ) -> Result<&'a mut rusqlite::Connection, SinkError> {
+        if slot.is_none() {
+            let conn = Self::open(&self.path).map_err(sq("open the write connection"))?;
+            let mut held = 0usize;
+            for spec in &store.tables {
+                let n: i64 = conn
+                    .query_row(&format!("SELECT count(*) FROM {}", quote(&delta_table(&spec.name))), [], |r| r.get(0))
+                    .map_err(sq("count the delta rows"))?;
+                held += usize::try_from(n).unwrap_or(0);
+            }
+            *delta_rows = held;
+            *slot = Some(conn);
+        }
+        slot.as_mut()
+            .ok_or_else(|| SinkError::Encode { path: self.path.display().to_string(), message: "no write connection".into() })
+    }
+
+    /// Fold the delta tables into the rollup tables now, in one transaction.
+    fn fold(&self, store: &ServingStore) -> Result<(), SinkError> {
+        let mut slot = self.conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut delta_rows = self.delta_rows.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let conn = self.connection(&mut slot, &mut delta_rows, store)?;
+        let folded = (|| {
+            conn.execute_batch("BEGIN IMMEDIATE").map_err(sq("begin"))?;
+            fold_deltas(conn, &store.tables)?;
+            conn.execute_batch("COMMIT").map_err(sq("commit"))
+        })();
+        match folded {
+            Ok(()) => *delta_rows = 0,
+            Err(_) => *slot = None,
+        }
+        folded
+    }
+}
+
+/// Fold every delta table into its rollup table (rows in key order, merged
+/// as the rollup's merge rules say), then empty it; inside the caller's
+/// transaction.
+fn fold_deltas(conn: &rusqlite::Connection, tables: &[TableSpec]) -> Result<(), SinkError> {
+    for spec in tables {
+        for sql in &spec.fold_delta_sql {
+            conn.prepare_cached(sql).map_err(sq("fold the delta table"))?.raw_execute().map_err(sq("fold the delta table"))?;
+        }
+    }
+    Ok(())
+}
+
 /// One batch commit on a rusqlite connection (see the module docs).
-fn commit_sqlite(conn: &rusqlite::Connection, store: &ServingStore, req: &CommitRequest<'_>) -> Result<CommitOutcome, SinkError> {
+fn commit_sqlite(conn: &rusqlite::Connection, store: &ServingStore, req: &CommitRequest<'_>, fold: bool) -> Result<CommitOutcome, SinkError> {
     conn.execute_batch("BEGIN IMMEDIATE").map_err(sq("begin"))?;
 
     // 1. Fence.
@@ -689,9 +823,13 @@ fn commit_sqlite(conn: &rusqlite::Connection, store: &ServingStore, req: &Commit
         }
     }
 
-    // 2. Merge rollups.
+    // 2. Merge rollups, into the delta tables; every `fold_interval` the
+    //    deltas are also folded into the main tables.
     merge_rows_sqlite(conn, &store.tables, req.outputs)?;
     crate::failpoint::failpoint("inside_serving_transaction");
+    if fold {
+        fold_deltas(conn, &store.tables)?;
+    }
 
     // 3. Record files.
     {
@@ -744,7 +882,7 @@ fn merge_rows_sqlite(conn: &rusqlite::Connection, tables: &[TableSpec], outputs:
         let Some(spec) = tables.iter().find(|t| t.name == out.rollup) else {
             continue;
         };
-        let mut st = conn.prepare_cached(&spec.row_upsert_sql).map_err(sq("prepare the rollup upsert"))?;
+        let mut st = conn.prepare_cached(&spec.delta_upsert_sql).map_err(sq("prepare the rollup upsert"))?;
         for b in &out.batches {
             let order = spec.leading_key_order(b)?;
             let cols: Vec<TypedColumn<'_>> = spec
@@ -816,37 +954,52 @@ macro_rules! ensure_table {
         };
         let have = table_columns!(d, $conn, def.name.as_str())?;
         let wanted: Vec<(String, String)> = def.columns.iter().map(|c| (c.name.clone(), d.sql_type(c.kind).to_string())).collect();
+        let mut cols: Vec<String> = def
+            .columns
+            .iter()
+            .map(|c| {
+                let null = if c.merge.is_none() { " NOT NULL" } else { "" };
+                format!("{} {}{null}", quote(&c.name), d.sql_type(c.kind))
+            })
+            .collect();
+        let keys: Vec<String> = def.keys().iter().map(|c| quote(&c.name)).collect();
+        cols.push(format!("PRIMARY KEY ({})", keys.join(", ")));
+        let ddl = |table: &str| d.ddl(&format!("CREATE TABLE IF NOT EXISTS {} (\n  {}\n){{noid}}", quote(table), cols.join(",\n  ")));
         if have.is_empty() {
-            let mut cols: Vec<String> = def
-                .columns
-                .iter()
-                .map(|c| {
-                    let null = if c.merge.is_none() { " NOT NULL" } else { "" };
-                    format!("{} {}{null}", quote(&c.name), d.sql_type(c.kind))
-                })
-                .collect();
-            let keys: Vec<String> = def.keys().iter().map(|c| quote(&c.name)).collect();
-            cols.push(format!("PRIMARY KEY ({})", keys.join(", ")));
-            let ddl = d.ddl(&format!("CREATE TABLE IF NOT EXISTS {} (\n  {}\n){{noid}}", quote(&def.name), cols.join(",\n  ")));
-            sqlx::query(AssertSqlSafe(ddl)).execute(&mut *$conn).await.map_err(db("create rollup table"))?;
+            sqlx::query(AssertSqlSafe(ddl(&def.name))).execute(&mut *$conn).await.map_err(db("create rollup table"))?;
             sqlx::query(AssertSqlSafe(index)).execute(&mut *$conn).await.map_err(db("create or drop the rollup window index"))?;
-            Ok::<(), SinkError>(())
         } else if have != wanted {
             let show = |v: &[(String, String)]| v.iter().map(|(n, t)| format!("{n} {t}")).collect::<Vec<_>>().join(", ");
-            Err(SinkError::Schema {
+            return Err(SinkError::Schema {
                 table: def.name.clone(),
                 message: format!(
                     "the existing table has columns ({}) but {} now produces ({}); \
-                     give the changed rollup a new file name (a new table) and backfill it, or drop the old table",
+                     give the changed rollup a new file name (a new table) and backfill it, or drop the old table \
+                     (on SQLite also its __delta table and __merged view)",
                     show(&have),
                     def.file.display(),
                     show(&wanted)
                 ),
-            })
+            });
         } else {
             sqlx::query(AssertSqlSafe(index)).execute(&mut *$conn).await.map_err(db("create or drop the rollup window index"))?;
-            Ok(())
         }
+        if d == Dialect::Sqlite {
+            // SQLite batch commits land in the delta table (see `SqliteWriter`).
+            let delta = delta_table(&def.name);
+            let delta_have = table_columns!(d, $conn, delta.as_str())?;
+            if !delta_have.is_empty() && delta_have != wanted {
+                return Err(SinkError::Schema {
+                    table: delta.clone(),
+                    message: format!("the delta table's columns do not match {}; drop both tables and backfill", def.file.display()),
+                });
+            }
+            sqlx::query(AssertSqlSafe(ddl(&delta))).execute(&mut *$conn).await.map_err(db("create rollup delta table"))?;
+            // For people and tools that query the store: the current rows.
+            let view = format!("CREATE VIEW IF NOT EXISTS {} AS {}", quote(&merged_view(&def.name)), merged_sql(def, ""));
+            sqlx::query(AssertSqlSafe(view)).execute(&mut *$conn).await.map_err(db("create rollup view"))?;
+        }
+        Ok::<(), SinkError>(())
     }};
 }
 
@@ -863,7 +1016,12 @@ impl ServingStore {
         let mut writer = None;
         let (pool, dialect) = if url.starts_with("sqlite:") {
             let (pool, path) = open_sqlite(url).await.map_err(open_err)?;
-            writer = Some(Arc::new(SqliteWriter { path, conn: Mutex::new(None) }));
+            writer = Some(Arc::new(SqliteWriter {
+                path,
+                conn: Mutex::new(None),
+                delta_rows: Mutex::new(0),
+                fold_rows: DEFAULT_FOLD_ROWS,
+            }));
             (Pool::Sqlite(pool), Dialect::Sqlite)
         } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             let opts = PgConnectOptions::from_str(url).map_err(|e| open_err(e.to_string()))?;
@@ -940,6 +1098,31 @@ impl ServingStore {
             ensure_table!(Dialect::Postgres, conn, def, window_index)?;
         }
         Ok(())
+    }
+
+    /// SQLite: fold the delta tables into the rollup tables now (batch
+    /// commits also do, every `serving.sqlite_fold_rows` rows). No effect on
+    /// PostgreSQL.
+    pub async fn fold(&self) -> Result<(), SinkError> {
+        match &self.writer {
+            Some(w) => blocking(|| w.fold(self)),
+            None => Ok(()),
+        }
+    }
+
+    /// SQLite: fold the delta tables into the rollup tables once `rows`
+    /// rows went into them (0: on every commit). No effect on PostgreSQL.
+    pub fn with_fold_rows(mut self, rows: usize) -> ServingStore {
+        if let Some(w) = self.writer.as_mut() {
+            match Arc::get_mut(w) {
+                Some(w) => w.fold_rows = rows,
+                None => {
+                    let path = w.path.clone();
+                    *w = Arc::new(SqliteWriter { path, conn: Mutex::new(None), delta_rows: Mutex::new(0), fold_rows: rows });
+                }
+            }
+        }
+        self
     }
 
     pub fn dialect(&self) -> Dialect {
@@ -1045,14 +1228,21 @@ impl ServingStore {
                 let mut deleted = 0;
                 for (def, lo, hi) in ranges {
                     let w = quote(def.window_name());
-                    let sql = self.dialect.sql(&format!("DELETE FROM {} WHERE {w} >= ? AND {w} < ?", quote(&def.name)));
-                    deleted += sqlx::query(AssertSqlSafe(sql))
-                        .bind(lo)
-                        .bind(hi)
-                        .execute(&mut *tx)
-                        .await
-                        .map_err(db("delete windows"))?
-                        .rows_affected();
+                    // SQLite: the windows' rows may be in the delta table too.
+                    let mut tables = vec![def.name.clone()];
+                    if self.dialect == Dialect::Sqlite {
+                        tables.push(delta_table(&def.name));
+                    }
+                    for table in tables {
+                        let sql = self.dialect.sql(&format!("DELETE FROM {} WHERE {w} >= ? AND {w} < ?", quote(&table)));
+                        deleted += sqlx::query(AssertSqlSafe(sql))
+                            .bind(lo)
+                            .bind(hi)
+                            .execute(&mut *tx)
+                            .await
+                            .map_err(db("delete windows"))?
+                            .rows_affected();
+                    }
                 }
                 MergeRows::merge_rows(&mut *tx, self, outputs).await?;
                 tx.commit().await.map_err(db("commit"))?;
@@ -1370,6 +1560,16 @@ mod tests {
             batches.push(agg.aggregate(std::slice::from_ref(&events)).await.unwrap());
         }
         let fast = ServingStore::open(&format!("sqlite://{}/fast.db", dir.path().display()), &catalog.rollups).await.unwrap();
+        // The same commits folding the delta tables on every commit, and
+        // every 500 rows (the second commit folds, the third does not).
+        let folding = ServingStore::open(&format!("sqlite://{}/folding.db", dir.path().display()), &catalog.rollups)
+            .await
+            .unwrap()
+            .with_fold_rows(0);
+        let some = ServingStore::open(&format!("sqlite://{}/some.db", dir.path().display()), &catalog.rollups)
+            .await
+            .unwrap()
+            .with_fold_rows(500);
         let mut slow = ServingStore::open(&format!("sqlite://{}/slow.db", dir.path().display()), &catalog.rollups).await.unwrap();
         slow.writer = None;
         let topic = "t";
@@ -1393,7 +1593,7 @@ mod tests {
                 store.commit(&req).await
             }
         };
-        for store in [&fast, &slow] {
+        for store in [&fast, &folding, &some, &slow] {
             for b in 0..3 {
                 let start = (b > 0).then(|| b as i64 * 400);
                 assert_eq!(commit(store, b, start).await.unwrap(), CommitOutcome::Committed);
@@ -1407,14 +1607,42 @@ mod tests {
             assert_eq!(store.counters().await.unwrap().get("accepted_total"), Some(&1200));
             assert_eq!(store.as_of(topic).await.unwrap(), Some(now));
         }
+        let sort = |mut v: TableRows| {
+            v.sort_by(|x, y| format!("{x:?}").cmp(&format!("{y:?}")));
+            v
+        };
         for def in &catalog.rollups {
-            let a = fast.read_rows(def, i64::MIN, i64::MAX, None).await.unwrap();
-            let b = slow.read_rows(def, i64::MIN, i64::MAX, None).await.unwrap();
-            let sort = |mut v: TableRows| {
-                v.sort_by(|x, y| format!("{x:?}").cmp(&format!("{y:?}")));
-                v
-            };
-            assert_eq!(sort(a), sort(b), "{}: rusqlite and sqlx commits differ", def.name);
+            let b = sort(slow.read_rows(def, i64::MIN, i64::MAX, None).await.unwrap());
+            for (name, store) in [("no fold", &fast), ("fold on every commit", &folding), ("fold every 500 rows", &some)] {
+                let a = sort(store.read_rows(def, i64::MIN, i64::MAX, None).await.unwrap());
+                assert_eq!(a, b, "{}: rusqlite ({name}) and sqlx commits differ", def.name);
+            }
+        }
+        // Where the rows are: all in the deltas without a fold, none after a
+        // fold on every commit, in both tables with folds every 500 rows.
+        let count = |db: &str, table: String| -> i64 {
+            let c = rusqlite::Connection::open(dir.path().join(db)).unwrap();
+            c.query_row(&format!("SELECT count(*) FROM {}", quote(&table)), [], |r| r.get(0)).unwrap()
+        };
+        let all: i64 = catalog.rollups.iter().map(|d| count("fast.db", delta_table(&d.name))).sum();
+        assert!(all > 1_000 && catalog.rollups.iter().all(|d| count("fast.db", d.name.clone()) == 0), "{all}");
+        assert!(catalog.rollups.iter().all(|d| count("folding.db", delta_table(&d.name)) == 0 && count("folding.db", d.name.clone()) > 0));
+        let (main, delta): (i64, i64) = catalog
+            .rollups
+            .iter()
+            .map(|d| (count("some.db", d.name.clone()), count("some.db", delta_table(&d.name))))
+            .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
+        assert!(main > 0 && delta > 0, "main {main}, delta {delta}");
+        // The `__merged` views show what reads see.
+        let c = rusqlite::Connection::open(dir.path().join("some.db")).unwrap();
+        for def in &catalog.rollups {
+            let rows = some.read_rows(def, i64::MIN, i64::MAX, None).await.unwrap();
+            let events: i64 = rows.iter().map(|r| if let Cell::Int(n) = r[3] { n } else { 0 }).sum();
+            let (n, e): (i64, i64) = c
+                .query_row(&format!("SELECT count(*), sum(events) FROM {}", quote(&merged_view(&def.name))), [], |r| Ok((r.get(0)?, r.get(1)?)))
+                .unwrap();
+            assert_eq!((n, e), (rows.len() as i64, events), "{}", def.name);
+            assert_eq!(e, 1200, "{}: every event once", def.name);
         }
         let hourly = catalog.rollups.iter().find(|d| d.name == "hour_video_events").unwrap();
         let mut got = BTreeMap::new();
@@ -1439,13 +1667,13 @@ mod tests {
         // A commit that fails (its table is gone) drops the connection; once
         // the table is back, the next commit succeeds on a new connection.
         let w = fast.writer.clone().unwrap();
-        let dropped = format!("ALTER TABLE {} RENAME TO gone", quote(&hourly.name));
+        let dropped = format!("ALTER TABLE {} RENAME TO gone", quote(&delta_table(&hourly.name)));
         let raw = rusqlite::Connection::open(dir.path().join("fast.db")).unwrap();
         raw.execute_batch(&dropped).unwrap();
         let failed = commit(&fast, 1, Some(1200)).await;
         assert!(matches!(failed, Err(SinkError::Sqlite { .. })), "the commit fails while the table is missing: {failed:?}");
         assert!(w.conn.lock().unwrap().is_none(), "the failed commit dropped its connection");
-        raw.execute_batch(&format!("ALTER TABLE gone RENAME TO {}", quote(&hourly.name))).unwrap();
+        raw.execute_batch(&format!("ALTER TABLE gone RENAME TO {}", quote(&delta_table(&hourly.name)))).unwrap();
         assert_eq!(store_offsets_after(&fast, topic).await, 1200, "the failed commit changed nothing");
         let partitions: BTreeMap<i32, PartitionRange> =
             [(0, PartitionRange { expected_start: Some(1200), first: 1200, last: 1599 })].into_iter().collect();
