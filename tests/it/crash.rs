@@ -96,8 +96,9 @@ pub(crate) async fn committed_total(db: &std::path::Path) -> i64 {
 }
 
 /// Crash exactly between the archive write and the serving commit, then
-/// between the serving commit and Kafka's group commit; the restart must
-/// delete the orphan files and count nothing twice.
+/// between the serving commit and Kafka's group commit, then inside the
+/// fold of the SQLite delta tables; the restart must delete the orphan
+/// files and count nothing twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failpoints_around_the_commit_leave_no_trace() {
     let dir = test_dir();
@@ -113,15 +114,20 @@ async fn failpoints_around_the_commit_leave_no_trace() {
     let db = data.join("serving.db");
     let mut env = TallyEnv::new(&broker.bootstrap(), &topic, &unique("g"), &data);
     env.set("TALLY__BATCH__MAX_ROWS", "700");
+    // Fold the SQLite delta tables after every commit (in a transaction of
+    // its own, after the batch's).
+    env.set("TALLY__SERVING__SQLITE_FOLD_ROWS", "1");
 
     // Each failpoint aborts the first batch that reaches it; only
-    // `after_serving_commit` leaves that batch committed.
+    // `after_serving_commit` and `inside_fold_transaction` leave that batch
+    // committed.
     let mut committed = 0;
     for (point, commits) in [
         ("after_archive_write", false),
         ("after_aggregate", false),
         ("inside_serving_transaction", false),
         ("after_serving_commit", true),
+        ("inside_fold_transaction", true),
     ] {
         env.set("TALLY_FAILPOINT", point);
         let mut t = Tally::start(&env);
@@ -136,6 +142,10 @@ async fn failpoints_around_the_commit_leave_no_trace() {
             assert_eq!(now_committed, committed, "{point}: nothing more was committed");
             assert!(!files_under(&data.join("raw")).is_empty(), "{point}: the crashed batch left archive files behind");
         }
+        if point == "inside_fold_transaction" {
+            let delta = serving_query_i64(&db, "SELECT 'rows', count(*) FROM minute_video_events__delta").await;
+            assert!(delta.first().is_some_and(|(_, n)| *n > 0), "the aborted fold left the batch in the delta: {delta:?}");
+        }
         committed = now_committed;
     }
 
@@ -146,7 +156,9 @@ async fn failpoints_around_the_commit_leave_no_trace() {
     let log = std::fs::read_to_string(&env.log).unwrap_or_default();
     assert!(log.contains("removed orphan archive files"), "orphans were cleaned up:\n{log}");
     crate::e2e::verify_outputs(&data, &topic, &messages).await;
-    report_faults(&[("failpoint_crashes", 4)]);
+    let folded = serving_query_i64(&db, "SELECT 'rows', count(*) FROM minute_video_events__delta").await;
+    assert_eq!(folded.first().map(|(_, n)| *n), Some(0), "later folds emptied the delta");
+    report_faults(&[("failpoint_crashes", 5)]);
 }
 
 fn wait_exit(t: &mut Tally, timeout: Duration) -> std::process::ExitStatus {

@@ -165,6 +165,8 @@ pub struct Ingest {
     stop: Arc<AtomicBool>,
     topic: String,
     timeout: Duration,
+    /// A request answers by then even if some deliveries are unreported.
+    answer_by: Duration,
 }
 
 /// A produce that did not fully succeed.
@@ -204,12 +206,17 @@ impl Ingest {
                 }
             })
             .map_err(|e| ServeError::Kafka(format!("cannot start the producer's poll thread: {e}")))?;
-        Ok(Ingest { producer, stop, topic: settings.kafka.topic.clone(), timeout })
+        // Should a report come later than librdkafka promises (a busy
+        // machine), answer `produce_failed` with the count rather than let
+        // the request time out with none.
+        let answer_by = settings.api.request_timeout.mul_f64(0.8);
+        Ok(Ingest { producer, stop, topic: settings.kafka.topic.clone(), timeout, answer_by })
     }
 
     /// Produce every event; Ok only when the broker acknowledged all of them.
     pub async fn produce(&self, events: &[&[u8]]) -> Result<usize, ProduceFailure> {
-        let deadline = Instant::now() + self.timeout;
+        let started = Instant::now();
+        let deadline = started + self.timeout;
         let mut pending = Vec::with_capacity(events.len());
         for e in events {
             let (tx, rx) = oneshot::channel();
@@ -229,18 +236,26 @@ impl Ingest {
             }
         }
         let total = pending.len();
-        let mut acked = 0;
+        let answer_by = tokio::time::Instant::from_std(started + self.answer_by);
+        let (mut acked, mut unconfirmed) = (0, 0);
         let mut first_error = None;
         for rx in pending {
-            match rx.await {
-                Ok(Ok(())) => acked += 1,
-                Ok(Err(e)) => {
+            match tokio::time::timeout_at(answer_by, rx).await {
+                Ok(Ok(Ok(()))) => acked += 1,
+                Ok(Ok(Err(e))) => {
                     first_error.get_or_insert(e);
                 }
-                Err(_) => {
+                Ok(Err(_)) => {
                     first_error.get_or_insert_with(|| "the producer was dropped".to_string());
                 }
+                Err(_) => unconfirmed += 1,
             }
+        }
+        if unconfirmed > 0 && first_error.is_none() {
+            first_error = Some(format!(
+                "{unconfirmed} deliveries were not reported within {:?} (the broker may be down; they may still arrive)",
+                self.answer_by
+            ));
         }
         match first_error {
             None => Ok(total),

@@ -4,6 +4,11 @@
 //! 1. fences: each partition's stored next offset must equal the offset the
 //!    batch was built on, so a stale or zombie writer fails here;
 //! 2. merges the rollup rows (count/sum add, min/max take the extreme);
+//!    on SQLite into each rollup's small `<rollup>__delta` table, folded
+//!    into the rollup table (in a transaction of its own) after the commit
+//!    that brings the deltas to `serving.sqlite_fold_rows` rows (a commit
+//!    rewrites every page it touches; a delta has few). Readers sum a
+//!    rollup and its delta;
 //! 3. records the archive files the batch wrote;
 //! 4. advances the offsets and the counters.
 //!
@@ -733,13 +738,25 @@ impl SqliteWriter {
         let mut delta_rows = self.delta_rows.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let conn = self.connection(&mut slot, &mut delta_rows, store)?;
         let rows: usize = req.outputs.iter().flat_map(|o| o.batches.iter()).map(|b| b.num_rows()).sum();
-        let fold = *delta_rows + rows >= self.fold_rows;
-        let outcome = commit_sqlite(conn, store, req, fold);
+        let outcome = commit_sqlite(conn, store, req);
         match outcome {
             Err(_) => *slot = None,
-            Ok(CommitOutcome::Committed) if fold => *delta_rows = 0,
-            Ok(CommitOutcome::Committed) => *delta_rows += rows,
-            Ok(_) => {}
+            Ok(CommitOutcome::Committed) => {
+                *delta_rows += rows;
+                if *delta_rows >= self.fold_rows {
+                    // In its own transaction once the batch is visible: the
+                    // fold delays the next commit, not this batch. A failed
+                    // fold rolls back whole and is tried after the next batch.
+                    match fold_in_transaction(conn, &store.tables) {
+                        Ok(()) => *delta_rows = 0,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "folding the SQLite delta tables failed; retrying after the next batch");
+                            *slot = None;
+                        }
+                    }
+                }
+            }
+            Ok(CommitOutcome::Fenced { .. }) => {}
         }
         outcome
     }
@@ -776,11 +793,7 @@ impl SqliteWriter {
         let mut slot = self.conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let mut delta_rows = self.delta_rows.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let conn = self.connection(&mut slot, &mut delta_rows, store)?;
-        let folded = (|| {
-            conn.execute_batch("BEGIN IMMEDIATE").map_err(sq("begin"))?;
-            fold_deltas(conn, &store.tables)?;
-            conn.execute_batch("COMMIT").map_err(sq("commit"))
-        })();
+        let folded = fold_in_transaction(conn, &store.tables);
         match folded {
             Ok(()) => *delta_rows = 0,
             Err(_) => *slot = None,
@@ -790,19 +803,22 @@ impl SqliteWriter {
 }
 
 /// Fold every delta table into its rollup table (rows in key order, merged
-/// as the rollup's merge rules say), then empty it; inside the caller's
-/// transaction.
-fn fold_deltas(conn: &rusqlite::Connection, tables: &[TableSpec]) -> Result<(), SinkError> {
+/// as the rollup's merge rules say), then empty it, in one transaction: a
+/// crash leaves all of the fold or none of it, and readers see the same sums
+/// before and after.
+fn fold_in_transaction(conn: &rusqlite::Connection, tables: &[TableSpec]) -> Result<(), SinkError> {
+    conn.execute_batch("BEGIN IMMEDIATE").map_err(sq("begin the fold"))?;
     for spec in tables {
         for sql in &spec.fold_delta_sql {
             conn.prepare_cached(sql).map_err(sq("fold the delta table"))?.raw_execute().map_err(sq("fold the delta table"))?;
         }
     }
-    Ok(())
+    crate::failpoint::failpoint("inside_fold_transaction");
+    conn.execute_batch("COMMIT").map_err(sq("commit the fold"))
 }
 
 /// One batch commit on a rusqlite connection (see the module docs).
-fn commit_sqlite(conn: &rusqlite::Connection, store: &ServingStore, req: &CommitRequest<'_>, fold: bool) -> Result<CommitOutcome, SinkError> {
+fn commit_sqlite(conn: &rusqlite::Connection, store: &ServingStore, req: &CommitRequest<'_>) -> Result<CommitOutcome, SinkError> {
     conn.execute_batch("BEGIN IMMEDIATE").map_err(sq("begin"))?;
 
     // 1. Fence.
@@ -823,13 +839,9 @@ fn commit_sqlite(conn: &rusqlite::Connection, store: &ServingStore, req: &Commit
         }
     }
 
-    // 2. Merge rollups, into the delta tables; every `fold_interval` the
-    //    deltas are also folded into the main tables.
+    // 2. Merge rollups, into the delta tables (folded by `SqliteWriter::commit`).
     merge_rows_sqlite(conn, &store.tables, req.outputs)?;
     crate::failpoint::failpoint("inside_serving_transaction");
-    if fold {
-        fold_deltas(conn, &store.tables)?;
-    }
 
     // 3. Record files.
     {
