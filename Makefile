@@ -81,7 +81,7 @@ bench: $(TANSU) release postgres
 ## (no timing assertion). Part of `make test`.
 bench-smoke: $(TANSU) postgres
 	TALLY_BIN=$(CURDIR)/target/debug/tally TANSU=$(TANSU) BENCH_EVENTS=50000 BACKFILL_EVENTS=50000 CORE_EVENTS=50000 \
-	  FRESH_RATE=2000 FRESH_PROBES=20 scripts/bench.sh
+	  FRESH_RATE=2000 FRESH_PROBES=20 FRESH_HISTORY=20000 scripts/bench.sh
 
 ## bench-api: open-loop latency of /v1/count and /v1/stats, idle and under ingest.
 bench-api: $(TANSU) release
