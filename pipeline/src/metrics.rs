@@ -88,6 +88,9 @@ pub struct Metrics {
     pub archive_files_written: AtomicU64,
     pub archive_orphans_removed: AtomicU64,
     pub rollup_rows_merged: AtomicU64,
+    /// SQLite delta-table folds, and their seconds (µs), as the store counts them.
+    pub sqlite_folds: AtomicU64,
+    pub sqlite_fold_micros: AtomicU64,
     pub api_events_produced: AtomicU64,
     pub api_events_invalid: AtomicU64,
     pub verify_runs: AtomicU64,
@@ -125,6 +128,8 @@ impl Metrics {
             archive_files_written: AtomicU64::new(0),
             archive_orphans_removed: AtomicU64::new(0),
             rollup_rows_merged: AtomicU64::new(0),
+            sqlite_folds: AtomicU64::new(0),
+            sqlite_fold_micros: AtomicU64::new(0),
             api_events_produced: AtomicU64::new(0),
             api_events_invalid: AtomicU64::new(0),
             newest_committed_event_ms: AtomicI64::new(0),
@@ -272,6 +277,9 @@ impl Metrics {
         counter(o, "tally_archive_files_written_total", "Parquet files written to the raw archive and the dead-letter dataset.", load(&self.archive_files_written));
         counter(o, "tally_archive_orphans_removed_total", "Archive files of batches that never committed (a crash or a fenced writer), removed by the orphan sweep.", load(&self.archive_orphans_removed));
         counter(o, "tally_rollup_rows_merged_total", "Rollup rows merged into the serving store.", load(&self.rollup_rows_merged));
+        counter(o, "tally_sqlite_folds_total", "Folds of the SQLite delta tables into the rollup tables.", load(&self.sqlite_folds));
+        header(o, "tally_sqlite_fold_seconds_total", "counter", "Time spent folding the SQLite delta tables (the next batch commit waits for a fold).");
+        let _ = writeln!(o, "tally_sqlite_fold_seconds_total {}", load(&self.sqlite_fold_micros) as f64 / 1e6);
         header(o, "tally_consumer_lag_messages", "gauge", "Messages between the offsets committed to the serving store and the partition end (librdkafka statistics).");
         if let Ok(m) = self.consumer_lag.lock() {
             for (p, lag) in m.iter() {

@@ -26,6 +26,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -714,9 +715,23 @@ struct SqliteWriter {
     /// Rows upserted into the delta tables since they were last folded.
     delta_rows: Mutex<usize>,
     fold_rows: usize,
+    /// Folds done by this process, and their time (µs).
+    folds: AtomicU64,
+    fold_micros: AtomicU64,
 }
 
 impl SqliteWriter {
+    fn new(path: PathBuf, fold_rows: usize) -> SqliteWriter {
+        SqliteWriter {
+            path,
+            conn: Mutex::new(None),
+            delta_rows: Mutex::new(0),
+            fold_rows,
+            folds: AtomicU64::new(0),
+            fold_micros: AtomicU64::new(0),
+        }
+    }
+
     fn open(path: &Path) -> rusqlite::Result<rusqlite::Connection> {
         use rusqlite::OpenFlags;
         let conn = rusqlite::Connection::open_with_flags(
@@ -747,7 +762,7 @@ impl SqliteWriter {
                     // In its own transaction once the batch is visible: the
                     // fold delays the next commit, not this batch. A failed
                     // fold rolls back whole and is tried after the next batch.
-                    match fold_in_transaction(conn, &store.tables) {
+                    match self.timed_fold(conn, &store.tables) {
                         Ok(()) => *delta_rows = 0,
                         Err(e) => {
                             tracing::warn!(error = %e, "folding the SQLite delta tables failed; retrying after the next batch");
@@ -763,6 +778,14 @@ impl SqliteWriter {
 }
 
 impl SqliteWriter {
+    fn timed_fold(&self, conn: &rusqlite::Connection, tables: &[TableSpec]) -> Result<(), SinkError> {
+        let started = std::time::Instant::now();
+        fold_in_transaction(conn, tables)?;
+        self.folds.fetch_add(1, Ordering::Relaxed);
+        self.fold_micros.fetch_add(u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX), Ordering::Relaxed);
+        Ok(())
+    }
+
     /// The write connection, opened if needed. On open, the rows the delta
     /// tables hold (e.g. left by the previous process) are counted, so a
     /// process that restarts often still folds.
@@ -793,7 +816,7 @@ impl SqliteWriter {
         let mut slot = self.conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let mut delta_rows = self.delta_rows.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let conn = self.connection(&mut slot, &mut delta_rows, store)?;
-        let folded = fold_in_transaction(conn, &store.tables);
+        let folded = self.timed_fold(conn, &store.tables);
         match folded {
             Ok(()) => *delta_rows = 0,
             Err(_) => *slot = None,
@@ -1028,12 +1051,7 @@ impl ServingStore {
         let mut writer = None;
         let (pool, dialect) = if url.starts_with("sqlite:") {
             let (pool, path) = open_sqlite(url).await.map_err(open_err)?;
-            writer = Some(Arc::new(SqliteWriter {
-                path,
-                conn: Mutex::new(None),
-                delta_rows: Mutex::new(0),
-                fold_rows: DEFAULT_FOLD_ROWS,
-            }));
+            writer = Some(Arc::new(SqliteWriter::new(path, DEFAULT_FOLD_ROWS)));
             (Pool::Sqlite(pool), Dialect::Sqlite)
         } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             let opts = PgConnectOptions::from_str(url).map_err(|e| open_err(e.to_string()))?;
@@ -1122,6 +1140,15 @@ impl ServingStore {
         }
     }
 
+    /// SQLite: folds of the delta tables done by this process, and their
+    /// seconds in all; `(0, 0.0)` on PostgreSQL.
+    pub fn fold_stats(&self) -> (u64, f64) {
+        match &self.writer {
+            Some(w) => (w.folds.load(Ordering::Relaxed), w.fold_micros.load(Ordering::Relaxed) as f64 / 1e6),
+            None => (0, 0.0),
+        }
+    }
+
     /// SQLite: fold the delta tables into the rollup tables once `rows`
     /// rows went into them (0: on every commit). No effect on PostgreSQL.
     pub fn with_fold_rows(mut self, rows: usize) -> ServingStore {
@@ -1130,7 +1157,7 @@ impl ServingStore {
                 Some(w) => w.fold_rows = rows,
                 None => {
                     let path = w.path.clone();
-                    *w = Arc::new(SqliteWriter { path, conn: Mutex::new(None), delta_rows: Mutex::new(0), fold_rows: rows });
+                    *w = Arc::new(SqliteWriter::new(path, rows));
                 }
             }
         }
@@ -1645,6 +1672,9 @@ mod tests {
             .map(|d| (count("some.db", d.name.clone()), count("some.db", delta_table(&d.name))))
             .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
         assert!(main > 0 && delta > 0, "main {main}, delta {delta}");
+        // Folds are counted (and timed) per process.
+        assert_eq!((fast.fold_stats().0, folding.fold_stats().0, some.fold_stats().0), (0, 3, 1));
+        assert!(folding.fold_stats().1 > 0.0);
         // The `__merged` views show what reads see.
         let c = rusqlite::Connection::open(dir.path().join("some.db")).unwrap();
         for def in &catalog.rollups {
