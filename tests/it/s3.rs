@@ -88,8 +88,23 @@ async fn s3_archive_is_exact_across_sigkills_and_a_crash_mid_multipart_upload() 
     producer.await.unwrap();
     let end = broker.end_offsets(&topic, 4);
     wait_committed(&db, &topic, &end, Duration::from_secs(120), &mut tally).await;
-    // Two sweep intervals (heartbeat commits run the sweeps while idle).
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // A PUT a killed process sent can land after the new owner's first sweep;
+    // the periodic sweep (every 1 s, run by heartbeat commits while idle)
+    // removes it. On a loaded machine that can take longer than a few seconds:
+    // wait (at most 30 s) until the bucket holds only recorded files. If it
+    // never does, the checks below fail.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let scratch = dir.path().join("scratch");
+        let _ = std::fs::remove_dir_all(&scratch);
+        let keys: std::collections::BTreeSet<String> = s3.mirror(bucket, &prefix, &scratch).await.into_iter().collect();
+        let recorded: std::collections::BTreeSet<String> =
+            serving_query_i64(&db, "SELECT path, rows FROM tally_files").await.into_iter().map(|(p, _)| p).collect();
+        if keys.is_subset(&recorded) || std::time::Instant::now() > deadline {
+            break;
+        }
+    }
     assert!(tally.stop().success(), "clean exit:\n{}", tally.log_tail());
     let log = std::fs::read_to_string(&env.log).unwrap_or_default();
     assert!(log.contains("aborting multipart uploads left by a crash"), "the crashed upload was found and aborted");
