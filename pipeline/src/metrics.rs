@@ -91,6 +91,7 @@ pub struct Metrics {
     /// SQLite delta-table folds, and their seconds (µs), as the store counts them.
     pub sqlite_folds: AtomicU64,
     pub sqlite_fold_micros: AtomicU64,
+    pub sqlite_fold_rows: AtomicU64,
     pub api_events_produced: AtomicU64,
     pub api_events_invalid: AtomicU64,
     pub verify_runs: AtomicU64,
@@ -130,6 +131,7 @@ impl Metrics {
             rollup_rows_merged: AtomicU64::new(0),
             sqlite_folds: AtomicU64::new(0),
             sqlite_fold_micros: AtomicU64::new(0),
+            sqlite_fold_rows: AtomicU64::new(0),
             api_events_produced: AtomicU64::new(0),
             api_events_invalid: AtomicU64::new(0),
             newest_committed_event_ms: AtomicI64::new(0),
@@ -280,6 +282,7 @@ impl Metrics {
         counter(o, "tally_sqlite_folds_total", "Folds of the SQLite delta tables into the rollup tables.", load(&self.sqlite_folds));
         header(o, "tally_sqlite_fold_seconds_total", "counter", "Time spent folding the SQLite delta tables (the next batch commit waits for a fold).");
         let _ = writeln!(o, "tally_sqlite_fold_seconds_total {}", load(&self.sqlite_fold_micros) as f64 / 1e6);
+        counter(o, "tally_sqlite_fold_rows_total", "Delta rows folded into the SQLite rollup tables.", load(&self.sqlite_fold_rows));
         header(o, "tally_consumer_lag_messages", "gauge", "Messages between the offsets committed to the serving store and the partition end (librdkafka statistics).");
         if let Ok(m) = self.consumer_lag.lock() {
             for (p, lag) in m.iter() {

@@ -178,9 +178,10 @@ async fn commit_batch(
                 group.commit(&batch.partitions);
                 sweeper.after_commit(batch, control, archive, store, metrics).await;
                 record_commit(metrics, batch, &files, rows_merged, started.elapsed());
-                let (folds, fold_s) = store.fold_stats();
-                metrics.sqlite_folds.store(folds, Ordering::Relaxed);
-                metrics.sqlite_fold_micros.store((fold_s * 1e6) as u64, Ordering::Relaxed);
+                let folds = store.fold_stats();
+                metrics.sqlite_folds.store(folds.folds, Ordering::Relaxed);
+                metrics.sqlite_fold_micros.store((folds.seconds * 1e6) as u64, Ordering::Relaxed);
+                metrics.sqlite_fold_rows.store(folds.rows, Ordering::Relaxed);
                 metrics.observe_batch_latency(
                     batch.oldest_produced_ms,
                     batch.opened_at_ms,

@@ -4,11 +4,12 @@
 //! 1. fences: each partition's stored next offset must equal the offset the
 //!    batch was built on, so a stale or zombie writer fails here;
 //! 2. merges the rollup rows (count/sum add, min/max take the extreme);
-//!    on SQLite into each rollup's small `<rollup>__delta` table, folded
-//!    into the rollup table (in a transaction of its own) after the commit
-//!    that brings the deltas to `serving.sqlite_fold_rows` rows (a commit
-//!    rewrites every page it touches; a delta has few). Readers sum a
-//!    rollup and its delta;
+//!    on SQLite into each rollup's small `<rollup>__delta` table; once the
+//!    deltas hold `serving.sqlite_fold_rows` rows, each commit is followed
+//!    by a fold of one range of keys into the rollup table (in a
+//!    transaction of its own; a commit rewrites every page it touches, a
+//!    delta has few, and a range touches one slice of the rollup table).
+//!    Readers sum a rollup and its delta;
 //! 3. records the archive files the batch wrote;
 //! 4. advances the offsets and the counters.
 //!
@@ -196,8 +197,13 @@ struct TableSpec {
     /// SQLite batch commits: a one-row upsert into the delta table, prepared
     /// once and stepped per row.
     delta_upsert_sql: String,
-    /// SQLite: fold the delta table into the main table, then empty it.
-    fold_delta_sql: [String; 2],
+    /// SQLite: fold the delta rows of one range of the leading key, then
+    /// delete them; indexed `[has lower bound][has upper bound]`, with the
+    /// bounds as `:lo` (exclusive) and `:hi` (inclusive).
+    fold_range_sql: [[[String; 2]; 2]; 2],
+    /// SQLite: the leading key `:n` rows into the delta after `:lo` (or
+    /// from its start), where a ranged fold of about `:n` rows ends.
+    range_end_sql: [String; 2],
 }
 
 /// The outcome of a commit attempt.
@@ -232,6 +238,15 @@ pub enum Cell {
     Text(String),
     Int(i64),
     Real(f64),
+}
+
+/// SQLite: the folds of the delta tables done by one process.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct FoldStats {
+    pub folds: u64,
+    pub seconds: f64,
+    /// Delta rows folded into the rollup tables.
+    pub rows: u64,
 }
 
 /// Rows of one rollup table, columns in the rollup's order.
@@ -315,23 +330,38 @@ impl TableSpec {
             keys.join(", "),
             delta_sets.join(", ")
         );
-        // `WHERE true`: SQLite's parser needs it between a SELECT and ON CONFLICT.
-        let fold_delta_sql = [
-            format!(
-                "INSERT INTO {} ({}) SELECT {} FROM {} WHERE true ON CONFLICT ({}) DO UPDATE SET {}",
-                quote(&def.name),
-                names.join(", "),
-                names.join(", "),
-                quote(&delta),
-                keys.join(", "),
-                sets.join(", ")
-            ),
-            format!("DELETE FROM {}", quote(&delta)),
+        let lead = keys.first().cloned().unwrap_or_default();
+        let range = |lo: bool, hi: bool| -> [String; 2] {
+            let cond = match (lo, hi) {
+                // `WHERE true`: SQLite's parser needs it between a SELECT and ON CONFLICT.
+                (false, false) => "true".to_string(),
+                (true, false) => format!("{lead} > :lo"),
+                (false, true) => format!("{lead} <= :hi"),
+                (true, true) => format!("{lead} > :lo AND {lead} <= :hi"),
+            };
+            [
+                format!(
+                    "INSERT INTO {} ({}) SELECT {} FROM {} WHERE {cond} ON CONFLICT ({}) DO UPDATE SET {}",
+                    quote(&def.name),
+                    names.join(", "),
+                    names.join(", "),
+                    quote(&delta),
+                    keys.join(", "),
+                    sets.join(", ")
+                ),
+                format!("DELETE FROM {} WHERE {cond}", quote(&delta)),
+            ]
+        };
+        let fold_range_sql = [[range(false, false), range(false, true)], [range(true, false), range(true, true)]];
+        let range_end_sql = [
+            format!("SELECT {lead} FROM {} ORDER BY {lead} LIMIT 1 OFFSET :n", quote(&delta)),
+            format!("SELECT {lead} FROM {} WHERE {lead} > :lo ORDER BY {lead} LIMIT 1 OFFSET :n", quote(&delta)),
         ];
         TableSpec {
             unnest_sql,
             delta_upsert_sql,
-            fold_delta_sql,
+            fold_range_sql,
+            range_end_sql,
             name: def.name.clone(),
             key_count: def.key_count,
             rows_per_statement: (MAX_PARAMS / columns.len().max(1)).clamp(1, MAX_ROWS_PER_STATEMENT),
@@ -712,12 +742,30 @@ macro_rules! commit {
 struct SqliteWriter {
     path: PathBuf,
     conn: Mutex<Option<rusqlite::Connection>>,
-    /// Rows upserted into the delta tables since they were last folded.
-    delta_rows: Mutex<usize>,
+    /// Where folding the delta tables stands.
+    fold: Mutex<FoldState>,
     fold_rows: usize,
-    /// Folds done by this process, and their time (µs).
+    /// Folds done by this process, their time (µs) and the rows they moved.
     folds: AtomicU64,
     fold_micros: AtomicU64,
+    fold_moved: AtomicU64,
+}
+
+/// Ranged folds move at least `1 / FOLD_SLICES` of `serving.sqlite_fold_rows`
+/// each, so one cycle over the key space takes at most this many folds.
+const FOLD_SLICES: usize = 8;
+
+/// The writer's view of the delta tables, one entry per rollup table (in
+/// `ServingStore::tables` order).
+#[derive(Debug, Default)]
+struct FoldState {
+    /// Rows in each delta table: counted when the write connection opens and
+    /// when a cycle of ranged folds wraps; in between an upper bound (rows
+    /// upserted, less rows folded).
+    rows: Vec<usize>,
+    /// Where each table's next ranged fold starts: after this leading key,
+    /// or at the start. Not stored: a new process starts at the start.
+    cursor: Vec<Option<rusqlite::types::Value>>,
 }
 
 impl SqliteWriter {
@@ -725,10 +773,11 @@ impl SqliteWriter {
         SqliteWriter {
             path,
             conn: Mutex::new(None),
-            delta_rows: Mutex::new(0),
+            fold: Mutex::new(FoldState::default()),
             fold_rows,
             folds: AtomicU64::new(0),
             fold_micros: AtomicU64::new(0),
+            fold_moved: AtomicU64::new(0),
         }
     }
 
@@ -750,24 +799,40 @@ impl SqliteWriter {
         // A panic elsewhere cannot leave the connection mid-transaction:
         // every failed commit below drops it.
         let mut slot = self.conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let mut delta_rows = self.delta_rows.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let conn = self.connection(&mut slot, &mut delta_rows, store)?;
-        let rows: usize = req.outputs.iter().flat_map(|o| o.batches.iter()).map(|b| b.num_rows()).sum();
+        let mut fold = self.fold.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let conn = self.connection(&mut slot, &mut fold, store)?;
+        let added: Vec<usize> = store
+            .tables
+            .iter()
+            .map(|t| {
+                let outputs = req.outputs.iter().filter(|o| o.rollup == t.name);
+                outputs.flat_map(|o| o.batches.iter()).map(|b| b.num_rows()).sum()
+            })
+            .collect();
         let outcome = commit_sqlite(conn, store, req);
         match outcome {
             Err(_) => *slot = None,
             Ok(CommitOutcome::Committed) => {
-                *delta_rows += rows;
-                if *delta_rows >= self.fold_rows {
+                for (rows, a) in fold.rows.iter_mut().zip(&added) {
+                    *rows += a;
+                }
+                let held: usize = fold.rows.iter().sum();
+                if held >= self.fold_rows {
                     // In its own transaction once the batch is visible: the
-                    // fold delays the next commit, not this batch. A failed
-                    // fold rolls back whole and is tried after the next batch.
-                    match self.timed_fold(conn, &store.tables) {
-                        Ok(()) => *delta_rows = 0,
-                        Err(e) => {
-                            tracing::warn!(error = %e, "folding the SQLite delta tables failed; retrying after the next batch");
-                            *slot = None;
-                        }
+                    // fold delays the next commit, not this batch. It moves
+                    // one range of keys: at least as many rows as this
+                    // commit added (so the deltas stop growing), at least
+                    // 1/FOLD_SLICES of the threshold, and at least the rows
+                    // over the threshold (so deltas left larger, e.g. by a
+                    // lower setting, shrink back at once); all rows if that
+                    // is as many (always with a threshold of 0). A failed
+                    // fold rolls back whole and is tried after the next
+                    // batch.
+                    let target = (self.fold_rows / FOLD_SLICES).max(added.iter().sum()).max(held - self.fold_rows);
+                    let target = (target < held).then_some(target);
+                    if let Err(e) = self.timed_fold(conn, &store.tables, &mut fold, target) {
+                        tracing::warn!(error = %e, "folding the SQLite delta tables failed; retrying after the next batch");
+                        *slot = None;
                     }
                 }
             }
@@ -778,11 +843,18 @@ impl SqliteWriter {
 }
 
 impl SqliteWriter {
-    fn timed_fold(&self, conn: &rusqlite::Connection, tables: &[TableSpec]) -> Result<(), SinkError> {
+    fn timed_fold(
+        &self,
+        conn: &rusqlite::Connection,
+        tables: &[TableSpec],
+        state: &mut FoldState,
+        target: Option<usize>,
+    ) -> Result<(), SinkError> {
         let started = std::time::Instant::now();
-        fold_in_transaction(conn, tables)?;
+        let moved = fold_in_transaction(conn, tables, state, target)?;
         self.folds.fetch_add(1, Ordering::Relaxed);
         self.fold_micros.fetch_add(u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX), Ordering::Relaxed);
+        self.fold_moved.fetch_add(moved as u64, Ordering::Relaxed);
         Ok(())
     }
 
@@ -792,52 +864,117 @@ impl SqliteWriter {
     fn connection<'a>(
         &self,
         slot: &'a mut Option<rusqlite::Connection>,
-        delta_rows: &mut usize,
+        state: &mut FoldState,
         store: &ServingStore,
     ) -> Result<&'a mut rusqlite::Connection, SinkError> {
         if slot.is_none() {
             let conn = Self::open(&self.path).map_err(sq("open the write connection"))?;
-            let mut held = 0usize;
+            let mut rows = Vec::with_capacity(store.tables.len());
             for spec in &store.tables {
-                let n: i64 = conn
-                    .query_row(&format!("SELECT count(*) FROM {}", quote(&delta_table(&spec.name))), [], |r| r.get(0))
-                    .map_err(sq("count the delta rows"))?;
-                held += usize::try_from(n).unwrap_or(0);
+                rows.push(count_delta(&conn, spec)?);
             }
-            *delta_rows = held;
+            *state = FoldState { cursor: vec![None; rows.len()], rows };
             *slot = Some(conn);
         }
         slot.as_mut()
             .ok_or_else(|| SinkError::Encode { path: self.path.display().to_string(), message: "no write connection".into() })
     }
 
-    /// Fold the delta tables into the rollup tables now, in one transaction.
+    /// Fold all rows of the delta tables into the rollup tables now, in one
+    /// transaction.
     fn fold(&self, store: &ServingStore) -> Result<(), SinkError> {
         let mut slot = self.conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let mut delta_rows = self.delta_rows.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let conn = self.connection(&mut slot, &mut delta_rows, store)?;
-        let folded = self.timed_fold(conn, &store.tables);
-        match folded {
-            Ok(()) => *delta_rows = 0,
-            Err(_) => *slot = None,
+        let mut fold = self.fold.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let conn = self.connection(&mut slot, &mut fold, store)?;
+        let folded = self.timed_fold(conn, &store.tables, &mut fold, None);
+        if folded.is_err() {
+            *slot = None;
         }
         folded
     }
 }
 
-/// Fold every delta table into its rollup table (rows in key order, merged
-/// as the rollup's merge rules say), then empty it, in one transaction: a
-/// crash leaves all of the fold or none of it, and readers see the same sums
-/// before and after.
-fn fold_in_transaction(conn: &rusqlite::Connection, tables: &[TableSpec]) -> Result<(), SinkError> {
+fn count_delta(conn: &rusqlite::Connection, spec: &TableSpec) -> Result<usize, SinkError> {
+    let n: i64 = conn
+        .prepare_cached(&format!("SELECT count(*) FROM {}", quote(&delta_table(&spec.name))))
+        .and_then(|mut st| st.query_row([], |r| r.get(0)))
+        .map_err(sq("count the delta rows"))?;
+    Ok(usize::try_from(n).unwrap_or(0))
+}
+
+/// Fold delta rows into their rollup tables (merged as the rollup's merge
+/// rules say), then delete them, in one transaction: a crash leaves all of
+/// the fold or none of it, and readers (who read both tables in one
+/// statement or transaction) see the same sums before and after.
+///
+/// `target: None` folds every row. `Some(n)` folds about `n` rows in all,
+/// shared by the tables as their deltas' sizes: each table's rows of one
+/// range of its leading key, from its cursor on. The range ends at a whole
+/// leading key, so it may hold a few more rows; at the end of the key space
+/// the cursor wraps to the start. Ranges keep a fold's page writes to one
+/// slice of the rollup table, so no single fold stalls the next commit for
+/// long. Returns the rows folded.
+fn fold_in_transaction(
+    conn: &rusqlite::Connection,
+    tables: &[TableSpec],
+    state: &mut FoldState,
+    target: Option<usize>,
+) -> Result<usize, SinkError> {
+    use rusqlite::types::Value;
     conn.execute_batch("BEGIN IMMEDIATE").map_err(sq("begin the fold"))?;
-    for spec in tables {
-        for sql in &spec.fold_delta_sql {
-            conn.prepare_cached(sql).map_err(sq("fold the delta table"))?.raw_execute().map_err(sq("fold the delta table"))?;
+    let held = state.rows.iter().sum::<usize>().max(1);
+    let mut next: Vec<(Option<Value>, usize)> = Vec::with_capacity(tables.len());
+    let mut moved = 0;
+    for (i, spec) in tables.iter().enumerate() {
+        let rows = state.rows.get(i).copied().unwrap_or(0);
+        let cursor = state.cursor.get(i).cloned().flatten();
+        let share = target.map(|t| (t * rows).div_ceil(held).max(1));
+        let (lo, hi) = match share {
+            // Nothing to fold (`rows` is an upper bound).
+            Some(_) if rows == 0 => {
+                next.push((cursor, 0));
+                continue;
+            }
+            Some(n) if spec.key_count > 0 => {
+                let mut st = conn.prepare_cached(&spec.range_end_sql[usize::from(cursor.is_some())]).map_err(sq("find the fold range"))?;
+                let skip = i64::try_from(n - 1).unwrap_or(i64::MAX);
+                let mut params: Vec<(&str, &dyn rusqlite::ToSql)> = vec![(":n", &skip)];
+                if let Some(lo) = &cursor {
+                    params.push((":lo", lo));
+                }
+                let hi: Option<Value> = st
+                    .query_row(params.as_slice(), |r| r.get(0))
+                    .map(Some)
+                    .or_else(|e| if e == rusqlite::Error::QueryReturnedNoRows { Ok(None) } else { Err(e) })
+                    .map_err(sq("find the fold range"))?;
+                (cursor, hi)
+            }
+            _ => (None, None),
+        };
+        let mut params: Vec<(&str, &dyn rusqlite::ToSql)> = Vec::with_capacity(2);
+        if let Some(lo) = &lo {
+            params.push((":lo", lo));
         }
+        if let Some(hi) = &hi {
+            params.push((":hi", hi));
+        }
+        let [insert, delete] = &spec.fold_range_sql[usize::from(lo.is_some())][usize::from(hi.is_some())];
+        conn.prepare_cached(insert).and_then(|mut st| st.execute(params.as_slice())).map_err(sq("fold the delta table"))?;
+        let deleted = conn.prepare_cached(delete).and_then(|mut st| st.execute(params.as_slice())).map_err(sq("fold the delta table"))?;
+        moved += deleted;
+        next.push(match (target, &hi) {
+            (None, _) => (None, 0),
+            // A range to the end of the key space: the next starts over, from
+            // a fresh count.
+            (Some(_), None) => (None, count_delta(conn, spec)?),
+            (Some(_), Some(_)) => (hi.clone(), rows.saturating_sub(deleted)),
+        });
     }
     crate::failpoint::failpoint("inside_fold_transaction");
-    conn.execute_batch("COMMIT").map_err(sq("commit the fold"))
+    conn.execute_batch("COMMIT").map_err(sq("commit the fold"))?;
+    state.cursor = next.iter().map(|(c, _)| c.clone()).collect();
+    state.rows = next.into_iter().map(|(_, r)| r).collect();
+    Ok(moved)
 }
 
 /// One batch commit on a rusqlite connection (see the module docs).
@@ -1140,12 +1277,16 @@ impl ServingStore {
         }
     }
 
-    /// SQLite: folds of the delta tables done by this process, and their
-    /// seconds in all; `(0, 0.0)` on PostgreSQL.
-    pub fn fold_stats(&self) -> (u64, f64) {
+    /// SQLite: folds of the delta tables done by this process, their
+    /// seconds and the rows they moved, in all; zeros on PostgreSQL.
+    pub fn fold_stats(&self) -> FoldStats {
         match &self.writer {
-            Some(w) => (w.folds.load(Ordering::Relaxed), w.fold_micros.load(Ordering::Relaxed) as f64 / 1e6),
-            None => (0, 0.0),
+            Some(w) => FoldStats {
+                folds: w.folds.load(Ordering::Relaxed),
+                seconds: w.fold_micros.load(Ordering::Relaxed) as f64 / 1e6,
+                rows: w.fold_moved.load(Ordering::Relaxed),
+            },
+            None => FoldStats::default(),
         }
     }
 
@@ -1554,13 +1695,23 @@ mod tests {
         assert_eq!(got, want);
     }
 
-    /// The rusqlite batch commit against the sqlx one and against totals
-    /// computed here: the same batches give the same tables; a stale batch
-    /// is fenced and changes nothing; a failed commit drops the connection
-    /// and the next commit opens a new one.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    type Key = (String, String, i64);
+    type Measures = (i64, f64, i64, Option<f64>, Option<f64>);
+
+    /// Rollup outputs of `batches` batches of `per_batch` events over
+    /// `videos` videos, 3 types and 2 hours (every third event has no
+    /// value), with the hourly rollup computed independently.
+    struct Fixture {
+        dir: tempfile::TempDir,
+        catalog: crate::aggregate::SqlCatalog,
+        batches: Vec<Vec<RollupOutput>>,
+        hourly: BTreeMap<Key, Measures>,
+        per_batch: i64,
+        now: i64,
+    }
+
     #[allow(clippy::unwrap_used)]
-    async fn sqlite_commits_merge_fence_and_match_the_sqlx_path() {
+    async fn fixture(batches: i64, per_batch: i64, videos: i64) -> Fixture {
         use crate::aggregate::{RollupAggregator, SqlCatalog};
         use crate::decode::{EventSchema, RecordDecoder};
         let dir = tempfile::tempdir().unwrap();
@@ -1571,22 +1722,18 @@ mod tests {
         let decoder = RecordDecoder::new(schema.clone(), &settings.decode);
         let now = chrono::Utc::now().timestamp_millis();
         let hour = now - now.rem_euclid(3_600_000) - 3 * 3_600_000;
-        // 3 batches of 400 events over 7 videos, 3 types, 2 hours; every
-        // third event has no value.
-        type Key = (String, String, i64);
-        type Measures = (i64, f64, i64, Option<f64>, Option<f64>);
-        let mut expected: BTreeMap<Key, Measures> = BTreeMap::new();
-        let mut batches = Vec::new();
-        for b in 0..3i64 {
-            let mut cols = schema.new_columns(400);
-            for i in 0..400i64 {
-                let n = b * 400 + i;
-                let (video, kind, t) = (format!("v{}", n * 7 % 13 % 7), ["view", "like", "share"][(n % 3) as usize], hour + (n * 7919) % 7_200_000);
+        let mut hourly: BTreeMap<Key, Measures> = BTreeMap::new();
+        let mut outputs = Vec::new();
+        for b in 0..batches {
+            let mut cols = schema.new_columns(per_batch as usize);
+            for i in 0..per_batch {
+                let n = b * per_batch + i;
+                let (video, kind, t) = (format!("v{}", (n * 11 + n / 13) % videos), ["view", "like", "share"][(n % 3) as usize], hour + (n * 7919) % 7_200_000);
                 let value = (n % 3 != 0).then(|| ((n * 37) % 101) as f64 - 50.0);
                 let v = value.map(|v| format!(r#","value":{v}"#)).unwrap_or_default();
                 let p = format!(r#"{{"video_id":"{video}","event_type":"{kind}","event_time":{t}{v}}}"#);
                 decoder.decode(Some(p.as_bytes()), now, &mut cols).unwrap();
-                let e = expected.entry((video, kind.to_string(), t - t.rem_euclid(3_600_000))).or_insert((0, 0.0, 0, None, None));
+                let e = hourly.entry((video, kind.to_string(), t - t.rem_euclid(3_600_000))).or_insert((0, 0.0, 0, None, None));
                 e.0 += 1;
                 if let Some(v) = value {
                     e.1 += v;
@@ -1596,87 +1743,124 @@ mod tests {
                 }
             }
             let events = cols.finish().unwrap();
-            batches.push(agg.aggregate(std::slice::from_ref(&events)).await.unwrap());
+            outputs.push(agg.aggregate(std::slice::from_ref(&events)).await.unwrap());
         }
-        let fast = ServingStore::open(&format!("sqlite://{}/fast.db", dir.path().display()), &catalog.rollups).await.unwrap();
-        // The same commits folding the delta tables on every commit, and
-        // every 500 rows (the second commit folds, the third does not).
-        let folding = ServingStore::open(&format!("sqlite://{}/folding.db", dir.path().display()), &catalog.rollups)
-            .await
-            .unwrap()
-            .with_fold_rows(0);
-        let some = ServingStore::open(&format!("sqlite://{}/some.db", dir.path().display()), &catalog.rollups)
-            .await
-            .unwrap()
-            .with_fold_rows(500);
-        let mut slow = ServingStore::open(&format!("sqlite://{}/slow.db", dir.path().display()), &catalog.rollups).await.unwrap();
-        slow.writer = None;
-        let topic = "t";
-        let commit = |store: &ServingStore, b: usize, expected_start: Option<i64>| {
+        Fixture { dir, catalog, batches: outputs, hourly, per_batch, now }
+    }
+
+    impl Fixture {
+        /// Commit batch `b` as offsets `b * per_batch ..` of partition 0.
+        async fn commit(&self, store: &ServingStore, b: usize, expected_start: Option<i64>) -> Result<CommitOutcome, SinkError> {
+            let n = self.per_batch;
             let partitions: BTreeMap<i32, PartitionRange> =
-                [(0, PartitionRange { expected_start, first: b as i64 * 400, last: b as i64 * 400 + 399 })].into_iter().collect();
-            let store = store.clone();
-            let outputs = batches[b].clone();
-            async move {
-                let req = CommitRequest {
-                    topic,
-                    partitions: &partitions,
-                    outputs: &outputs,
-                    files: &[],
-                    counters: &[("accepted_total".to_string(), 400)],
-                    max_event_ms: &[(0, now - 5)].into_iter().collect(),
-                    caught_up: &[(0, b as i64 * 400 + 400)].into_iter().collect(),
-                    sealed_at_ms: now,
-                    now_ms: now,
+                [(0, PartitionRange { expected_start, first: b as i64 * n, last: b as i64 * n + n - 1 })].into_iter().collect();
+            let req = CommitRequest {
+                topic: "t",
+                partitions: &partitions,
+                outputs: &self.batches[b],
+                files: &[],
+                counters: &[("accepted_total".to_string(), n)],
+                max_event_ms: &[(0, self.now - 5)].into_iter().collect(),
+                caught_up: &[(0, b as i64 * n + n)].into_iter().collect(),
+                sealed_at_ms: self.now,
+                now_ms: self.now,
+            };
+            store.commit(&req).await
+        }
+
+        async fn store(&self, name: &str, fold_rows: usize) -> ServingStore {
+            let url = format!("sqlite://{}/{name}.db", self.dir.path().display());
+            ServingStore::open(&url, &self.catalog.rollups).await.unwrap().with_fold_rows(fold_rows)
+        }
+
+        /// Rows in `table` of store `name`.
+        fn count(&self, name: &str, table: &str) -> i64 {
+            let c = rusqlite::Connection::open(self.dir.path().join(format!("{name}.db"))).unwrap();
+            c.query_row(&format!("SELECT count(*) FROM {}", quote(table)), [], |r| r.get(0)).unwrap()
+        }
+
+        /// The hourly rollup as read back from `store`.
+        async fn hourly_of(&self, store: &ServingStore) -> BTreeMap<Key, Measures> {
+            let hourly = self.catalog.rollups.iter().find(|d| d.name == "hour_video_events").unwrap();
+            let mut got = BTreeMap::new();
+            for r in store.read_rows(hourly, i64::MIN, i64::MAX, None).await.unwrap() {
+                let text = |c: &Cell| match c {
+                    Cell::Text(s) => s.clone(),
+                    other => panic!("{other:?}"),
                 };
-                store.commit(&req).await
+                let int = |c: &Cell| match c {
+                    Cell::Int(v) => *v,
+                    other => panic!("{other:?}"),
+                };
+                let real = |c: &Cell| match c {
+                    Cell::Real(v) => Some(*v),
+                    Cell::Null => None,
+                    other => panic!("{other:?}"),
+                };
+                got.insert((text(&r[0]), text(&r[1]), int(&r[2])), (int(&r[3]), real(&r[4]).unwrap_or(0.0), int(&r[5]), real(&r[6]), real(&r[7])));
             }
-        };
+            got
+        }
+    }
+
+    /// The rusqlite batch commit against the sqlx one and against totals
+    /// computed here: the same batches give the same tables; a stale batch
+    /// is fenced and changes nothing; a failed commit drops the connection
+    /// and the next commit opens a new one.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[allow(clippy::unwrap_used)]
+    async fn sqlite_commits_merge_fence_and_match_the_sqlx_path() {
+        // 3 batches of 400 events over 7 videos.
+        let fx = fixture(3, 400, 7).await;
+        let (catalog, now, topic) = (&fx.catalog, fx.now, "t");
+        let fast = fx.store("fast", DEFAULT_FOLD_ROWS).await;
+        // The same commits folding the delta tables on every commit, and
+        // once the deltas hold 500 rows (ranges of keys from the second
+        // commit on).
+        let folding = fx.store("folding", 0).await;
+        let some = fx.store("some", 500).await;
+        let mut slow = fx.store("slow", DEFAULT_FOLD_ROWS).await;
+        slow.writer = None;
         for store in [&fast, &folding, &some, &slow] {
             for b in 0..3 {
                 let start = (b > 0).then(|| b as i64 * 400);
-                assert_eq!(commit(store, b, start).await.unwrap(), CommitOutcome::Committed);
+                assert_eq!(fx.commit(store, b, start).await.unwrap(), CommitOutcome::Committed);
             }
             // A stale writer re-sending batch 1 is fenced and changes nothing.
             assert_eq!(
-                commit(store, 1, Some(400)).await.unwrap(),
+                fx.commit(store, 1, Some(400)).await.unwrap(),
                 CommitOutcome::Fenced { partition: 0, expected: Some(400), stored: Some(1200) }
             );
             assert_eq!(store.load_offsets(topic).await.unwrap(), [(0, 1200)].into_iter().collect());
             assert_eq!(store.counters().await.unwrap().get("accepted_total"), Some(&1200));
             assert_eq!(store.as_of(topic).await.unwrap(), Some(now));
         }
-        let sort = |mut v: TableRows| {
-            v.sort_by(|x, y| format!("{x:?}").cmp(&format!("{y:?}")));
-            v
-        };
         for def in &catalog.rollups {
-            let b = sort(slow.read_rows(def, i64::MIN, i64::MAX, None).await.unwrap());
-            for (name, store) in [("no fold", &fast), ("fold on every commit", &folding), ("fold every 500 rows", &some)] {
-                let a = sort(store.read_rows(def, i64::MIN, i64::MAX, None).await.unwrap());
+            let b = sorted(slow.read_rows(def, i64::MIN, i64::MAX, None).await.unwrap());
+            for (name, store) in [("no fold", &fast), ("fold on every commit", &folding), ("fold from 500 rows", &some)] {
+                let a = sorted(store.read_rows(def, i64::MIN, i64::MAX, None).await.unwrap());
                 assert_eq!(a, b, "{}: rusqlite ({name}) and sqlx commits differ", def.name);
             }
         }
         // Where the rows are: all in the deltas without a fold, none after a
-        // fold on every commit, in both tables with folds every 500 rows.
-        let count = |db: &str, table: String| -> i64 {
-            let c = rusqlite::Connection::open(dir.path().join(db)).unwrap();
-            c.query_row(&format!("SELECT count(*) FROM {}", quote(&table)), [], |r| r.get(0)).unwrap()
-        };
-        let all: i64 = catalog.rollups.iter().map(|d| count("fast.db", delta_table(&d.name))).sum();
-        assert!(all > 1_000 && catalog.rollups.iter().all(|d| count("fast.db", d.name.clone()) == 0), "{all}");
-        assert!(catalog.rollups.iter().all(|d| count("folding.db", delta_table(&d.name)) == 0 && count("folding.db", d.name.clone()) > 0));
+        // fold on every commit, in both tables with ranged folds.
+        let all: i64 = catalog.rollups.iter().map(|d| fx.count("fast", &delta_table(&d.name))).sum();
+        assert!(all > 1_000 && catalog.rollups.iter().all(|d| fx.count("fast", &d.name) == 0), "{all}");
+        assert!(catalog.rollups.iter().all(|d| fx.count("folding", &delta_table(&d.name)) == 0 && fx.count("folding", &d.name) > 0));
         let (main, delta): (i64, i64) = catalog
             .rollups
             .iter()
-            .map(|d| (count("some.db", d.name.clone()), count("some.db", delta_table(&d.name))))
+            .map(|d| (fx.count("some", &d.name), fx.count("some", &delta_table(&d.name))))
             .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
         assert!(main > 0 && delta > 0, "main {main}, delta {delta}");
-        // Folds are counted (and timed) per process.
-        assert_eq!((fast.fold_stats().0, folding.fold_stats().0, some.fold_stats().0), (0, 3, 1));
-        assert!(folding.fold_stats().1 > 0.0);
+        // Folds are counted (timed, and their rows) per process.
+        let stats = (fast.fold_stats(), folding.fold_stats(), some.fold_stats());
+        assert_eq!((stats.0.folds, stats.1.folds, stats.2.folds), (0, 3, 2));
+        assert!(stats.1.seconds > 0.0);
+        let rows_in = |name: &str| catalog.rollups.iter().map(|d| fx.count(name, &d.name)).sum::<i64>() as u64;
+        assert!(stats.1.rows >= rows_in("folding") && stats.2.rows >= rows_in("some"), "{stats:?}");
         // The `__merged` views show what reads see.
-        let c = rusqlite::Connection::open(dir.path().join("some.db")).unwrap();
+        let c = rusqlite::Connection::open(fx.dir.path().join("some.db")).unwrap();
         for def in &catalog.rollups {
             let rows = some.read_rows(def, i64::MIN, i64::MAX, None).await.unwrap();
             let events: i64 = rows.iter().map(|r| if let Cell::Int(n) = r[3] { n } else { 0 }).sum();
@@ -1686,43 +1870,25 @@ mod tests {
             assert_eq!((n, e), (rows.len() as i64, events), "{}", def.name);
             assert_eq!(e, 1200, "{}: every event once", def.name);
         }
-        let hourly = catalog.rollups.iter().find(|d| d.name == "hour_video_events").unwrap();
-        let mut got = BTreeMap::new();
-        for r in fast.read_rows(hourly, i64::MIN, i64::MAX, None).await.unwrap() {
-            let text = |c: &Cell| match c {
-                Cell::Text(s) => s.clone(),
-                other => panic!("{other:?}"),
-            };
-            let int = |c: &Cell| match c {
-                Cell::Int(v) => *v,
-                other => panic!("{other:?}"),
-            };
-            let real = |c: &Cell| match c {
-                Cell::Real(v) => Some(*v),
-                Cell::Null => None,
-                other => panic!("{other:?}"),
-            };
-            got.insert((text(&r[0]), text(&r[1]), int(&r[2])), (int(&r[3]), real(&r[4]).unwrap_or(0.0), int(&r[5]), real(&r[6]), real(&r[7])));
-        }
-        assert_eq!(got, expected);
+        assert_eq!(fx.hourly_of(&fast).await, fx.hourly);
 
         // A commit that fails (its table is gone) drops the connection; once
         // the table is back, the next commit succeeds on a new connection.
         let w = fast.writer.clone().unwrap();
-        let dropped = format!("ALTER TABLE {} RENAME TO gone", quote(&delta_table(&hourly.name)));
-        let raw = rusqlite::Connection::open(dir.path().join("fast.db")).unwrap();
-        raw.execute_batch(&dropped).unwrap();
-        let failed = commit(&fast, 1, Some(1200)).await;
+        let hourly = delta_table("hour_video_events");
+        let raw = rusqlite::Connection::open(fx.dir.path().join("fast.db")).unwrap();
+        raw.execute_batch(&format!("ALTER TABLE {} RENAME TO gone", quote(&hourly))).unwrap();
+        let failed = fx.commit(&fast, 1, Some(1200)).await;
         assert!(matches!(failed, Err(SinkError::Sqlite { .. })), "the commit fails while the table is missing: {failed:?}");
         assert!(w.conn.lock().unwrap().is_none(), "the failed commit dropped its connection");
-        raw.execute_batch(&format!("ALTER TABLE gone RENAME TO {}", quote(&delta_table(&hourly.name)))).unwrap();
+        raw.execute_batch(&format!("ALTER TABLE gone RENAME TO {}", quote(&hourly))).unwrap();
         assert_eq!(store_offsets_after(&fast, topic).await, 1200, "the failed commit changed nothing");
         let partitions: BTreeMap<i32, PartitionRange> =
             [(0, PartitionRange { expected_start: Some(1200), first: 1200, last: 1599 })].into_iter().collect();
         let req = CommitRequest {
             topic,
             partitions: &partitions,
-            outputs: &batches[1],
+            outputs: &fx.batches[1],
             files: &[],
             counters: &[],
             max_event_ms: &BTreeMap::new(),
@@ -1732,6 +1898,50 @@ mod tests {
         };
         assert_eq!(fast.commit(&req).await.unwrap(), CommitOutcome::Committed);
         assert_eq!(store_offsets_after(&fast, topic).await, 1600);
+    }
+
+    fn sorted(mut v: TableRows) -> TableRows {
+        v.sort_by(|x, y| format!("{x:?}").cmp(&format!("{y:?}")));
+        v
+    }
+
+    /// Ranged folds over many small commits: after every commit reads equal
+    /// a store that never folds; folds leave rows in both tables; over the
+    /// run the cursor goes round the whole key space (every video reaches
+    /// the rollup tables); a full fold empties the deltas; and the hourly
+    /// rollup equals the totals computed here.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[allow(clippy::unwrap_used)]
+    async fn ranged_folds_go_round_the_key_space_and_keep_every_row() {
+        const VIDEOS: i64 = 60;
+        let fx = fixture(40, 120, VIDEOS).await;
+        let plain = fx.store("plain", DEFAULT_FOLD_ROWS).await;
+        let ranged = fx.store("ranged", 1_500).await;
+        let minute = delta_table("minute_video_events");
+        let mut partial = 0;
+        for b in 0..fx.batches.len() {
+            let start = (b > 0).then(|| b as i64 * fx.per_batch);
+            let folds = ranged.fold_stats().folds;
+            for store in [&plain, &ranged] {
+                assert_eq!(fx.commit(store, b, start).await.unwrap(), CommitOutcome::Committed);
+            }
+            for def in &fx.catalog.rollups {
+                let want = sorted(plain.read_rows(def, i64::MIN, i64::MAX, None).await.unwrap());
+                assert_eq!(sorted(ranged.read_rows(def, i64::MIN, i64::MAX, None).await.unwrap()), want, "{} after batch {b}", def.name);
+            }
+            if ranged.fold_stats().folds > folds && fx.count("ranged", &minute) > 0 {
+                partial += 1;
+            }
+        }
+        let stats = ranged.fold_stats();
+        assert!(partial >= 10, "{partial} folds left rows in the delta; {stats:?}");
+        let c = rusqlite::Connection::open(fx.dir.path().join("ranged.db")).unwrap();
+        let videos: i64 = c.query_row("SELECT count(DISTINCT video_id) FROM minute_video_events", [], |r| r.get(0)).unwrap();
+        assert_eq!(videos, VIDEOS, "every video was folded at least once");
+        ranged.fold().await.unwrap();
+        assert!(fx.catalog.rollups.iter().all(|d| fx.count("ranged", &delta_table(&d.name)) == 0));
+        assert_eq!(fx.hourly_of(&ranged).await, fx.hourly);
+        assert_eq!(fx.hourly_of(&plain).await, fx.hourly);
     }
 
     #[allow(clippy::unwrap_used)]
