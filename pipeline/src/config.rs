@@ -236,8 +236,9 @@ pub struct ServingConfig {
     pub url: String,
     /// Index rollup tables by window (faster /v1/top, slower ingest).
     pub window_index: bool,
-    /// SQLite: batch commits upsert into small delta tables, folded into the
-    /// rollup tables once this many rows went in (0: on every commit).
+    /// SQLite: batch commits upsert into small delta tables, which hold
+    /// about this many rows; past it, each commit folds one key range into
+    /// the rollup tables (0: everything, on every commit).
     pub sqlite_fold_rows: usize,
 }
 
