@@ -15,6 +15,7 @@ use crate::decode::{EventSchema, RecordDecoder, RejectReason};
 use crate::error::{Error, RetryHint};
 use crate::failpoint::failpoint;
 use crate::metrics::Metrics;
+use crate::sink::archive::SweepScope;
 use crate::sink::{ArchiveLocation, CommitOutcome, CommitRequest, ParquetArchiveSink, ServingStore};
 use crate::source::kafka::GroupCommitter;
 use crate::source::{ConsumerControl, KafkaSource};
@@ -82,7 +83,8 @@ pub async fn run(stages: Stages, metrics: Arc<Metrics>, shutdown: impl Future<Ou
         .map_err(|e| Error::Internal(format!("cannot start the consumer thread: {e}")))?;
     tracing::info!(topic = %settings.kafka.topic, serving = %store.url(), data_dir = %settings.storage.data_dir.display(), archive = %archive.describe(), "tally running");
 
-    let mut sweeper = OrphanSweeper::new(&settings.kafka.topic, settings.storage.orphan_sweep_interval);
+    let mut sweeper =
+        OrphanSweeper::new(&settings.kafka.topic, settings.storage.orphan_sweep_interval, settings.decode.max_event_age);
     let committer = async {
         let mut stats = RunStats::default();
         let mut last_log = Instant::now();
@@ -249,17 +251,48 @@ fn record_commit(metrics: &Metrics, batch: &Batch, files: &[crate::sink::Written
 /// finishes before the next commit, as before; periodic ones run in the
 /// background, so a long listing never delays a commit. A failed sweep is
 /// retried within 30 s; shutdown waits for a running one.
+///
+/// The first sweep after an assignment, and one a day after it, lists the
+/// whole archive. The others look only at files modified since an hour
+/// before the partition's previous sweep started, in the directories such
+/// files can be in (see `SweepScope::Since`), so their cost follows the
+/// write rate, not the size of the archive.
 struct OrphanSweeper {
     topic: String,
     interval: Duration,
-    /// Owned partitions past their first commit -> when the next sweep is due.
-    due: std::collections::HashMap<i32, Instant>,
-    running: Option<tokio::task::JoinHandle<Result<Vec<i32>, Vec<i32>>>>,
+    max_event_age: Duration,
+    /// Owned partitions past their first commit.
+    owned: std::collections::HashMap<i32, SweepState>,
+    running: Option<tokio::task::JoinHandle<Result<Swept, Vec<i32>>>>,
 }
 
+#[derive(Debug, Clone, Copy)]
+struct SweepState {
+    /// When the next sweep is due.
+    due: Instant,
+    /// Start (epoch ms) of the last sweep that succeeded; `None`: none since assignment.
+    swept_ms: Option<i64>,
+    /// When the last full sweep started.
+    full_at: Option<Instant>,
+}
+
+/// A sweep that succeeded.
+struct Swept {
+    partitions: Vec<i32>,
+    started_ms: i64,
+    started: Instant,
+    full: bool,
+}
+
+/// Between two sweeps of the whole archive.
+const FULL_SWEEP_EVERY: Duration = Duration::from_secs(24 * 3600);
+/// How far before the previous sweep a bounded sweep looks: S3 dates an
+/// object by the start of its upload, and clocks differ.
+const SWEEP_OVERLAP_MS: i64 = 3_600_000;
+
 impl OrphanSweeper {
-    fn new(topic: &str, interval: Duration) -> Self {
-        OrphanSweeper { topic: topic.to_string(), interval, due: Default::default(), running: None }
+    fn new(topic: &str, interval: Duration, max_event_age: Duration) -> Self {
+        OrphanSweeper { topic: topic.to_string(), interval, max_event_age, owned: Default::default(), running: None }
     }
 
     /// Called after every committed batch (heartbeats too).
@@ -276,7 +309,7 @@ impl OrphanSweeper {
         if let Ok(mut pending) = control.cleanup_pending.lock() {
             for p in batch.partitions.keys() {
                 if pending.remove(p) {
-                    self.due.insert(*p, now);
+                    self.owned.insert(*p, SweepState { due: now, swept_ms: None, full_at: None });
                     first = true;
                 }
             }
@@ -286,23 +319,27 @@ impl OrphanSweeper {
         }
         self.finish().await;
         let owned = control.owned_partitions();
-        self.due.retain(|p, _| owned.contains(p));
-        let todo: Vec<i32> = self.due.iter().filter(|(_, due)| **due <= now).map(|(p, _)| *p).collect();
+        self.owned.retain(|p, _| owned.contains(p));
+        let todo: Vec<i32> = self.owned.iter().filter(|(_, s)| s.due <= now).map(|(p, _)| *p).collect();
         if todo.is_empty() {
             return;
         }
+        let scope = sweep_scope(todo.iter().filter_map(|p| self.owned.get(p)), now, self.max_event_age);
         for p in &todo {
-            self.due.insert(*p, now + self.interval);
+            if let Some(state) = self.owned.get_mut(p) {
+                state.due = now + self.interval;
+            }
         }
         let (topic, archive, store, metrics) = (self.topic.clone(), archive.clone(), store.clone(), metrics.clone());
         self.running = Some(tokio::spawn(async move {
-            match sweep_orphans(&topic, &todo, &archive, &store).await {
+            let (started, started_ms) = (Instant::now(), chrono::Utc::now().timestamp_millis());
+            match sweep_orphans(&topic, &todo, &archive, &store, scope).await {
                 Ok(removed) => {
                     if !removed.is_empty() {
                         tracing::warn!(partitions = ?todo, count = removed.len(), files = ?removed, "removed orphan archive files left by a crash or a fenced writer");
                         metrics.archive_orphans_removed.fetch_add(removed.len() as u64, Ordering::Relaxed);
                     }
-                    Ok(todo)
+                    Ok(Swept { partitions: todo, started_ms, started, full: scope == SweepScope::Full })
                 }
                 Err(e) => {
                     tracing::error!(partitions = ?todo, error = %e, "orphan sweep failed; retrying within 30 s");
@@ -315,21 +352,51 @@ impl OrphanSweeper {
         }
     }
 
-    /// Wait for the running sweep; schedule a retry for partitions it failed on.
+    /// Wait for the running sweep: record its start for the next bounded
+    /// one, or schedule a retry for the partitions it failed on.
     async fn finish(&mut self) {
         let Some(handle) = self.running.take() else { return };
         match handle.await {
             Ok(Err(failed)) => {
                 let retry = Instant::now() + self.interval.min(Duration::from_secs(30));
                 for p in failed {
-                    if let Some(due) = self.due.get_mut(&p) {
-                        *due = (*due).min(retry);
+                    if let Some(state) = self.owned.get_mut(&p) {
+                        state.due = state.due.min(retry);
                     }
                 }
             }
-            Ok(Ok(_)) => {}
+            Ok(Ok(swept)) => {
+                for p in swept.partitions {
+                    if let Some(state) = self.owned.get_mut(&p) {
+                        state.swept_ms = Some(swept.started_ms);
+                        if swept.full {
+                            state.full_at = Some(swept.started);
+                        }
+                    }
+                }
+            }
             Err(e) => tracing::error!(error = %e, "orphan sweep task failed"),
         }
+    }
+}
+
+/// The scope of one sweep of several partitions (one listing serves all):
+/// bounded only if each of them may be.
+fn sweep_scope<'a>(states: impl Iterator<Item = &'a SweepState>, now: Instant, max_event_age: Duration) -> SweepScope {
+    let mut since = i64::MAX;
+    for state in states {
+        let full_due = state.full_at.is_none_or(|t| now.duration_since(t) >= FULL_SWEEP_EVERY);
+        match state.swept_ms {
+            Some(ms) if !full_due => since = since.min(ms),
+            _ => return SweepScope::Full,
+        }
+    }
+    if since == i64::MAX {
+        return SweepScope::Full;
+    }
+    SweepScope::Since {
+        since_ms: since.saturating_sub(SWEEP_OVERLAP_MS),
+        max_event_age_ms: i64::try_from(max_event_age.as_millis()).unwrap_or(i64::MAX),
     }
 }
 
@@ -346,18 +413,15 @@ async fn sweep_orphans(
     partitions: &[i32],
     archive: &ParquetArchiveSink,
     store: &ServingStore,
+    scope: SweepScope,
 ) -> Result<Vec<String>, crate::sink::SinkError> {
     let stored = store.load_offsets(topic).await?;
-    let mut committed = std::collections::HashMap::new();
-    for p in partitions {
-        if let Some(next) = stored.get(p) {
-            committed.insert(*p, (*next, store.recorded_files(topic, *p, *next).await?));
-        }
-    }
+    let committed: std::collections::HashMap<i32, i64> =
+        partitions.iter().filter_map(|p| stored.get(p).map(|next| (*p, *next))).collect();
     if committed.is_empty() {
         return Ok(Vec::new());
     }
-    archive.remove_dead(topic, &committed).await
+    archive.remove_dead(topic, &committed, scope, store).await
 }
 
 pub(crate) type Attempt = (CommitOutcome, Vec<crate::sink::WrittenFile>, u64);
@@ -413,3 +477,33 @@ pub(crate) async fn try_commit(
 }
 
 
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A partition new to this process, or one whose last full sweep is a
+    /// day old, makes the sweep full; otherwise it starts an hour before the
+    /// oldest previous sweep.
+    #[test]
+    fn sweeps_are_bounded_only_when_every_partition_may_be() {
+        let now = Instant::now() + FULL_SWEEP_EVERY + Duration::from_secs(60);
+        let age = Duration::from_secs(7 * 86_400);
+        let swept = |ms: Option<i64>, full_ago: Option<Duration>| SweepState {
+            due: now,
+            swept_ms: ms,
+            full_at: full_ago.map(|d| now - d),
+        };
+        let recent = Some(Duration::from_secs(600));
+        let (a, b) = (swept(Some(5_000_000), recent), swept(Some(4_000_000), recent));
+        assert_eq!(
+            sweep_scope([&a, &b].into_iter(), now, age),
+            SweepScope::Since { since_ms: 4_000_000 - SWEEP_OVERLAP_MS, max_event_age_ms: 7 * 86_400_000 }
+        );
+        let new = swept(None, None);
+        assert_eq!(sweep_scope([&a, &new].into_iter(), now, age), SweepScope::Full);
+        let stale = swept(Some(5_000_000), Some(FULL_SWEEP_EVERY));
+        assert_eq!(sweep_scope([&a, &stale].into_iter(), now, age), SweepScope::Full);
+        assert_eq!(sweep_scope(std::iter::empty(), now, age), SweepScope::Full);
+    }
+}

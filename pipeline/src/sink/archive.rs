@@ -408,22 +408,90 @@ impl ParquetArchiveSink {
         self.sweep(topic, partitions, true, |p, _, in_progress, _| in_progress && partitions.contains_key(&p)).await
     }
 
-    /// Delete the complete files of each partition in `committed` that start
-    /// below its committed next offset and are not among its recorded
-    /// (committed) files. Their writers can never commit them: a commit needs
-    /// the stored offset to equal its batch start, which is below the
-    /// committed offset, and stored offsets only grow. One listing for all.
+    /// Delete the complete files of each partition in `committed` (its next
+    /// offset) that start below it and that `record` does not hold as
+    /// committed. Their writers can never commit them: a commit needs the
+    /// stored offset to equal its batch start, which is below the committed
+    /// offset, and stored offsets only grow. One listing for all partitions,
+    /// limited by `scope`; candidates are checked against `record` a
+    /// thousand at a time, so memory does not grow with the archive.
     pub async fn remove_dead(
         &self,
         topic: &str,
-        committed: &HashMap<i32, (i64, std::collections::HashSet<String>)>,
+        committed: &HashMap<i32, i64>,
+        scope: SweepScope,
+        record: &impl CommittedFiles,
     ) -> Result<Vec<String>, SinkError> {
-        let none = HashMap::new();
-        self.sweep(topic, &none, false, |p, first, in_progress, path| {
-            !in_progress
-                && committed.get(&p).is_some_and(|(next, recorded)| first < *next && !recorded.contains(path))
-        })
-        .await
+        const CHECK: usize = 1_000;
+        let mut doomed = Vec::new();
+        let mut candidates = Vec::new();
+        for prefix in [RAW_PREFIX, DLQ_PREFIX] {
+            // Raw files are dated by event time, which is at most
+            // `max_event_age` older than the write; dead letters by rejection time.
+            let dirs = match scope {
+                SweepScope::Full => vec![ObjectPath::from(prefix)],
+                SweepScope::Since { since_ms, max_event_age_ms } => {
+                    let age = if prefix == RAW_PREFIX { max_event_age_ms } else { 0 };
+                    let (oldest, _) = ymd_h(since_ms.saturating_sub(age).saturating_sub(DAY_MS));
+                    self.dated_dirs(prefix, &oldest, &mut candidates, topic, committed, scope).await?
+                }
+            };
+            for dir in dirs {
+                let mut list = self.store.list(Some(&dir));
+                while let Some(meta) = list.next().await {
+                    let meta = match meta {
+                        Ok(m) => m,
+                        Err(object_store::Error::NotFound { .. }) => break,
+                        Err(e) => return Err(SinkError::ObjectStore { path: dir.to_string(), source: Box::new(e) }),
+                    };
+                    if is_dead_candidate(&meta, topic, committed, scope) {
+                        candidates.push(meta.location.to_string());
+                    }
+                    if candidates.len() >= CHECK {
+                        check_candidates(&mut candidates, record, &mut doomed).await?;
+                    }
+                }
+            }
+        }
+        check_candidates(&mut candidates, record, &mut doomed).await?;
+        if !doomed.is_empty() {
+            tracing::warn!(files = doomed.len(), "removing archive files of uncommitted batches");
+            self.delete(&doomed).await?;
+        }
+        Ok(doomed)
+    }
+
+    /// The `dt=YYYY-MM-DD` directories under `prefix` dated `oldest` or
+    /// later, and any other directory (listed whole, to be safe); files
+    /// directly under `prefix` go to `candidates` as they are found.
+    async fn dated_dirs(
+        &self,
+        prefix: &str,
+        oldest: &str,
+        candidates: &mut Vec<String>,
+        topic: &str,
+        committed: &HashMap<i32, i64>,
+        scope: SweepScope,
+    ) -> Result<Vec<ObjectPath>, SinkError> {
+        let listing = match self.store.list_with_delimiter(Some(&ObjectPath::from(prefix))).await {
+            Ok(l) => l,
+            Err(object_store::Error::NotFound { .. }) => return Ok(Vec::new()),
+            Err(e) => return Err(SinkError::ObjectStore { path: prefix.to_string(), source: Box::new(e) }),
+        };
+        for meta in &listing.objects {
+            if is_dead_candidate(meta, topic, committed, scope) {
+                candidates.push(meta.location.to_string());
+            }
+        }
+        Ok(listing
+            .common_prefixes
+            .into_iter()
+            .filter(|dir| match dir.filename().and_then(|n| n.strip_prefix("dt=")) {
+                // `YYYY-MM-DD` sorts as it dates.
+                Some(day) if day.len() == 10 && day.as_bytes()[4] == b'-' => day >= oldest,
+                _ => true,
+            })
+            .collect())
     }
 
     async fn sweep(
@@ -499,6 +567,53 @@ impl ParquetArchiveSink {
     }
 }
 
+/// Which files a sweep for dead files looks at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SweepScope {
+    /// The whole archive.
+    Full,
+    /// Files modified at or after `since_ms` (epoch ms, wall clock; the
+    /// caller leaves a margin), found in raw directories dated from
+    /// `max_event_age` before it and dead-letter directories from then on
+    /// (a day earlier each: a margin for a batch slow to reach its write).
+    Since { since_ms: i64, max_event_age_ms: i64 },
+}
+
+const DAY_MS: i64 = 86_400_000;
+
+/// The serving store's record of committed archive files.
+#[allow(async_fn_in_trait)]
+pub trait CommittedFiles {
+    /// Those of `paths` recorded as committed.
+    async fn committed_among(&self, paths: &[String]) -> Result<std::collections::HashSet<String>, SinkError>;
+}
+
+/// A complete file of `topic` starting below its partition's committed
+/// offset (and, in a `Since` sweep, modified since then).
+fn is_dead_candidate(meta: &object_store::ObjectMeta, topic: &str, committed: &HashMap<i32, i64>, scope: SweepScope) -> bool {
+    let Some(name) = meta.location.filename() else { return false };
+    let Some((t, p, first, _last, in_progress)) = parse_file_name(name) else { return false };
+    let recent = match scope {
+        SweepScope::Full => true,
+        SweepScope::Since { since_ms, .. } => meta.last_modified.timestamp_millis() >= since_ms,
+    };
+    t == topic && !in_progress && recent && committed.get(&p).is_some_and(|next| first < *next)
+}
+
+/// Move the candidates that `record` does not hold as committed to `doomed`.
+async fn check_candidates(
+    candidates: &mut Vec<String>,
+    record: &impl CommittedFiles,
+    doomed: &mut Vec<String>,
+) -> Result<(), SinkError> {
+    if candidates.is_empty() {
+        return Ok(());
+    }
+    let committed = record.committed_among(candidates).await?;
+    doomed.extend(candidates.drain(..).filter(|p| !committed.contains(p)));
+    Ok(())
+}
+
 fn dead_letter_batch(topic: &str, dls: &[&DeadLetter]) -> Result<RecordBatch, datafusion::arrow::error::ArrowError> {
     let n = dls.len();
     RecordBatch::try_new(
@@ -547,6 +662,71 @@ mod tests {
         }
         let wanted: HashMap<i32, Option<i64>> = [(0, Some(10))].into_iter().collect();
         assert_eq!(staging_files(dir.path(), "t", &wanted), vec![hour.join(&ours)]);
+    }
+
+    /// A record of committed files that notes how many paths each check asked about.
+    struct Record(std::collections::HashSet<String>, std::sync::Mutex<Vec<usize>>);
+
+    impl CommittedFiles for Record {
+        async fn committed_among(&self, paths: &[String]) -> Result<std::collections::HashSet<String>, SinkError> {
+            self.1.lock().unwrap().push(paths.len());
+            Ok(paths.iter().filter(|p| self.0.contains(*p)).cloned().collect())
+        }
+    }
+
+    /// What each sweep scope removes: a bounded sweep finds the recent dead
+    /// files in recent (or undated) directories; a full one finds them all;
+    /// neither touches a recorded file, one at or beyond the committed
+    /// offset, another topic's or an in-progress one.
+    #[tokio::test]
+    #[allow(clippy::unwrap_used)]
+    async fn dead_files_are_found_in_the_scope_swept() {
+        let dir = tempfile::tempdir().unwrap();
+        let archive = ParquetArchiveSink::local(dir.path(), 2, 1).unwrap();
+        let now = Utc::now().timestamp_millis();
+        let (today, hh) = ymd_h(now);
+        let (old_day, _) = ymd_h(now - 30 * DAY_MS);
+        let recent_raw = format!("{RAW_PREFIX}/dt={today}/hour={hh}");
+        let put = |rel: &str, age_ms: i64| -> String {
+            let path = dir.path().join(rel);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(&path, b"x").unwrap();
+            let when = std::time::SystemTime::now() - std::time::Duration::from_millis(age_ms as u64);
+            std::fs::File::options().write(true).open(&path).unwrap().set_modified(when).unwrap();
+            rel.to_string()
+        };
+        let name = |t: &str, p: i32, first: i64| file_name(t, p, first, first + 9, "1");
+        let dead_recent = put(&format!("{recent_raw}/{}", name("t", 0, 100)), 0);
+        let recorded = put(&format!("{recent_raw}/{}", name("t", 0, 200)), 0);
+        let beyond = put(&format!("{recent_raw}/{}", name("t", 0, 1_000)), 0);
+        let other_topic = put(&format!("{recent_raw}/{}", name("u", 0, 100)), 0);
+        let in_progress = put(&format!("{recent_raw}/.{}.inprogress", name("t", 0, 110)), 0);
+        let dead_old = put(&format!("{recent_raw}/{}", name("t", 0, 300)), 2 * DAY_MS);
+        let dead_in_old_dir = put(&format!("{RAW_PREFIX}/dt={old_day}/hour=00/{}", name("t", 0, 400)), 0);
+        let dead_undated = put(&format!("{RAW_PREFIX}/backfill/{}", name("t", 0, 500)), 0);
+        let dead_letters = put(&format!("{DLQ_PREFIX}/dt={today}/{}", name("t", 0, 600)), 0);
+        let many: Vec<String> = (0..1_100).map(|i| put(&format!("{recent_raw}/{}", name("t", 1, i * 10)), 0)).collect();
+        let record = Record([recorded.clone()].into_iter().collect(), Default::default());
+        let committed: HashMap<i32, i64> = [(0, 1_000), (1, 1_000_000)].into_iter().collect();
+        let sorted = |mut v: Vec<String>| {
+            v.sort();
+            v
+        };
+
+        let since = SweepScope::Since { since_ms: now - 600_000, max_event_age_ms: 7 * DAY_MS };
+        let removed = archive.remove_dead("t", &committed, since, &record).await.unwrap();
+        let mut want = vec![dead_recent, dead_undated, dead_letters];
+        want.extend(many);
+        assert_eq!(sorted(removed), sorted(want));
+        let checks = record.1.lock().unwrap().clone();
+        assert!(checks.len() >= 2 && checks.iter().all(|n| *n <= 1_000), "checked in chunks: {checks:?}");
+
+        let removed = archive.remove_dead("t", &committed, SweepScope::Full, &record).await.unwrap();
+        assert_eq!(sorted(removed), sorted(vec![dead_old, dead_in_old_dir]));
+        for kept in [recorded, beyond, other_topic, in_progress] {
+            assert!(dir.path().join(&kept).exists(), "{kept} was removed");
+        }
+        assert!(archive.remove_dead("t", &committed, SweepScope::Full, &record).await.unwrap().is_empty());
     }
 
     #[test]

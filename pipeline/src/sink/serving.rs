@@ -272,6 +272,12 @@ pub enum ReplaceTx {
 /// with [`ServingStore::with_fold_rows`] (`serving.sqlite_fold_rows`).
 const DEFAULT_FOLD_ROWS: usize = 200_000;
 
+impl super::archive::CommittedFiles for ServingStore {
+    async fn committed_among(&self, paths: &[String]) -> Result<std::collections::HashSet<String>, SinkError> {
+        ServingStore::committed_among(self, paths).await
+    }
+}
+
 /// The SQLite view of rollup table `table` that merges in its delta table:
 /// one row per key, as the API reads them.
 pub fn merged_view(table: &str) -> String {
@@ -1475,24 +1481,25 @@ impl ServingStore {
         }
     }
 
-    /// Committed archive files of `topic`:`partition` starting below `below`.
-    pub async fn recorded_files(
-        &self,
-        topic: &str,
-        partition: i32,
-        below: i64,
-    ) -> Result<std::collections::HashSet<String>, SinkError> {
-        let sql = self.dialect.sql("SELECT path FROM tally_files WHERE topic = ? AND partition = ? AND first_offset < ?");
-        on_pool!(&self.pool, p => {
-            let rows = sqlx::query(AssertSqlSafe(sql))
-                .bind(topic)
-                .bind(i64::from(partition))
-                .bind(below)
-                .fetch_all(p)
-                .await
-                .map_err(db("read recorded files"))?;
-            rows.iter().map(|r| r.try_get::<String, _>(0).map_err(db("read recorded files"))).collect()
-        })
+    /// Those of `paths` recorded as committed archive files (primary-key
+    /// lookups, a few hundred per statement).
+    pub async fn committed_among(&self, paths: &[String]) -> Result<std::collections::HashSet<String>, SinkError> {
+        const PER_STATEMENT: usize = 500;
+        let mut found = std::collections::HashSet::new();
+        for chunk in paths.chunks(PER_STATEMENT) {
+            let marks = vec!["?"; chunk.len()].join(", ");
+            let sql = self.dialect.sql(&format!("SELECT path FROM tally_files WHERE path IN ({marks})"));
+            on_pool!(&self.pool, p => {
+                let mut q = sqlx::query(AssertSqlSafe(sql));
+                for path in chunk {
+                    q = q.bind(path.as_str());
+                }
+                for r in q.fetch_all(p).await.map_err(db("read recorded files"))? {
+                    found.insert(r.try_get::<String, _>(0).map_err(db("read recorded files"))?);
+                }
+            })
+        }
+        Ok(found)
     }
 
     /// The time up to which the store is complete for `topic` (epoch ms):
@@ -1953,6 +1960,54 @@ mod tests {
     }
 
     #[allow(clippy::unwrap_used)]
+    /// The orphan sweep's check: recorded paths are found among many
+    /// (more than one statement's worth), unknown ones are not, on both stores.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn committed_among_finds_exactly_the_recorded_paths() {
+        let dir = tempfile::tempdir().unwrap();
+        let settings = crate::testing::settings(dir.path(), &[]);
+        let schema = crate::decode::EventSchema::from_config(&settings.schema).unwrap();
+        let catalog = crate::aggregate::SqlCatalog::load(&settings.sql.rollups_dir, schema.arrow.clone(), &settings.schema.time_field)
+            .await
+            .unwrap();
+        let pg = crate::testing::pg_database().await;
+        for url in [format!("sqlite://{}/serving.db", dir.path().display()), pg.clone()] {
+            let store = ServingStore::open(&url, &catalog.rollups).await.unwrap();
+            let file = |i: i64| WrittenFile {
+                path: format!("raw/events/dt=2026-11-29/hour=10/t-p00000-{:020}-{:020}-w1.parquet", i * 10, i * 10 + 9),
+                kind: super::super::FileKind::Raw,
+                partition: 0,
+                first_offset: i * 10,
+                last_offset: i * 10 + 9,
+                rows: 10,
+                bytes: 100,
+            };
+            // Every third of 1,300 files is recorded.
+            let recorded: Vec<WrittenFile> = (0..1_300).filter(|i| i % 3 == 0).map(file).collect();
+            let partitions: BTreeMap<i32, PartitionRange> =
+                [(0, PartitionRange { expected_start: None, first: 0, last: 12_999 })].into_iter().collect();
+            let req = CommitRequest {
+                topic: "t",
+                partitions: &partitions,
+                outputs: &[],
+                files: &recorded,
+                counters: &[],
+                max_event_ms: &BTreeMap::new(),
+                caught_up: &BTreeMap::new(),
+                sealed_at_ms: 0,
+                now_ms: 0,
+            };
+            assert_eq!(store.commit(&req).await.unwrap(), CommitOutcome::Committed);
+            let asked: Vec<String> = (0..1_300).map(|i| file(i).path).chain(["raw/events/elsewhere.parquet".to_string()]).collect();
+            let found = store.committed_among(&asked).await.unwrap();
+            let want: std::collections::HashSet<String> = recorded.iter().map(|f| f.path.clone()).collect();
+            assert_eq!(found, want, "{url}");
+            assert!(store.committed_among(&[]).await.unwrap().is_empty());
+            store.close().await;
+        }
+        crate::testing::drop_pg_database(&pg).await;
+    }
+
     async fn store_offsets_after(store: &ServingStore, topic: &str) -> i64 {
         store.load_offsets(topic).await.unwrap()[&0]
     }
