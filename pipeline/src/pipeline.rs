@@ -507,3 +507,76 @@ mod tests {
         assert_eq!(sweep_scope(std::iter::empty(), now, age), SweepScope::Full);
     }
 }
+
+/// Sweep cost by scope on a 90-day local archive of 108,000 committed files
+/// recorded in a real SQLite store. A measurement, not a timed test: run
+/// `cargo test -p tally --release --lib -- --ignored sweep_cost --nocapture`.
+#[cfg(test)]
+mod sweep_cost {
+    use super::*;
+    use crate::batch::PartitionRange;
+    use crate::sink::{FileKind, WrittenFile};
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore]
+    #[allow(clippy::print_stdout)]
+    async fn sweep_cost_by_scope() {
+        let dir = tempfile::tempdir().unwrap();
+        let settings = crate::testing::settings(dir.path(), &[]);
+        let schema = EventSchema::from_config(&settings.schema).unwrap();
+        let catalog = SqlCatalog::load(&settings.sql.rollups_dir, schema.arrow.clone(), &settings.schema.time_field).await.unwrap();
+        let store = ServingStore::open(&format!("sqlite://{}/serving.db", dir.path().display()), &catalog.rollups).await.unwrap();
+        let archive = ParquetArchiveSink::local(&dir.path().join("data"), 2, 1).unwrap();
+        let now = chrono::Utc::now().timestamp_millis();
+        let (days, per_hour) = (90i64, 50i64);
+        let mut files = Vec::new();
+        let mut offset = 0i64;
+        for d in (0..days).rev() {
+            for h in 0..24 {
+                let t = now - d * 86_400_000 - (23 - h) * 3_600_000;
+                let when = std::time::SystemTime::UNIX_EPOCH + Duration::from_millis(t as u64);
+                let day = chrono::DateTime::from_timestamp_millis(t).unwrap().format("dt=%Y-%m-%d/hour=%H").to_string();
+                for _ in 0..per_hour {
+                    let path = format!("{}/{day}/{}", crate::sink::archive::RAW_PREFIX, crate::sink::archive::file_name("t", 0, offset, offset + 9, "1"));
+                    let full = dir.path().join("data").join(&path);
+                    std::fs::create_dir_all(full.parent().unwrap()).unwrap();
+                    std::fs::write(&full, b"x").unwrap();
+                    std::fs::File::options().write(true).open(&full).unwrap().set_modified(when).unwrap();
+                    files.push(WrittenFile { path, kind: FileKind::Raw, partition: 0, first_offset: offset, last_offset: offset + 9, rows: 10, bytes: 1 });
+                    offset += 10;
+                }
+            }
+        }
+        let partitions = [(0, PartitionRange { expected_start: None, first: 0, last: offset - 1 })].into_iter().collect();
+        let req = CommitRequest {
+            topic: "t",
+            partitions: &partitions,
+            outputs: &[],
+            files: &files,
+            counters: &[],
+            max_event_ms: &Default::default(),
+            caught_up: &Default::default(),
+            sealed_at_ms: now,
+            now_ms: now,
+        };
+        assert_eq!(store.commit(&req).await.unwrap(), CommitOutcome::Committed);
+        let committed: std::collections::HashMap<i32, i64> = [(0, offset + 1_000)].into_iter().collect();
+        let age = 7 * 86_400_000;
+        for round in 0..3 {
+            // One dead file per round: a recent copy under another writer token.
+            let dead = files[files.len() - 1 - round].path.replace("-w1.parquet", "-w2.parquet");
+            std::fs::write(dir.path().join("data").join(&dead), b"x").unwrap();
+            let t = Instant::now();
+            let removed = archive.remove_dead("t", &committed, SweepScope::Full, &store).await.unwrap();
+            let full = t.elapsed();
+            assert_eq!(removed, vec![dead.clone()]);
+            std::fs::write(dir.path().join("data").join(&dead), b"x").unwrap();
+            let t = Instant::now();
+            let since = SweepScope::Since { since_ms: chrono::Utc::now().timestamp_millis() - 600_000 - SWEEP_OVERLAP_MS, max_event_age_ms: age };
+            let removed = archive.remove_dead("t", &committed, since, &store).await.unwrap();
+            let bounded = t.elapsed();
+            assert_eq!(removed, vec![dead]);
+            println!("{} committed files over {days} days: full sweep {:.0} ms, bounded sweep {:.0} ms", files.len(), full.as_secs_f64() * 1e3, bounded.as_secs_f64() * 1e3);
+        }
+    }
+}
