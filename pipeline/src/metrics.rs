@@ -87,6 +87,9 @@ pub struct Metrics {
     pub raw_bytes_written: AtomicU64,
     pub archive_files_written: AtomicU64,
     pub archive_orphans_removed: AtomicU64,
+    /// Orphan sweeps that succeeded: of the whole archive, and bounded ones.
+    pub archive_sweeps_full: AtomicU64,
+    pub archive_sweeps_bounded: AtomicU64,
     pub rollup_rows_merged: AtomicU64,
     /// SQLite delta-table folds, and their seconds (µs), as the store counts them.
     pub sqlite_folds: AtomicU64,
@@ -128,6 +131,8 @@ impl Metrics {
             raw_bytes_written: AtomicU64::new(0),
             archive_files_written: AtomicU64::new(0),
             archive_orphans_removed: AtomicU64::new(0),
+            archive_sweeps_full: AtomicU64::new(0),
+            archive_sweeps_bounded: AtomicU64::new(0),
             rollup_rows_merged: AtomicU64::new(0),
             sqlite_folds: AtomicU64::new(0),
             sqlite_fold_micros: AtomicU64::new(0),
@@ -278,6 +283,9 @@ impl Metrics {
         counter(o, "tally_raw_bytes_written_total", "Parquet bytes written to the raw archive and the dead-letter dataset.", load(&self.raw_bytes_written));
         counter(o, "tally_archive_files_written_total", "Parquet files written to the raw archive and the dead-letter dataset.", load(&self.archive_files_written));
         counter(o, "tally_archive_orphans_removed_total", "Archive files of batches that never committed (a crash or a fenced writer), removed by the orphan sweep.", load(&self.archive_orphans_removed));
+        header(o, "tally_archive_sweeps_total", "counter", "Orphan sweeps that succeeded, by scope: `full` lists the whole archive (after an assignment and daily), `bounded` only recent directories and files.");
+        let _ = writeln!(o, "tally_archive_sweeps_total{{scope=\"full\"}} {}", load(&self.archive_sweeps_full));
+        let _ = writeln!(o, "tally_archive_sweeps_total{{scope=\"bounded\"}} {}", load(&self.archive_sweeps_bounded));
         counter(o, "tally_rollup_rows_merged_total", "Rollup rows merged into the serving store.", load(&self.rollup_rows_merged));
         counter(o, "tally_sqlite_folds_total", "Folds of the SQLite delta tables into the rollup tables.", load(&self.sqlite_folds));
         header(o, "tally_sqlite_fold_seconds_total", "counter", "Time spent folding the SQLite delta tables (the next batch commit waits for a fold).");

@@ -335,6 +335,8 @@ impl OrphanSweeper {
             let (started, started_ms) = (Instant::now(), chrono::Utc::now().timestamp_millis());
             match sweep_orphans(&topic, &todo, &archive, &store, scope).await {
                 Ok(removed) => {
+                    let sweeps = if scope == SweepScope::Full { &metrics.archive_sweeps_full } else { &metrics.archive_sweeps_bounded };
+                    sweeps.fetch_add(1, Ordering::Relaxed);
                     if !removed.is_empty() {
                         tracing::warn!(partitions = ?todo, count = removed.len(), files = ?removed, "removed orphan archive files left by a crash or a fenced writer");
                         metrics.archive_orphans_removed.fetch_add(removed.len() as u64, Ordering::Relaxed);

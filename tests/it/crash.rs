@@ -250,6 +250,21 @@ async fn a_late_orphan_file_is_removed_by_the_periodic_sweep() {
     let mut tally = Tally::start(&env);
     wait_committed(&db, &topic, &end, Duration::from_secs(120), &mut tally).await;
 
+    // The first sweep (after the first commit) lists the whole archive; wait
+    // for a periodic, bounded one, so that the next ones are bounded too.
+    let sweeps = |scope: &str| -> u64 {
+        let (_, metrics) = http(env.api, "GET", "/metrics", None, b"");
+        let line = format!("tally_archive_sweeps_total{{scope=\"{scope}\"}} ");
+        metrics.lines().find_map(|l| l.strip_prefix(line.as_str())).and_then(|v| v.parse().ok()).unwrap_or(0)
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while sweeps("bounded") == 0 {
+        assert!(Instant::now() < deadline, "no bounded sweep:\n{}", tally.log_tail());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let full_sweeps = sweeps("full");
+    assert!(full_sweeps >= 1, "the first sweep lists the whole archive");
+
     // A killed writer's file of a committed offset range (same range, another
     // writer token), and a file starting at partition 0's committed offset.
     let recorded = serving_query_i64(&db, "SELECT path, rows FROM tally_files").await;
@@ -274,12 +289,14 @@ async fn a_late_orphan_file_is_removed_by_the_periodic_sweep() {
     // Two more sweep intervals: the file a live writer may commit stays.
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert!(beyond.exists(), "a file at the committed offset was removed:\n{}", tally.log_tail());
+    assert_eq!(sweeps("full"), full_sweeps, "the late orphan was found by a bounded sweep");
     let (status, metrics) = http(env.api, "GET", "/metrics", None, b"");
     assert_eq!(status, 200);
     assert!(metrics.lines().any(|l| l == "tally_archive_orphans_removed_total 1"), "orphans metric:\n{metrics}");
     assert!(tally.stop().success(), "clean exit:\n{}", tally.log_tail());
     let log = std::fs::read_to_string(&env.log).unwrap_or_default();
     assert!(log.contains("removed orphan archive files"), "the sweep logs what it removed:\n{log}");
+    assert!(!log.contains("orphan sweep failed"), "an orphan sweep failed:\n{log}");
     std::fs::remove_file(&beyond).unwrap();
     crate::e2e::verify_outputs(&data, &topic, &messages).await;
 }
