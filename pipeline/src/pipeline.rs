@@ -169,6 +169,9 @@ async fn commit_batch(
         if batch.epoch != control.epoch.load(Ordering::Acquire) {
             stats.dropped_stale += 1;
             tracing::debug!(epoch = batch.epoch, "dropping a batch from before a rebalance");
+            // Its messages must be read again: with the cooperative protocol a
+            // kept partition is not re-seeked by the assignment itself.
+            control.reset_requested.store(true, Ordering::Release);
             return Ok(());
         }
         match try_commit(batch, aggregator, archive, store).await {

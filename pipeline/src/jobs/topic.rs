@@ -35,7 +35,8 @@ pub struct DrainReport {
 
 /// Read every message of `topic` (low to high watermark of each partition,
 /// as of the start) with a bare librdkafka consumer: manual assignment, no
-/// group, no commits, payloads touched but not decoded. The broker-side limit
+/// group, no commits, payloads touched but not decoded; read in batches as
+/// `tally run` reads (`source/fetch.rs`). The broker-side limit
 /// for `make bench`. Fails after `timeout`.
 pub fn drain(properties: &[(String, String)], topic: &str, timeout: Duration) -> Result<DrainReport, String> {
     use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -59,20 +60,34 @@ pub fn drain(properties: &[(String, String)], topic: &str, timeout: Duration) ->
         tpl.add_partition_offset(topic, *p, Offset::Offset(lo)).map_err(|e| e.to_string())?;
     }
     consumer.assign(&tpl).map_err(|e| e.to_string())?;
+    // Read as `tally run` does: batches from a fetch queue of its own.
+    let fetch = crate::source::fetch::FetchQueue::new(&consumer, topic).ok_or("librdkafka returned no fetch queue")?;
+    fetch.forward(partitions.iter().copied());
+    let mut fetched = Vec::with_capacity(crate::source::fetch::MAX_BATCH);
     let start = std::time::Instant::now();
     let (mut messages, mut bytes) = (0u64, 0u64);
     while messages < wanted {
         if start.elapsed() > timeout {
             return Err(format!("read {messages} of {wanted} messages in {timeout:?}"));
         }
-        match consumer.poll(Duration::from_millis(100)) {
+        // Messages fetched before the forward, and errors, come by `poll`.
+        match consumer.poll(Duration::ZERO) {
             Some(Ok(m)) => {
                 messages += 1;
                 bytes += m.payload().map_or(0, |p| p.len() as u64);
+                continue;
             }
             Some(Err(e)) => tracing::warn!(error = %e, "fetch error; continuing"),
             None => {}
         }
+        fetch.consume(Duration::from_millis(100), &mut fetched, crate::source::fetch::MAX_BATCH);
+        for m in fetched.drain(..) {
+            if m.error().is_none() {
+                messages += 1;
+                bytes += m.payload().map_or(0, |p| p.len() as u64);
+            }
+        }
     }
+    drop(fetch);
     Ok(DrainReport { messages, bytes, seconds: start.elapsed().as_secs_f64() })
 }

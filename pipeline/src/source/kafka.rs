@@ -21,6 +21,7 @@ use rdkafka::ClientContext;
 use tokio::runtime::Handle;
 use tokio::sync::mpsc;
 
+use super::fetch::{FetchQueue, Fetched, FORWARD_EVERY, MAX_BATCH};
 use super::SourceError;
 use crate::batch::{Batch, BatchBuilder, PartitionRange};
 use crate::config::KafkaConfig;
@@ -253,8 +254,12 @@ impl KafkaSource {
         }
         cc.set("enable.auto.commit", "false");
         cc.set("enable.auto.offset.store", "false");
-        // End-of-partition events tell `as_of` that a partition is caught up.
-        cc.set("enable.partition.eof", "true");
+        // No end-of-partition events: `rd_kafka_consume_batch_queue` moves a
+        // partition's application position past the end offset such an event
+        // carries, and a fetcher that restarts from that position (after a
+        // pause, as in every cooperative rebalance) skips the next message.
+        // Caught-up partitions come from the cached high watermarks instead.
+        cc.set("enable.partition.eof", "false");
         let control = Arc::new(ConsumerControl::default());
         let context =
             TallyContext { topic: cfg.topic.clone(), control: control.clone(), store, archive, handle, metrics };
@@ -282,16 +287,27 @@ impl KafkaSource {
     }
 
     /// Run the poll loop on the current (dedicated) thread until shutdown.
+    ///
+    /// Each round serves the consumer queue first (rebalances, statistics,
+    /// errors, and messages of partitions not yet forwarded), one event at a
+    /// time until it is empty, then reads up to [`MAX_BATCH`] messages from
+    /// the fetch queue (see `fetch.rs` for why this keeps each partition in
+    /// order).
     pub fn run(self, mut builder: BatchBuilder, tx: mpsc::Sender<Batch>) -> Result<(), SourceError> {
         let control = self.control.clone();
+        let fetch = FetchQueue::new(&self.consumer, &self.topic)
+            .ok_or_else(|| SourceError::Create("librdkafka returned no fetch queue".into()))?;
+        let mut fetched: Vec<Fetched> = Vec::with_capacity(MAX_BATCH);
         let mut epoch = control.epoch.load(Ordering::Acquire);
         // Partitions read to their end (cleared by the next message or a re-seek).
         let mut at_end: BTreeMap<i32, ()> = BTreeMap::new();
         let mut last_sent = Instant::now();
         let mut clock = crate::batch::WallClock::default();
-        // When the last poll returned: the arrival time of its message and
-        // the time the flush checks use (one clock read per message).
+        // When the last poll returned: the arrival time of its messages and
+        // the time the flush checks use (one clock read per poll).
         let mut now = Instant::now();
+        // When the owned partitions were last forwarded into `fetch`.
+        let mut forwarded: Option<Instant> = None;
         loop {
             if control.shutdown.load(Ordering::Acquire) {
                 break;
@@ -301,6 +317,7 @@ impl KafkaSource {
                 at_end.clear();
                 self.reseek();
                 epoch = control.epoch.load(Ordering::Acquire);
+                forwarded = None;
             }
             if builder.should_flush(now)
                 || (builder.is_empty() && !at_end.is_empty() && now.duration_since(last_sent) >= self.heartbeat)
@@ -308,8 +325,8 @@ impl KafkaSource {
                 self.send(&mut builder, epoch, &at_end, &tx)?;
                 last_sent = now;
             }
-            let timeout = builder.time_to_linger(now).unwrap_or(self.poll_timeout).min(self.poll_timeout);
-            let polled = self.consumer.poll(timeout);
+            // 1. The consumer queue, until it is empty.
+            let polled = self.consumer.poll(Duration::ZERO);
             now = Instant::now();
             if control.rebalanced.swap(false, Ordering::AcqRel) {
                 let had_rows = !builder.is_empty();
@@ -321,38 +338,68 @@ impl KafkaSource {
                     self.reseek();
                 }
                 epoch = control.epoch.load(Ordering::Acquire);
+                forwarded = None;
             }
-            let Some(result) = polled else { continue };
-            let msg = match result {
-                Ok(m) => m,
-                Err(KafkaError::PartitionEOF(p)) => {
-                    at_end.insert(p, ());
-                    continue;
+            if let Some(result) = polled {
+                match result {
+                    Ok(msg) if msg.topic() == self.topic => {
+                        let (p, offset) = (msg.partition(), msg.offset());
+                        let Ok(mut map) = control.partitions.lock() else { continue };
+                        let produced = msg.timestamp().to_millis();
+                        self.accept(&mut map, &mut builder, &mut clock, &mut at_end, p, offset, msg.payload(), produced, now);
+                    }
+                    Ok(_) => {}
+                    Err(KafkaError::PartitionEOF(p)) => {
+                        at_end.insert(p, ());
+                    }
+                    Err(e) => tracing::warn!(error = %e, "kafka poll error"),
                 }
-                Err(e) => {
-                    tracing::warn!(error = %e, "kafka poll error");
-                    continue;
-                }
-            };
-            if msg.topic() != self.topic {
                 continue;
             }
-            let (p, offset) = (msg.partition(), msg.offset());
-            at_end.remove(&p);
-            let expected = {
-                let Ok(mut map) = control.partitions.lock() else { continue };
-                let Some(next) = map.get_mut(&p) else { continue }; // not (or no longer) ours
-                if next.is_some_and(|n| offset < n) {
-                    continue; // already committed
+            if fetch.consumer_queue_len() > 0 {
+                continue;
+            }
+            // 2. (Re-)forward the owned partitions after an assignment and every
+            // FORWARD_EVERY, then empty the consumer queue again before reading.
+            if forwarded.is_none_or(|t| now.duration_since(t) >= FORWARD_EVERY) {
+                fetch.forward(control.owned_partitions());
+                forwarded = Some(now);
+                continue;
+            }
+            // 3. A batch of fetched messages.
+            let timeout = builder.time_to_linger(now).unwrap_or(self.poll_timeout).min(self.poll_timeout);
+            let wait = timeout.min(FORWARD_EVERY.saturating_sub(now.duration_since(forwarded.unwrap_or(now))));
+            if fetch.consume(wait, &mut fetched, MAX_BATCH) == 0 {
+                now = Instant::now();
+                self.note_caught_up(&fetch, &mut at_end);
+                continue;
+            }
+            now = Instant::now();
+            let mut entries = fetched.drain(..);
+            'batch: loop {
+                {
+                    let Ok(mut map) = control.partitions.lock() else { break 'batch };
+                    loop {
+                        let Some(m) = entries.next() else { break 'batch };
+                        if let Some(err) = m.error() {
+                            if err == RDKafkaRespErr::RD_KAFKA_RESP_ERR__PARTITION_EOF {
+                                at_end.insert(m.partition(), ());
+                            } else {
+                                tracing::warn!(error = ?err, partition = m.partition(), "kafka fetch error");
+                            }
+                            continue;
+                        }
+                        let (p, offset) = (m.partition(), m.offset());
+                        if self.accept(&mut map, &mut builder, &mut clock, &mut at_end, p, offset, m.payload(), m.timestamp_ms(), now)
+                            && builder.should_flush(now)
+                        {
+                            break;
+                        }
+                    }
                 }
-                let expected = *next;
-                *next = Some(offset + 1);
-                expected
-            };
-            let now_ms = clock.now_ms(now);
-            builder.push(p, offset, expected, msg.payload(), now_ms, now);
-            if let Some(produced) = msg.timestamp().to_millis() {
-                builder.note_produced(produced);
+                // The batch is full: seal it (outside the partition lock) and go on.
+                self.send(&mut builder, epoch, &at_end, &tx)?;
+                last_sent = now;
             }
         }
         // Graceful shutdown: hand over what is buffered.
@@ -360,9 +407,56 @@ impl KafkaSource {
             self.send(&mut builder, epoch, &at_end, &tx)?;
         }
         drop(tx);
+        fetched.clear();
+        drop(fetch);
         control.wait_idle(Duration::from_secs(30));
         self.consumer.unsubscribe();
         Ok(())
+    }
+
+    /// With nothing fetched: mark the owned partitions whose next offset has
+    /// reached the end librdkafka last saw (its cached high watermark). This
+    /// replaces end-of-partition events, which the batched read cannot take
+    /// (see `KafkaSource::new`).
+    fn note_caught_up(&self, fetch: &FetchQueue, at_end: &mut BTreeMap<i32, ()>) {
+        let Ok(map) = self.control.partitions.lock() else { return };
+        for (p, next) in map.iter() {
+            let Some(next) = next else { continue };
+            if fetch.cached_high_watermark(*p).is_some_and(|high| *next >= high) {
+                at_end.insert(*p, ());
+            }
+        }
+    }
+
+    /// Add one message of the topic to the batch unless its partition is not
+    /// (or no longer) ours or its offset is already committed. Returns
+    /// whether it was added.
+    #[allow(clippy::too_many_arguments)]
+    fn accept(
+        &self,
+        map: &mut BTreeMap<i32, Option<i64>>,
+        builder: &mut BatchBuilder,
+        clock: &mut crate::batch::WallClock,
+        at_end: &mut BTreeMap<i32, ()>,
+        p: i32,
+        offset: i64,
+        payload: Option<&[u8]>,
+        produced_ms: Option<i64>,
+        now: Instant,
+    ) -> bool {
+        at_end.remove(&p);
+        let Some(next) = map.get_mut(&p) else { return false }; // not (or no longer) ours
+        if next.is_some_and(|n| offset < n) {
+            return false; // already committed
+        }
+        let expected = *next;
+        *next = Some(offset + 1);
+        let now_ms = clock.now_ms(now);
+        builder.push(p, offset, expected, payload, now_ms, now);
+        if let Some(produced) = produced_ms {
+            builder.note_produced(produced);
+        }
+        true
     }
 
     fn send(

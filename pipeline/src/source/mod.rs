@@ -4,6 +4,7 @@
 //! from the serving store on every assignment; Kafka's own group commit only
 //! feeds lag monitoring.
 
+pub mod fetch;
 pub mod kafka;
 
 pub use kafka::{ConsumerControl, KafkaSource};
