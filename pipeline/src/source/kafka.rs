@@ -237,6 +237,37 @@ pub struct KafkaSource {
     heartbeat: Duration,
 }
 
+/// librdkafka properties `tally run` sets whatever the config says: the
+/// key, the value and why.
+const FORCED: &[(&str, &str, &str)] = &[
+    ("enable.auto.commit", "false", "offsets are committed with the rollups, in the serving store"),
+    ("enable.auto.offset.store", "false", "offsets are committed with the rollups, in the serving store"),
+    // No end-of-partition events: `rd_kafka_consume_batch_queue` moves a
+    // partition's application position past the end offset such an event
+    // carries, and a fetcher that restarts from that position (after a
+    // pause, as in every cooperative rebalance) skips the next message.
+    // Caught-up partitions come from the cached high watermarks instead.
+    (
+        "enable.partition.eof",
+        "false",
+        "batched reads would skip a message after a pause at the end of a partition; caught-up partitions come from the high watermarks",
+    ),
+];
+
+/// A warning for each configured property that [`FORCED`] overrides with
+/// another value.
+fn overridden<V: std::fmt::Display>(properties: &std::collections::BTreeMap<String, V>) -> Vec<String> {
+    FORCED
+        .iter()
+        .filter_map(|(key, value, why)| {
+            let v = properties.get(*key)?.to_string();
+            (v != *value).then(|| {
+                format!("kafka.properties.\"{key}\" = {v:?} is ignored: tally sets it to {value:?} ({why}); remove it from the config")
+            })
+        })
+        .collect()
+}
+
 impl KafkaSource {
     pub fn new(
         cfg: &KafkaConfig,
@@ -252,14 +283,12 @@ impl KafkaSource {
         for (k, v) in &cfg.properties {
             cc.set(k, v.to_string());
         }
-        cc.set("enable.auto.commit", "false");
-        cc.set("enable.auto.offset.store", "false");
-        // No end-of-partition events: `rd_kafka_consume_batch_queue` moves a
-        // partition's application position past the end offset such an event
-        // carries, and a fetcher that restarts from that position (after a
-        // pause, as in every cooperative rebalance) skips the next message.
-        // Caught-up partitions come from the cached high watermarks instead.
-        cc.set("enable.partition.eof", "false");
+        for warning in overridden(&cfg.properties) {
+            tracing::warn!("{warning}");
+        }
+        for (key, value, _) in FORCED {
+            cc.set(*key, *value);
+        }
         let control = Arc::new(ConsumerControl::default());
         let context =
             TallyContext { topic: cfg.topic.clone(), control: control.clone(), store, archive, handle, metrics };
@@ -529,5 +558,24 @@ impl GroupCommitter {
         if let Err(e) = self.consumer.commit(&tpl, CommitMode::Async) {
             tracing::debug!(error = %e, "kafka group commit failed (monitoring only)");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::overridden;
+    use std::collections::BTreeMap;
+
+    #[test]
+    fn overridden_properties_are_named_and_matching_ones_are_not() {
+        let props = |kv: &[(&str, &str)]| kv.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<BTreeMap<_, _>>();
+        let w = overridden(&props(&[("enable.partition.eof", "true"), ("fetch.wait.max.ms", "10")]));
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(w[0].contains("kafka.properties.\"enable.partition.eof\" = \"true\" is ignored"), "{}", w[0]);
+        assert!(w[0].contains("remove it from the config"), "{}", w[0]);
+        let w = overridden(&props(&[("enable.auto.commit", "true"), ("enable.auto.offset.store", "false")]));
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(w[0].contains("enable.auto.commit"), "{}", w[0]);
+        assert!(overridden(&props(&[("enable.partition.eof", "false"), ("group.id", "g")])).is_empty());
     }
 }
