@@ -240,6 +240,9 @@ pub struct ServingConfig {
     /// about this many rows; past it, each commit folds one key range into
     /// the rollup tables (0: everything, on every commit).
     pub sqlite_fold_rows: usize,
+    /// SQLite: a rollup's rows of one batch go straight to its table, not
+    /// the delta, from this many on (a catching-up batch).
+    pub sqlite_direct_rows: usize,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -497,7 +500,7 @@ impl Settings {
             }
         }
         out.push_str(&format!(
-            "\n[sql]\nrollups_dir = {:?}\n\n[storage]\ndata_dir = {:?}\nzstd_level = {}\narchive_url = {:?}\nmultipart_threshold = {}\norphan_sweep_interval = {:?}\n{}\n[serving]\nurl = {:?}\nwindow_index = {}\nsqlite_fold_rows = {}\n\n[api]\nlisten = {:?}\nrollups = {:?}\nmax_range = {:?}\nmax_series_points = {}\nmax_body = {}\nrequest_timeout = {:?}\nmax_concurrency = {}\nmax_connections = {}\nread_tokens = \"{} configured (masked)\"\nwrite_tokens = \"{} configured (masked)\"\n\n[verify]\ninterval = {:?}\nlookback = {:?}\n",
+            "\n[sql]\nrollups_dir = {:?}\n\n[storage]\ndata_dir = {:?}\nzstd_level = {}\narchive_url = {:?}\nmultipart_threshold = {}\norphan_sweep_interval = {:?}\n{}\n[serving]\nurl = {:?}\nwindow_index = {}\nsqlite_fold_rows = {}\nsqlite_direct_rows = {}\n\n[api]\nlisten = {:?}\nrollups = {:?}\nmax_range = {:?}\nmax_series_points = {}\nmax_body = {}\nrequest_timeout = {:?}\nmax_concurrency = {}\nmax_connections = {}\nread_tokens = \"{} configured (masked)\"\nwrite_tokens = \"{} configured (masked)\"\n\n[verify]\ninterval = {:?}\nlookback = {:?}\n",
             self.sql.rollups_dir.display().to_string(),
             self.storage.data_dir.display().to_string(),
             self.storage.zstd_level,
@@ -515,6 +518,7 @@ impl Settings {
             mask_url(&self.serving_url()),
             self.serving.window_index,
             self.serving.sqlite_fold_rows,
+            self.serving.sqlite_direct_rows,
             self.api.listen.to_string(),
             self.api.rollups,
             humantime::format_duration(self.api.max_range).to_string(),

@@ -36,7 +36,8 @@ impl Stages {
         let catalog = SqlCatalog::load(&settings.sql.rollups_dir, schema.arrow.clone(), &settings.schema.time_field).await?;
         let store = ServingStore::open_with(&settings.serving_url(), &catalog.rollups, settings.serving.window_index)
             .await?
-            .with_fold_rows(settings.serving.sqlite_fold_rows);
+            .with_fold_rows(settings.serving.sqlite_fold_rows)
+            .with_direct_rows(settings.serving.sqlite_direct_rows);
         let location = ArchiveLocation::open(&settings.storage)?;
         let archive = ParquetArchiveSink::open(
             &location,

@@ -197,6 +197,8 @@ struct TableSpec {
     /// SQLite batch commits: a one-row upsert into the delta table, prepared
     /// once and stepped per row.
     delta_upsert_sql: String,
+    /// SQLite: the same into the rollup table itself.
+    direct_upsert_sql: String,
     /// SQLite: fold the delta rows of one range of the leading key, then
     /// delete them; indexed `[has lower bound][has upper bound]`, with the
     /// bounds as `:lo` (exclusive) and `:hi` (inclusive).
@@ -271,6 +273,8 @@ pub enum ReplaceTx {
 /// Rows upserted into the SQLite delta tables between folds, unless set
 /// with [`ServingStore::with_fold_rows`] (`serving.sqlite_fold_rows`).
 const DEFAULT_FOLD_ROWS: usize = 200_000;
+/// `serving.sqlite_direct_rows` unless set: a fold slice's worth.
+const DEFAULT_DIRECT_ROWS: usize = DEFAULT_FOLD_ROWS / FOLD_SLICES;
 
 impl super::archive::CommittedFiles for ServingStore {
     async fn committed_among(&self, paths: &[String]) -> Result<std::collections::HashSet<String>, SinkError> {
@@ -363,9 +367,17 @@ impl TableSpec {
             format!("SELECT {lead} FROM {} ORDER BY {lead} LIMIT 1 OFFSET :n", quote(&delta)),
             format!("SELECT {lead} FROM {} WHERE {lead} > :lo ORDER BY {lead} LIMIT 1 OFFSET :n", quote(&delta)),
         ];
+        let direct_upsert_sql = format!(
+            "INSERT INTO {} ({}) VALUES {row_placeholder} ON CONFLICT ({}) DO UPDATE SET {}",
+            quote(&def.name),
+            names.join(", "),
+            keys.join(", "),
+            sets.join(", ")
+        );
         TableSpec {
             unnest_sql,
             delta_upsert_sql,
+            direct_upsert_sql,
             fold_range_sql,
             range_end_sql,
             name: def.name.clone(),
@@ -759,6 +771,9 @@ struct SqliteWriter {
     /// Where folding the delta tables stands.
     fold: Mutex<FoldState>,
     fold_rows: usize,
+    /// A table's rows in one batch from which they skip the delta table
+    /// (`serving.sqlite_direct_rows`).
+    direct_rows: usize,
     /// Folds done by this process, their time (µs) and the rows they moved.
     folds: AtomicU64,
     fold_micros: AtomicU64,
@@ -789,6 +804,7 @@ impl SqliteWriter {
             conn: Mutex::new(None),
             fold: Mutex::new(FoldState::default()),
             fold_rows,
+            direct_rows: DEFAULT_DIRECT_ROWS,
             folds: AtomicU64::new(0),
             fold_micros: AtomicU64::new(0),
             fold_moved: AtomicU64::new(0),
@@ -815,7 +831,7 @@ impl SqliteWriter {
         let mut slot = self.conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let mut fold = self.fold.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let conn = self.connection(&mut slot, &mut fold, store)?;
-        let added: Vec<usize> = store
+        let rows: Vec<usize> = store
             .tables
             .iter()
             .map(|t| {
@@ -823,7 +839,12 @@ impl SqliteWriter {
                 outputs.flat_map(|o| o.batches.iter()).map(|b| b.num_rows()).sum()
             })
             .collect();
-        let outcome = commit_sqlite(conn, store, req);
+        // A table's rows of a large batch (catching up) go straight to the
+        // rollup table: they touch about as many of its pages as a fold
+        // slice would, and skip the delta's insert, fold and delete.
+        let direct: Vec<bool> = rows.iter().map(|&n| n > 0 && n >= self.direct_rows.max(1)).collect();
+        let added: Vec<usize> = rows.iter().zip(&direct).map(|(&n, &d)| if d { 0 } else { n }).collect();
+        let outcome = commit_sqlite(conn, store, req, &direct);
         match outcome {
             Err(_) => *slot = None,
             Ok(CommitOutcome::Committed) => {
@@ -992,7 +1013,12 @@ fn fold_in_transaction(
 }
 
 /// One batch commit on a rusqlite connection (see the module docs).
-fn commit_sqlite(conn: &rusqlite::Connection, store: &ServingStore, req: &CommitRequest<'_>) -> Result<CommitOutcome, SinkError> {
+fn commit_sqlite(
+    conn: &rusqlite::Connection,
+    store: &ServingStore,
+    req: &CommitRequest<'_>,
+    direct: &[bool],
+) -> Result<CommitOutcome, SinkError> {
     conn.execute_batch("BEGIN IMMEDIATE").map_err(sq("begin"))?;
 
     // 1. Fence.
@@ -1013,8 +1039,9 @@ fn commit_sqlite(conn: &rusqlite::Connection, store: &ServingStore, req: &Commit
         }
     }
 
-    // 2. Merge rollups, into the delta tables (folded by `SqliteWriter::commit`).
-    merge_rows_sqlite(conn, &store.tables, req.outputs)?;
+    // 2. Merge rollups, into the delta tables (folded by `SqliteWriter::commit`)
+    //    or, for a table's rows of a large batch, into the rollup table.
+    merge_rows_sqlite(conn, &store.tables, req.outputs, direct)?;
     crate::failpoint::failpoint("inside_serving_transaction");
 
     // 3. Record files.
@@ -1063,12 +1090,19 @@ fn commit_sqlite(conn: &rusqlite::Connection, store: &ServingStore, req: &Commit
 
 /// SQLite: each rollup row, in key order, through the table's prepared
 /// one-row upsert.
-fn merge_rows_sqlite(conn: &rusqlite::Connection, tables: &[TableSpec], outputs: &[RollupOutput]) -> Result<(), SinkError> {
+fn merge_rows_sqlite(
+    conn: &rusqlite::Connection,
+    tables: &[TableSpec],
+    outputs: &[RollupOutput],
+    direct: &[bool],
+) -> Result<(), SinkError> {
     for out in outputs {
-        let Some(spec) = tables.iter().find(|t| t.name == out.rollup) else {
+        let Some(t) = tables.iter().position(|t| t.name == out.rollup) else {
             continue;
         };
-        let mut st = conn.prepare_cached(&spec.delta_upsert_sql).map_err(sq("prepare the rollup upsert"))?;
+        let spec = &tables[t];
+        let sql = if direct.get(t).copied().unwrap_or(false) { &spec.direct_upsert_sql } else { &spec.delta_upsert_sql };
+        let mut st = conn.prepare_cached(sql).map_err(sq("prepare the rollup upsert"))?;
         for b in &out.batches {
             let order = spec.leading_key_order(b)?;
             let cols: Vec<TypedColumn<'_>> = spec
@@ -1313,6 +1347,22 @@ impl ServingStore {
                 None => {
                     let path = w.path.clone();
                     *w = Arc::new(SqliteWriter::new(path, rows));
+                }
+            }
+        }
+        self
+    }
+
+    /// SQLite: a rollup's rows of one batch go straight to its table,
+    /// skipping the delta, from `rows` rows on. No effect on PostgreSQL.
+    pub fn with_direct_rows(mut self, rows: usize) -> ServingStore {
+        if let Some(w) = self.writer.as_mut() {
+            match Arc::get_mut(w) {
+                Some(w) => w.direct_rows = rows,
+                None => {
+                    let mut new = SqliteWriter::new(w.path.clone(), w.fold_rows);
+                    new.direct_rows = rows;
+                    *w = Arc::new(new);
                 }
             }
         }
@@ -1918,6 +1968,47 @@ mod tests {
     fn sorted(mut v: TableRows) -> TableRows {
         v.sort_by(|x, y| format!("{x:?}").cmp(&format!("{y:?}")));
         v
+    }
+
+    /// A table's rows of a large batch go straight to the rollup table, a
+    /// small batch's to the delta, in the same commit: reads after every
+    /// commit equal a store where everything went through the deltas, the
+    /// large tables' deltas stay empty, and the hourly rollup equals the
+    /// totals computed here.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[allow(clippy::unwrap_used)]
+    async fn large_batches_skip_the_delta_and_reads_stay_exact() {
+        let fx = fixture(12, 300, 40).await;
+        let rows = |table: &str| -> usize {
+            fx.batches[0].iter().filter(|o| o.rollup == table).flat_map(|o| o.batches.iter()).map(|b| b.num_rows()).sum()
+        };
+        let mut by_rows: Vec<(usize, String)> = fx.catalog.rollups.iter().map(|d| (rows(&d.name), d.name.clone())).collect();
+        by_rows.sort();
+        let (small, large) = (by_rows[0].clone(), by_rows[by_rows.len() - 1].clone());
+        assert!(large.0 > small.0 + 1, "{by_rows:?}");
+        // Direct from (small + large) / 2 rows.
+        let threshold = (small.0 + large.0) / 2;
+        let plain = fx.store("plain", DEFAULT_FOLD_ROWS).await;
+        let mixed = fx.store("mixed", DEFAULT_FOLD_ROWS).await.with_direct_rows(threshold);
+        for b in 0..fx.batches.len() {
+            let start = (b > 0).then(|| b as i64 * fx.per_batch);
+            for store in [&plain, &mixed] {
+                assert_eq!(fx.commit(store, b, start).await.unwrap(), CommitOutcome::Committed);
+            }
+            for def in &fx.catalog.rollups {
+                let want = sorted(plain.read_rows(def, i64::MIN, i64::MAX, None).await.unwrap());
+                assert_eq!(sorted(mixed.read_rows(def, i64::MIN, i64::MAX, None).await.unwrap()), want, "{} after batch {b}", def.name);
+            }
+        }
+        assert_eq!(fx.count("mixed", &delta_table(&large.1)), 0, "{large:?} went direct");
+        assert!(fx.count("mixed", &large.1) > 0);
+        if mixed.fold_stats().folds == 0 {
+            assert_eq!(fx.count("mixed", &small.1), 0, "{small:?} went through the delta");
+            assert!(fx.count("mixed", &delta_table(&small.1)) > 0);
+        }
+        assert_eq!(fx.hourly_of(&mixed).await, fx.hourly);
+        mixed.fold().await.unwrap();
+        assert_eq!(fx.hourly_of(&mixed).await, fx.hourly);
     }
 
     /// Ranged folds over many small commits: after every commit reads equal
