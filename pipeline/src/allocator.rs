@@ -30,8 +30,16 @@ pub fn tune() {
     {
         // glibc's own environment settings, when given, win.
         for (env, param, value) in [
-            ("MALLOC_MMAP_THRESHOLD_", libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD),
-            ("MALLOC_TRIM_THRESHOLD_", libc::M_TRIM_THRESHOLD, TRIM_THRESHOLD),
+            (
+                "MALLOC_MMAP_THRESHOLD_",
+                libc::M_MMAP_THRESHOLD,
+                MMAP_THRESHOLD,
+            ),
+            (
+                "MALLOC_TRIM_THRESHOLD_",
+                libc::M_TRIM_THRESHOLD,
+                TRIM_THRESHOLD,
+            ),
         ] {
             if std::env::var_os(env).is_some() {
                 continue;
@@ -41,7 +49,9 @@ pub fn tune() {
             // leaves glibc's default in place.
             let ok = unsafe { libc::mallopt(param, value) };
             if ok == 0 {
-                eprintln!("warning: could not set {env} for malloc; peak memory or CPU may be higher");
+                eprintln!(
+                    "warning: could not set {env} for malloc; peak memory or CPU may be higher"
+                );
             }
         }
     }

@@ -1,4 +1,4 @@
-//! Command line: `tally run | serve | check | produce | bench-api | topic create`.
+//! Command line: `tally run | serve | check | produce | verify | backfill | export | replay | report | offsets | topic | bench-*`.
 #![allow(clippy::print_stdout)]
 
 use std::path::PathBuf;
@@ -12,7 +12,11 @@ use crate::config::Settings;
 use crate::jobs::produce::ProduceSpec;
 
 #[derive(Debug, Parser)]
-#[command(name = "tally", version, about = "Exact windowed counts from Kafka, with SQL rollups, a Parquet archive and a serving store")]
+#[command(
+    name = "tally",
+    version,
+    about = "Exact windowed counts from Kafka, with SQL rollups, a Parquet archive and a serving store"
+)]
 pub struct Cli {
     /// Config file layered over the embedded defaults (configs/default.toml);
     /// TALLY__SECTION__KEY environment variables override both.
@@ -53,6 +57,10 @@ pub enum Command {
         /// A JSON-lines file, e.g. from `tally produce --file`.
         #[arg(long)]
         file: PathBuf,
+        /// Names the source explicitly (pseudo-topic `replay.<ID>`); by
+        /// default a replay is `replay.<file stem>.<hash of the first line>`.
+        #[arg(long)]
+        source_id: Option<String>,
     },
     /// Reports for marketing, computed from the hourly rollup and the
     /// dimension tables with the SQL in sql/reports/.
@@ -66,6 +74,12 @@ pub enum Command {
     /// Freshness benchmark: produce probe events at a fixed interval and time
     /// each one until `/v1/count` shows it (run it next to a loaded tally).
     BenchFreshness(BenchFreshnessArgs),
+    /// The serving store's committed offsets: show them beside the broker's
+    /// watermarks, or move them (after a topic was deleted and created again).
+    Offsets {
+        #[command(subcommand)]
+        command: OffsetsCommand,
+    },
     /// Topic administration.
     Topic {
         #[command(subcommand)]
@@ -93,6 +107,32 @@ pub struct MonthlyArgs {
     /// report-YYYY-MM.md or report-YYYY-MM/.
     #[arg(long)]
     pub out: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum OffsetsCommand {
+    /// Per partition: the stored next offset, the broker's low and high
+    /// watermarks, the lag, and what is wrong with the stored offset if
+    /// anything. Exits 1 when a stored offset is beyond the end of the log.
+    Show {
+        /// The topic (default: kafka.topic).
+        #[arg(long)]
+        topic: Option<String>,
+    },
+    /// Set the stored next offset. Stop `tally run` first, or let its next
+    /// commit be fenced (it then re-reads from the new offset).
+    Reset {
+        /// The topic (default: kafka.topic).
+        #[arg(long)]
+        topic: Option<String>,
+        /// One partition (default: every partition of the topic).
+        #[arg(long)]
+        partition: Option<i32>,
+        /// `earliest` (the oldest message the broker holds), `latest` (only
+        /// new messages) or an offset.
+        #[arg(long, value_parser = crate::jobs::offsets::ResetTo::parse)]
+        to: crate::jobs::offsets::ResetTo,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -229,7 +269,10 @@ pub struct BenchApiArgs {
 fn init_tracing(filter: &str) {
     let filter = tracing_subscriber::EnvFilter::try_new(filter)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
 }
 
 fn load_settings(cli: &Cli) -> anyhow::Result<Settings> {
@@ -237,14 +280,32 @@ fn load_settings(cli: &Cli) -> anyhow::Result<Settings> {
 }
 
 fn properties(s: &Settings) -> Vec<(String, String)> {
-    s.kafka.properties.iter().map(|(k, v)| (k.clone(), v.to_string())).collect()
+    s.kafka
+        .properties
+        .iter()
+        .map(|(k, v)| (k.clone(), v.to_string()))
+        .collect()
+}
+
+/// Async worker threads: `TOKIO_WORKER_THREADS` if set, else one per CPU,
+/// at least 2 (the committer and the HTTP API must never wait on each other).
+fn worker_threads() -> usize {
+    std::env::var("TOKIO_WORKER_THREADS")
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map_or(2, |n| n.get())
+                .max(2)
+        })
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     init_tracing(&cli.log);
     let settings = load_settings(&cli)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(worker_threads())
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
@@ -311,8 +372,8 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("{} files written under {}", r.files.len(), r.root);
             Ok(ExitCode::SUCCESS)
         }),
-        Command::Replay { file } => rt.block_on(async {
-            let r = crate::jobs::replay::replay(settings, file).await.context("tally replay failed")?;
+        Command::Replay { file, source_id } => rt.block_on(async {
+            let r = crate::jobs::replay::replay(settings, file, source_id).await.context("tally replay failed")?;
             println!(
                 "{}: {} messages in {} batches ({} accepted, {} rejected; {} lines committed before were skipped) in {:.2} s, {:.0} messages/s",
                 r.topic,
@@ -401,6 +462,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
+        Command::Offsets { command } => rt.block_on(offsets(settings, command)),
         Command::Topic { command: TopicCommand::Create { partitions } } => rt.block_on(async {
             let created = crate::jobs::topic::create(&properties(&settings), &settings.kafka.topic, partitions)
                 .await
@@ -416,7 +478,13 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
-async fn verify(settings: Settings, a: VerifyArgs, tag: &str, left: &str, right: &str) -> anyhow::Result<ExitCode> {
+async fn verify(
+    settings: Settings,
+    a: VerifyArgs,
+    tag: &str,
+    left: &str,
+    right: &str,
+) -> anyhow::Result<ExitCode> {
     if a.from >= a.to {
         anyhow::bail!("--from must be before --to");
     }
@@ -428,34 +496,138 @@ async fn verify(settings: Settings, a: VerifyArgs, tag: &str, left: &str, right:
         println!("{name}: {rows} rows in [{}, {})", fmt(*lo), fmt(*hi));
     }
     for d in r.drift.iter().take(100) {
-        let show = |v: &Option<Vec<String>>| v.as_ref().map_or("(missing)".to_string(), |v| v.join(", "));
-        println!("{tag} {} [{}]: {left} ({}) != {right} ({})", d.rollup, d.key.join(", "), show(&d.serving), show(&d.recomputed));
+        let show =
+            |v: &Option<Vec<String>>| v.as_ref().map_or("(missing)".to_string(), |v| v.join(", "));
+        println!(
+            "{tag} {} [{}]: {left} ({}) != {right} ({})",
+            d.rollup,
+            d.key.join(", "),
+            show(&d.serving),
+            show(&d.recomputed)
+        );
     }
     println!("{} raw files read; {} rows differ", r.files, r.drift.len());
-    Ok(if r.drift.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+    Ok(if r.drift.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+async fn offsets(mut settings: Settings, command: OffsetsCommand) -> anyhow::Result<ExitCode> {
+    use crate::jobs::offsets;
+    let (OffsetsCommand::Show { topic } | OffsetsCommand::Reset { topic, .. }) = &command;
+    if let Some(t) = topic {
+        settings.kafka.topic = t.clone();
+    }
+    let catalog = crate::aggregate::SqlCatalog::load(
+        &settings.sql.rollups_dir,
+        crate::decode::EventSchema::from_config(&settings.schema)?.arrow,
+        &settings.schema.time_field,
+    )
+    .await
+    .context("rollup SQL is invalid")?;
+    let store = crate::sink::ServingStore::open_with(
+        &settings.serving_url(),
+        &catalog.rollups,
+        settings.serving.window_index,
+    )
+    .await?;
+    match command {
+        OffsetsCommand::Show { .. } => {
+            let rows = offsets::show(&settings, &store)
+                .await
+                .context("offsets show failed")?;
+            println!("topic {}", settings.kafka.topic);
+            println!(
+                "{:>9} {:>14} {:>14} {:>14} {:>12}  note",
+                "partition", "stored", "low", "high", "lag"
+            );
+            let mut bad = false;
+            for r in &rows {
+                let stored = r.stored.map_or_else(|| "-".to_string(), |s| s.to_string());
+                let note = r.problem().unwrap_or("");
+                bad |= r.stored.is_some_and(|s| s > r.high);
+                println!(
+                    "{:>9} {:>14} {:>14} {:>14} {:>12}  {note}",
+                    r.partition,
+                    stored,
+                    r.low,
+                    r.high,
+                    r.lag()
+                );
+            }
+            Ok(if bad {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            })
+        }
+        OffsetsCommand::Reset { partition, to, .. } => {
+            let moved = offsets::reset(&settings, &store, partition, to)
+                .await
+                .context("offsets reset failed")?;
+            for (p, old, new) in moved {
+                let old = old.map_or_else(|| "none".to_string(), |o| o.to_string());
+                println!(
+                    "topic {} partition {p}: next offset {old} -> {new}",
+                    settings.kafka.topic
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
 }
 
 async fn check(settings: Settings) -> anyhow::Result<ExitCode> {
     use crate::aggregate::SqlCatalog;
     use crate::decode::EventSchema;
     let schema = EventSchema::from_config(&settings.schema)?;
-    let catalog = SqlCatalog::load(&settings.sql.rollups_dir, schema.arrow.clone(), &settings.schema.time_field)
-        .await
-        .context("rollup SQL is invalid")?;
-    println!("# effective configuration (secrets masked)\n{}", settings.to_masked_toml());
+    let catalog = SqlCatalog::load(
+        &settings.sql.rollups_dir,
+        schema.arrow.clone(),
+        &settings.schema.time_field,
+    )
+    .await
+    .context("rollup SQL is invalid")?;
+    println!(
+        "# effective configuration (secrets masked)\n{}",
+        settings.to_masked_toml()
+    );
     println!("# event schema\n{}\n", schema.arrow);
     for r in &catalog.rollups {
         println!("{}\n", r.describe());
     }
-    let tiers = crate::serve::Tiers::from_catalog(&settings.api.rollups, &catalog).context("the API rollups are invalid")?;
-    let names: Vec<String> = tiers.tiers.iter().map(|t| format!("{} ({})", t.rollup, crate::serve::tiers::width_name(t.width_ms))).collect();
+    let tiers = crate::serve::Tiers::from_catalog(&settings.api.rollups, &catalog)
+        .context("the API rollups are invalid")?;
+    let names: Vec<String> = tiers
+        .tiers
+        .iter()
+        .map(|t| {
+            format!(
+                "{} ({})",
+                t.rollup,
+                crate::serve::tiers::width_name(t.width_ms)
+            )
+        })
+        .collect();
     println!("# API\nqueries are answered from: {}\n", names.join(", "));
-    match crate::jobs::report::check(&settings, &catalog).await.context("report SQL is invalid")? {
+    match crate::jobs::report::check(&settings, &catalog)
+        .await
+        .context("report SQL is invalid")?
+    {
         Some(queries) => {
-            let names: Vec<String> = queries.iter().map(|q| q.file.display().to_string()).collect();
-            println!("# reports
+            let names: Vec<String> = queries
+                .iter()
+                .map(|q| q.file.display().to_string())
+                .collect();
+            println!(
+                "# reports
 {} report queries plan: {}
-", queries.len(), names.join(", "));
+",
+                queries.len(),
+                names.join(", ")
+            );
         }
         None => println!(
             "# reports
@@ -464,7 +636,10 @@ skipped: no videos.csv and channels.csv in report.dims_dir ({})
             settings.report.dims_dir.display()
         ),
     }
-    println!("ok: config and {} rollup(s) are valid", catalog.rollups.len());
+    println!(
+        "ok: config and {} rollup(s) are valid",
+        catalog.rollups.len()
+    );
     Ok(ExitCode::SUCCESS)
 }
 
@@ -494,14 +669,22 @@ fn produce(settings: &Settings, a: ProduceArgs) -> anyhow::Result<ExitCode> {
     let n = match &a.file {
         Some(path) => crate::jobs::produce::to_file(spec, path)
             .with_context(|| format!("writing {}", path.display()))?,
-        None => crate::jobs::produce::to_kafka(spec, &properties(settings), &settings.kafka.topic, |n| {
-            tracing::info!(produced = n, "progress");
-        })
+        None => crate::jobs::produce::to_kafka(
+            spec,
+            &properties(settings),
+            &settings.kafka.topic,
+            |n| {
+                tracing::info!(produced = n, "progress");
+            },
+        )
         .map_err(anyhow::Error::msg)
         .context("producing to Kafka failed")?,
     };
     let secs = start.elapsed().as_secs_f64();
-    eprintln!("produced {n} events in {secs:.1}s ({:.0}/s)", n as f64 / secs.max(1e-9));
+    eprintln!(
+        "produced {n} events in {secs:.1}s ({:.0}/s)",
+        n as f64 / secs.max(1e-9)
+    );
     Ok(ExitCode::SUCCESS)
 }
 

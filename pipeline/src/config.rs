@@ -19,17 +19,30 @@ pub const ENV_PREFIX: &str = "TALLY__";
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("{source_name}: cannot read: {message}")]
-    Read { source_name: String, message: String },
+    Read {
+        source_name: String,
+        message: String,
+    },
     #[error("{source_name}: invalid TOML: {message}")]
-    Parse { source_name: String, message: String },
+    Parse {
+        source_name: String,
+        message: String,
+    },
     #[error("{source_name}: key `{key}`: {message}")]
-    Key { source_name: String, key: String, message: String },
+    Key {
+        source_name: String,
+        key: String,
+        message: String,
+    },
     #[error("config key `{key}`: {message}")]
     Invalid { key: String, message: String },
 }
 
 fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid { key: key.to_string(), message: message.into() }
+    ConfigError::Invalid {
+        key: key.to_string(),
+        message: message.into(),
+    }
 }
 
 /// A size in bytes, written as `65536`, `"64KiB"`, `"64MiB"` or `"1GB"`.
@@ -269,6 +282,9 @@ pub struct ApiConfig {
     pub read_tokens: Tokens,
     /// Bearer tokens for `POST /v1/events`; empty means open.
     pub write_tokens: Tokens,
+    /// Host header values answered besides the listen address (and the
+    /// loopback names when it listens on loopback).
+    pub allowed_hosts: Vec<String>,
 }
 
 /// Bearer tokens: a list, or one token as a string (handy in the
@@ -294,7 +310,11 @@ impl<'de> Deserialize<'de> for Tokens {
             serde::de::Error::custom("expected a token string or a list of token strings")
         })? {
             Raw::One(s) if s.is_empty() => Vec::new(),
-            Raw::One(s) => s.split(',').map(|t| t.trim().to_string()).filter(|t| !t.is_empty()).collect(),
+            Raw::One(s) => s
+                .split(',')
+                .map(|t| t.trim().to_string())
+                .filter(|t| !t.is_empty())
+                .collect(),
             Raw::Many(v) => v,
         };
         Ok(Tokens(v))
@@ -311,14 +331,18 @@ impl Settings {
         check_layer("configs/default.toml (embedded)", &merged, &merged)?;
         if let Some(path) = file {
             let name = path.display().to_string();
-            let text = std::fs::read_to_string(path)
-                .map_err(|e| ConfigError::Read { source_name: name.clone(), message: e.to_string() })?;
+            let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+                source_name: name.clone(),
+                message: e.to_string(),
+            })?;
             let layer = parse_layer(&name, &text)?;
             check_layer(&name, &merged, &layer)?;
             merge(&mut merged, layer);
         }
-        let mut env: Vec<(String, String)> =
-            env.into_iter().filter(|(k, _)| k.starts_with(ENV_PREFIX)).collect();
+        let mut env: Vec<(String, String)> = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with(ENV_PREFIX))
+            .collect();
         env.sort();
         for (key, value) in env {
             let layer = env_layer(&key, &value)?;
@@ -363,37 +387,58 @@ impl Settings {
         if !url.is_empty() {
             match url.strip_prefix("s3://") {
                 Some(rest) if !rest.is_empty() && !rest.starts_with('/') => {}
-                Some(_) => return Err(invalid("storage.archive_url", "name a bucket: s3://BUCKET or s3://BUCKET/PREFIX")),
-                None => {
+                Some(_) => {
                     return Err(invalid(
                         "storage.archive_url",
-                        format!("{url:?}: unsupported; use \"\" for storage.data_dir or s3://BUCKET/PREFIX"),
+                        "name a bucket: s3://BUCKET or s3://BUCKET/PREFIX",
                     ))
                 }
+                None => return Err(invalid(
+                    "storage.archive_url",
+                    format!(
+                        "{url:?}: unsupported; use \"\" for storage.data_dir or s3://BUCKET/PREFIX"
+                    ),
+                )),
             }
         } else if !self.storage.options.is_empty() {
-            return Err(invalid("storage.options", "apply only to an s3:// storage.archive_url; set one or remove the options"));
+            return Err(invalid(
+                "storage.options",
+                "apply only to an s3:// storage.archive_url; set one or remove the options",
+            ));
         }
-        if self.storage.multipart_threshold.0 < 5 * 1024 * 1024 && self.storage.multipart_threshold.0 != 0 {
+        if self.storage.multipart_threshold.0 < 5 * 1024 * 1024
+            && self.storage.multipart_threshold.0 != 0
+        {
             return Err(invalid(
                 "storage.multipart_threshold",
                 "must be 0 (every file in parts) or at least 5MiB (S3's smallest part)",
             ));
         }
         if self.storage.orphan_sweep_interval < Duration::from_secs(1) {
-            return Err(invalid("storage.orphan_sweep_interval", "must be at least 1s (for example \"5m\")"));
+            return Err(invalid(
+                "storage.orphan_sweep_interval",
+                "must be at least 1s (for example \"5m\")",
+            ));
         }
         let mut seen = std::collections::HashSet::new();
         for (i, f) in self.schema.fields.iter().enumerate() {
             let key = format!("schema.fields[{i}].name");
             let ok = !f.name.is_empty()
-                && f.name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+                && f.name
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
                 && !f.name.starts_with(|c: char| c.is_ascii_digit());
             if !ok {
-                return Err(invalid(&key, format!("{:?} must match [a-z_][a-z0-9_]*", f.name)));
+                return Err(invalid(
+                    &key,
+                    format!("{:?} must match [a-z_][a-z0-9_]*", f.name),
+                ));
             }
             if !seen.insert(f.name.as_str()) {
-                return Err(invalid(&key, format!("field {:?} is declared twice", f.name)));
+                return Err(invalid(
+                    &key,
+                    format!("field {:?} is declared twice", f.name),
+                ));
             }
             if f.field_type != FieldType::String && (f.max_bytes.is_some() || f.pattern.is_some()) {
                 return Err(invalid(
@@ -403,11 +448,19 @@ impl Settings {
             }
             if let Some(p) = &f.pattern {
                 regex::Regex::new(p).map_err(|e| {
-                    invalid(&format!("schema.fields[{i}].pattern"), format!("invalid regex: {e}"))
+                    invalid(
+                        &format!("schema.fields[{i}].pattern"),
+                        format!("invalid regex: {e}"),
+                    )
                 })?;
             }
         }
-        match self.schema.fields.iter().find(|f| f.name == self.schema.time_field) {
+        match self
+            .schema
+            .fields
+            .iter()
+            .find(|f| f.name == self.schema.time_field)
+        {
             Some(f) if f.field_type == FieldType::Timestamp && f.required => {}
             Some(_) => {
                 return Err(invalid(
@@ -418,12 +471,18 @@ impl Settings {
             None => {
                 return Err(invalid(
                     "schema.time_field",
-                    format!("{:?} is not declared in schema.fields", self.schema.time_field),
+                    format!(
+                        "{:?} is not declared in schema.fields",
+                        self.schema.time_field
+                    ),
                 ))
             }
         }
         if self.api.rollups.is_empty() {
-            return Err(invalid("api.rollups", "name at least one rollup (a file in sql.rollups_dir without .sql)"));
+            return Err(invalid(
+                "api.rollups",
+                "name at least one rollup (a file in sql.rollups_dir without .sql)",
+            ));
         }
         if self.api.max_concurrency == 0 {
             return Err(invalid("api.max_concurrency", "must be at least 1"));
@@ -435,11 +494,24 @@ impl Settings {
             return Err(invalid("api.max_series_points", "must be at least 1"));
         }
         if self.api.request_timeout.is_zero() {
-            return Err(invalid("api.request_timeout", "must be positive, e.g. \"10s\""));
+            return Err(invalid(
+                "api.request_timeout",
+                "must be positive, e.g. \"10s\"",
+            ));
         }
-        for (key, tokens) in [("api.read_tokens", &self.api.read_tokens), ("api.write_tokens", &self.api.write_tokens)] {
-            if tokens.0.iter().any(|t| t.len() < 16 || t.chars().any(|c| !c.is_ascii_graphic())) {
-                return Err(invalid(key, "each token must be at least 16 printable ASCII characters without spaces"));
+        for (key, tokens) in [
+            ("api.read_tokens", &self.api.read_tokens),
+            ("api.write_tokens", &self.api.write_tokens),
+        ] {
+            if tokens
+                .0
+                .iter()
+                .any(|t| t.len() < 16 || t.chars().any(|c| !c.is_ascii_graphic()))
+            {
+                return Err(invalid(
+                    key,
+                    "each token must be at least 16 printable ASCII characters without spaces",
+                ));
             }
         }
         Ok(())
@@ -448,7 +520,10 @@ impl Settings {
     /// The serving store URL, defaulting to SQLite under the data directory.
     pub fn serving_url(&self) -> String {
         if self.serving.url.is_empty() {
-            format!("sqlite://{}", self.storage.data_dir.join("serving.db").display())
+            format!(
+                "sqlite://{}",
+                self.storage.data_dir.join("serving.db").display()
+            )
         } else {
             self.serving.url.clone()
         }
@@ -459,7 +534,11 @@ impl Settings {
         let mut props = toml::Table::new();
         for (k, v) in &self.kafka.properties {
             let secret = k.contains("password") || k.contains("secret") || k.contains("key");
-            let shown = if secret { "****".to_string() } else { v.to_string() };
+            let shown = if secret {
+                "****".to_string()
+            } else {
+                v.to_string()
+            };
             props.insert(k.clone(), toml::Value::String(shown));
         }
         let mut out = String::new();
@@ -484,7 +563,10 @@ impl Settings {
             humantime::format_duration(d.late_after).to_string(),
             d.dlq_payload_bytes.0
         ));
-        out.push_str(&format!("\n[schema]\ntime_field = {:?}\n", self.schema.time_field));
+        out.push_str(&format!(
+            "\n[schema]\ntime_field = {:?}\n",
+            self.schema.time_field
+        ));
         for f in &self.schema.fields {
             out.push_str(&format!(
                 "\n[[schema.fields]]\nname = {:?}\ntype = {:?}\nrequired = {}\n",
@@ -500,7 +582,7 @@ impl Settings {
             }
         }
         out.push_str(&format!(
-            "\n[sql]\nrollups_dir = {:?}\n\n[storage]\ndata_dir = {:?}\nzstd_level = {}\narchive_url = {:?}\nmultipart_threshold = {}\norphan_sweep_interval = {:?}\n{}\n[serving]\nurl = {:?}\nwindow_index = {}\nsqlite_fold_rows = {}\nsqlite_direct_rows = {}\n\n[api]\nlisten = {:?}\nrollups = {:?}\nmax_range = {:?}\nmax_series_points = {}\nmax_body = {}\nrequest_timeout = {:?}\nmax_concurrency = {}\nmax_connections = {}\nread_tokens = \"{} configured (masked)\"\nwrite_tokens = \"{} configured (masked)\"\n\n[verify]\ninterval = {:?}\nlookback = {:?}\n",
+            "\n[sql]\nrollups_dir = {:?}\n\n[storage]\ndata_dir = {:?}\nzstd_level = {}\narchive_url = {:?}\nmultipart_threshold = {}\norphan_sweep_interval = {:?}\n{}\n[serving]\nurl = {:?}\nwindow_index = {}\nsqlite_fold_rows = {}\nsqlite_direct_rows = {}\n\n[api]\nlisten = {:?}\nrollups = {:?}\nmax_range = {:?}\nmax_series_points = {}\nmax_body = {}\nrequest_timeout = {:?}\nmax_concurrency = {}\nmax_connections = {}\nread_tokens = \"{} configured (masked)\"\nwrite_tokens = \"{} configured (masked)\"\nallowed_hosts = {:?}\n\n[verify]\ninterval = {:?}\nlookback = {:?}\n",
             self.sql.rollups_dir.display().to_string(),
             self.storage.data_dir.display().to_string(),
             self.storage.zstd_level,
@@ -529,6 +611,7 @@ impl Settings {
             self.api.max_connections,
             self.api.read_tokens.0.len(),
             self.api.write_tokens.0.len(),
+            self.api.allowed_hosts,
             humantime::format_duration(self.verify.interval).to_string(),
             humantime::format_duration(self.verify.lookback).to_string(),
         ));
@@ -537,19 +620,15 @@ impl Settings {
 }
 
 fn mask_url(url: &str) -> String {
-    // postgres://user:password@host/db -> postgres://user:****@host/db
-    if let (Some(scheme_end), Some(at)) = (url.find("://"), url.rfind('@')) {
-        let creds = &url[scheme_end + 3..at];
-        if let Some(colon) = creds.find(':') {
-            return format!("{}{}:****{}", &url[..scheme_end + 3], &creds[..colon], &url[at..]);
-        }
-    }
-    url.to_string()
+    // postgres://user:password@host/db?password=… -> postgres://user:***@host/db?password=***
+    crate::sink::serving::redact(url)
 }
 
 fn parse_layer(name: &str, text: &str) -> Result<toml::Table, ConfigError> {
-    text.parse::<toml::Table>()
-        .map_err(|e| ConfigError::Parse { source_name: name.to_string(), message: e.to_string() })
+    text.parse::<toml::Table>().map_err(|e| ConfigError::Parse {
+        source_name: name.to_string(),
+        message: e.to_string(),
+    })
 }
 
 /// Deserialize `base` overlaid with `layer`, attributing any error to `name`.
@@ -569,7 +648,11 @@ fn deserialize(name: &str, table: toml::Table) -> Result<Settings, ConfigError> 
         } else {
             inner
         };
-        ConfigError::Key { source_name: name.to_string(), key, message }
+        ConfigError::Key {
+            source_name: name.to_string(),
+            key,
+            message,
+        }
     })
 }
 
@@ -629,7 +712,10 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
@@ -662,12 +748,19 @@ mod tests {
     fn env_overrides_file_and_defaults() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("c.toml");
-        std::fs::write(&file, "[kafka]\ntopic = \"from_file\"\n[batch]\nmax_rows = 5\n").unwrap();
+        std::fs::write(
+            &file,
+            "[kafka]\ntopic = \"from_file\"\n[batch]\nmax_rows = 5\n",
+        )
+        .unwrap();
         let s = Settings::load(
             Some(&file),
             env(&[
                 ("TALLY__KAFKA__TOPIC", "from_env"),
-                ("TALLY__KAFKA__PROPERTIES__BOOTSTRAP_SERVERS", "10.0.0.1:9092"),
+                (
+                    "TALLY__KAFKA__PROPERTIES__BOOTSTRAP_SERVERS",
+                    "10.0.0.1:9092",
+                ),
                 ("TALLY__BATCH__LINGER", "250ms"),
                 ("OTHER", "x"),
             ]),
@@ -677,7 +770,11 @@ mod tests {
         assert_eq!(s.batch.max_rows, 5);
         assert_eq!(s.batch.linger, Duration::from_millis(250));
         assert_eq!(
-            s.kafka.properties.get("bootstrap.servers").unwrap().to_string(),
+            s.kafka
+                .properties
+                .get("bootstrap.servers")
+                .unwrap()
+                .to_string(),
             "10.0.0.1:9092"
         );
     }
@@ -687,7 +784,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("bad.toml");
         std::fs::write(&file, "[batch]\nmax_rowz = 5\n").unwrap();
-        let err = Settings::load(Some(&file), std::iter::empty()).unwrap_err().to_string();
+        let err = Settings::load(Some(&file), std::iter::empty())
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("bad.toml"), "{err}");
         assert!(err.contains("max_rowz"), "{err}");
         assert!(err.contains("remove or rename"), "{err}");

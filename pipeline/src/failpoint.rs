@@ -30,7 +30,11 @@ pub fn pause(name: &str) -> Option<std::time::Duration> {
     });
     match armed {
         Some((n, ms)) if n == name && !FIRED.swap(true, std::sync::atomic::Ordering::AcqRel) => {
-            tracing::warn!(pausepoint = name, millis = ms, "pausepoint reached: waiting");
+            tracing::warn!(
+                pausepoint = name,
+                millis = ms,
+                "pausepoint reached: waiting"
+            );
             Some(std::time::Duration::from_millis(*ms))
         }
         _ => None,

@@ -12,12 +12,18 @@ use std::sync::Mutex;
 use crate::decode::RejectReason;
 
 /// Bucket upper bounds in seconds for durations.
-const COMMIT_BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+const COMMIT_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
 /// Bucket upper bounds in seconds for the stages of produce -> visible.
-const FRESHNESS_BUCKETS: &[f64] = &[0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0, 60.0];
+const FRESHNESS_BUCKETS: &[f64] = &[
+    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0, 60.0,
+];
 /// The stages of `tally_batch_stage_seconds`, in order.
 pub const BATCH_STAGES: [&str; 4] = ["fetch", "linger", "queue", "commit"];
-const HTTP_BUCKETS: &[f64] = &[0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0, 5.0];
+const HTTP_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0, 5.0,
+];
 
 /// A fixed-bucket histogram.
 #[derive(Debug)]
@@ -40,7 +46,11 @@ impl Histogram {
     }
 
     pub fn observe(&self, seconds: f64) {
-        let i = self.bounds.iter().position(|b| seconds <= *b).unwrap_or(self.bounds.len());
+        let i = self
+            .bounds
+            .iter()
+            .position(|b| seconds <= *b)
+            .unwrap_or(self.bounds.len());
         if let Some(c) = self.counts.get(i) {
             c.fetch_add(1, Ordering::Relaxed);
         }
@@ -48,7 +58,12 @@ impl Histogram {
         let mut cur = self.sum_bits.load(Ordering::Relaxed);
         loop {
             let next = (f64::from_bits(cur) + seconds).to_bits();
-            match self.sum_bits.compare_exchange_weak(cur, next, Ordering::Relaxed, Ordering::Relaxed) {
+            match self.sum_bits.compare_exchange_weak(
+                cur,
+                next,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
                 Ok(_) => break,
                 Err(v) => cur = v,
             }
@@ -63,10 +78,25 @@ impl Histogram {
             let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{b}\"}} {cumulative}");
         }
         cumulative += self.counts.last().map_or(0, |c| c.load(Ordering::Relaxed));
-        let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {cumulative}");
-        let braces = if labels.is_empty() { String::new() } else { format!("{{{labels}}}") };
-        let _ = writeln!(out, "{name}_sum{braces} {}", f64::from_bits(self.sum_bits.load(Ordering::Relaxed)));
-        let _ = writeln!(out, "{name}_count{braces} {}", self.count.load(Ordering::Relaxed));
+        let _ = writeln!(
+            out,
+            "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {cumulative}"
+        );
+        let braces = if labels.is_empty() {
+            String::new()
+        } else {
+            format!("{{{labels}}}")
+        };
+        let _ = writeln!(
+            out,
+            "{name}_sum{braces} {}",
+            f64::from_bits(self.sum_bits.load(Ordering::Relaxed))
+        );
+        let _ = writeln!(
+            out,
+            "{name}_count{braces} {}",
+            self.count.load(Ordering::Relaxed)
+        );
     }
 }
 
@@ -80,6 +110,12 @@ pub struct Metrics {
     pub batches_committed: AtomicU64,
     pub batches_fenced: AtomicU64,
     pub commit_errors: AtomicU64,
+    /// Commits whose reply was lost, found committed by the retry's fence read.
+    pub commits_resolved: AtomicU64,
+    /// Fetches whose first offset was not the one expected (a gap), and the
+    /// messages stepped over (below the stored offset, or lost in a gap).
+    pub offset_gaps: AtomicU64,
+    pub messages_skipped: AtomicU64,
     pub commit_duration: Histogram,
     /// Per batch, by stage ([`BATCH_STAGES`]).
     batch_stage: Vec<Histogram>,
@@ -120,13 +156,22 @@ impl Metrics {
         Metrics {
             messages_consumed: AtomicU64::new(0),
             events_accepted: AtomicU64::new(0),
-            rejected: RejectReason::ALL.iter().map(|_| AtomicU64::new(0)).collect(),
+            rejected: RejectReason::ALL
+                .iter()
+                .map(|_| AtomicU64::new(0))
+                .collect(),
             events_late: AtomicU64::new(0),
             batches_committed: AtomicU64::new(0),
             batches_fenced: AtomicU64::new(0),
             commit_errors: AtomicU64::new(0),
+            commits_resolved: AtomicU64::new(0),
+            offset_gaps: AtomicU64::new(0),
+            messages_skipped: AtomicU64::new(0),
             commit_duration: Histogram::new(COMMIT_BUCKETS),
-            batch_stage: BATCH_STAGES.iter().map(|_| Histogram::new(FRESHNESS_BUCKETS)).collect(),
+            batch_stage: BATCH_STAGES
+                .iter()
+                .map(|_| Histogram::new(FRESHNESS_BUCKETS))
+                .collect(),
             visible_delay: Histogram::new(FRESHNESS_BUCKETS),
             raw_bytes_written: AtomicU64::new(0),
             archive_files_written: AtomicU64::new(0),
@@ -162,7 +207,14 @@ impl Metrics {
     /// arrival, its seal, and the start and end of its commit. The four
     /// stages add up to the visible delay (each is clamped at zero, as the
     /// Kafka timestamp comes from another clock).
-    pub fn observe_batch_latency(&self, produced_ms: Option<i64>, opened_ms: i64, sealed_ms: i64, commit_start_ms: i64, commit_end_ms: i64) {
+    pub fn observe_batch_latency(
+        &self,
+        produced_ms: Option<i64>,
+        opened_ms: i64,
+        sealed_ms: i64,
+        commit_start_ms: i64,
+        commit_end_ms: i64,
+    ) {
         let secs = |from: i64, to: i64| (to - from).max(0) as f64 / 1000.0;
         let stages = [
             produced_ms.map(|p| secs(p, opened_ms)),
@@ -205,7 +257,10 @@ impl Metrics {
             *m.entry((route.to_string(), status)).or_insert(0) += 1;
         }
         let h = match self.http_duration.lock() {
-            Ok(mut m) => m.entry(route.to_string()).or_insert_with(|| std::sync::Arc::new(Histogram::new(HTTP_BUCKETS))).clone(),
+            Ok(mut m) => m
+                .entry(route.to_string())
+                .or_insert_with(|| std::sync::Arc::new(Histogram::new(HTTP_BUCKETS)))
+                .clone(),
             Err(_) => return,
         };
         h.observe(seconds);
@@ -219,10 +274,25 @@ impl Metrics {
         if pipeline {
             self.render_pipeline(&mut o);
         }
-        counter(&mut o, "tally_api_events_produced_total", "Events accepted by POST /v1/events and acknowledged by the broker.", load(&self.api_events_produced));
-        counter(&mut o, "tally_api_events_invalid_total", "Events refused by POST /v1/events validation.", load(&self.api_events_invalid));
+        counter(
+            &mut o,
+            "tally_api_events_produced_total",
+            "Events accepted by POST /v1/events and acknowledged by the broker.",
+            load(&self.api_events_produced),
+        );
+        counter(
+            &mut o,
+            "tally_api_events_invalid_total",
+            "Events refused by POST /v1/events validation.",
+            load(&self.api_events_invalid),
+        );
         if let Some(a) = as_of_ms {
-            gauge(&mut o, "tally_as_of_timestamp_seconds", "Time up to which the serving store is complete (the as_of of answers).", a as f64 / 1000.0);
+            gauge(
+                &mut o,
+                "tally_as_of_timestamp_seconds",
+                "Time up to which the serving store is complete (the as_of of answers).",
+                a as f64 / 1000.0,
+            );
             gauge(
                 &mut o,
                 "tally_event_time_lag_seconds",
@@ -230,19 +300,36 @@ impl Metrics {
                 ((now_ms - a).max(0)) as f64 / 1000.0,
             );
         }
-        header(&mut o, "tally_http_requests_total", "counter", "HTTP requests by route and status.");
+        header(
+            &mut o,
+            "tally_http_requests_total",
+            "counter",
+            "HTTP requests by route and status.",
+        );
         if let Ok(m) = self.http.lock() {
             for ((route, status), n) in m.iter() {
-                let _ = writeln!(o, "tally_http_requests_total{{route=\"{route}\",status=\"{status}\"}} {n}");
+                let _ = writeln!(
+                    o,
+                    "tally_http_requests_total{{route=\"{route}\",status=\"{status}\"}} {n}"
+                );
             }
         }
-        header(&mut o, "tally_http_request_duration_seconds", "histogram", "HTTP request duration by route.");
+        header(
+            &mut o,
+            "tally_http_request_duration_seconds",
+            "histogram",
+            "HTTP request duration by route.",
+        );
         let hs: Vec<(String, std::sync::Arc<Histogram>)> = match self.http_duration.lock() {
             Ok(m) => m.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
             Err(_) => Vec::new(),
         };
         for (route, h) in hs {
-            h.render(&mut o, "tally_http_request_duration_seconds", &format!("route=\"{route}\""));
+            h.render(
+                &mut o,
+                "tally_http_request_duration_seconds",
+                &format!("route=\"{route}\""),
+            );
         }
         o
     }
@@ -251,19 +338,67 @@ impl Metrics {
 impl Metrics {
     fn render_pipeline(&self, o: &mut String) {
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        counter(o, "tally_messages_consumed_total", "Kafka messages consumed and committed (accepted + rejected).", load(&self.messages_consumed));
-        counter(o, "tally_events_accepted_total", "Events accepted, archived and counted.", load(&self.events_accepted));
-        header(o, "tally_events_rejected_total", "counter", "Messages sent to the dead-letter dataset, by reason.");
+        counter(
+            o,
+            "tally_messages_consumed_total",
+            "Kafka messages consumed and committed (accepted + rejected).",
+            load(&self.messages_consumed),
+        );
+        counter(
+            o,
+            "tally_events_accepted_total",
+            "Events accepted, archived and counted.",
+            load(&self.events_accepted),
+        );
+        header(
+            o,
+            "tally_events_rejected_total",
+            "counter",
+            "Messages sent to the dead-letter dataset, by reason.",
+        );
         for (i, r) in RejectReason::ALL.iter().enumerate() {
             let v = self.rejected.get(i).map_or(0, load);
-            let _ = writeln!(o, "tally_events_rejected_total{{reason=\"{}\"}} {v}", r.code());
+            let _ = writeln!(
+                o,
+                "tally_events_rejected_total{{reason=\"{}\"}} {v}",
+                r.code()
+            );
         }
-        counter(o, "tally_events_late_total", "Accepted events that arrived more than decode.late_after after their event time.", load(&self.events_late));
-        counter(o, "tally_batches_committed_total", "Micro-batches committed to the serving store.", load(&self.batches_committed));
-        counter(o, "tally_batches_fenced_total", "Batches refused by the offset fence (another writer owned the partition).", load(&self.batches_fenced));
-        counter(o, "tally_commit_errors_total", "Failed batch commit attempts (retried with backoff).", load(&self.commit_errors));
-        header(o, "tally_batch_commit_duration_seconds", "histogram", "Archive write + aggregation + serving transaction, per batch.");
-        self.commit_duration.render(o, "tally_batch_commit_duration_seconds", "");
+        counter(
+            o,
+            "tally_events_late_total",
+            "Accepted events that arrived more than decode.late_after after their event time.",
+            load(&self.events_late),
+        );
+        counter(
+            o,
+            "tally_batches_committed_total",
+            "Micro-batches committed to the serving store.",
+            load(&self.batches_committed),
+        );
+        counter(
+            o,
+            "tally_batches_fenced_total",
+            "Batches refused by the offset fence (another writer owned the partition).",
+            load(&self.batches_fenced),
+        );
+        counter(
+            o,
+            "tally_commit_errors_total",
+            "Failed batch commit attempts (retried with backoff).",
+            load(&self.commit_errors),
+        );
+        counter(o, "tally_commits_resolved_total", "Batch commits whose reply was lost (a dropped connection) and that the retry found committed; counted once.", load(&self.commits_resolved));
+        counter(o, "tally_offset_gaps_total", "Times a partition's first fetched offset was not the expected next offset (retention, compaction, a reset).", load(&self.offset_gaps));
+        counter(o, "tally_messages_skipped_total", "Messages stepped over: fetched below the stored offset (already committed) or missing in an offset gap.", load(&self.messages_skipped));
+        header(
+            o,
+            "tally_batch_commit_duration_seconds",
+            "histogram",
+            "Archive write + aggregation + serving transaction, per batch.",
+        );
+        self.commit_duration
+            .render(o, "tally_batch_commit_duration_seconds", "");
         header(
             o,
             "tally_batch_stage_seconds",
@@ -271,7 +406,11 @@ impl Metrics {
             "Where each batch's time goes: fetch (oldest message's Kafka timestamp to the batch's first message at tally), linger (to seal), queue (to commit start), commit (archive, aggregation and serving transaction).",
         );
         for (stage, h) in BATCH_STAGES.iter().zip(&self.batch_stage) {
-            h.render(o, "tally_batch_stage_seconds", &format!("stage=\"{stage}\""));
+            h.render(
+                o,
+                "tally_batch_stage_seconds",
+                &format!("stage=\"{stage}\""),
+            );
         }
         header(
             o,
@@ -279,32 +418,90 @@ impl Metrics {
             "histogram",
             "Produce to visible: per batch, from its oldest message's Kafka timestamp to the end of its serving commit.",
         );
-        self.visible_delay.render(o, "tally_visible_delay_seconds", "");
-        counter(o, "tally_raw_bytes_written_total", "Parquet bytes written to the raw archive and the dead-letter dataset.", load(&self.raw_bytes_written));
-        counter(o, "tally_archive_files_written_total", "Parquet files written to the raw archive and the dead-letter dataset.", load(&self.archive_files_written));
+        self.visible_delay
+            .render(o, "tally_visible_delay_seconds", "");
+        counter(
+            o,
+            "tally_raw_bytes_written_total",
+            "Parquet bytes written to the raw archive and the dead-letter dataset.",
+            load(&self.raw_bytes_written),
+        );
+        counter(
+            o,
+            "tally_archive_files_written_total",
+            "Parquet files written to the raw archive and the dead-letter dataset.",
+            load(&self.archive_files_written),
+        );
         counter(o, "tally_archive_orphans_removed_total", "Archive files of batches that never committed (a crash or a fenced writer), removed by the orphan sweep.", load(&self.archive_orphans_removed));
         header(o, "tally_archive_sweeps_total", "counter", "Orphan sweeps that succeeded, by scope: `full` lists the whole archive (after an assignment and daily), `bounded` only recent directories and files.");
-        let _ = writeln!(o, "tally_archive_sweeps_total{{scope=\"full\"}} {}", load(&self.archive_sweeps_full));
-        let _ = writeln!(o, "tally_archive_sweeps_total{{scope=\"bounded\"}} {}", load(&self.archive_sweeps_bounded));
-        counter(o, "tally_rollup_rows_merged_total", "Rollup rows merged into the serving store.", load(&self.rollup_rows_merged));
-        counter(o, "tally_sqlite_folds_total", "Folds of the SQLite delta tables into the rollup tables.", load(&self.sqlite_folds));
-        header(o, "tally_sqlite_fold_seconds_total", "counter", "Time spent folding the SQLite delta tables (the next batch commit waits for a fold).");
-        let _ = writeln!(o, "tally_sqlite_fold_seconds_total {}", load(&self.sqlite_fold_micros) as f64 / 1e6);
-        counter(o, "tally_sqlite_fold_rows_total", "Delta rows folded into the SQLite rollup tables.", load(&self.sqlite_fold_rows));
+        let _ = writeln!(
+            o,
+            "tally_archive_sweeps_total{{scope=\"full\"}} {}",
+            load(&self.archive_sweeps_full)
+        );
+        let _ = writeln!(
+            o,
+            "tally_archive_sweeps_total{{scope=\"bounded\"}} {}",
+            load(&self.archive_sweeps_bounded)
+        );
+        counter(
+            o,
+            "tally_rollup_rows_merged_total",
+            "Rollup rows merged into the serving store.",
+            load(&self.rollup_rows_merged),
+        );
+        counter(
+            o,
+            "tally_sqlite_folds_total",
+            "Folds of the SQLite delta tables into the rollup tables.",
+            load(&self.sqlite_folds),
+        );
+        header(
+            o,
+            "tally_sqlite_fold_seconds_total",
+            "counter",
+            "Time spent folding the SQLite delta tables (the next batch commit waits for a fold).",
+        );
+        let _ = writeln!(
+            o,
+            "tally_sqlite_fold_seconds_total {}",
+            load(&self.sqlite_fold_micros) as f64 / 1e6
+        );
+        counter(
+            o,
+            "tally_sqlite_fold_rows_total",
+            "Delta rows folded into the SQLite rollup tables.",
+            load(&self.sqlite_fold_rows),
+        );
         header(o, "tally_consumer_lag_messages", "gauge", "Messages between the offsets committed to the serving store and the partition end (librdkafka statistics).");
         if let Ok(m) = self.consumer_lag.lock() {
             for (p, lag) in m.iter() {
                 let _ = writeln!(o, "tally_consumer_lag_messages{{partition=\"{p}\"}} {lag}");
             }
         }
-        counter(o, "tally_verify_runs_total", "Periodic verify runs (serving rollups vs the raw archive).", load(&self.verify_runs));
+        counter(
+            o,
+            "tally_verify_runs_total",
+            "Periodic verify runs (serving rollups vs the raw archive).",
+            load(&self.verify_runs),
+        );
         let drift = self.verify_drift_rows.load(Ordering::Relaxed);
         if drift >= 0 {
-            gauge(o, "tally_verify_drift_rows", "Rollup rows that differed from the raw archive in the last periodic verify.", drift as f64);
+            gauge(
+                o,
+                "tally_verify_drift_rows",
+                "Rollup rows that differed from the raw archive in the last periodic verify.",
+                drift as f64,
+            );
         }
         let newest = self.newest_committed_event_ms.load(Ordering::Relaxed);
         if newest > 0 {
-            gauge(o, "tally_newest_committed_event_timestamp_seconds", "Newest event time this process committed.", newest as f64 / 1000.0);
+            gauge(
+                o,
+                "tally_newest_committed_event_timestamp_seconds",
+                "Newest event time this process committed.",
+                newest as f64 / 1000.0,
+            );
         }
     }
 }
@@ -378,9 +575,18 @@ mod tests {
         m.observe_http("/v1/count", 200, 0.001);
         m.set_consumer_lag([(0, 5)].into_iter().collect());
         let s = m.render(true, Some(1_000), 3_000);
-        assert!(s.contains("tally_events_rejected_total{reason=\"not_json\"} 3\n"), "{s}");
-        assert!(s.contains("tally_http_requests_total{route=\"/v1/count\",status=\"200\"} 1\n"), "{s}");
-        assert!(s.contains("tally_consumer_lag_messages{partition=\"0\"} 5\n"), "{s}");
+        assert!(
+            s.contains("tally_events_rejected_total{reason=\"not_json\"} 3\n"),
+            "{s}"
+        );
+        assert!(
+            s.contains("tally_http_requests_total{route=\"/v1/count\",status=\"200\"} 1\n"),
+            "{s}"
+        );
+        assert!(
+            s.contains("tally_consumer_lag_messages{partition=\"0\"} 5\n"),
+            "{s}"
+        );
         assert!(s.contains("tally_event_time_lag_seconds 2\n"), "{s}");
         for line in s.lines().filter(|l| l.starts_with("# TYPE")) {
             let parts: Vec<&str> = line.split(' ').collect();

@@ -16,7 +16,9 @@ use crate::error::{Error, RetryHint};
 use crate::failpoint::failpoint;
 use crate::metrics::Metrics;
 use crate::sink::archive::SweepScope;
-use crate::sink::{ArchiveLocation, CommitOutcome, CommitRequest, ParquetArchiveSink, ServingStore};
+use crate::sink::{
+    ArchiveLocation, CommitOutcome, CommitRequest, ParquetArchiveSink, ServingStore,
+};
 use crate::source::kafka::GroupCommitter;
 use crate::source::{ConsumerControl, KafkaSource};
 
@@ -33,11 +35,20 @@ pub struct Stages {
 impl Stages {
     pub async fn build(settings: Settings) -> Result<Stages, Error> {
         let schema = EventSchema::from_config(&settings.schema)?;
-        let catalog = SqlCatalog::load(&settings.sql.rollups_dir, schema.arrow.clone(), &settings.schema.time_field).await?;
-        let store = ServingStore::open_with(&settings.serving_url(), &catalog.rollups, settings.serving.window_index)
-            .await?
-            .with_fold_rows(settings.serving.sqlite_fold_rows)
-            .with_direct_rows(settings.serving.sqlite_direct_rows);
+        let catalog = SqlCatalog::load(
+            &settings.sql.rollups_dir,
+            schema.arrow.clone(),
+            &settings.schema.time_field,
+        )
+        .await?;
+        let store = ServingStore::open_with(
+            &settings.serving_url(),
+            &catalog.rollups,
+            settings.serving.window_index,
+        )
+        .await?
+        .with_fold_rows(settings.serving.sqlite_fold_rows)
+        .with_direct_rows(settings.serving.sqlite_direct_rows);
         let location = ArchiveLocation::open(&settings.storage)?;
         let archive = ParquetArchiveSink::open(
             &location,
@@ -45,7 +56,13 @@ impl Stages {
             settings.storage.zstd_level,
             settings.storage.multipart_threshold.0,
         )?;
-        Ok(Stages { settings, schema, catalog, store, archive })
+        Ok(Stages {
+            settings,
+            schema,
+            catalog,
+            store,
+            archive,
+        })
     }
 }
 
@@ -61,12 +78,27 @@ pub struct RunStats {
 }
 
 /// Run the pipeline until `shutdown` resolves.
-pub async fn run(stages: Stages, metrics: Arc<Metrics>, shutdown: impl Future<Output = ()>) -> Result<RunStats, Error> {
-    let Stages { settings, schema, catalog, store, archive } = stages;
+pub async fn run(
+    stages: Stages,
+    metrics: Arc<Metrics>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<RunStats, Error> {
+    let Stages {
+        settings,
+        schema,
+        catalog,
+        store,
+        archive,
+    } = stages;
     let mut aggregator = RollupAggregator::new(&catalog, schema.arrow.clone()).await?;
     let decoder = RecordDecoder::new(schema.clone(), &settings.decode);
-    let builder = BatchBuilder::new(decoder, &settings.batch, settings.decode.dlq_payload_bytes.as_usize());
+    let builder = BatchBuilder::new(
+        decoder,
+        &settings.batch,
+        settings.decode.dlq_payload_bytes.as_usize(),
+    );
     let heartbeat = settings.batch.linger.max(Duration::from_secs(1));
+    refuse_lost_store(&settings.kafka.topic, &store, &archive).await?;
     let source = KafkaSource::new(
         &settings.kafka,
         store.clone(),
@@ -82,18 +114,30 @@ pub async fn run(stages: Stages, metrics: Arc<Metrics>, shutdown: impl Future<Ou
         .name("tally-consumer".into())
         .spawn(move || source.run(builder, tx))
         .map_err(|e| Error::Internal(format!("cannot start the consumer thread: {e}")))?;
-    tracing::info!(topic = %settings.kafka.topic, serving = %store.url(), data_dir = %settings.storage.data_dir.display(), archive = %archive.describe(), "tally running");
+    tracing::info!(topic = %settings.kafka.topic, serving = %crate::sink::serving::redact(store.url()), data_dir = %settings.storage.data_dir.display(), archive = %archive.describe(), "tally running");
 
-    let mut sweeper =
-        OrphanSweeper::new(&settings.kafka.topic, settings.storage.orphan_sweep_interval, settings.decode.max_event_age);
+    let mut sweeper = OrphanSweeper::new(
+        &settings.kafka.topic,
+        settings.storage.orphan_sweep_interval,
+        settings.decode.max_event_age,
+    );
     let committer = async {
         let mut stats = RunStats::default();
         let mut last_log = Instant::now();
         let mut window = RunStats::default();
         while let Some(batch) = rx.recv().await {
-            let result =
-                commit_batch(&batch, &control, &mut aggregator, &archive, &store, &group, &mut sweeper, &metrics, &mut stats)
-                    .await;
+            let result = commit_batch(
+                &batch,
+                &control,
+                &mut aggregator,
+                &archive,
+                &store,
+                &group,
+                &mut sweeper,
+                &metrics,
+                &mut stats,
+            )
+            .await;
             control.done.fetch_add(1, Ordering::AcqRel);
             result?;
             if last_log.elapsed() >= Duration::from_secs(10) {
@@ -137,6 +181,30 @@ pub async fn run(stages: Stages, metrics: Arc<Metrics>, shutdown: impl Future<Ou
     Ok(stats)
 }
 
+/// A store without offsets for the topic beside an archive that holds its
+/// files means the store was lost or swapped: consuming would re-read (or
+/// skip) the history, and the orphan sweep would then delete every archive
+/// file the new store does not list. Refuse to start instead.
+async fn refuse_lost_store(
+    topic: &str,
+    store: &ServingStore,
+    archive: &ParquetArchiveSink,
+) -> Result<(), Error> {
+    if !store.load_offsets(topic).await?.is_empty() {
+        return Ok(());
+    }
+    match archive.any_file_of(topic).await? {
+        None => Ok(()),
+        Some(example) => Err(crate::source::SourceError::StoreLost {
+            topic: topic.to_string(),
+            store: crate::sink::serving::redact(store.url()),
+            archive: archive.describe(),
+            example,
+        }
+        .into()),
+    }
+}
+
 fn counters(batch: &Batch) -> Vec<(String, i64)> {
     let mut c = vec![
         ("messages_total".to_string(), batch.stats.messages as i64),
@@ -166,28 +234,53 @@ async fn commit_batch(
     let mut backoff = Duration::from_millis(100);
     let started = Instant::now();
     let started_ms = chrono::Utc::now().timestamp_millis();
+    // Set after a failed attempt: its COMMIT may have been applied even
+    // though the reply was lost (a dropped connection), so a later fence
+    // failure may be this very batch.
+    let mut ambiguous = false;
     loop {
         if batch.epoch != control.epoch.load(Ordering::Acquire) {
             stats.dropped_stale += 1;
-            tracing::debug!(epoch = batch.epoch, "dropping a batch from before a rebalance");
+            tracing::debug!(
+                epoch = batch.epoch,
+                "dropping a batch from before a rebalance"
+            );
             // Its messages must be read again: with the cooperative protocol a
             // kept partition is not re-seeked by the assignment itself.
             control.reset_requested.store(true, Ordering::Release);
             return Ok(());
         }
-        match try_commit(batch, aggregator, archive, store).await {
+        let attempt = match try_commit(batch, aggregator, archive, store).await {
+            Ok((CommitOutcome::Fenced { .. }, files, rows))
+                if ambiguous && committed_earlier(batch, &files, store).await =>
+            {
+                metrics.commits_resolved.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(partitions = ?batch.partitions, "an earlier attempt whose reply was lost had committed this batch; counting it once");
+                Ok((CommitOutcome::Committed, files, rows))
+            }
+            other => other,
+        };
+        match attempt {
             Ok((CommitOutcome::Committed, _, _)) if batch.is_heartbeat() => {
-                sweeper.after_commit(batch, control, archive, store, metrics).await;
+                sweeper
+                    .after_commit(batch, control, archive, store, metrics)
+                    .await;
                 return Ok(());
             }
             Ok((CommitOutcome::Committed, files, rows_merged)) => {
                 group.commit(&batch.partitions);
-                sweeper.after_commit(batch, control, archive, store, metrics).await;
+                sweeper
+                    .after_commit(batch, control, archive, store, metrics)
+                    .await;
                 record_commit(metrics, batch, &files, rows_merged, started.elapsed());
                 let folds = store.fold_stats();
                 metrics.sqlite_folds.store(folds.folds, Ordering::Relaxed);
-                metrics.sqlite_fold_micros.store((folds.seconds * 1e6) as u64, Ordering::Relaxed);
-                metrics.sqlite_fold_rows.store(folds.rows, Ordering::Relaxed);
+                metrics
+                    .sqlite_fold_micros
+                    .store((folds.seconds * 1e6) as u64, Ordering::Relaxed);
+                metrics
+                    .sqlite_fold_rows
+                    .store(folds.rows, Ordering::Relaxed);
                 metrics.observe_batch_latency(
                     batch.oldest_produced_ms,
                     batch.opened_at_ms,
@@ -202,19 +295,30 @@ async fn commit_batch(
                 tracing::debug!(rows = batch.events.num_rows(), partitions = ?batch.partitions, "batch committed");
                 return Ok(());
             }
-            Ok((CommitOutcome::Fenced { partition, expected, stored }, files, _)) => {
+            Ok((
+                CommitOutcome::Fenced {
+                    partition,
+                    expected,
+                    stored,
+                },
+                files,
+                _,
+            )) => {
                 stats.fenced += 1;
                 metrics.batches_fenced.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(partition, ?expected, ?stored, "batch fenced: another writer advanced the partition; re-reading");
-                let paths: Vec<String> = files.into_iter().map(|f| f.path).collect();
-                if let Err(e) = archive.delete(&paths).await {
-                    tracing::error!(error = %e, "cannot delete a fenced batch's files; they are removed at the next assignment");
-                }
+                tracing::warn!(
+                    partition,
+                    ?expected,
+                    ?stored,
+                    "batch fenced: another writer advanced the partition; re-reading"
+                );
+                discard_uncommitted(archive, store, files).await;
                 control.bump_epoch();
                 control.reset_requested.store(true, Ordering::Release);
                 return Ok(());
             }
             Err(e) if e.retry() == RetryHint::WithBackoff => {
+                ambiguous = true;
                 metrics.commit_errors.fetch_add(1, Ordering::Relaxed);
                 tracing::error!(error = %e, retry_in = ?backoff, "batch commit failed; retrying (offsets do not advance)");
                 tokio::time::sleep(backoff).await;
@@ -225,7 +329,79 @@ async fn commit_batch(
     }
 }
 
-fn record_commit(metrics: &Metrics, batch: &Batch, files: &[crate::sink::WrittenFile], rows_merged: u64, took: Duration) {
+/// Whether a batch that the fence refused was in fact committed by an
+/// earlier attempt of its own whose reply was lost: every partition's stored
+/// offset is the batch's end and every file it wrote (the same names on
+/// every attempt) is recorded. A lookup that fails answers no; the fence
+/// path then keeps the files (see [`discard_uncommitted`]).
+async fn committed_earlier(
+    batch: &Batch,
+    files: &[crate::sink::WrittenFile],
+    store: &ServingStore,
+) -> bool {
+    if files.is_empty() {
+        return false;
+    }
+    let Ok(stored) = store.load_offsets(&batch.topic).await else {
+        return false;
+    };
+    if !batch
+        .partitions
+        .iter()
+        .all(|(p, r)| stored.get(p) == Some(&r.next_offset()))
+    {
+        return false;
+    }
+    let paths: Vec<String> = files.iter().map(|f| f.path.clone()).collect();
+    store
+        .committed_among(&paths)
+        .await
+        .is_ok_and(|found| found.len() == paths.len())
+}
+
+/// Delete the files of a batch that did not commit, except those a committed
+/// record names: a retry rewrites the same names as an earlier attempt, and
+/// that attempt (or an earlier read of the same range by this process) may
+/// have committed them. When the store cannot be asked, nothing is deleted;
+/// the orphan sweep removes what is truly dead later.
+pub(crate) async fn discard_uncommitted(
+    archive: &ParquetArchiveSink,
+    store: &ServingStore,
+    files: Vec<crate::sink::WrittenFile>,
+) {
+    if files.is_empty() {
+        return;
+    }
+    let paths: Vec<String> = files.into_iter().map(|f| f.path).collect();
+    let recorded = match store.committed_among(&paths).await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot tell which of a fenced batch's files are committed; keeping them for the orphan sweep");
+            return;
+        }
+    };
+    let doomed: Vec<String> = paths
+        .into_iter()
+        .filter(|p| !recorded.contains(p))
+        .collect();
+    if !recorded.is_empty() {
+        tracing::warn!(
+            kept = recorded.len(),
+            "a fenced batch rewrote files that are already committed; keeping them"
+        );
+    }
+    if let Err(e) = archive.delete(&doomed).await {
+        tracing::error!(error = %e, "cannot delete a fenced batch's files; the orphan sweep removes them");
+    }
+}
+
+fn record_commit(
+    metrics: &Metrics,
+    batch: &Batch,
+    files: &[crate::sink::WrittenFile],
+    rows_merged: u64,
+    took: Duration,
+) {
     let add = |c: &std::sync::atomic::AtomicU64, n: u64| c.fetch_add(n, Ordering::Relaxed);
     add(&metrics.batches_committed, 1);
     add(&metrics.messages_consumed, batch.stats.messages);
@@ -234,14 +410,19 @@ fn record_commit(metrics: &Metrics, batch: &Batch, files: &[crate::sink::Written
     for (reason, n) in &batch.stats.rejected {
         metrics.add_rejected(*reason, *n);
     }
-    add(&metrics.raw_bytes_written, files.iter().map(|f| f.bytes).sum());
+    add(
+        &metrics.raw_bytes_written,
+        files.iter().map(|f| f.bytes).sum(),
+    );
     add(&metrics.archive_files_written, files.len() as u64);
     add(&metrics.rollup_rows_merged, rows_merged);
     for (partition, range) in &batch.partitions {
         metrics.set_committed_offset(*partition, range.next_offset());
     }
     if let Some(newest) = batch.max_event_ms.values().max() {
-        metrics.newest_committed_event_ms.fetch_max(*newest, Ordering::Relaxed);
+        metrics
+            .newest_committed_event_ms
+            .fetch_max(*newest, Ordering::Relaxed);
     }
     metrics.commit_duration.observe(took.as_secs_f64());
 }
@@ -296,7 +477,13 @@ const SWEEP_OVERLAP_MS: i64 = 3_600_000;
 
 impl OrphanSweeper {
     fn new(topic: &str, interval: Duration, max_event_age: Duration) -> Self {
-        OrphanSweeper { topic: topic.to_string(), interval, max_event_age, owned: Default::default(), running: None }
+        OrphanSweeper {
+            topic: topic.to_string(),
+            interval,
+            max_event_age,
+            owned: Default::default(),
+            running: None,
+        }
     }
 
     /// Called after every committed batch (heartbeats too).
@@ -313,7 +500,14 @@ impl OrphanSweeper {
         if let Ok(mut pending) = control.cleanup_pending.lock() {
             for p in batch.partitions.keys() {
                 if pending.remove(p) {
-                    self.owned.insert(*p, SweepState { due: now, swept_ms: None, full_at: None });
+                    self.owned.insert(
+                        *p,
+                        SweepState {
+                            due: now,
+                            swept_ms: None,
+                            full_at: None,
+                        },
+                    );
                     first = true;
                 }
             }
@@ -324,28 +518,53 @@ impl OrphanSweeper {
         self.finish().await;
         let owned = control.owned_partitions();
         self.owned.retain(|p, _| owned.contains(p));
-        let todo: Vec<i32> = self.owned.iter().filter(|(_, s)| s.due <= now).map(|(p, _)| *p).collect();
+        let todo: Vec<i32> = self
+            .owned
+            .iter()
+            .filter(|(_, s)| s.due <= now)
+            .map(|(p, _)| *p)
+            .collect();
         if todo.is_empty() {
             return;
         }
-        let scope = sweep_scope(todo.iter().filter_map(|p| self.owned.get(p)), now, self.max_event_age);
+        let scope = sweep_scope(
+            todo.iter().filter_map(|p| self.owned.get(p)),
+            now,
+            self.max_event_age,
+        );
         for p in &todo {
             if let Some(state) = self.owned.get_mut(p) {
                 state.due = now + self.interval;
             }
         }
-        let (topic, archive, store, metrics) = (self.topic.clone(), archive.clone(), store.clone(), metrics.clone());
+        let (topic, archive, store, metrics) = (
+            self.topic.clone(),
+            archive.clone(),
+            store.clone(),
+            metrics.clone(),
+        );
         self.running = Some(tokio::spawn(async move {
             let (started, started_ms) = (Instant::now(), chrono::Utc::now().timestamp_millis());
             match sweep_orphans(&topic, &todo, &archive, &store, scope).await {
                 Ok(removed) => {
-                    let sweeps = if scope == SweepScope::Full { &metrics.archive_sweeps_full } else { &metrics.archive_sweeps_bounded };
+                    let sweeps = if scope == SweepScope::Full {
+                        &metrics.archive_sweeps_full
+                    } else {
+                        &metrics.archive_sweeps_bounded
+                    };
                     sweeps.fetch_add(1, Ordering::Relaxed);
                     if !removed.is_empty() {
                         tracing::warn!(partitions = ?todo, count = removed.len(), files = ?removed, "removed orphan archive files left by a crash or a fenced writer");
-                        metrics.archive_orphans_removed.fetch_add(removed.len() as u64, Ordering::Relaxed);
+                        metrics
+                            .archive_orphans_removed
+                            .fetch_add(removed.len() as u64, Ordering::Relaxed);
                     }
-                    Ok(Swept { partitions: todo, started_ms, started, full: scope == SweepScope::Full })
+                    Ok(Swept {
+                        partitions: todo,
+                        started_ms,
+                        started,
+                        full: scope == SweepScope::Full,
+                    })
                 }
                 Err(e) => {
                     tracing::error!(partitions = ?todo, error = %e, "orphan sweep failed; retrying within 30 s");
@@ -361,7 +580,9 @@ impl OrphanSweeper {
     /// Wait for the running sweep: record its start for the next bounded
     /// one, or schedule a retry for the partitions it failed on.
     async fn finish(&mut self) {
-        let Some(handle) = self.running.take() else { return };
+        let Some(handle) = self.running.take() else {
+            return;
+        };
         match handle.await {
             Ok(Err(failed)) => {
                 let retry = Instant::now() + self.interval.min(Duration::from_secs(30));
@@ -388,10 +609,16 @@ impl OrphanSweeper {
 
 /// The scope of one sweep of several partitions (one listing serves all):
 /// bounded only if each of them may be.
-fn sweep_scope<'a>(states: impl Iterator<Item = &'a SweepState>, now: Instant, max_event_age: Duration) -> SweepScope {
+fn sweep_scope<'a>(
+    states: impl Iterator<Item = &'a SweepState>,
+    now: Instant,
+    max_event_age: Duration,
+) -> SweepScope {
     let mut since = i64::MAX;
     for state in states {
-        let full_due = state.full_at.is_none_or(|t| now.duration_since(t) >= FULL_SWEEP_EVERY);
+        let full_due = state
+            .full_at
+            .is_none_or(|t| now.duration_since(t) >= FULL_SWEEP_EVERY);
         match state.swept_ms {
             Some(ms) if !full_due => since = since.min(ms),
             _ => return SweepScope::Full,
@@ -422,8 +649,10 @@ async fn sweep_orphans(
     scope: SweepScope,
 ) -> Result<Vec<String>, crate::sink::SinkError> {
     let stored = store.load_offsets(topic).await?;
-    let committed: std::collections::HashMap<i32, i64> =
-        partitions.iter().filter_map(|p| stored.get(p).map(|next| (*p, *next))).collect();
+    let committed: std::collections::HashMap<i32, i64> = partitions
+        .iter()
+        .filter_map(|p| stored.get(p).map(|next| (*p, *next)))
+        .collect();
     if committed.is_empty() {
         return Ok(Vec::new());
     }
@@ -478,11 +707,13 @@ pub(crate) async fn try_commit(
     };
     let outcome = store.commit(&req).await?;
     failpoint("after_serving_commit");
-    let rows_merged = outputs.iter().flat_map(|o| o.batches.iter()).map(|b| b.num_rows() as u64).sum();
+    let rows_merged = outputs
+        .iter()
+        .flat_map(|o| o.batches.iter())
+        .map(|b| b.num_rows() as u64)
+        .sum();
     Ok((outcome, files, rows_merged))
 }
-
-
 
 #[cfg(test)]
 mod tests {
@@ -501,15 +732,27 @@ mod tests {
             full_at: full_ago.map(|d| now - d),
         };
         let recent = Some(Duration::from_secs(600));
-        let (a, b) = (swept(Some(5_000_000), recent), swept(Some(4_000_000), recent));
+        let (a, b) = (
+            swept(Some(5_000_000), recent),
+            swept(Some(4_000_000), recent),
+        );
         assert_eq!(
             sweep_scope([&a, &b].into_iter(), now, age),
-            SweepScope::Since { since_ms: 4_000_000 - SWEEP_OVERLAP_MS, max_event_age_ms: 7 * 86_400_000 }
+            SweepScope::Since {
+                since_ms: 4_000_000 - SWEEP_OVERLAP_MS,
+                max_event_age_ms: 7 * 86_400_000
+            }
         );
         let new = swept(None, None);
-        assert_eq!(sweep_scope([&a, &new].into_iter(), now, age), SweepScope::Full);
+        assert_eq!(
+            sweep_scope([&a, &new].into_iter(), now, age),
+            SweepScope::Full
+        );
         let stale = swept(Some(5_000_000), Some(FULL_SWEEP_EVERY));
-        assert_eq!(sweep_scope([&a, &stale].into_iter(), now, age), SweepScope::Full);
+        assert_eq!(
+            sweep_scope([&a, &stale].into_iter(), now, age),
+            SweepScope::Full
+        );
         assert_eq!(sweep_scope(std::iter::empty(), now, age), SweepScope::Full);
     }
 }
@@ -530,8 +773,19 @@ mod sweep_cost {
         let dir = tempfile::tempdir().unwrap();
         let settings = crate::testing::settings(dir.path(), &[]);
         let schema = EventSchema::from_config(&settings.schema).unwrap();
-        let catalog = SqlCatalog::load(&settings.sql.rollups_dir, schema.arrow.clone(), &settings.schema.time_field).await.unwrap();
-        let store = ServingStore::open(&format!("sqlite://{}/serving.db", dir.path().display()), &catalog.rollups).await.unwrap();
+        let catalog = SqlCatalog::load(
+            &settings.sql.rollups_dir,
+            schema.arrow.clone(),
+            &settings.schema.time_field,
+        )
+        .await
+        .unwrap();
+        let store = ServingStore::open(
+            &format!("sqlite://{}/serving.db", dir.path().display()),
+            &catalog.rollups,
+        )
+        .await
+        .unwrap();
         let archive = ParquetArchiveSink::local(&dir.path().join("data"), 2, 1).unwrap();
         let now = chrono::Utc::now().timestamp_millis();
         let (days, per_hour) = (90i64, 50i64);
@@ -541,19 +795,48 @@ mod sweep_cost {
             for h in 0..24 {
                 let t = now - d * 86_400_000 - (23 - h) * 3_600_000;
                 let when = std::time::SystemTime::UNIX_EPOCH + Duration::from_millis(t as u64);
-                let day = chrono::DateTime::from_timestamp_millis(t).unwrap().format("dt=%Y-%m-%d/hour=%H").to_string();
+                let day = chrono::DateTime::from_timestamp_millis(t)
+                    .unwrap()
+                    .format("dt=%Y-%m-%d/hour=%H")
+                    .to_string();
                 for _ in 0..per_hour {
-                    let path = format!("{}/{day}/{}", crate::sink::archive::RAW_PREFIX, crate::sink::archive::file_name("t", 0, offset, offset + 9, "1"));
+                    let path = format!(
+                        "{}/{day}/{}",
+                        crate::sink::archive::RAW_PREFIX,
+                        crate::sink::archive::file_name("t", 0, offset, offset + 9, "1")
+                    );
                     let full = dir.path().join("data").join(&path);
                     std::fs::create_dir_all(full.parent().unwrap()).unwrap();
                     std::fs::write(&full, b"x").unwrap();
-                    std::fs::File::options().write(true).open(&full).unwrap().set_modified(when).unwrap();
-                    files.push(WrittenFile { path, kind: FileKind::Raw, partition: 0, first_offset: offset, last_offset: offset + 9, rows: 10, bytes: 1 });
+                    std::fs::File::options()
+                        .write(true)
+                        .open(&full)
+                        .unwrap()
+                        .set_modified(when)
+                        .unwrap();
+                    files.push(WrittenFile {
+                        path,
+                        kind: FileKind::Raw,
+                        partition: 0,
+                        first_offset: offset,
+                        last_offset: offset + 9,
+                        rows: 10,
+                        bytes: 1,
+                    });
                     offset += 10;
                 }
             }
         }
-        let partitions = [(0, PartitionRange { expected_start: None, first: 0, last: offset - 1 })].into_iter().collect();
+        let partitions = [(
+            0,
+            PartitionRange {
+                expected_start: None,
+                first: 0,
+                last: offset - 1,
+            },
+        )]
+        .into_iter()
+        .collect();
         let req = CommitRequest {
             topic: "t",
             partitions: &partitions,
@@ -566,23 +849,40 @@ mod sweep_cost {
             now_ms: now,
         };
         assert_eq!(store.commit(&req).await.unwrap(), CommitOutcome::Committed);
-        let committed: std::collections::HashMap<i32, i64> = [(0, offset + 1_000)].into_iter().collect();
+        let committed: std::collections::HashMap<i32, i64> =
+            [(0, offset + 1_000)].into_iter().collect();
         let age = 7 * 86_400_000;
         for round in 0..3 {
             // One dead file per round: a recent copy under another writer token.
-            let dead = files[files.len() - 1 - round].path.replace("-w1.parquet", "-w2.parquet");
+            let dead = files[files.len() - 1 - round]
+                .path
+                .replace("-w1.parquet", "-w2.parquet");
             std::fs::write(dir.path().join("data").join(&dead), b"x").unwrap();
             let t = Instant::now();
-            let removed = archive.remove_dead("t", &committed, SweepScope::Full, &store).await.unwrap();
+            let removed = archive
+                .remove_dead("t", &committed, SweepScope::Full, &store)
+                .await
+                .unwrap();
             let full = t.elapsed();
             assert_eq!(removed, vec![dead.clone()]);
             std::fs::write(dir.path().join("data").join(&dead), b"x").unwrap();
             let t = Instant::now();
-            let since = SweepScope::Since { since_ms: chrono::Utc::now().timestamp_millis() - 600_000 - SWEEP_OVERLAP_MS, max_event_age_ms: age };
-            let removed = archive.remove_dead("t", &committed, since, &store).await.unwrap();
+            let since = SweepScope::Since {
+                since_ms: chrono::Utc::now().timestamp_millis() - 600_000 - SWEEP_OVERLAP_MS,
+                max_event_age_ms: age,
+            };
+            let removed = archive
+                .remove_dead("t", &committed, since, &store)
+                .await
+                .unwrap();
             let bounded = t.elapsed();
             assert_eq!(removed, vec![dead]);
-            println!("{} committed files over {days} days: full sweep {:.0} ms, bounded sweep {:.0} ms", files.len(), full.as_secs_f64() * 1e3, bounded.as_secs_f64() * 1e3);
+            println!(
+                "{} committed files over {days} days: full sweep {:.0} ms, bounded sweep {:.0} ms",
+                files.len(),
+                full.as_secs_f64() * 1e3,
+                bounded.as_secs_f64() * 1e3
+            );
         }
     }
 }

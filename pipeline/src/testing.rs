@@ -14,26 +14,55 @@ use crate::sink::{CommitRequest, ServingStore};
 pub fn settings(data_dir: &std::path::Path, extra_env: &[(&str, &str)]) -> Settings {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let mut env: Vec<(String, String)> = vec![
-        ("TALLY__STORAGE__DATA_DIR".into(), data_dir.display().to_string()),
-        ("TALLY__SQL__ROLLUPS_DIR".into(), root.join("sql/rollups").display().to_string()),
-        ("TALLY__REPORT__SQL_DIR".into(), root.join("sql/reports").display().to_string()),
-        ("TALLY__REPORT__DIMS_DIR".into(), root.join("data/dims").display().to_string()),
+        (
+            "TALLY__STORAGE__DATA_DIR".into(),
+            data_dir.display().to_string(),
+        ),
+        (
+            "TALLY__SQL__ROLLUPS_DIR".into(),
+            root.join("sql/rollups").display().to_string(),
+        ),
+        (
+            "TALLY__REPORT__SQL_DIR".into(),
+            root.join("sql/reports").display().to_string(),
+        ),
+        (
+            "TALLY__REPORT__DIMS_DIR".into(),
+            root.join("data/dims").display().to_string(),
+        ),
         ("TALLY__DECODE__MAX_EVENT_AGE".into(), "30days".into()),
     ];
     env.retain(|(k, _)| !extra_env.iter().any(|(x, _)| x == k));
-    env.extend(extra_env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    env.extend(
+        extra_env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string())),
+    );
     Settings::load(None, env).unwrap()
 }
 
 /// Decode `payloads` as of `now` and commit their rollups to the serving
 /// store of `settings` in `batches` consecutive batches of partition 0.
-pub async fn seed(settings: &Settings, payloads: &[String], now: i64, batches: usize) -> (SqlCatalog, EventSchema) {
+pub async fn seed(
+    settings: &Settings,
+    payloads: &[String],
+    now: i64,
+    batches: usize,
+) -> (SqlCatalog, EventSchema) {
     let schema = EventSchema::from_config(&settings.schema).unwrap();
-    let catalog = SqlCatalog::load(&settings.sql.rollups_dir, schema.arrow.clone(), &settings.schema.time_field)
+    let catalog = SqlCatalog::load(
+        &settings.sql.rollups_dir,
+        schema.arrow.clone(),
+        &settings.schema.time_field,
+    )
+    .await
+    .unwrap();
+    let store = ServingStore::open(&settings.serving_url(), &catalog.rollups)
         .await
         .unwrap();
-    let store = ServingStore::open(&settings.serving_url(), &catalog.rollups).await.unwrap();
-    let mut agg = RollupAggregator::new(&catalog, schema.arrow.clone()).await.unwrap();
+    let mut agg = RollupAggregator::new(&catalog, schema.arrow.clone())
+        .await
+        .unwrap();
     let decoder = RecordDecoder::new(schema.clone(), &settings.decode);
     let mut cols = schema.new_columns(payloads.len());
     for p in payloads {
@@ -47,8 +76,16 @@ pub async fn seed(settings: &Settings, payloads: &[String], now: i64, batches: u
         let part = batch.slice(offset, per.min(batch.num_rows() - offset));
         let outputs = agg.aggregate(std::slice::from_ref(&part)).await.unwrap();
         let first = offset as i64;
-        let partitions: BTreeMap<i32, PartitionRange> =
-            [(0, PartitionRange { expected_start, first, last: first + part.num_rows() as i64 - 1 })].into_iter().collect();
+        let partitions: BTreeMap<i32, PartitionRange> = [(
+            0,
+            PartitionRange {
+                expected_start,
+                first,
+                last: first + part.num_rows() as i64 - 1,
+            },
+        )]
+        .into_iter()
+        .collect();
         let max_event_ms = [(0, now - 1000)].into_iter().collect();
         let req = CommitRequest {
             topic: &settings.kafka.topic,
@@ -78,10 +115,15 @@ pub async fn seed(settings: &Settings, payloads: &[String], now: i64, batches: u
 /// `TALLY_TEST_PG_URL` (default: the one `scripts/postgres.sh` starts).
 pub async fn pg_database() -> String {
     use sqlx::Connection;
-    let base = std::env::var("TALLY_TEST_PG_URL").unwrap_or_else(|_| "postgres://tally:tally@127.0.0.1:5432/tally".into());
+    let base = std::env::var("TALLY_TEST_PG_URL")
+        .unwrap_or_else(|_| "postgres://tally:tally@127.0.0.1:5432/tally".into());
     let mut conn = sqlx::PgConnection::connect(&base)
         .await
-        .unwrap_or_else(|e| panic!("PostgreSQL at {base} is needed (run scripts/postgres.sh or `make postgres`): {e}"));
+        .unwrap_or_else(|e| {
+            panic!(
+                "PostgreSQL at {base} is needed (run scripts/postgres.sh or `make postgres`): {e}"
+            )
+        });
     static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let name = format!(
         "tally_t{}_{}_{}",
@@ -89,7 +131,10 @@ pub async fn pg_database() -> String {
         N.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         chrono::Utc::now().timestamp_micros() % 1_000_000
     );
-    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&mut conn).await.unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(&mut conn)
+        .await
+        .unwrap();
     conn.close().await.unwrap();
     let (head, _) = base.rsplit_once('/').unwrap();
     format!("{head}/{name}")
@@ -98,9 +143,14 @@ pub async fn pg_database() -> String {
 /// Drop a database made by [`pg_database`].
 pub async fn drop_pg_database(url: &str) {
     use sqlx::Connection;
-    let base = std::env::var("TALLY_TEST_PG_URL").unwrap_or_else(|_| "postgres://tally:tally@127.0.0.1:5432/tally".into());
+    let base = std::env::var("TALLY_TEST_PG_URL")
+        .unwrap_or_else(|_| "postgres://tally:tally@127.0.0.1:5432/tally".into());
     let (_, name) = url.rsplit_once('/').unwrap();
     if let Ok(mut conn) = sqlx::PgConnection::connect(&base).await {
-        let _ = sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))).execute(&mut conn).await;
+        let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+        )))
+        .execute(&mut conn)
+        .await;
     }
 }

@@ -16,9 +16,14 @@ use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 fn main() {
     let mut args = std::env::args().skip(1);
     let topic = args.next().expect("usage: mock_broker TOPIC PARTITIONS");
-    let partitions: i32 = args.next().and_then(|p| p.parse().ok()).expect("usage: mock_broker TOPIC PARTITIONS");
+    let partitions: i32 = args
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("usage: mock_broker TOPIC PARTITIONS");
     let cluster = MockCluster::new(2).expect("mock cluster");
-    cluster.create_topic(&topic, partitions, 1).expect("create topic");
+    cluster
+        .create_topic(&topic, partitions, 1)
+        .expect("create topic");
     println!("{}", cluster.bootstrap_servers());
     for line in std::io::stdin().lock().lines() {
         let Ok(line) = line else { break };
@@ -30,10 +35,16 @@ fn main() {
             ["up", id] => cluster.broker_up(id.parse().unwrap_or(1)),
             ["rtt", ms] => {
                 let d = Duration::from_millis(ms.parse().unwrap_or(0));
-                cluster.broker_round_trip_time(1, d).and_then(|()| cluster.broker_round_trip_time(2, d))
+                cluster
+                    .broker_round_trip_time(1, d)
+                    .and_then(|()| cluster.broker_round_trip_time(2, d))
             }
             ["errors", api, n] => {
-                let key = if *api == "fetch" { RDKafkaApiKey::Fetch } else { RDKafkaApiKey::OffsetCommit };
+                let key = if *api == "fetch" {
+                    RDKafkaApiKey::Fetch
+                } else {
+                    RDKafkaApiKey::OffsetCommit
+                };
                 let err = if *api == "fetch" {
                     RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_LEADER_FOR_PARTITION
                 } else {
@@ -42,7 +53,9 @@ fn main() {
                 cluster.request_errors(key, &vec![err; n.parse().unwrap_or(1)]);
                 Ok(())
             }
-            ["leader", p, id] => cluster.partition_leader(&topic, p.parse().unwrap_or(0), id.parse().ok()),
+            ["leader", p, id] => {
+                cluster.partition_leader(&topic, p.parse().unwrap_or(0), id.parse().ok())
+            }
             ["quit"] => break,
             _ => {
                 eprintln!("unknown command: {line}");

@@ -23,21 +23,41 @@ fn accepted(messages: &[Message]) -> Vec<(Vec<u8>, Ev)> {
     messages
         .iter()
         .filter_map(|m| match &m.expect {
-            Expect::Accepted { video, kind, time_ms, value, .. } => {
-                Some((m.payload.clone(), Ev { video: video.clone(), kind: kind.clone(), t: *time_ms, value: *value }))
-            }
+            Expect::Accepted {
+                video,
+                kind,
+                time_ms,
+                value,
+                ..
+            } => Some((
+                m.payload.clone(),
+                Ev {
+                    video: video.clone(),
+                    kind: kind.clone(),
+                    t: *time_ms,
+                    value: *value,
+                },
+            )),
             Expect::Rejected { .. } => None,
         })
         .collect()
 }
 
 fn q(s: i64, e: i64) -> String {
-    format!("start={}&end={}", rfc3339(s).replace(':', "%3A"), rfc3339(e).replace(':', "%3A"))
+    format!(
+        "start={}&end={}",
+        rfc3339(s).replace(':', "%3A"),
+        rfc3339(e).replace(':', "%3A")
+    )
 }
 
 fn metric(text: &str, name: &str) -> f64 {
     text.lines()
-        .find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(' ')).map(|v| v.trim().parse::<f64>().unwrap()))
+        .find_map(|l| {
+            l.strip_prefix(name)
+                .and_then(|r| r.strip_prefix(' '))
+                .map(|v| v.trim().parse::<f64>().unwrap())
+        })
         .unwrap_or_else(|| panic!("metric {name} missing:\n{text}"))
 }
 
@@ -46,24 +66,54 @@ fn check_answers(api: std::net::SocketAddr, events: &[Ev], s: i64, e: i64) {
     for ev in events {
         *videos.entry(ev.video.as_str()).or_default() += 1;
     }
-    let in_range = |ev: &&Ev, v: &str, k: Option<&str>| ev.video == v && k.is_none_or(|k| ev.kind == k) && ev.t >= s && ev.t < e;
+    let in_range = |ev: &&Ev, v: &str, k: Option<&str>| {
+        ev.video == v && k.is_none_or(|k| ev.kind == k) && ev.t >= s && ev.t < e
+    };
     for v in videos.keys().take(12) {
         for k in [None, Some("view"), Some("like")] {
             let et = k.map(|k| format!("&event_type={k}")).unwrap_or_default();
             let want: Vec<&Ev> = events.iter().filter(|ev| in_range(ev, v, k)).collect();
-            let got = get_json(api, &format!("/v1/count?video_id={v}{et}&{}", q(s, e)), Some(READ));
+            let got = get_json(
+                api,
+                &format!("/v1/count?video_id={v}{et}&{}", q(s, e)),
+                Some(READ),
+            );
             assert_eq!(got["count"], want.len() as i64, "count {v} {k:?}");
             assert!(got["as_of"].is_string(), "{got}");
             let vals: Vec<i64> = want.iter().filter_map(|e| e.value).collect();
-            let sum = get_json(api, &format!("/v1/stats?video_id={v}{et}&function=sum&{}", q(s, e)), Some(READ));
-            assert_eq!(sum["value"].as_f64().unwrap(), vals.iter().sum::<i64>() as f64, "sum {v} {k:?}");
-            let max = get_json(api, &format!("/v1/stats?video_id={v}{et}&function=max&{}", q(s, e)), Some(READ));
-            assert_eq!(max["value"].as_f64(), vals.iter().max().map(|x| *x as f64), "max {v} {k:?}");
-            let avg = get_json(api, &format!("/v1/stats?video_id={v}{et}&function=avg&{}", q(s, e)), Some(READ));
-            let want_avg = (!vals.is_empty()).then(|| vals.iter().sum::<i64>() as f64 / vals.len() as f64);
+            let sum = get_json(
+                api,
+                &format!("/v1/stats?video_id={v}{et}&function=sum&{}", q(s, e)),
+                Some(READ),
+            );
+            assert_eq!(
+                sum["value"].as_f64().unwrap(),
+                vals.iter().sum::<i64>() as f64,
+                "sum {v} {k:?}"
+            );
+            let max = get_json(
+                api,
+                &format!("/v1/stats?video_id={v}{et}&function=max&{}", q(s, e)),
+                Some(READ),
+            );
+            assert_eq!(
+                max["value"].as_f64(),
+                vals.iter().max().map(|x| *x as f64),
+                "max {v} {k:?}"
+            );
+            let avg = get_json(
+                api,
+                &format!("/v1/stats?video_id={v}{et}&function=avg&{}", q(s, e)),
+                Some(READ),
+            );
+            let want_avg =
+                (!vals.is_empty()).then(|| vals.iter().sum::<i64>() as f64 / vals.len() as f64);
             match want_avg {
                 None => assert!(avg["value"].is_null(), "{avg}"),
-                Some(a) => assert!((avg["value"].as_f64().unwrap() - a).abs() < 1e-9, "avg {v} {k:?}"),
+                Some(a) => assert!(
+                    (avg["value"].as_f64().unwrap() - a).abs() < 1e-9,
+                    "avg {v} {k:?}"
+                ),
             }
         }
     }
@@ -71,7 +121,10 @@ fn check_answers(api: std::net::SocketAddr, events: &[Ev], s: i64, e: i64) {
     for ev in events.iter().filter(|ev| ev.t >= s && ev.t < e) {
         *totals.entry(ev.video.as_str()).or_default() += 1;
     }
-    let mut want: Vec<(String, i64)> = totals.into_iter().map(|(v, n)| (v.to_string(), n)).collect();
+    let mut want: Vec<(String, i64)> = totals
+        .into_iter()
+        .map(|(v, n)| (v.to_string(), n))
+        .collect();
     want.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
     want.truncate(7);
     let top = get_json(api, &format!("/v1/top?limit=7&{}", q(s, e)), Some(READ));
@@ -79,7 +132,12 @@ fn check_answers(api: std::net::SocketAddr, events: &[Ev], s: i64, e: i64) {
         .as_array()
         .unwrap()
         .iter()
-        .map(|x| (x["video_id"].as_str().unwrap().to_string(), x["count"].as_i64().unwrap()))
+        .map(|x| {
+            (
+                x["video_id"].as_str().unwrap().to_string(),
+                x["count"].as_i64().unwrap(),
+            )
+        })
         .collect();
     assert_eq!(got, want, "top 7");
 }
@@ -101,33 +159,67 @@ async fn events_posted_over_http_are_answered_exactly() {
 
     // An invalid batch is refused whole: nothing reaches the topic.
     let now = chrono::Utc::now().timestamp_millis();
-    let bad = format!(r#"[{{"video_id":"v1","event_type":"view","event_time":{now}}},{{"video_id":"v1","event_type":"view"}}]"#);
+    let bad = format!(
+        r#"[{{"video_id":"v1","event_type":"view","event_time":{now}}},{{"video_id":"v1","event_type":"view"}}]"#
+    );
     let (st, body) = http(api, "POST", "/v1/events", Some(WRITE), bad.as_bytes());
     assert_eq!(st, 400, "{body}");
-    assert!(body.contains(r#""index":1"#) && body.contains("missing_field"), "{body}");
-    assert_eq!(http(api, "POST", "/v1/events", Some(READ), b"[]").0, 401, "a read token cannot write");
-    assert_eq!(broker.end_offsets(&topic, 2).values().sum::<i64>(), 0, "nothing was produced");
+    assert!(
+        body.contains(r#""index":1"#) && body.contains("missing_field"),
+        "{body}"
+    );
+    assert_eq!(
+        http(api, "POST", "/v1/events", Some(READ), b"[]").0,
+        401,
+        "a read token cannot write"
+    );
+    assert_eq!(
+        broker.end_offsets(&topic, 2).values().sum::<i64>(),
+        0,
+        "nothing was produced"
+    );
 
     // Valid events in JSON-array and NDJSON requests.
     let messages = dataset(23, 3_000, now);
     let events = accepted(&messages);
     for (i, chunk) in events.chunks(400).enumerate() {
-        let payloads: Vec<String> = chunk.iter().map(|(p, _)| String::from_utf8(p.clone()).unwrap()).collect();
-        let body = if i % 2 == 0 { format!("[{}]", payloads.join(",")) } else { payloads.join("\n") };
+        let payloads: Vec<String> = chunk
+            .iter()
+            .map(|(p, _)| String::from_utf8(p.clone()).unwrap())
+            .collect();
+        let body = if i % 2 == 0 {
+            format!("[{}]", payloads.join(","))
+        } else {
+            payloads.join("\n")
+        };
         let (st, resp) = http(api, "POST", "/v1/events", Some(WRITE), body.as_bytes());
         assert_eq!(st, 202, "{resp}");
         let v: Value = serde_json::from_str(&resp).unwrap();
         assert_eq!(v["accepted"], chunk.len() as i64);
     }
     let end = broker.end_offsets(&topic, 2);
-    assert_eq!(end.values().sum::<i64>(), events.len() as i64, "acknowledged means on the broker");
-    wait_committed(&data.join("serving.db"), &topic, &end, Duration::from_secs(120), &mut tally).await;
+    assert_eq!(
+        end.values().sum::<i64>(),
+        events.len() as i64,
+        "acknowledged means on the broker"
+    );
+    wait_committed(
+        &data.join("serving.db"),
+        &topic,
+        &end,
+        Duration::from_secs(120),
+        &mut tally,
+    )
+    .await;
 
     let evs: Vec<Ev> = events.into_iter().map(|(_, e)| e).collect();
     let newest = evs.iter().map(|e| e.t).max().unwrap();
     let oldest = evs.iter().map(|e| e.t).min().unwrap();
     // Whole range (hour tiers in the middle, minute edges), and a cut through the data.
-    let (s, e) = (oldest - oldest.rem_euclid(60_000) - 7 * 60_000, newest - newest.rem_euclid(3_600_000) + 3_600_000);
+    let (s, e) = (
+        oldest - oldest.rem_euclid(60_000) - 7 * 60_000,
+        newest - newest.rem_euclid(3_600_000) + 3_600_000,
+    );
     check_answers(api, &evs, s, e);
     let cut = newest - newest.rem_euclid(60_000) - 5 * 60_000;
     check_answers(api, &evs, s, cut);
@@ -135,22 +227,45 @@ async fn events_posted_over_http_are_answered_exactly() {
     // Series: hourly buckets for the busiest video add up.
     let busiest = &evs[0].video;
     let (hs, he) = (s - s.rem_euclid(3_600_000), e);
-    let series = get_json(api, &format!("/v1/series?video_id={busiest}&granularity=hour&{}", q(hs, he)), Some(READ));
+    let series = get_json(
+        api,
+        &format!(
+            "/v1/series?video_id={busiest}&granularity=hour&{}",
+            q(hs, he)
+        ),
+        Some(READ),
+    );
     for p in series["points"].as_array().unwrap() {
-        let b = chrono::DateTime::parse_from_rfc3339(p["start"].as_str().unwrap()).unwrap().timestamp_millis();
-        let want = evs.iter().filter(|ev| &ev.video == busiest && ev.t >= b && ev.t < b + 3_600_000).count();
+        let b = chrono::DateTime::parse_from_rfc3339(p["start"].as_str().unwrap())
+            .unwrap()
+            .timestamp_millis();
+        let want = evs
+            .iter()
+            .filter(|ev| &ev.video == busiest && ev.t >= b && ev.t < b + 3_600_000)
+            .count();
         assert_eq!(p["count"], want as i64, "bucket {b}");
     }
 
     // as_of reaches past the newest event once the partitions are read to the end.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let v = get_json(api, &format!("/v1/count?video_id={busiest}&{}", q(s, e)), Some(READ));
-        let as_of = v["as_of"].as_str().map(|a| chrono::DateTime::parse_from_rfc3339(a).unwrap().timestamp_millis());
+        let v = get_json(
+            api,
+            &format!("/v1/count?video_id={busiest}&{}", q(s, e)),
+            Some(READ),
+        );
+        let as_of = v["as_of"].as_str().map(|a| {
+            chrono::DateTime::parse_from_rfc3339(a)
+                .unwrap()
+                .timestamp_millis()
+        });
         if as_of.is_some_and(|a| a >= newest) {
             break;
         }
-        assert!(Instant::now() < deadline, "as_of {as_of:?} never reached the newest event {newest}");
+        assert!(
+            Instant::now() < deadline,
+            "as_of {as_of:?} never reached the newest event {newest}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 
@@ -170,17 +285,39 @@ async fn events_posted_over_http_are_answered_exactly() {
     assert_eq!(metric(&m, "tally_api_events_invalid_total"), 1.0);
     assert_eq!(metric(&m, "tally_events_accepted_total"), n);
     assert_eq!(metric(&m, "tally_messages_consumed_total"), n);
-    assert_eq!(metric(&m, "tally_events_rejected_total{reason=\"not_json\"}"), 0.0);
-    assert_eq!(metric(&m, "tally_events_late_total"), evs.len() as f64 - messages.iter().filter(|m| matches!(m.expect, Expect::Accepted { late: false, .. })).count() as f64);
+    assert_eq!(
+        metric(&m, "tally_events_rejected_total{reason=\"not_json\"}"),
+        0.0
+    );
+    assert_eq!(
+        metric(&m, "tally_events_late_total"),
+        evs.len() as f64
+            - messages
+                .iter()
+                .filter(|m| matches!(m.expect, Expect::Accepted { late: false, .. }))
+                .count() as f64
+    );
     assert!(metric(&m, "tally_batches_committed_total") >= 1.0);
     assert!(metric(&m, "tally_rollup_rows_merged_total") >= 1.0);
     assert!(metric(&m, "tally_raw_bytes_written_total") > 0.0);
     assert!(metric(&m, "tally_batch_commit_duration_seconds_count") >= 1.0);
-    assert!(metric(&m, "tally_http_requests_total{route=\"/v1/events\",status=\"202\"}") >= 1.0);
+    assert!(
+        metric(
+            &m,
+            "tally_http_requests_total{route=\"/v1/events\",status=\"202\"}"
+        ) >= 1.0
+    );
     assert!(metric(&m, "tally_event_time_lag_seconds") < 60.0);
     assert!(!m.contains(busiest.as_str()), "no video id in any label");
-    assert!(metric(&m, "tally_verify_runs_total") >= 1.0, "periodic verify ran");
-    assert_eq!(metric(&m, "tally_verify_drift_rows"), 0.0, "no drift while live");
+    assert!(
+        metric(&m, "tally_verify_runs_total") >= 1.0,
+        "periodic verify ran"
+    );
+    assert_eq!(
+        metric(&m, "tally_verify_drift_rows"),
+        0.0,
+        "no drift while live"
+    );
     assert!(tally.stop().success(), "clean exit on SIGTERM");
 
     // `tally serve` answers the same from the same file (read replica), and
@@ -197,17 +334,33 @@ async fn events_posted_over_http_are_answered_exactly() {
     drop(broker);
     let deadline = Instant::now() + Duration::from_secs(30);
     while http(addr, "GET", "/readyz", None, b"").0 != 503 {
-        assert!(Instant::now() < deadline, "/readyz stayed 200 with the broker down");
+        assert!(
+            Instant::now() < deadline,
+            "/readyz stayed 200 with the broker down"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    assert_eq!(http(addr, "GET", "/livez", None, b"").0, 200, "alive while not ready");
+    assert_eq!(
+        http(addr, "GET", "/livez", None, b"").0,
+        200,
+        "alive while not ready"
+    );
     // With the broker gone, a produce fails inside the request timeout and
     // says how much the broker acknowledged (nothing).
     let one = format!(r#"[{{"video_id":"v1","event_type":"view","event_time":{now}}}]"#);
     let started = Instant::now();
     let (st, body) = http(addr, "POST", "/v1/events", Some(WRITE), one.as_bytes());
     assert_eq!(st, 503, "{body}");
-    assert!(body.contains("produce_failed") && body.contains(r#""acknowledged":0"#), "{body}");
-    assert!(started.elapsed() < Duration::from_secs(9), "the delivery failed within the 5 s request timeout");
-    assert!(serve.stop().success(), "tally serve exits cleanly on SIGTERM");
+    assert!(
+        body.contains("produce_failed") && body.contains(r#""acknowledged":0"#),
+        "{body}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(9),
+        "the delivery failed within the 5 s request timeout"
+    );
+    assert!(
+        serve.stop().success(),
+        "tally serve exits cleanly on SIGTERM"
+    );
 }

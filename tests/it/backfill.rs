@@ -20,9 +20,18 @@ async fn backfill_during_live_ingest_stays_exact() {
     env.set("TALLY__BATCH__MAX_ROWS", "500");
     let mut tally = Tally::start(&env);
 
-    let producer = produce_in_background(&broker.bootstrap(), &topic, &messages, 800, Duration::from_millis(700));
+    let producer = produce_in_background(
+        &broker.bootstrap(),
+        &topic,
+        &messages,
+        800,
+        Duration::from_millis(700),
+    );
     let day = 86_400_000;
-    let (from, to) = (rfc3339(now - now.rem_euclid(day) - day), rfc3339(now - now.rem_euclid(day) + day));
+    let (from, to) = (
+        rfc3339(now - now.rem_euclid(day) - day),
+        rfc3339(now - now.rem_euclid(day) + day),
+    );
     let mut runs = 0;
     let mut caught_up = 0;
     while !producer.is_finished() || runs < 3 {
@@ -31,7 +40,8 @@ async fn backfill_during_live_ingest_stays_exact() {
             .envs(env.vars.iter().cloned())
             .output()
             .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+        let text = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
         assert!(out.status.success(), "{text}");
         if !text.contains("(+0 committed during the backfill)") {
             caught_up += 1;
@@ -40,9 +50,18 @@ async fn backfill_during_live_ingest_stays_exact() {
     }
     producer.await.unwrap();
     let end = broker.end_offsets(&topic, 2);
-    wait_committed(&data.join("serving.db"), &topic, &end, Duration::from_secs(120), &mut tally).await;
+    wait_committed(
+        &data.join("serving.db"),
+        &topic,
+        &end,
+        Duration::from_secs(120),
+        &mut tally,
+    )
+    .await;
     assert!(tally.stop().success());
-    eprintln!("{runs} backfills during ingest; {caught_up} merged batches committed while they ran");
+    eprintln!(
+        "{runs} backfills during ingest; {caught_up} merged batches committed while they ran"
+    );
     assert!(runs >= 3);
     crate::e2e::verify_outputs(&data, &topic, &messages).await;
 }

@@ -9,10 +9,20 @@ fn tally(args: &[&str], envs: &[(&str, &str)]) -> (bool, String) {
     let out = Command::new(tally_bin())
         .args(args)
         .envs(envs.iter().copied())
-        .env("TALLY__SQL__ROLLUPS_DIR", workspace_root().join("sql/rollups"))
+        .env(
+            "TALLY__SQL__ROLLUPS_DIR",
+            workspace_root().join("sql/rollups"),
+        )
         .output()
         .unwrap();
-    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
 }
 
 #[test]
@@ -28,10 +38,20 @@ fn check_prints_derived_rollups() {
 #[test]
 fn api_rollups_are_checked_at_startup() {
     let (ok, out) = tally(&["check"], &[]);
-    assert!(ok && out.contains("day_video_events (1d), hour_video_events (1h), minute_video_events (1m)"), "{out}");
-    let (ok, out) = tally(&["check"], &[("TALLY__API__ROLLUPS", "[\"hour_video_events\", \"weekly\"]")]);
+    assert!(
+        ok && out
+            .contains("day_video_events (1d), hour_video_events (1h), minute_video_events (1m)"),
+        "{out}"
+    );
+    let (ok, out) = tally(
+        &["check"],
+        &[("TALLY__API__ROLLUPS", "[\"hour_video_events\", \"weekly\"]")],
+    );
     assert!(!ok);
-    assert!(out.contains("api.rollups") && out.contains("no rollup named `weekly`"), "{out}");
+    assert!(
+        out.contains("api.rollups") && out.contains("no rollup named `weekly`"),
+        "{out}"
+    );
     // A rollup without the API measures cannot answer queries; the message says what it needs.
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(
@@ -47,9 +67,15 @@ fn api_rollups_are_checked_at_startup() {
         .unwrap();
     let text = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
-    assert!(text.contains("thin.sql") && text.contains("value_sum") && text.contains("api.rollups"), "{text}");
+    assert!(
+        text.contains("thin.sql") && text.contains("value_sum") && text.contains("api.rollups"),
+        "{text}"
+    );
     let (ok, out) = tally(&["check"], &[("TALLY__API__READ_TOKENS", "short")]);
-    assert!(!ok && out.contains("api.read_tokens") && out.contains("16"), "{out}");
+    assert!(
+        !ok && out.contains("api.read_tokens") && out.contains("16"),
+        "{out}"
+    );
     assert!(!out.contains("short\""), "tokens are never echoed: {out}");
 }
 
@@ -60,7 +86,10 @@ fn unknown_config_key_names_file_and_key() {
     std::fs::write(&f, "[storage]\ndata_dri = \"x\"\n").unwrap();
     let (ok, out) = tally(&["check", "--config", f.to_str().unwrap()], &[]);
     assert!(!ok);
-    assert!(out.contains("prod.toml") && out.contains("data_dri") && out.contains("remove or rename"), "{out}");
+    assert!(
+        out.contains("prod.toml") && out.contains("data_dri") && out.contains("remove or rename"),
+        "{out}"
+    );
     let (ok, out) = tally(&["check"], &[("TALLY__BATCH__LINGERS", "1s")]);
     assert!(!ok);
     assert!(out.contains("TALLY__BATCH__LINGERS"), "{out}");
@@ -87,8 +116,14 @@ fn unmergeable_sql_is_refused_with_the_fix() {
             .unwrap();
         let text = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{file} accepted");
-        assert!(text.contains(file), "{file}: error does not name the file: {text}");
-        assert!(text.contains(needle), "{file}: expected {needle:?} in {text}");
+        assert!(
+            text.contains(file),
+            "{file}: error does not name the file: {text}"
+        );
+        assert!(
+            text.contains(needle),
+            "{file}: expected {needle:?} in {text}"
+        );
     }
 }
 
@@ -115,10 +150,17 @@ async fn topic_drain_reads_every_message() {
     let out = std::process::Command::new(tally_bin())
         .args(["--log", "warn", "topic", "drain", "--timeout", "60s"])
         .env("TALLY__KAFKA__TOPIC", &topic)
-        .env("TALLY__KAFKA__PROPERTIES__BOOTSTRAP_SERVERS", broker.bootstrap())
+        .env(
+            "TALLY__KAFKA__PROPERTIES__BOOTSTRAP_SERVERS",
+            broker.bootstrap(),
+        )
         .output()
         .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{text}");
-    assert!(text.starts_with(&format!("{} messages, {bytes} bytes in ", messages.len())), "{text}");
+    assert!(
+        text.starts_with(&format!("{} messages, {bytes} bytes in ", messages.len())),
+        "{text}"
+    );
 }

@@ -16,8 +16,14 @@ async fn sigkill_mid_ingest_keeps_counts_and_archive_exact() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "long: run by `make soak`"]
 async fn soak_kill_loop() {
-    let events = std::env::var("SOAK_EVENTS").ok().and_then(|v| v.parse().ok()).unwrap_or(1_000_000);
-    let kills = std::env::var("SOAK_KILLS").ok().and_then(|v| v.parse().ok()).unwrap_or(20);
+    let events = std::env::var("SOAK_EVENTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_000);
+    let kills = std::env::var("SOAK_KILLS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
     let started = Instant::now();
     let done = kill_loop(events, kills, kills, Duration::from_secs(3600)).await;
     println!("SOAK kill loop: {done} SIGKILLs injected and survived over {events} events in {:.0} s; counts, archive and DLQ exact", started.elapsed().as_secs_f64());
@@ -48,7 +54,13 @@ async fn kill_loop(events: usize, kills: usize, min_kills: usize, budget: Durati
 
     // Produce in the background, in slices spread over the run, while tally is killed and restarted.
     let slice = (events / (2 * kills).max(10)).max(1);
-    let producer = produce_in_background(&broker.bootstrap(), &topic, &messages, slice, Duration::from_millis(4_000));
+    let producer = produce_in_background(
+        &broker.bootstrap(),
+        &topic,
+        &messages,
+        slice,
+        Duration::from_millis(4_000),
+    );
 
     let db = data.join("serving.db");
     let mut rng = rand::rngs::StdRng::seed_from_u64(std::process::id() as u64);
@@ -69,24 +81,45 @@ async fn kill_loop(events: usize, kills: usize, min_kills: usize, budget: Durati
         tokio::time::sleep(Duration::from_millis(rng.random_range(0..1_200))).await;
         tally.kill9();
         done += 1;
-        eprintln!("kill {done} at {:?}, committed {}", started.elapsed(), committed_total(&db).await);
+        eprintln!(
+            "kill {done} at {:?}, committed {}",
+            started.elapsed(),
+            committed_total(&db).await
+        );
         tally = Tally::start(&env);
     }
     producer.await.unwrap();
     assert!(done >= min_kills, "only {done} kills");
     let end = broker.end_offsets(&topic, 4);
     assert_eq!(end.values().sum::<i64>(), messages.len() as i64);
-    wait_committed(&data.join("serving.db"), &topic, &end, Duration::from_secs(180 + events as u64 / 5_000), &mut tally).await;
+    wait_committed(
+        &data.join("serving.db"),
+        &topic,
+        &end,
+        Duration::from_secs(180 + events as u64 / 5_000),
+        &mut tally,
+    )
+    .await;
     assert!(tally.stop().success());
     eprintln!("survived {done} SIGKILLs");
     let log = std::fs::read_to_string(&env.log).unwrap_or_default();
     assert!(!log.contains("panicked"), "tally panicked:\n{log}");
     crate::e2e::verify_outputs(&data, &topic, &messages).await;
     let folded = serving_query_i64(&db, "SELECT 'rows', count(*) FROM minute_video_events").await;
-    assert!(folded.first().is_some_and(|(_, n)| *n > 0), "the delta tables were folded: {folded:?}");
+    assert!(
+        folded.first().is_some_and(|(_, n)| *n > 0),
+        "the delta tables were folded: {folded:?}"
+    );
     // Past 1,000 rows each commit folds one range of keys, leaving the rest.
-    let left = serving_query_i64(&db, "SELECT 'rows', count(*) FROM minute_video_events__delta").await;
-    assert!(left.first().is_some_and(|(_, n)| *n > 0), "ranged folds left rows in the delta: {left:?}");
+    let left = serving_query_i64(
+        &db,
+        "SELECT 'rows', count(*) FROM minute_video_events__delta",
+    )
+    .await;
+    assert!(
+        left.first().is_some_and(|(_, n)| *n > 0),
+        "ranged folds left rows in the delta: {left:?}"
+    );
     report_faults(&[("sigkill", done)]);
     done
 }
@@ -95,11 +128,14 @@ pub(crate) async fn committed_total(db: &std::path::Path) -> i64 {
     if !store_exists(db) {
         return 0;
     }
-    try_serving_query_i64(db, "SELECT 'total', CAST(coalesce(sum(next_offset), 0) AS BIGINT) FROM tally_offsets")
-        .await
-        .unwrap_or_default()
-        .first()
-        .map_or(0, |(_, v)| *v)
+    try_serving_query_i64(
+        db,
+        "SELECT 'total', CAST(coalesce(sum(next_offset), 0) AS BIGINT) FROM tally_offsets",
+    )
+    .await
+    .unwrap_or_default()
+    .first()
+    .map_or(0, |(_, v)| *v)
 }
 
 /// Crash exactly between the archive write and the serving commit, then
@@ -139,19 +175,43 @@ async fn failpoints_around_the_commit_leave_no_trace() {
         env.set("TALLY_FAILPOINT", point);
         let mut t = Tally::start(&env);
         let status = wait_exit(&mut t, Duration::from_secs(60));
-        assert!(!status.success(), "{point}: the failpoint aborts the process");
+        assert!(
+            !status.success(),
+            "{point}: the failpoint aborts the process"
+        );
         let log = std::fs::read_to_string(&env.log).unwrap_or_default();
-        assert!(log.contains(&format!("failpoint reached: aborting failpoint=\"{point}\"")) || log.contains(point), "{point} reached");
+        assert!(
+            log.contains(&format!(
+                "failpoint reached: aborting failpoint=\"{point}\""
+            )) || log.contains(point),
+            "{point} reached"
+        );
         let now_committed = committed_total(&db).await;
         if commits {
-            assert!(now_committed > committed, "{point}: the batch was committed before the abort");
+            assert!(
+                now_committed > committed,
+                "{point}: the batch was committed before the abort"
+            );
         } else {
-            assert_eq!(now_committed, committed, "{point}: nothing more was committed");
-            assert!(!files_under(&data.join("raw")).is_empty(), "{point}: the crashed batch left archive files behind");
+            assert_eq!(
+                now_committed, committed,
+                "{point}: nothing more was committed"
+            );
+            assert!(
+                !files_under(&data.join("raw")).is_empty(),
+                "{point}: the crashed batch left archive files behind"
+            );
         }
         if point == "inside_fold_transaction" {
-            let delta = serving_query_i64(&db, "SELECT 'rows', count(*) FROM minute_video_events__delta").await;
-            assert!(delta.first().is_some_and(|(_, n)| *n > 0), "the aborted fold left the batch in the delta: {delta:?}");
+            let delta = serving_query_i64(
+                &db,
+                "SELECT 'rows', count(*) FROM minute_video_events__delta",
+            )
+            .await;
+            assert!(
+                delta.first().is_some_and(|(_, n)| *n > 0),
+                "the aborted fold left the batch in the delta: {delta:?}"
+            );
         }
         committed = now_committed;
     }
@@ -161,10 +221,21 @@ async fn failpoints_around_the_commit_leave_no_trace() {
     wait_committed(&db, &topic, &end, Duration::from_secs(120), &mut t).await;
     assert!(t.stop().success());
     let log = std::fs::read_to_string(&env.log).unwrap_or_default();
-    assert!(log.contains("removed orphan archive files"), "orphans were cleaned up:\n{log}");
+    assert!(
+        log.contains("removed orphan archive files"),
+        "orphans were cleaned up:\n{log}"
+    );
     crate::e2e::verify_outputs(&data, &topic, &messages).await;
-    let folded = serving_query_i64(&db, "SELECT 'rows', count(*) FROM minute_video_events__delta").await;
-    assert_eq!(folded.first().map(|(_, n)| *n), Some(0), "later folds emptied the delta");
+    let folded = serving_query_i64(
+        &db,
+        "SELECT 'rows', count(*) FROM minute_video_events__delta",
+    )
+    .await;
+    assert_eq!(
+        folded.first().map(|(_, n)| *n),
+        Some(0),
+        "later folds emptied the delta"
+    );
     report_faults(&[("failpoint_crashes", 5)]);
 }
 
@@ -174,7 +245,10 @@ fn wait_exit(t: &mut Tally, timeout: Duration) -> std::process::ExitStatus {
         if let Some(s) = t.child.try_wait().unwrap() {
             return s;
         }
-        assert!(Instant::now() < deadline, "tally did not reach the failpoint");
+        assert!(
+            Instant::now() < deadline,
+            "tally did not reach the failpoint"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -195,28 +269,50 @@ async fn sigterm_and_ctrl_c_mid_ingest_exit_cleanly_and_stay_exact() {
     let mut env = TallyEnv::new(&broker.bootstrap(), &topic, &unique("g"), &data);
     env.set("TALLY__BATCH__LINGER", "150ms");
     env.set("TALLY__BATCH__MAX_ROWS", "800");
-    let producer = produce_in_background(&broker.bootstrap(), &topic, &messages, 1_000, Duration::from_millis(700));
+    let producer = produce_in_background(
+        &broker.bootstrap(),
+        &topic,
+        &messages,
+        1_000,
+        Duration::from_millis(700),
+    );
     let mut tally = Tally::start(&env);
     let mut slowest = Duration::ZERO;
     for signal in ["TERM", "INT", "TERM", "INT"] {
         let before = committed_total(&db).await;
         let deadline = Instant::now() + Duration::from_secs(60);
         while committed_total(&db).await <= before {
-            assert!(Instant::now() < deadline, "nothing committed before SIG{signal}:\n{}", tally.log_tail());
+            assert!(
+                Instant::now() < deadline,
+                "nothing committed before SIG{signal}:\n{}",
+                tally.log_tail()
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         tokio::time::sleep(Duration::from_millis(120)).await; // mid-batch
         let sent = Instant::now();
-        std::process::Command::new("kill").arg(format!("-{signal}")).arg(tally.child.id().to_string()).status().unwrap();
+        std::process::Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(tally.child.id().to_string())
+            .status()
+            .unwrap();
         let status = loop {
             if let Some(s) = tally.child.try_wait().unwrap() {
                 break s;
             }
-            assert!(sent.elapsed() < Duration::from_secs(10), "no exit within 10 s of SIG{signal}:\n{}", tally.log_tail());
+            assert!(
+                sent.elapsed() < Duration::from_secs(10),
+                "no exit within 10 s of SIG{signal}:\n{}",
+                tally.log_tail()
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         };
         slowest = slowest.max(sent.elapsed());
-        assert!(status.success(), "SIG{signal} exits 0, got {status}:\n{}", tally.log_tail());
+        assert!(
+            status.success(),
+            "SIG{signal} exits 0, got {status}:\n{}",
+            tally.log_tail()
+        );
         tally = Tally::start(&env);
     }
     producer.await.unwrap();
@@ -259,11 +355,19 @@ async fn a_late_orphan_file_is_removed_by_the_periodic_sweep() {
     let sweeps = |scope: &str| -> u64 {
         let (_, metrics) = http(env.api, "GET", "/metrics", None, b"");
         let line = format!("tally_archive_sweeps_total{{scope=\"{scope}\"}} ");
-        metrics.lines().find_map(|l| l.strip_prefix(line.as_str())).and_then(|v| v.parse().ok()).unwrap_or(0)
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(line.as_str()))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
     };
     let deadline = Instant::now() + Duration::from_secs(30);
     while sweeps("bounded") == 0 {
-        assert!(Instant::now() < deadline, "no bounded sweep:\n{}", tally.log_tail());
+        assert!(
+            Instant::now() < deadline,
+            "no bounded sweep:\n{}",
+            tally.log_tail()
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let full_sweeps = sweeps("full");
@@ -278,29 +382,59 @@ async fn a_late_orphan_file_is_removed_by_the_periodic_sweep() {
         .expect("a recorded raw file of partition 0");
     let source = data.join(path);
     let name = source.file_name().unwrap().to_string_lossy().to_string();
-    let range: Vec<&str> = name.trim_start_matches(&format!("{topic}-p00000-")).splitn(3, '-').collect();
+    let range: Vec<&str> = name
+        .trim_start_matches(&format!("{topic}-p00000-"))
+        .splitn(3, '-')
+        .collect();
     let (first, last) = (range[0], range[1]);
     let late = source.with_file_name(format!("{topic}-p00000-{first}-{last}-w0badc0de.parquet"));
-    let beyond = source.with_file_name(format!("{topic}-p00000-{:020}-{:020}-w0badc0de.parquet", end[&0], end[&0] + 99));
+    let beyond = source.with_file_name(format!(
+        "{topic}-p00000-{:020}-{:020}-w0badc0de.parquet",
+        end[&0],
+        end[&0] + 99
+    ));
     std::fs::copy(&source, &late).unwrap();
     std::fs::copy(&source, &beyond).unwrap();
 
     let deadline = Instant::now() + Duration::from_secs(30);
     while late.exists() {
-        assert!(Instant::now() < deadline, "the late orphan was not removed:\n{}", tally.log_tail());
+        assert!(
+            Instant::now() < deadline,
+            "the late orphan was not removed:\n{}",
+            tally.log_tail()
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // Two more sweep intervals: the file a live writer may commit stays.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    assert!(beyond.exists(), "a file at the committed offset was removed:\n{}", tally.log_tail());
-    assert_eq!(sweeps("full"), full_sweeps, "the late orphan was found by a bounded sweep");
+    assert!(
+        beyond.exists(),
+        "a file at the committed offset was removed:\n{}",
+        tally.log_tail()
+    );
+    assert_eq!(
+        sweeps("full"),
+        full_sweeps,
+        "the late orphan was found by a bounded sweep"
+    );
     let (status, metrics) = http(env.api, "GET", "/metrics", None, b"");
     assert_eq!(status, 200);
-    assert!(metrics.lines().any(|l| l == "tally_archive_orphans_removed_total 1"), "orphans metric:\n{metrics}");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "tally_archive_orphans_removed_total 1"),
+        "orphans metric:\n{metrics}"
+    );
     assert!(tally.stop().success(), "clean exit:\n{}", tally.log_tail());
     let log = std::fs::read_to_string(&env.log).unwrap_or_default();
-    assert!(log.contains("removed orphan archive files"), "the sweep logs what it removed:\n{log}");
-    assert!(!log.contains("orphan sweep failed"), "an orphan sweep failed:\n{log}");
+    assert!(
+        log.contains("removed orphan archive files"),
+        "the sweep logs what it removed:\n{log}"
+    );
+    assert!(
+        !log.contains("orphan sweep failed"),
+        "an orphan sweep failed:\n{log}"
+    );
     std::fs::remove_file(&beyond).unwrap();
     crate::e2e::verify_outputs(&data, &topic, &messages).await;
 }

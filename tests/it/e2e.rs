@@ -11,10 +11,19 @@ pub async fn verify_outputs(data: &std::path::Path, topic: &str, messages: &[Mes
 }
 
 /// [`verify_outputs`] with the serving store at `db` (a SQLite path or a PostgreSQL URL).
-pub async fn verify_outputs_in(data: &std::path::Path, db: &std::path::Path, topic: &str, messages: &[Message]) {
+pub async fn verify_outputs_in(
+    data: &std::path::Path,
+    db: &std::path::Path,
+    topic: &str,
+    messages: &[Message],
+) {
     let db = db.to_path_buf();
     // Rollups equal the exact computation, row for row.
-    for (table, width) in [("minute_video_events", 60_000), ("hour_video_events", 3_600_000), ("day_video_events", 86_400_000)] {
+    for (table, width) in [
+        ("minute_video_events", 60_000),
+        ("hour_video_events", 3_600_000),
+        ("day_video_events", 86_400_000),
+    ] {
         let want = expected_rollup(messages, width);
         let got = serving_rollup(&db, table).await;
         assert_eq!(got.len(), want.len(), "{table}: row count");
@@ -22,8 +31,14 @@ pub async fn verify_outputs_in(data: &std::path::Path, db: &std::path::Path, top
             assert_eq!(got.get(k), Some(v), "{table} {k:?}");
         }
     }
-    let accepted = messages.iter().filter(|m| matches!(m.expect, Expect::Accepted { .. })).count();
-    let late = messages.iter().filter(|m| matches!(m.expect, Expect::Accepted { late: true, .. })).count();
+    let accepted = messages
+        .iter()
+        .filter(|m| matches!(m.expect, Expect::Accepted { .. }))
+        .count();
+    let late = messages
+        .iter()
+        .filter(|m| matches!(m.expect, Expect::Accepted { late: true, .. }))
+        .count();
     let mut rejected: BTreeMap<String, i64> = BTreeMap::new();
     for m in messages {
         if let Expect::Rejected { reason } = m.expect {
@@ -32,22 +47,43 @@ pub async fn verify_outputs_in(data: &std::path::Path, db: &std::path::Path, top
     }
     // Counters persisted with the offsets.
     let counters: BTreeMap<String, i64> =
-        serving_query_i64(&db, "SELECT name, value FROM tally_counters").await.into_iter().collect();
+        serving_query_i64(&db, "SELECT name, value FROM tally_counters")
+            .await
+            .into_iter()
+            .collect();
     assert_eq!(counters.get("accepted_total"), Some(&(accepted as i64)));
-    assert_eq!(counters.get("messages_total"), Some(&(messages.len() as i64)));
-    assert_eq!(counters.get("late_total"), Some(&(late as i64)), "late events are counted and flagged");
+    assert_eq!(
+        counters.get("messages_total"),
+        Some(&(messages.len() as i64))
+    );
+    assert_eq!(
+        counters.get("late_total"),
+        Some(&(late as i64)),
+        "late events are counted and flagged"
+    );
     for (reason, n) in &rejected {
-        assert_eq!(counters.get(&format!("rejected_total.{reason}")), Some(n), "{reason}");
+        assert_eq!(
+            counters.get(&format!("rejected_total.{reason}")),
+            Some(n),
+            "{reason}"
+        );
     }
 
     // The raw archive, read the way the README tells analysts to.
     let raw = data.join("raw/events");
     let rows = datafusion_rows(&[
-        format!("CREATE EXTERNAL TABLE events STORED AS PARQUET LOCATION '{}/'", raw.display()),
+        format!(
+            "CREATE EXTERNAL TABLE events STORED AS PARQUET LOCATION '{}/'",
+            raw.display()
+        ),
         "SELECT count(*), count(DISTINCT event_id), count(DISTINCT dt || hour) FROM events".into(),
     ])
     .await;
-    assert_eq!(rows[0][0], accepted.to_string(), "raw archive holds every accepted event");
+    assert_eq!(
+        rows[0][0],
+        accepted.to_string(),
+        "raw archive holds every accepted event"
+    );
     assert_eq!(rows[0][1], accepted.to_string(), "... exactly once");
     // Hive partitions match event time.
     let rows = datafusion_rows(&[
@@ -55,7 +91,10 @@ pub async fn verify_outputs_in(data: &std::path::Path, db: &std::path::Path, top
         "SELECT count(*) FROM events WHERE dt <> to_char(event_time, '%Y-%m-%d') OR hour <> to_char(event_time, '%H')".into(),
     ])
     .await;
-    assert_eq!(rows[0][0], "0", "every row sits in its event-hour partition");
+    assert_eq!(
+        rows[0][0], "0",
+        "every row sits in its event-hour partition"
+    );
 
     // Dead letters, with reasons and source coordinates.
     let dlq = data.join("dlq");
@@ -64,21 +103,34 @@ pub async fn verify_outputs_in(data: &std::path::Path, db: &std::path::Path, top
         format!("SELECT reason, count(*), count(DISTINCT partition::varchar || ':' || \"offset\"::varchar) FROM dlq WHERE topic = '{topic}' GROUP BY reason ORDER BY reason"),
     ])
     .await;
-    let got: BTreeMap<String, i64> = rows.iter().map(|r| (r[0].clone(), r[1].parse().unwrap())).collect();
-    assert_eq!(got, rejected, "dead-letter dataset holds every malformed message once");
+    let got: BTreeMap<String, i64> = rows
+        .iter()
+        .map(|r| (r[0].clone(), r[1].parse().unwrap()))
+        .collect();
+    assert_eq!(
+        got, rejected,
+        "dead-letter dataset holds every malformed message once"
+    );
     for r in &rows {
         assert_eq!(r[1], r[2], "one dead letter per offset");
     }
 
     // No hidden, in-progress or unrecorded files.
     let recorded: std::collections::BTreeSet<String> =
-        serving_query_i64(&db, "SELECT path, rows FROM tally_files").await.into_iter().map(|(p, _)| p).collect();
+        serving_query_i64(&db, "SELECT path, rows FROM tally_files")
+            .await
+            .into_iter()
+            .map(|(p, _)| p)
+            .collect();
     for sub in ["raw", "dlq"] {
         for f in files_under(&data.join(sub)) {
             let rel = format!("{sub}/{}", f.display());
             let name = f.file_name().unwrap().to_string_lossy().to_string();
             assert!(!name.starts_with('.'), "leftover in-progress file {rel}");
-            assert!(recorded.contains(&rel), "orphan file {rel} is not recorded in tally_files");
+            assert!(
+                recorded.contains(&rel),
+                "orphan file {rel} is not recorded in tally_files"
+            );
         }
     }
 }
@@ -98,7 +150,14 @@ async fn pipeline_counts_exactly_with_malformed_and_late_events() {
     let data = dir.path().join("data");
     let env = TallyEnv::new(&broker.bootstrap(), &topic, &unique("g"), &data);
     let mut tally = Tally::start(&env);
-    wait_committed(&data.join("serving.db"), &topic, &end, Duration::from_secs(120), &mut tally).await;
+    wait_committed(
+        &data.join("serving.db"),
+        &topic,
+        &end,
+        Duration::from_secs(120),
+        &mut tally,
+    )
+    .await;
     assert!(tally.stop().success(), "clean exit on SIGTERM");
     verify_outputs(&data, &topic, &messages).await;
 
@@ -110,7 +169,10 @@ async fn pipeline_counts_exactly_with_malformed_and_late_events() {
 
     // `tally verify` recomputes from the raw archive and agrees...
     let day = 86_400_000;
-    let (from, to) = (rfc3339(now - now.rem_euclid(day) - day), rfc3339(now - now.rem_euclid(day) + day));
+    let (from, to) = (
+        rfc3339(now - now.rem_euclid(day) - day),
+        rfc3339(now - now.rem_euclid(day) + day),
+    );
     let job = |args: &[&str]| {
         let out = std::process::Command::new(tally_bin())
             .args(args)
@@ -118,11 +180,19 @@ async fn pipeline_counts_exactly_with_malformed_and_late_events() {
             .envs(env.vars.iter().cloned())
             .output()
             .unwrap();
-        (out.status.code(), String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr))
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).to_string()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
     };
     let verify = || job(&["verify"]);
     let db = data.join("serving.db");
-    let tables = ["minute_video_events", "hour_video_events", "day_video_events"];
+    let tables = [
+        "minute_video_events",
+        "hour_video_events",
+        "day_video_events",
+    ];
     let mut before = Vec::new();
     for t in tables {
         before.push(serving_rollup(&db, t).await);
@@ -132,12 +202,19 @@ async fn pipeline_counts_exactly_with_malformed_and_late_events() {
         let (code, out) = job(&["backfill"]);
         assert_eq!(code, Some(0), "{out}");
         for (t, b) in tables.iter().zip(&before) {
-            assert_eq!(&serving_rollup(&db, t).await, b, "{t} changed by a backfill");
+            assert_eq!(
+                &serving_rollup(&db, t).await,
+                b,
+                "{t} changed by a backfill"
+            );
         }
     }
     let (code, out) = verify();
     assert_eq!(code, Some(0), "{out}");
-    assert!(out.contains("0 rows differ") && out.contains("day_video_events:"), "{out}");
+    assert!(
+        out.contains("0 rows differ") && out.contains("day_video_events:"),
+        "{out}"
+    );
     // ...and reports drift when serving rows are deleted or corrupted.
     let url = format!("sqlite://{}", data.join("serving.db").display());
     let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
@@ -156,13 +233,19 @@ async fn pipeline_counts_exactly_with_malformed_and_late_events() {
     let (code, out) = verify();
     assert_eq!(code, Some(1), "{out}");
     assert!(out.contains("2 rows differ"), "{out}");
-    assert!(out.contains("DRIFT hour_video_events") && out.contains("(missing)"), "{out}");
+    assert!(
+        out.contains("DRIFT hour_video_events") && out.contains("(missing)"),
+        "{out}"
+    );
     assert!(out.contains("DRIFT minute_video_events"), "{out}");
 
     // --dry-run says what would change and writes nothing; the backfill repairs.
     let (code, out) = job(&["backfill", "--dry-run"]);
     assert_eq!(code, Some(0), "{out}");
-    assert!(out.contains("WOULD REWRITE hour_video_events") && out.contains("nothing was written"), "{out}");
+    assert!(
+        out.contains("WOULD REWRITE hour_video_events") && out.contains("nothing was written"),
+        "{out}"
+    );
     assert_eq!(verify().0, Some(1), "dry run wrote nothing");
     let (code, out) = job(&["backfill"]);
     assert_eq!(code, Some(0), "{out}");
@@ -183,11 +266,22 @@ async fn pipeline_counts_exactly_with_malformed_and_late_events() {
     ])
     .await;
     let serving = serving_rollup(&db, "minute_video_events").await;
-    let closed = serving.keys().filter(|k| k.2 + 60_000 <= before_export).count();
-    assert!(exported.len() >= closed && closed > 0, "{} exported, {closed} closed", exported.len());
+    let closed = serving
+        .keys()
+        .filter(|k| k.2 + 60_000 <= before_export)
+        .count();
+    assert!(
+        exported.len() >= closed && closed > 0,
+        "{} exported, {closed} closed",
+        exported.len()
+    );
     for r in &exported {
         let key = (r[0].clone(), r[1].clone(), r[2].parse::<i64>().unwrap());
-        assert_eq!(serving.get(&key).map(|v| v.0.to_string()), Some(r[3].clone()), "{key:?}");
+        assert_eq!(
+            serving.get(&key).map(|v| v.0.to_string()),
+            Some(r[3].clone()),
+            "{key:?}"
+        );
         assert_eq!(r[4], rfc3339(key.2)[..10], "dt is the window's UTC day");
     }
 
@@ -195,13 +289,24 @@ async fn pipeline_counts_exactly_with_malformed_and_late_events() {
     let (code, out) = job(&["export"]);
     assert_eq!(code, Some(0), "{out}");
     let readme = std::fs::read_to_string(workspace_root().join("README.md")).unwrap();
-    let section = readme.split("## For analysts").nth(1).unwrap().split("\n## ").next().unwrap();
+    let section = readme
+        .split("## For analysts")
+        .nth(1)
+        .unwrap()
+        .split("\n## ")
+        .next()
+        .unwrap();
     let mut statements = Vec::new();
     for block in section.split("```sql").skip(1) {
         let sql = block.split("```").next().unwrap();
-        let sql: String = sql.lines().filter(|l| !l.trim_start().starts_with("--")).collect::<Vec<_>>().join("\n");
+        let sql: String = sql
+            .lines()
+            .filter(|l| !l.trim_start().starts_with("--"))
+            .collect::<Vec<_>>()
+            .join("\n");
         for s in sql.split(';').map(str::trim).filter(|s| !s.is_empty()) {
-            statements.push(s.replace("LOCATION 'data/", &format!("LOCATION '{}/", data.display())));
+            statements
+                .push(s.replace("LOCATION 'data/", &format!("LOCATION '{}/", data.display())));
         }
     }
     assert!(statements.len() >= 6, "{statements:?}");
@@ -212,11 +317,24 @@ async fn pipeline_counts_exactly_with_malformed_and_late_events() {
 
     // `tally report monthly` over what the pipeline committed: the month's total
     // and the top video equal the exact computation.
-    let month = chrono::DateTime::from_timestamp_millis(now).unwrap().format("%Y-%m").to_string();
+    let month = chrono::DateTime::from_timestamp_millis(now)
+        .unwrap()
+        .format("%Y-%m")
+        .to_string();
     let start = chrono::NaiveDate::parse_from_str(&format!("{month}-01"), "%Y-%m-%d").unwrap();
     let (m0, m1) = (
-        start.and_hms_opt(0, 0, 0).unwrap().and_utc().timestamp_millis(),
-        start.checked_add_months(chrono::Months::new(1)).unwrap().and_hms_opt(0, 0, 0).unwrap().and_utc().timestamp_millis(),
+        start
+            .and_hms_opt(0, 0, 0)
+            .unwrap()
+            .and_utc()
+            .timestamp_millis(),
+        start
+            .checked_add_months(chrono::Months::new(1))
+            .unwrap()
+            .and_hms_opt(0, 0, 0)
+            .unwrap()
+            .and_utc()
+            .timestamp_millis(),
     );
     let mut per_video: BTreeMap<&str, i64> = BTreeMap::new();
     for m in &messages {
@@ -229,10 +347,18 @@ async fn pipeline_counts_exactly_with_malformed_and_late_events() {
     let out_dir = dir.path().join("report");
     let report = |format: &str, out: &std::path::Path| {
         let o = std::process::Command::new(tally_bin())
-            .args(["report", "monthly", "--month", &month, "--format", format, "--out"])
+            .args([
+                "report", "monthly", "--month", &month, "--format", format, "--out",
+            ])
             .arg(out)
-            .env("TALLY__REPORT__DIMS_DIR", workspace_root().join("data/dims"))
-            .env("TALLY__REPORT__SQL_DIR", workspace_root().join("sql/reports"))
+            .env(
+                "TALLY__REPORT__DIMS_DIR",
+                workspace_root().join("data/dims"),
+            )
+            .env(
+                "TALLY__REPORT__SQL_DIR",
+                workspace_root().join("sql/reports"),
+            )
             .envs(env.vars.iter().cloned())
             .output()
             .unwrap();
@@ -241,7 +367,11 @@ async fn pipeline_counts_exactly_with_malformed_and_late_events() {
     report("csv", &out_dir);
     let summary = std::fs::read_to_string(out_dir.join("summary.csv")).unwrap();
     let total: i64 = per_video.values().sum();
-    assert_eq!(summary.lines().nth(1).unwrap().split(',').next().unwrap(), total.to_string(), "{summary}");
+    assert_eq!(
+        summary.lines().nth(1).unwrap().split(',').next().unwrap(),
+        total.to_string(),
+        "{summary}"
+    );
     let top = std::fs::read_to_string(out_dir.join("top_videos.csv")).unwrap();
     let first: Vec<&str> = top.lines().nth(1).unwrap().split(',').collect();
     let best = per_video.values().max().unwrap();
@@ -249,5 +379,8 @@ async fn pipeline_counts_exactly_with_malformed_and_late_events() {
     assert_eq!(per_video[first[0]], *best, "{top}");
     report("html", &dir.path().join("report.html"));
     let html = std::fs::read_to_string(dir.path().join("report.html")).unwrap();
-    assert!(html.starts_with("<!doctype html>") && html.contains("<svg"), "self-contained HTML with charts");
+    assert!(
+        html.starts_with("<!doctype html>") && html.contains("<svg"),
+        "self-contained HTML with charts"
+    );
 }

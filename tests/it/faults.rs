@@ -10,31 +10,88 @@ use crate::e2e::verify_outputs;
 /// Hostile messages and the reason each must get in the dead-letter dataset.
 fn poison(now_ms: i64) -> Vec<(Vec<u8>, &'static str)> {
     let t = now_ms;
-    let ok = |extra: &str| format!(r#"{{"video_id":"v001","event_type":"view","event_time":{t}{extra}}}"#).into_bytes();
+    let ok = |extra: &str| {
+        format!(r#"{{"video_id":"v001","event_type":"view","event_time":{t}{extra}}}"#).into_bytes()
+    };
     let deep = |n: usize| format!("{}{}", "[".repeat(n), "]".repeat(n));
     vec![
         (b"this is not json".to_vec(), "not_json"),
-        (vec![b'{', b'"', b'v', 0xff, 0xfe, b'"', b':', b'1', b'}'], "not_utf8"),
+        (
+            vec![b'{', b'"', b'v', 0xff, 0xfe, b'"', b':', b'1', b'}'],
+            "not_utf8",
+        ),
         (b"".to_vec(), "empty"),
         // 4 MB: 4x librdkafka's default per-partition fetch size, 64x decode.max_event_bytes.
         // (tansu 0.6.0 stores an 8 MB or 10 MB record but never serves it: the partition
         // stalls before tally sees it. See README, "Poison pills".)
-        (ok(&format!(r#","pad":"{}""#, "x".repeat(4_000_000))), "too_large"),
+        (
+            ok(&format!(r#","pad":"{}""#, "x".repeat(4_000_000))),
+            "too_large",
+        ),
         (deep(100_000).into_bytes(), "too_large"),
         (deep(30_000).into_bytes(), "not_object"),
-        (format!(r#"{{"video_id":7,"event_type":"view","event_time":{t}}}"#).into_bytes(), "wrong_type"),
-        (format!(r#"{{"video_id":"v001","event_type":"view","event_time":{t},"value":"ten"}}"#).into_bytes(), "wrong_type"),
-        (format!(r#"{{"event_type":"view","event_time":{t}}}"#).into_bytes(), "missing_field"),
-        (format!(r#"{{"video_id":"{}","event_type":"view","event_time":{t}}}"#, "v".repeat(60_000)).into_bytes(), "invalid_value"),
-        (r#"{"video_id":"v001","event_type":"view","event_time":253402300799000}"#.as_bytes().to_vec(), "future_event_time"),
-        (r#"{"video_id":"v001","event_type":"view","event_time":"9999-12-31T23:59:59Z"}"#.as_bytes().to_vec(), "future_event_time"),
-        (r#"{"video_id":"v001","event_type":"view","event_time":0}"#.as_bytes().to_vec(), "too_old"),
-        (r#"{"video_id":"v001","event_type":"view","event_time":"1970-01-01T00:00:00Z"}"#.as_bytes().to_vec(), "too_old"),
+        (
+            format!(r#"{{"video_id":7,"event_type":"view","event_time":{t}}}"#).into_bytes(),
+            "wrong_type",
+        ),
+        (
+            format!(r#"{{"video_id":"v001","event_type":"view","event_time":{t},"value":"ten"}}"#)
+                .into_bytes(),
+            "wrong_type",
+        ),
+        (
+            format!(r#"{{"event_type":"view","event_time":{t}}}"#).into_bytes(),
+            "missing_field",
+        ),
+        (
+            format!(
+                r#"{{"video_id":"{}","event_type":"view","event_time":{t}}}"#,
+                "v".repeat(60_000)
+            )
+            .into_bytes(),
+            "invalid_value",
+        ),
+        (
+            r#"{"video_id":"v001","event_type":"view","event_time":253402300799000}"#
+                .as_bytes()
+                .to_vec(),
+            "future_event_time",
+        ),
+        (
+            r#"{"video_id":"v001","event_type":"view","event_time":"9999-12-31T23:59:59Z"}"#
+                .as_bytes()
+                .to_vec(),
+            "future_event_time",
+        ),
+        (
+            r#"{"video_id":"v001","event_type":"view","event_time":0}"#
+                .as_bytes()
+                .to_vec(),
+            "too_old",
+        ),
+        (
+            r#"{"video_id":"v001","event_type":"view","event_time":"1970-01-01T00:00:00Z"}"#
+                .as_bytes()
+                .to_vec(),
+            "too_old",
+        ),
         (ok(r#","value":NaN"#), "not_json"),
         (ok(r#","value":Infinity"#), "not_json"),
         (ok(r#","value":1e999"#), "not_json"),
-        (format!(r#"{{"video_id":"v001","video_id":"v002","event_type":"view","event_time":{t}}}"#).into_bytes(), "duplicate_key"),
-        (format!(r#"{{"video_id":"v001","event_type":"view","event_type":"like","event_time":{t}}}"#).into_bytes(), "duplicate_key"),
+        (
+            format!(
+                r#"{{"video_id":"v001","video_id":"v002","event_type":"view","event_time":{t}}}"#
+            )
+            .into_bytes(),
+            "duplicate_key",
+        ),
+        (
+            format!(
+                r#"{{"video_id":"v001","event_type":"view","event_type":"like","event_time":{t}}}"#
+            )
+            .into_bytes(),
+            "duplicate_key",
+        ),
         (b"[1,2,3]".to_vec(), "not_object"),
         (b"null".to_vec(), "not_object"),
     ]
@@ -54,23 +111,50 @@ async fn poison_pills_go_to_the_dead_letter_dataset_and_partitions_keep_flowing(
     for (i, (payload, reason)) in pills.into_iter().enumerate() {
         let at = (i + 1) * messages.len() / (n + 1);
         let key = if i % 2 == 0 { "v001" } else { "v002" };
-        messages.insert(at, Message { key: key.into(), payload, expect: Expect::Rejected { reason } });
+        messages.insert(
+            at,
+            Message {
+                key: key.into(),
+                payload,
+                expect: Expect::Rejected { reason },
+            },
+        );
     }
     produce(&broker.bootstrap(), &topic, &messages).await;
     let end = broker.end_offsets(&topic, 2);
-    assert_eq!(end.values().sum::<i64>(), messages.len() as i64, "the broker took every message, 4 MB included");
+    assert_eq!(
+        end.values().sum::<i64>(),
+        messages.len() as i64,
+        "the broker took every message, 4 MB included"
+    );
 
     let data = dir.path().join("data");
     let mut env = TallyEnv::new(&broker.bootstrap(), &topic, &unique("g"), &data);
-    env.set("TALLY__KAFKA__PROPERTIES__FETCH_MESSAGE_MAX_BYTES", "20000000");
+    env.set(
+        "TALLY__KAFKA__PROPERTIES__FETCH_MESSAGE_MAX_BYTES",
+        "20000000",
+    );
     let mut tally = Tally::start(&env);
-    wait_committed(&data.join("serving.db"), &topic, &end, Duration::from_secs(120), &mut tally).await;
+    wait_committed(
+        &data.join("serving.db"),
+        &topic,
+        &end,
+        Duration::from_secs(120),
+        &mut tally,
+    )
+    .await;
     assert!(tally.stop().success(), "no crash: {}", tally.log_tail());
     // Rollups exact, archive exact, every pill in the DLQ once with its reason.
     verify_outputs(&data, &topic, &messages).await;
     // The DLQ keeps a bounded prefix of each payload, not 10 MB.
-    let dlq_bytes: u64 = files_under(&data.join("dlq")).iter().map(|f| std::fs::metadata(data.join("dlq").join(f)).unwrap().len()).sum();
-    assert!(dlq_bytes < 1 << 20, "dead letters are truncated ({dlq_bytes} bytes)");
+    let dlq_bytes: u64 = files_under(&data.join("dlq"))
+        .iter()
+        .map(|f| std::fs::metadata(data.join("dlq").join(f)).unwrap().len())
+        .sum();
+    assert!(
+        dlq_bytes < 1 << 20,
+        "dead letters are truncated ({dlq_bytes} bytes)"
+    );
     report_faults(&[("poison_pills", n)]);
 }
 
@@ -93,16 +177,33 @@ async fn locked_serving_store_retries_pauses_and_recovers() {
     env.set("TALLY__BATCH__MAX_ROWS", "400");
     let mut tally = Tally::start(&env);
 
-    let producer = produce_in_background(&broker.bootstrap(), &topic, &messages, 500, Duration::from_millis(600));
+    let producer = produce_in_background(
+        &broker.bootstrap(),
+        &topic,
+        &messages,
+        500,
+        Duration::from_millis(600),
+    );
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while crate::crash::committed_total(&db).await == 0 {
-        assert!(std::time::Instant::now() < deadline, "nothing committed before the lock");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "nothing committed before the lock"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
-    let mut lock = sqlx::SqliteConnection::connect(&format!("sqlite://{}", db.display())).await.unwrap();
-    sqlx::query("PRAGMA busy_timeout = 10000").execute(&mut lock).await.unwrap();
-    sqlx::query("BEGIN EXCLUSIVE").execute(&mut lock).await.unwrap();
+    let mut lock = sqlx::SqliteConnection::connect(&format!("sqlite://{}", db.display()))
+        .await
+        .unwrap();
+    sqlx::query("PRAGMA busy_timeout = 10000")
+        .execute(&mut lock)
+        .await
+        .unwrap();
+    sqlx::query("BEGIN EXCLUSIVE")
+        .execute(&mut lock)
+        .await
+        .unwrap();
     let before = crate::crash::committed_total(&db).await;
     let rss_before = rss_kib(tally.child.id());
     tokio::time::sleep(Duration::from_secs(12)).await;
@@ -110,24 +211,44 @@ async fn locked_serving_store_retries_pauses_and_recovers() {
     let rss_during = rss_kib(tally.child.id());
     sqlx::query("COMMIT").execute(&mut lock).await.unwrap();
     lock.close().await.unwrap();
-    assert_eq!(during, before, "offsets do not advance while the store is locked");
-    assert!(rss_during < rss_before + 200 * 1024, "memory stays bounded: {rss_before} -> {rss_during} KiB");
+    assert_eq!(
+        during, before,
+        "offsets do not advance while the store is locked"
+    );
+    assert!(
+        rss_during < rss_before + 200 * 1024,
+        "memory stays bounded: {rss_before} -> {rss_during} KiB"
+    );
 
     producer.await.unwrap();
     let end = broker.end_offsets(&topic, 2);
     wait_committed(&db, &topic, &end, Duration::from_secs(120), &mut tally).await;
     assert!(tally.stop().success());
     let log = std::fs::read_to_string(&env.log).unwrap_or_default();
-    assert!(log.contains("batch commit failed; retrying"), "commits were retried:\n{}", tally.log_tail());
+    assert!(
+        log.contains("batch commit failed; retrying"),
+        "commits were retried:\n{}",
+        tally.log_tail()
+    );
     verify_outputs(&data, &topic, &messages).await;
-    report_faults(&[("serving_store_locked_12s", 1), ("commit_retries", log.matches("batch commit failed; retrying").count())]);
+    report_faults(&[
+        ("serving_store_locked_12s", 1),
+        (
+            "commit_retries",
+            log.matches("batch commit failed; retrying").count(),
+        ),
+    ]);
 }
 
 fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:").and_then(|v| v.split_whitespace().next()).and_then(|v| v.parse().ok()))
+        .find_map(|l| {
+            l.strip_prefix("VmRSS:")
+                .and_then(|v| v.split_whitespace().next())
+                .and_then(|v| v.parse().ok())
+        })
         .unwrap_or(0)
 }
 
@@ -151,7 +272,10 @@ async fn broker_killed_and_restarted_mid_ingest() {
     produce(&broker.bootstrap(), &topic, first).await;
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while crate::crash::committed_total(&db).await == 0 {
-        assert!(std::time::Instant::now() < deadline, "nothing committed before the broker kill");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "nothing committed before the broker kill"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
@@ -159,15 +283,26 @@ async fn broker_killed_and_restarted_mid_ingest() {
     let api = env.api;
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while http(api, "GET", "/readyz", None, b"").0 != 503 {
-        assert!(std::time::Instant::now() < deadline, "/readyz stayed 200 with the broker down");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "/readyz stayed 200 with the broker down"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     tokio::time::sleep(Duration::from_secs(8)).await;
-    assert!(tally.child.try_wait().unwrap().is_none(), "tally survives the broker outage:\n{}", tally.log_tail());
+    assert!(
+        tally.child.try_wait().unwrap().is_none(),
+        "tally survives the broker outage:\n{}",
+        tally.log_tail()
+    );
     broker.restart();
     produce(&broker.bootstrap(), &topic, second).await;
     let end = broker.end_offsets(&topic, 2);
-    assert_eq!(end.values().sum::<i64>(), messages.len() as i64, "the broker kept every acknowledged message");
+    assert_eq!(
+        end.values().sum::<i64>(),
+        messages.len() as i64,
+        "the broker kept every acknowledged message"
+    );
     wait_committed(&db, &topic, &end, Duration::from_secs(120), &mut tally).await;
     wait_http_ok(api, "/readyz", Duration::from_secs(30));
     assert!(tally.stop().success());
@@ -198,7 +333,13 @@ async fn rebalances_and_a_frozen_zombie_stay_exact() {
     env_b.set("TALLY__BATCH__LINGER", "200ms");
     env_b.log = data.join("tally-b.log");
 
-    let producer = produce_in_background(&broker.bootstrap(), &topic, &messages, 800, Duration::from_millis(1_500));
+    let producer = produce_in_background(
+        &broker.bootstrap(),
+        &topic,
+        &messages,
+        800,
+        Duration::from_millis(1_500),
+    );
     let mut a = Tally::start(&env_a);
     let mut b = Tally::start(&env_b);
     // Rebalances: B leaves and comes back three times.
@@ -223,21 +364,53 @@ async fn rebalances_and_a_frozen_zombie_stay_exact() {
     env_z.log = data.join("tally-zombie.log");
     a = Tally::start(&env_z);
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while !std::fs::read_to_string(&env_z.log).unwrap_or_default().contains("pausepoint reached") {
-        assert!(std::time::Instant::now() < deadline, "the zombie never reached its pausepoint: {}", a.log_tail());
+    while !std::fs::read_to_string(&env_z.log)
+        .unwrap_or_default()
+        .contains("pausepoint reached")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the zombie never reached its pausepoint: {}",
+            a.log_tail()
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let signal = |sig: &str, pid: u32| {
-        assert!(std::process::Command::new("kill").args([sig, &pid.to_string()]).status().unwrap().success());
+        assert!(std::process::Command::new("kill")
+            .args([sig, &pid.to_string()])
+            .status()
+            .unwrap()
+            .success());
     };
     signal("-STOP", a.child.id());
     tokio::time::sleep(Duration::from_secs(6)).await;
     signal("-CONT", a.child.id());
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while !std::fs::read_to_string(&env_z.log).unwrap_or_default().contains("batch fenced") {
+    while !std::fs::read_to_string(&env_z.log)
+        .unwrap_or_default()
+        .contains("batch fenced")
+    {
         if std::time::Instant::now() > deadline {
-            let grep = |p: &std::path::Path| std::fs::read_to_string(p).unwrap_or_default().lines().filter(|l| l.contains("assigned") || l.contains("revoked") || l.contains("fenced") || l.contains("pausepoint") || l.contains("rebalance")).map(|l| l.chars().skip(30).take(200).collect::<String>()).collect::<Vec<_>>().join("\n");
-            panic!("not fenced.\nZ:\n{}\nB:\n{}", grep(&env_z.log), grep(&env_b.log));
+            let grep = |p: &std::path::Path| {
+                std::fs::read_to_string(p)
+                    .unwrap_or_default()
+                    .lines()
+                    .filter(|l| {
+                        l.contains("assigned")
+                            || l.contains("revoked")
+                            || l.contains("fenced")
+                            || l.contains("pausepoint")
+                            || l.contains("rebalance")
+                    })
+                    .map(|l| l.chars().skip(30).take(200).collect::<String>())
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            };
+            panic!(
+                "not fenced.\nZ:\n{}\nB:\n{}",
+                grep(&env_z.log),
+                grep(&env_b.log)
+            );
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -245,7 +418,11 @@ async fn rebalances_and_a_frozen_zombie_stay_exact() {
     producer.await.unwrap();
     let end = broker.end_offsets(&topic, 4);
     wait_committed(&db, &topic, &end, Duration::from_secs(120), &mut b).await;
-    assert!(a.child.try_wait().unwrap().is_none(), "the zombie survives its fencing: {}", a.log_tail());
+    assert!(
+        a.child.try_wait().unwrap().is_none(),
+        "the zombie survives its fencing: {}",
+        a.log_tail()
+    );
     assert!(a.stop().success() && b.stop().success());
     let logs = std::fs::read_to_string(&env_a.log).unwrap_or_default()
         + &std::fs::read_to_string(&env_b.log).unwrap_or_default()
@@ -253,7 +430,8 @@ async fn rebalances_and_a_frozen_zombie_stay_exact() {
     eprintln!(
         "rebalance test: {} fenced batches, {} stale batches dropped",
         logs.matches("batch fenced").count(),
-        logs.matches("dropping a batch from before a rebalance").count()
+        logs.matches("dropping a batch from before a rebalance")
+            .count()
     );
     verify_outputs(&data, &topic, &messages).await;
     report_faults(&[
@@ -285,26 +463,51 @@ async fn mock_cluster_broker_faults() {
     let lag = LagSampler::start(api);
     let mut sent = 0;
     let step = |tally_alive: &mut Tally, what: &str| {
-        assert!(tally_alive.child.try_wait().unwrap().is_none(), "tally crashed during {what}:\n{}", tally_alive.log_tail());
+        assert!(
+            tally_alive.child.try_wait().unwrap().is_none(),
+            "tally crashed during {what}:\n{}",
+            tally_alive.log_tail()
+        );
         eprintln!("fault step done: {what}");
     };
 
     // 1. Baseline.
     produce(&mock.bootstrap, &topic, parts[0]).await;
     sent += parts[0].len();
-    wait_committed(&db, &topic, &end_offsets_at(&mock.bootstrap, &topic, 2), Duration::from_secs(60), &mut tally).await;
+    wait_committed(
+        &db,
+        &topic,
+        &end_offsets_at(&mock.bootstrap, &topic, 2),
+        Duration::from_secs(60),
+        &mut tally,
+    )
+    .await;
     // 2. Request errors on Fetch and OffsetCommit.
     mock.cmd("errors fetch 30");
     mock.cmd("errors offsetcommit 30");
     produce(&mock.bootstrap, &topic, parts[1]).await;
     sent += parts[1].len();
-    wait_committed(&db, &topic, &end_offsets_at(&mock.bootstrap, &topic, 2), Duration::from_secs(60), &mut tally).await;
+    wait_committed(
+        &db,
+        &topic,
+        &end_offsets_at(&mock.bootstrap, &topic, 2),
+        Duration::from_secs(60),
+        &mut tally,
+    )
+    .await;
     step(&mut tally, "request errors");
     // 3. A slow broker (500 ms per request).
     mock.cmd("rtt 500");
     produce(&mock.bootstrap, &topic, parts[2]).await;
     sent += parts[2].len();
-    wait_committed(&db, &topic, &end_offsets_at(&mock.bootstrap, &topic, 2), Duration::from_secs(90), &mut tally).await;
+    wait_committed(
+        &db,
+        &topic,
+        &end_offsets_at(&mock.bootstrap, &topic, 2),
+        Duration::from_secs(90),
+        &mut tally,
+    )
+    .await;
     mock.cmd("rtt 0");
     step(&mut tally, "slow broker");
     // 4. Partition 1 without a reachable leader for 5 s (moved to broker 2, which goes down).
@@ -315,7 +518,14 @@ async fn mock_cluster_broker_faults() {
     mock.cmd("leader 1 1");
     produce(&mock.bootstrap, &topic, parts[3]).await;
     sent += parts[3].len();
-    wait_committed(&db, &topic, &end_offsets_at(&mock.bootstrap, &topic, 2), Duration::from_secs(60), &mut tally).await;
+    wait_committed(
+        &db,
+        &topic,
+        &end_offsets_at(&mock.bootstrap, &topic, 2),
+        Duration::from_secs(60),
+        &mut tally,
+    )
+    .await;
     step(&mut tally, "leaderless partition");
     // 5. Events waiting, then the broker down for 30 s.
     produce(&mock.bootstrap, &topic, parts[4]).await;
@@ -323,11 +533,18 @@ async fn mock_cluster_broker_faults() {
     mock.cmd("down");
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while http(api, "GET", "/readyz", None, b"").0 != 503 {
-        assert!(std::time::Instant::now() < deadline, "/readyz stayed 200 with the broker down");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "/readyz stayed 200 with the broker down"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     tokio::time::sleep(Duration::from_secs(30)).await;
-    assert_eq!(http(api, "GET", "/livez", None, b"").0, 200, "alive while the broker is down");
+    assert_eq!(
+        http(api, "GET", "/livez", None, b"").0,
+        200,
+        "alive while the broker is down"
+    );
     step(&mut tally, "broker down 30 s");
     mock.cmd("up");
     produce(&mock.bootstrap, &topic, parts[5..].concat().as_slice()).await;
@@ -340,11 +557,18 @@ async fn mock_cluster_broker_faults() {
     // The consumer lag rose during the faults and drains to zero.
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while consumer_lag(api) != Some(0) {
-        assert!(std::time::Instant::now() < deadline, "lag never drained: {:?}", consumer_lag(api));
+        assert!(
+            std::time::Instant::now() < deadline,
+            "lag never drained: {:?}",
+            consumer_lag(api)
+        );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     let peak = lag.stop();
-    assert!(peak > 0, "tally_consumer_lag_messages never rose during the faults");
+    assert!(
+        peak > 0,
+        "tally_consumer_lag_messages never rose during the faults"
+    );
     eprintln!("peak consumer lag during the faults: {peak} messages; drained to 0");
     assert!(tally.stop().success());
     verify_outputs(&data, &topic, &messages).await;
@@ -363,7 +587,10 @@ fn consumer_lag(api: std::net::SocketAddr) -> Option<i64> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(api).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: tally\r\nConnection: close\r\n\r\n").ok()?;
+    s.write_all(
+        format!("GET /metrics HTTP/1.1\r\nHost: {api}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .ok()?;
     let mut out = Vec::new();
     s.read_to_end(&mut out).ok()?;
     let body = String::from_utf8_lossy(&out);
@@ -406,16 +633,36 @@ impl LagSampler {
 
 /// A tolerant request: write errors (the server may close early, e.g. on an
 /// oversized body) are ignored; `0` when no status line came back.
-fn raw(addr: std::net::SocketAddr, method: &str, path: &str, token: Option<&str>, body: &[u8]) -> u16 {
+fn raw(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: &[u8],
+) -> u16 {
     use std::io::{Read, Write};
-    let Ok(mut s) = std::net::TcpStream::connect(addr) else { return 0 };
+    let Ok(mut s) = std::net::TcpStream::connect(addr) else {
+        return 0;
+    };
     let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
-    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
-    let head = format!("{method} {path} HTTP/1.1\r\nHost: tally\r\nConnection: close\r\n{auth}Content-Length: {}\r\n\r\n", body.len());
-    let _ = s.write_all(head.as_bytes()).and_then(|()| s.write_all(body));
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    let ctype = if method == "POST" {
+        "Content-Type: application/json\r\n"
+    } else {
+        ""
+    };
+    let head = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{auth}{ctype}Content-Length: {}\r\n\r\n", body.len());
+    let _ = s
+        .write_all(head.as_bytes())
+        .and_then(|()| s.write_all(body));
     let mut out = Vec::new();
     let _ = s.read_to_end(&mut out);
-    String::from_utf8_lossy(&out).get(9..12).and_then(|x| x.parse().ok()).unwrap_or(0)
+    String::from_utf8_lossy(&out)
+        .get(9..12)
+        .and_then(|x| x.parse().ok())
+        .unwrap_or(0)
 }
 
 /// API abuse against `tally serve`: injection strings in every parameter,
@@ -439,13 +686,29 @@ async fn api_abuse_leaves_server_and_tables_intact() {
     let mut env = TallyEnv::new("127.0.0.1:1", "abuse", "g", &data);
     env.set("TALLY__API__READ_TOKENS", read);
     env.set("TALLY__API__WRITE_TOKENS", write);
-    let out = std::process::Command::new(tally_bin()).args(["replay", "--file"]).arg(&file).envs(env.vars.iter().cloned()).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = std::process::Command::new(tally_bin())
+        .args(["replay", "--file"])
+        .arg(&file)
+        .envs(env.vars.iter().cloned())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let db = data.join("serving.db");
     let counts = || async {
         let mut v = Vec::new();
-        for t in ["minute_video_events", "hour_video_events", "day_video_events", "tally_offsets", "tally_files"] {
-            let sql: &'static str = Box::leak(format!("SELECT '{t}', count(*) FROM {t}").into_boxed_str());
+        for t in [
+            "minute_video_events",
+            "hour_video_events",
+            "day_video_events",
+            "tally_offsets",
+            "tally_files",
+        ] {
+            let sql: &'static str =
+                Box::leak(format!("SELECT '{t}', count(*) FROM {t}").into_boxed_str());
             v.extend(serving_query_i64(&db, sql).await);
         }
         v
@@ -460,23 +723,62 @@ async fn api_abuse_leaves_server_and_tables_intact() {
     let mut statuses = std::collections::BTreeMap::<u16, usize>::new();
     let mut hit = |method: &str, path: &str, token: Option<&str>, body: &[u8]| {
         let s = raw(api, method, path, token, body);
-        assert!(s != 0 && s < 500 || s == 503, "{method} {} -> {s}", &path[..path.len().min(120)]);
+        assert!(
+            s != 0 && s < 500 || s == 503,
+            "{method} {} -> {s}",
+            &path[..path.len().min(120)]
+        );
         *statuses.entry(s).or_default() += 1;
         s
     };
 
     // Injection strings in every parameter.
-    let evil = ["' OR 1=1 --", "1; DROP TABLE hour_video_events; --", "\" UNION SELECT * FROM tally_offsets --", "%00", "../../etc/passwd", "${jndi:ldap://x}"];
+    let evil = [
+        "' OR 1=1 --",
+        "1; DROP TABLE hour_video_events; --",
+        "\" UNION SELECT * FROM tally_offsets --",
+        "%00",
+        "../../etc/passwd",
+        "${jndi:ldap://x}",
+    ];
     for e in evil {
-        let e = e.replace('%', "%25").replace(' ', "%20").replace('"', "%22").replace('\'', "%27").replace(';', "%3B").replace('{', "%7B").replace('}', "%7D");
+        let e = e
+            .replace('%', "%25")
+            .replace(' ', "%20")
+            .replace('"', "%22")
+            .replace('\'', "%27")
+            .replace(';', "%3B")
+            .replace('{', "%7B")
+            .replace('}', "%7D");
         for (k, path) in [
-            ("video_id", format!("/v1/count?video_id={e}&start={start}&end={end}")),
-            ("event_type", format!("/v1/count?video_id=v001&event_type={e}&start={start}&end={end}")),
-            ("start", format!("/v1/count?video_id=v001&start={e}&end={end}")),
-            ("end", format!("/v1/count?video_id=v001&start={start}&end={e}")),
-            ("function", format!("/v1/stats?video_id=v001&function={e}&start={start}&end={end}")),
-            ("granularity", format!("/v1/series?video_id=v001&granularity={e}&start={start}&end={end}")),
-            ("limit", format!("/v1/top?limit={e}&start={start}&end={end}")),
+            (
+                "video_id",
+                format!("/v1/count?video_id={e}&start={start}&end={end}"),
+            ),
+            (
+                "event_type",
+                format!("/v1/count?video_id=v001&event_type={e}&start={start}&end={end}"),
+            ),
+            (
+                "start",
+                format!("/v1/count?video_id=v001&start={e}&end={end}"),
+            ),
+            (
+                "end",
+                format!("/v1/count?video_id=v001&start={start}&end={e}"),
+            ),
+            (
+                "function",
+                format!("/v1/stats?video_id=v001&function={e}&start={start}&end={end}"),
+            ),
+            (
+                "granularity",
+                format!("/v1/series?video_id=v001&granularity={e}&start={start}&end={end}"),
+            ),
+            (
+                "limit",
+                format!("/v1/top?limit={e}&start={start}&end={end}"),
+            ),
         ] {
             let s = hit("GET", &path, t, b"");
             assert!(s == 200 || s == 400, "{k}: {s}");
@@ -484,14 +786,62 @@ async fn api_abuse_leaves_server_and_tables_intact() {
     }
     // A 1 MB id, absurd ranges and limits.
     let big = "v".repeat(1 << 20);
-    hit("GET", &format!("/v1/count?video_id={big}&start={start}&end={end}"), t, b"");
-    assert_eq!(hit("GET", "/v1/count?video_id=v001&start=0001-01-01T00:00:00Z&end=9999-12-31T00:00:00Z", t, b""), 400);
-    assert_eq!(hit("GET", &format!("/v1/top?limit=99999999999999999999999&start={start}&end={end}"), t, b""), 400);
-    assert_eq!(hit("GET", &format!("/v1/top?limit=-1&start={start}&end={end}"), t, b""), 400);
+    hit(
+        "GET",
+        &format!("/v1/count?video_id={big}&start={start}&end={end}"),
+        t,
+        b"",
+    );
+    assert_eq!(
+        hit(
+            "GET",
+            "/v1/count?video_id=v001&start=0001-01-01T00:00:00Z&end=9999-12-31T00:00:00Z",
+            t,
+            b""
+        ),
+        400
+    );
+    assert_eq!(
+        hit(
+            "GET",
+            &format!("/v1/top?limit=99999999999999999999999&start={start}&end={end}"),
+            t,
+            b""
+        ),
+        400
+    );
+    assert_eq!(
+        hit(
+            "GET",
+            &format!("/v1/top?limit=-1&start={start}&end={end}"),
+            t,
+            b""
+        ),
+        400
+    );
     // An oversized body, wrong and missing tokens.
-    assert_eq!(hit("POST", "/v1/events", Some(write), &vec![b'x'; 20 << 20]), 413);
-    assert_eq!(hit("GET", &format!("/v1/count?video_id=v001&start={start}&end={end}"), Some("wrong-token-0123456789"), b""), 401);
-    assert_eq!(hit("GET", &format!("/v1/count?video_id=v001&start={start}&end={end}"), None, b""), 401);
+    assert_eq!(
+        hit("POST", "/v1/events", Some(write), &vec![b'x'; 20 << 20]),
+        413
+    );
+    assert_eq!(
+        hit(
+            "GET",
+            &format!("/v1/count?video_id=v001&start={start}&end={end}"),
+            Some("wrong-token-0123456789"),
+            b""
+        ),
+        401
+    );
+    assert_eq!(
+        hit(
+            "GET",
+            &format!("/v1/count?video_id=v001&start={start}&end={end}"),
+            None,
+            b""
+        ),
+        401
+    );
     assert_eq!(hit("POST", "/v1/events", Some(read), b"[]"), 401);
 
     // 10,000 concurrent connections (beyond api.max_connections = 4096 they are closed).
@@ -505,18 +855,37 @@ async fn api_abuse_leaves_server_and_tables_intact() {
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
     let rss_held = rss(serve.child.id());
-    assert!(serve.child.try_wait().unwrap().is_none(), "tally serve survived 10k connections");
+    assert!(
+        serve.child.try_wait().unwrap().is_none(),
+        "tally serve survived 10k connections"
+    );
     drop(held);
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert!(rss_held < rss_before + 512 * 1024, "memory bounded under 10k connections: {rss_before} -> {rss_held} KiB");
-    let (s, body) = http(api, "GET", &format!("/v1/count?video_id=v001&start={start}&end={end}"), t, b"");
+    assert!(
+        rss_held < rss_before + 512 * 1024,
+        "memory bounded under 10k connections: {rss_before} -> {rss_held} KiB"
+    );
+    let (s, body) = http(
+        api,
+        "GET",
+        &format!("/v1/count?video_id=v001&start={start}&end={end}"),
+        t,
+        b"",
+    );
     assert_eq!(s, 200, "{body}");
 
-    assert!(serve.child.try_wait().unwrap().is_none(), "no crash:\n{}", serve.log_tail());
+    assert!(
+        serve.child.try_wait().unwrap().is_none(),
+        "no crash:\n{}",
+        serve.log_tail()
+    );
     assert!(serve.stop().success());
     assert_eq!(counts().await, before, "tables intact");
     eprintln!("api abuse statuses: {statuses:?}");
-    report_faults(&[("hostile_requests", statuses.values().sum()), ("concurrent_connections", 10_000)]);
+    report_faults(&[
+        ("hostile_requests", statuses.values().sum()),
+        ("concurrent_connections", 10_000),
+    ]);
 }
 
 /// A tmpfs mounted for one test, unmounted (lazily) when dropped.
@@ -541,7 +910,10 @@ impl Tmpfs {
 
 impl Drop for Tmpfs {
     fn drop(&mut self) {
-        let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
     }
 }
 
@@ -567,7 +939,11 @@ fn metric(api: std::net::SocketAddr, name: &str) -> f64 {
     let (status, body) = http(api, "GET", "/metrics", None, b"");
     assert_eq!(status, 200);
     body.lines()
-        .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(' ')).and_then(|v| v.trim().parse().ok()))
+        .find_map(|l| {
+            l.strip_prefix(name)
+                .and_then(|v| v.strip_prefix(' '))
+                .and_then(|v| v.trim().parse().ok())
+        })
         .unwrap_or(0.0)
 }
 
@@ -593,7 +969,11 @@ async fn serving_store_disk_full_inside_the_transaction_resumes() {
 async fn disk_full(store_only: bool) {
     let dir = test_dir();
     let data = dir.path().join("data");
-    let full = if store_only { dir.path().join("store") } else { data.clone() };
+    let full = if store_only {
+        dir.path().join("store")
+    } else {
+        data.clone()
+    };
     // The store-only disk holds the SQLite file and its WAL: with 64 KiB
     // pages the WAL grows to about 64 MiB before SQLite's first checkpoint.
     let _tmpfs = Tmpfs::mount(&full, if store_only { "96m" } else { "48m" });
@@ -611,7 +991,14 @@ async fn disk_full(store_only: bool) {
     let mut tally = Tally::start(&env);
     produce(&broker.bootstrap(), &topic, first).await;
     let end_first = broker.end_offsets(&topic, 2);
-    wait_committed(&db, &topic, &end_first, Duration::from_secs(120), &mut tally).await;
+    wait_committed(
+        &db,
+        &topic,
+        &end_first,
+        Duration::from_secs(120),
+        &mut tally,
+    )
+    .await;
 
     let filler = full.join("filler");
     let filled = fill_disk(&filler);
@@ -619,19 +1006,37 @@ async fn disk_full(store_only: bool) {
     produce(&broker.bootstrap(), &topic, second).await;
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while metric(env.api, "tally_commit_errors_total") < 1.0 {
-        assert!(std::time::Instant::now() < deadline, "no commit error surfaced on a full disk:\n{}", tally.log_tail());
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no commit error surfaced on a full disk:\n{}",
+            tally.log_tail()
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let before = crate::crash::committed_total(&db).await;
     tokio::time::sleep(Duration::from_secs(6)).await;
     let during = crate::crash::committed_total(&db).await;
-    assert_eq!(during, before, "offsets do not advance while the disk is full");
-    assert_eq!(before, first.len() as i64, "nothing of the second half committed on a full disk");
-    assert!(tally.child.try_wait().unwrap().is_none(), "tally survives a full disk:\n{}", tally.log_tail());
+    assert_eq!(
+        during, before,
+        "offsets do not advance while the disk is full"
+    );
+    assert_eq!(
+        before,
+        first.len() as i64,
+        "nothing of the second half committed on a full disk"
+    );
+    assert!(
+        tally.child.try_wait().unwrap().is_none(),
+        "tally survives a full disk:\n{}",
+        tally.log_tail()
+    );
     // Whatever is visible in the archive is complete: DataFusion reads it all.
     let raw = data.join("raw/events");
     let rows = datafusion_rows(&[
-        format!("CREATE EXTERNAL TABLE events STORED AS PARQUET LOCATION '{}/'", raw.display()),
+        format!(
+            "CREATE EXTERNAL TABLE events STORED AS PARQUET LOCATION '{}/'",
+            raw.display()
+        ),
         "SELECT count(*) >= 0 FROM events".into(),
     ])
     .await;
@@ -639,11 +1044,23 @@ async fn disk_full(store_only: bool) {
     // The first write to hit the full disk names the cause: the archive or
     // dead-letter writer reports ENOSPC, SQLite reports SQLITE_FULL.
     let log = std::fs::read_to_string(&env.log).unwrap_or_default();
-    let failures: Vec<&str> = log.lines().filter(|l| l.contains("batch commit failed")).collect();
+    let failures: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("batch commit failed"))
+        .collect();
     assert!(
-        failures.iter().any(|l| l.contains("No space left on device") || l.contains("os error 28") || l.contains("database or disk is full")),
+        failures
+            .iter()
+            .any(|l| l.contains("No space left on device")
+                || l.contains("os error 28")
+                || l.contains("database or disk is full")),
         "the error names the cause:\n{}",
-        failures.iter().take(5).copied().collect::<Vec<_>>().join("\n")
+        failures
+            .iter()
+            .take(5)
+            .copied()
+            .collect::<Vec<_>>()
+            .join("\n")
     );
 
     std::fs::remove_file(&filler).unwrap();
@@ -653,7 +1070,23 @@ async fn disk_full(store_only: bool) {
     crate::e2e::verify_outputs_in(&data, &db, &topic, &messages).await;
     let log = std::fs::read_to_string(&env.log).unwrap_or_default();
     if store_only {
-        assert!(log.contains("database or disk is full"), "SQLite reported the full disk inside the transaction");
+        assert!(
+            log.contains("database or disk is full"),
+            "SQLite reported the full disk inside the transaction"
+        );
     }
-    report_faults(&[(if store_only { "serving_store_disk_full" } else { "disk_full" }, 1), ("commit_retries", log.matches("batch commit failed; retrying").count())]);
+    report_faults(&[
+        (
+            if store_only {
+                "serving_store_disk_full"
+            } else {
+                "disk_full"
+            },
+            1,
+        ),
+        (
+            "commit_retries",
+            log.matches("batch commit failed; retrying").count(),
+        ),
+    ]);
 }

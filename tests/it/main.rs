@@ -8,3 +8,4 @@ mod faults;
 mod postgres;
 mod replay;
 mod s3;
+mod safety;

@@ -8,7 +8,14 @@ use tally_tests::*;
 use crate::crash::committed_total;
 use crate::e2e::verify_outputs_in;
 
-fn pg_env(broker: &Broker, topic: &str, group: &str, data: &std::path::Path, pg: &PgStore, name: &str) -> TallyEnv {
+fn pg_env(
+    broker: &Broker,
+    topic: &str,
+    group: &str,
+    data: &std::path::Path,
+    pg: &PgStore,
+    name: &str,
+) -> TallyEnv {
     let mut env = TallyEnv::new(&broker.bootstrap(), topic, group, data);
     env.set("TALLY__SERVING__URL", &pg.url);
     env.set("TALLY__BATCH__MAX_ROWS", "600");
@@ -18,8 +25,19 @@ fn pg_env(broker: &Broker, topic: &str, group: &str, data: &std::path::Path, pg:
 }
 
 fn run_job(env: &TallyEnv, args: &[&str]) -> (bool, String) {
-    let out = std::process::Command::new(tally_bin()).args(args).envs(env.vars.iter().cloned()).output().unwrap();
-    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+    let out = std::process::Command::new(tally_bin())
+        .args(args)
+        .envs(env.vars.iter().cloned())
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
 }
 
 /// `tally run` on PostgreSQL, SIGKILLed 4 times mid-ingest: rollups, archive
@@ -37,14 +55,24 @@ async fn postgres_store_survives_sigkills_and_serves_exact_answers() {
     let messages = dataset(91, 12_000, now);
     let data = dir.path().join("data");
     let env = pg_env(&broker, &topic, &unique("g"), &data, &pg, "run");
-    let producer = produce_in_background(&broker.bootstrap(), &topic, &messages, 1_000, Duration::from_millis(800));
+    let producer = produce_in_background(
+        &broker.bootstrap(),
+        &topic,
+        &messages,
+        1_000,
+        Duration::from_millis(800),
+    );
     let mut tally = Tally::start(&env);
     let mut kills = 0;
     while kills < 4 {
         let before = committed_total(&db).await;
         let deadline = Instant::now() + Duration::from_secs(60);
         while committed_total(&db).await <= before {
-            assert!(Instant::now() < deadline, "nothing committed:\n{}", tally.log_tail());
+            assert!(
+                Instant::now() < deadline,
+                "nothing committed:\n{}",
+                tally.log_tail()
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         tokio::time::sleep(Duration::from_millis([90, 400, 10, 250][kills])).await;
@@ -59,7 +87,10 @@ async fn postgres_store_survives_sigkills_and_serves_exact_answers() {
     verify_outputs_in(&data, &db, &topic, &messages).await;
 
     // Jobs read the same store.
-    let (from, to) = (rfc3339(now - now.rem_euclid(86_400_000) - 3 * 86_400_000), rfc3339(now - now.rem_euclid(3_600_000) + 3_600_000));
+    let (from, to) = (
+        rfc3339(now - now.rem_euclid(86_400_000) - 3 * 86_400_000),
+        rfc3339(now - now.rem_euclid(3_600_000) + 3_600_000),
+    );
     let (ok, out) = run_job(&env, &["verify", "--from", &from, "--to", &to]);
     assert!(ok, "verify on PostgreSQL finds no drift:\n{out}");
     let (ok, out) = run_job(&env, &["backfill", "--from", &from, "--to", &to]);
@@ -74,7 +105,11 @@ async fn postgres_store_survives_sigkills_and_serves_exact_answers() {
             .iter()
             .filter(|m| matches!(&m.expect, Expect::Accepted { video: v, .. } if v == video))
             .count();
-        let v = get_json(env.api, &format!("/v1/count?video_id={video}&start={from}&end={to}"), None);
+        let v = get_json(
+            env.api,
+            &format!("/v1/count?video_id={video}&start={from}&end={to}"),
+            None,
+        );
         assert_eq!(v["count"], want as i64, "{video}: {v}");
     }
     drop(serve);
@@ -101,17 +136,30 @@ async fn three_instances_over_six_partitions_one_killed_one_added() {
         .iter()
         .map(|n| {
             let mut env = pg_env(&broker, &topic, &group, &data, &pg, n);
-            env.set("TALLY__KAFKA__PROPERTIES__PARTITION_ASSIGNMENT_STRATEGY", "cooperative-sticky");
+            env.set(
+                "TALLY__KAFKA__PROPERTIES__PARTITION_ASSIGNMENT_STRATEGY",
+                "cooperative-sticky",
+            );
             env
         })
         .collect();
-    let producer = produce_in_background(&broker.bootstrap(), &topic, &messages, 1_000, Duration::from_millis(700));
+    let producer = produce_in_background(
+        &broker.bootstrap(),
+        &topic,
+        &messages,
+        1_000,
+        Duration::from_millis(700),
+    );
     let mut a = Tally::start(&envs[0]);
     let mut b = Tally::start(&envs[1]);
     let mut c = Tally::start(&envs[2]);
     let deadline = Instant::now() + Duration::from_secs(90);
     while committed_total(&db).await < 5_000 {
-        assert!(Instant::now() < deadline, "not enough committed:\n{}", a.log_tail());
+        assert!(
+            Instant::now() < deadline,
+            "not enough committed:\n{}",
+            a.log_tail()
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     b.kill9();
@@ -127,12 +175,18 @@ async fn three_instances_over_six_partitions_one_killed_one_added() {
     for t in [&mut a, &mut c, &mut d] {
         assert!(t.stop().success(), "clean exit:\n{}", t.log_tail());
     }
-    let logs: String = envs.iter().map(|e| std::fs::read_to_string(&e.log).unwrap_or_default()).collect();
+    let logs: String = envs
+        .iter()
+        .map(|e| std::fs::read_to_string(&e.log).unwrap_or_default())
+        .collect();
     assert!(!logs.contains("panicked"), "no panics");
     // Each live instance committed something.
     for (e, name) in [(&envs[0], "a"), (&envs[2], "c"), (&envs[3], "d")] {
         let log = std::fs::read_to_string(&e.log).unwrap_or_default();
-        assert!(log.contains("partitions assigned"), "{name} was assigned partitions");
+        assert!(
+            log.contains("partitions assigned"),
+            "{name} was assigned partitions"
+        );
     }
     verify_outputs_in(&data, &db, &topic, &messages).await;
     report_faults(&[("sigkill", 1), ("instances_joined", 4)]);

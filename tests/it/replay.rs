@@ -11,8 +11,11 @@ use crate::e2e::verify_outputs;
 
 fn write_lines(path: &std::path::Path, messages: &[Message]) -> Vec<Message> {
     // One message per line: payloads with a line break cannot be framed.
-    let kept: Vec<Message> =
-        messages.iter().filter(|m| !m.payload.contains(&b'\n') && !m.payload.ends_with(b"\r")).cloned().collect();
+    let kept: Vec<Message> = messages
+        .iter()
+        .filter(|m| !m.payload.contains(&b'\n') && !m.payload.ends_with(b"\r"))
+        .cloned()
+        .collect();
     let mut text = Vec::new();
     for m in &kept {
         text.extend_from_slice(&m.payload);
@@ -22,9 +25,26 @@ fn write_lines(path: &std::path::Path, messages: &[Message]) -> Vec<Message> {
     kept
 }
 
+/// The pseudo-topic a replay's output names (`<topic>: N messages …`).
+fn topic_of(out: &str) -> String {
+    out.lines()
+        .find_map(|l| {
+            l.split_once(": ")
+                .filter(|(_, r)| r.contains(" messages in "))
+                .map(|(t, _)| t.to_string())
+        })
+        .unwrap()
+}
+
 fn replay(env: &TallyEnv, file: &std::path::Path) -> String {
-    let out = Command::new(tally_bin()).args(["replay", "--file"]).arg(file).envs(env.vars.iter().cloned()).output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    let out = Command::new(tally_bin())
+        .args(["replay", "--file"])
+        .arg(file)
+        .envs(env.vars.iter().cloned())
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{text}");
     text
 }
@@ -41,11 +61,21 @@ async fn replay_is_exact_idempotent_and_survives_sigkill() {
     let mut env = TallyEnv::new("127.0.0.1:1", "unused", "unused", &data);
     env.set("TALLY__BATCH__MAX_ROWS", "700");
     let out = replay(&env, &file);
-    assert!(out.contains(&format!("{} messages", messages.len())), "{out}");
-    verify_outputs(&data, "replay.events", &messages).await;
+    assert!(
+        out.contains(&format!("{} messages", messages.len())),
+        "{out}"
+    );
+    let topic = topic_of(&out);
+    assert!(topic.starts_with("replay.events."), "{topic}");
+    verify_outputs(&data, &topic, &messages).await;
     let out = replay(&env, &file);
-    assert!(out.contains(" 0 messages") && out.contains(&format!("{} lines committed before", messages.len())), "{out}");
-    verify_outputs(&data, "replay.events", &messages).await;
+    assert!(
+        out.contains(" 0 messages")
+            && out.contains(&format!("{} lines committed before", messages.len())),
+        "{out}"
+    );
+    assert_eq!(topic_of(&out), topic);
+    verify_outputs(&data, &topic, &messages).await;
 
     // Killed mid-flight (small batches, so it is mid-commit often), then resumed.
     let data = dir.path().join("data-kill");
@@ -97,9 +127,96 @@ async fn replay_is_exact_idempotent_and_survives_sigkill() {
         kills += 1;
     }
     assert!(kills >= 3, "the replay was killed mid-flight {kills} times");
-    replay(&env, &file);
-    verify_outputs(&data, "replay.big", &messages).await;
+    let topic = topic_of(&replay(&env, &file));
+    verify_outputs(&data, &topic, &messages).await;
     report_faults(&[("sigkill", kills)]);
+}
+
+/// Two files with the same name in different directories are two sources
+/// (the second one's first lines used to be skipped as already committed);
+/// `--source-id` names a source; a second replay of a source while one runs
+/// is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replays_are_identified_by_content_and_run_one_at_a_time() {
+    let dir = test_dir();
+    let now = chrono::Utc::now().timestamp_millis();
+    let data = dir.path().join("data");
+    let mut env = TallyEnv::new("127.0.0.1:1", "unused", "unused", &data);
+    env.set("TALLY__BATCH__MAX_ROWS", "500");
+    let mut all = Vec::new();
+    let mut topics = Vec::new();
+    for (day, seed) in [("day1", 31), ("day2", 32)] {
+        std::fs::create_dir_all(dir.path().join(day)).unwrap();
+        let file = dir.path().join(day).join("events.jsonl");
+        let messages = write_lines(&file, &dataset(seed, 2_000, now));
+        let out = replay(&env, &file);
+        assert!(
+            out.contains(&format!("{} messages", messages.len())),
+            "{day}: every line is new: {out}"
+        );
+        topics.push(topic_of(&out));
+        all.push(messages);
+    }
+    assert_ne!(topics[0], topics[1]);
+    for (topic, messages) in topics.iter().zip(&all) {
+        verify_outputs(&data, topic, messages).await;
+    }
+
+    // An explicit id, and a concurrent replay of it.
+    let file = dir.path().join("big.jsonl");
+    write_lines(&file, &dataset(33, 100_000, now));
+    env.set("TALLY__BATCH__MAX_ROWS", "100");
+    let mut first = Command::new(tally_bin())
+        .args(["replay", "--source-id", "backfill-2026-11", "--file"])
+        .arg(&file)
+        .envs(env.vars.iter().cloned())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let db = data.join("serving.db");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let rows = try_serving_query_i64(
+            &db,
+            "SELECT topic, next_offset FROM tally_offsets WHERE topic = 'replay.backfill-2026-11'",
+        )
+        .await;
+        if rows.is_ok_and(|r| r.first().is_some_and(|(_, n)| *n > 0)) {
+            break;
+        }
+        assert!(
+            first.try_wait().unwrap().is_none(),
+            "the first replay ended before the second started"
+        );
+        assert!(
+            Instant::now() < deadline,
+            "the first replay made no progress"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let out = Command::new(tally_bin())
+        .args(["replay", "--source-id", "backfill-2026-11", "--file"])
+        .arg(&file)
+        .envs(env.vars.iter().cloned())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stderr);
+    let still_running = first.try_wait().unwrap().is_none();
+    first.kill().unwrap();
+    first.wait().unwrap();
+    assert!(
+        still_running,
+        "the first replay (1,000 batches) was still running"
+    );
+    assert!(
+        !out.status.success(),
+        "a concurrent replay of one source is refused"
+    );
+    assert!(
+        text.contains("another `tally replay` of replay.backfill-2026-11 is running"),
+        "{text}"
+    );
 }
 
 /// Deterministic, varied delays before each kill.

@@ -11,8 +11,19 @@ use crate::crash::committed_total;
 use crate::e2e::verify_outputs_in;
 
 fn run_job(env: &TallyEnv, args: &[&str]) -> (bool, String) {
-    let out = std::process::Command::new(tally_bin()).args(args).envs(env.vars.iter().cloned()).output().unwrap();
-    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+    let out = std::process::Command::new(tally_bin())
+        .args(args)
+        .envs(env.vars.iter().cloned())
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
 }
 
 async fn wait_more_committed(db: &std::path::Path, before: i64, tally: &mut Tally) {
@@ -21,7 +32,11 @@ async fn wait_more_committed(db: &std::path::Path, before: i64, tally: &mut Tall
         if let Some(s) = tally.child.try_wait().unwrap() {
             panic!("tally exited with {s}:\n{}", tally.log_tail());
         }
-        assert!(Instant::now() < deadline, "nothing committed:\n{}", tally.log_tail());
+        assert!(
+            Instant::now() < deadline,
+            "nothing committed:\n{}",
+            tally.log_tail()
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -55,19 +70,37 @@ async fn s3_archive_is_exact_across_sigkills_and_a_crash_mid_multipart_upload() 
     env.set("TALLY__STORAGE__ORPHAN_SWEEP_INTERVAL", "1s");
     let mut multipart = env.vars.clone();
     multipart.push(("TALLY__STORAGE__MULTIPART_THRESHOLD".into(), "0".into()));
-    let multipart_env = TallyEnv { vars: multipart, log: env.log.clone(), api: env.api };
+    let multipart_env = TallyEnv {
+        vars: multipart,
+        log: env.log.clone(),
+        api: env.api,
+    };
 
-    let producer = produce_in_background(&broker.bootstrap(), &topic, &messages, 1_000, Duration::from_millis(600));
+    let producer = produce_in_background(
+        &broker.bootstrap(),
+        &topic,
+        &messages,
+        1_000,
+        Duration::from_millis(600),
+    );
     // 1. Crash inside the first multipart upload.
     let mut crashing = multipart_env.vars.clone();
     crashing.push(("TALLY_FAILPOINT".into(), "inside_multipart_upload".into()));
-    let mut tally = Tally::start(&TallyEnv { vars: crashing, log: env.log.clone(), api: env.api });
+    let mut tally = Tally::start(&TallyEnv {
+        vars: crashing,
+        log: env.log.clone(),
+        api: env.api,
+    });
     let deadline = Instant::now() + Duration::from_secs(60);
     let status = loop {
         if let Some(s) = tally.child.try_wait().unwrap() {
             break s;
         }
-        assert!(Instant::now() < deadline, "failpoint not reached:\n{}", tally.log_tail());
+        assert!(
+            Instant::now() < deadline,
+            "failpoint not reached:\n{}",
+            tally.log_tail()
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert!(!status.success(), "the failpoint aborts the process");
@@ -98,30 +131,61 @@ async fn s3_archive_is_exact_across_sigkills_and_a_crash_mid_multipart_upload() 
         tokio::time::sleep(Duration::from_secs(1)).await;
         let scratch = dir.path().join("scratch");
         let _ = std::fs::remove_dir_all(&scratch);
-        let keys: std::collections::BTreeSet<String> = s3.mirror(bucket, &prefix, &scratch).await.into_iter().collect();
+        let keys: std::collections::BTreeSet<String> = s3
+            .mirror(bucket, &prefix, &scratch)
+            .await
+            .into_iter()
+            .collect();
         let recorded: std::collections::BTreeSet<String> =
-            serving_query_i64(&db, "SELECT path, rows FROM tally_files").await.into_iter().map(|(p, _)| p).collect();
+            serving_query_i64(&db, "SELECT path, rows FROM tally_files")
+                .await
+                .into_iter()
+                .map(|(p, _)| p)
+                .collect();
         if keys.is_subset(&recorded) || std::time::Instant::now() > deadline {
             break;
         }
     }
     assert!(tally.stop().success(), "clean exit:\n{}", tally.log_tail());
     let log = std::fs::read_to_string(&env.log).unwrap_or_default();
-    assert!(log.contains("aborting multipart uploads left by a crash"), "the crashed upload was found and aborted");
+    assert!(
+        log.contains("aborting multipart uploads left by a crash"),
+        "the crashed upload was found and aborted"
+    );
     // Periodic sweeps list only recent `dt=` directories of the bucket; none may fail.
-    assert!(!log.contains("orphan sweep failed"), "an orphan sweep failed:\n{log}");
-    assert_eq!(s3.multipart_uploads(bucket), 0, "no multipart upload is left in progress");
+    assert!(
+        !log.contains("orphan sweep failed"),
+        "an orphan sweep failed:\n{log}"
+    );
+    assert_eq!(
+        s3.multipart_uploads(bucket),
+        0,
+        "no multipart upload is left in progress"
+    );
 
     // The bucket, mirrored to disk, passes the same checks as a local archive.
     let mirror = dir.path().join("mirror");
     let keys = s3.mirror(bucket, &prefix, &mirror).await;
-    assert!(keys.iter().any(|k| k.starts_with("raw/events/dt=")), "raw files in S3: {keys:?}");
-    assert!(keys.iter().all(|k| k.starts_with("raw/events/dt=") || k.starts_with("dlq/dt=")), "only archive files in the prefix: {keys:?}");
-    assert!(!data.join("raw").exists(), "nothing archived to the local data_dir");
+    assert!(
+        keys.iter().any(|k| k.starts_with("raw/events/dt=")),
+        "raw files in S3: {keys:?}"
+    );
+    assert!(
+        keys.iter()
+            .all(|k| k.starts_with("raw/events/dt=") || k.starts_with("dlq/dt=")),
+        "only archive files in the prefix: {keys:?}"
+    );
+    assert!(
+        !data.join("raw").exists(),
+        "nothing archived to the local data_dir"
+    );
     verify_outputs_in(&mirror, &db, &topic, &messages).await;
 
     // Analysts read s3:// directly.
-    let accepted = messages.iter().filter(|m| matches!(m.expect, Expect::Accepted { .. })).count();
+    let accepted = messages
+        .iter()
+        .filter(|m| matches!(m.expect, Expect::Accepted { .. }))
+        .count();
     let rows = datafusion_rows_s3(
         bucket,
         s3.store(bucket),
@@ -134,19 +198,56 @@ async fn s3_archive_is_exact_across_sigkills_and_a_crash_mid_multipart_upload() 
     assert_eq!(rows[0], vec![accepted.to_string(), accepted.to_string()]);
 
     // Jobs read the archive from S3.
-    let (from, to) = (rfc3339(now - now.rem_euclid(86_400_000) - 3 * 86_400_000), rfc3339(now - now.rem_euclid(3_600_000) + 3_600_000));
+    let (from, to) = (
+        rfc3339(now - now.rem_euclid(86_400_000) - 3 * 86_400_000),
+        rfc3339(now - now.rem_euclid(3_600_000) + 3_600_000),
+    );
     let (ok, out) = run_job(&env, &["verify", "--from", &from, "--to", &to]);
     assert!(ok, "verify reading S3 finds no drift:\n{out}");
-    let read: usize = out.lines().find_map(|l| l.strip_suffix(" raw files read; 0 rows differ")).and_then(|n| n.parse().ok()).unwrap_or(0);
-    assert!(read > 0, "verify read raw files from S3 and found no drift:\n{out}");
+    let read: usize = out
+        .lines()
+        .find_map(|l| l.strip_suffix(" raw files read; 0 rows differ"))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(
+        read > 0,
+        "verify read raw files from S3 and found no drift:\n{out}"
+    );
     let (ok, out) = run_job(&env, &["backfill", "--from", &from, "--to", &to]);
     assert!(ok, "backfill reading S3:\n{out}");
     verify_outputs_in(&mirror, &db, &topic, &messages).await;
-    let (ok, out) = run_job(&env, &["export", "--from", &from, "--to", &rfc3339(now - now.rem_euclid(86_400_000) + 86_400_000)]);
+    let (ok, out) = run_job(
+        &env,
+        &[
+            "export",
+            "--from",
+            &from,
+            "--to",
+            &rfc3339(now - now.rem_euclid(86_400_000) + 86_400_000),
+        ],
+    );
     assert!(ok, "export to S3:\n{out}");
-    assert!(out.contains(&format!("s3://{bucket}/{prefix}")), "export names where it wrote:\n{out}");
-    let exported = s3.mirror(bucket, &format!("{prefix}/rollups"), &dir.path().join("rollups")).await;
-    assert!(exported.iter().any(|k| k.starts_with("minute_video_events/dt=")), "exported rollups in S3: {exported:?}");
+    assert!(
+        out.contains(&format!("s3://{bucket}/{prefix}")),
+        "export names where it wrote:\n{out}"
+    );
+    let exported = s3
+        .mirror(
+            bucket,
+            &format!("{prefix}/rollups"),
+            &dir.path().join("rollups"),
+        )
+        .await;
+    assert!(
+        exported
+            .iter()
+            .any(|k| k.starts_with("minute_video_events/dt=")),
+        "exported rollups in S3: {exported:?}"
+    );
 
-    report_faults(&[("sigkill", kills), ("crash_mid_multipart", 1), ("stale_uploads_aborted", stale)]);
+    report_faults(&[
+        ("sigkill", kills),
+        ("crash_mid_multipart", 1),
+        ("stale_uploads_aborted", stale),
+    ]);
 }

@@ -78,6 +78,31 @@ pub struct RollupDef {
 }
 
 impl RollupDef {
+    /// The SQL as the parser reads it: comments, case of keywords and
+    /// whitespace do not matter, anything that changes the meaning does.
+    pub fn normalized_sql(&self) -> String {
+        use datafusion::sql::sqlparser::{dialect::GenericDialect, parser::Parser};
+        match Parser::parse_sql(&GenericDialect {}, &self.sql) {
+            Ok(statements) => statements
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("; "),
+            Err(_) => self.sql.split_whitespace().collect::<Vec<_>>().join(" "),
+        }
+    }
+
+    /// A stable fingerprint of [`Self::normalized_sql`] (64-bit FNV-1a, hex),
+    /// recorded by the serving store to refuse a definition edited in place.
+    pub fn fingerprint(&self) -> String {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in self.normalized_sql().bytes() {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        format!("{h:016x}")
+    }
+
     pub fn keys(&self) -> &[RollupColumn] {
         &self.columns[..self.key_count]
     }
@@ -93,7 +118,14 @@ impl RollupDef {
         let measures: Vec<String> = self
             .measures()
             .iter()
-            .map(|c| format!("{} ({:?}, merge {})", c.name, c.kind, c.merge.map_or("?", |m| m.name())))
+            .map(|c| {
+                format!(
+                    "{} ({:?}, merge {})",
+                    c.name,
+                    c.kind,
+                    c.merge.map_or("?", |m| m.name())
+                )
+            })
             .collect();
         format!(
             "rollup {} ({})\n  key:     {}\n  window:  {} = {}\n  measures: {}",
@@ -133,7 +165,8 @@ impl SqlCatalog {
         if files.is_empty() {
             return Err(AggregateError::Catalog {
                 dir: dir_name,
-                message: "no rollup files (*.sql) found; add one SELECT ... GROUP BY per file".into(),
+                message: "no rollup files (*.sql) found; add one SELECT ... GROUP BY per file"
+                    .into(),
             });
         }
         let ctx = super::executor::planning_context(events.clone())?;
@@ -155,7 +188,8 @@ impl SqlCatalog {
 
 fn is_identifier(s: &str) -> bool {
     !s.is_empty()
-        && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
         && !s.starts_with(|c: char| c.is_ascii_digit())
 }
 
@@ -167,7 +201,10 @@ pub async fn plan_rollup(
     time_field: &str,
 ) -> Result<RollupDef, AggregateError> {
     let fname = file.display().to_string();
-    let name = file.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = file
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let refuse = |column: Option<&str>, message: String| AggregateError::NotMergeable {
         file: fname.clone(),
         column: column.map(str::to_string),
@@ -183,7 +220,10 @@ pub async fn plan_rollup(
         .state()
         .create_logical_plan(sql)
         .await
-        .map_err(|e| AggregateError::Plan { file: fname.clone(), message: e.to_string() })?;
+        .map_err(|e| AggregateError::Plan {
+            file: fname.clone(),
+            message: e.to_string(),
+        })?;
 
     let (projection, aggregate) = match &plan {
         LogicalPlan::Projection(p) => match p.input.as_ref() {
@@ -194,8 +234,16 @@ pub async fn plan_rollup(
         other => return Err(refuse(None, shape_error(other))),
     };
     let group_len = aggregate.group_expr.len();
-    if aggregate.group_expr.iter().any(|e| matches!(e, Expr::GroupingSet(_))) {
-        return Err(refuse(None, "GROUPING SETS, ROLLUP and CUBE are not supported; write one GROUP BY per rollup file".into()));
+    if aggregate
+        .group_expr
+        .iter()
+        .any(|e| matches!(e, Expr::GroupingSet(_)))
+    {
+        return Err(refuse(
+            None,
+            "GROUPING SETS, ROLLUP and CUBE are not supported; write one GROUP BY per rollup file"
+                .into(),
+        ));
     }
 
     // (output name, source index into the aggregate's output)
@@ -240,12 +288,20 @@ pub async fn plan_rollup(
         }
         if *idx < group_len {
             if !columns_measures.is_empty() {
-                return Err(refuse(Some(out_name), "select the key columns first, then the measures".into()));
+                return Err(refuse(
+                    Some(out_name),
+                    "select the key columns first, then the measures".into(),
+                ));
             }
             let expr = &aggregate.group_expr[*idx];
-            if let Some(width) = window_width(expr, time_field).map_err(|m| refuse(Some(out_name), m))? {
+            if let Some(width) =
+                window_width(expr, time_field).map_err(|m| refuse(Some(out_name), m))?
+            {
                 if window.is_some() {
-                    return Err(refuse(Some(out_name), "a rollup has exactly one time window; remove the second".into()));
+                    return Err(refuse(
+                        Some(out_name),
+                        "a rollup has exactly one time window; remove the second".into(),
+                    ));
                 }
                 window = Some((out_name.clone(), width));
             }
@@ -271,10 +327,16 @@ pub async fn plan_rollup(
         ));
     };
     if group_windows != 1 {
-        return Err(refuse(None, "a rollup has exactly one time window in GROUP BY".into()));
+        return Err(refuse(
+            None,
+            "a rollup has exactly one time window in GROUP BY".into(),
+        ));
     }
     if columns_measures.is_empty() {
-        return Err(refuse(None, "no measures; select at least one of count(*), sum(x), min(x), max(x)".into()));
+        return Err(refuse(
+            None,
+            "no measures; select at least one of count(*), sum(x), min(x), max(x)".into(),
+        ));
     }
 
     // Types come from the plan's output schema.
@@ -287,7 +349,10 @@ pub async fn plan_rollup(
         let kind = ColumnKind::of(field.data_type()).ok_or_else(|| {
             refuse(
                 Some(&col_name),
-                format!("type {} cannot be stored; cast it to a string, integer, float or timestamp", field.data_type()),
+                format!(
+                    "type {} cannot be stored; cast it to a string, integer, float or timestamp",
+                    field.data_type()
+                ),
             )
         })?;
         if merge.is_none() && field.is_nullable() && col_name != window_name {
@@ -298,13 +363,28 @@ pub async fn plan_rollup(
             ));
         }
         let timestamp = matches!(field.data_type(), DataType::Timestamp(_, _));
-        fields.push(Field::new(&col_name, kind.arrow(), merge.is_some() || field.is_nullable()));
-        columns.push(RollupColumn { name: col_name, kind, merge, timestamp });
+        fields.push(Field::new(
+            &col_name,
+            kind.arrow(),
+            merge.is_some() || field.is_nullable(),
+        ));
+        columns.push(RollupColumn {
+            name: col_name,
+            kind,
+            merge,
+            timestamp,
+        });
     }
     let key_count = columns.iter().take_while(|c| c.merge.is_none()).count();
-    let window_column = columns.iter().position(|c| c.name == window_name).unwrap_or(0);
+    let window_column = columns
+        .iter()
+        .position(|c| c.name == window_name)
+        .unwrap_or(0);
     if !columns[window_column].timestamp {
-        return Err(refuse(Some(&window_name), "the window must be a timestamp".into()));
+        return Err(refuse(
+            Some(&window_name),
+            "the window must be a timestamp".into(),
+        ));
     }
     for c in &columns[key_count..] {
         let ok = match c.merge {
@@ -362,7 +442,9 @@ fn is_time_column(e: &Expr, time_field: &str) -> bool {
 
 /// `Ok(Some(width_ms))` if `expr` is a supported window over the time field.
 fn window_width(expr: &Expr, time_field: &str) -> Result<Option<i64>, String> {
-    let Expr::ScalarFunction(f) = strip(expr) else { return Ok(None) };
+    let Expr::ScalarFunction(f) = strip(expr) else {
+        return Ok(None);
+    };
     let fname = f.func.name().to_ascii_lowercase();
     match fname.as_str() {
         "date_bin" => {
@@ -385,7 +467,12 @@ fn window_width(expr: &Expr, time_field: &str) -> Result<Option<i64>, String> {
                 Expr::Literal(ScalarValue::IntervalDayTime(Some(v)), _) => {
                     i64::from(v.days) * 86_400_000 + i64::from(v.milliseconds)
                 }
-                _ => return Err("the date_bin width must be a literal INTERVAL, e.g. INTERVAL '1 hour'".into()),
+                _ => {
+                    return Err(
+                        "the date_bin width must be a literal INTERVAL, e.g. INTERVAL '1 hour'"
+                            .into(),
+                    )
+                }
             };
             if width <= 0 {
                 return Err("the window width must be positive".into());

@@ -50,12 +50,21 @@ pub fn events_context(events: SchemaRef) -> Result<(SessionContext, BatchSlot), 
         .with_batch_size(65_536)
         .with_information_schema(false);
     let ctx = SessionContext::new_with_config(config);
-    let slot = BatchSlot { schema: events.clone(), batches: Arc::new(Mutex::new(Vec::new())) };
+    let slot = BatchSlot {
+        schema: events.clone(),
+        batches: Arc::new(Mutex::new(Vec::new())),
+    };
     let table = StreamingTable::try_new(events, vec![Arc::new(slot.clone())]).map_err(|e| {
-        AggregateError::Catalog { dir: "events".into(), message: e.to_string() }
+        AggregateError::Catalog {
+            dir: "events".into(),
+            message: e.to_string(),
+        }
     })?;
     ctx.register_table("events", Arc::new(table))
-        .map_err(|e| AggregateError::Catalog { dir: "events".into(), message: e.to_string() })?;
+        .map_err(|e| AggregateError::Catalog {
+            dir: "events".into(),
+            message: e.to_string(),
+        })?;
     Ok((ctx, slot))
 }
 
@@ -93,7 +102,9 @@ pub struct RollupAggregator {
 
 impl std::fmt::Debug for RollupAggregator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RollupAggregator").field("rollups", &self.rollups.len()).finish()
+        f.debug_struct("RollupAggregator")
+            .field("rollups", &self.rollups.len())
+            .finish()
     }
 }
 
@@ -103,15 +114,27 @@ impl RollupAggregator {
         let (ctx, slot) = events_context(events)?;
         let mut rollups = Vec::new();
         for def in &catalog.rollups {
-            let plan = ctx.state().create_logical_plan(&def.sql).await.map_err(|e| {
-                AggregateError::Plan { file: def.file.display().to_string(), message: e.to_string() }
-            })?;
+            let plan = ctx
+                .state()
+                .create_logical_plan(&def.sql)
+                .await
+                .map_err(|e| AggregateError::Plan {
+                    file: def.file.display().to_string(),
+                    message: e.to_string(),
+                })?;
             let mut def = def.clone();
-            def.plan = ctx.state().optimize(&plan).map_err(|e| AggregateError::Plan {
-                file: def.file.display().to_string(),
-                message: e.to_string(),
-            })?;
-            rollups.push(Planned { def, physical: None, runs: 0 });
+            def.plan = ctx
+                .state()
+                .optimize(&plan)
+                .map_err(|e| AggregateError::Plan {
+                    file: def.file.display().to_string(),
+                    message: e.to_string(),
+                })?;
+            rollups.push(Planned {
+                def,
+                physical: None,
+                runs: 0,
+            });
         }
         Ok(RollupAggregator { ctx, slot, rollups })
     }
@@ -121,7 +144,10 @@ impl RollupAggregator {
     }
 
     /// Run every rollup over `batches` (the `events` table for this call).
-    pub async fn aggregate(&mut self, batches: &[RecordBatch]) -> Result<Vec<RollupOutput>, AggregateError> {
+    pub async fn aggregate(
+        &mut self,
+        batches: &[RecordBatch],
+    ) -> Result<Vec<RollupOutput>, AggregateError> {
         if let Ok(mut slot) = self.slot.batches.lock() {
             slot.clear();
             slot.extend(batches.iter().filter(|b| b.num_rows() > 0).cloned());
@@ -129,7 +155,10 @@ impl RollupAggregator {
         let mut outputs = Vec::with_capacity(self.rollups.len());
         for planned in &mut self.rollups {
             let name = planned.def.name.clone();
-            let err = |e: DataFusionError| AggregateError::Execute { rollup: name.clone(), source: Box::new(e) };
+            let err = |e: DataFusionError| AggregateError::Execute {
+                rollup: name.clone(),
+                source: Box::new(e),
+            };
             if planned.physical.is_none() || planned.runs >= REPLAN_EVERY {
                 let state = self.ctx.state();
                 let physical = state
@@ -141,15 +170,22 @@ impl RollupAggregator {
                 planned.runs = 0;
             }
             planned.runs += 1;
-            let Some(physical) = planned.physical.clone() else { continue };
-            let raw = datafusion::physical_plan::collect(physical, self.ctx.task_ctx()).await.map_err(err)?;
+            let Some(physical) = planned.physical.clone() else {
+                continue;
+            };
+            let raw = datafusion::physical_plan::collect(physical, self.ctx.task_ctx())
+                .await
+                .map_err(err)?;
             let mut canon = Vec::with_capacity(raw.len());
             for b in raw {
                 if b.num_rows() > 0 {
                     canon.push(canonical(&planned.def, &b).map_err(|e| err(e.into()))?);
                 }
             }
-            outputs.push(RollupOutput { rollup: planned.def.name.clone(), batches: canon });
+            outputs.push(RollupOutput {
+                rollup: planned.def.name.clone(),
+                batches: canon,
+            });
         }
         if let Ok(mut slot) = self.slot.batches.lock() {
             slot.clear();
@@ -159,7 +195,10 @@ impl RollupAggregator {
 }
 
 /// Cast a raw SQL output batch to the rollup's canonical column types.
-pub fn canonical(def: &RollupDef, batch: &RecordBatch) -> Result<RecordBatch, datafusion::arrow::error::ArrowError> {
+pub fn canonical(
+    def: &RollupDef,
+    batch: &RecordBatch,
+) -> Result<RecordBatch, datafusion::arrow::error::ArrowError> {
     let mut arrays: Vec<ArrayRef> = Vec::with_capacity(def.columns.len());
     for (col, arr) in def.columns.iter().zip(batch.columns()) {
         let out = match (col.kind, arr.data_type()) {

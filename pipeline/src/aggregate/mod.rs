@@ -23,7 +23,11 @@ pub enum AggregateError {
     #[error("{file}: cannot plan the rollup SQL: {message}")]
     Plan { file: String, message: String },
     #[error("{file}: {}{message}", column.as_ref().map(|c| format!("column `{c}`: ")).unwrap_or_default())]
-    NotMergeable { file: String, column: Option<String>, message: String },
+    NotMergeable {
+        file: String,
+        column: Option<String>,
+        message: String,
+    },
     #[error("rollup `{rollup}`: executing the SQL on a batch failed: {source}")]
     Execute {
         rollup: String,

@@ -153,16 +153,32 @@ mod tests {
     }
 
     fn ev() -> impl Strategy<Value = Ev> {
-        (0u8..6, 0u8..3, 0i64..180, proptest::option::of(-50i32..1000))
-            .prop_map(|(video, kind, minute, value)| Ev { video, kind, minute, value })
+        (
+            0u8..6,
+            0u8..3,
+            0i64..180,
+            proptest::option::of(-50i32..1000),
+        )
+            .prop_map(|(video, kind, minute, value)| Ev {
+                video,
+                kind,
+                minute,
+                value,
+            })
     }
 
     fn json(e: &Ev) -> String {
         let kinds = ["view", "like", "share"];
         let t = BASE - 200 * 60_000 + e.minute * 60_000 + 1234;
         match e.value {
-            Some(v) => format!(r#"{{"video_id":"v{}","event_type":"{}","event_time":{t},"value":{v}}}"#, e.video, kinds[e.kind as usize]),
-            None => format!(r#"{{"video_id":"v{}","event_type":"{}","event_time":{t}}}"#, e.video, kinds[e.kind as usize]),
+            Some(v) => format!(
+                r#"{{"video_id":"v{}","event_type":"{}","event_time":{t},"value":{v}}}"#,
+                e.video, kinds[e.kind as usize]
+            ),
+            None => format!(
+                r#"{{"video_id":"v{}","event_type":"{}","event_time":{t}}}"#,
+                e.video, kinds[e.kind as usize]
+            ),
         }
     }
 
@@ -181,7 +197,13 @@ mod tests {
         let kinds = ["view", "like", "share"];
         let mut t = RollupTable::default();
         // events, value_sum, value_count, value_min, value_max
-        let rules = [MergeRule::Sum, MergeRule::Sum, MergeRule::Sum, MergeRule::Min, MergeRule::Max];
+        let rules = [
+            MergeRule::Sum,
+            MergeRule::Sum,
+            MergeRule::Sum,
+            MergeRule::Min,
+            MergeRule::Max,
+        ];
         for e in events {
             let ts = BASE - 200 * 60_000 + e.minute * 60_000 + 1234;
             let w = ts - ts.rem_euclid(width_min * 60_000);
@@ -192,13 +214,20 @@ mod tests {
             ];
             let v = e.value.map_or(Value::Null, |v| Value::Real(f64::from(v)));
             let counted = Value::Int(i64::from(e.value.is_some()));
-            t.merge_row(key, &rules, vec![Value::Int(1), v.clone(), counted, v.clone(), v]);
+            t.merge_row(
+                key,
+                &rules,
+                vec![Value::Int(1), v.clone(), counted, v.clone(), v],
+            );
         }
         t
     }
 
     fn runtime() -> tokio::runtime::Runtime {
-        tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
     }
 
     fn sql_dir() -> std::path::PathBuf {

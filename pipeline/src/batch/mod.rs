@@ -95,7 +95,10 @@ pub struct WallClock {
 
 impl Default for WallClock {
     fn default() -> Self {
-        WallClock { base: Instant::now(), base_ms: chrono::Utc::now().timestamp_millis() }
+        WallClock {
+            base: Instant::now(),
+            base_ms: chrono::Utc::now().timestamp_millis(),
+        }
     }
 }
 
@@ -181,7 +184,10 @@ impl BatchBuilder {
         match self.decoder.decode(payload, now_ms, &mut self.columns) {
             Ok(outcome) => {
                 self.row_partitions.push(partition);
-                let newest = self.max_event_ms.entry(partition).or_insert(outcome.event_time_ms);
+                let newest = self
+                    .max_event_ms
+                    .entry(partition)
+                    .or_insert(outcome.event_time_ms);
                 *newest = (*newest).max(outcome.event_time_ms);
                 self.stats.accepted += 1;
                 if outcome.late {
@@ -216,7 +222,10 @@ impl BatchBuilder {
     /// broker append time, epoch ms), for the freshness metrics.
     pub fn note_produced(&mut self, produced_ms: i64) {
         if produced_ms > 0 {
-            self.oldest_produced_ms = Some(self.oldest_produced_ms.map_or(produced_ms, |o| o.min(produced_ms)));
+            self.oldest_produced_ms = Some(
+                self.oldest_produced_ms
+                    .map_or(produced_ms, |o| o.min(produced_ms)),
+            );
         }
     }
 
@@ -234,7 +243,8 @@ impl BatchBuilder {
 
     /// Time left until linger expires (for poll timeouts).
     pub fn time_to_linger(&self, now: Instant) -> Option<Duration> {
-        self.started.map(|t| self.linger.saturating_sub(now.duration_since(t)))
+        self.started
+            .map(|t| self.linger.saturating_sub(now.duration_since(t)))
     }
 
     /// Seal the batch; the builder is reset and reusable.
@@ -289,7 +299,11 @@ mod tests {
     fn builder(max_rows: usize, max_bytes: u64) -> BatchBuilder {
         let s = Settings::defaults().unwrap();
         let schema = EventSchema::from_config(&s.schema).unwrap();
-        let cfg = BatchConfig { max_rows, max_bytes: ByteSize(max_bytes), linger: Duration::from_secs(1) };
+        let cfg = BatchConfig {
+            max_rows,
+            max_bytes: ByteSize(max_bytes),
+            linger: Duration::from_secs(1),
+        };
         BatchBuilder::new(RecordDecoder::new(schema, &s.decode), &cfg, 16)
     }
 
@@ -314,7 +328,10 @@ mod tests {
     fn flushes_on_rows_bytes_and_linger() {
         let t0 = Instant::now();
         let mut b = builder(3, 1 << 20);
-        assert!(!b.should_flush(t0 + Duration::from_secs(10)), "empty never flushes");
+        assert!(
+            !b.should_flush(t0 + Duration::from_secs(10)),
+            "empty never flushes"
+        );
         b.push(0, 0, None, Some(&ev("a")), NOW, t0);
         b.push(0, 1, None, Some(&ev("b")), NOW, t0);
         assert!(!b.should_flush(t0 + Duration::from_millis(999)));
@@ -334,13 +351,34 @@ mod tests {
         let t0 = Instant::now();
         let mut b = builder(100, 1 << 20);
         b.push(2, 10, Some(10), Some(&ev("a")), NOW, t0);
-        b.push(1, 5, None, Some(b"{not json at all, and long enough to truncate}"), NOW, t0);
+        b.push(
+            1,
+            5,
+            None,
+            Some(b"{not json at all, and long enough to truncate}"),
+            NOW,
+            t0,
+        );
         b.push(2, 11, Some(999), Some(&ev("b")), NOW, t0);
         let batch = b.seal(4, "t", NOW, BTreeMap::new()).unwrap();
         assert_eq!(batch.events.num_rows(), 2);
         assert_eq!(batch.row_partitions, vec![2, 2]);
-        assert_eq!(batch.partitions[&2], PartitionRange { expected_start: Some(10), first: 10, last: 11 });
-        assert_eq!(batch.partitions[&1], PartitionRange { expected_start: None, first: 5, last: 5 });
+        assert_eq!(
+            batch.partitions[&2],
+            PartitionRange {
+                expected_start: Some(10),
+                first: 10,
+                last: 11
+            }
+        );
+        assert_eq!(
+            batch.partitions[&1],
+            PartitionRange {
+                expected_start: None,
+                first: 5,
+                last: 5
+            }
+        );
         assert_eq!(batch.max_event_ms, [(2, NOW)].into_iter().collect());
         assert_eq!(batch.dead_letters.len(), 1);
         assert_eq!(batch.dead_letters[0].payload.len(), 16);
@@ -349,7 +387,11 @@ mod tests {
         assert!(b.is_empty());
         let again = b.seal(5, "t", NOW, BTreeMap::new()).unwrap();
         assert_eq!(again.events.num_rows(), 0);
-        assert_eq!((again.opened_at_ms, again.oldest_produced_ms), (NOW, None), "a heartbeat opens when sealed");
+        assert_eq!(
+            (again.opened_at_ms, again.oldest_produced_ms),
+            (NOW, None),
+            "a heartbeat opens when sealed"
+        );
     }
 
     #[test]
@@ -363,11 +405,22 @@ mod tests {
         b.push(0, 1, None, Some(&ev("c")), NOW + 12, t0);
         b.note_produced(-1); // no timestamp on the message
         let batch = b.seal(1, "t", NOW + 500, BTreeMap::new()).unwrap();
-        assert_eq!((batch.opened_at_ms, batch.sealed_at_ms, batch.oldest_produced_ms), (NOW + 5, NOW + 500, Some(NOW - 70)));
+        assert_eq!(
+            (
+                batch.opened_at_ms,
+                batch.sealed_at_ms,
+                batch.oldest_produced_ms
+            ),
+            (NOW + 5, NOW + 500, Some(NOW - 70))
+        );
         b.push(0, 2, None, Some(&ev("d")), NOW + 600, t0);
         b.discard();
         b.push(0, 3, None, Some(&ev("e")), NOW + 700, t0);
         let next = b.seal(1, "t", NOW + 900, BTreeMap::new()).unwrap();
-        assert_eq!((next.opened_at_ms, next.oldest_produced_ms), (NOW + 700, None), "nothing carries over");
+        assert_eq!(
+            (next.opened_at_ms, next.oldest_produced_ms),
+            (NOW + 700, None),
+            "nothing carries over"
+        );
     }
 }

@@ -92,11 +92,18 @@ impl RecordDecoder {
         if payload.len() > self.max_event_bytes {
             return Err(Reject::new(
                 RejectReason::TooLarge,
-                format!("{} bytes exceeds decode.max_event_bytes = {}", payload.len(), self.max_event_bytes),
+                format!(
+                    "{} bytes exceeds decode.max_event_bytes = {}",
+                    payload.len(),
+                    self.max_event_bytes
+                ),
             ));
         }
         let text = std::str::from_utf8(payload).map_err(|e| {
-            Reject::new(RejectReason::NotUtf8, format!("invalid UTF-8 at byte {}", e.valid_up_to()))
+            Reject::new(
+                RejectReason::NotUtf8,
+                format!("invalid UTF-8 at byte {}", e.valid_up_to()),
+            )
         })?;
         let mut slots: [Slot<'_>; 16] = Default::default();
         let n = self.schema.fields.len();
@@ -148,21 +155,31 @@ impl RecordDecoder {
                 ),
             ));
         }
-        for ((field, slot), col) in
-            self.schema.fields.iter().zip(slots.iter()).zip(out.columns.iter_mut())
+        for ((field, slot), col) in self
+            .schema
+            .fields
+            .iter()
+            .zip(slots.iter())
+            .zip(out.columns.iter_mut())
         {
             append(field, slot, col)?;
         }
         out.row_appended();
-        Ok(DecodeOutcome { event_time_ms, late: now_ms - event_time_ms > self.late_after_ms })
+        Ok(DecodeOutcome {
+            event_time_ms,
+            late: now_ms - event_time_ms > self.late_after_ms,
+        })
     }
 }
-
 
 fn wrong_type(field: &SchemaField, expected: &str, slot: &Slot<'_>) -> Reject {
     Reject::new(
         RejectReason::WrongType,
-        format!("field `{}`: expected {expected}, got {}", field.name, slot.type_name()),
+        format!(
+            "field `{}`: expected {expected}, got {}",
+            field.name,
+            slot.type_name()
+        ),
     )
 }
 
@@ -178,18 +195,32 @@ fn check_field(field: &SchemaField, slot: &Slot<'_>) -> Result<(), Reject> {
     }
     match field.field_type {
         FieldType::String => {
-            let Slot::Str(s) = slot else { return Err(wrong_type(field, "string", slot)) };
+            let Slot::Str(s) = slot else {
+                return Err(wrong_type(field, "string", slot));
+            };
             if field.required && s.is_empty() {
                 return Err(Reject::new(
                     RejectReason::InvalidValue,
                     format!("field `{}` must not be empty", field.name),
                 ));
             }
+            if s.contains('\0') {
+                // PostgreSQL's text cannot hold NUL: a store would refuse the
+                // whole batch, every time it is retried.
+                return Err(Reject::new(
+                    RejectReason::InvalidValue,
+                    format!("field `{}` contains a NUL character (\\u0000), which the serving store cannot hold", field.name),
+                ));
+            }
             if let Some(max) = field.max_bytes {
                 if s.len() > max {
                     return Err(Reject::new(
                         RejectReason::InvalidValue,
-                        format!("field `{}` is {} bytes, over the limit of {max}", field.name, s.len()),
+                        format!(
+                            "field `{}` is {} bytes, over the limit of {max}",
+                            field.name,
+                            s.len()
+                        ),
                     ));
                 }
             }
@@ -198,7 +229,11 @@ fn check_field(field: &SchemaField, slot: &Slot<'_>) -> Result<(), Reject> {
                     let shown: String = s.chars().take(64).collect();
                     return Err(Reject::new(
                         RejectReason::InvalidValue,
-                        format!("field `{}` value {shown:?} does not match {}", field.name, re.as_str()),
+                        format!(
+                            "field `{}` value {shown:?} does not match {}",
+                            field.name,
+                            re.as_str()
+                        ),
                     ));
                 }
             }
@@ -239,14 +274,18 @@ fn timestamp_ms(field: &SchemaField, slot: &Slot<'_>) -> Result<Option<i64>, Rej
             Some(ms) => Ok(Some(ms)),
             None => chrono::DateTime::parse_from_rfc3339(s).map(|t| Some(t.timestamp_millis())),
         }
-            .map_err(|e| {
-                let shown: String = s.chars().take(64).collect();
-                Reject::new(
-                    RejectReason::InvalidValue,
-                    format!("field `{}`: {shown:?} is not RFC 3339 ({e})", field.name),
-                )
-            }),
-        other => Err(wrong_type(field, "RFC 3339 string or integer epoch milliseconds", other)),
+        .map_err(|e| {
+            let shown: String = s.chars().take(64).collect();
+            Reject::new(
+                RejectReason::InvalidValue,
+                format!("field `{}`: {shown:?} is not RFC 3339 ({e})", field.name),
+            )
+        }),
+        other => Err(wrong_type(
+            field,
+            "RFC 3339 string or integer epoch milliseconds",
+            other,
+        )),
     }
 }
 
@@ -257,7 +296,13 @@ fn timestamp_ms(field: &SchemaField, slot: &Slot<'_>) -> Result<Option<i64>, Rej
 /// seconds, and the error message for invalid input).
 fn rfc3339_ms(s: &str) -> Option<i64> {
     let b = s.as_bytes();
-    if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || b[10] != b'T' || b[13] != b':' || b[16] != b':' {
+    if b.len() < 20
+        || b[4] != b'-'
+        || b[7] != b'-'
+        || b[10] != b'T'
+        || b[13] != b':'
+        || b[16] != b':'
+    {
         return None;
     }
     let digit = |i: usize| -> Option<i64> {
@@ -311,7 +356,11 @@ fn rfc3339_ms(s: &str) -> Option<i64> {
                 return None;
             }
             i += 6;
-            if sign == b'-' { -(h * 3600 + m * 60) } else { h * 3600 + m * 60 }
+            if sign == b'-' {
+                -(h * 3600 + m * 60)
+            } else {
+                h * 3600 + m * 60
+            }
         }
         _ => return None,
     };
@@ -367,11 +416,16 @@ fn parse_object<'a>(
     let mut de = serde_json::Deserializer::from_str(text);
     let result = de.deserialize_any(ObjectVisitor { fields, slots });
     match result {
-        Ok(()) => de.end().map_err(|e| Reject::new(RejectReason::NotJson, e.to_string())),
+        Ok(()) => de
+            .end()
+            .map_err(|e| Reject::new(RejectReason::NotJson, e.to_string())),
         Err(e) => {
             let msg = e.to_string();
             if let Some(rest) = msg.strip_prefix(DUPLICATE) {
-                Err(Reject::new(RejectReason::DuplicateKey, format!("duplicate key `{}`", cut(rest))))
+                Err(Reject::new(
+                    RejectReason::DuplicateKey,
+                    format!("duplicate key `{}`", cut(rest)),
+                ))
             } else if msg.starts_with(NOT_OBJECT) {
                 Err(Reject::new(RejectReason::NotObject, cut(&msg).to_string()))
             } else {
@@ -442,13 +496,19 @@ fn parse_flat<'a>(text: &'a str, fields: &[SchemaField], slots: &mut [Slot<'a>])
                 c if c == b'-' || c.is_ascii_digit() => {
                     let neg = c == b'-';
                     let start = i + usize::from(neg);
-                    let digits = b.get(start..)?.iter().take_while(|d| d.is_ascii_digit()).count();
+                    let digits = b
+                        .get(start..)?
+                        .iter()
+                        .take_while(|d| d.is_ascii_digit())
+                        .count();
                     if matches!(b.get(start + digits), Some(b'.' | b'e' | b'E')) {
                         // A fraction or exponent: serde_json's own number
                         // parser on just this token, so the f64 is the same.
                         let len = b[i..]
                             .iter()
-                            .take_while(|c| matches!(c, b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E'))
+                            .take_while(|c| {
+                                matches!(c, b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E')
+                            })
                             .count();
                         let v: f64 = serde_json::from_str(text.get(i..i + len)?).ok()?;
                         i += len;
@@ -519,13 +579,18 @@ fn string_end(b: &[u8]) -> Option<usize> {
         let quote = x ^ (LO * u64::from(b'"'));
         let backslash = x ^ (LO * u64::from(b'\\'));
         // Each term has a high bit set if some byte is zero (or below 0x20).
-        let hit = (quote.wrapping_sub(LO) & !quote) | (backslash.wrapping_sub(LO) & !backslash) | (x.wrapping_sub(LO * 0x20) & !x);
+        let hit = (quote.wrapping_sub(LO) & !quote)
+            | (backslash.wrapping_sub(LO) & !backslash)
+            | (x.wrapping_sub(LO * 0x20) & !x);
         if hit & HI != 0 {
             break;
         }
         i += 8;
     }
-    b[i..].iter().position(|c| *c == b'"' || *c == b'\\' || *c < 0x20).map(|p| p + i)
+    b[i..]
+        .iter()
+        .position(|c| *c == b'"' || *c == b'\\' || *c < 0x20)
+        .map(|p| p + i)
 }
 
 fn cut(s: &str) -> &str {
@@ -546,11 +611,16 @@ impl<'de, 'f, 's> Visitor<'de> for ObjectVisitor<'f, 's, 'de> {
         f.write_str("a JSON object")
     }
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
-        while let Some(idx) = map.next_key_seed(KeySeed { fields: self.fields })? {
+        while let Some(idx) = map.next_key_seed(KeySeed {
+            fields: self.fields,
+        })? {
             match idx {
                 Some(i) => {
                     if !matches!(self.slots[i], Slot::Missing) {
-                        return Err(de::Error::custom(format!("{DUPLICATE}{}", self.fields[i].name)));
+                        return Err(de::Error::custom(format!(
+                            "{DUPLICATE}{}",
+                            self.fields[i].name
+                        )));
                     }
                     self.slots[i] = map.next_value_seed(SlotSeed)?;
                 }
@@ -632,7 +702,9 @@ impl<'de> Visitor<'de> for SlotSeed {
         Ok(Slot::Int(v))
     }
     fn visit_u64<E: de::Error>(self, v: u64) -> Result<Slot<'de>, E> {
-        Ok(i64::try_from(v).map(Slot::Int).unwrap_or(Slot::Float(v as f64)))
+        Ok(i64::try_from(v)
+            .map(Slot::Int)
+            .unwrap_or(Slot::Float(v as f64)))
     }
     fn visit_f64<E: de::Error>(self, v: f64) -> Result<Slot<'de>, E> {
         Ok(Slot::Float(v))
@@ -669,14 +741,28 @@ mod tests {
             1 => prop_oneof![Just("vid\\u0065o_id"), Just("")],
         ];
         let good = prop_oneof![
-            "\"[a-z0-9 _é-]{0,12}\"", "-?[0-9]{1,19}", Just("true".to_string()), Just("false".to_string()), Just("null".to_string()),
-            Just("\"2026-11-29T02:03:35.188Z\"".to_string()), Just("1795919201079".to_string()), Just("0".to_string()),
-            "-?[0-9]{1,4}\\.[0-9]{1,17}", "-?[0-9]{1,3}(\\.[0-9]{1,3})?[eE][+-]?[0-9]{1,3}",
+            "\"[a-z0-9 _é-]{0,12}\"",
+            "-?[0-9]{1,19}",
+            Just("true".to_string()),
+            Just("false".to_string()),
+            Just("null".to_string()),
+            Just("\"2026-11-29T02:03:35.188Z\"".to_string()),
+            Just("1795919201079".to_string()),
+            Just("0".to_string()),
+            "-?[0-9]{1,4}\\.[0-9]{1,17}",
+            "-?[0-9]{1,3}(\\.[0-9]{1,3})?[eE][+-]?[0-9]{1,3}",
         ];
         let bad = prop_oneof![
-            Just("\"a\\\"b\"".to_string()), Just("\"tab\\tx\"".to_string()), "[0-9.eE+-]{1,6}",
-            Just("-0".to_string()), Just("00".to_string()), Just("nul".to_string()), Just("[1, {\"a\": 2}]".to_string()),
-            Just("{\"x\": \"y\"}".to_string()), Just("truex".to_string()), Just("\"ctl\u{1}\"".to_string()),
+            Just("\"a\\\"b\"".to_string()),
+            Just("\"tab\\tx\"".to_string()),
+            "[0-9.eE+-]{1,6}",
+            Just("-0".to_string()),
+            Just("00".to_string()),
+            Just("nul".to_string()),
+            Just("[1, {\"a\": 2}]".to_string()),
+            Just("{\"x\": \"y\"}".to_string()),
+            Just("truex".to_string()),
+            Just("\"ctl\u{1}\"".to_string()),
         ];
         let value = prop_oneof![20 => good, 1 => bad];
         let sp = prop_oneof![Just(""), Just(" "), Just("\n\t "), Just("\r")];
@@ -687,7 +773,10 @@ mod tests {
             proptest::option::of(Just("[")),
         )
             .prop_map(|(entries, ws, tail, open)| {
-                let body: Vec<String> = entries.iter().map(|(k, v, s)| format!("{s}\"{k}\"{s}:{s}{v}{s}")).collect();
+                let body: Vec<String> = entries
+                    .iter()
+                    .map(|(k, v, s)| format!("{s}\"{k}\"{s}:{s}{v}{s}"))
+                    .collect();
                 format!("{ws}{}{}}}{tail}", open.unwrap_or("{"), body.join(","))
             })
     }
@@ -781,9 +870,17 @@ mod tests {
     #[test]
     fn accepts_valid_events_with_both_time_forms() {
         let (d, mut cols) = decoder();
-        let a = format!(r#"{{"video_id":"v1","event_type":"view","event_time":{NOW},"value":2.5,"extra":[1,{{"x":2}}]}}"#);
+        let a = format!(
+            r#"{{"video_id":"v1","event_type":"view","event_time":{NOW},"value":2.5,"extra":[1,{{"x":2}}]}}"#
+        );
         let out = d.decode(Some(a.as_bytes()), NOW, &mut cols).unwrap();
-        assert_eq!(out, DecodeOutcome { event_time_ms: NOW, late: false });
+        assert_eq!(
+            out,
+            DecodeOutcome {
+                event_time_ms: NOW,
+                late: false
+            }
+        );
         let b = r#"{"event_time":"2025-11-28T03:10:00.5Z","video_id":"v\u00e9","event_type":"like","value":3}"#;
         let out = d.decode(Some(b.as_bytes()), NOW, &mut cols).unwrap();
         assert_eq!(out.event_time_ms, NOW - 599_500);
@@ -796,7 +893,10 @@ mod tests {
         assert_eq!(ts.value(0), NOW);
         let v = batch.column(3).as_primitive::<Float64Type>();
         assert_eq!(v.value(1), 3.0);
-        assert!(batch.column(4).is_null(0), "optional event_id absent -> null");
+        assert!(
+            batch.column(4).is_null(0),
+            "optional event_id absent -> null"
+        );
     }
 
     #[test]
@@ -807,23 +907,120 @@ mod tests {
             (b"not json".to_vec(), RejectReason::NotJson, ""),
             (vec![b'{', 0xff, 0xfe, b'}'], RejectReason::NotUtf8, "UTF-8"),
             (b"[1,2]".to_vec(), RejectReason::NotObject, "array"),
-            (format!(r#"{{"event_type":"view","event_time":{t}}}"#).into_bytes(), RejectReason::MissingField, "video_id"),
-            (format!(r#"{{"video_id":null,"event_type":"view","event_time":{t}}}"#).into_bytes(), RejectReason::MissingField, "video_id"),
-            (format!(r#"{{"video_id":7,"event_type":"view","event_time":{t}}}"#).into_bytes(), RejectReason::WrongType, "video_id"),
-            (format!(r#"{{"video_id":"v","event_type":"View!","event_time":{t}}}"#).into_bytes(), RejectReason::InvalidValue, "event_type"),
-            (format!(r#"{{"video_id":"","event_type":"view","event_time":{t}}}"#).into_bytes(), RejectReason::InvalidValue, "video_id"),
-            (format!(r#"{{"video_id":"{}","event_type":"view","event_time":{t}}}"#, "x".repeat(257)).into_bytes(), RejectReason::InvalidValue, "257 bytes"),
-            (format!(r#"{{"video_id":"v","event_type":"view","event_time":{t},"value":"3"}}"#).into_bytes(), RejectReason::WrongType, "value"),
-            (format!(r#"{{"video_id":"v","video_id":"w","event_type":"view","event_time":{t}}}"#).into_bytes(), RejectReason::DuplicateKey, "video_id"),
-            (r#"{"video_id":"v","event_type":"view","event_time":"yesterday"}"#.as_bytes().to_vec(), RejectReason::InvalidValue, "RFC 3339"),
-            (format!(r#"{{"video_id":"v","event_type":"view","event_time":{}}}"#, t + 3_600_000).into_bytes(), RejectReason::FutureEventTime, "max_future_skew"),
-            (format!(r#"{{"video_id":"v","event_type":"view","event_time":{}}}"#, t - 30 * 86_400_000).into_bytes(), RejectReason::TooOld, "max_event_age"),
-            (format!(r#"{{"video_id":"v","event_type":"view","event_time":{t},"value":NaN}}"#).into_bytes(), RejectReason::NotJson, ""),
-            (format!(r#"{{"video_id":"v","event_type":"view","event_time":{t}}} trailing"#).into_bytes(), RejectReason::NotJson, "trailing"),
+            (
+                format!(r#"{{"event_type":"view","event_time":{t}}}"#).into_bytes(),
+                RejectReason::MissingField,
+                "video_id",
+            ),
+            (
+                format!(r#"{{"video_id":null,"event_type":"view","event_time":{t}}}"#).into_bytes(),
+                RejectReason::MissingField,
+                "video_id",
+            ),
+            (
+                format!(r#"{{"video_id":7,"event_type":"view","event_time":{t}}}"#).into_bytes(),
+                RejectReason::WrongType,
+                "video_id",
+            ),
+            (
+                format!(r#"{{"video_id":"v","event_type":"View!","event_time":{t}}}"#).into_bytes(),
+                RejectReason::InvalidValue,
+                "event_type",
+            ),
+            (
+                format!(r#"{{"video_id":"","event_type":"view","event_time":{t}}}"#).into_bytes(),
+                RejectReason::InvalidValue,
+                "video_id",
+            ),
+            (
+                format!(
+                    r#"{{"video_id":"{}","event_type":"view","event_time":{t}}}"#,
+                    "x".repeat(257)
+                )
+                .into_bytes(),
+                RejectReason::InvalidValue,
+                "257 bytes",
+            ),
+            (
+                format!(r#"{{"video_id":"v","event_type":"view","event_time":{t},"value":"3"}}"#)
+                    .into_bytes(),
+                RejectReason::WrongType,
+                "value",
+            ),
+            (
+                format!(
+                    r#"{{"video_id":"v","video_id":"w","event_type":"view","event_time":{t}}}"#
+                )
+                .into_bytes(),
+                RejectReason::DuplicateKey,
+                "video_id",
+            ),
+            (
+                r#"{"video_id":"v","event_type":"view","event_time":"yesterday"}"#
+                    .as_bytes()
+                    .to_vec(),
+                RejectReason::InvalidValue,
+                "RFC 3339",
+            ),
+            (
+                format!(r#"{{"video_id":"a\u0000b","event_type":"view","event_time":{t}}}"#)
+                    .into_bytes(),
+                RejectReason::InvalidValue,
+                "NUL character",
+            ),
+            (
+                format!(
+                    r#"{{"video_id":"v","event_type":"view","event_time":{t},"user_id":"\u0000"}}"#
+                )
+                .into_bytes(),
+                RejectReason::InvalidValue,
+                "`user_id` contains a NUL",
+            ),
+            (
+                format!("{{\"video_id\":\"a\u{0}b\",\"event_type\":\"view\",\"event_time\":{t}}}")
+                    .into_bytes(),
+                RejectReason::NotJson,
+                "",
+            ),
+            (
+                format!(
+                    r#"{{"video_id":"v","event_type":"view","event_time":{}}}"#,
+                    t + 3_600_000
+                )
+                .into_bytes(),
+                RejectReason::FutureEventTime,
+                "max_future_skew",
+            ),
+            (
+                format!(
+                    r#"{{"video_id":"v","event_type":"view","event_time":{}}}"#,
+                    t - 30 * 86_400_000
+                )
+                .into_bytes(),
+                RejectReason::TooOld,
+                "max_event_age",
+            ),
+            (
+                format!(r#"{{"video_id":"v","event_type":"view","event_time":{t},"value":NaN}}"#)
+                    .into_bytes(),
+                RejectReason::NotJson,
+                "",
+            ),
+            (
+                format!(r#"{{"video_id":"v","event_type":"view","event_time":{t}}} trailing"#)
+                    .into_bytes(),
+                RejectReason::NotJson,
+                "trailing",
+            ),
         ];
         for (payload, reason, needle) in cases {
             let r = reject(&payload);
-            assert_eq!(r.reason, reason, "{:?} -> {r}", String::from_utf8_lossy(&payload));
+            assert_eq!(
+                r.reason,
+                reason,
+                "{:?} -> {r}",
+                String::from_utf8_lossy(&payload)
+            );
             assert!(r.detail.contains(needle), "{r} should mention {needle}");
         }
     }
@@ -836,14 +1033,24 @@ mod tests {
         // an unknown field, a type error in a declared one.
         let nested = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
         let (d, mut cols) = decoder();
-        let d = RecordDecoder { max_event_bytes: usize::MAX, ..d };
-        let unknown = format!(r#"{{"video_id":"v","event_type":"view","event_time":{NOW},"x":{nested}}}"#);
+        let d = RecordDecoder {
+            max_event_bytes: usize::MAX,
+            ..d
+        };
+        let unknown =
+            format!(r#"{{"video_id":"v","event_type":"view","event_time":{NOW},"x":{nested}}}"#);
         d.decode(Some(unknown.as_bytes()), NOW, &mut cols).unwrap();
-        let declared = format!(r#"{{"video_id":"v","event_type":"view","event_time":{NOW},"value":{nested}}}"#);
-        let r = d.decode(Some(declared.as_bytes()), NOW, &mut cols).unwrap_err();
+        let declared = format!(
+            r#"{{"video_id":"v","event_type":"view","event_time":{NOW},"value":{nested}}}"#
+        );
+        let r = d
+            .decode(Some(declared.as_bytes()), NOW, &mut cols)
+            .unwrap_err();
         assert_eq!(r.reason, RejectReason::WrongType, "{r}");
         let unbalanced = format!(r#"{{"video_id":"v","x":{}}}"#, "[".repeat(100_000));
-        let r = d.decode(Some(unbalanced.as_bytes()), NOW, &mut cols).unwrap_err();
+        let r = d
+            .decode(Some(unbalanced.as_bytes()), NOW, &mut cols)
+            .unwrap_err();
         assert_eq!(r.reason, RejectReason::NotJson, "{r}");
     }
 
@@ -851,7 +1058,8 @@ mod tests {
     fn no_partial_rows_after_rejects() {
         let (d, mut cols) = decoder();
         let good = format!(r#"{{"video_id":"v","event_type":"view","event_time":{NOW}}}"#);
-        let bad = format!(r#"{{"video_id":"v","event_type":"view","event_time":{NOW},"value":true}}"#);
+        let bad =
+            format!(r#"{{"video_id":"v","event_type":"view","event_time":{NOW},"value":true}}"#);
         d.decode(Some(good.as_bytes()), NOW, &mut cols).unwrap();
         d.decode(Some(bad.as_bytes()), NOW, &mut cols).unwrap_err();
         d.decode(Some(good.as_bytes()), NOW, &mut cols).unwrap();

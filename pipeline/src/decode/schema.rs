@@ -39,10 +39,14 @@ impl EventSchema {
         let mut arrow_fields = Vec::with_capacity(cfg.fields.len());
         for (i, f) in cfg.fields.iter().enumerate() {
             let pattern = match &f.pattern {
-                Some(p) => Some(Regex::new(p).map_err(|e| crate::config::ConfigError::Invalid {
-                    key: format!("schema.fields[{i}].pattern"),
-                    message: e.to_string(),
-                })?),
+                Some(p) => {
+                    Some(
+                        Regex::new(p).map_err(|e| crate::config::ConfigError::Invalid {
+                            key: format!("schema.fields[{i}].pattern"),
+                            message: e.to_string(),
+                        })?,
+                    )
+                }
                 None => None,
             };
             arrow_fields.push(Field::new(&f.name, arrow_type(f.field_type), !f.required));
@@ -54,13 +58,19 @@ impl EventSchema {
                 pattern,
             });
         }
-        let time_index = cfg.fields.iter().position(|f| f.name == cfg.time_field).ok_or_else(|| {
-            crate::config::ConfigError::Invalid {
+        let time_index = cfg
+            .fields
+            .iter()
+            .position(|f| f.name == cfg.time_field)
+            .ok_or_else(|| crate::config::ConfigError::Invalid {
                 key: "schema.time_field".into(),
                 message: format!("{:?} is not declared in schema.fields", cfg.time_field),
-            }
-        })?;
-        Ok(EventSchema { fields, time_index, arrow: Arc::new(Schema::new(arrow_fields)) })
+            })?;
+        Ok(EventSchema {
+            fields,
+            time_index,
+            arrow: Arc::new(Schema::new(arrow_fields)),
+        })
     }
 
     pub fn time_field(&self) -> &str {
@@ -74,10 +84,16 @@ impl EventSchema {
                 .fields
                 .iter()
                 .map(|f| match f.field_type {
-                    FieldType::String => ColumnBuilder::Str(StringBuilder::with_capacity(capacity, capacity * 16)),
+                    FieldType::String => {
+                        ColumnBuilder::Str(StringBuilder::with_capacity(capacity, capacity * 16))
+                    }
                     FieldType::Int64 => ColumnBuilder::I64(Int64Builder::with_capacity(capacity)),
-                    FieldType::Float64 => ColumnBuilder::F64(Float64Builder::with_capacity(capacity)),
-                    FieldType::Boolean => ColumnBuilder::Bool(BooleanBuilder::with_capacity(capacity)),
+                    FieldType::Float64 => {
+                        ColumnBuilder::F64(Float64Builder::with_capacity(capacity))
+                    }
+                    FieldType::Boolean => {
+                        ColumnBuilder::Bool(BooleanBuilder::with_capacity(capacity))
+                    }
                     FieldType::Timestamp => ColumnBuilder::Ts(
                         TimestampMillisecondBuilder::with_capacity(capacity).with_timezone(UTC),
                     ),

@@ -37,23 +37,50 @@ pub async fn backfill(
 ) -> Result<BackfillReport, crate::Error> {
     let err = |m: &dyn std::fmt::Display| crate::Error::Internal(m.to_string());
     let schema = EventSchema::from_config(&settings.schema)?;
-    let catalog = SqlCatalog::load(&settings.sql.rollups_dir, schema.arrow.clone(), &settings.schema.time_field).await?;
-    let defs: Vec<RollupDef> = catalog.rollups.iter().filter(|d| only.is_none_or(|n| n == d.name)).cloned().collect();
+    let catalog = SqlCatalog::load(
+        &settings.sql.rollups_dir,
+        schema.arrow.clone(),
+        &settings.schema.time_field,
+    )
+    .await?;
+    let defs: Vec<RollupDef> = catalog
+        .rollups
+        .iter()
+        .filter(|d| only.is_none_or(|n| n == d.name))
+        .cloned()
+        .collect();
     if defs.is_empty() {
-        return Err(err(&format!("--rollup {}: no such rollup in {}", only.unwrap_or(""), settings.sql.rollups_dir.display())));
+        return Err(err(&format!(
+            "--rollup {}: no such rollup in {}",
+            only.unwrap_or(""),
+            settings.sql.rollups_dir.display()
+        )));
     }
     let ranges: Vec<(i64, i64)> = window_ranges(&defs, from, to);
     let (lo, hi) = (
         ranges.iter().map(|r| r.0).min().unwrap_or(from),
         ranges.iter().map(|r| r.1).max().unwrap_or(to),
     );
-    let store = ServingStore::open_with(&settings.serving_url(), &catalog.rollups, settings.serving.window_index).await?;
+    let store = ServingStore::open_with(
+        &settings.serving_url(),
+        &catalog.rollups,
+        settings.serving.window_index,
+    )
+    .await?;
 
     let mut progress = super::Progress::new("backfill", defs.len() as u64 + 2);
     // 1. Snapshot and recompute, no lock held.
     let snapshot = files_in(store.raw_files().await?, lo, hi);
     progress.step(&format!("{} committed raw files to read", snapshot.len()));
-    let base = recompute(settings, &schema, &defs, &ranges, &snapshot, Some(&mut progress)).await?;
+    let base = recompute(
+        settings,
+        &schema,
+        &defs,
+        &ranges,
+        &snapshot,
+        Some(&mut progress),
+    )
+    .await?;
 
     // 2. Lock, catch up with batches committed meanwhile.
     let mut tx = store.begin_replace().await?;
@@ -72,11 +99,18 @@ pub async fn backfill(
     for (i, def) in defs.iter().enumerate() {
         for part in [base.get(i), delta.get(i)].into_iter().flatten() {
             rows_written += part.iter().map(|b| b.num_rows() as u64).sum::<u64>();
-            outputs.push(RollupOutput { rollup: def.name.clone(), batches: part.clone() });
+            outputs.push(RollupOutput {
+                rollup: def.name.clone(),
+                batches: part.clone(),
+            });
         }
     }
-    let replace: Vec<(RollupDef, i64, i64)> =
-        defs.iter().zip(&ranges).filter(|(_, r)| r.0 < r.1).map(|(d, r)| (d.clone(), r.0, r.1)).collect();
+    let replace: Vec<(RollupDef, i64, i64)> = defs
+        .iter()
+        .zip(&ranges)
+        .filter(|(_, r)| r.0 < r.1)
+        .map(|(d, r)| (d.clone(), r.0, r.1))
+        .collect();
     let rows_deleted = store.replace_windows(tx, &replace, &outputs).await?;
     progress.step("windows replaced");
     progress.finish();
@@ -86,6 +120,9 @@ pub async fn backfill(
         files_committed_meanwhile: delta_files.len(),
         rows_deleted,
         rows_written,
-        windows: replace.iter().map(|(d, a, b)| (d.name.clone(), *a, *b)).collect(),
+        windows: replace
+            .iter()
+            .map(|(d, a, b)| (d.name.clone(), *a, *b))
+            .collect(),
     })
 }

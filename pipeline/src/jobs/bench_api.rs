@@ -73,7 +73,9 @@ pub fn query_paths(videos: u64, days: i64, end_ms: i64, seed: u64) -> Vec<String
                 format!("/v1/count?video_id=vid-{v:05}&event_type=view&start={s}&end={e}")
             } else {
                 let f = functions[rng.random_range(0..functions.len())];
-                format!("/v1/stats?video_id=vid-{v:05}&event_type=view&function={f}&start={s}&end={e}")
+                format!(
+                    "/v1/stats?video_id=vid-{v:05}&event_type=view&function={f}&start={s}&end={e}"
+                )
             }
         })
         .collect()
@@ -81,6 +83,8 @@ pub fn query_paths(videos: u64, days: i64, end_ms: i64, seed: u64) -> Vec<String
 
 pub(crate) struct Conn {
     stream: TcpStream,
+    /// The `Host` header: the address connected to.
+    host: String,
     buf: Vec<u8>,
     body_at: usize,
 }
@@ -89,7 +93,12 @@ impl Conn {
     pub(crate) async fn open(addr: SocketAddr) -> std::io::Result<Conn> {
         let stream = TcpStream::connect(addr).await?;
         stream.set_nodelay(true)?;
-        Ok(Conn { stream, buf: Vec::with_capacity(16 * 1024), body_at: 0 })
+        Ok(Conn {
+            stream,
+            host: addr.to_string(),
+            buf: Vec::with_capacity(16 * 1024),
+            body_at: 0,
+        })
     }
 
     /// The body of the last response.
@@ -99,8 +108,10 @@ impl Conn {
 
     /// One request; returns the status code.
     pub(crate) async fn get(&mut self, path: &str, token: Option<&str>) -> std::io::Result<u16> {
-        let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
-        let req = format!("GET {path} HTTP/1.1\r\nHost: tally\r\n{auth}\r\n");
+        let auth = token
+            .map(|t| format!("Authorization: Bearer {t}\r\n"))
+            .unwrap_or_default();
+        let req = format!("GET {path} HTTP/1.1\r\nHost: {}\r\n{auth}\r\n", self.host);
         self.stream.write_all(req.as_bytes()).await?;
         self.buf.clear();
         let bad = |m: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, m.to_string());
@@ -116,12 +127,16 @@ impl Conn {
             self.buf.extend_from_slice(&chunk[..n]);
         };
         let head = std::str::from_utf8(&self.buf[..head_end]).map_err(|_| bad("non-UTF-8 head"))?;
-        let status: u16 = head.get(9..12).and_then(|s| s.parse().ok()).ok_or_else(|| bad("no status"))?;
+        let status: u16 = head
+            .get(9..12)
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| bad("no status"))?;
         let len: usize = head
             .lines()
             .find_map(|l| {
                 let (k, v) = l.split_once(':')?;
-                k.eq_ignore_ascii_case("content-length").then(|| v.trim().parse().ok())?
+                k.eq_ignore_ascii_case("content-length")
+                    .then(|| v.trim().parse().ok())?
             })
             .ok_or_else(|| bad("no content-length"))?;
         while self.buf.len() < head_end + len {
@@ -142,13 +157,27 @@ impl Conn {
 fn server_buckets(text: &str) -> Vec<(f64, u64)> {
     let mut by_le: BTreeMap<u64, (f64, u64)> = BTreeMap::new();
     for line in text.lines() {
-        let Some(rest) = line.strip_prefix("tally_http_request_duration_seconds_bucket{") else { continue };
+        let Some(rest) = line.strip_prefix("tally_http_request_duration_seconds_bucket{") else {
+            continue;
+        };
         if !(rest.contains("route=\"/v1/count\"") || rest.contains("route=\"/v1/stats\"")) {
             continue;
         }
-        let Some((labels, value)) = rest.split_once("} ") else { continue };
-        let Some(le) = labels.split("le=\"").nth(1).and_then(|l| l.strip_suffix('"')) else { continue };
-        let le: f64 = if le == "+Inf" { f64::INFINITY } else { le.parse().unwrap_or(f64::INFINITY) };
+        let Some((labels, value)) = rest.split_once("} ") else {
+            continue;
+        };
+        let Some(le) = labels
+            .split("le=\"")
+            .nth(1)
+            .and_then(|l| l.strip_suffix('"'))
+        else {
+            continue;
+        };
+        let le: f64 = if le == "+Inf" {
+            f64::INFINITY
+        } else {
+            le.parse().unwrap_or(f64::INFINITY)
+        };
         let n: u64 = value.trim().parse().unwrap_or(0);
         let e = by_le.entry(le.to_bits()).or_insert((le, 0));
         e.1 += n;
@@ -161,19 +190,38 @@ fn server_buckets(text: &str) -> Vec<(f64, u64)> {
 fn bucket_percentile(before: &[(f64, u64)], after: &[(f64, u64)], q: f64) -> Option<u64> {
     let delta: Vec<(f64, u64)> = after
         .iter()
-        .map(|(le, n)| (*le, n - before.iter().find(|(l, _)| l == le).map_or(0, |(_, b)| *b).min(*n)))
+        .map(|(le, n)| {
+            (
+                *le,
+                n - before
+                    .iter()
+                    .find(|(l, _)| l == le)
+                    .map_or(0, |(_, b)| *b)
+                    .min(*n),
+            )
+        })
         .collect();
     let total = delta.last()?.1;
     if total == 0 {
         return None;
     }
     let want = (total as f64 * q).ceil() as u64;
-    delta.iter().find(|(_, n)| *n >= want).map(|(le, _)| if le.is_finite() { (le * 1e6) as u64 } else { u64::MAX })
+    delta.iter().find(|(_, n)| *n >= want).map(|(le, _)| {
+        if le.is_finite() {
+            (le * 1e6) as u64
+        } else {
+            u64::MAX
+        }
+    })
 }
 
 async fn scrape(addr: SocketAddr) -> Option<String> {
     let mut s = TcpStream::connect(addr).await.ok()?;
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: tally\r\nConnection: close\r\n\r\n").await.ok()?;
+    s.write_all(
+        format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .ok()?;
     let mut out = Vec::new();
     s.read_to_end(&mut out).await.ok()?;
     Some(String::from_utf8_lossy(&out).into_owned())
@@ -233,7 +281,10 @@ pub async fn run(spec: BenchApiSpec) -> Result<BenchApiReport, String> {
             (lat, ok, errors)
         }));
     }
-    let before = scrape(spec.addr).await.map(|t| server_buckets(&t)).unwrap_or_default();
+    let before = scrape(spec.addr)
+        .await
+        .map(|t| server_buckets(&t))
+        .unwrap_or_default();
     let start = Instant::now();
     let interval = Duration::from_secs_f64(1.0 / spec.rate as f64);
     // The schedule runs on its own thread: std sleeps are finer than tokio's
@@ -250,7 +301,10 @@ pub async fn run(spec: BenchApiSpec) -> Result<BenchApiReport, String> {
             }
         }
     });
-    let mut report = BenchApiReport { sent: total, ..Default::default() };
+    let mut report = BenchApiReport {
+        sent: total,
+        ..Default::default()
+    };
     let mut all = Vec::with_capacity(total as usize);
     for w in workers {
         let (lat, ok, errors) = w.await.map_err(|e| e.to_string())?;
@@ -301,7 +355,11 @@ mod tests {
     fn query_paths_are_hour_aligned_30_day_ranges() {
         let p = query_paths(100, 30, 1_795_856_400_123, 1);
         assert!(p[0].starts_with("/v1/count?video_id=vid-"), "{}", p[0]);
-        assert!(p[0].contains("start=2026-10-29T09%3A00%3A00Z&end=2026-11-28T09%3A00%3A00Z"), "{}", p[0]);
+        assert!(
+            p[0].contains("start=2026-10-29T09%3A00%3A00Z&end=2026-11-28T09%3A00%3A00Z"),
+            "{}",
+            p[0]
+        );
         assert!(p[1].starts_with("/v1/stats?"), "{}", p[1]);
     }
 }

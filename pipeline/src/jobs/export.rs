@@ -8,7 +8,9 @@
 
 use std::sync::Arc;
 
-use datafusion::arrow::array::{ArrayRef, Float64Array, Int64Array, StringArray, TimestampMillisecondArray};
+use datafusion::arrow::array::{
+    ArrayRef, Float64Array, Int64Array, StringArray, TimestampMillisecondArray,
+};
 use datafusion::arrow::datatypes::{DataType, Field, Schema, TimeUnit};
 use datafusion::arrow::record_batch::RecordBatch;
 use object_store::ObjectStoreExt;
@@ -43,7 +45,9 @@ pub(crate) fn arrow_schema(def: &RollupDef) -> Arc<Schema> {
             .enumerate()
             .map(|(i, c)| {
                 let dt = match c.kind {
-                    _ if i == def.window_column || c.timestamp => DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into())),
+                    _ if i == def.window_column || c.timestamp => {
+                        DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into()))
+                    }
                     ColumnKind::Text => DataType::Utf8,
                     ColumnKind::Int => DataType::Int64,
                     ColumnKind::Real => DataType::Float64,
@@ -54,34 +58,72 @@ pub(crate) fn arrow_schema(def: &RollupDef) -> Arc<Schema> {
     ))
 }
 
-pub async fn export(settings: &Settings, from: i64, to: i64, only: Option<&str>) -> Result<ExportReport, crate::Error> {
+pub async fn export(
+    settings: &Settings,
+    from: i64,
+    to: i64,
+    only: Option<&str>,
+) -> Result<ExportReport, crate::Error> {
     let schema = EventSchema::from_config(&settings.schema)?;
-    let catalog = SqlCatalog::load(&settings.sql.rollups_dir, schema.arrow.clone(), &settings.schema.time_field).await?;
-    let store = ServingStore::open_with(&settings.serving_url(), &catalog.rollups, settings.serving.window_index).await?;
-    let (first_day, end_day) = (from + (DAY - from.rem_euclid(DAY)) % DAY, to - to.rem_euclid(DAY));
+    let catalog = SqlCatalog::load(
+        &settings.sql.rollups_dir,
+        schema.arrow.clone(),
+        &settings.schema.time_field,
+    )
+    .await?;
+    let store = ServingStore::open_with(
+        &settings.serving_url(),
+        &catalog.rollups,
+        settings.serving.window_index,
+    )
+    .await?;
+    let (first_day, end_day) = (
+        from + (DAY - from.rem_euclid(DAY)) % DAY,
+        to - to.rem_euclid(DAY),
+    );
     // Only closed windows (ended by now); re-export a day later to pick up the rest.
     let now = chrono::Utc::now().timestamp_millis();
     let props = WriterProperties::builder()
-        .set_compression(Compression::ZSTD(ZstdLevel::try_new(settings.storage.zstd_level).map_err(err)?))
+        .set_compression(Compression::ZSTD(
+            ZstdLevel::try_new(settings.storage.zstd_level).map_err(err)?,
+        ))
         .build();
     let location = crate::sink::ArchiveLocation::open(&settings.storage)?;
-    let mut report = ExportReport { root: location.describe(), ..Default::default() };
-    for def in catalog.rollups.iter().filter(|d| only.is_none_or(|n| n == d.name)) {
+    let mut report = ExportReport {
+        root: location.describe(),
+        ..Default::default()
+    };
+    for def in catalog
+        .rollups
+        .iter()
+        .filter(|d| only.is_none_or(|n| n == d.name))
+    {
         let schema = arrow_schema(def);
         let mut day = first_day;
         while day < end_day {
-            if let Some(batch) = load_windows(&store, def, day, day + DAY, Some(now - def.window_ms)).await? {
-                let dt = chrono::DateTime::from_timestamp_millis(day).map(|t| t.format("%Y-%m-%d").to_string()).unwrap_or_default();
+            if let Some(batch) =
+                load_windows(&store, def, day, day + DAY, Some(now - def.window_ms)).await?
+            {
+                let dt = chrono::DateTime::from_timestamp_millis(day)
+                    .map(|t| t.format("%Y-%m-%d").to_string())
+                    .unwrap_or_default();
                 let rel = format!("rollups/{}/dt={dt}/{}.parquet", def.name, def.name);
                 let mut buf = Vec::new();
-                let mut w = ArrowWriter::try_new(&mut buf, schema.clone(), Some(props.clone())).map_err(err)?;
+                let mut w = ArrowWriter::try_new(&mut buf, schema.clone(), Some(props.clone()))
+                    .map_err(err)?;
                 w.write(&batch).map_err(err)?;
                 w.close().map_err(err)?;
                 location
                     .store
-                    .put(&object_store::path::Path::from(rel.as_str()), object_store::PutPayload::from(buf))
+                    .put(
+                        &object_store::path::Path::from(rel.as_str()),
+                        object_store::PutPayload::from(buf),
+                    )
                     .await
-                    .map_err(|e| crate::sink::SinkError::ObjectStore { path: location.url(&rel), source: Box::new(e) })?;
+                    .map_err(|e| crate::sink::SinkError::ObjectStore {
+                        path: location.url(&rel),
+                        source: Box::new(e),
+                    })?;
                 report.files.push((rel, batch.num_rows()));
             }
             day += DAY;
@@ -106,7 +148,12 @@ pub(crate) async fn load_windows(
         return Ok(None);
     }
     let ints = |i: usize| -> Vec<Option<i64>> {
-        rows.iter().map(|r| match r.get(i) { Some(Cell::Int(v)) => Some(*v), _ => None }).collect()
+        rows.iter()
+            .map(|r| match r.get(i) {
+                Some(Cell::Int(v)) => Some(*v),
+                _ => None,
+            })
+            .collect()
     };
     let mut cols: Vec<ArrayRef> = Vec::with_capacity(def.columns.len());
     for (i, c) in def.columns.iter().enumerate() {
@@ -115,15 +162,27 @@ pub(crate) async fn load_windows(
         } else {
             match c.kind {
                 ColumnKind::Text => Arc::new(StringArray::from(
-                    rows.iter().map(|r| match r.get(i) { Some(Cell::Text(s)) => Some(s.as_str()), _ => None }).collect::<Vec<_>>(),
+                    rows.iter()
+                        .map(|r| match r.get(i) {
+                            Some(Cell::Text(s)) => Some(s.as_str()),
+                            _ => None,
+                        })
+                        .collect::<Vec<_>>(),
                 )),
                 ColumnKind::Int => Arc::new(Int64Array::from(ints(i))),
                 ColumnKind::Real => Arc::new(Float64Array::from(
-                    rows.iter().map(|r| match r.get(i) { Some(Cell::Real(v)) => Some(*v), _ => None }).collect::<Vec<_>>(),
+                    rows.iter()
+                        .map(|r| match r.get(i) {
+                            Some(Cell::Real(v)) => Some(*v),
+                            _ => None,
+                        })
+                        .collect::<Vec<_>>(),
                 )),
             }
         };
         cols.push(col);
     }
-    Ok(Some(RecordBatch::try_new(arrow_schema(def), cols).map_err(err)?))
+    Ok(Some(
+        RecordBatch::try_new(arrow_schema(def), cols).map_err(err)?,
+    ))
 }

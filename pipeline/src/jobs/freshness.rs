@@ -48,15 +48,27 @@ fn rfc3339(ms: i64) -> String {
 fn count_path(video: &str, ms: i64) -> String {
     let minute = ms - ms.rem_euclid(60_000);
     let (start, end) = (rfc3339(minute - 60_000), rfc3339(minute + 120_000));
-    format!("/v1/count?video_id={video}&event_type=view&start={}&end={}", start.replace(':', "%3A"), end.replace(':', "%3A"))
+    format!(
+        "/v1/count?video_id={video}&event_type=view&start={}&end={}",
+        start.replace(':', "%3A"),
+        end.replace(':', "%3A")
+    )
 }
 
 fn count_of(body: &[u8]) -> Option<i64> {
-    serde_json::from_slice::<serde_json::Value>(body).ok()?.get("count")?.as_i64()
+    serde_json::from_slice::<serde_json::Value>(body)
+        .ok()?
+        .get("count")?
+        .as_i64()
 }
 
 /// Poll until the probe is visible; returns when it was first seen.
-async fn await_visible(addr: SocketAddr, path: String, deadline: Instant, poll: Duration) -> Option<Instant> {
+async fn await_visible(
+    addr: SocketAddr,
+    path: String,
+    deadline: Instant,
+    poll: Duration,
+) -> Option<Instant> {
     let mut conn: Option<Conn> = None;
     while Instant::now() < deadline {
         if conn.is_none() {
@@ -74,7 +86,10 @@ async fn await_visible(addr: SocketAddr, path: String, deadline: Instant, poll: 
     None
 }
 
-pub async fn run(spec: FreshnessSpec, properties: &[(String, String)]) -> Result<FreshnessReport, String> {
+pub async fn run(
+    spec: FreshnessSpec,
+    properties: &[(String, String)],
+) -> Result<FreshnessReport, String> {
     if spec.probes == 0 {
         return Err("--probes must be at least 1".into());
     }
@@ -99,7 +114,9 @@ pub async fn run(spec: FreshnessSpec, properties: &[(String, String)]) -> Result
         let path = count_path(&video, now_ms);
         let (addr, poll, deadline) = (spec.addr, spec.poll, sent + spec.timeout);
         waits.push(tokio::spawn(async move {
-            await_visible(addr, path, deadline, poll).await.map(|seen| seen.duration_since(sent))
+            await_visible(addr, path, deadline, poll)
+                .await
+                .map(|seen| seen.duration_since(sent))
         }));
     }
     let mut lat = Vec::new();
@@ -128,9 +145,17 @@ mod tests {
         // 2026-11-28T10:15:42.123Z
         let ms = 1_795_861_000_000 + 942_123;
         let p = count_path("probe-1-2", ms);
-        let t = |s: &str| chrono::DateTime::parse_from_rfc3339(&s.replace("%3A", ":")).map(|d| d.timestamp_millis());
-        let q: std::collections::HashMap<&str, &str> =
-            p.split_once('?').map(|(_, q)| q).unwrap_or("").split('&').filter_map(|kv| kv.split_once('=')).collect();
+        let t = |s: &str| {
+            chrono::DateTime::parse_from_rfc3339(&s.replace("%3A", ":"))
+                .map(|d| d.timestamp_millis())
+        };
+        let q: std::collections::HashMap<&str, &str> = p
+            .split_once('?')
+            .map(|(_, q)| q)
+            .unwrap_or("")
+            .split('&')
+            .filter_map(|kv| kv.split_once('='))
+            .collect();
         let (start, end) = (t(q["start"]).unwrap_or(0), t(q["end"]).unwrap_or(0));
         assert_eq!(start % 60_000, 0);
         assert_eq!(end % 60_000, 0);
@@ -140,7 +165,10 @@ mod tests {
 
     #[test]
     fn count_is_read_from_the_response_body() {
-        assert_eq!(count_of(br#"{"video_id":"v","count":3,"as_of":"x"}"#), Some(3));
+        assert_eq!(
+            count_of(br#"{"video_id":"v","count":3,"as_of":"x"}"#),
+            Some(3)
+        );
         assert_eq!(count_of(b"not json"), None);
         assert_eq!(count_of(br#"{"error":"x"}"#), None);
     }

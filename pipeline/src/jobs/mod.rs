@@ -4,6 +4,7 @@ pub mod backfill;
 pub mod bench_api;
 pub mod export;
 pub mod freshness;
+pub mod offsets;
 pub mod produce;
 pub mod replay;
 pub mod report;
@@ -23,13 +24,20 @@ impl Progress {
         use std::io::IsTerminal;
         let bar = std::io::stderr().is_terminal().then(|| {
             let b = indicatif::ProgressBar::new(total);
-            if let Ok(style) = indicatif::ProgressStyle::with_template("{prefix} [{elapsed_precise}] {bar:30} {pos}/{len} {msg}") {
+            if let Ok(style) = indicatif::ProgressStyle::with_template(
+                "{prefix} [{elapsed_precise}] {bar:30} {pos}/{len} {msg}",
+            ) {
                 b.set_style(style);
             }
             b.set_prefix(job);
             b
         });
-        Progress { bar, job, done: 0, total }
+        Progress {
+            bar,
+            job,
+            done: 0,
+            total,
+        }
     }
 
     /// One step finished; `what` says which.

@@ -38,7 +38,10 @@ pub fn video_ids_from_csv(path: &std::path::Path) -> std::io::Result<Vec<String>
     if header.split(',').next().map(str::trim) != Some("video_id") {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidData,
-            format!("{}: the first column must be video_id (found header {header:?})", path.display()),
+            format!(
+                "{}: the first column must be video_id (found header {header:?})",
+                path.display()
+            ),
         ));
     }
     let ids: Vec<String> = lines
@@ -47,7 +50,10 @@ pub fn video_ids_from_csv(path: &std::path::Path) -> std::io::Result<Vec<String>
         .filter(|id| !id.is_empty())
         .collect();
     if ids.is_empty() {
-        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{}: no video ids", path.display())));
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("{}: no video ids", path.display()),
+        ));
     }
     Ok(ids)
 }
@@ -89,9 +95,17 @@ pub struct Generator {
 
 impl Generator {
     pub fn new(spec: ProduceSpec) -> Generator {
-        let n = spec.video_ids.as_ref().map_or(spec.videos, |v| v.len() as u64);
+        let n = spec
+            .video_ids
+            .as_ref()
+            .map_or(spec.videos, |v| v.len() as u64);
         let zipf = Zipf::new(n, spec.zipf_exponent);
-        Generator { rng: StdRng::seed_from_u64(spec.seed), zipf, spec, n: 0 }
+        Generator {
+            rng: StdRng::seed_from_u64(spec.seed),
+            zipf,
+            spec,
+            n: 0,
+        }
     }
 
     /// The next payload and the partitioning key (the video id).
@@ -102,20 +116,36 @@ impl Generator {
             Some(ids) => ids.get(rank as usize).cloned().unwrap_or_default(),
             None => format!("vid-{rank:05}"),
         };
-        if self.rng.random_bool(self.spec.malformed_fraction.clamp(0.0, 1.0)) {
+        if self
+            .rng
+            .random_bool(self.spec.malformed_fraction.clamp(0.0, 1.0))
+        {
             let bad = match self.rng.random_range(0..5) {
                 0 => "this is not json".to_string(),
                 1 => format!(r#"{{"event_type":"view","event_time":{now_ms}}}"#),
-                2 => format!(r#"{{"video_id":"{video}","event_type":"view","event_time":{now_ms},"value":"ten"}}"#),
-                3 => format!(r#"{{"video_id":"{video}","event_type":"Bad Type","event_time":{now_ms}}}"#),
-                _ => format!(r#"{{"video_id":"{video}","event_type":"view","event_time":{}}}"#, now_ms + 86_400_000),
+                2 => format!(
+                    r#"{{"video_id":"{video}","event_type":"view","event_time":{now_ms},"value":"ten"}}"#
+                ),
+                3 => format!(
+                    r#"{{"video_id":"{video}","event_type":"Bad Type","event_time":{now_ms}}}"#
+                ),
+                _ => format!(
+                    r#"{{"video_id":"{video}","event_type":"view","event_time":{}}}"#,
+                    now_ms + 86_400_000
+                ),
             };
             return (video, bad.into_bytes());
         }
         let types = &self.spec.event_types;
-        let et = &types[self.rng.random_range(0..types.len().max(1)).min(types.len().saturating_sub(1))];
+        let et = &types[self
+            .rng
+            .random_range(0..types.len().max(1))
+            .min(types.len().saturating_sub(1))];
         let spread = self.spec.time_spread.as_millis() as i64;
-        let back = if self.rng.random_bool(self.spec.late_fraction.clamp(0.0, 1.0)) {
+        let back = if self
+            .rng
+            .random_bool(self.spec.late_fraction.clamp(0.0, 1.0))
+        {
             self.rng.random_range(120_000..3_600_000)
         } else if spread > 0 {
             self.rng.random_range(0..=spread)
@@ -127,15 +157,22 @@ impl Generator {
             t.to_string()
         } else {
             let dt = chrono::DateTime::from_timestamp_millis(t).unwrap_or_default();
-            format!("\"{}\"", dt.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+            format!(
+                "\"{}\"",
+                dt.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+            )
         };
         let id = format!("{}-{}", self.spec.seed, self.n);
         let user = self.rng.random_range(0..100_000u32);
         let payload = if et == "view" {
             let v = self.rng.random_range(1..=600u32);
-            format!(r#"{{"event_id":"{id}","video_id":"{video}","event_type":"{et}","event_time":{time},"user_id":"u{user}","value":{v}}}"#)
+            format!(
+                r#"{{"event_id":"{id}","video_id":"{video}","event_type":"{et}","event_time":{time},"user_id":"u{user}","value":{v}}}"#
+            )
         } else {
-            format!(r#"{{"event_id":"{id}","video_id":"{video}","event_type":"{et}","event_time":{time},"user_id":"u{user}"}}"#)
+            format!(
+                r#"{{"event_id":"{id}","video_id":"{video}","event_type":"{et}","event_time":{time},"user_id":"u{user}"}}"#
+            )
         };
         (video, payload.into_bytes())
     }
@@ -168,7 +205,10 @@ pub fn to_file(spec: ProduceSpec, path: &std::path::Path) -> std::io::Result<u64
 }
 
 /// An idempotent producer from the `[kafka.properties]` (consumer-only keys dropped).
-pub fn producer(properties: &[(String, String)], linger_ms: u32) -> Result<ThreadedProducer<DefaultProducerContext>, String> {
+pub fn producer(
+    properties: &[(String, String)],
+    linger_ms: u32,
+) -> Result<ThreadedProducer<DefaultProducerContext>, String> {
     let mut cc = ClientConfig::new();
     for (k, v) in properties {
         // Consumer-only properties would make the producer warn.
@@ -199,7 +239,12 @@ pub fn to_kafka(
         loop {
             match producer.send(record) {
                 Ok(()) => break,
-                Err((rdkafka::error::KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull), r)) => {
+                Err((
+                    rdkafka::error::KafkaError::MessageProduction(
+                        rdkafka::types::RDKafkaErrorCode::QueueFull,
+                    ),
+                    r,
+                )) => {
                     record = r;
                     std::thread::sleep(Duration::from_millis(5));
                 }
@@ -210,7 +255,9 @@ pub fn to_kafka(
             progress(i + 1);
         }
     }
-    producer.flush(Duration::from_secs(60)).map_err(|e| e.to_string())?;
+    producer
+        .flush(Duration::from_secs(60))
+        .map_err(|e| e.to_string())?;
     Ok(spec.count)
 }
 
@@ -239,7 +286,10 @@ mod tests {
         let ids = video_ids_from_csv(&root).unwrap();
         assert_eq!(ids.len(), 500);
         assert_eq!(ids[0], "vid-00000");
-        let mut g = Generator::new(ProduceSpec { video_ids: Some(ids.clone()), ..spec() });
+        let mut g = Generator::new(ProduceSpec {
+            video_ids: Some(ids.clone()),
+            ..spec()
+        });
         for _ in 0..200 {
             let (key, _) = g.next_event(1);
             assert!(ids.contains(&key), "{key}");
@@ -247,7 +297,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let bad = dir.path().join("v.csv");
         std::fs::write(&bad, "title,video_id\nx,y\n").unwrap();
-        assert!(video_ids_from_csv(&bad).unwrap_err().to_string().contains("first column must be video_id"));
+        assert!(video_ids_from_csv(&bad)
+            .unwrap_err()
+            .to_string()
+            .contains("first column must be video_id"));
     }
 
     #[test]
@@ -272,13 +325,20 @@ mod tests {
         let schema = EventSchema::from_config(&s.schema).unwrap();
         let mut cols = schema.new_columns(16);
         let d = RecordDecoder::new(schema, &s.decode);
-        let mut g = Generator::new(ProduceSpec { malformed_fraction: 0.0, late_fraction: 0.3, ..spec() });
+        let mut g = Generator::new(ProduceSpec {
+            malformed_fraction: 0.0,
+            late_fraction: 0.3,
+            ..spec()
+        });
         let now = chrono::Utc::now().timestamp_millis();
         for _ in 0..500 {
             let (_, p) = g.next_event(now);
             d.decode(Some(&p), now, &mut cols).unwrap();
         }
-        let mut bad = Generator::new(ProduceSpec { malformed_fraction: 1.0, ..spec() });
+        let mut bad = Generator::new(ProduceSpec {
+            malformed_fraction: 1.0,
+            ..spec()
+        });
         for _ in 0..100 {
             let (_, p) = bad.next_event(now);
             assert!(d.decode(Some(&p), now, &mut cols).is_err());

@@ -1,6 +1,6 @@
 //! `tally replay --file events.jsonl`: the pipeline without a broker. Each
-//! line is one message of partition 0 of the pseudo-topic `replay.<file
-//! stem>`, its offset the line number (from 0). Lines go through the same
+//! line is one message of partition 0 of a pseudo-topic (see
+//! [`replay_topic`]), its offset the line number (from 0). Lines go through the same
 //! decode -> batch -> archive + rollup SQL -> serving commit stages as
 //! `tally run`, with the same offset fence, so a replay is exactly once: a
 //! second run of the same file skips what was committed, and a replay killed
@@ -9,7 +9,7 @@
 //! backfill benchmarks.
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::BufRead;
+use std::io::{BufRead, Read};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -39,28 +39,82 @@ fn err(m: impl std::fmt::Display) -> crate::Error {
     crate::Error::Internal(m.to_string())
 }
 
-/// `replay.<stem>`, with characters outside Kafka's topic alphabet replaced.
-pub fn replay_topic(file: &Path) -> String {
-    let stem = file.file_stem().and_then(|s| s.to_str()).unwrap_or("file");
-    let clean: String =
-        stem.chars().map(|c| if c.is_ascii_alphanumeric() || c == '.' || c == '_' { c } else { '_' }).collect();
-    format!("replay.{clean}")
+fn clean(name: &str) -> String {
+    name.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '.' || c == '_' || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
 }
 
-pub async fn replay(settings: Settings, file: PathBuf) -> Result<ReplayReport, crate::Error> {
+/// The pseudo-topic of a replay: `replay.<source id>` when one is given,
+/// else `replay.<file stem>.<hash of its first line>`. The first line, not
+/// the name, tells two files apart (`day1/events.jsonl` and
+/// `day2/events.jsonl`), while a file that grew at its end keeps its id, so
+/// a second replay of it commits only the new lines. Characters outside
+/// Kafka's topic alphabet are replaced.
+pub fn replay_topic(file: &Path, source_id: Option<&str>) -> Result<String, crate::Error> {
+    if let Some(id) = source_id {
+        return Ok(format!("replay.{}", clean(id)));
+    }
+    let stem = file.file_stem().and_then(|s| s.to_str()).unwrap_or("file");
+    let f = std::fs::File::open(file).map_err(|e| err(format!("{}: {e}", file.display())))?;
+    let mut first = Vec::new();
+    std::io::BufReader::new(f)
+        .take(64 * 1024)
+        .read_until(b'\n', &mut first)
+        .map_err(|e| err(format!("{}: {e}", file.display())))?;
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in &first {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    Ok(format!("replay.{}.{:08x}", clean(stem), h >> 32))
+}
+
+pub async fn replay(
+    settings: Settings,
+    file: PathBuf,
+    source_id: Option<String>,
+) -> Result<ReplayReport, crate::Error> {
     let started = Instant::now();
     let stages = Stages::build(settings).await?;
-    let Stages { settings, schema, catalog, store, archive } = stages;
-    let topic = replay_topic(&file);
+    let Stages {
+        settings,
+        schema,
+        catalog,
+        store,
+        archive,
+    } = stages;
+    let topic = replay_topic(&file, source_id.as_deref())?;
+    // One replay of a source at a time: a second one would delete the
+    // first one's files before they commit (below) and race its commits.
+    let _lock = store.lock_source(&topic).await?.ok_or_else(|| {
+        err(format!(
+            "{}: another `tally replay` of {topic} is running against this serving store; wait for it (a replay resumes where the last one committed)",
+            file.display()
+        ))
+    })?;
     let committed = store.load_offsets(&topic).await?.get(&0).copied();
     let wanted: HashMap<i32, Option<i64>> = [(0, committed)].into_iter().collect();
     let removed = archive.remove_orphans(&topic, &wanted).await?;
     if !removed.is_empty() {
-        tracing::warn!(files = removed.len(), "removed archive files of a replay that did not commit");
+        tracing::warn!(
+            files = removed.len(),
+            "removed archive files of a replay that did not commit"
+        );
     }
     let mut aggregator = RollupAggregator::new(&catalog, schema.arrow.clone()).await?;
     let decoder = RecordDecoder::new(schema.clone(), &settings.decode);
-    let mut builder = BatchBuilder::new(decoder, &settings.batch, settings.decode.dlq_payload_bytes.as_usize());
+    let mut builder = BatchBuilder::new(
+        decoder,
+        &settings.batch,
+        settings.decode.dlq_payload_bytes.as_usize(),
+    );
     let max_rows = settings.batch.max_rows.max(1);
 
     // Reader + decoder thread -> bounded channel -> committer (this task),
@@ -71,7 +125,8 @@ pub async fn replay(settings: Settings, file: PathBuf) -> Result<ReplayReport, c
     let reader = std::thread::Builder::new()
         .name("tally-replay-reader".into())
         .spawn(move || -> Result<u64, String> {
-            let f = std::fs::File::open(&reader_file).map_err(|e| format!("{}: {e}", reader_file.display()))?;
+            let f = std::fs::File::open(&reader_file)
+                .map_err(|e| format!("{}: {e}", reader_file.display()))?;
             let mut lines = std::io::BufReader::with_capacity(1 << 20, f);
             let start = committed.unwrap_or(0);
             let mut expected = committed;
@@ -83,7 +138,9 @@ pub async fn replay(settings: Settings, file: PathBuf) -> Result<ReplayReport, c
             let mut now_ms = clock.now_ms(now);
             loop {
                 line.clear();
-                let n = lines.read_until(b'\n', &mut line).map_err(|e| format!("{}: {e}", reader_file.display()))?;
+                let n = lines
+                    .read_until(b'\n', &mut line)
+                    .map_err(|e| format!("{}: {e}", reader_file.display()))?;
                 if n == 0 {
                     break;
                 }
@@ -104,7 +161,9 @@ pub async fn replay(settings: Settings, file: PathBuf) -> Result<ReplayReport, c
                 builder.push(0, this, expected, Some(&line), now_ms, now);
                 pending += 1;
                 if pending >= max_rows {
-                    let batch = builder.seal(0, &reader_topic, now_ms, BTreeMap::new()).map_err(|e| e.to_string())?;
+                    let batch = builder
+                        .seal(0, &reader_topic, now_ms, BTreeMap::new())
+                        .map_err(|e| e.to_string())?;
                     expected = batch.partitions.get(&0).map(|r| r.next_offset());
                     pending = 0;
                     if tx.blocking_send(batch).is_err() {
@@ -114,23 +173,35 @@ pub async fn replay(settings: Settings, file: PathBuf) -> Result<ReplayReport, c
             }
             if pending > 0 {
                 let now_ms = chrono::Utc::now().timestamp_millis();
-                let batch = builder.seal(0, &reader_topic, now_ms, BTreeMap::new()).map_err(|e| e.to_string())?;
+                let batch = builder
+                    .seal(0, &reader_topic, now_ms, BTreeMap::new())
+                    .map_err(|e| e.to_string())?;
                 let _ = tx.blocking_send(batch);
             }
             Ok(start.max(0) as u64)
         })
         .map_err(err)?;
 
-    let mut report = ReplayReport { topic: topic.clone(), ..ReplayReport::default() };
+    let mut report = ReplayReport {
+        topic: topic.clone(),
+        ..ReplayReport::default()
+    };
     while let Some(batch) = rx.recv().await {
         let mut backoff = Duration::from_millis(100);
         let mut attempts = 0;
         loop {
             match try_commit(&batch, &mut aggregator, &archive, &store).await {
                 Ok((CommitOutcome::Committed, _, _)) => break,
-                Ok((CommitOutcome::Fenced { partition, expected, stored }, files, _)) => {
-                    let paths: Vec<String> = files.into_iter().map(|f| f.path).collect();
-                    let _ = archive.delete(&paths).await;
+                Ok((
+                    CommitOutcome::Fenced {
+                        partition,
+                        expected,
+                        stored,
+                    },
+                    files,
+                    _,
+                )) => {
+                    crate::pipeline::discard_uncommitted(&archive, &store, files).await;
                     return Err(err(format!(
                         "{}: the serving store has offset {stored:?} for {topic}:{partition}, this replay expected {expected:?}; \
                          is another `tally replay` of the same file running?",
@@ -151,10 +222,17 @@ pub async fn replay(settings: Settings, file: PathBuf) -> Result<ReplayReport, c
         report.accepted += batch.stats.accepted;
         report.rejected += batch.stats.rejected.values().sum::<u64>();
         if report.batches.is_multiple_of(20) {
-            tracing::info!(messages = report.messages, batches = report.batches, "replay progress");
+            tracing::info!(
+                messages = report.messages,
+                batches = report.batches,
+                "replay progress"
+            );
         }
     }
-    report.skipped = reader.join().map_err(|_| err("the replay reader thread panicked"))?.map_err(err)?;
+    report.skipped = reader
+        .join()
+        .map_err(|_| err("the replay reader thread panicked"))?
+        .map_err(err)?;
     store.close().await;
     report.seconds = started.elapsed().as_secs_f64();
     Ok(report)

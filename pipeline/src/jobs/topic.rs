@@ -7,17 +7,28 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::types::RDKafkaErrorCode;
 
-pub async fn create(properties: &[(String, String)], topic: &str, partitions: i32) -> Result<bool, String> {
+pub async fn create(
+    properties: &[(String, String)],
+    topic: &str,
+    partitions: i32,
+) -> Result<bool, String> {
     let mut cc = ClientConfig::new();
     for (k, v) in properties {
-        if k == "bootstrap.servers" || k.starts_with("security.") || k.starts_with("sasl.") || k.starts_with("ssl.") {
+        if k == "bootstrap.servers"
+            || k.starts_with("security.")
+            || k.starts_with("sasl.")
+            || k.starts_with("ssl.")
+        {
             cc.set(k, v);
         }
     }
     let admin: AdminClient<DefaultClientContext> = cc.create().map_err(|e| e.to_string())?;
     let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
     let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
-    let results = admin.create_topics([&new], &opts).await.map_err(|e| e.to_string())?;
+    let results = admin
+        .create_topics([&new], &opts)
+        .await
+        .map_err(|e| e.to_string())?;
     match results.into_iter().next() {
         Some(Ok(_)) => Ok(true),
         Some(Err((_, RDKafkaErrorCode::TopicAlreadyExists))) | None => Ok(false),
@@ -38,37 +49,54 @@ pub struct DrainReport {
 /// group, no commits, payloads touched but not decoded; read in batches as
 /// `tally run` reads (`source/fetch.rs`). The broker-side limit
 /// for `make bench`. Fails after `timeout`.
-pub fn drain(properties: &[(String, String)], topic: &str, timeout: Duration) -> Result<DrainReport, String> {
+pub fn drain(
+    properties: &[(String, String)],
+    topic: &str,
+    timeout: Duration,
+) -> Result<DrainReport, String> {
     use rdkafka::consumer::{BaseConsumer, Consumer};
     use rdkafka::{Message, Offset, TopicPartitionList};
     let mut cc = ClientConfig::new();
     for (k, v) in properties {
         cc.set(k, v);
     }
-    cc.set("enable.auto.commit", "false").set("enable.auto.offset.store", "false");
+    cc.set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false");
     let consumer: BaseConsumer = cc.create().map_err(|e| e.to_string())?;
-    let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(10)).map_err(|e| e.to_string())?;
-    let partitions: Vec<i32> = md.topics().iter().flat_map(|t| t.partitions().iter().map(|p| p.id())).collect();
+    let md = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .map_err(|e| e.to_string())?;
+    let partitions: Vec<i32> = md
+        .topics()
+        .iter()
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        .collect();
     if partitions.is_empty() {
         return Err(format!("topic {topic} has no partitions (does it exist?)"));
     }
     let mut tpl = TopicPartitionList::new();
     let mut wanted = 0u64;
     for p in &partitions {
-        let (lo, hi) = consumer.fetch_watermarks(topic, *p, Duration::from_secs(10)).map_err(|e| e.to_string())?;
+        let (lo, hi) = consumer
+            .fetch_watermarks(topic, *p, Duration::from_secs(10))
+            .map_err(|e| e.to_string())?;
         wanted += (hi - lo).max(0) as u64;
-        tpl.add_partition_offset(topic, *p, Offset::Offset(lo)).map_err(|e| e.to_string())?;
+        tpl.add_partition_offset(topic, *p, Offset::Offset(lo))
+            .map_err(|e| e.to_string())?;
     }
     consumer.assign(&tpl).map_err(|e| e.to_string())?;
     // Read as `tally run` does: batches from a fetch queue of its own.
-    let fetch = crate::source::fetch::FetchQueue::new(&consumer, topic).ok_or("librdkafka returned no fetch queue")?;
+    let fetch = crate::source::fetch::FetchQueue::new(&consumer, topic)
+        .ok_or("librdkafka returned no fetch queue")?;
     fetch.forward(partitions.iter().copied());
     let mut fetched = Vec::with_capacity(crate::source::fetch::MAX_BATCH);
     let start = std::time::Instant::now();
     let (mut messages, mut bytes) = (0u64, 0u64);
     while messages < wanted {
         if start.elapsed() > timeout {
-            return Err(format!("read {messages} of {wanted} messages in {timeout:?}"));
+            return Err(format!(
+                "read {messages} of {wanted} messages in {timeout:?}"
+            ));
         }
         // Messages fetched before the forward, and errors, come by `poll`.
         match consumer.poll(Duration::ZERO) {
@@ -80,7 +108,11 @@ pub fn drain(properties: &[(String, String)], topic: &str, timeout: Duration) ->
             Some(Err(e)) => tracing::warn!(error = %e, "fetch error; continuing"),
             None => {}
         }
-        fetch.consume(Duration::from_millis(100), &mut fetched, crate::source::fetch::MAX_BATCH);
+        fetch.consume(
+            Duration::from_millis(100),
+            &mut fetched,
+            crate::source::fetch::MAX_BATCH,
+        );
         for m in fetched.drain(..) {
             if m.error().is_none() {
                 messages += 1;
@@ -89,5 +121,9 @@ pub fn drain(properties: &[(String, String)], topic: &str, timeout: Duration) ->
         }
     }
     drop(fetch);
-    Ok(DrainReport { messages, bytes, seconds: start.elapsed().as_secs_f64() })
+    Ok(DrainReport {
+        messages,
+        bytes,
+        seconds: start.elapsed().as_secs_f64(),
+    })
 }

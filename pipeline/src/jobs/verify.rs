@@ -80,7 +80,12 @@ fn batch_rows(def: &RollupDef, b: &RecordBatch, lo: i64, hi: i64, out: &mut Rows
         if w.is_null(r) || w.value(r) < lo || w.value(r) >= hi {
             continue;
         }
-        let cells: Vec<String> = def.columns.iter().enumerate().map(|(i, c)| render(c.kind, b.column(i).as_ref(), r)).collect();
+        let cells: Vec<String> = def
+            .columns
+            .iter()
+            .enumerate()
+            .map(|(i, c)| render(c.kind, b.column(i).as_ref(), r))
+            .collect();
         let (k, m) = cells.split_at(def.key_count);
         out.insert(k.to_vec(), m.to_vec());
     }
@@ -106,7 +111,10 @@ pub async fn recompute(
         let location = crate::sink::ArchiveLocation::open(&settings.storage)?;
         location.register(&ctx)?;
         let paths: Vec<String> = files.iter().map(|p| location.url(p)).collect();
-        let df = ctx.read_parquet(paths, ParquetReadOptions::default()).await.map_err(err)?;
+        let df = ctx
+            .read_parquet(paths, ParquetReadOptions::default())
+            .await
+            .map_err(err)?;
         ctx.register_table("raw", df.into_view()).map_err(err)?;
     }
     let t = &settings.schema.time_field;
@@ -117,12 +125,21 @@ pub async fn recompute(
     .map_err(err)?;
     let mut out = Vec::with_capacity(defs.len());
     for (def, (lo, hi)) in defs.iter().zip(ranges) {
-        let batches = ctx.sql(&def.sql).await.map_err(err)?.collect().await.map_err(err)?;
+        let batches = ctx
+            .sql(&def.sql)
+            .await
+            .map_err(err)?
+            .collect()
+            .await
+            .map_err(err)?;
         let mut kept = Vec::with_capacity(batches.len());
         for b in &batches {
             let b = canonical(def, b).map_err(err)?;
             let w = b.column(def.window_column).as_primitive::<Int64Type>();
-            let mask: BooleanArray = w.iter().map(|v| Some(v.is_some_and(|v| v >= *lo && v < *hi))).collect();
+            let mask: BooleanArray = w
+                .iter()
+                .map(|v| Some(v.is_some_and(|v| v >= *lo && v < *hi)))
+                .collect();
             kept.push(filter_record_batch(&b, &mask).map_err(err)?);
         }
         out.push(kept);
@@ -136,7 +153,9 @@ pub async fn recompute(
 /// Committed raw files whose event hour overlaps `[lo, hi)`.
 pub fn files_in(all: Vec<String>, lo: i64, hi: i64) -> Vec<String> {
     all.into_iter()
-        .filter(|p| p.starts_with(RAW_PREFIX) && file_hour(p).is_some_and(|h| h + 3_600_000 > lo && h < hi))
+        .filter(|p| {
+            p.starts_with(RAW_PREFIX) && file_hour(p).is_some_and(|h| h + 3_600_000 > lo && h < hi)
+        })
         .collect()
 }
 
@@ -146,13 +165,36 @@ pub fn window_ranges(defs: &[RollupDef], from: i64, to: i64) -> Vec<(i64, i64)> 
 }
 
 /// Recompute and compare. Errors only when something cannot be read.
-pub async fn verify(settings: &Settings, from: i64, to: i64, only: Option<&str>) -> Result<VerifyReport, crate::Error> {
+pub async fn verify(
+    settings: &Settings,
+    from: i64,
+    to: i64,
+    only: Option<&str>,
+) -> Result<VerifyReport, crate::Error> {
     let schema = EventSchema::from_config(&settings.schema)?;
-    let catalog = SqlCatalog::load(&settings.sql.rollups_dir, schema.arrow.clone(), &settings.schema.time_field).await?;
-    let store = ServingStore::open_with(&settings.serving_url(), &catalog.rollups, settings.serving.window_index).await?;
-    let defs: Vec<&RollupDef> = catalog.rollups.iter().filter(|d| only.is_none_or(|n| n == d.name)).collect();
+    let catalog = SqlCatalog::load(
+        &settings.sql.rollups_dir,
+        schema.arrow.clone(),
+        &settings.schema.time_field,
+    )
+    .await?;
+    let store = ServingStore::open_with(
+        &settings.serving_url(),
+        &catalog.rollups,
+        settings.serving.window_index,
+    )
+    .await?;
+    let defs: Vec<&RollupDef> = catalog
+        .rollups
+        .iter()
+        .filter(|d| only.is_none_or(|n| n == d.name))
+        .collect();
     if defs.is_empty() {
-        return Err(err(format!("--rollup {}: no such rollup in {}", only.unwrap_or(""), settings.sql.rollups_dir.display())));
+        return Err(err(format!(
+            "--rollup {}: no such rollup in {}",
+            only.unwrap_or(""),
+            settings.sql.rollups_dir.display()
+        )));
     }
     let ranges: Vec<(i64, i64)> = defs.iter().map(|d| inner(from, to, d.window_ms)).collect();
     let (ev_lo, ev_hi) = (
@@ -182,20 +224,30 @@ pub async fn verify(settings: &Settings, from: i64, to: i64, only: Option<&str>)
     }
     let files: Vec<String> = all_files
         .into_iter()
-        .filter(|p| p.starts_with(RAW_PREFIX) && file_hour(p).is_some_and(|h| h + 3_600_000 > ev_lo && h < ev_hi))
+        .filter(|p| {
+            p.starts_with(RAW_PREFIX)
+                && file_hour(p).is_some_and(|h| h + 3_600_000 > ev_lo && h < ev_hi)
+        })
         .collect();
 
     // Recompute with the same SQL, over exactly those files.
     let owned: Vec<RollupDef> = defs.iter().map(|d| (*d).clone()).collect();
     let recomputed = recompute(settings, &schema, &owned, &ranges, &files, None).await?;
-    let mut report = VerifyReport { files: files.len(), ..Default::default() };
-    for (((def, (lo, hi)), have), batches) in defs.iter().zip(&ranges).zip(serving).zip(recomputed) {
+    let mut report = VerifyReport {
+        files: files.len(),
+        ..Default::default()
+    };
+    for (((def, (lo, hi)), have), batches) in defs.iter().zip(&ranges).zip(serving).zip(recomputed)
+    {
         let mut want = Rows::new();
         for b in &batches {
             batch_rows(def, b, *lo, *hi, &mut want);
         }
-        report.checked.push((def.name.clone(), want.len().max(have.len()), *lo, *hi));
-        let keys: std::collections::BTreeSet<&Vec<String>> = want.keys().chain(have.keys()).collect();
+        report
+            .checked
+            .push((def.name.clone(), want.len().max(have.len()), *lo, *hi));
+        let keys: std::collections::BTreeSet<&Vec<String>> =
+            want.keys().chain(have.keys()).collect();
         for k in keys {
             let (s, r) = (have.get(k), want.get(k));
             if s != r {
@@ -237,7 +289,9 @@ pub async fn run_periodically(
         match verify(&settings, hi.saturating_sub(lookback), hi, None).await {
             Ok(r) => {
                 metrics.verify_runs.fetch_add(1, Ordering::Relaxed);
-                metrics.verify_drift_rows.store(r.drift.len() as i64, Ordering::Relaxed);
+                metrics
+                    .verify_drift_rows
+                    .store(r.drift.len() as i64, Ordering::Relaxed);
                 if r.drift.is_empty() {
                     tracing::debug!(files = r.files, "periodic verify: no drift");
                 } else {
@@ -257,7 +311,10 @@ mod tests {
     fn whole_windows_and_file_hours() {
         assert_eq!(inner(90, 500, 100), (100, 500));
         assert_eq!(inner(0, 99, 100), (0, 0));
-        assert_eq!(file_hour("raw/events/dt=2026-11-28/hour=09/t-p00000-1-2.parquet"), Some(1_795_856_400_000));
+        assert_eq!(
+            file_hour("raw/events/dt=2026-11-28/hour=09/t-p00000-1-2.parquet"),
+            Some(1_795_856_400_000)
+        );
         assert_eq!(file_hour("raw/events/nope.parquet"), None);
     }
 }

@@ -41,7 +41,12 @@ pub struct ApiError {
 
 impl ApiError {
     fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
-        ApiError { status, code, message: message.into(), extra: None }
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+            extra: None,
+        }
     }
     fn bad(code: &'static str, message: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::BAD_REQUEST, code, message)
@@ -51,7 +56,11 @@ impl ApiError {
 impl From<ServeError> for ApiError {
     fn from(e: ServeError) -> ApiError {
         tracing::error!(error = %e, "request failed");
-        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", format!("{e}; retry later"))
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            format!("{e}; retry later"),
+        )
     }
 }
 
@@ -63,7 +72,8 @@ impl IntoResponse for ApiError {
         }
         let mut resp = (self.status, Json(json!({ "error": err }))).into_response();
         if self.status == StatusCode::UNAUTHORIZED {
-            resp.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            resp.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         resp
     }
@@ -78,7 +88,10 @@ pub fn router(state: Shared) -> Router {
         .route("/v1/stats", get(stats))
         .route("/v1/series", get(series))
         .route("/v1/top", get(top))
-        .route("/v1/events", post(events))
+        .route(
+            "/v1/events",
+            post(events).route_layer(from_fn_with_state(state.clone(), ingest_gate)),
+        )
         .route("/metrics", get(metrics))
         .route("/livez", get(livez))
         .route("/readyz", get(readyz))
@@ -86,19 +99,29 @@ pub fn router(state: Shared) -> Router {
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(max_body))
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(|_| {
-            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error; see the server log").into_response()
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "internal error; see the server log",
+            )
+            .into_response()
         }))
         .layer(from_fn_with_state(state.clone(), guard))
+        .layer(from_fn_with_state(state.clone(), host_check))
         .layer(from_fn_with_state(state.clone(), observe))
         .with_state(state)
 }
 
 /// Metrics per route and status (route templates only: no ids in labels).
 async fn observe(State(s): State<Shared>, req: Request, next: Next) -> Response {
-    let route = req.extensions().get::<MatchedPath>().map_or_else(|| "unmatched".to_string(), |m| m.as_str().to_string());
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_string(), |m| m.as_str().to_string());
     let t = Instant::now();
     let resp = next.run(req).await;
-    s.metrics.observe_http(&route, resp.status().as_u16(), t.elapsed().as_secs_f64());
+    s.metrics
+        .observe_http(&route, resp.status().as_u16(), t.elapsed().as_secs_f64());
     resp
 }
 
@@ -112,7 +135,10 @@ async fn guard(State(s): State<Shared>, req: Request, next: Next) -> Response {
         return ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "overloaded",
-            format!("more than api.max_concurrency = {} requests in flight; retry with backoff", s.cfg.max_concurrency),
+            format!(
+                "more than api.max_concurrency = {} requests in flight; retry with backoff",
+                s.cfg.max_concurrency
+            ),
         )
         .into_response();
     };
@@ -121,10 +147,99 @@ async fn guard(State(s): State<Shared>, req: Request, next: Next) -> Response {
         Err(_) => ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "timeout",
-            format!("the request took longer than api.request_timeout = {}", humantime::format_duration(s.cfg.request_timeout)),
+            format!(
+                "the request took longer than api.request_timeout = {}",
+                humantime::format_duration(s.cfg.request_timeout)
+            ),
         )
         .into_response(),
     }
+}
+
+/// DNS rebinding: answer only requests addressed to a name this API is
+/// known by (see `api.allowed_hosts`), 421 otherwise.
+async fn host_check(State(s): State<Shared>, req: Request, next: Next) -> Response {
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_ascii_lowercase);
+    match host {
+        Some(h) if !host_allowed(&h, s.cfg.listen, &s.cfg.allowed_hosts) => ApiError::new(
+            StatusCode::MISDIRECTED_REQUEST,
+            "host_not_allowed",
+            format!(
+                "Host `{h}` is not an address of this API; add it to api.allowed_hosts to serve it"
+            ),
+        )
+        .into_response(),
+        _ => next.run(req).await,
+    }
+}
+
+/// Whether a request with `Host: host` may be answered by an API listening
+/// on `listen`.
+pub(crate) fn host_allowed(host: &str, listen: std::net::SocketAddr, allowed: &[String]) -> bool {
+    let name = match host.rsplit_once(':') {
+        // `[::1]:8080`, `name:8080`; a bare IPv6 literal has no brackets.
+        Some((n, port))
+            if port.bytes().all(|b| b.is_ascii_digit())
+                && !n.is_empty()
+                && (!n.contains(':') || n.ends_with(']')) =>
+        {
+            n
+        }
+        _ => host,
+    };
+    if allowed
+        .iter()
+        .any(|a| a.eq_ignore_ascii_case(host) || a.eq_ignore_ascii_case(name))
+    {
+        return true;
+    }
+    let ip = listen.ip();
+    if ip.is_unspecified() {
+        return allowed.is_empty();
+    }
+    let bare = name.trim_start_matches('[').trim_end_matches(']');
+    if bare.parse::<std::net::IpAddr>().is_ok_and(|h| h == ip) {
+        return true;
+    }
+    ip.is_loopback() && matches!(bare, "localhost" | "127.0.0.1" | "::1")
+}
+
+/// `POST /v1/events`, before its body is read: the write token, then a JSON
+/// content type (a web page can send `text/plain` across origins without
+/// asking, but not `application/json`).
+async fn ingest_gate(State(s): State<Shared>, req: Request, next: Next) -> Response {
+    if let Err(e) = authorize(&s.cfg.write_tokens.0, req.headers(), "write") {
+        return e.into_response();
+    }
+    let ct = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let mime = ct
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    if !matches!(mime.as_str(), "application/json" | "application/x-ndjson") {
+        let shown = if ct.is_empty() {
+            "none".to_string()
+        } else {
+            format!("`{ct}`")
+        };
+        return ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            format!("Content-Type {shown}: send `Content-Type: application/json` (a JSON array) or `application/x-ndjson` (one event per line)"),
+        )
+        .into_response();
+    }
+    next.run(req).await
 }
 
 async fn not_found(req: Request) -> ApiError {
@@ -156,13 +271,21 @@ fn authorize(tokens: &[String], headers: &HeaderMap, which: &str) -> Result<(), 
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim)
-        .ok_or_else(|| unauthorized(format!("missing bearer token: send `Authorization: Bearer <{which} token>`")))?;
+        .ok_or_else(|| {
+            unauthorized(format!(
+                "missing bearer token: send `Authorization: Bearer <{which} token>`"
+            ))
+        })?;
     // Check every token, so timing does not reveal which one is close.
-    let ok = tokens.iter().fold(false, |acc, t| acc | ct_eq(t.as_bytes(), given.as_bytes()));
+    let ok = tokens
+        .iter()
+        .fold(false, |acc, t| acc | ct_eq(t.as_bytes(), given.as_bytes()));
     if ok {
         Ok(())
     } else {
-        Err(unauthorized(format!("the bearer token is not a valid {which} token")))
+        Err(unauthorized(format!(
+            "the bearer token is not a valid {which} token"
+        )))
     }
 }
 
@@ -170,19 +293,33 @@ fn authorize(tokens: &[String], headers: &HeaderMap, which: &str) -> Result<(), 
 
 struct Params(BTreeMap<String, String>);
 
-fn params(q: Result<Query<Vec<(String, String)>>, QueryRejection>, allowed: &[&str]) -> Result<Params, ApiError> {
-    let Query(pairs) = q.map_err(|e| ApiError::bad("invalid_query", format!("the query string cannot be parsed: {e}")))?;
+fn params(
+    q: Result<Query<Vec<(String, String)>>, QueryRejection>,
+    allowed: &[&str],
+) -> Result<Params, ApiError> {
+    let Query(pairs) = q.map_err(|e| {
+        ApiError::bad(
+            "invalid_query",
+            format!("the query string cannot be parsed: {e}"),
+        )
+    })?;
     let mut map = BTreeMap::new();
     for (k, v) in pairs {
         if !allowed.contains(&k.as_str()) {
             let shown: String = k.chars().take(64).collect();
             return Err(ApiError::bad(
                 "unknown_parameter",
-                format!("unknown parameter `{shown}`; this endpoint takes {}", allowed.join(", ")),
+                format!(
+                    "unknown parameter `{shown}`; this endpoint takes {}",
+                    allowed.join(", ")
+                ),
             ));
         }
         if map.contains_key(&k) {
-            return Err(ApiError::bad("invalid_parameter", format!("parameter `{k}` is given more than once")));
+            return Err(ApiError::bad(
+                "invalid_parameter",
+                format!("parameter `{k}` is given more than once"),
+            ));
         }
         map.insert(k, v);
     }
@@ -190,18 +327,27 @@ fn params(q: Result<Query<Vec<(String, String)>>, QueryRejection>, allowed: &[&s
 }
 
 fn parse_time(name: &str, v: &str) -> Result<i64, ApiError> {
-    chrono::DateTime::parse_from_rfc3339(v).map(|t| t.timestamp_millis()).map_err(|_| {
-        let shown: String = v.chars().take(64).collect();
-        ApiError::bad(
-            "invalid_parameter",
-            format!("`{name}` = {shown:?} is not an RFC 3339 time such as 2026-11-28T10:00:00Z"),
-        )
-    })
+    chrono::DateTime::parse_from_rfc3339(v)
+        .map(|t| t.timestamp_millis())
+        .map_err(|_| {
+            let shown: String = v.chars().take(64).collect();
+            ApiError::bad(
+                "invalid_parameter",
+                format!(
+                    "`{name}` = {shown:?} is not an RFC 3339 time such as 2026-11-28T10:00:00Z"
+                ),
+            )
+        })
 }
 
 pub fn fmt_time(ms: i64) -> String {
-    let format = if ms % 1000 == 0 { SecondsFormat::Secs } else { SecondsFormat::Millis };
-    chrono::DateTime::from_timestamp_millis(ms).map_or_else(|| ms.to_string(), |t| t.to_rfc3339_opts(format, true))
+    let format = if ms % 1000 == 0 {
+        SecondsFormat::Secs
+    } else {
+        SecondsFormat::Millis
+    };
+    chrono::DateTime::from_timestamp_millis(ms)
+        .map_or_else(|| ms.to_string(), |t| t.to_rfc3339_opts(format, true))
 }
 
 impl Params {
@@ -212,18 +358,34 @@ impl Params {
     fn required(&self, name: &str) -> Result<&str, ApiError> {
         match self.get(name) {
             Some(v) if !v.is_empty() => Ok(v),
-            Some(_) => Err(ApiError::bad("invalid_parameter", format!("`{name}` is empty"))),
-            None => Err(ApiError::bad("missing_parameter", format!("missing required parameter `{name}`"))),
+            Some(_) => Err(ApiError::bad(
+                "invalid_parameter",
+                format!("`{name}` is empty"),
+            )),
+            None => Err(ApiError::bad(
+                "missing_parameter",
+                format!("missing required parameter `{name}`"),
+            )),
         }
     }
 
     fn id(&self, name: &str, required: bool) -> Result<Option<&str>, ApiError> {
-        let v = if required { Some(self.required(name)?) } else { self.get(name) };
+        let v = if required {
+            Some(self.required(name)?)
+        } else {
+            self.get(name)
+        };
         match v {
-            Some("") => Err(ApiError::bad("invalid_parameter", format!("`{name}` is empty; omit it instead"))),
+            Some("") => Err(ApiError::bad(
+                "invalid_parameter",
+                format!("`{name}` is empty; omit it instead"),
+            )),
             Some(v) if v.len() > MAX_ID_BYTES => Err(ApiError::bad(
                 "invalid_parameter",
-                format!("`{name}` is {} bytes; ids are at most {MAX_ID_BYTES} bytes", v.len()),
+                format!(
+                    "`{name}` is {} bytes; ids are at most {MAX_ID_BYTES} bytes",
+                    v.len()
+                ),
             )),
             v => Ok(v),
         }
@@ -234,10 +396,16 @@ impl Params {
         let start = parse_time("start", self.required("start")?)?;
         let end = parse_time("end", self.required("end")?)?;
         if start < 0 {
-            return Err(ApiError::bad("invalid_parameter", "`start` must not be before 1970-01-01T00:00:00Z"));
+            return Err(ApiError::bad(
+                "invalid_parameter",
+                "`start` must not be before 1970-01-01T00:00:00Z",
+            ));
         }
         if start >= end {
-            return Err(ApiError::bad("invalid_range", "`start` must be before `end` (the range is [start, end))"));
+            return Err(ApiError::bad(
+                "invalid_range",
+                "`start` must be before `end` (the range is [start, end))",
+            ));
         }
         let max = i64::try_from(s.cfg.max_range.as_millis()).unwrap_or(i64::MAX);
         if end - start > max {
@@ -245,7 +413,9 @@ impl Params {
                 "range_too_long",
                 format!(
                     "`end` - `start` is {}; api.max_range allows at most {}",
-                    humantime::format_duration(std::time::Duration::from_millis((end - start).unsigned_abs())),
+                    humantime::format_duration(std::time::Duration::from_millis(
+                        (end - start).unsigned_abs()
+                    )),
                     humantime::format_duration(s.cfg.max_range)
                 ),
             ));
@@ -253,8 +423,16 @@ impl Params {
         Ok((start, end))
     }
 
-    fn plan(&self, s: &ApiState, start: i64, end: i64) -> Result<Vec<super::tiers::Segment>, ApiError> {
-        s.reader.tiers.plan(start, end).map_err(|(_, message)| ApiError::bad("unaligned_range", message))
+    fn plan(
+        &self,
+        s: &ApiState,
+        start: i64,
+        end: i64,
+    ) -> Result<Vec<super::tiers::Segment>, ApiError> {
+        s.reader
+            .tiers
+            .plan(start, end)
+            .map_err(|(_, message)| ApiError::bad("unaligned_range", message))
     }
 }
 
@@ -263,12 +441,19 @@ fn opt_f64(v: Option<f64>) -> Value {
 }
 
 async fn as_of(s: &ApiState) -> Result<Value, ApiError> {
-    Ok(s.reader.as_of().await?.map_or(Value::Null, |t| json!(fmt_time(t))))
+    Ok(s.reader
+        .as_of()
+        .await?
+        .map_or(Value::Null, |t| json!(fmt_time(t))))
 }
 
 // ---------------------------------------------------------------- reads
 
-async fn count(State(s): State<Shared>, headers: HeaderMap, q: Result<Query<Vec<(String, String)>>, QueryRejection>) -> ApiResult {
+async fn count(
+    State(s): State<Shared>,
+    headers: HeaderMap,
+    q: Result<Query<Vec<(String, String)>>, QueryRejection>,
+) -> ApiResult {
     authorize(&s.cfg.read_tokens.0, &headers, "read")?;
     let p = params(q, &["video_id", "event_type", "start", "end"])?;
     let video = p.id("video_id", true)?.unwrap_or_default();
@@ -290,7 +475,11 @@ async fn count(State(s): State<Shared>, headers: HeaderMap, q: Result<Query<Vec<
 
 const FUNCTIONS: &[&str] = &["count", "sum", "avg", "min", "max"];
 
-async fn stats(State(s): State<Shared>, headers: HeaderMap, q: Result<Query<Vec<(String, String)>>, QueryRejection>) -> ApiResult {
+async fn stats(
+    State(s): State<Shared>,
+    headers: HeaderMap,
+    q: Result<Query<Vec<(String, String)>>, QueryRejection>,
+) -> ApiResult {
     authorize(&s.cfg.read_tokens.0, &headers, "read")?;
     let p = params(q, &["video_id", "event_type", "function", "start", "end"])?;
     let video = p.id("video_id", true)?.unwrap_or_default();
@@ -300,7 +489,10 @@ async fn stats(State(s): State<Shared>, headers: HeaderMap, q: Result<Query<Vec<
         let shown: String = function.chars().take(32).collect();
         return Err(ApiError::bad(
             "invalid_parameter",
-            format!("`function` = {shown:?} is not one of {}", FUNCTIONS.join(", ")),
+            format!(
+                "`function` = {shown:?} is not one of {}",
+                FUNCTIONS.join(", ")
+            ),
         ));
     }
     let (start, end) = p.range(&s)?;
@@ -337,21 +529,34 @@ fn granularity_ms(g: &str) -> Option<i64> {
     }
 }
 
-async fn series(State(s): State<Shared>, headers: HeaderMap, q: Result<Query<Vec<(String, String)>>, QueryRejection>) -> ApiResult {
+async fn series(
+    State(s): State<Shared>,
+    headers: HeaderMap,
+    q: Result<Query<Vec<(String, String)>>, QueryRejection>,
+) -> ApiResult {
     authorize(&s.cfg.read_tokens.0, &headers, "read")?;
-    let p = params(q, &["video_id", "event_type", "start", "end", "granularity"])?;
+    let p = params(
+        q,
+        &["video_id", "event_type", "start", "end", "granularity"],
+    )?;
     let video = p.id("video_id", true)?.unwrap_or_default();
     let et = p.id("event_type", false)?;
     let gname = p.get("granularity").unwrap_or("hour");
     let g = granularity_ms(gname).ok_or_else(|| {
         let shown: String = gname.chars().take(32).collect();
-        ApiError::bad("invalid_parameter", format!("`granularity` = {shown:?} is not one of minute, hour, day"))
+        ApiError::bad(
+            "invalid_parameter",
+            format!("`granularity` = {shown:?} is not one of minute, hour, day"),
+        )
     })?;
     let (start, end) = p.range(&s)?;
     let tier = s.reader.tiers.series_tier(g).ok_or_else(|| {
         ApiError::bad(
             "invalid_parameter",
-            format!("no rollup can answer `granularity` = {gname}; rollups exist for {} windows", s.reader.tiers.granularities()),
+            format!(
+                "no rollup can answer `granularity` = {gname}; rollups exist for {} windows",
+                s.reader.tiers.granularities()
+            ),
         )
     })?;
     for (name, t) in [("start", start), ("end", end)] {
@@ -401,7 +606,11 @@ async fn series(State(s): State<Shared>, headers: HeaderMap, q: Result<Query<Vec
     .into_response())
 }
 
-async fn top(State(s): State<Shared>, headers: HeaderMap, q: Result<Query<Vec<(String, String)>>, QueryRejection>) -> ApiResult {
+async fn top(
+    State(s): State<Shared>,
+    headers: HeaderMap,
+    q: Result<Query<Vec<(String, String)>>, QueryRejection>,
+) -> ApiResult {
     authorize(&s.cfg.read_tokens.0, &headers, "read")?;
     let p = params(q, &["event_type", "start", "end", "limit"])?;
     let et = p.id("event_type", false)?;
@@ -421,7 +630,10 @@ async fn top(State(s): State<Shared>, headers: HeaderMap, q: Result<Query<Vec<(S
     let (start, end) = p.range(&s)?;
     let plan = p.plan(&s, start, end)?;
     let (rows, as_of) = tokio::join!(s.reader.top(et, &plan, limit), as_of(&s));
-    let videos: Vec<Value> = rows?.into_iter().map(|(v, n)| json!({"video_id": v, "count": n})).collect();
+    let videos: Vec<Value> = rows?
+        .into_iter()
+        .map(|(v, n)| json!({"video_id": v, "count": n}))
+        .collect();
     Ok(Json(json!({
         "event_type": et,
         "start": fmt_time(start),
@@ -435,37 +647,49 @@ async fn top(State(s): State<Shared>, headers: HeaderMap, q: Result<Query<Vec<(S
 
 // ---------------------------------------------------------------- writes
 
-async fn events(State(s): State<Shared>, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> ApiResult {
-    authorize(&s.cfg.write_tokens.0, &headers, "write")?;
+/// `POST /v1/events`; the token and content type are checked by
+/// [`ingest_gate`] before the body is read.
+async fn events(State(s): State<Shared>, body: Result<Bytes, BytesRejection>) -> ApiResult {
     let body = body.map_err(|e| {
         if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "body_too_large",
-                format!("the body exceeds api.max_body = {} bytes; send fewer events per request", s.cfg.max_body.0),
+                format!(
+                    "the body exceeds api.max_body = {} bytes; send fewer events per request",
+                    s.cfg.max_body.0
+                ),
             )
         } else {
             ApiError::bad("invalid_body", format!("cannot read the body: {e}"))
         }
     })?;
-    let events = super::ingest::split_events(&body).map_err(|m| ApiError::bad("invalid_body", format!("body: {m}")))?;
+    let events = super::ingest::split_events(&body)
+        .map_err(|m| ApiError::bad("invalid_body", format!("body: {m}")))?;
     if events.is_empty() {
-        return Err(ApiError::bad("invalid_body", "body: no events; send a JSON array or NDJSON (one object per line)"));
+        return Err(ApiError::bad(
+            "invalid_body",
+            "body: no events; send a JSON array or NDJSON (one object per line)",
+        ));
     }
     let now_ms = chrono::Utc::now().timestamp_millis();
-    let bad = super::ingest::validate(&s.decoder, &events, now_ms);
-    if !bad.is_empty() {
-        s.metrics.api_events_invalid.fetch_add(bad.len() as u64, Ordering::Relaxed);
+    // Decoding a large body is CPU work: off the async workers, which the
+    // committer and the other requests share.
+    let (bad, invalid) = super::blocking(|| {
+        super::ingest::validate(&s.decoder, &events, now_ms, MAX_LISTED_INVALID)
+    });
+    if invalid > 0 {
+        s.metrics
+            .api_events_invalid
+            .fetch_add(invalid as u64, Ordering::Relaxed);
         let listed: Vec<Value> = bad
             .iter()
-            .take(MAX_LISTED_INVALID)
             .map(|b| json!({"index": b.index, "reason": b.reject.reason.code(), "detail": b.reject.detail}))
             .collect();
         let mut e = ApiError::bad(
             "invalid_events",
             format!(
-                "{} of {} events are invalid; nothing was produced (listing the first {})",
-                bad.len(),
+                "{invalid} of {} events are invalid; nothing was produced (listing the first {})",
                 events.len(),
                 listed.len()
             ),
@@ -475,11 +699,15 @@ async fn events(State(s): State<Shared>, headers: HeaderMap, body: Result<Bytes,
     }
     match s.ingest.produce(&events).await {
         Ok(n) => {
-            s.metrics.api_events_produced.fetch_add(n as u64, Ordering::Relaxed);
+            s.metrics
+                .api_events_produced
+                .fetch_add(n as u64, Ordering::Relaxed);
             Ok((StatusCode::ACCEPTED, Json(json!({"accepted": n}))).into_response())
         }
         Err(f) => {
-            s.metrics.api_events_produced.fetch_add(f.acknowledged as u64, Ordering::Relaxed);
+            s.metrics
+                .api_events_produced
+                .fetch_add(f.acknowledged as u64, Ordering::Relaxed);
             let mut e = ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "produce_failed",
@@ -500,8 +728,17 @@ async fn events(State(s): State<Shared>, headers: HeaderMap, body: Result<Bytes,
 
 async fn metrics(State(s): State<Shared>) -> Response {
     let as_of = s.reader.as_of().await.ok().flatten();
-    let text = s.metrics.render(s.pipeline, as_of, chrono::Utc::now().timestamp_millis());
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response()
+    let text = s
+        .metrics
+        .render(s.pipeline, as_of, chrono::Utc::now().timestamp_millis());
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response()
 }
 
 async fn livez() -> Response {
@@ -509,14 +746,23 @@ async fn livez() -> Response {
 }
 
 async fn readyz(State(s): State<Shared>) -> Response {
-    let store = match tokio::time::timeout(std::time::Duration::from_secs(1), s.reader.ping()).await {
+    let store = match tokio::time::timeout(std::time::Duration::from_secs(1), s.reader.ping()).await
+    {
         Ok(Ok(())) => "ok".to_string(),
         Ok(Err(e)) => e.to_string(),
         Err(_) => "no answer within 1s".to_string(),
     };
-    let broker = if s.broker_ok.load(Ordering::Acquire) { "ok" } else { "unreachable (topic metadata not available)" };
+    let broker = if s.broker_ok.load(Ordering::Acquire) {
+        "ok"
+    } else {
+        "unreachable (topic metadata not available)"
+    };
     let ready = store == "ok" && broker == "ok";
-    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     let body = json!({
         "status": if ready { "ready" } else { "not_ready" },
         "checks": {"serving_store": store, "broker": broker},
@@ -544,7 +790,10 @@ mod tests {
     fn times_format_as_rfc3339_utc() {
         assert_eq!(fmt_time(0), "1970-01-01T00:00:00Z");
         assert_eq!(fmt_time(1_500), "1970-01-01T00:00:01.500Z");
-        assert_eq!(parse_time("start", "2026-11-28T10:00:00+01:00").ok(), Some(1_795_856_400_000));
+        assert_eq!(
+            parse_time("start", "2026-11-28T10:00:00+01:00").ok(),
+            Some(1_795_856_400_000)
+        );
         assert!(parse_time("start", "yesterday").is_err());
     }
 }

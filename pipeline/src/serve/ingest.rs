@@ -13,7 +13,7 @@ use rdkafka::ClientContext;
 use tokio::sync::oneshot;
 
 use crate::config::Settings;
-use crate::decode::{Reject, RecordDecoder};
+use crate::decode::{RecordDecoder, Reject};
 
 use super::ServeError;
 
@@ -58,8 +58,14 @@ pub fn split_events(body: &[u8]) -> Result<Vec<&[u8]>, String> {
 }
 
 fn trim(s: &[u8]) -> &[u8] {
-    let a = s.iter().position(|b| !b.is_ascii_whitespace()).unwrap_or(s.len());
-    let b = s.iter().rposition(|b| !b.is_ascii_whitespace()).map_or(a, |p| p + 1);
+    let a = s
+        .iter()
+        .position(|b| !b.is_ascii_whitespace())
+        .unwrap_or(s.len());
+    let b = s
+        .iter()
+        .rposition(|b| !b.is_ascii_whitespace())
+        .map_or(a, |p| p + 1);
     &s[a..b.max(a)]
 }
 
@@ -88,10 +94,15 @@ fn split_array(body: &[u8], open: usize) -> Result<Vec<&[u8]>, String> {
                     if !last.is_empty() {
                         out.push(last);
                     } else if !out.is_empty() {
-                        return Err(format!("a trailing comma before byte {i} of the JSON array"));
+                        return Err(format!(
+                            "a trailing comma before byte {i} of the JSON array"
+                        ));
                     }
                     if !trim(&body[i + 1..]).is_empty() {
-                        return Err(format!("unexpected bytes after the JSON array at byte {}", i + 1));
+                        return Err(format!(
+                            "unexpected bytes after the JSON array at byte {}",
+                            i + 1
+                        ));
                     }
                     return Ok(out);
                 }
@@ -99,7 +110,9 @@ fn split_array(body: &[u8], open: usize) -> Result<Vec<&[u8]>, String> {
                 b',' if depth == 0 => {
                     let el = trim(&body[start..i]);
                     if el.is_empty() {
-                        return Err(format!("an empty element before byte {i} of the JSON array"));
+                        return Err(format!(
+                            "an empty element before byte {i} of the JSON array"
+                        ));
                     }
                     out.push(el);
                     start = i + 1;
@@ -119,19 +132,30 @@ pub struct Invalid {
     pub reject: Reject,
 }
 
-/// Validate every event with the pipeline's decoder; all problems are listed.
-pub fn validate(decoder: &RecordDecoder, events: &[&[u8]], now_ms: i64) -> Vec<Invalid> {
+/// Validate every event with the pipeline's decoder. Returns the first
+/// `max_listed` problems and the number of invalid events (memory stays
+/// bounded however many are invalid).
+pub fn validate(
+    decoder: &RecordDecoder,
+    events: &[&[u8]],
+    now_ms: i64,
+    max_listed: usize,
+) -> (Vec<Invalid>, usize) {
     let mut scratch = decoder.schema().new_columns(events.len().min(4096));
     let mut bad = Vec::new();
+    let mut invalid = 0;
     for (index, e) in events.iter().enumerate() {
         if let Err(reject) = decoder.decode(Some(e), now_ms, &mut scratch) {
-            bad.push(Invalid { index, reject });
+            invalid += 1;
+            if bad.len() < max_listed {
+                bad.push(Invalid { index, reject });
+            }
         }
         if scratch.len() >= 4096 {
             let _ = scratch.finish();
         }
     }
-    bad
+    (bad, invalid)
 }
 
 /// How long one call of the delivery-report poller may block. A delivery
@@ -147,7 +171,11 @@ struct DeliveryContext;
 
 type Delivered = Result<(), String>;
 
-impl ClientContext for DeliveryContext {}
+impl ClientContext for DeliveryContext {
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, log_message: &str) {
+        crate::source::librdkafka_log(level, fac, log_message);
+    }
+}
 
 impl ProducerContext for DeliveryContext {
     type DeliveryOpaque = Box<oneshot::Sender<Delivered>>;
@@ -189,13 +217,22 @@ impl Ingest {
         // its own delay: give up at half the request timeout (at most 2 s
         // before it would leave too little on a busy machine; at least 1 s).
         let half = settings.api.request_timeout / 2;
-        let timeout = half.min(settings.api.request_timeout.saturating_sub(Duration::from_secs(2))).max(Duration::from_secs(1));
+        let timeout = half
+            .min(
+                settings
+                    .api
+                    .request_timeout
+                    .saturating_sub(Duration::from_secs(2)),
+            )
+            .max(Duration::from_secs(1));
         cc.set("enable.idempotence", "true")
             .set("acks", "all")
             .set("linger.ms", "2")
             .set("message.timeout.ms", timeout.as_millis().to_string());
-        let producer: Arc<BaseProducer<DeliveryContext>> =
-            Arc::new(cc.create_with_context(DeliveryContext).map_err(|e| ServeError::Kafka(e.to_string()))?);
+        let producer: Arc<BaseProducer<DeliveryContext>> = Arc::new(
+            cc.create_with_context(DeliveryContext)
+                .map_err(|e| ServeError::Kafka(e.to_string()))?,
+        );
         let stop = Arc::new(AtomicBool::new(false));
         let (poller, stopped) = (producer.clone(), stop.clone());
         std::thread::Builder::new()
@@ -205,12 +242,20 @@ impl Ingest {
                     poller.poll(DELIVERY_POLL);
                 }
             })
-            .map_err(|e| ServeError::Kafka(format!("cannot start the producer's poll thread: {e}")))?;
+            .map_err(|e| {
+                ServeError::Kafka(format!("cannot start the producer's poll thread: {e}"))
+            })?;
         // Should a report come later than librdkafka promises (a busy
         // machine), answer `produce_failed` with the count rather than let
         // the request time out with none.
         let answer_by = settings.api.request_timeout.mul_f64(0.8);
-        Ok(Ingest { producer, stop, topic: settings.kafka.topic.clone(), timeout, answer_by })
+        Ok(Ingest {
+            producer,
+            stop,
+            topic: settings.kafka.topic.clone(),
+            timeout,
+            answer_by,
+        })
     }
 
     /// Produce every event; Ok only when the broker acknowledged all of them.
@@ -220,17 +265,23 @@ impl Ingest {
         let mut pending = Vec::with_capacity(events.len());
         for e in events {
             let (tx, rx) = oneshot::channel();
-            let mut record = BaseRecord::<(), [u8], _>::with_opaque_to(&self.topic, Box::new(tx)).payload(*e);
+            let mut record =
+                BaseRecord::<(), [u8], _>::with_opaque_to(&self.topic, Box::new(tx)).payload(*e);
             loop {
                 match self.producer.send(record) {
                     Ok(()) => break pending.push(rx),
-                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) if Instant::now() < deadline => {
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r))
+                        if Instant::now() < deadline =>
+                    {
                         record = r;
                         tokio::time::sleep(Duration::from_millis(2)).await;
                     }
                     Err((e, _)) => {
                         let acknowledged = count_acks(pending).await;
-                        return Err(ProduceFailure { acknowledged, message: e.to_string() });
+                        return Err(ProduceFailure {
+                            acknowledged,
+                            message: e.to_string(),
+                        });
                     }
                 }
             }
@@ -259,14 +310,24 @@ impl Ingest {
         }
         match first_error {
             None => Ok(total),
-            Some(message) => Err(ProduceFailure { acknowledged: acked, message }),
+            Some(message) => Err(ProduceFailure {
+                acknowledged: acked,
+                message,
+            }),
         }
     }
 
     /// Can the broker be reached (topic metadata within `timeout`)?
     pub fn broker_reachable(&self, timeout: Duration) -> bool {
-        match self.producer.client().fetch_metadata(Some(&self.topic), timeout) {
-            Ok(md) => md.topics().iter().any(|t| t.name() == self.topic && t.error().is_none()),
+        match self
+            .producer
+            .client()
+            .fetch_metadata(Some(&self.topic), timeout)
+        {
+            Ok(md) => md
+                .topics()
+                .iter()
+                .any(|t| t.name() == self.topic && t.error().is_none()),
             Err(_) => false,
         }
     }
@@ -298,15 +359,29 @@ mod tests {
     fn splits_arrays_at_top_level_commas_only() {
         let body = br#" [ {"a":"x,]}","b":[1,2]} , {"c":{"d":"\"]"}} ]  "#;
         let got = split_events(body).unwrap();
-        assert_eq!(got, vec![&br#"{"a":"x,]}","b":[1,2]}"#[..], &br#"{"c":{"d":"\"]"}}"#[..]]);
+        assert_eq!(
+            got,
+            vec![
+                &br#"{"a":"x,]}","b":[1,2]}"#[..],
+                &br#"{"c":{"d":"\"]"}}"#[..]
+            ]
+        );
         assert_eq!(split_events(b"[]").unwrap().len(), 0);
-        assert_eq!(split_events(b"[1, \"s\", null]").unwrap().len(), 3, "non-objects reach the decoder");
+        assert_eq!(
+            split_events(b"[1, \"s\", null]").unwrap().len(),
+            3,
+            "non-objects reach the decoder"
+        );
     }
 
     #[test]
     fn malformed_arrays_are_errors() {
         for bad in [&b"[{}"[..], b"[{},]", b"[,{}]", b"[{}] x", b"[{}}]"] {
-            assert!(split_events(bad).is_err(), "{}", String::from_utf8_lossy(bad));
+            assert!(
+                split_events(bad).is_err(),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
         }
     }
 

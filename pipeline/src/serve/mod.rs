@@ -11,9 +11,9 @@ pub mod ingest;
 mod openapi;
 pub mod reader;
 mod server;
-pub mod tiers;
 #[cfg(test)]
 mod tests;
+pub mod tiers;
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -47,7 +47,9 @@ impl ServeError {
     pub fn kind(&self) -> ErrorKind {
         match self {
             ServeError::Config { .. } | ServeError::Bind { .. } => ErrorKind::User,
-            ServeError::Store(_) | ServeError::Kafka(_) | ServeError::Server(_) => ErrorKind::External,
+            ServeError::Store(_) | ServeError::Kafka(_) | ServeError::Server(_) => {
+                ErrorKind::External
+            }
         }
     }
     pub fn retry(&self) -> RetryHint {
@@ -106,15 +108,23 @@ pub async fn bind(
     let addr = state.cfg.listen;
     let listener = tokio::net::TcpListener::bind(addr)
         .await
-        .map_err(|e| ServeError::Bind { addr: addr.to_string(), message: e.to_string() })?;
+        .map_err(|e| ServeError::Bind {
+            addr: addr.to_string(),
+            message: e.to_string(),
+        })?;
     tracing::info!(listen = %addr, "HTTP API listening");
+    for warning in auth_warnings(&state.cfg) {
+        tracing::warn!("{warning}");
+    }
     let probe_state = state.clone();
     let probe = tokio::spawn(async move {
         loop {
             let s = probe_state.clone();
-            let ok = tokio::task::spawn_blocking(move || s.ingest.broker_reachable(Duration::from_secs(2)))
-                .await
-                .unwrap_or(false);
+            let ok = tokio::task::spawn_blocking(move || {
+                s.ingest.broker_reachable(Duration::from_secs(2))
+            })
+            .await
+            .unwrap_or(false);
             if probe_state.broker_ok.swap(ok, Ordering::AcqRel) != ok {
                 tracing::info!(reachable = ok, "broker reachability changed");
             }
@@ -130,16 +140,63 @@ pub async fn bind(
     })
 }
 
+/// Loud warnings for an API that is half protected: tokens for one
+/// direction and none for the other usually means the other was forgotten.
+pub fn auth_warnings(cfg: &ApiConfig) -> Vec<String> {
+    let (read, write) = (cfg.read_tokens.0.is_empty(), cfg.write_tokens.0.is_empty());
+    let mut out = Vec::new();
+    if write && !read {
+        out.push(format!(
+            "SECURITY: api.read_tokens is set but api.write_tokens is empty: anyone who can reach {} may POST /v1/events; set api.write_tokens",
+            cfg.listen
+        ));
+    }
+    if read && !write {
+        out.push(format!(
+            "SECURITY: api.write_tokens is set but api.read_tokens is empty: anyone who can reach {} may read every count; set api.read_tokens",
+            cfg.listen
+        ));
+    }
+    out
+}
+
+/// Run a possibly long piece of work without stalling the async workers
+/// (the committer and the other requests share them).
+pub(crate) fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        _ => f(),
+    }
+}
+
 /// `tally serve`: the API alone over an existing serving store.
-pub async fn serve_standalone(settings: Settings, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), crate::Error> {
+pub async fn serve_standalone(
+    settings: Settings,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), crate::Error> {
     let schema = EventSchema::from_config(&settings.schema)?;
-    let catalog =
-        SqlCatalog::load(&settings.sql.rollups_dir, schema.arrow.clone(), &settings.schema.time_field).await?;
+    let catalog = SqlCatalog::load(
+        &settings.sql.rollups_dir,
+        schema.arrow.clone(),
+        &settings.schema.time_field,
+    )
+    .await?;
     // Creates the tables if this replica starts first; then only reads.
-    let store =
-        crate::sink::ServingStore::open_with(&settings.serving_url(), &catalog.rollups, settings.serving.window_index).await?;
+    let store = crate::sink::ServingStore::open_with(
+        &settings.serving_url(),
+        &catalog.rollups,
+        settings.serving.window_index,
+    )
+    .await?;
     store.close().await;
-    let state = ApiState::build(&settings, &catalog, &schema, Arc::new(Metrics::new()), false).await?;
+    let state = ApiState::build(
+        &settings,
+        &catalog,
+        &schema,
+        Arc::new(Metrics::new()),
+        false,
+    )
+    .await?;
     let server = bind(state, shutdown).await?;
     server.await?;
     Ok(())

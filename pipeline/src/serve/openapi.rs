@@ -7,12 +7,26 @@ fn param(name: &str, required: bool, description: &str, schema: Value) -> Value 
 }
 
 fn time_param(name: &str) -> Value {
-    let d = if name == "start" { "Range start, inclusive (RFC 3339)." } else { "Range end, exclusive (RFC 3339)." };
-    param(name, true, d, json!({"type": "string", "format": "date-time"}))
+    let d = if name == "start" {
+        "Range start, inclusive (RFC 3339)."
+    } else {
+        "Range end, exclusive (RFC 3339)."
+    };
+    param(
+        name,
+        true,
+        d,
+        json!({"type": "string", "format": "date-time"}),
+    )
 }
 
 fn id_param(name: &str, required: bool, description: &str) -> Value {
-    param(name, required, description, json!({"type": "string", "minLength": 1, "maxLength": 256}))
+    param(
+        name,
+        required,
+        description,
+        json!({"type": "string", "minLength": 1, "maxLength": 256}),
+    )
 }
 
 fn errors() -> Value {

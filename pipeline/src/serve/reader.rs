@@ -9,9 +9,9 @@
 //! sqlx pool; the statement text is the same, with numbered placeholders.
 
 use std::collections::BTreeMap;
+use std::str::FromStr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
-use std::str::FromStr;
 use std::time::{Duration, Instant};
 
 use rusqlite::{params_from_iter, types::Value as Sql, Connection, OpenFlags};
@@ -65,19 +65,30 @@ struct TierSql {
 }
 
 // Integer sums are cast back to BIGINT: PostgreSQL sums BIGINT into NUMERIC.
-const MEASURES_SQL: &str = "CAST(coalesce(sum(r.events), 0) AS BIGINT), coalesce(sum(r.value_sum), 0.0), \
+const MEASURES_SQL: &str =
+    "CAST(coalesce(sum(r.events), 0) AS BIGINT), coalesce(sum(r.value_sum), 0.0), \
      CAST(coalesce(sum(r.value_count), 0) AS BIGINT), min(r.value_min), max(r.value_max)";
 
 /// `part(table)` for each table, as one `UNION ALL`.
 fn each_table(tables: &[String], part: impl Fn(&str) -> String) -> String {
-    tables.iter().map(|t| part(t)).collect::<Vec<_>>().join(" UNION ALL ")
+    tables
+        .iter()
+        .map(|t| part(t))
+        .collect::<Vec<_>>()
+        .join(" UNION ALL ")
 }
 
 /// Distinct event types of one video by index skip-scan (one B-tree probe
 /// per type and table), so queries over all types never scan a video's history.
 fn types_cte(tables: &[String]) -> String {
-    let first = each_table(tables, |t| format!("SELECT min(event_type) AS et FROM {t} WHERE video_id = ?1"));
-    let next = each_table(tables, |t| format!("SELECT min(event_type) AS et FROM {t} WHERE video_id = ?1 AND event_type > types.et"));
+    let first = each_table(tables, |t| {
+        format!("SELECT min(event_type) AS et FROM {t} WHERE video_id = ?1")
+    });
+    let next = each_table(tables, |t| {
+        format!(
+            "SELECT min(event_type) AS et FROM {t} WHERE video_id = ?1 AND event_type > types.et"
+        )
+    });
     format!(
         "WITH RECURSIVE types(et) AS (
            SELECT (SELECT min(et) FROM ({first}) f)
@@ -105,7 +116,9 @@ impl TierSql {
             format!("SELECT r.* FROM types JOIN {t} r ON r.video_id = ?1 AND r.event_type = types.et AND r.{w} >= ?2 AND r.{w} < ?3")
         });
         TierSql {
-            series_type: format!("SELECT (r.{w} / ?5) * ?5 AS b, {MEASURES_SQL} FROM ({by_type}) r GROUP BY b"),
+            series_type: format!(
+                "SELECT (r.{w} / ?5) * ?5 AS b, {MEASURES_SQL} FROM ({by_type}) r GROUP BY b"
+            ),
             series_all: format!(
                 "{} SELECT (r.{w} / ?4) * ?4 AS b, {MEASURES_SQL} FROM ({all_types}) r GROUP BY b",
                 types_cte(&tables)
@@ -121,7 +134,10 @@ const AS_OF_TTL: Duration = Duration::from_millis(100);
 
 #[derive(Debug)]
 enum Backend {
-    Sqlite { conns: Vec<Mutex<Connection>>, next: AtomicUsize },
+    Sqlite {
+        conns: Vec<Mutex<Connection>>,
+        next: AtomicUsize,
+    },
     Postgres(PgPool),
 }
 
@@ -159,30 +175,34 @@ fn totals(r: &rusqlite::Row<'_>, from: usize) -> rusqlite::Result<Totals> {
     })
 }
 
-/// Run a possibly long query without stalling the async workers.
-fn blocking<T>(f: impl FnOnce() -> T) -> T {
-    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
-        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
-        _ => f(),
-    }
-}
+use super::blocking;
 
 /// The file path of a `sqlite://PATH[?options]` URL.
 fn sqlite_path(url: &str) -> Result<String, ServeError> {
     let rest = url
         .strip_prefix("sqlite://")
         .or_else(|| url.strip_prefix("sqlite:"))
-        .ok_or_else(|| ServeError::Store(format!("{url}: the API reads SQLite stores only (sqlite://PATH)")))?;
+        .ok_or_else(|| {
+            ServeError::Store(format!(
+                "{url}: the API reads SQLite stores only (sqlite://PATH)"
+            ))
+        })?;
     Ok(rest.split('?').next().unwrap_or(rest).to_string())
 }
 
 impl Reader {
     /// Open `connections` read-only connections to the store at `url`
     /// (PostgreSQL: a pool of that size, connected on first use).
-    pub fn open(url: &str, connections: usize, tiers: Tiers, topic: &str) -> Result<Reader, ServeError> {
+    pub fn open(
+        url: &str,
+        connections: usize,
+        tiers: Tiers,
+        topic: &str,
+    ) -> Result<Reader, ServeError> {
         let backend = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            let opts = PgConnectOptions::from_str(url)
-                .map_err(|e| ServeError::Store(format!("{}: {e}", crate::sink::serving::redact(url))))?;
+            let opts = PgConnectOptions::from_str(url).map_err(|e| {
+                ServeError::Store(format!("{}: {e}", crate::sink::serving::redact(url)))
+            })?;
             Backend::Postgres(
                 PgPoolOptions::new()
                     .max_connections(connections.max(1) as u32)
@@ -191,7 +211,9 @@ impl Reader {
             )
         } else {
             let path = sqlite_path(url)?;
-            let open_err = |e: rusqlite::Error| ServeError::Store(format!("cannot open {path} read-only: {e}"));
+            let open_err = |e: rusqlite::Error| {
+                ServeError::Store(format!("cannot open {path} read-only: {e}"))
+            };
             let mut conns = Vec::with_capacity(connections);
             for _ in 0..connections.max(1) {
                 let c = Connection::open_with_flags(
@@ -203,11 +225,24 @@ impl Reader {
                 c.set_prepared_statement_cache_capacity(64);
                 conns.push(Mutex::new(c));
             }
-            Backend::Sqlite { conns, next: AtomicUsize::new(0) }
+            Backend::Sqlite {
+                conns,
+                next: AtomicUsize::new(0),
+            }
         };
         let with_delta = matches!(backend, Backend::Sqlite { .. });
-        let sql = tiers.tiers.iter().map(|t| TierSql::new(&t.rollup, &t.window, with_delta)).collect();
-        Ok(Reader { backend, tiers, sql, topic: topic.to_string(), as_of_cache: Mutex::new(None) })
+        let sql = tiers
+            .tiers
+            .iter()
+            .map(|t| TierSql::new(&t.rollup, &t.window, with_delta))
+            .collect();
+        Ok(Reader {
+            backend,
+            tiers,
+            sql,
+            topic: topic.to_string(),
+            as_of_cache: Mutex::new(None),
+        })
     }
 
     /// Run `text` with `args` on PostgreSQL.
@@ -228,12 +263,21 @@ impl Reader {
                 _ => q.bind(Option::<i64>::None),
             };
         }
-        let rows = q.fetch_all(pool).await.map_err(|e| ServeError::Store(format!("{what}: {e}")))?;
-        rows.iter().map(|r| row(r).map_err(|e| ServeError::Store(format!("{what}: {e}")))).collect()
+        let rows = q
+            .fetch_all(pool)
+            .await
+            .map_err(|e| ServeError::Store(format!("{what}: {e}")))?;
+        rows.iter()
+            .map(|r| row(r).map_err(|e| ServeError::Store(format!("{what}: {e}"))))
+            .collect()
     }
 
     /// Run `f` on a free connection (or wait for one).
-    fn with_conn<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>, what: &'static str) -> Result<T, ServeError> {
+    fn with_conn<T>(
+        &self,
+        f: impl FnOnce(&Connection) -> rusqlite::Result<T>,
+        what: &'static str,
+    ) -> Result<T, ServeError> {
         let Backend::Sqlite { conns, next } = &self.backend else {
             return Err(ServeError::Store(format!("{what}: not a SQLite store")));
         };
@@ -244,12 +288,16 @@ impl Reader {
                 return f(&c).map_err(store_err(what));
             }
         }
-        let c = conns
-            .get(start)
-            .ok_or_else(|| ServeError::Store("no connection".into()))?
-            .lock()
-            .map_err(|_| ServeError::Store("a reader connection was poisoned".into()))?;
-        f(&c).map_err(store_err(what))
+        // All busy: wait for one off the async workers, so a burst of slow
+        // reads never stalls the committer or `/livez` that share them.
+        blocking(|| {
+            let c = conns
+                .get(start)
+                .ok_or_else(|| ServeError::Store("no connection".into()))?
+                .lock()
+                .map_err(|_| ServeError::Store("a reader connection was poisoned".into()))?;
+            f(&c).map_err(store_err(what))
+        })
     }
 
     /// See [`crate::sink::ServingStore::as_of`]; at most [`AS_OF_TTL`] old.
@@ -267,29 +315,27 @@ impl Reader {
                 "SELECT max_event_ms, caught_up_ms FROM tally_offsets WHERE topic = ?1",
                 vec![Sql::Text(self.topic.clone())],
                 "read as_of",
-                |r| Ok(r.try_get::<Option<i64>, _>(0)?.max(r.try_get::<Option<i64>, _>(1)?)),
+                |r| {
+                    Ok(r.try_get::<Option<i64>, _>(0)?
+                        .max(r.try_get::<Option<i64>, _>(1)?))
+                },
             )
             .await?;
-            let mut out: Option<i64> = None;
-            for t in rows.into_iter().flatten() {
-                out = Some(out.map_or(t, |o| o.min(t)));
-            }
-            out
+            crate::sink::serving::complete_up_to(rows)
         } else {
             self.with_conn(
-            |c| {
-                let mut st = c.prepare_cached("SELECT max_event_ms, caught_up_ms FROM tally_offsets WHERE topic = ?1")?;
-                let mut out: Option<i64> = None;
-                let rows = st.query_map([&self.topic], |r| Ok(r.get::<_, Option<i64>>(0)?.max(r.get::<_, Option<i64>>(1)?)))?;
-                for t in rows {
-                    if let Some(t) = t? {
-                        out = Some(out.map_or(t, |o| o.min(t)));
-                    }
-                }
-                Ok(out)
-            },
-            "read as_of",
-        )?
+                |c| {
+                    let mut st = c.prepare_cached(
+                        "SELECT max_event_ms, caught_up_ms FROM tally_offsets WHERE topic = ?1",
+                    )?;
+                    let rows = st.query_map([&self.topic], |r| {
+                        Ok(r.get::<_, Option<i64>>(0)?.max(r.get::<_, Option<i64>>(1)?))
+                    })?;
+                    let times = rows.collect::<rusqlite::Result<Vec<_>>>()?;
+                    Ok(crate::sink::serving::complete_up_to(times))
+                },
+                "read as_of",
+            )?
         };
         if let Ok(mut cache) = self.as_of_cache.lock() {
             *cache = Some((Instant::now(), v));
@@ -299,7 +345,12 @@ impl Reader {
 
     /// Totals for one video (one or all event types) over planned segments,
     /// in one statement: a `UNION ALL` of one index range per segment.
-    pub async fn totals(&self, video: &str, event_type: Option<&str>, plan: &[Segment]) -> Result<Totals, ServeError> {
+    pub async fn totals(
+        &self,
+        video: &str,
+        event_type: Option<&str>,
+        plan: &[Segment],
+    ) -> Result<Totals, ServeError> {
         let text = self.totals_sql(plan, event_type.is_some());
         let mut args: Vec<Sql> = vec![Sql::Text(video.to_string())];
         if let Some(et) = event_type {
@@ -313,7 +364,13 @@ impl Reader {
             let rows = Self::pg(pool, &text, args, "read totals", |r| pg_totals(r, 0)).await?;
             return Ok(rows.into_iter().next().unwrap_or_default());
         }
-        self.with_conn(|c| c.prepare_cached(&text)?.query_row(params_from_iter(args), |r| totals(r, 0)), "read totals")
+        self.with_conn(
+            |c| {
+                c.prepare_cached(&text)?
+                    .query_row(params_from_iter(args), |r| totals(r, 0))
+            },
+            "read totals",
+        )
     }
 
     /// `?1` video, (`?2` event type), then (lo, hi) per segment.
@@ -321,7 +378,9 @@ impl Reader {
         let mut next = if with_type { 3 } else { 2 };
         let mut parts = Vec::with_capacity(plan.len());
         for seg in plan {
-            let Some(sql) = self.sql.get(seg.tier) else { continue };
+            let Some(sql) = self.sql.get(seg.tier) else {
+                continue;
+            };
             let (w, lo, hi) = (&sql.window, next, next + 1);
             next += 2;
             parts.push(each_table(&sql.tables, |t| {
@@ -345,7 +404,10 @@ impl Reader {
             (false, Some(coarsest)) => types_cte(&coarsest.tables),
             _ => String::new(),
         };
-        format!("{cte} SELECT {MEASURES_SQL} FROM ({}) r", parts.join(" UNION ALL "))
+        format!(
+            "{cte} SELECT {MEASURES_SQL} FROM ({}) r",
+            parts.join(" UNION ALL ")
+        )
     }
 
     /// Per-bucket totals; buckets without rows are absent.
@@ -358,26 +420,45 @@ impl Reader {
         end: i64,
         granularity_ms: i64,
     ) -> Result<BTreeMap<i64, Totals>, ServeError> {
-        let sql = self.sql.get(tier).ok_or_else(|| ServeError::Store("no such tier".into()))?;
+        let sql = self
+            .sql
+            .get(tier)
+            .ok_or_else(|| ServeError::Store("no such tier".into()))?;
         let (text, args): (&str, Vec<Sql>) = match event_type {
             Some(et) => (
                 &sql.series_type,
-                vec![Sql::Text(video.into()), Sql::Text(et.into()), Sql::Integer(start), Sql::Integer(end), Sql::Integer(granularity_ms)],
+                vec![
+                    Sql::Text(video.into()),
+                    Sql::Text(et.into()),
+                    Sql::Integer(start),
+                    Sql::Integer(end),
+                    Sql::Integer(granularity_ms),
+                ],
             ),
             None => (
                 &sql.series_all,
-                vec![Sql::Text(video.into()), Sql::Integer(start), Sql::Integer(end), Sql::Integer(granularity_ms)],
+                vec![
+                    Sql::Text(video.into()),
+                    Sql::Integer(start),
+                    Sql::Integer(end),
+                    Sql::Integer(granularity_ms),
+                ],
             ),
         };
         if let Backend::Postgres(pool) = &self.backend {
-            let rows = Self::pg(pool, text, args, "read series", |r| Ok((r.try_get::<i64, _>(0)?, pg_totals(r, 1)?))).await?;
+            let rows = Self::pg(pool, text, args, "read series", |r| {
+                Ok((r.try_get::<i64, _>(0)?, pg_totals(r, 1)?))
+            })
+            .await?;
             return Ok(rows.into_iter().collect());
         }
         blocking(|| {
             self.with_conn(
                 |c| {
                     let mut st = c.prepare_cached(text)?;
-                    let rows = st.query_map(params_from_iter(args), |r| Ok((r.get::<_, i64>(0)?, totals(r, 1)?)))?;
+                    let rows = st.query_map(params_from_iter(args), |r| {
+                        Ok((r.get::<_, i64>(0)?, totals(r, 1)?))
+                    })?;
                     rows.collect::<rusqlite::Result<BTreeMap<i64, Totals>>>()
                 },
                 "read series",
@@ -386,13 +467,24 @@ impl Reader {
     }
 
     /// The `limit` videos with the most events over planned segments.
-    pub async fn top(&self, event_type: Option<&str>, plan: &[Segment], limit: u32) -> Result<Vec<(String, i64)>, ServeError> {
+    pub async fn top(
+        &self,
+        event_type: Option<&str>,
+        plan: &[Segment],
+        limit: u32,
+    ) -> Result<Vec<(String, i64)>, ServeError> {
         // One statement: a UNION ALL of per-segment partial sums.
         let mut parts = Vec::new();
         let mut args: Vec<Sql> = Vec::new();
         for seg in plan {
-            let Some(sql) = self.sql.get(seg.tier) else { continue };
-            let filter = if event_type.is_some() { " AND event_type = ?" } else { "" };
+            let Some(sql) = self.sql.get(seg.tier) else {
+                continue;
+            };
+            let filter = if event_type.is_some() {
+                " AND event_type = ?"
+            } else {
+                ""
+            };
             for t in &sql.tables {
                 parts.push(format!(
                     "SELECT video_id, sum(events) AS n FROM {t} WHERE {} >= ? AND {} < ?{filter} GROUP BY video_id",
@@ -414,13 +506,17 @@ impl Reader {
             parts.join(" UNION ALL ")
         );
         if let Backend::Postgres(pool) = &self.backend {
-            return Self::pg(pool, &text, args, "read top", |r| Ok((r.try_get(0)?, r.try_get(1)?))).await;
+            return Self::pg(pool, &text, args, "read top", |r| {
+                Ok((r.try_get(0)?, r.try_get(1)?))
+            })
+            .await;
         }
         blocking(|| {
             self.with_conn(
                 |c| {
                     let mut st = c.prepare_cached(&text)?;
-                    let rows = st.query_map(params_from_iter(args), |r| Ok((r.get(0)?, r.get(1)?)))?;
+                    let rows =
+                        st.query_map(params_from_iter(args), |r| Ok((r.get(0)?, r.get(1)?)))?;
                     rows.collect()
                 },
                 "read top",
@@ -431,8 +527,19 @@ impl Reader {
     /// A trivial query: is the store readable?
     pub async fn ping(&self) -> Result<(), ServeError> {
         if let Backend::Postgres(pool) = &self.backend {
-            return Self::pg(pool, "SELECT count(*) FROM tally_offsets", vec![], "ping", |_| Ok(())).await.map(|_| ());
+            return Self::pg(
+                pool,
+                "SELECT count(*) FROM tally_offsets",
+                vec![],
+                "ping",
+                |_| Ok(()),
+            )
+            .await
+            .map(|_| ());
         }
-        self.with_conn(|c| c.query_row("SELECT count(*) FROM tally_offsets", [], |_| Ok(())), "ping")
+        self.with_conn(
+            |c| c.query_row("SELECT count(*) FROM tally_offsets", [], |_| Ok(())),
+            "ping",
+        )
     }
 }

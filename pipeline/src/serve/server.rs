@@ -51,7 +51,10 @@ pub async fn serve(
         tokio::spawn(async move {
             let _slot = slot;
             let mut builder = http1::Builder::new();
-            builder.timer(TokioTimer::new()).header_read_timeout(header_timeout).keep_alive(true);
+            builder
+                .timer(TokioTimer::new())
+                .header_read_timeout(header_timeout)
+                .keep_alive(true);
             let conn = builder.serve_connection(TokioIo::new(stream), svc);
             tokio::pin!(conn);
             tokio::select! {
@@ -71,7 +74,10 @@ pub async fn serve(
     drop(listener);
     drop(close_rx);
     close_tx.send_replace(true);
-    if tokio::time::timeout(DRAIN, close_tx.closed()).await.is_err() {
+    if tokio::time::timeout(DRAIN, close_tx.closed())
+        .await
+        .is_err()
+    {
         tracing::warn!("some HTTP connections were still open after {DRAIN:?}; closing them");
     }
 }

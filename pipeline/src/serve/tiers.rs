@@ -100,20 +100,38 @@ fn check_def(def: &RollupDef) -> Result<(), String> {
 impl Tiers {
     /// Resolve `api.rollups` against the SQL catalog.
     pub fn from_catalog(names: &[String], catalog: &SqlCatalog) -> Result<Tiers, ServeError> {
-        let config = |message: String| ServeError::Config { key: "api.rollups".into(), message };
+        let config = |message: String| ServeError::Config {
+            key: "api.rollups".into(),
+            message,
+        };
         let mut tiers = Vec::new();
         for name in names {
             let def = catalog.get(name).ok_or_else(|| {
                 let have: Vec<&str> = catalog.rollups.iter().map(|r| r.name.as_str()).collect();
-                config(format!("no rollup named `{name}`; the SQL directory defines: {}", have.join(", ")))
+                config(format!(
+                    "no rollup named `{name}`; the SQL directory defines: {}",
+                    have.join(", ")
+                ))
             })?;
-            check_def(def).map_err(|m| config(format!("{} cannot answer API queries: {m}", def.file.display())))?;
-            tiers.push(Tier { rollup: def.name.clone(), window: def.window_name().to_string(), width_ms: def.window_ms });
+            check_def(def).map_err(|m| {
+                config(format!(
+                    "{} cannot answer API queries: {m}",
+                    def.file.display()
+                ))
+            })?;
+            tiers.push(Tier {
+                rollup: def.name.clone(),
+                window: def.window_name().to_string(),
+                width_ms: def.window_ms,
+            });
         }
         tiers.sort_by_key(|t| std::cmp::Reverse(t.width_ms));
         for pair in tiers.windows(2) {
             if pair[0].width_ms == pair[1].width_ms {
-                return Err(config(format!("`{}` and `{}` have the same window width", pair[0].rollup, pair[1].rollup)));
+                return Err(config(format!(
+                    "`{}` and `{}` have the same window width",
+                    pair[0].rollup, pair[1].rollup
+                )));
             }
             if pair[0].width_ms % pair[1].width_ms != 0 {
                 return Err(config(format!(
@@ -137,7 +155,11 @@ impl Tiers {
 
     /// `1d, 1h, 1m`.
     pub fn granularities(&self) -> String {
-        self.tiers.iter().map(|t| width_name(t.width_ms)).collect::<Vec<_>>().join(", ")
+        self.tiers
+            .iter()
+            .map(|t| width_name(t.width_ms))
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 
     /// Split `[start, end)` into whole windows of the coarsest possible tiers.
@@ -166,7 +188,9 @@ impl Tiers {
         if lo >= hi {
             return;
         }
-        let Some(tier) = self.tiers.get(i) else { return };
+        let Some(tier) = self.tiers.get(i) else {
+            return;
+        };
         let w = tier.width_ms;
         if i + 1 == self.tiers.len() {
             out.push(Segment { tier: i, lo, hi });
@@ -175,7 +199,11 @@ impl Tiers {
         let a = lo + (w - lo.rem_euclid(w)) % w; // ceil to w
         let b = hi - hi.rem_euclid(w); // floor to w
         if a < b {
-            out.push(Segment { tier: i, lo: a, hi: b });
+            out.push(Segment {
+                tier: i,
+                lo: a,
+                hi: b,
+            });
             self.split(i + 1, lo, a, out);
             self.split(i + 1, b, hi, out);
         } else {
@@ -185,7 +213,9 @@ impl Tiers {
 
     /// The coarsest tier whose width divides `granularity_ms` (series buckets).
     pub fn series_tier(&self, granularity_ms: i64) -> Option<usize> {
-        self.tiers.iter().position(|t| granularity_ms % t.width_ms == 0)
+        self.tiers
+            .iter()
+            .position(|t| granularity_ms % t.width_ms == 0)
     }
 }
 
@@ -199,8 +229,14 @@ mod tests {
     const D: i64 = 24 * H;
 
     fn tiers() -> Tiers {
-        let t = |n: &str, w| Tier { rollup: n.into(), window: "window_start".into(), width_ms: w };
-        Tiers { tiers: vec![t("day", D), t("hour", H), t("minute", M)] }
+        let t = |n: &str, w| Tier {
+            rollup: n.into(),
+            window: "window_start".into(),
+            width_ms: w,
+        };
+        Tiers {
+            tiers: vec![t("day", D), t("hour", H), t("minute", M)],
+        }
     }
 
     #[test]
@@ -211,10 +247,26 @@ mod tests {
         assert_eq!(
             plan,
             vec![
-                Segment { tier: 2, lo: s, hi: 10 * D + 11 * H },
-                Segment { tier: 1, lo: 10 * D + 11 * H, hi: 11 * D },
-                Segment { tier: 0, lo: 11 * D, hi: 12 * D },
-                Segment { tier: 1, lo: 12 * D, hi: e },
+                Segment {
+                    tier: 2,
+                    lo: s,
+                    hi: 10 * D + 11 * H
+                },
+                Segment {
+                    tier: 1,
+                    lo: 10 * D + 11 * H,
+                    hi: 11 * D
+                },
+                Segment {
+                    tier: 0,
+                    lo: 11 * D,
+                    hi: 12 * D
+                },
+                Segment {
+                    tier: 1,
+                    lo: 12 * D,
+                    hi: e
+                },
             ]
         );
     }

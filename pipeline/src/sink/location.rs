@@ -59,7 +59,10 @@ impl S3Location {
     /// all pages).
     pub async fn list_uploads(&self, rel: &str) -> Result<Vec<Upload>, object_store::Error> {
         use object_store::client::{HttpConnector, HttpRequestBody, ReqwestConnector};
-        let generic = |e: String| object_store::Error::Generic { store: "S3", source: e.into() };
+        let generic = |e: String| object_store::Error::Generic {
+            store: "S3",
+            source: e.into(),
+        };
         let client = ReqwestConnector::default()
             .connect(&object_store::ClientOptions::new().with_allow_http(self.allow_http))?;
         let credential = self.bucket_store.credentials().get_credential().await?;
@@ -69,7 +72,11 @@ impl S3Location {
         for _page in 0..10_000 {
             let mut query = format!("uploads=&prefix={}", encode(&prefix));
             if let Some((k, u)) = &marker {
-                query.push_str(&format!("&key-marker={}&upload-id-marker={}", encode(k), encode(u)));
+                query.push_str(&format!(
+                    "&key-marker={}&upload-id-marker={}",
+                    encode(k),
+                    encode(u)
+                ));
             }
             let url = format!("{}?{query}", self.bucket_url.trim_end_matches('/'));
             let mut request = http::Request::builder()
@@ -77,13 +84,23 @@ impl S3Location {
                 .uri(&url)
                 .body(HttpRequestBody::empty())
                 .map_err(|e| generic(format!("{url}: {e}")))?;
-            object_store::aws::AwsAuthorizer::new(&credential, "s3", &self.region).authorize(&mut request, None);
-            let response = client.execute(request).await.map_err(|e| generic(format!("ListMultipartUploads: {e}")))?;
+            object_store::aws::AwsAuthorizer::new(&credential, "s3", &self.region)
+                .authorize(&mut request, None);
+            let response = client
+                .execute(request)
+                .await
+                .map_err(|e| generic(format!("ListMultipartUploads: {e}")))?;
             let status = response.status();
-            let body = response.into_body().bytes().await.map_err(|e| generic(format!("ListMultipartUploads: {e}")))?;
+            let body = response
+                .into_body()
+                .bytes()
+                .await
+                .map_err(|e| generic(format!("ListMultipartUploads: {e}")))?;
             let body = String::from_utf8_lossy(&body);
             if !status.is_success() {
-                return Err(generic(format!("ListMultipartUploads {url}: {status}: {body}")));
+                return Err(generic(format!(
+                    "ListMultipartUploads {url}: {status}: {body}"
+                )));
             }
             let (uploads, next) = parse_uploads(&body);
             out.extend(uploads);
@@ -117,7 +134,11 @@ fn xml_text<'a>(block: &'a str, tag: &str) -> Option<&'a str> {
 }
 
 fn unescape(s: &str) -> String {
-    s.replace("&lt;", "<").replace("&gt;", ">").replace("&quot;", "\"").replace("&apos;", "'").replace("&amp;", "&")
+    s.replace("&lt;", "<")
+        .replace("&gt;", ">")
+        .replace("&quot;", "\"")
+        .replace("&apos;", "'")
+        .replace("&amp;", "&")
 }
 
 /// The uploads of a ListMultipartUploadsResult page, and the markers of the
@@ -126,15 +147,23 @@ fn parse_uploads(xml: &str) -> (Vec<Upload>, Option<(String, String)>) {
     let mut uploads = Vec::new();
     let mut rest = xml;
     while let Some(start) = rest.find("<Upload>") {
-        let Some(len) = rest[start..].find("</Upload>") else { break };
+        let Some(len) = rest[start..].find("</Upload>") else {
+            break;
+        };
         let block = &rest[start..start + len];
         if let (Some(k), Some(id)) = (xml_text(block, "Key"), xml_text(block, "UploadId")) {
-            uploads.push(Upload { key: unescape(k), id: unescape(id) });
+            uploads.push(Upload {
+                key: unescape(k),
+                id: unescape(id),
+            });
         }
         rest = &rest[start + len..];
     }
     let truncated = xml_text(xml, "IsTruncated").is_some_and(|t| t.trim() == "true");
-    let next = match (xml_text(xml, "NextKeyMarker"), xml_text(xml, "NextUploadIdMarker")) {
+    let next = match (
+        xml_text(xml, "NextKeyMarker"),
+        xml_text(xml, "NextUploadIdMarker"),
+    ) {
         (Some(k), Some(u)) if truncated => Some((unescape(k), unescape(u))),
         _ => None,
     };
@@ -150,7 +179,10 @@ pub struct ArchiveLocation {
 }
 
 fn store_error(path: &str, e: object_store::Error) -> SinkError {
-    SinkError::ObjectStore { path: path.to_string(), source: Box::new(e) }
+    SinkError::ObjectStore {
+        path: path.to_string(),
+        source: Box::new(e),
+    }
 }
 
 impl ArchiveLocation {
@@ -160,10 +192,16 @@ impl ArchiveLocation {
         if cfg.archive_url.is_empty() {
             return Ok(ArchiveLocation::local(&cfg.data_dir)?);
         }
-        let rest = cfg.archive_url.strip_prefix("s3://").ok_or_else(|| ConfigError::Invalid {
-            key: "storage.archive_url".into(),
-            message: format!("{:?}: use \"\" for storage.data_dir or s3://BUCKET/PREFIX", cfg.archive_url),
-        })?;
+        let rest = cfg
+            .archive_url
+            .strip_prefix("s3://")
+            .ok_or_else(|| ConfigError::Invalid {
+                key: "storage.archive_url".into(),
+                message: format!(
+                    "{:?}: use \"\" for storage.data_dir or s3://BUCKET/PREFIX",
+                    cfg.archive_url
+                ),
+            })?;
         let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
         let mut builder = AmazonS3Builder::from_env().with_bucket_name(bucket);
         for (k, v) in &cfg.options {
@@ -176,11 +214,16 @@ impl ArchiveLocation {
             builder = builder.with_config(key, v.to_string());
         }
         let endpoint = builder.get_config_value(&AmazonS3ConfigKey::Endpoint);
-        let region = builder.get_config_value(&AmazonS3ConfigKey::Region).unwrap_or_else(|| "us-east-1".into());
-        let virtual_hosted =
-            builder.get_config_value(&AmazonS3ConfigKey::VirtualHostedStyleRequest).is_some_and(|v| v == "true");
+        let region = builder
+            .get_config_value(&AmazonS3ConfigKey::Region)
+            .unwrap_or_else(|| "us-east-1".into());
+        let virtual_hosted = builder
+            .get_config_value(&AmazonS3ConfigKey::VirtualHostedStyleRequest)
+            .is_some_and(|v| v == "true");
         let allow_http = builder
-            .get_config_value(&AmazonS3ConfigKey::Client(object_store::ClientConfigKey::AllowHttp))
+            .get_config_value(&AmazonS3ConfigKey::Client(
+                object_store::ClientConfigKey::AllowHttp,
+            ))
             .is_some_and(|v| v == "true");
         // As object_store addresses the bucket (AmazonS3Builder::build).
         let bucket_url = match (endpoint, virtual_hosted) {
@@ -216,13 +259,23 @@ impl ArchiveLocation {
     /// An archive rooted at a local directory (created if missing).
     pub fn local(dir: &Path) -> Result<ArchiveLocation, SinkError> {
         let io = |e: std::io::Error| {
-            store_error(&dir.display().to_string(), object_store::Error::Generic { store: "local", source: Box::new(e) })
+            store_error(
+                &dir.display().to_string(),
+                object_store::Error::Generic {
+                    store: "local",
+                    source: Box::new(e),
+                },
+            )
         };
         std::fs::create_dir_all(dir).map_err(io)?;
         let root = std::fs::canonicalize(dir).map_err(io)?;
         let fs = object_store::local::LocalFileSystem::new_with_prefix(&root)
             .map_err(|e| store_error(&dir.display().to_string(), e))?;
-        Ok(ArchiveLocation { store: Arc::new(fs), local_root: Some(root), s3: None })
+        Ok(ArchiveLocation {
+            store: Arc::new(fs),
+            local_root: Some(root),
+            s3: None,
+        })
     }
 
     /// Where an archive-relative path lives, as DataFusion (and analysts)
@@ -238,9 +291,14 @@ impl ArchiveLocation {
     /// Make [`Self::url`]s readable by `ctx` (S3 needs its store registered).
     pub fn register(&self, ctx: &SessionContext) -> Result<(), SinkError> {
         if let Some(s3) = &self.s3 {
-            let url = ObjectStoreUrl::parse(format!("s3://{}", s3.bucket)).map_err(|e| SinkError::ObjectStore {
-                path: format!("s3://{}", s3.bucket),
-                source: Box::new(object_store::Error::Generic { store: "S3", source: Box::new(e) }),
+            let url = ObjectStoreUrl::parse(format!("s3://{}", s3.bucket)).map_err(|e| {
+                SinkError::ObjectStore {
+                    path: format!("s3://{}", s3.bucket),
+                    source: Box::new(object_store::Error::Generic {
+                        store: "S3",
+                        source: Box::new(e),
+                    }),
+                }
             })?;
             ctx.register_object_store(url.as_ref(), s3.bucket_store.clone());
         }
@@ -265,39 +323,65 @@ mod tests {
 
     fn storage(pairs: &[(&str, &str)]) -> Result<StorageConfig, String> {
         let env = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string()));
-        Settings::load(None, env).map(|s| s.storage).map_err(|e| e.to_string())
+        Settings::load(None, env)
+            .map(|s| s.storage)
+            .map_err(|e| e.to_string())
     }
 
     #[test]
     fn s3_urls_keep_the_layout_under_the_prefix() {
         let cfg = storage(&[
             ("TALLY__STORAGE__ARCHIVE_URL", "s3://lake/tally/prod"),
-            ("TALLY__STORAGE__OPTIONS__AWS_ENDPOINT", "http://127.0.0.1:9"),
+            (
+                "TALLY__STORAGE__OPTIONS__AWS_ENDPOINT",
+                "http://127.0.0.1:9",
+            ),
             ("TALLY__STORAGE__OPTIONS__AWS_ALLOW_HTTP", "true"),
             ("TALLY__STORAGE__OPTIONS__AWS_REGION", "us-east-1"),
         ])
         .unwrap();
         let loc = ArchiveLocation::open(&cfg).unwrap();
         assert_eq!(loc.describe(), "s3://lake/tally/prod");
-        assert_eq!(loc.url("raw/events/dt=2026-11-28/hour=09/f.parquet"), "s3://lake/tally/prod/raw/events/dt=2026-11-28/hour=09/f.parquet");
+        assert_eq!(
+            loc.url("raw/events/dt=2026-11-28/hour=09/f.parquet"),
+            "s3://lake/tally/prod/raw/events/dt=2026-11-28/hour=09/f.parquet"
+        );
         let s3 = loc.s3.as_ref().unwrap();
         assert_eq!(s3.key("dlq/x").as_ref(), "tally/prod/dlq/x");
-        let bare = ArchiveLocation::open(&storage(&[("TALLY__STORAGE__ARCHIVE_URL", "s3://lake")]).unwrap()).unwrap();
+        let bare = ArchiveLocation::open(
+            &storage(&[("TALLY__STORAGE__ARCHIVE_URL", "s3://lake")]).unwrap(),
+        )
+        .unwrap();
         assert_eq!(bare.url("raw/a"), "s3://lake/raw/a");
     }
 
     #[test]
     fn bad_archive_settings_name_the_key() {
         let e = storage(&[("TALLY__STORAGE__ARCHIVE_URL", "gs://lake")]).unwrap_err();
-        assert!(e.contains("storage.archive_url") && e.contains("s3://BUCKET/PREFIX"), "{e}");
+        assert!(
+            e.contains("storage.archive_url") && e.contains("s3://BUCKET/PREFIX"),
+            "{e}"
+        );
         let e = storage(&[("TALLY__STORAGE__ARCHIVE_URL", "s3://")]).unwrap_err();
-        assert!(e.contains("storage.archive_url") && e.contains("bucket"), "{e}");
+        assert!(
+            e.contains("storage.archive_url") && e.contains("bucket"),
+            "{e}"
+        );
         let e = storage(&[("TALLY__STORAGE__OPTIONS__AWS_ENDPOINT", "http://x")]).unwrap_err();
-        assert!(e.contains("storage.options") && e.contains("archive_url"), "{e}");
+        assert!(
+            e.contains("storage.options") && e.contains("archive_url"),
+            "{e}"
+        );
         let e = storage(&[("TALLY__STORAGE__MULTIPART_THRESHOLD", "1MiB")]).unwrap_err();
-        assert!(e.contains("storage.multipart_threshold") && e.contains("5MiB"), "{e}");
+        assert!(
+            e.contains("storage.multipart_threshold") && e.contains("5MiB"),
+            "{e}"
+        );
         let e = storage(&[("TALLY__STORAGE__ORPHAN_SWEEP_INTERVAL", "200ms")]).unwrap_err();
-        assert!(e.contains("storage.orphan_sweep_interval") && e.contains("at least 1s"), "{e}");
+        assert!(
+            e.contains("storage.orphan_sweep_interval") && e.contains("at least 1s"),
+            "{e}"
+        );
         let e = storage(&[("TALLY__STORAGE__ORPHAN_SWEEP_INTERVAL", "soon")]).unwrap_err();
         assert!(e.contains("orphan_sweep_interval"), "{e}");
         let cfg = storage(&[
@@ -306,7 +390,10 @@ mod tests {
         ])
         .unwrap();
         let e = ArchiveLocation::open(&cfg).unwrap_err().to_string();
-        assert!(e.contains("storage.options.aws_endpointt") && e.contains("aws_endpoint"), "{e}");
+        assert!(
+            e.contains("storage.options.aws_endpointt") && e.contains("aws_endpoint"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -319,7 +406,13 @@ mod tests {
 </ListMultipartUploadsResult>"#;
         let (uploads, next) = parse_uploads(xml);
         assert_eq!(uploads.len(), 2);
-        assert_eq!(uploads[0], Upload { key: "p/raw/events/a&b.parquet".into(), id: "u1".into() });
+        assert_eq!(
+            uploads[0],
+            Upload {
+                key: "p/raw/events/a&b.parquet".into(),
+                id: "u1".into()
+            }
+        );
         assert_eq!(next, Some(("p/raw/events/b.parquet".into(), "u2".into())));
         let (none, end) = parse_uploads("<ListMultipartUploadsResult><IsTruncated>false</IsTruncated></ListMultipartUploadsResult>");
         assert!(none.is_empty() && end.is_none());
@@ -331,7 +424,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let loc = ArchiveLocation::local(dir.path()).unwrap();
         let root = std::fs::canonicalize(dir.path()).unwrap();
-        assert_eq!(loc.url("raw/events/a.parquet"), root.join("raw/events/a.parquet").display().to_string());
+        assert_eq!(
+            loc.url("raw/events/a.parquet"),
+            root.join("raw/events/a.parquet").display().to_string()
+        );
         assert!(loc.s3.is_none());
     }
 }

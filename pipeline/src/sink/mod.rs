@@ -47,18 +47,16 @@ impl SinkError {
             SinkError::ObjectStore { .. }
             | SinkError::Database { .. }
             | SinkError::Sqlite { .. }
-            | SinkError::Open { .. } => {
-                ErrorKind::External
-            }
+            | SinkError::Open { .. } => ErrorKind::External,
             SinkError::Encode { .. } => ErrorKind::Internal,
             SinkError::Schema { .. } => ErrorKind::User,
         }
     }
     pub fn retry(&self) -> RetryHint {
         match self {
-            SinkError::ObjectStore { .. } | SinkError::Database { .. } | SinkError::Sqlite { .. } => {
-                RetryHint::WithBackoff
-            }
+            SinkError::ObjectStore { .. }
+            | SinkError::Database { .. }
+            | SinkError::Sqlite { .. } => RetryHint::WithBackoff,
             SinkError::Open { .. } | SinkError::Encode { .. } | SinkError::Schema { .. } => {
                 RetryHint::NoRetry
             }
@@ -67,9 +65,15 @@ impl SinkError {
 }
 
 pub(crate) fn db(operation: &'static str) -> impl FnOnce(sqlx::Error) -> SinkError {
-    move |e| SinkError::Database { operation, source: Box::new(e) }
+    move |e| SinkError::Database {
+        operation,
+        source: Box::new(e),
+    }
 }
 
 pub(crate) fn sq(operation: &'static str) -> impl FnOnce(rusqlite::Error) -> SinkError {
-    move |e| SinkError::Sqlite { operation, source: Box::new(e) }
+    move |e| SinkError::Sqlite {
+        operation,
+        source: Box::new(e),
+    }
 }

@@ -32,10 +32,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use datafusion::arrow::array::{Array, AsArray, RecordBatch};
-use datafusion::arrow::row::{RowConverter, SortField};
 use datafusion::arrow::datatypes::{Float64Type, Int64Type};
+use datafusion::arrow::row::{RowConverter, SortField};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
 use sqlx::{AssertSqlSafe, Connection as _, Row};
 
 use super::archive::WrittenFile;
@@ -73,6 +75,14 @@ const BOOKKEEPING: &[&str] = &[
         name TEXT PRIMARY KEY,
         value {int} NOT NULL
     ){noid}",
+    // The definition each rollup table was computed with (see
+    // `ServingStore::check_definitions`).
+    "CREATE TABLE IF NOT EXISTS tally_rollups (
+        name TEXT PRIMARY KEY,
+        fingerprint TEXT NOT NULL,
+        definition TEXT NOT NULL,
+        recorded_at_ms {int} NOT NULL
+    )",
 ];
 
 /// The SQL engine behind a store.
@@ -213,7 +223,11 @@ struct TableSpec {
 pub enum CommitOutcome {
     Committed,
     /// Another writer advanced this partition; the batch was not applied.
-    Fenced { partition: i32, expected: Option<i64>, stored: Option<i64> },
+    Fenced {
+        partition: i32,
+        expected: Option<i64>,
+        stored: Option<i64>,
+    },
 }
 
 /// Everything one batch commits.
@@ -264,6 +278,13 @@ pub struct ServingStore {
     writer: Option<Arc<SqliteWriter>>,
 }
 
+/// Held while a `tally replay` runs (see [`ServingStore::lock_source`]).
+#[derive(Debug)]
+pub enum SourceLock {
+    File(std::fs::File),
+    Postgres(sqlx::PgConnection),
+}
+
 /// The write transaction of a window replacement (see [`ServingStore::begin_replace`]).
 pub enum ReplaceTx {
     Sqlite(sqlx::Transaction<'static, sqlx::Sqlite>),
@@ -277,7 +298,10 @@ const DEFAULT_FOLD_ROWS: usize = 200_000;
 const DEFAULT_DIRECT_ROWS: usize = DEFAULT_FOLD_ROWS / FOLD_SLICES;
 
 impl super::archive::CommittedFiles for ServingStore {
-    async fn committed_among(&self, paths: &[String]) -> Result<std::collections::HashSet<String>, SinkError> {
+    async fn committed_among(
+        &self,
+        paths: &[String],
+    ) -> Result<std::collections::HashSet<String>, SinkError> {
         ServingStore::committed_among(self, paths).await
     }
 }
@@ -301,14 +325,24 @@ fn merge_sql(dialect: Dialect, table: &str, col: &str, rule: MergeRule) -> Strin
     let (t, c) = (quote(table), quote(col));
     match rule {
         MergeRule::Sum => format!("{c} = coalesce({t}.{c} + excluded.{c}, {t}.{c}, excluded.{c})"),
-        MergeRule::Min => format!("{c} = coalesce({}({t}.{c}, excluded.{c}), {t}.{c}, excluded.{c})", dialect.least()),
-        MergeRule::Max => format!("{c} = coalesce({}({t}.{c}, excluded.{c}), {t}.{c}, excluded.{c})", dialect.greatest()),
+        MergeRule::Min => format!(
+            "{c} = coalesce({}({t}.{c}, excluded.{c}), {t}.{c}, excluded.{c})",
+            dialect.least()
+        ),
+        MergeRule::Max => format!(
+            "{c} = coalesce({}({t}.{c}, excluded.{c}), {t}.{c}, excluded.{c})",
+            dialect.greatest()
+        ),
     }
 }
 
 impl TableSpec {
     fn new(def: &RollupDef, dialect: Dialect) -> TableSpec {
-        let columns: Vec<(String, ColumnKind)> = def.columns.iter().map(|c| (c.name.clone(), c.kind)).collect();
+        let columns: Vec<(String, ColumnKind)> = def
+            .columns
+            .iter()
+            .map(|c| (c.name.clone(), c.kind))
+            .collect();
         let names: Vec<String> = columns.iter().map(|(n, _)| quote(n)).collect();
         let keys: Vec<String> = def.keys().iter().map(|c| quote(&c.name)).collect();
         let sets: Vec<String> = def
@@ -317,8 +351,11 @@ impl TableSpec {
             .filter_map(|c| c.merge.map(|m| merge_sql(dialect, &def.name, &c.name, m)))
             .collect();
         let row_placeholder = format!("({})", vec!["?"; columns.len()].join(","));
-        let arrays: Vec<String> =
-            columns.iter().enumerate().map(|(i, (_, k))| format!("${}::{}[]", i + 1, dialect.sql_type(*k))).collect();
+        let arrays: Vec<String> = columns
+            .iter()
+            .enumerate()
+            .map(|(i, (_, k))| format!("${}::{}[]", i + 1, dialect.sql_type(*k)))
+            .collect();
         let unnest_sql = format!(
             "INSERT INTO {} ({}) SELECT * FROM UNNEST({}) ON CONFLICT ({}) DO UPDATE SET {}",
             quote(&def.name),
@@ -362,10 +399,19 @@ impl TableSpec {
                 format!("DELETE FROM {} WHERE {cond}", quote(&delta)),
             ]
         };
-        let fold_range_sql = [[range(false, false), range(false, true)], [range(true, false), range(true, true)]];
+        let fold_range_sql = [
+            [range(false, false), range(false, true)],
+            [range(true, false), range(true, true)],
+        ];
         let range_end_sql = [
-            format!("SELECT {lead} FROM {} ORDER BY {lead} LIMIT 1 OFFSET :n", quote(&delta)),
-            format!("SELECT {lead} FROM {} WHERE {lead} > :lo ORDER BY {lead} LIMIT 1 OFFSET :n", quote(&delta)),
+            format!(
+                "SELECT {lead} FROM {} ORDER BY {lead} LIMIT 1 OFFSET :n",
+                quote(&delta)
+            ),
+            format!(
+                "SELECT {lead} FROM {} WHERE {lead} > :lo ORDER BY {lead} LIMIT 1 OFFSET :n",
+                quote(&delta)
+            ),
         ];
         let direct_upsert_sql = format!(
             "INSERT INTO {} ({}) VALUES {row_placeholder} ON CONFLICT ({}) DO UPDATE SET {}",
@@ -382,16 +428,29 @@ impl TableSpec {
             range_end_sql,
             name: def.name.clone(),
             key_count: def.key_count,
-            rows_per_statement: (MAX_PARAMS / columns.len().max(1)).clamp(1, MAX_ROWS_PER_STATEMENT),
-            upsert_head: format!("INSERT INTO {} ({}) VALUES ", quote(&def.name), names.join(", ")),
-            upsert_tail: format!(" ON CONFLICT ({}) DO UPDATE SET {}", keys.join(", "), sets.join(", ")),
+            rows_per_statement: (MAX_PARAMS / columns.len().max(1))
+                .clamp(1, MAX_ROWS_PER_STATEMENT),
+            upsert_head: format!(
+                "INSERT INTO {} ({}) VALUES ",
+                quote(&def.name),
+                names.join(", ")
+            ),
+            upsert_tail: format!(
+                " ON CONFLICT ({}) DO UPDATE SET {}",
+                keys.join(", "),
+                sets.join(", ")
+            ),
             row_placeholder,
             columns,
         }
     }
 
     fn upsert_sql(&self, rows: usize, dialect: Dialect) -> String {
-        let mut s = String::with_capacity(self.upsert_head.len() + rows * (self.row_placeholder.len() + 1) + self.upsert_tail.len());
+        let mut s = String::with_capacity(
+            self.upsert_head.len()
+                + rows * (self.row_placeholder.len() + 1)
+                + self.upsert_tail.len(),
+        );
         s.push_str(&self.upsert_head);
         for i in 0..rows {
             if i > 0 {
@@ -418,7 +477,12 @@ impl TableSpec {
             message: format!("sort rollup rows by key: {e}"),
         };
         let keys: Vec<_> = (0..self.key_count).map(|i| b.column(i).clone()).collect();
-        let converter = RowConverter::new(keys.iter().map(|k| SortField::new(k.data_type().clone())).collect()).map_err(err)?;
+        let converter = RowConverter::new(
+            keys.iter()
+                .map(|k| SortField::new(k.data_type().clone()))
+                .collect(),
+        )
+        .map_err(err)?;
         let rows = converter.convert_columns(&keys).map_err(err)?;
         let mut order: Vec<usize> = (0..b.num_rows()).collect();
         order.sort_unstable_by(|x, y| rows.row(*x).cmp(&rows.row(*y)));
@@ -435,8 +499,13 @@ impl TableSpec {
         if b.num_rows() < 2 || self.key_count == 0 {
             return Ok((0..b.num_rows()).collect());
         }
-        let idx = datafusion::arrow::compute::sort_to_indices(b.column(0), None, None)
-            .map_err(|e| SinkError::Encode { path: self.name.clone(), message: format!("sort rollup rows by key: {e}") })?;
+        let idx =
+            datafusion::arrow::compute::sort_to_indices(b.column(0), None, None).map_err(|e| {
+                SinkError::Encode {
+                    path: self.name.clone(),
+                    message: format!("sort rollup rows by key: {e}"),
+                }
+            })?;
         Ok(idx.values().iter().map(|i| *i as usize).collect())
     }
 }
@@ -461,19 +530,29 @@ impl<'a> TypedColumn<'a> {
 /// Merge rollup rows (count/sum add, min/max take the extreme) into the
 /// store's tables, inside the caller's transaction.
 trait MergeRows {
-    async fn merge_rows(&mut self, store: &ServingStore, outputs: &[RollupOutput]) -> Result<(), SinkError>;
+    async fn merge_rows(
+        &mut self,
+        store: &ServingStore,
+        outputs: &[RollupOutput],
+    ) -> Result<(), SinkError>;
 }
 
 /// SQLite: multi-row `INSERT … VALUES (…), (…) ON CONFLICT DO UPDATE`, up to
 /// 1,000 rows per statement.
 impl MergeRows for sqlx::SqliteConnection {
-    async fn merge_rows(&mut self, store: &ServingStore, outputs: &[RollupOutput]) -> Result<(), SinkError> {
+    async fn merge_rows(
+        &mut self,
+        store: &ServingStore,
+        outputs: &[RollupOutput],
+    ) -> Result<(), SinkError> {
         for out in outputs {
             let Some(spec) = store.tables.iter().find(|t| t.name == out.rollup) else {
                 continue;
             };
             for b in &out.batches {
-                let order: Vec<usize> = spec.row_order(b)?.unwrap_or_else(|| (0..b.num_rows()).collect());
+                let order: Vec<usize> = spec
+                    .row_order(b)?
+                    .unwrap_or_else(|| (0..b.num_rows()).collect());
                 // Downcast each column once, not per cell.
                 let cols: Vec<TypedColumn<'_>> = spec
                     .columns
@@ -489,13 +568,21 @@ impl MergeRows for sqlx::SqliteConnection {
                     for &row in &order[start..start + n] {
                         for col in &cols {
                             q = match col {
-                                TypedColumn::Text(a) => q.bind((!a.is_null(row)).then(|| a.value(row).to_string())),
-                                TypedColumn::Int(a) => q.bind((!a.is_null(row)).then(|| a.value(row))),
-                                TypedColumn::Real(a) => q.bind((!a.is_null(row)).then(|| a.value(row))),
+                                TypedColumn::Text(a) => {
+                                    q.bind((!a.is_null(row)).then(|| a.value(row).to_string()))
+                                }
+                                TypedColumn::Int(a) => {
+                                    q.bind((!a.is_null(row)).then(|| a.value(row)))
+                                }
+                                TypedColumn::Real(a) => {
+                                    q.bind((!a.is_null(row)).then(|| a.value(row)))
+                                }
                             };
                         }
                     }
-                    q.execute(&mut *self).await.map_err(db("merge rollup rows"))?;
+                    q.execute(&mut *self)
+                        .await
+                        .map_err(db("merge rollup rows"))?;
                     start += n;
                 }
             }
@@ -508,7 +595,11 @@ impl MergeRows for sqlx::SqliteConnection {
 /// DO UPDATE` per rollup batch (one array per column, rows in key order),
 /// a single statement text per table whatever the row count.
 impl MergeRows for sqlx::PgConnection {
-    async fn merge_rows(&mut self, store: &ServingStore, outputs: &[RollupOutput]) -> Result<(), SinkError> {
+    async fn merge_rows(
+        &mut self,
+        store: &ServingStore,
+        outputs: &[RollupOutput],
+    ) -> Result<(), SinkError> {
         for out in outputs {
             let Some(spec) = store.tables.iter().find(|t| t.name == out.rollup) else {
                 continue;
@@ -517,26 +608,45 @@ impl MergeRows for sqlx::PgConnection {
                 if b.num_rows() == 0 {
                     continue;
                 }
-                let order: Vec<usize> = spec.row_order(b)?.unwrap_or_else(|| (0..b.num_rows()).collect());
+                let order: Vec<usize> = spec
+                    .row_order(b)?
+                    .unwrap_or_else(|| (0..b.num_rows()).collect());
                 let mut q = sqlx::query(AssertSqlSafe(spec.unnest_sql.clone()));
                 for (c, (_, kind)) in spec.columns.iter().enumerate() {
                     let arr = b.column(c);
                     q = match kind {
                         ColumnKind::Text => {
                             let a = arr.as_string::<i32>();
-                            q.bind(order.iter().map(|&i| (!a.is_null(i)).then(|| a.value(i))).collect::<Vec<Option<&str>>>())
+                            q.bind(
+                                order
+                                    .iter()
+                                    .map(|&i| (!a.is_null(i)).then(|| a.value(i)))
+                                    .collect::<Vec<Option<&str>>>(),
+                            )
                         }
                         ColumnKind::Int => {
                             let a = arr.as_primitive::<Int64Type>();
-                            q.bind(order.iter().map(|&i| (!a.is_null(i)).then(|| a.value(i))).collect::<Vec<Option<i64>>>())
+                            q.bind(
+                                order
+                                    .iter()
+                                    .map(|&i| (!a.is_null(i)).then(|| a.value(i)))
+                                    .collect::<Vec<Option<i64>>>(),
+                            )
                         }
                         ColumnKind::Real => {
                             let a = arr.as_primitive::<Float64Type>();
-                            q.bind(order.iter().map(|&i| (!a.is_null(i)).then(|| a.value(i))).collect::<Vec<Option<f64>>>())
+                            q.bind(
+                                order
+                                    .iter()
+                                    .map(|&i| (!a.is_null(i)).then(|| a.value(i)))
+                                    .collect::<Vec<Option<f64>>>(),
+                            )
                         }
                     };
                 }
-                q.execute(&mut *self).await.map_err(db("merge rollup rows"))?;
+                q.execute(&mut *self)
+                    .await
+                    .map_err(db("merge rollup rows"))?;
             }
         }
         Ok(())
@@ -547,12 +657,22 @@ impl MergeRows for sqlx::PgConnection {
 /// delta table, one row per key (merged as the rollup's merge rules say).
 fn read_rows_sql(d: Dialect, def: &RollupDef, capped: bool) -> String {
     let w = quote(def.window_name());
-    let cap = if capped { format!(" AND {w} <= ?3") } else { String::new() };
+    let cap = if capped {
+        format!(" AND {w} <= ?3")
+    } else {
+        String::new()
+    };
     let range = format!("{w} >= ?1 AND {w} < ?2{cap}");
     if d == Dialect::Postgres {
-        return format!("SELECT * FROM {} WHERE {range} ORDER BY {w}", quote(&def.name));
+        return format!(
+            "SELECT * FROM {} WHERE {range} ORDER BY {w}",
+            quote(&def.name)
+        );
     }
-    format!("{} ORDER BY {w}", merged_sql(def, &format!(" WHERE {range}")))
+    format!(
+        "{} ORDER BY {w}",
+        merged_sql(def, &format!(" WHERE {range}"))
+    )
 }
 
 /// SQLite: one row per key over the rollup table and its delta table
@@ -592,15 +712,27 @@ macro_rules! read_rows {
         if let Some(m) = max {
             q = q.bind(m);
         }
-        let rows = q.fetch_all(&mut *$conn).await.map_err(db("read rollup rows"))?;
+        let rows = q
+            .fetch_all(&mut *$conn)
+            .await
+            .map_err(db("read rollup rows"))?;
         let mut out: TableRows = Vec::with_capacity(rows.len());
         for r in rows {
             let mut cells = Vec::with_capacity(def.columns.len());
             for (i, c) in def.columns.iter().enumerate() {
                 let cell = match c.kind {
-                    ColumnKind::Text => r.try_get::<Option<String>, _>(i).map_err(db("read rollup rows"))?.map(Cell::Text),
-                    ColumnKind::Int => r.try_get::<Option<i64>, _>(i).map_err(db("read rollup rows"))?.map(Cell::Int),
-                    ColumnKind::Real => r.try_get::<Option<f64>, _>(i).map_err(db("read rollup rows"))?.map(Cell::Real),
+                    ColumnKind::Text => r
+                        .try_get::<Option<String>, _>(i)
+                        .map_err(db("read rollup rows"))?
+                        .map(Cell::Text),
+                    ColumnKind::Int => r
+                        .try_get::<Option<i64>, _>(i)
+                        .map_err(db("read rollup rows"))?
+                        .map(Cell::Int),
+                    ColumnKind::Real => r
+                        .try_get::<Option<f64>, _>(i)
+                        .map_err(db("read rollup rows"))?
+                        .map(Cell::Real),
                 };
                 cells.push(cell.unwrap_or(Cell::Null));
             }
@@ -617,7 +749,9 @@ macro_rules! raw_files {
             .fetch_all(&mut *$conn)
             .await
             .map_err(db("list raw files"))?;
-        rows.iter().map(|r| r.try_get::<String, _>(0).map_err(db("list raw files"))).collect::<Result<Vec<String>, SinkError>>()
+        rows.iter()
+            .map(|r| r.try_get::<String, _>(0).map_err(db("list raw files")))
+            .collect::<Result<Vec<String>, SinkError>>()
     }};
 }
 
@@ -690,7 +824,11 @@ macro_rules! commit {
             let have = stored.get(p).copied();
             if have != range.expected_start {
                 tx.rollback().await.map_err(db("rollback"))?;
-                return Ok(CommitOutcome::Fenced { partition: *p, expected: range.expected_start, stored: have });
+                return Ok(CommitOutcome::Fenced {
+                    partition: *p,
+                    expected: range.expected_start,
+                    stored: have,
+                });
             }
         }
 
@@ -815,35 +953,59 @@ impl SqliteWriter {
         use rusqlite::OpenFlags;
         let conn = rusqlite::Connection::open_with_flags(
             path,
-            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+            OpenFlags::SQLITE_OPEN_READ_WRITE
+                | OpenFlags::SQLITE_OPEN_CREATE
+                | OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )?;
         conn.busy_timeout(Duration::from_secs(5))?;
         // As the sqlx connections (see `open_sqlite`); WAL mode is a property
         // of the file, set when the store was opened.
-        conn.execute_batch("PRAGMA synchronous = NORMAL; PRAGMA cache_size = -65536; PRAGMA temp_store = memory;")?;
+        conn.execute_batch(
+            "PRAGMA synchronous = NORMAL; PRAGMA cache_size = -65536; PRAGMA temp_store = memory;",
+        )?;
         conn.set_prepared_statement_cache_capacity(64);
         Ok(conn)
     }
 
-    fn commit(&self, store: &ServingStore, req: &CommitRequest<'_>) -> Result<CommitOutcome, SinkError> {
+    fn commit(
+        &self,
+        store: &ServingStore,
+        req: &CommitRequest<'_>,
+    ) -> Result<CommitOutcome, SinkError> {
         // A panic elsewhere cannot leave the connection mid-transaction:
         // every failed commit below drops it.
-        let mut slot = self.conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let mut fold = self.fold.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut slot = self
+            .conn
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut fold = self
+            .fold
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         let conn = self.connection(&mut slot, &mut fold, store)?;
         let rows: Vec<usize> = store
             .tables
             .iter()
             .map(|t| {
                 let outputs = req.outputs.iter().filter(|o| o.rollup == t.name);
-                outputs.flat_map(|o| o.batches.iter()).map(|b| b.num_rows()).sum()
+                outputs
+                    .flat_map(|o| o.batches.iter())
+                    .map(|b| b.num_rows())
+                    .sum()
             })
             .collect();
         // A table's rows of a large batch (catching up) go straight to the
         // rollup table: they touch about as many of its pages as a fold
         // slice would, and skip the delta's insert, fold and delete.
-        let direct: Vec<bool> = rows.iter().map(|&n| n > 0 && n >= self.direct_rows.max(1)).collect();
-        let added: Vec<usize> = rows.iter().zip(&direct).map(|(&n, &d)| if d { 0 } else { n }).collect();
+        let direct: Vec<bool> = rows
+            .iter()
+            .map(|&n| n > 0 && n >= self.direct_rows.max(1))
+            .collect();
+        let added: Vec<usize> = rows
+            .iter()
+            .zip(&direct)
+            .map(|(&n, &d)| if d { 0 } else { n })
+            .collect();
         let outcome = commit_sqlite(conn, store, req, &direct);
         match outcome {
             Err(_) => *slot = None,
@@ -863,7 +1025,9 @@ impl SqliteWriter {
                     // is as many (always with a threshold of 0). A failed
                     // fold rolls back whole and is tried after the next
                     // batch.
-                    let target = (self.fold_rows / FOLD_SLICES).max(added.iter().sum()).max(held - self.fold_rows);
+                    let target = (self.fold_rows / FOLD_SLICES)
+                        .max(added.iter().sum())
+                        .max(held - self.fold_rows);
                     let target = (target < held).then_some(target);
                     if let Err(e) = self.timed_fold(conn, &store.tables, &mut fold, target) {
                         tracing::warn!(error = %e, "folding the SQLite delta tables failed; retrying after the next batch");
@@ -888,7 +1052,10 @@ impl SqliteWriter {
         let started = std::time::Instant::now();
         let moved = fold_in_transaction(conn, tables, state, target)?;
         self.folds.fetch_add(1, Ordering::Relaxed);
-        self.fold_micros.fetch_add(u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX), Ordering::Relaxed);
+        self.fold_micros.fetch_add(
+            u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
         self.fold_moved.fetch_add(moved as u64, Ordering::Relaxed);
         Ok(())
     }
@@ -908,18 +1075,29 @@ impl SqliteWriter {
             for spec in &store.tables {
                 rows.push(count_delta(&conn, spec)?);
             }
-            *state = FoldState { cursor: vec![None; rows.len()], rows };
+            *state = FoldState {
+                cursor: vec![None; rows.len()],
+                rows,
+            };
             *slot = Some(conn);
         }
-        slot.as_mut()
-            .ok_or_else(|| SinkError::Encode { path: self.path.display().to_string(), message: "no write connection".into() })
+        slot.as_mut().ok_or_else(|| SinkError::Encode {
+            path: self.path.display().to_string(),
+            message: "no write connection".into(),
+        })
     }
 
     /// Fold all rows of the delta tables into the rollup tables now, in one
     /// transaction.
     fn fold(&self, store: &ServingStore) -> Result<(), SinkError> {
-        let mut slot = self.conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let mut fold = self.fold.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut slot = self
+            .conn
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut fold = self
+            .fold
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         let conn = self.connection(&mut slot, &mut fold, store)?;
         let folded = self.timed_fold(conn, &store.tables, &mut fold, None);
         if folded.is_err() {
@@ -931,7 +1109,10 @@ impl SqliteWriter {
 
 fn count_delta(conn: &rusqlite::Connection, spec: &TableSpec) -> Result<usize, SinkError> {
     let n: i64 = conn
-        .prepare_cached(&format!("SELECT count(*) FROM {}", quote(&delta_table(&spec.name))))
+        .prepare_cached(&format!(
+            "SELECT count(*) FROM {}",
+            quote(&delta_table(&spec.name))
+        ))
         .and_then(|mut st| st.query_row([], |r| r.get(0)))
         .map_err(sq("count the delta rows"))?;
     Ok(usize::try_from(n).unwrap_or(0))
@@ -956,7 +1137,8 @@ fn fold_in_transaction(
     target: Option<usize>,
 ) -> Result<usize, SinkError> {
     use rusqlite::types::Value;
-    conn.execute_batch("BEGIN IMMEDIATE").map_err(sq("begin the fold"))?;
+    conn.execute_batch("BEGIN IMMEDIATE")
+        .map_err(sq("begin the fold"))?;
     let held = state.rows.iter().sum::<usize>().max(1);
     let mut next: Vec<(Option<Value>, usize)> = Vec::with_capacity(tables.len());
     let mut moved = 0;
@@ -971,7 +1153,9 @@ fn fold_in_transaction(
                 continue;
             }
             Some(n) if spec.key_count > 0 => {
-                let mut st = conn.prepare_cached(&spec.range_end_sql[usize::from(cursor.is_some())]).map_err(sq("find the fold range"))?;
+                let mut st = conn
+                    .prepare_cached(&spec.range_end_sql[usize::from(cursor.is_some())])
+                    .map_err(sq("find the fold range"))?;
                 let skip = i64::try_from(n - 1).unwrap_or(i64::MAX);
                 let mut params: Vec<(&str, &dyn rusqlite::ToSql)> = vec![(":n", &skip)];
                 if let Some(lo) = &cursor {
@@ -980,7 +1164,13 @@ fn fold_in_transaction(
                 let hi: Option<Value> = st
                     .query_row(params.as_slice(), |r| r.get(0))
                     .map(Some)
-                    .or_else(|e| if e == rusqlite::Error::QueryReturnedNoRows { Ok(None) } else { Err(e) })
+                    .or_else(|e| {
+                        if e == rusqlite::Error::QueryReturnedNoRows {
+                            Ok(None)
+                        } else {
+                            Err(e)
+                        }
+                    })
                     .map_err(sq("find the fold range"))?;
                 (cursor, hi)
             }
@@ -993,9 +1183,15 @@ fn fold_in_transaction(
         if let Some(hi) = &hi {
             params.push((":hi", hi));
         }
-        let [insert, delete] = &spec.fold_range_sql[usize::from(lo.is_some())][usize::from(hi.is_some())];
-        conn.prepare_cached(insert).and_then(|mut st| st.execute(params.as_slice())).map_err(sq("fold the delta table"))?;
-        let deleted = conn.prepare_cached(delete).and_then(|mut st| st.execute(params.as_slice())).map_err(sq("fold the delta table"))?;
+        let [insert, delete] =
+            &spec.fold_range_sql[usize::from(lo.is_some())][usize::from(hi.is_some())];
+        conn.prepare_cached(insert)
+            .and_then(|mut st| st.execute(params.as_slice()))
+            .map_err(sq("fold the delta table"))?;
+        let deleted = conn
+            .prepare_cached(delete)
+            .and_then(|mut st| st.execute(params.as_slice()))
+            .map_err(sq("fold the delta table"))?;
         moved += deleted;
         next.push(match (target, &hi) {
             (None, _) => (None, 0),
@@ -1006,7 +1202,8 @@ fn fold_in_transaction(
         });
     }
     crate::failpoint::failpoint("inside_fold_transaction");
-    conn.execute_batch("COMMIT").map_err(sq("commit the fold"))?;
+    conn.execute_batch("COMMIT")
+        .map_err(sq("commit the fold"))?;
     state.cursor = next.iter().map(|(c, _)| c.clone()).collect();
     state.rows = next.into_iter().map(|(_, r)| r).collect();
     Ok(moved)
@@ -1035,7 +1232,11 @@ fn commit_sqlite(
         let have = stored.get(p).copied();
         if have != range.expected_start {
             conn.execute_batch("ROLLBACK").map_err(sq("rollback"))?;
-            return Ok(CommitOutcome::Fenced { partition: *p, expected: range.expected_start, stored: have });
+            return Ok(CommitOutcome::Fenced {
+                partition: *p,
+                expected: range.expected_start,
+                stored: have,
+            });
         }
     }
 
@@ -1046,7 +1247,9 @@ fn commit_sqlite(
 
     // 3. Record files.
     {
-        let mut st = conn.prepare_cached(RECORD_FILE_SQL).map_err(sq("record files"))?;
+        let mut st = conn
+            .prepare_cached(RECORD_FILE_SQL)
+            .map_err(sq("record files"))?;
         for f in req.files {
             st.execute(rusqlite::params![
                 f.path,
@@ -1065,23 +1268,41 @@ fn commit_sqlite(
 
     // 4. Offsets and counters.
     {
-        let mut st = conn.prepare_cached(&advance_sql(Dialect::Sqlite)).map_err(sq("advance offsets"))?;
+        let mut st = conn
+            .prepare_cached(&advance_sql(Dialect::Sqlite))
+            .map_err(sq("advance offsets"))?;
         for (p, range) in req.partitions {
-            st.execute(rusqlite::params![req.topic, i64::from(*p), range.next_offset(), req.now_ms, req.max_event_ms.get(p)])
-                .map_err(sq("advance offsets"))?;
+            st.execute(rusqlite::params![
+                req.topic,
+                i64::from(*p),
+                range.next_offset(),
+                req.now_ms,
+                req.max_event_ms.get(p)
+            ])
+            .map_err(sq("advance offsets"))?;
         }
     }
     if !req.caught_up.is_empty() {
-        let mut st = conn.prepare_cached(&caught_up_sql(Dialect::Sqlite)).map_err(sq("mark caught-up partitions"))?;
+        let mut st = conn
+            .prepare_cached(&caught_up_sql(Dialect::Sqlite))
+            .map_err(sq("mark caught-up partitions"))?;
         for (p, next) in req.caught_up {
-            st.execute(rusqlite::params![req.sealed_at_ms, req.topic, i64::from(*p), next])
-                .map_err(sq("mark caught-up partitions"))?;
+            st.execute(rusqlite::params![
+                req.sealed_at_ms,
+                req.topic,
+                i64::from(*p),
+                next
+            ])
+            .map_err(sq("mark caught-up partitions"))?;
         }
     }
     {
-        let mut st = conn.prepare_cached(COUNTER_SQL).map_err(sq("update counters"))?;
+        let mut st = conn
+            .prepare_cached(COUNTER_SQL)
+            .map_err(sq("update counters"))?;
         for (name, delta) in req.counters.iter().filter(|(_, d)| *d != 0) {
-            st.execute(rusqlite::params![name, delta]).map_err(sq("update counters"))?;
+            st.execute(rusqlite::params![name, delta])
+                .map_err(sq("update counters"))?;
         }
     }
     conn.execute_batch("COMMIT").map_err(sq("commit"))?;
@@ -1101,8 +1322,14 @@ fn merge_rows_sqlite(
             continue;
         };
         let spec = &tables[t];
-        let sql = if direct.get(t).copied().unwrap_or(false) { &spec.direct_upsert_sql } else { &spec.delta_upsert_sql };
-        let mut st = conn.prepare_cached(sql).map_err(sq("prepare the rollup upsert"))?;
+        let sql = if direct.get(t).copied().unwrap_or(false) {
+            &spec.direct_upsert_sql
+        } else {
+            &spec.delta_upsert_sql
+        };
+        let mut st = conn
+            .prepare_cached(sql)
+            .map_err(sq("prepare the rollup upsert"))?;
         for b in &out.batches {
             let order = spec.leading_key_order(b)?;
             let cols: Vec<TypedColumn<'_>> = spec
@@ -1114,9 +1341,15 @@ fn merge_rows_sqlite(
             for &row in &order {
                 for (i, col) in cols.iter().enumerate() {
                     match col {
-                        TypedColumn::Text(a) => st.raw_bind_parameter(i + 1, (!a.is_null(row)).then(|| a.value(row))),
-                        TypedColumn::Int(a) => st.raw_bind_parameter(i + 1, (!a.is_null(row)).then(|| a.value(row))),
-                        TypedColumn::Real(a) => st.raw_bind_parameter(i + 1, (!a.is_null(row)).then(|| a.value(row))),
+                        TypedColumn::Text(a) => {
+                            st.raw_bind_parameter(i + 1, (!a.is_null(row)).then(|| a.value(row)))
+                        }
+                        TypedColumn::Int(a) => {
+                            st.raw_bind_parameter(i + 1, (!a.is_null(row)).then(|| a.value(row)))
+                        }
+                        TypedColumn::Real(a) => {
+                            st.raw_bind_parameter(i + 1, (!a.is_null(row)).then(|| a.value(row)))
+                        }
                     }
                     .map_err(sq("merge rollup rows"))?;
                 }
@@ -1231,8 +1464,15 @@ impl ServingStore {
 
     /// Open, creating (or, when `window_index` is false, dropping) an index on
     /// each rollup's window column.
-    pub async fn open_with(url: &str, rollups: &[RollupDef], window_index: bool) -> Result<ServingStore, SinkError> {
-        let open_err = |message: String| SinkError::Open { url: redact(url), message };
+    pub async fn open_with(
+        url: &str,
+        rollups: &[RollupDef],
+        window_index: bool,
+    ) -> Result<ServingStore, SinkError> {
+        let open_err = |message: String| SinkError::Open {
+            url: redact(url),
+            message,
+        };
         let mut writer = None;
         let (pool, dialect) = if url.starts_with("sqlite:") {
             let (pool, path) = open_sqlite(url).await.map_err(open_err)?;
@@ -1265,30 +1505,48 @@ impl ServingStore {
             Pool::Postgres(p) => {
                 // Several processes may create a new store at once: one at a time.
                 let mut conn = p.acquire().await.map_err(db("schema setup"))?;
-                sqlx::query("SELECT pg_advisory_lock(7461626101)").execute(&mut *conn).await.map_err(db("schema lock"))?;
-                let r = store.setup_schema_pg(&mut conn, rollups, window_index).await;
-                let _ = sqlx::query("SELECT pg_advisory_unlock(7461626101)").execute(&mut *conn).await;
+                sqlx::query("SELECT pg_advisory_lock(7461626101)")
+                    .execute(&mut *conn)
+                    .await
+                    .map_err(db("schema lock"))?;
+                let r = store
+                    .setup_schema_pg(&mut conn, rollups, window_index)
+                    .await;
+                let _ = sqlx::query("SELECT pg_advisory_unlock(7461626101)")
+                    .execute(&mut *conn)
+                    .await;
                 r?;
             }
         }
+        store.check_definitions(rollups).await?;
         Ok(store)
     }
 
-    async fn setup_schema(&self, conn: &mut sqlx::SqliteConnection, rollups: &[RollupDef], window_index: bool) -> Result<(), SinkError> {
+    async fn setup_schema(
+        &self,
+        conn: &mut sqlx::SqliteConnection,
+        rollups: &[RollupDef],
+        window_index: bool,
+    ) -> Result<(), SinkError> {
         // Schema setup without a long write transaction (readers such as
         // `tally verify` open the store while `tally run` commits), and safe
         // when several processes open a new store at once: every statement is
         // idempotent (IF NOT EXISTS; a concurrent ADD COLUMN is re-checked).
         for stmt in BOOKKEEPING {
-            sqlx::query(AssertSqlSafe(Dialect::Sqlite.ddl(stmt))).execute(&mut *conn).await.map_err(db("create bookkeeping tables"))?;
+            sqlx::query(AssertSqlSafe(Dialect::Sqlite.ddl(stmt)))
+                .execute(&mut *conn)
+                .await
+                .map_err(db("create bookkeeping tables"))?;
         }
         // Stores created before `as_of` existed lack these columns.
         for col in ["max_event_ms", "caught_up_ms"] {
             let cols = table_columns!(Dialect::Sqlite, conn, "tally_offsets")?;
             if !cols.iter().any(|(c, _)| c == col) {
-                let added = sqlx::query(AssertSqlSafe(format!("ALTER TABLE tally_offsets ADD COLUMN {col} INTEGER")))
-                    .execute(&mut *conn)
-                    .await;
+                let added = sqlx::query(AssertSqlSafe(format!(
+                    "ALTER TABLE tally_offsets ADD COLUMN {col} INTEGER"
+                )))
+                .execute(&mut *conn)
+                .await;
                 if let Err(e) = added {
                     if !e.to_string().contains("duplicate column") {
                         return Err(db("upgrade tally_offsets")(e));
@@ -1302,7 +1560,12 @@ impl ServingStore {
         Ok(())
     }
 
-    async fn setup_schema_pg(&self, conn: &mut sqlx::PgConnection, rollups: &[RollupDef], window_index: bool) -> Result<(), SinkError> {
+    async fn setup_schema_pg(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        rollups: &[RollupDef],
+        window_index: bool,
+    ) -> Result<(), SinkError> {
         for stmt in BOOKKEEPING {
             sqlx::query(AssertSqlSafe(Dialect::Postgres.ddl(stmt)))
                 .execute(&mut *conn)
@@ -1379,7 +1642,9 @@ impl ServingStore {
 
     /// Committed next offsets of `topic`.
     pub async fn load_offsets(&self, topic: &str) -> Result<BTreeMap<i32, i64>, SinkError> {
-        let sql = self.dialect.sql("SELECT partition, next_offset FROM tally_offsets WHERE topic = ?");
+        let sql = self
+            .dialect
+            .sql("SELECT partition, next_offset FROM tally_offsets WHERE topic = ?");
         let rows: Vec<(i64, i64)> = on_pool!(&self.pool, p => {
             sqlx::query(AssertSqlSafe(sql))
                 .bind(topic)
@@ -1392,6 +1657,178 @@ impl ServingStore {
                 .map_err(db("load offsets"))?
         });
         Ok(rows.into_iter().map(|(p, n)| (p as i32, n)).collect())
+    }
+
+    /// An exclusive lock on `name` for as long as the returned guard lives,
+    /// or `None` if another process holds it (`tally replay` of one source).
+    /// SQLite: a lock file beside the store; PostgreSQL: a session advisory
+    /// lock on a connection of its own (released if the process dies).
+    pub async fn lock_source(&self, name: &str) -> Result<Option<SourceLock>, SinkError> {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in name.bytes() {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        match (&self.writer, self.dialect) {
+            (Some(w), Dialect::Sqlite) => {
+                let path = w.path.with_extension(format!("lock-{h:016x}"));
+                let file = std::fs::OpenOptions::new()
+                    .create(true)
+                    .truncate(false)
+                    .write(true)
+                    .open(&path)
+                    .map_err(|e| SinkError::Open {
+                        url: path.display().to_string(),
+                        message: e.to_string(),
+                    })?;
+                match file.try_lock() {
+                    Ok(()) => Ok(Some(SourceLock::File(file))),
+                    Err(std::fs::TryLockError::WouldBlock) => Ok(None),
+                    Err(std::fs::TryLockError::Error(e)) => Err(SinkError::Open {
+                        url: path.display().to_string(),
+                        message: e.to_string(),
+                    }),
+                }
+            }
+            _ => {
+                let opts = PgConnectOptions::from_str(&self.url).map_err(db("lock source"))?;
+                let mut conn = sqlx::PgConnection::connect_with(&opts)
+                    .await
+                    .map_err(db("lock source"))?;
+                let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtext($1))")
+                    .bind(format!("tally.source:{name}"))
+                    .fetch_one(&mut conn)
+                    .await
+                    .map_err(db("lock source"))?;
+                Ok(got.then_some(SourceLock::Postgres(conn)))
+            }
+        }
+    }
+
+    /// Record each rollup's definition the first time a store sees it, and
+    /// refuse one whose SQL changed under the same name: its stored rows were
+    /// computed by the old definition and new rows would silently mix with
+    /// them (a window of an hour read as a day, a new WHERE).
+    async fn check_definitions(&self, rollups: &[RollupDef]) -> Result<(), SinkError> {
+        let insert = self.dialect.sql(
+            "INSERT INTO tally_rollups (name, fingerprint, definition, recorded_at_ms) VALUES (?, ?, ?, ?)
+             ON CONFLICT (name) DO NOTHING",
+        );
+        let read = self
+            .dialect
+            .sql("SELECT fingerprint, definition FROM tally_rollups WHERE name = ?");
+        let now = chrono::Utc::now().timestamp_millis();
+        for def in rollups {
+            let (fingerprint, normalized) = (def.fingerprint(), def.normalized_sql());
+            let (stored, old): (String, String) = on_pool!(&self.pool, p => {
+                sqlx::query(AssertSqlSafe(insert.clone()))
+                    .bind(&def.name)
+                    .bind(&fingerprint)
+                    .bind(&normalized)
+                    .bind(now)
+                    .execute(p)
+                    .await
+                    .map_err(db("record rollup definitions"))?;
+                sqlx::query_as(AssertSqlSafe(read.clone())).bind(&def.name).fetch_one(p).await.map_err(db("read rollup definitions"))?
+            });
+            if stored != fingerprint {
+                return Err(SinkError::Schema {
+                    table: def.name.clone(),
+                    message: format!(
+                        "{} has changed since this serving store recorded it (definition {stored}, now {fingerprint}); its rows \
+                         were computed by the old definition, and new rows would silently mix with them. Give the new definition \
+                         a new name (a new file under sql.rollups_dir, then `tally backfill` fills its history), or restore the old \
+                         SQL. The recorded definition: {old}",
+                        def.file.display()
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The first owner of a partition with no stored offset records where
+    /// it starts (from `auto.offset.reset`, resolved to an offset), unless
+    /// another writer recorded one first; returns the stored start. So every
+    /// partition ever assigned has a row: `as_of` cannot skip it, and its
+    /// caught-up time can be recorded before its first event.
+    pub async fn register_start(
+        &self,
+        topic: &str,
+        partition: i32,
+        next: i64,
+        now_ms: i64,
+    ) -> Result<i64, SinkError> {
+        let insert = self.dialect.sql(
+            "INSERT INTO tally_offsets (topic, partition, next_offset, updated_at_ms) VALUES (?, ?, ?, ?)
+             ON CONFLICT (topic, partition) DO NOTHING",
+        );
+        let read = self
+            .dialect
+            .sql("SELECT next_offset FROM tally_offsets WHERE topic = ? AND partition = ?");
+        on_pool!(&self.pool, p => {
+            sqlx::query(AssertSqlSafe(insert))
+                .bind(topic)
+                .bind(i64::from(partition))
+                .bind(next)
+                .bind(now_ms)
+                .execute(p)
+                .await
+                .map_err(db("register partition start"))?;
+            sqlx::query_scalar(AssertSqlSafe(read))
+                .bind(topic)
+                .bind(i64::from(partition))
+                .fetch_one(p)
+                .await
+                .map_err(db("register partition start"))
+        })
+    }
+
+    /// Set the next offset of `topic`/`partition` (`tally offsets reset`),
+    /// returning the one it replaces. A `tally run` that owns the partition
+    /// is fenced at its next commit and re-reads from here.
+    pub async fn reset_offset(
+        &self,
+        topic: &str,
+        partition: i32,
+        next: i64,
+        now_ms: i64,
+    ) -> Result<Option<i64>, SinkError> {
+        let read = self
+            .dialect
+            .sql("SELECT next_offset FROM tally_offsets WHERE topic = ? AND partition = ?");
+        let write = self.dialect.sql(
+            "INSERT INTO tally_offsets (topic, partition, next_offset, updated_at_ms) VALUES (?, ?, ?, ?)
+             ON CONFLICT (topic, partition) DO UPDATE SET
+               next_offset = excluded.next_offset, updated_at_ms = excluded.updated_at_ms, caught_up_ms = NULL",
+        );
+        on_pool!(&self.pool, p => {
+            let mut tx = p.begin().await.map_err(db("begin"))?;
+            if self.dialect == Dialect::Postgres {
+                sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1), $2)")
+                    .bind(topic)
+                    .bind(partition)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db("lock partition"))?;
+            }
+            let old: Option<i64> = sqlx::query_scalar(AssertSqlSafe(read))
+                .bind(topic)
+                .bind(i64::from(partition))
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(db("read offsets"))?;
+            sqlx::query(AssertSqlSafe(write))
+                .bind(topic)
+                .bind(i64::from(partition))
+                .bind(next)
+                .bind(now_ms)
+                .execute(&mut *tx)
+                .await
+                .map_err(db("reset offset"))?;
+            tx.commit().await.map_err(db("commit"))?;
+            Ok(old)
+        })
     }
 
     /// Commit one batch atomically, or report that it was fenced.
@@ -1428,15 +1865,20 @@ impl ServingStore {
     /// `tally_files` (taken in the order batch commits write them).
     pub async fn begin_replace(&self) -> Result<ReplaceTx, SinkError> {
         match &self.pool {
-            Pool::Sqlite(p) => Ok(ReplaceTx::Sqlite(p.begin_with("BEGIN IMMEDIATE").await.map_err(db("begin"))?)),
+            Pool::Sqlite(p) => Ok(ReplaceTx::Sqlite(
+                p.begin_with("BEGIN IMMEDIATE").await.map_err(db("begin"))?,
+            )),
             Pool::Postgres(p) => {
                 let mut tx = p.begin().await.map_err(db("begin"))?;
                 let mut tables: Vec<String> = self.tables.iter().map(|t| quote(&t.name)).collect();
                 tables.push("tally_files".into());
-                sqlx::query(AssertSqlSafe(format!("LOCK TABLE {} IN SHARE ROW EXCLUSIVE MODE", tables.join(", "))))
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(db("lock rollup tables"))?;
+                sqlx::query(AssertSqlSafe(format!(
+                    "LOCK TABLE {} IN SHARE ROW EXCLUSIVE MODE",
+                    tables.join(", ")
+                )))
+                .execute(&mut *tx)
+                .await
+                .map_err(db("lock rollup tables"))?;
                 Ok(ReplaceTx::Postgres(tx))
             }
         }
@@ -1478,7 +1920,10 @@ impl ServingStore {
                         tables.push(delta_table(&def.name));
                     }
                     for table in tables {
-                        let sql = self.dialect.sql(&format!("DELETE FROM {} WHERE {w} >= ? AND {w} < ?", quote(&table)));
+                        let sql = self.dialect.sql(&format!(
+                            "DELETE FROM {} WHERE {w} >= ? AND {w} < ?",
+                            quote(&table)
+                        ));
                         deleted += sqlx::query(AssertSqlSafe(sql))
                             .bind(lo)
                             .bind(hi)
@@ -1500,7 +1945,13 @@ impl ServingStore {
     }
 
     /// Rows of `def` with `lo <= window < hi` (and `window <= max`), by window.
-    pub async fn read_rows(&self, def: &RollupDef, lo: i64, hi: i64, max: Option<i64>) -> Result<TableRows, SinkError> {
+    pub async fn read_rows(
+        &self,
+        def: &RollupDef,
+        lo: i64,
+        hi: i64,
+        max: Option<i64>,
+    ) -> Result<TableRows, SinkError> {
         on_pool!(&self.pool, p => {
             let mut conn = p.acquire().await.map_err(db("read rollup rows"))?;
             read_rows!(self.dialect, conn, def, lo, hi, max)
@@ -1509,7 +1960,11 @@ impl ServingStore {
 
     /// The rows of each `defs[i]` in `ranges[i]` and the committed raw files,
     /// all from one snapshot (a read transaction).
-    pub async fn read_snapshot(&self, defs: &[&RollupDef], ranges: &[(i64, i64)]) -> Result<(Vec<TableRows>, Vec<String>), SinkError> {
+    pub async fn read_snapshot(
+        &self,
+        defs: &[&RollupDef],
+        ranges: &[(i64, i64)],
+    ) -> Result<(Vec<TableRows>, Vec<String>), SinkError> {
         macro_rules! snapshot {
             ($tx:expr) => {{
                 let mut tx = $tx;
@@ -1533,12 +1988,17 @@ impl ServingStore {
 
     /// Those of `paths` recorded as committed archive files (primary-key
     /// lookups, a few hundred per statement).
-    pub async fn committed_among(&self, paths: &[String]) -> Result<std::collections::HashSet<String>, SinkError> {
+    pub async fn committed_among(
+        &self,
+        paths: &[String],
+    ) -> Result<std::collections::HashSet<String>, SinkError> {
         const PER_STATEMENT: usize = 500;
         let mut found = std::collections::HashSet::new();
         for chunk in paths.chunks(PER_STATEMENT) {
             let marks = vec!["?"; chunk.len()].join(", ");
-            let sql = self.dialect.sql(&format!("SELECT path FROM tally_files WHERE path IN ({marks})"));
+            let sql = self.dialect.sql(&format!(
+                "SELECT path FROM tally_files WHERE path IN ({marks})"
+            ));
             on_pool!(&self.pool, p => {
                 let mut q = sqlx::query(AssertSqlSafe(sql));
                 for path in chunk {
@@ -1556,7 +2016,9 @@ impl ServingStore {
     /// the minimum over its partitions of the later of the newest committed
     /// event time and the time the partition was last read to its end.
     pub async fn as_of(&self, topic: &str) -> Result<Option<i64>, SinkError> {
-        let sql = self.dialect.sql("SELECT max_event_ms, caught_up_ms FROM tally_offsets WHERE topic = ?");
+        let sql = self
+            .dialect
+            .sql("SELECT max_event_ms, caught_up_ms FROM tally_offsets WHERE topic = ?");
         let rows: Vec<(Option<i64>, Option<i64>)> = on_pool!(&self.pool, p => {
             sqlx::query(AssertSqlSafe(sql))
                 .bind(topic)
@@ -1568,13 +2030,7 @@ impl ServingStore {
                 .collect::<Result<Vec<_>, sqlx::Error>>()
                 .map_err(db("read as_of"))?
         });
-        let mut out: Option<i64> = None;
-        for (a, b) in rows {
-            if let Some(t) = a.max(b) {
-                out = Some(out.map_or(t, |o| o.min(t)));
-            }
-        }
-        Ok(out)
+        Ok(complete_up_to(rows.into_iter().map(|(a, b)| a.max(b))))
     }
 
     /// All persistent counters.
@@ -1597,7 +2053,7 @@ impl ServingStore {
 
 /// The URL without its password, for messages.
 pub fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
+    let url = match (url.find("://"), url.rfind('@')) {
         (Some(s), Some(at)) if at > s => {
             let creds = &url[s + 3..at];
             match creds.split_once(':') {
@@ -1606,7 +2062,36 @@ pub fn redact(url: &str) -> String {
             }
         }
         _ => url.to_string(),
+    };
+    // libpq-style parameters: `?password=…`, `&sslpassword=…`.
+    match url.split_once('?') {
+        Some((head, query)) => {
+            let params: Vec<String> = query
+                .split('&')
+                .map(|kv| match kv.split_once('=') {
+                    Some((k, _)) if k.to_ascii_lowercase().contains("password") => {
+                        format!("{k}=***")
+                    }
+                    _ => kv.to_string(),
+                })
+                .collect();
+            format!("{head}?{}", params.join("&"))
+        }
+        None => url,
     }
+}
+
+/// `as_of` from each partition's completeness time (the later of its newest
+/// committed event and when it was last read to its end): the earliest of
+/// them, and none while any partition has neither (registered at assignment,
+/// nothing committed or caught up yet): never claim data not yet read.
+pub fn complete_up_to(partitions: impl IntoIterator<Item = Option<i64>>) -> Option<i64> {
+    let mut out: Option<i64> = None;
+    for t in partitions {
+        let t = t?;
+        out = Some(out.map_or(t, |o| o.min(t)));
+    }
+    out
 }
 
 /// Page size of a new SQLite serving store (SQLite's largest).
@@ -1642,7 +2127,11 @@ async fn open_sqlite(url: &str) -> Result<(SqlitePool, PathBuf), String> {
     // (switching to WAL, creating the schema): retry "database is locked".
     let mut attempt = 0;
     loop {
-        match SqlitePoolOptions::new().max_connections(2).connect_with(opts.clone()).await {
+        match SqlitePoolOptions::new()
+            .max_connections(2)
+            .connect_with(opts.clone())
+            .await
+        {
             Ok(pool) => return Ok((pool, opts.get_filename().to_path_buf())),
             Err(e) if attempt < 40 && is_busy(&e) => {
                 attempt += 1;
@@ -1655,9 +2144,10 @@ async fn open_sqlite(url: &str) -> Result<(SqlitePool, PathBuf), String> {
 
 /// SQLITE_BUSY (5) or SQLITE_LOCKED (6).
 fn is_busy(e: &sqlx::Error) -> bool {
-    e.as_database_error().and_then(|d| d.code()).is_some_and(|c| c == "5" || c == "6")
+    e.as_database_error()
+        .and_then(|d| d.code())
+        .is_some_and(|c| c == "5" || c == "6")
 }
-
 
 #[cfg(test)]
 mod tests {
@@ -1666,8 +2156,14 @@ mod tests {
     #[test]
     fn placeholders_are_numbered_for_postgres() {
         assert_eq!(number_placeholders("SELECT ? , ?"), "SELECT $1 , $2");
-        assert_eq!(number_placeholders("a = ?1 AND b = ?12 AND c = ?1"), "a = $1 AND b = $12 AND c = $1");
-        assert_eq!(number_placeholders("x = '?' AND \"q?\" = ?"), "x = '?' AND \"q?\" = $1");
+        assert_eq!(
+            number_placeholders("a = ?1 AND b = ?12 AND c = ?1"),
+            "a = $1 AND b = $12 AND c = $1"
+        );
+        assert_eq!(
+            number_placeholders("x = '?' AND \"q?\" = ?"),
+            "x = '?' AND \"q?\" = $1"
+        );
         assert_eq!(Dialect::Sqlite.sql("a = ?"), "a = ?");
     }
 
@@ -1681,26 +2177,46 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let settings = crate::testing::settings(dir.path(), &[]);
         let schema = EventSchema::from_config(&settings.schema).unwrap();
-        let catalog = SqlCatalog::load(&settings.sql.rollups_dir, schema.arrow.clone(), &settings.schema.time_field).await.unwrap();
+        let catalog = SqlCatalog::load(
+            &settings.sql.rollups_dir,
+            schema.arrow.clone(),
+            &settings.schema.time_field,
+        )
+        .await
+        .unwrap();
         let pragmas = |path: &Path| {
             let c = rusqlite::Connection::open(path).unwrap();
             let size: i64 = c.query_row("PRAGMA page_size", [], |r| r.get(0)).unwrap();
-            let mode: String = c.query_row("PRAGMA journal_mode", [], |r| r.get(0)).unwrap();
-            let tables: i64 =
-                c.query_row("SELECT count(*) FROM sqlite_master WHERE name = 'minute_video_events'", [], |r| r.get(0)).unwrap();
+            let mode: String = c
+                .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+                .unwrap();
+            let tables: i64 = c
+                .query_row(
+                    "SELECT count(*) FROM sqlite_master WHERE name = 'minute_video_events'",
+                    [],
+                    |r| r.get(0),
+                )
+                .unwrap();
             (size, mode, tables)
         };
         let new = dir.path().join("new.db");
-        let store = ServingStore::open(&format!("sqlite://{}", new.display()), &catalog.rollups).await.unwrap();
+        let store = ServingStore::open(&format!("sqlite://{}", new.display()), &catalog.rollups)
+            .await
+            .unwrap();
         store.close().await;
-        assert_eq!(pragmas(&new), (i64::from(SQLITE_PAGE_SIZE), "wal".to_string(), 1));
+        assert_eq!(
+            pragmas(&new),
+            (i64::from(SQLITE_PAGE_SIZE), "wal".to_string(), 1)
+        );
 
         let old = dir.path().join("old.db");
         {
             let c = rusqlite::Connection::open(&old).unwrap();
             c.execute_batch("PRAGMA page_size = 4096; PRAGMA journal_mode = WAL; CREATE TABLE keep (x INTEGER);").unwrap();
         }
-        let store = ServingStore::open(&format!("sqlite://{}", old.display()), &catalog.rollups).await.unwrap();
+        let store = ServingStore::open(&format!("sqlite://{}", old.display()), &catalog.rollups)
+            .await
+            .unwrap();
         assert_eq!(store.load_offsets("t").await.unwrap(), BTreeMap::new());
         store.close().await;
         assert_eq!(pragmas(&old), (4096, "wal".to_string(), 1));
@@ -1718,8 +2234,18 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let settings = crate::testing::settings(dir.path(), &[]);
         let schema = EventSchema::from_config(&settings.schema).unwrap();
-        let catalog = SqlCatalog::load(&settings.sql.rollups_dir, schema.arrow.clone(), &settings.schema.time_field).await.unwrap();
-        let def = catalog.rollups.iter().find(|d| d.name == "minute_video_events").unwrap();
+        let catalog = SqlCatalog::load(
+            &settings.sql.rollups_dir,
+            schema.arrow.clone(),
+            &settings.schema.time_field,
+        )
+        .await
+        .unwrap();
+        let def = catalog
+            .rollups
+            .iter()
+            .find(|d| d.name == "minute_video_events")
+            .unwrap();
         let spec = TableSpec::new(def, Dialect::Postgres);
         assert_eq!(spec.key_count, 3, "video_id, event_type, window");
         let mut rng = rand::rngs::StdRng::seed_from_u64(7);
@@ -1727,7 +2253,11 @@ mod tests {
         let mut keys: Vec<(String, String, i64)> = Vec::new();
         let mut seen = std::collections::HashSet::new();
         while keys.len() < n {
-            let k = (format!("v{}", rng.random_range(0..300)), ["view", "like", "share"][rng.random_range(0..3)].to_string(), rng.random_range(-5..60) * 60_000);
+            let k = (
+                format!("v{}", rng.random_range(0..300)),
+                ["view", "like", "share"][rng.random_range(0..3)].to_string(),
+                rng.random_range(-5..60) * 60_000,
+            );
             if seen.insert(k.clone()) {
                 keys.push(k);
             }
@@ -1738,12 +2268,22 @@ mod tests {
             .enumerate()
             .map(|(i, c)| -> ArrayRef {
                 match (i, c.kind) {
-                    (0, _) => Arc::new(StringArray::from_iter_values(keys.iter().map(|k| k.0.as_str()))),
-                    (1, _) => Arc::new(StringArray::from_iter_values(keys.iter().map(|k| k.1.as_str()))),
+                    (0, _) => Arc::new(StringArray::from_iter_values(
+                        keys.iter().map(|k| k.0.as_str()),
+                    )),
+                    (1, _) => Arc::new(StringArray::from_iter_values(
+                        keys.iter().map(|k| k.1.as_str()),
+                    )),
                     (2, _) => Arc::new(Int64Array::from_iter_values(keys.iter().map(|k| k.2))),
-                    (_, ColumnKind::Real) => Arc::new(Float64Array::from_iter_values((0..n).map(|i| i as f64))),
-                    (_, ColumnKind::Int) => Arc::new(Int64Array::from_iter_values((0..n).map(|i| i as i64))),
-                    (_, ColumnKind::Text) => Arc::new(StringArray::from_iter_values((0..n).map(|i| i.to_string()))),
+                    (_, ColumnKind::Real) => {
+                        Arc::new(Float64Array::from_iter_values((0..n).map(|i| i as f64)))
+                    }
+                    (_, ColumnKind::Int) => {
+                        Arc::new(Int64Array::from_iter_values((0..n).map(|i| i as i64)))
+                    }
+                    (_, ColumnKind::Text) => {
+                        Arc::new(StringArray::from_iter_values((0..n).map(|i| i.to_string())))
+                    }
                 }
             })
             .collect();
@@ -1751,10 +2291,22 @@ mod tests {
             .columns
             .iter()
             .zip(&columns)
-            .map(|(c, a)| datafusion::arrow::datatypes::Field::new(&c.name, a.data_type().clone(), true))
+            .map(|(c, a)| {
+                datafusion::arrow::datatypes::Field::new(&c.name, a.data_type().clone(), true)
+            })
             .collect();
-        let batch = RecordBatch::try_new(Arc::new(datafusion::arrow::datatypes::Schema::new(fields)), columns).unwrap();
-        let got: Vec<(String, String, i64)> = spec.row_order(&batch).unwrap().unwrap().into_iter().map(|i| keys[i].clone()).collect();
+        let batch = RecordBatch::try_new(
+            Arc::new(datafusion::arrow::datatypes::Schema::new(fields)),
+            columns,
+        )
+        .unwrap();
+        let got: Vec<(String, String, i64)> = spec
+            .row_order(&batch)
+            .unwrap()
+            .unwrap()
+            .into_iter()
+            .map(|i| keys[i].clone())
+            .collect();
         let mut want = keys.clone();
         want.sort();
         assert_eq!(got, want);
@@ -1782,8 +2334,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let settings = crate::testing::settings(dir.path(), &[]);
         let schema = EventSchema::from_config(&settings.schema).unwrap();
-        let catalog = SqlCatalog::load(&settings.sql.rollups_dir, schema.arrow.clone(), &settings.schema.time_field).await.unwrap();
-        let mut agg = RollupAggregator::new(&catalog, schema.arrow.clone()).await.unwrap();
+        let catalog = SqlCatalog::load(
+            &settings.sql.rollups_dir,
+            schema.arrow.clone(),
+            &settings.schema.time_field,
+        )
+        .await
+        .unwrap();
+        let mut agg = RollupAggregator::new(&catalog, schema.arrow.clone())
+            .await
+            .unwrap();
         let decoder = RecordDecoder::new(schema.clone(), &settings.decode);
         let now = chrono::Utc::now().timestamp_millis();
         let hour = now - now.rem_euclid(3_600_000) - 3 * 3_600_000;
@@ -1793,12 +2353,22 @@ mod tests {
             let mut cols = schema.new_columns(per_batch as usize);
             for i in 0..per_batch {
                 let n = b * per_batch + i;
-                let (video, kind, t) = (format!("v{}", (n * 11 + n / 13) % videos), ["view", "like", "share"][(n % 3) as usize], hour + (n * 7919) % 7_200_000);
+                let (video, kind, t) = (
+                    format!("v{}", (n * 11 + n / 13) % videos),
+                    ["view", "like", "share"][(n % 3) as usize],
+                    hour + (n * 7919) % 7_200_000,
+                );
                 let value = (n % 3 != 0).then(|| ((n * 37) % 101) as f64 - 50.0);
-                let v = value.map(|v| format!(r#","value":{v}"#)).unwrap_or_default();
-                let p = format!(r#"{{"video_id":"{video}","event_type":"{kind}","event_time":{t}{v}}}"#);
+                let v = value
+                    .map(|v| format!(r#","value":{v}"#))
+                    .unwrap_or_default();
+                let p = format!(
+                    r#"{{"video_id":"{video}","event_type":"{kind}","event_time":{t}{v}}}"#
+                );
                 decoder.decode(Some(p.as_bytes()), now, &mut cols).unwrap();
-                let e = hourly.entry((video, kind.to_string(), t - t.rem_euclid(3_600_000))).or_insert((0, 0.0, 0, None, None));
+                let e = hourly
+                    .entry((video, kind.to_string(), t - t.rem_euclid(3_600_000)))
+                    .or_insert((0, 0.0, 0, None, None));
                 e.0 += 1;
                 if let Some(v) = value {
                     e.1 += v;
@@ -1810,15 +2380,35 @@ mod tests {
             let events = cols.finish().unwrap();
             outputs.push(agg.aggregate(std::slice::from_ref(&events)).await.unwrap());
         }
-        Fixture { dir, catalog, batches: outputs, hourly, per_batch, now }
+        Fixture {
+            dir,
+            catalog,
+            batches: outputs,
+            hourly,
+            per_batch,
+            now,
+        }
     }
 
     impl Fixture {
         /// Commit batch `b` as offsets `b * per_batch ..` of partition 0.
-        async fn commit(&self, store: &ServingStore, b: usize, expected_start: Option<i64>) -> Result<CommitOutcome, SinkError> {
+        async fn commit(
+            &self,
+            store: &ServingStore,
+            b: usize,
+            expected_start: Option<i64>,
+        ) -> Result<CommitOutcome, SinkError> {
             let n = self.per_batch;
-            let partitions: BTreeMap<i32, PartitionRange> =
-                [(0, PartitionRange { expected_start, first: b as i64 * n, last: b as i64 * n + n - 1 })].into_iter().collect();
+            let partitions: BTreeMap<i32, PartitionRange> = [(
+                0,
+                PartitionRange {
+                    expected_start,
+                    first: b as i64 * n,
+                    last: b as i64 * n + n - 1,
+                },
+            )]
+            .into_iter()
+            .collect();
             let req = CommitRequest {
                 topic: "t",
                 partitions: &partitions,
@@ -1835,20 +2425,35 @@ mod tests {
 
         async fn store(&self, name: &str, fold_rows: usize) -> ServingStore {
             let url = format!("sqlite://{}/{name}.db", self.dir.path().display());
-            ServingStore::open(&url, &self.catalog.rollups).await.unwrap().with_fold_rows(fold_rows)
+            ServingStore::open(&url, &self.catalog.rollups)
+                .await
+                .unwrap()
+                .with_fold_rows(fold_rows)
         }
 
         /// Rows in `table` of store `name`.
         fn count(&self, name: &str, table: &str) -> i64 {
             let c = rusqlite::Connection::open(self.dir.path().join(format!("{name}.db"))).unwrap();
-            c.query_row(&format!("SELECT count(*) FROM {}", quote(table)), [], |r| r.get(0)).unwrap()
+            c.query_row(&format!("SELECT count(*) FROM {}", quote(table)), [], |r| {
+                r.get(0)
+            })
+            .unwrap()
         }
 
         /// The hourly rollup as read back from `store`.
         async fn hourly_of(&self, store: &ServingStore) -> BTreeMap<Key, Measures> {
-            let hourly = self.catalog.rollups.iter().find(|d| d.name == "hour_video_events").unwrap();
+            let hourly = self
+                .catalog
+                .rollups
+                .iter()
+                .find(|d| d.name == "hour_video_events")
+                .unwrap();
             let mut got = BTreeMap::new();
-            for r in store.read_rows(hourly, i64::MIN, i64::MAX, None).await.unwrap() {
+            for r in store
+                .read_rows(hourly, i64::MIN, i64::MAX, None)
+                .await
+                .unwrap()
+            {
                 let text = |c: &Cell| match c {
                     Cell::Text(s) => s.clone(),
                     other => panic!("{other:?}"),
@@ -1862,7 +2467,16 @@ mod tests {
                     Cell::Null => None,
                     other => panic!("{other:?}"),
                 };
-                got.insert((text(&r[0]), text(&r[1]), int(&r[2])), (int(&r[3]), real(&r[4]).unwrap_or(0.0), int(&r[5]), real(&r[6]), real(&r[7])));
+                got.insert(
+                    (text(&r[0]), text(&r[1]), int(&r[2])),
+                    (
+                        int(&r[3]),
+                        real(&r[4]).unwrap_or(0.0),
+                        int(&r[5]),
+                        real(&r[6]),
+                        real(&r[7]),
+                    ),
+                );
             }
             got
         }
@@ -1889,48 +2503,113 @@ mod tests {
         for store in [&fast, &folding, &some, &slow] {
             for b in 0..3 {
                 let start = (b > 0).then(|| b as i64 * 400);
-                assert_eq!(fx.commit(store, b, start).await.unwrap(), CommitOutcome::Committed);
+                assert_eq!(
+                    fx.commit(store, b, start).await.unwrap(),
+                    CommitOutcome::Committed
+                );
             }
             // A stale writer re-sending batch 1 is fenced and changes nothing.
             assert_eq!(
                 fx.commit(store, 1, Some(400)).await.unwrap(),
-                CommitOutcome::Fenced { partition: 0, expected: Some(400), stored: Some(1200) }
+                CommitOutcome::Fenced {
+                    partition: 0,
+                    expected: Some(400),
+                    stored: Some(1200)
+                }
             );
-            assert_eq!(store.load_offsets(topic).await.unwrap(), [(0, 1200)].into_iter().collect());
-            assert_eq!(store.counters().await.unwrap().get("accepted_total"), Some(&1200));
+            assert_eq!(
+                store.load_offsets(topic).await.unwrap(),
+                [(0, 1200)].into_iter().collect()
+            );
+            assert_eq!(
+                store.counters().await.unwrap().get("accepted_total"),
+                Some(&1200)
+            );
             assert_eq!(store.as_of(topic).await.unwrap(), Some(now));
         }
         for def in &catalog.rollups {
             let b = sorted(slow.read_rows(def, i64::MIN, i64::MAX, None).await.unwrap());
-            for (name, store) in [("no fold", &fast), ("fold on every commit", &folding), ("fold from 500 rows", &some)] {
-                let a = sorted(store.read_rows(def, i64::MIN, i64::MAX, None).await.unwrap());
-                assert_eq!(a, b, "{}: rusqlite ({name}) and sqlx commits differ", def.name);
+            for (name, store) in [
+                ("no fold", &fast),
+                ("fold on every commit", &folding),
+                ("fold from 500 rows", &some),
+            ] {
+                let a = sorted(
+                    store
+                        .read_rows(def, i64::MIN, i64::MAX, None)
+                        .await
+                        .unwrap(),
+                );
+                assert_eq!(
+                    a, b,
+                    "{}: rusqlite ({name}) and sqlx commits differ",
+                    def.name
+                );
             }
         }
         // Where the rows are: all in the deltas without a fold, none after a
         // fold on every commit, in both tables with ranged folds.
-        let all: i64 = catalog.rollups.iter().map(|d| fx.count("fast", &delta_table(&d.name))).sum();
-        assert!(all > 1_000 && catalog.rollups.iter().all(|d| fx.count("fast", &d.name) == 0), "{all}");
-        assert!(catalog.rollups.iter().all(|d| fx.count("folding", &delta_table(&d.name)) == 0 && fx.count("folding", &d.name) > 0));
+        let all: i64 = catalog
+            .rollups
+            .iter()
+            .map(|d| fx.count("fast", &delta_table(&d.name)))
+            .sum();
+        assert!(
+            all > 1_000
+                && catalog
+                    .rollups
+                    .iter()
+                    .all(|d| fx.count("fast", &d.name) == 0),
+            "{all}"
+        );
+        assert!(catalog
+            .rollups
+            .iter()
+            .all(|d| fx.count("folding", &delta_table(&d.name)) == 0
+                && fx.count("folding", &d.name) > 0));
         let (main, delta): (i64, i64) = catalog
             .rollups
             .iter()
-            .map(|d| (fx.count("some", &d.name), fx.count("some", &delta_table(&d.name))))
+            .map(|d| {
+                (
+                    fx.count("some", &d.name),
+                    fx.count("some", &delta_table(&d.name)),
+                )
+            })
             .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
         assert!(main > 0 && delta > 0, "main {main}, delta {delta}");
         // Folds are counted (timed, and their rows) per process.
         let stats = (fast.fold_stats(), folding.fold_stats(), some.fold_stats());
         assert_eq!((stats.0.folds, stats.1.folds, stats.2.folds), (0, 3, 2));
         assert!(stats.1.seconds > 0.0);
-        let rows_in = |name: &str| catalog.rollups.iter().map(|d| fx.count(name, &d.name)).sum::<i64>() as u64;
-        assert!(stats.1.rows >= rows_in("folding") && stats.2.rows >= rows_in("some"), "{stats:?}");
+        let rows_in = |name: &str| {
+            catalog
+                .rollups
+                .iter()
+                .map(|d| fx.count(name, &d.name))
+                .sum::<i64>() as u64
+        };
+        assert!(
+            stats.1.rows >= rows_in("folding") && stats.2.rows >= rows_in("some"),
+            "{stats:?}"
+        );
         // The `__merged` views show what reads see.
         let c = rusqlite::Connection::open(fx.dir.path().join("some.db")).unwrap();
         for def in &catalog.rollups {
             let rows = some.read_rows(def, i64::MIN, i64::MAX, None).await.unwrap();
-            let events: i64 = rows.iter().map(|r| if let Cell::Int(n) = r[3] { n } else { 0 }).sum();
+            let events: i64 = rows
+                .iter()
+                .map(|r| if let Cell::Int(n) = r[3] { n } else { 0 })
+                .sum();
             let (n, e): (i64, i64) = c
-                .query_row(&format!("SELECT count(*), sum(events) FROM {}", quote(&merged_view(&def.name))), [], |r| Ok((r.get(0)?, r.get(1)?)))
+                .query_row(
+                    &format!(
+                        "SELECT count(*), sum(events) FROM {}",
+                        quote(&merged_view(&def.name))
+                    ),
+                    [],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
                 .unwrap();
             assert_eq!((n, e), (rows.len() as i64, events), "{}", def.name);
             assert_eq!(e, 1200, "{}: every event once", def.name);
@@ -1942,14 +2621,34 @@ mod tests {
         let w = fast.writer.clone().unwrap();
         let hourly = delta_table("hour_video_events");
         let raw = rusqlite::Connection::open(fx.dir.path().join("fast.db")).unwrap();
-        raw.execute_batch(&format!("ALTER TABLE {} RENAME TO gone", quote(&hourly))).unwrap();
+        raw.execute_batch(&format!("ALTER TABLE {} RENAME TO gone", quote(&hourly)))
+            .unwrap();
         let failed = fx.commit(&fast, 1, Some(1200)).await;
-        assert!(matches!(failed, Err(SinkError::Sqlite { .. })), "the commit fails while the table is missing: {failed:?}");
-        assert!(w.conn.lock().unwrap().is_none(), "the failed commit dropped its connection");
-        raw.execute_batch(&format!("ALTER TABLE gone RENAME TO {}", quote(&hourly))).unwrap();
-        assert_eq!(store_offsets_after(&fast, topic).await, 1200, "the failed commit changed nothing");
-        let partitions: BTreeMap<i32, PartitionRange> =
-            [(0, PartitionRange { expected_start: Some(1200), first: 1200, last: 1599 })].into_iter().collect();
+        assert!(
+            matches!(failed, Err(SinkError::Sqlite { .. })),
+            "the commit fails while the table is missing: {failed:?}"
+        );
+        assert!(
+            w.conn.lock().unwrap().is_none(),
+            "the failed commit dropped its connection"
+        );
+        raw.execute_batch(&format!("ALTER TABLE gone RENAME TO {}", quote(&hourly)))
+            .unwrap();
+        assert_eq!(
+            store_offsets_after(&fast, topic).await,
+            1200,
+            "the failed commit changed nothing"
+        );
+        let partitions: BTreeMap<i32, PartitionRange> = [(
+            0,
+            PartitionRange {
+                expected_start: Some(1200),
+                first: 1200,
+                last: 1599,
+            },
+        )]
+        .into_iter()
+        .collect();
         let req = CommitRequest {
             topic,
             partitions: &partitions,
@@ -1980,30 +2679,69 @@ mod tests {
     async fn large_batches_skip_the_delta_and_reads_stay_exact() {
         let fx = fixture(12, 300, 40).await;
         let rows = |table: &str| -> usize {
-            fx.batches[0].iter().filter(|o| o.rollup == table).flat_map(|o| o.batches.iter()).map(|b| b.num_rows()).sum()
+            fx.batches[0]
+                .iter()
+                .filter(|o| o.rollup == table)
+                .flat_map(|o| o.batches.iter())
+                .map(|b| b.num_rows())
+                .sum()
         };
-        let mut by_rows: Vec<(usize, String)> = fx.catalog.rollups.iter().map(|d| (rows(&d.name), d.name.clone())).collect();
+        let mut by_rows: Vec<(usize, String)> = fx
+            .catalog
+            .rollups
+            .iter()
+            .map(|d| (rows(&d.name), d.name.clone()))
+            .collect();
         by_rows.sort();
         let (small, large) = (by_rows[0].clone(), by_rows[by_rows.len() - 1].clone());
         assert!(large.0 > small.0 + 1, "{by_rows:?}");
         // Direct from (small + large) / 2 rows.
         let threshold = (small.0 + large.0) / 2;
         let plain = fx.store("plain", DEFAULT_FOLD_ROWS).await;
-        let mixed = fx.store("mixed", DEFAULT_FOLD_ROWS).await.with_direct_rows(threshold);
+        let mixed = fx
+            .store("mixed", DEFAULT_FOLD_ROWS)
+            .await
+            .with_direct_rows(threshold);
         for b in 0..fx.batches.len() {
             let start = (b > 0).then(|| b as i64 * fx.per_batch);
             for store in [&plain, &mixed] {
-                assert_eq!(fx.commit(store, b, start).await.unwrap(), CommitOutcome::Committed);
+                assert_eq!(
+                    fx.commit(store, b, start).await.unwrap(),
+                    CommitOutcome::Committed
+                );
             }
             for def in &fx.catalog.rollups {
-                let want = sorted(plain.read_rows(def, i64::MIN, i64::MAX, None).await.unwrap());
-                assert_eq!(sorted(mixed.read_rows(def, i64::MIN, i64::MAX, None).await.unwrap()), want, "{} after batch {b}", def.name);
+                let want = sorted(
+                    plain
+                        .read_rows(def, i64::MIN, i64::MAX, None)
+                        .await
+                        .unwrap(),
+                );
+                assert_eq!(
+                    sorted(
+                        mixed
+                            .read_rows(def, i64::MIN, i64::MAX, None)
+                            .await
+                            .unwrap()
+                    ),
+                    want,
+                    "{} after batch {b}",
+                    def.name
+                );
             }
         }
-        assert_eq!(fx.count("mixed", &delta_table(&large.1)), 0, "{large:?} went direct");
+        assert_eq!(
+            fx.count("mixed", &delta_table(&large.1)),
+            0,
+            "{large:?} went direct"
+        );
         assert!(fx.count("mixed", &large.1) > 0);
         if mixed.fold_stats().folds == 0 {
-            assert_eq!(fx.count("mixed", &small.1), 0, "{small:?} went through the delta");
+            assert_eq!(
+                fx.count("mixed", &small.1),
+                0,
+                "{small:?} went through the delta"
+            );
             assert!(fx.count("mixed", &delta_table(&small.1)) > 0);
         }
         assert_eq!(fx.hourly_of(&mixed).await, fx.hourly);
@@ -2029,25 +2767,184 @@ mod tests {
             let start = (b > 0).then(|| b as i64 * fx.per_batch);
             let folds = ranged.fold_stats().folds;
             for store in [&plain, &ranged] {
-                assert_eq!(fx.commit(store, b, start).await.unwrap(), CommitOutcome::Committed);
+                assert_eq!(
+                    fx.commit(store, b, start).await.unwrap(),
+                    CommitOutcome::Committed
+                );
             }
             for def in &fx.catalog.rollups {
-                let want = sorted(plain.read_rows(def, i64::MIN, i64::MAX, None).await.unwrap());
-                assert_eq!(sorted(ranged.read_rows(def, i64::MIN, i64::MAX, None).await.unwrap()), want, "{} after batch {b}", def.name);
+                let want = sorted(
+                    plain
+                        .read_rows(def, i64::MIN, i64::MAX, None)
+                        .await
+                        .unwrap(),
+                );
+                assert_eq!(
+                    sorted(
+                        ranged
+                            .read_rows(def, i64::MIN, i64::MAX, None)
+                            .await
+                            .unwrap()
+                    ),
+                    want,
+                    "{} after batch {b}",
+                    def.name
+                );
             }
             if ranged.fold_stats().folds > folds && fx.count("ranged", &minute) > 0 {
                 partial += 1;
             }
         }
         let stats = ranged.fold_stats();
-        assert!(partial >= 10, "{partial} folds left rows in the delta; {stats:?}");
+        assert!(
+            partial >= 10,
+            "{partial} folds left rows in the delta; {stats:?}"
+        );
         let c = rusqlite::Connection::open(fx.dir.path().join("ranged.db")).unwrap();
-        let videos: i64 = c.query_row("SELECT count(DISTINCT video_id) FROM minute_video_events", [], |r| r.get(0)).unwrap();
+        let videos: i64 = c
+            .query_row(
+                "SELECT count(DISTINCT video_id) FROM minute_video_events",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
         assert_eq!(videos, VIDEOS, "every video was folded at least once");
         ranged.fold().await.unwrap();
-        assert!(fx.catalog.rollups.iter().all(|d| fx.count("ranged", &delta_table(&d.name)) == 0));
+        assert!(fx
+            .catalog
+            .rollups
+            .iter()
+            .all(|d| fx.count("ranged", &delta_table(&d.name)) == 0));
         assert_eq!(fx.hourly_of(&ranged).await, fx.hourly);
         assert_eq!(fx.hourly_of(&plain).await, fx.hourly);
+    }
+
+    #[test]
+    fn as_of_never_claims_a_partition_with_nothing_committed() {
+        assert_eq!(complete_up_to([Some(5), Some(3), Some(9)]), Some(3));
+        assert_eq!(
+            complete_up_to([Some(5), None]),
+            None,
+            "a registered, never-committed partition"
+        );
+        assert_eq!(complete_up_to(std::iter::empty()), None);
+    }
+
+    #[allow(clippy::unwrap_used)]
+    /// Registration keeps the first start; a reset moves it (and a batch
+    /// built on the old offset is then fenced); both stores.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn partition_starts_register_once_and_resets_fence_running_writers() {
+        let dir = tempfile::tempdir().unwrap();
+        let settings = crate::testing::settings(dir.path(), &[]);
+        let schema = crate::decode::EventSchema::from_config(&settings.schema).unwrap();
+        let catalog = crate::aggregate::SqlCatalog::load(
+            &settings.sql.rollups_dir,
+            schema.arrow.clone(),
+            &settings.schema.time_field,
+        )
+        .await
+        .unwrap();
+        let pg = crate::testing::pg_database().await;
+        for url in [
+            format!("sqlite://{}/serving.db", dir.path().display()),
+            pg.clone(),
+        ] {
+            let store = ServingStore::open(&url, &catalog.rollups).await.unwrap();
+            assert_eq!(store.register_start("t", 0, 100, 1).await.unwrap(), 100);
+            assert_eq!(
+                store.register_start("t", 0, 900, 2).await.unwrap(),
+                100,
+                "{url}: the first start stays"
+            );
+            assert_eq!(
+                store.as_of("t").await.unwrap(),
+                None,
+                "{url}: registered, nothing committed"
+            );
+            assert_eq!(store.reset_offset("t", 0, 7, 3).await.unwrap(), Some(100));
+            assert_eq!(store.reset_offset("t", 1, 0, 3).await.unwrap(), None);
+            let partitions = [(
+                0,
+                PartitionRange {
+                    expected_start: Some(100),
+                    first: 100,
+                    last: 109,
+                },
+            )]
+            .into_iter()
+            .collect();
+            let req = CommitRequest {
+                topic: "t",
+                partitions: &partitions,
+                outputs: &[],
+                files: &[],
+                counters: &[],
+                max_event_ms: &Default::default(),
+                caught_up: &Default::default(),
+                sealed_at_ms: 0,
+                now_ms: 0,
+            };
+            assert_eq!(
+                store.commit(&req).await.unwrap(),
+                CommitOutcome::Fenced {
+                    partition: 0,
+                    expected: Some(100),
+                    stored: Some(7)
+                },
+                "{url}"
+            );
+            store.close().await;
+        }
+    }
+
+    #[allow(clippy::unwrap_used)]
+    /// A rollup edited in place is refused by name; reformatting is not an edit.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn edited_rollup_definitions_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let settings = crate::testing::settings(dir.path(), &[]);
+        let schema = crate::decode::EventSchema::from_config(&settings.schema).unwrap();
+        let sql_dir = dir.path().join("rollups");
+        std::fs::create_dir_all(&sql_dir).unwrap();
+        let sql = std::fs::read_to_string(settings.sql.rollups_dir.join("hour_video_events.sql"))
+            .unwrap();
+        let file = sql_dir.join("hour_video_events.sql");
+        let load = || {
+            crate::aggregate::SqlCatalog::load(
+                &sql_dir,
+                schema.arrow.clone(),
+                &settings.schema.time_field,
+            )
+        };
+        let url = format!("sqlite://{}/serving.db", dir.path().display());
+        std::fs::write(&file, &sql).unwrap();
+        ServingStore::open(&url, &load().await.unwrap().rollups)
+            .await
+            .unwrap()
+            .close()
+            .await;
+        std::fs::write(
+            &file,
+            format!("-- a comment\n{}", sql.to_lowercase().replace('\n', "\n\t")),
+        )
+        .unwrap();
+        ServingStore::open(&url, &load().await.unwrap().rollups)
+            .await
+            .unwrap()
+            .close()
+            .await;
+        std::fs::write(
+            &file,
+            sql.replace("FROM events", "FROM events WHERE event_type <> 'like'"),
+        )
+        .unwrap();
+        let err = ServingStore::open(&url, &load().await.unwrap().rollups)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("hour_video_events.sql has changed"), "{err}");
+        assert!(err.contains("Give the new definition a new name"), "{err}");
     }
 
     #[allow(clippy::unwrap_used)]
@@ -2058,14 +2955,25 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let settings = crate::testing::settings(dir.path(), &[]);
         let schema = crate::decode::EventSchema::from_config(&settings.schema).unwrap();
-        let catalog = crate::aggregate::SqlCatalog::load(&settings.sql.rollups_dir, schema.arrow.clone(), &settings.schema.time_field)
-            .await
-            .unwrap();
+        let catalog = crate::aggregate::SqlCatalog::load(
+            &settings.sql.rollups_dir,
+            schema.arrow.clone(),
+            &settings.schema.time_field,
+        )
+        .await
+        .unwrap();
         let pg = crate::testing::pg_database().await;
-        for url in [format!("sqlite://{}/serving.db", dir.path().display()), pg.clone()] {
+        for url in [
+            format!("sqlite://{}/serving.db", dir.path().display()),
+            pg.clone(),
+        ] {
             let store = ServingStore::open(&url, &catalog.rollups).await.unwrap();
             let file = |i: i64| WrittenFile {
-                path: format!("raw/events/dt=2026-11-29/hour=10/t-p00000-{:020}-{:020}-w1.parquet", i * 10, i * 10 + 9),
+                path: format!(
+                    "raw/events/dt=2026-11-29/hour=10/t-p00000-{:020}-{:020}-w1.parquet",
+                    i * 10,
+                    i * 10 + 9
+                ),
                 kind: super::super::FileKind::Raw,
                 partition: 0,
                 first_offset: i * 10,
@@ -2075,8 +2983,16 @@ mod tests {
             };
             // Every third of 1,300 files is recorded.
             let recorded: Vec<WrittenFile> = (0..1_300).filter(|i| i % 3 == 0).map(file).collect();
-            let partitions: BTreeMap<i32, PartitionRange> =
-                [(0, PartitionRange { expected_start: None, first: 0, last: 12_999 })].into_iter().collect();
+            let partitions: BTreeMap<i32, PartitionRange> = [(
+                0,
+                PartitionRange {
+                    expected_start: None,
+                    first: 0,
+                    last: 12_999,
+                },
+            )]
+            .into_iter()
+            .collect();
             let req = CommitRequest {
                 topic: "t",
                 partitions: &partitions,
@@ -2089,9 +3005,13 @@ mod tests {
                 now_ms: 0,
             };
             assert_eq!(store.commit(&req).await.unwrap(), CommitOutcome::Committed);
-            let asked: Vec<String> = (0..1_300).map(|i| file(i).path).chain(["raw/events/elsewhere.parquet".to_string()]).collect();
+            let asked: Vec<String> = (0..1_300)
+                .map(|i| file(i).path)
+                .chain(["raw/events/elsewhere.parquet".to_string()])
+                .collect();
             let found = store.committed_among(&asked).await.unwrap();
-            let want: std::collections::HashSet<String> = recorded.iter().map(|f| f.path.clone()).collect();
+            let want: std::collections::HashSet<String> =
+                recorded.iter().map(|f| f.path.clone()).collect();
             assert_eq!(found, want, "{url}");
             assert!(store.committed_among(&[]).await.unwrap().is_empty());
             store.close().await;
@@ -2105,8 +3025,15 @@ mod tests {
 
     #[test]
     fn passwords_are_redacted() {
-        assert_eq!(redact("postgres://tally:secret@db:5432/tally"), "postgres://tally:***@db:5432/tally");
+        assert_eq!(
+            redact("postgres://tally:secret@db:5432/tally"),
+            "postgres://tally:***@db:5432/tally"
+        );
         assert_eq!(redact("sqlite:///tmp/x.db"), "sqlite:///tmp/x.db");
         assert_eq!(redact("postgres://tally@db/t"), "postgres://tally@db/t");
+        assert_eq!(
+            redact("postgres://db/t?user=tally&password=S3cret&sslmode=require"),
+            "postgres://db/t?user=tally&password=***&sslmode=require"
+        );
     }
 }

@@ -62,8 +62,12 @@ impl FetchQueue {
         // SAFETY: `rk` is a live client handle (the consumer outlives this
         // value: see the type's documentation); both calls return new
         // references (or NULL), released in `Drop`.
-        let (fetched, consumer_queue) =
-            unsafe { (rd::rd_kafka_queue_new(rk.as_ptr()), rd::rd_kafka_queue_get_consumer(rk.as_ptr())) };
+        let (fetched, consumer_queue) = unsafe {
+            (
+                rd::rd_kafka_queue_new(rk.as_ptr()),
+                rd::rd_kafka_queue_get_consumer(rk.as_ptr()),
+            )
+        };
         let Some(fetched) = NonNull::new(fetched) else {
             if let Some(q) = NonNull::new(consumer_queue) {
                 // SAFETY: a reference returned just above, released once.
@@ -71,7 +75,12 @@ impl FetchQueue {
             }
             return None;
         };
-        Some(FetchQueue { rk, fetched, consumer: NonNull::new(consumer_queue), topic })
+        Some(FetchQueue {
+            rk,
+            fetched,
+            consumer: NonNull::new(consumer_queue),
+            topic,
+        })
     }
 
     /// Route `partitions` of the topic into this queue (again). Idempotent;
@@ -97,7 +106,13 @@ impl FetchQueue {
         let (mut low, mut high) = (-1i64, -1i64);
         // SAFETY: `rk` is live (see `new`); the out pointers are valid.
         let err = unsafe {
-            rd::rd_kafka_get_watermark_offsets(self.rk.as_ptr(), self.topic.as_ptr(), partition, &mut low, &mut high)
+            rd::rd_kafka_get_watermark_offsets(
+                self.rk.as_ptr(),
+                self.topic.as_ptr(),
+                partition,
+                &mut low,
+                &mut high,
+            )
         };
         (err == RDKafkaRespErr::RD_KAFKA_RESP_ERR_NO_ERROR && high >= 0).then_some(high)
     }
@@ -186,7 +201,8 @@ impl Fetched {
         let mut kind = rd::rd_kafka_timestamp_type_t::RD_KAFKA_TIMESTAMP_NOT_AVAILABLE;
         // SAFETY: a valid message; `kind` is a valid out pointer.
         let ts = unsafe { rd::rd_kafka_message_timestamp(self.0.as_ptr(), &mut kind) };
-        (kind != rd::rd_kafka_timestamp_type_t::RD_KAFKA_TIMESTAMP_NOT_AVAILABLE && ts >= 0).then_some(ts)
+        (kind != rd::rd_kafka_timestamp_type_t::RD_KAFKA_TIMESTAMP_NOT_AVAILABLE && ts >= 0)
+            .then_some(ts)
     }
 }
 
@@ -223,12 +239,16 @@ mod tests {
     fn read_all(reassign_every: usize) -> (BTreeMap<i32, Vec<i64>>, usize, usize) {
         let cluster = MockCluster::new(1).expect("mock cluster");
         cluster.create_topic("t", PARTITIONS, 1).expect("topic");
-        let producer: BaseProducer =
-            ClientConfig::new().set("bootstrap.servers", cluster.bootstrap_servers()).create().expect("producer");
+        let producer: BaseProducer = ClientConfig::new()
+            .set("bootstrap.servers", cluster.bootstrap_servers())
+            .create()
+            .expect("producer");
         for i in 0..PER_PARTITION {
             for p in 0..PARTITIONS {
                 let payload = format!("{p}:{i}");
-                producer.send(BaseRecord::<(), _>::to("t").partition(p).payload(&payload)).expect("send");
+                producer
+                    .send(BaseRecord::<(), _>::to("t").partition(p).payload(&payload))
+                    .expect("send");
             }
             producer.poll(Duration::ZERO);
         }
@@ -243,7 +263,12 @@ mod tests {
         let assign = |next: &BTreeMap<i32, i64>| {
             let mut tpl = TopicPartitionList::new();
             for p in 0..PARTITIONS {
-                tpl.add_partition_offset("t", p, Offset::Offset(next.get(&p).copied().unwrap_or(0))).expect("tpl");
+                tpl.add_partition_offset(
+                    "t",
+                    p,
+                    Offset::Offset(next.get(&p).copied().unwrap_or(0)),
+                )
+                .expect("tpl");
             }
             consumer.assign(&tpl).expect("assign");
         };
@@ -254,13 +279,24 @@ mod tests {
         let (mut by_poll, mut by_batch, mut since_assign) = (0, 0, 0);
         let mut forwarded: Option<Instant> = None;
         let mut out = Vec::new();
-        let record = |p: i32, offset: i64, payload: Option<&[u8]>, seen: &mut BTreeMap<i32, Vec<i64>>| {
-            assert_eq!(payload, Some(format!("{p}:{offset}").as_bytes()), "payload of {p}@{offset}");
-            seen.entry(p).or_default().push(offset);
-        };
+        let record =
+            |p: i32, offset: i64, payload: Option<&[u8]>, seen: &mut BTreeMap<i32, Vec<i64>>| {
+                assert_eq!(
+                    payload,
+                    Some(format!("{p}:{offset}").as_bytes()),
+                    "payload of {p}@{offset}"
+                );
+                seen.entry(p).or_default().push(offset);
+            };
         let deadline = Instant::now() + Duration::from_secs(60);
-        while seen.values().map(Vec::len).sum::<usize>() < (PARTITIONS as usize) * PER_PARTITION as usize {
-            assert!(Instant::now() < deadline, "stalled at {:?}", seen.iter().map(|(p, v)| (*p, v.len())).collect::<Vec<_>>());
+        while seen.values().map(Vec::len).sum::<usize>()
+            < (PARTITIONS as usize) * PER_PARTITION as usize
+        {
+            assert!(
+                Instant::now() < deadline,
+                "stalled at {:?}",
+                seen.iter().map(|(p, v)| (*p, v.len())).collect::<Vec<_>>()
+            );
             if reassign_every > 0 && since_assign >= reassign_every {
                 for (p, offsets) in &seen {
                     next.insert(*p, offsets.last().map_or(0, |o| o + 1));
@@ -303,7 +339,11 @@ mod tests {
         assert_eq!(seen.len(), PARTITIONS as usize);
         for (p, offsets) in seen {
             let expected: Vec<i64> = (0..PER_PARTITION).collect();
-            assert!(offsets == &expected, "partition {p}: {} offsets, not 0..{PER_PARTITION} in order", offsets.len());
+            assert!(
+                offsets == &expected,
+                "partition {p}: {} offsets, not 0..{PER_PARTITION} in order",
+                offsets.len()
+            );
         }
     }
 
@@ -331,12 +371,16 @@ mod tests {
     fn read_across_a_pause(eof: bool) -> Vec<i64> {
         let cluster = MockCluster::new(1).expect("mock cluster");
         cluster.create_topic("t", 1, 1).expect("topic");
-        let producer: BaseProducer =
-            ClientConfig::new().set("bootstrap.servers", cluster.bootstrap_servers()).create().expect("producer");
+        let producer: BaseProducer = ClientConfig::new()
+            .set("bootstrap.servers", cluster.bootstrap_servers())
+            .create()
+            .expect("producer");
         let produce = |from: i64, to: i64| {
             for i in from..to {
                 let payload = format!("0:{i}");
-                producer.send(BaseRecord::<(), _>::to("t").partition(0).payload(&payload)).expect("send");
+                producer
+                    .send(BaseRecord::<(), _>::to("t").partition(0).payload(&payload))
+                    .expect("send");
             }
             producer.flush(Duration::from_secs(30)).expect("flush");
         };
@@ -349,7 +393,8 @@ mod tests {
             .create()
             .expect("consumer");
         let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset("t", 0, Offset::Offset(0)).expect("tpl");
+        tpl.add_partition_offset("t", 0, Offset::Offset(0))
+            .expect("tpl");
         consumer.assign(&tpl).expect("assign");
         let fetch = FetchQueue::new(&consumer, "t").expect("fetch queue");
         fetch.forward([0]);
@@ -360,7 +405,11 @@ mod tests {
             while Instant::now() < until {
                 let _ = consumer.poll(Duration::ZERO);
                 fetch.consume(Duration::from_millis(20), &mut out, 100);
-                offsets.extend(out.drain(..).filter(|m| m.error().is_none()).map(|m| m.offset()));
+                offsets.extend(
+                    out.drain(..)
+                        .filter(|m| m.error().is_none())
+                        .map(|m| m.offset()),
+                );
             }
         };
         read_for(Duration::from_secs(2), &mut offsets);

@@ -14,9 +14,9 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol};
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
+use rdkafka::statistics::Statistics;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::types::RDKafkaRespErr;
-use rdkafka::statistics::Statistics;
 use rdkafka::ClientContext;
 use tokio::runtime::Handle;
 use tokio::sync::mpsc;
@@ -58,6 +58,9 @@ pub struct ConsumerControl {
     /// a fenced zombie) the committer sweeps after its first commit there,
     /// then periodically (`pipeline.rs`, `OrphanSweeper`).
     pub cleanup_pending: Mutex<std::collections::BTreeSet<i32>>,
+    /// An error found by the rebalance callback that must stop consumption
+    /// (a stored offset beyond the end of the log); the poll loop returns it.
+    fatal: Mutex<Option<SourceError>>,
 }
 
 impl ConsumerControl {
@@ -75,7 +78,10 @@ impl ConsumerControl {
 
     /// The partitions this member owns now.
     pub fn owned_partitions(&self) -> std::collections::BTreeSet<i32> {
-        self.partitions.lock().map(|m| m.keys().copied().collect()).unwrap_or_default()
+        self.partitions
+            .lock()
+            .map(|m| m.keys().copied().collect())
+            .unwrap_or_default()
     }
 
     pub fn bump_epoch(&self) -> u64 {
@@ -91,11 +97,88 @@ pub struct TallyContext {
     archive: ParquetArchiveSink,
     handle: Handle,
     metrics: Arc<Metrics>,
+    /// Where a partition with no stored offset starts (`auto.offset.reset`),
+    /// rather than at Kafka's group offset, which the store does not vouch for.
+    no_offset_start: Option<Offset>,
+    outage: Mutex<Outage>,
+    in_outage: AtomicBool,
+}
+
+/// The start offset `auto.offset.reset` names, in librdkafka's spellings.
+fn reset_offset(value: Option<&str>) -> Option<Offset> {
+    match value.unwrap_or("largest") {
+        "smallest" | "earliest" | "beginning" => Some(Offset::Beginning),
+        "largest" | "latest" | "end" => Some(Offset::End),
+        _ => None,
+    }
+}
+
+/// A broker outage in the log: one line when it starts, a summary every
+/// [`OUTAGE_SUMMARY`] while it lasts, one line when it ends (librdkafka
+/// reports the same failure many times a second).
+#[derive(Debug, Default)]
+struct Outage {
+    since: Option<Instant>,
+    errors: u64,
+    summarised: Option<Instant>,
+}
+
+const OUTAGE_SUMMARY: Duration = Duration::from_secs(30);
+
+impl Outage {
+    fn error(&mut self, error: &str) {
+        let now = Instant::now();
+        match self.since {
+            None => {
+                self.since = Some(now);
+                self.errors = 1;
+                self.summarised = Some(now);
+                tracing::warn!(error, "kafka: the broker is failing; librdkafka's reason is logged above (target librdkafka); a summary follows every 30 s until it recovers");
+            }
+            Some(since) => {
+                self.errors += 1;
+                if self
+                    .summarised
+                    .is_none_or(|t| now.duration_since(t) >= OUTAGE_SUMMARY)
+                {
+                    self.summarised = Some(now);
+                    tracing::warn!(
+                        error,
+                        errors = self.errors,
+                        for_secs = since.elapsed().as_secs(),
+                        "kafka: the broker is still failing"
+                    );
+                }
+            }
+        }
+    }
+
+    fn ok(&mut self) {
+        if let Some(since) = self.since.take() {
+            tracing::info!(
+                errors = self.errors,
+                after_secs = since.elapsed().as_secs(),
+                "kafka: the broker is reachable again"
+            );
+            self.errors = 0;
+        }
+    }
 }
 
 impl ClientContext for TallyContext {
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, log_message: &str) {
+        super::librdkafka_log(level, fac, log_message);
+    }
+
     /// librdkafka statistics (every `statistics.interval.ms`): consumer lag per partition.
     fn stats(&self, statistics: Statistics) {
+        if statistics
+            .brokers
+            .values()
+            .any(|b| b.state == "UP" && b.nodeid >= 0)
+        {
+            self.broker_ok();
+        }
         let owned: Vec<i32> = match self.control.partitions.lock() {
             Ok(m) => m.keys().copied().collect(),
             Err(_) => return,
@@ -110,8 +193,14 @@ impl ClientContext for TallyContext {
                     .filter_map(|(p, part)| {
                         // The serving store holds the real position; Kafka's group
                         // commit is a hint that may fail or lag behind it.
-                        let end = if part.ls_offset >= 0 { part.ls_offset } else { part.hi_offset };
-                        let position = part.committed_offset.max(self.metrics.committed_offset(*p).unwrap_or(-1));
+                        let end = if part.ls_offset >= 0 {
+                            part.ls_offset
+                        } else {
+                            part.hi_offset
+                        };
+                        let position = part
+                            .committed_offset
+                            .max(self.metrics.committed_offset(*p).unwrap_or(-1));
                         (end >= 0 && position >= 0).then(|| (*p, (end - position).max(0)))
                     })
                     .collect()
@@ -122,10 +211,57 @@ impl ClientContext for TallyContext {
 }
 
 impl TallyContext {
-    /// Stored offsets for `partitions`, after removing orphan files.
-    fn stored_offsets(&self, partitions: &[i32]) -> BTreeMap<i32, Option<i64>> {
+    /// Stored offsets for `partitions`, after removing orphan files. Each
+    /// is checked against the partition's watermarks; one with no stored
+    /// offset gets its start recorded (see [`ServingStore::register_start`]).
+    fn stored_offsets(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        partitions: &[i32],
+    ) -> BTreeMap<i32, Option<i64>> {
+        let mut stored = self.load_stored(partitions);
+        let marks: BTreeMap<i32, (i64, i64)> = partitions
+            .iter()
+            .filter_map(|p| match consumer.fetch_watermarks(&self.topic, *p, Duration::from_secs(10)) {
+                Ok(m) => Some((*p, m)),
+                Err(e) => {
+                    tracing::warn!(partition = p, error = %e, "cannot read the partition's watermarks to check its stored offset");
+                    None
+                }
+            })
+            .collect();
+        self.check_beyond_end(&stored, &marks);
+        let now = chrono::Utc::now().timestamp_millis();
+        for (p, next) in stored.iter_mut() {
+            let (None, Some((low, high))) = (*next, marks.get(p)) else {
+                continue;
+            };
+            let start = match self.no_offset_start {
+                Some(Offset::End) => *high,
+                Some(Offset::Beginning) => *low,
+                _ => continue,
+            };
+            match block_on(
+                &self.handle,
+                self.store.register_start(&self.topic, *p, start, now),
+            ) {
+                Ok(n) => {
+                    tracing::info!(partition = p, start = n, "no stored offset: starting where auto.offset.reset says, recorded in the serving store");
+                    *next = Some(n);
+                }
+                Err(e) => {
+                    tracing::warn!(partition = p, error = %e, "cannot record the partition's start; starting from auto.offset.reset")
+                }
+            }
+        }
+        stored
+    }
+
+    fn load_stored(&self, partitions: &[i32]) -> BTreeMap<i32, Option<i64>> {
         if !self.control.wait_idle(Duration::from_secs(60)) {
-            tracing::warn!("committer still busy after 60s; continuing (the offset fence keeps counts exact)");
+            tracing::warn!(
+                "committer still busy after 60s; continuing (the offset fence keeps counts exact)"
+            );
         }
         let mut attempt = 0u32;
         let stored = loop {
@@ -138,17 +274,27 @@ impl TallyContext {
                 }
             }
         };
-        let wanted: HashMap<i32, Option<i64>> =
-            partitions.iter().map(|p| (*p, stored.get(p).copied())).collect();
+        let wanted: HashMap<i32, Option<i64>> = partitions
+            .iter()
+            .map(|p| (*p, stored.get(p).copied()))
+            .collect();
         // Only hidden files here: a complete file beyond the stored offset may
         // belong to a zombie that can still commit before we do; such files are
         // removed after our first commit on the partition (pipeline.rs).
-        match block_on(&self.handle, self.archive.remove_in_progress(&self.topic, &wanted)) {
+        match block_on(
+            &self.handle,
+            self.archive.remove_in_progress(&self.topic, &wanted),
+        ) {
             Ok(removed) if !removed.is_empty() => {
-                tracing::warn!(count = removed.len(), "removed orphan archive files left by a crash")
+                tracing::warn!(
+                    count = removed.len(),
+                    "removed orphan archive files left by a crash"
+                )
             }
             Ok(_) => {}
-            Err(e) => tracing::error!(error = %e, "orphan cleanup failed; will retry on next assignment"),
+            Err(e) => {
+                tracing::error!(error = %e, "orphan cleanup failed; will retry on next assignment")
+            }
         }
         if let Ok(mut pending) = self.control.cleanup_pending.lock() {
             pending.extend(partitions.iter().copied());
@@ -157,17 +303,99 @@ impl TallyContext {
     }
 }
 
+impl TallyContext {
+    fn broker_error(&self, error: &str) {
+        self.in_outage.store(true, Ordering::Relaxed);
+        if let Ok(mut o) = self.outage.lock() {
+            o.error(error);
+        }
+    }
+
+    /// Called on every message and statistics report: cheap unless an outage is open.
+    fn broker_ok(&self) {
+        if self.in_outage.swap(false, Ordering::Relaxed) {
+            if let Ok(mut o) = self.outage.lock() {
+                o.ok();
+            }
+        }
+    }
+
+    /// A stored next offset above the partition's high watermark means the
+    /// log was replaced under us (topic deleted and created again, offsets
+    /// reset): every new message would look already committed. Record the
+    /// first such partition as fatal; the poll loop stops on it. A
+    /// watermark that cannot be read is logged and not held against the
+    /// partition (the broker may be slow; the gap check still applies).
+    /// A stored offset below the low watermark (retention deleted messages
+    /// before tally read them) is logged and counted as a gap.
+    fn check_beyond_end(
+        &self,
+        stored: &BTreeMap<i32, Option<i64>>,
+        marks: &BTreeMap<i32, (i64, i64)>,
+    ) {
+        for (p, next) in stored {
+            let Some(next) = *next else { continue };
+            match marks.get(p).copied() {
+                Some((low, high)) if next > high => {
+                    let e = SourceError::OffsetBeyondEnd {
+                        topic: self.topic.clone(),
+                        partition: *p,
+                        stored: next,
+                        high,
+                        low,
+                    };
+                    tracing::error!("{e}");
+                    if let Ok(mut fatal) = self.control.fatal.lock() {
+                        fatal.get_or_insert(e);
+                    }
+                }
+                Some((low, _)) if next < low => {
+                    tracing::warn!(
+                        partition = p,
+                        stored = next,
+                        low,
+                        skipped = low - next,
+                        "the stored offset is below the start of the log: messages {next}..{low} were deleted by retention before tally read them"
+                    );
+                    self.metrics.offset_gaps.fetch_add(1, Ordering::Relaxed);
+                    self.metrics
+                        .messages_skipped
+                        .fetch_add((low - next) as u64, Ordering::Relaxed);
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
 impl ConsumerContext for TallyContext {
-    fn rebalance(&self, consumer: &BaseConsumer<Self>, err: RDKafkaRespErr, tpl: &mut TopicPartitionList) {
+    fn rebalance(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
         self.control.bump_epoch();
         self.control.rebalanced.store(true, Ordering::Release);
-        let cooperative = matches!(consumer.rebalance_protocol(), RebalanceProtocol::Cooperative);
+        let cooperative = matches!(
+            consumer.rebalance_protocol(),
+            RebalanceProtocol::Cooperative
+        );
         match err {
-            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS if self.control.shutdown.load(Ordering::Acquire) => {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS
+                if self.control.shutdown.load(Ordering::Acquire) =>
+            {
                 // Closing (at shutdown): nothing will be consumed, so neither
                 // wait for the committer nor read offsets; accept and move on.
-                tracing::info!(count = tpl.count(), "partitions assigned while shutting down; not consuming them");
-                let r = if cooperative { consumer.incremental_assign(tpl) } else { consumer.assign(tpl) };
+                tracing::info!(
+                    count = tpl.count(),
+                    "partitions assigned while shutting down; not consuming them"
+                );
+                let r = if cooperative {
+                    consumer.incremental_assign(tpl)
+                } else {
+                    consumer.assign(tpl)
+                };
                 if let Err(e) = r {
                     tracing::error!(error = %e, "assign failed");
                 }
@@ -179,10 +407,14 @@ impl ConsumerContext for TallyContext {
                     .filter(|e| e.topic() == self.topic)
                     .map(|e| e.partition())
                     .collect();
-                let stored = self.stored_offsets(&parts);
+                let stored = self.stored_offsets(consumer, &parts);
                 for (p, next) in &stored {
-                    if let Some(n) = next {
-                        if let Err(e) = tpl.set_partition_offset(&self.topic, *p, Offset::Offset(*n)) {
+                    let start = match next {
+                        Some(n) => Some(Offset::Offset(*n)),
+                        None => self.no_offset_start,
+                    };
+                    if let Some(start) = start {
+                        if let Err(e) = tpl.set_partition_offset(&self.topic, *p, start) {
                             tracing::error!(partition = p, error = %e, "cannot set start offset");
                         }
                     }
@@ -199,7 +431,11 @@ impl ConsumerContext for TallyContext {
                     }
                     map.extend(stored);
                 }
-                let r = if cooperative { consumer.incremental_assign(tpl) } else { consumer.assign(tpl) };
+                let r = if cooperative {
+                    consumer.incremental_assign(tpl)
+                } else {
+                    consumer.assign(tpl)
+                };
                 if let Err(e) = r {
                     tracing::error!(error = %e, "assign failed");
                 }
@@ -211,7 +447,11 @@ impl ConsumerContext for TallyContext {
                         map.remove(&e.partition());
                     }
                 }
-                let r = if cooperative { consumer.incremental_unassign(tpl) } else { consumer.unassign() };
+                let r = if cooperative {
+                    consumer.incremental_unassign(tpl)
+                } else {
+                    consumer.unassign()
+                };
                 if let Err(e) = r {
                     tracing::error!(error = %e, "unassign failed");
                 }
@@ -235,6 +475,8 @@ pub struct KafkaSource {
     poll_timeout: Duration,
     /// How often an idle consumer reports caught-up partitions.
     heartbeat: Duration,
+    /// When an offset gap was last logged.
+    gap_logged: std::cell::Cell<Option<Instant>>,
 }
 
 /// librdkafka properties `tally run` sets whatever the config says: the
@@ -256,7 +498,9 @@ const FORCED: &[(&str, &str, &str)] = &[
 
 /// A warning for each configured property that [`FORCED`] overrides with
 /// another value.
-fn overridden<V: std::fmt::Display>(properties: &std::collections::BTreeMap<String, V>) -> Vec<String> {
+fn overridden<V: std::fmt::Display>(
+    properties: &std::collections::BTreeMap<String, V>,
+) -> Vec<String> {
     FORCED
         .iter()
         .filter_map(|(key, value, why)| {
@@ -280,6 +524,8 @@ impl KafkaSource {
         let mut cc = ClientConfig::new();
         // Consumer lag for /metrics, unless the operator chose an interval.
         cc.set("statistics.interval.ms", "5000");
+        // librdkafka's warnings and errors reach tally's log (see `librdkafka_log`).
+        cc.set_log_level(rdkafka::config::RDKafkaLogLevel::Warning);
         for (k, v) in &cfg.properties {
             cc.set(k, v.to_string());
         }
@@ -290,19 +536,39 @@ impl KafkaSource {
             cc.set(*key, *value);
         }
         let control = Arc::new(ConsumerControl::default());
-        let context =
-            TallyContext { topic: cfg.topic.clone(), control: control.clone(), store, archive, handle, metrics };
-        let consumer: BaseConsumer<TallyContext> =
-            cc.create_with_context(context).map_err(|e| SourceError::Create(e.to_string()))?;
+        let no_offset_start = reset_offset(
+            cfg.properties
+                .get("auto.offset.reset")
+                .map(|v| v.to_string())
+                .as_deref(),
+        );
+        let context = TallyContext {
+            topic: cfg.topic.clone(),
+            control: control.clone(),
+            store,
+            archive,
+            handle,
+            metrics,
+            no_offset_start,
+            outage: Mutex::new(Outage::default()),
+            in_outage: AtomicBool::new(false),
+        };
+        let consumer: BaseConsumer<TallyContext> = cc
+            .create_with_context(context)
+            .map_err(|e| SourceError::Create(e.to_string()))?;
         consumer
             .subscribe(&[&cfg.topic])
-            .map_err(|e| SourceError::Subscribe { topic: cfg.topic.clone(), message: e.to_string() })?;
+            .map_err(|e| SourceError::Subscribe {
+                topic: cfg.topic.clone(),
+                message: e.to_string(),
+            })?;
         Ok(KafkaSource {
             consumer: Arc::new(consumer),
             control,
             topic: cfg.topic.clone(),
             poll_timeout: cfg.poll_timeout,
             heartbeat,
+            gap_logged: std::cell::Cell::new(None),
         })
     }
 
@@ -312,7 +578,10 @@ impl KafkaSource {
 
     /// Handle used by the committer for Kafka's (monitoring-only) group commit.
     pub fn committer(&self) -> GroupCommitter {
-        GroupCommitter { consumer: self.consumer.clone(), topic: self.topic.clone() }
+        GroupCommitter {
+            consumer: self.consumer.clone(),
+            topic: self.topic.clone(),
+        }
     }
 
     /// Run the poll loop on the current (dedicated) thread until shutdown.
@@ -322,7 +591,11 @@ impl KafkaSource {
     /// time until it is empty, then reads up to [`MAX_BATCH`] messages from
     /// the fetch queue (see `fetch.rs` for why this keeps each partition in
     /// order).
-    pub fn run(self, mut builder: BatchBuilder, tx: mpsc::Sender<Batch>) -> Result<(), SourceError> {
+    pub fn run(
+        self,
+        mut builder: BatchBuilder,
+        tx: mpsc::Sender<Batch>,
+    ) -> Result<(), SourceError> {
         let control = self.control.clone();
         let fetch = FetchQueue::new(&self.consumer, &self.topic)
             .ok_or_else(|| SourceError::Create("librdkafka returned no fetch queue".into()))?;
@@ -341,6 +614,12 @@ impl KafkaSource {
             if control.shutdown.load(Ordering::Acquire) {
                 break;
             }
+            if let Some(e) = control.fatal.lock().ok().and_then(|mut f| f.take()) {
+                builder.discard();
+                drop(tx);
+                self.consumer.unsubscribe();
+                return Err(e);
+            }
             if control.reset_requested.swap(false, Ordering::AcqRel) {
                 builder.discard();
                 at_end.clear();
@@ -349,7 +628,9 @@ impl KafkaSource {
                 forwarded = None;
             }
             if builder.should_flush(now)
-                || (builder.is_empty() && !at_end.is_empty() && now.duration_since(last_sent) >= self.heartbeat)
+                || (builder.is_empty()
+                    && !at_end.is_empty()
+                    && now.duration_since(last_sent) >= self.heartbeat)
             {
                 self.send(&mut builder, epoch, &at_end, &tx)?;
                 last_sent = now;
@@ -363,7 +644,12 @@ impl KafkaSource {
                 at_end.clear();
                 // Eager rebalances re-seek every partition on assignment; with the
                 // cooperative protocol, kept partitions must be moved back explicitly.
-                if had_rows && matches!(self.consumer.rebalance_protocol(), RebalanceProtocol::Cooperative) {
+                if had_rows
+                    && matches!(
+                        self.consumer.rebalance_protocol(),
+                        RebalanceProtocol::Cooperative
+                    )
+                {
                     self.reseek();
                 }
                 epoch = control.epoch.load(Ordering::Acquire);
@@ -373,15 +659,27 @@ impl KafkaSource {
                 match result {
                     Ok(msg) if msg.topic() == self.topic => {
                         let (p, offset) = (msg.partition(), msg.offset());
-                        let Ok(mut map) = control.partitions.lock() else { continue };
+                        let Ok(mut map) = control.partitions.lock() else {
+                            continue;
+                        };
                         let produced = msg.timestamp().to_millis();
-                        self.accept(&mut map, &mut builder, &mut clock, &mut at_end, p, offset, msg.payload(), produced, now);
+                        self.accept(
+                            &mut map,
+                            &mut builder,
+                            &mut clock,
+                            &mut at_end,
+                            p,
+                            offset,
+                            msg.payload(),
+                            produced,
+                            now,
+                        );
                     }
                     Ok(_) => {}
                     Err(KafkaError::PartitionEOF(p)) => {
                         at_end.insert(p, ());
                     }
-                    Err(e) => tracing::warn!(error = %e, "kafka poll error"),
+                    Err(e) => self.consumer.context().broker_error(&e.to_string()),
                 }
                 continue;
             }
@@ -396,31 +694,52 @@ impl KafkaSource {
                 continue;
             }
             // 3. A batch of fetched messages.
-            let timeout = builder.time_to_linger(now).unwrap_or(self.poll_timeout).min(self.poll_timeout);
-            let wait = timeout.min(FORWARD_EVERY.saturating_sub(now.duration_since(forwarded.unwrap_or(now))));
+            let timeout = builder
+                .time_to_linger(now)
+                .unwrap_or(self.poll_timeout)
+                .min(self.poll_timeout);
+            let wait = timeout
+                .min(FORWARD_EVERY.saturating_sub(now.duration_since(forwarded.unwrap_or(now))));
             if fetch.consume(wait, &mut fetched, MAX_BATCH) == 0 {
                 now = Instant::now();
                 self.note_caught_up(&fetch, &mut at_end);
                 continue;
             }
             now = Instant::now();
+            self.consumer.context().broker_ok();
             let mut entries = fetched.drain(..);
             'batch: loop {
                 {
-                    let Ok(mut map) = control.partitions.lock() else { break 'batch };
+                    let Ok(mut map) = control.partitions.lock() else {
+                        break 'batch;
+                    };
                     loop {
-                        let Some(m) = entries.next() else { break 'batch };
+                        let Some(m) = entries.next() else {
+                            break 'batch;
+                        };
                         if let Some(err) = m.error() {
                             if err == RDKafkaRespErr::RD_KAFKA_RESP_ERR__PARTITION_EOF {
                                 at_end.insert(m.partition(), ());
                             } else {
-                                tracing::warn!(error = ?err, partition = m.partition(), "kafka fetch error");
+                                self.consumer.context().broker_error(&format!(
+                                    "fetch error on partition {}: {err:?}",
+                                    m.partition()
+                                ));
                             }
                             continue;
                         }
                         let (p, offset) = (m.partition(), m.offset());
-                        if self.accept(&mut map, &mut builder, &mut clock, &mut at_end, p, offset, m.payload(), m.timestamp_ms(), now)
-                            && builder.should_flush(now)
+                        if self.accept(
+                            &mut map,
+                            &mut builder,
+                            &mut clock,
+                            &mut at_end,
+                            p,
+                            offset,
+                            m.payload(),
+                            m.timestamp_ms(),
+                            now,
+                        ) && builder.should_flush(now)
                         {
                             break;
                         }
@@ -448,10 +767,15 @@ impl KafkaSource {
     /// replaces end-of-partition events, which the batched read cannot take
     /// (see `KafkaSource::new`).
     fn note_caught_up(&self, fetch: &FetchQueue, at_end: &mut BTreeMap<i32, ()>) {
-        let Ok(map) = self.control.partitions.lock() else { return };
+        let Ok(map) = self.control.partitions.lock() else {
+            return;
+        };
         for (p, next) in map.iter() {
             let Some(next) = next else { continue };
-            if fetch.cached_high_watermark(*p).is_some_and(|high| *next >= high) {
+            if fetch
+                .cached_high_watermark(*p)
+                .is_some_and(|high| *next >= high)
+            {
                 at_end.insert(*p, ());
             }
         }
@@ -474,9 +798,20 @@ impl KafkaSource {
         now: Instant,
     ) -> bool {
         at_end.remove(&p);
-        let Some(next) = map.get_mut(&p) else { return false }; // not (or no longer) ours
-        if next.is_some_and(|n| offset < n) {
-            return false; // already committed
+        let Some(next) = map.get_mut(&p) else {
+            return false;
+        }; // not (or no longer) ours
+        if let Some(n) = *next {
+            if offset < n {
+                // Already committed (read again after a seek).
+                self.metrics()
+                    .messages_skipped
+                    .fetch_add(1, Ordering::Relaxed);
+                return false;
+            }
+            if offset > n {
+                self.note_gap(p, n, offset);
+            }
         }
         let expected = *next;
         *next = Some(offset + 1);
@@ -488,6 +823,35 @@ impl KafkaSource {
         true
     }
 
+    fn metrics(&self) -> &Metrics {
+        &self.consumer.context().metrics
+    }
+
+    /// The first message after `expected` is at `got`: offsets in between
+    /// are gone (retention, compaction, transaction markers, a reset).
+    /// Counted always; logged at most every 10 s, with the gaps since.
+    fn note_gap(&self, p: i32, expected: i64, got: i64) {
+        let m = self.metrics();
+        let gaps = m.offset_gaps.fetch_add(1, Ordering::Relaxed) + 1;
+        m.messages_skipped
+            .fetch_add((got - expected) as u64, Ordering::Relaxed);
+        let now = Instant::now();
+        if self
+            .gap_logged
+            .get()
+            .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(10))
+        {
+            self.gap_logged.set(Some(now));
+            tracing::warn!(
+                partition = p,
+                expected,
+                got,
+                gaps_total = gaps,
+                "offset gap: the partition's next message is not the expected offset (retention, compaction, transaction markers or a reset); the missing offsets are skipped"
+            );
+        }
+    }
+
     fn send(
         &self,
         builder: &mut BatchBuilder,
@@ -497,14 +861,19 @@ impl KafkaSource {
     ) -> Result<(), SourceError> {
         let now_ms = chrono::Utc::now().timestamp_millis();
         let caught_up: BTreeMap<i32, i64> = match self.control.partitions.lock() {
-            Ok(m) => at_end.keys().filter_map(|p| m.get(p).copied().flatten().map(|n| (*p, n))).collect(),
+            Ok(m) => at_end
+                .keys()
+                .filter_map(|p| m.get(p).copied().flatten().map(|n| (*p, n)))
+                .collect(),
             Err(_) => BTreeMap::new(),
         };
-        let batch =
-            builder.seal(epoch, &self.topic, now_ms, caught_up).map_err(|e| SourceError::Thread(e.to_string()))?;
+        let batch = builder
+            .seal(epoch, &self.topic, now_ms, caught_up)
+            .map_err(|e| SourceError::Thread(e.to_string()))?;
         self.control.sent.fetch_add(1, Ordering::AcqRel);
         // Blocks while the committer is busy: consumption pauses, memory stays bounded.
-        tx.blocking_send(batch).map_err(|_| SourceError::Thread("committer stopped".into()))
+        tx.blocking_send(batch)
+            .map_err(|_| SourceError::Thread("committer stopped".into()))
     }
 
     /// After a fence failure: re-read stored offsets and seek every assigned partition.
@@ -513,7 +882,10 @@ impl KafkaSource {
             Ok(m) => m.keys().copied().collect(),
             Err(_) => return,
         };
-        let stored = self.consumer.context().stored_offsets(&parts);
+        let stored = self
+            .consumer
+            .context()
+            .stored_offsets(&self.consumer, &parts);
         let mut tpl = TopicPartitionList::new();
         for (p, next) in &stored {
             let off = next.map_or(Offset::Beginning, Offset::Offset);
@@ -522,8 +894,26 @@ impl KafkaSource {
         if tpl.count() > 0 {
             // Re-assigning with explicit offsets is the reliable way to move a
             // partition's fetch position (seek fails while a fetch is starting).
-            let r = if matches!(self.consumer.rebalance_protocol(), RebalanceProtocol::Cooperative) {
-                self.consumer.seek_partitions(tpl, Duration::from_secs(10)).map(|_| ())
+            let r = if matches!(
+                self.consumer.rebalance_protocol(),
+                RebalanceProtocol::Cooperative
+            ) {
+                self.consumer.seek_partitions(tpl, Duration::from_secs(10)).map(|done| {
+                    // The call succeeds as a whole while single partitions fail.
+                    let failed: Vec<(i32, String)> = done
+                        .elements()
+                        .iter()
+                        .filter_map(|e| e.error().err().map(|err| (e.partition(), err.to_string())))
+                        .collect();
+                    if !failed.is_empty() {
+                        // The fetch position of these partitions did not move:
+                        // their next message would not be the stored offset.
+                        // Seek again shortly rather than read past it.
+                        tracing::error!(?failed, "seek to the stored offsets failed for some partitions; seeking again");
+                        std::thread::sleep(Duration::from_millis(200));
+                        self.control.reset_requested.store(true, Ordering::Release);
+                    }
+                })
             } else {
                 self.consumer.assign(&tpl)
             };
@@ -568,14 +958,32 @@ mod tests {
 
     #[test]
     fn overridden_properties_are_named_and_matching_ones_are_not() {
-        let props = |kv: &[(&str, &str)]| kv.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<BTreeMap<_, _>>();
-        let w = overridden(&props(&[("enable.partition.eof", "true"), ("fetch.wait.max.ms", "10")]));
+        let props = |kv: &[(&str, &str)]| {
+            kv.iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect::<BTreeMap<_, _>>()
+        };
+        let w = overridden(&props(&[
+            ("enable.partition.eof", "true"),
+            ("fetch.wait.max.ms", "10"),
+        ]));
         assert_eq!(w.len(), 1, "{w:?}");
-        assert!(w[0].contains("kafka.properties.\"enable.partition.eof\" = \"true\" is ignored"), "{}", w[0]);
+        assert!(
+            w[0].contains("kafka.properties.\"enable.partition.eof\" = \"true\" is ignored"),
+            "{}",
+            w[0]
+        );
         assert!(w[0].contains("remove it from the config"), "{}", w[0]);
-        let w = overridden(&props(&[("enable.auto.commit", "true"), ("enable.auto.offset.store", "false")]));
+        let w = overridden(&props(&[
+            ("enable.auto.commit", "true"),
+            ("enable.auto.offset.store", "false"),
+        ]));
         assert_eq!(w.len(), 1, "{w:?}");
         assert!(w[0].contains("enable.auto.commit"), "{}", w[0]);
-        assert!(overridden(&props(&[("enable.partition.eof", "false"), ("group.id", "g")])).is_empty());
+        assert!(overridden(&props(&[
+            ("enable.partition.eof", "false"),
+            ("group.id", "g")
+        ]))
+        .is_empty());
     }
 }

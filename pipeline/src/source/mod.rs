@@ -11,6 +11,22 @@ pub use kafka::{ConsumerControl, KafkaSource};
 
 use crate::error::{ErrorKind, RetryHint};
 
+/// librdkafka's own log lines (connection, SASL and SSL errors: often the
+/// only clue to a misconfigured client) into tally's log, at their level.
+/// Every client context forwards to this; clients log from warnings up
+/// unless `kafka.properties."log_level"` says otherwise.
+pub fn librdkafka_log(level: rdkafka::config::RDKafkaLogLevel, facility: &str, message: &str) {
+    use rdkafka::config::RDKafkaLogLevel as L;
+    match level {
+        L::Emerg | L::Alert | L::Critical | L::Error => {
+            tracing::error!(target: "librdkafka", facility, "{message}")
+        }
+        L::Warning => tracing::warn!(target: "librdkafka", facility, "{message}"),
+        L::Notice | L::Info => tracing::info!(target: "librdkafka", facility, "{message}"),
+        L::Debug => tracing::debug!(target: "librdkafka", facility, "{message}"),
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
     #[error("kafka: cannot create the consumer: {0}")]
@@ -19,18 +35,55 @@ pub enum SourceError {
     Subscribe { topic: String, message: String },
     #[error("kafka: consumer thread failed: {0}")]
     Thread(String),
+    /// The serving store lost its offsets while the archive kept the files
+    /// they describe (the store deleted, replaced or pointed elsewhere).
+    #[error(
+        "the serving store ({store}) holds no offsets for topic `{topic}`, but the archive ({archive}) already holds its files \
+         (for example {example}): the serving store was deleted, replaced or is not the one this archive belongs to. \
+         Starting would read the topic again from `auto.offset.reset` or Kafka's group offset, counting part of its history \
+         twice or not at all. Nothing was changed. Fix: point serving.url at the store this archive belongs to, or restore it \
+         from a backup; to start over on purpose, move the archive's `raw/` and `dlq/` files of `{topic}` out of \
+         storage.archive_url first (README, \"Recovery\")"
+    )]
+    StoreLost {
+        topic: String,
+        store: String,
+        archive: String,
+        example: String,
+    },
+    /// A stored next offset above the partition's end: the topic was
+    /// deleted and created again, or its offsets were reset.
+    #[error(
+        "topic `{topic}` partition {partition}: the serving store's next offset {stored} is beyond the end of the log \
+         (high watermark {high}, low watermark {low}): the topic was deleted and created again, or its offsets were reset. \
+         Consuming would skip every new message as already counted, so this partition is stopped. Fix: \
+         `tally offsets reset --topic {topic} --partition {partition} --to earliest` (or `--to latest`, or `--to N`), \
+         then start tally again"
+    )]
+    OffsetBeyondEnd {
+        topic: String,
+        partition: i32,
+        stored: i64,
+        high: i64,
+        low: i64,
+    },
 }
 
 impl SourceError {
     pub fn kind(&self) -> ErrorKind {
         match self {
             SourceError::Create(_) | SourceError::Subscribe { .. } => ErrorKind::User,
+            SourceError::StoreLost { .. } | SourceError::OffsetBeyondEnd { .. } => ErrorKind::User,
             SourceError::Thread(_) => ErrorKind::Internal,
         }
     }
     pub fn retry(&self) -> RetryHint {
         match self {
-            SourceError::Create(_) | SourceError::Subscribe { .. } | SourceError::Thread(_) => RetryHint::NoRetry,
+            SourceError::Create(_)
+            | SourceError::Subscribe { .. }
+            | SourceError::Thread(_)
+            | SourceError::StoreLost { .. }
+            | SourceError::OffsetBeyondEnd { .. } => RetryHint::NoRetry,
         }
     }
 }

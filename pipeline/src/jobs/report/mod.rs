@@ -51,7 +51,8 @@ impl Month {
     pub fn parse(s: &str) -> Result<Month, String> {
         let bad = || format!("--month {s:?}: expected YYYY-MM, e.g. 2026-11");
         let (y, m) = s.trim().split_once('-').ok_or_else(bad)?;
-        let (year, month): (i32, u32) = (y.parse().map_err(|_| bad())?, m.parse().map_err(|_| bad())?);
+        let (year, month): (i32, u32) =
+            (y.parse().map_err(|_| bad())?, m.parse().map_err(|_| bad())?);
         if y.len() != 4 || m.len() != 2 || !(1..=12).contains(&month) {
             return Err(bad());
         }
@@ -60,13 +61,37 @@ impl Month {
     /// The last whole month before `now_ms`.
     pub fn previous_to(now_ms: i64) -> Month {
         let d = chrono::DateTime::from_timestamp_millis(now_ms).unwrap_or_default();
-        Month { year: d.year(), month: d.month() }.prev()
+        Month {
+            year: d.year(),
+            month: d.month(),
+        }
+        .prev()
     }
     pub fn prev(self) -> Month {
-        if self.month == 1 { Month { year: self.year - 1, month: 12 } } else { Month { year: self.year, month: self.month - 1 } }
+        if self.month == 1 {
+            Month {
+                year: self.year - 1,
+                month: 12,
+            }
+        } else {
+            Month {
+                year: self.year,
+                month: self.month - 1,
+            }
+        }
     }
     pub fn next(self) -> Month {
-        if self.month == 12 { Month { year: self.year + 1, month: 1 } } else { Month { year: self.year, month: self.month + 1 } }
+        if self.month == 12 {
+            Month {
+                year: self.year + 1,
+                month: 1,
+            }
+        } else {
+            Month {
+                year: self.year,
+                month: self.month + 1,
+            }
+        }
     }
     pub fn start_ms(self) -> i64 {
         NaiveDate::from_ymd_opt(self.year, self.month, 1)
@@ -78,7 +103,8 @@ impl Month {
     }
     /// `November 2026`.
     pub fn long_name(self) -> String {
-        NaiveDate::from_ymd_opt(self.year, self.month, 1).map_or_else(|| self.to_string(), |d| d.format("%B %Y").to_string())
+        NaiveDate::from_ymd_opt(self.year, self.month, 1)
+            .map_or_else(|| self.to_string(), |d| d.format("%B %Y").to_string())
     }
 }
 
@@ -94,7 +120,11 @@ pub enum Chart {
     /// Horizontal bars: one per row.
     Bar { label: String, value: String },
     /// One line per distinct `series` value over the `x` values.
-    Line { x: String, series: String, y: String },
+    Line {
+        x: String,
+        series: String,
+        y: String,
+    },
 }
 
 /// One report query: `sql/reports/NN_name.sql`.
@@ -112,19 +142,41 @@ pub struct ReportQuery {
 impl ReportQuery {
     /// Parse the header comments of a report SQL file.
     pub fn parse(file: &Path, sql: &str) -> Result<ReportQuery, String> {
-        let stem = file.file_stem().and_then(|s| s.to_str()).unwrap_or("report").to_string();
+        let stem = file
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or("report")
+            .to_string();
         let name = match stem.split_once('_') {
-            Some((prefix, rest)) if !prefix.is_empty() && prefix.chars().all(|c| c.is_ascii_digit()) => rest.to_string(),
+            Some((prefix, rest))
+                if !prefix.is_empty() && prefix.chars().all(|c| c.is_ascii_digit()) =>
+            {
+                rest.to_string()
+            }
             _ => stem.clone(),
         };
-        let mut q = ReportQuery { title: name.replace('_', " "), name, file: file.to_path_buf(), note: None, chart: None, sql: sql.to_string() };
+        let mut q = ReportQuery {
+            title: name.replace('_', " "),
+            name,
+            file: file.to_path_buf(),
+            note: None,
+            chart: None,
+            sql: sql.to_string(),
+        };
         for line in sql.lines().map(str::trim).filter(|l| l.starts_with("--")) {
-            let Some((key, value)) = line.trim_start_matches('-').trim().split_once(':') else { continue };
+            let Some((key, value)) = line.trim_start_matches('-').trim().split_once(':') else {
+                continue;
+            };
             let value = value.trim();
             match key.trim() {
                 "title" => q.title = value.to_string(),
                 "note" => q.note = Some(value.to_string()),
-                "chart" => q.chart = Some(parse_chart(value).map_err(|e| format!("{}: `-- chart: {value}`: {e}", file.display()))?),
+                "chart" => {
+                    q.chart = Some(
+                        parse_chart(value)
+                            .map_err(|e| format!("{}: `-- chart: {value}`: {e}", file.display()))?,
+                    )
+                }
                 _ => {}
             }
         }
@@ -135,9 +187,12 @@ impl ReportQuery {
 fn parse_chart(spec: &str) -> Result<Chart, String> {
     let mut words = spec.split_whitespace();
     let kind = words.next().unwrap_or_default();
-    let args: std::collections::BTreeMap<&str, &str> = words.filter_map(|w| w.split_once('=')).collect();
+    let args: std::collections::BTreeMap<&str, &str> =
+        words.filter_map(|w| w.split_once('=')).collect();
     let get = |k: &str| {
-        args.get(k).map(|v| v.to_string()).ok_or_else(|| format!("missing {k}=COLUMN"))
+        args.get(k)
+            .map(|v| v.to_string())
+            .ok_or_else(|| format!("missing {k}=COLUMN"))
     };
     match kind {
         "bar" => Ok(Chart::Bar { label: get("label")?, value: get("value")? }),
@@ -170,37 +225,58 @@ fn err(m: impl std::fmt::Display) -> crate::Error {
 
 /// Load the report queries of `dir`, in file-name order.
 pub fn load_queries(dir: &Path) -> Result<Vec<ReportQuery>, crate::Error> {
-    let entries = std::fs::read_dir(dir)
-        .map_err(|e| err(format!("{}: cannot read the report directory ({e}); set report.sql_dir", dir.display())))?;
+    let entries = std::fs::read_dir(dir).map_err(|e| {
+        err(format!(
+            "{}: cannot read the report directory ({e}); set report.sql_dir",
+            dir.display()
+        ))
+    })?;
     let mut files: Vec<PathBuf> = entries
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|x| x == "sql"))
         .collect();
     files.sort();
     if files.is_empty() {
-        return Err(err(format!("{}: no *.sql report queries; set report.sql_dir", dir.display())));
+        return Err(err(format!(
+            "{}: no *.sql report queries; set report.sql_dir",
+            dir.display()
+        )));
     }
     files
         .iter()
         .map(|f| {
-            let sql = std::fs::read_to_string(f).map_err(|e| err(format!("{}: {e}", f.display())))?;
+            let sql =
+                std::fs::read_to_string(f).map_err(|e| err(format!("{}: {e}", f.display())))?;
             ReportQuery::parse(f, &sql).map_err(err)
         })
         .collect()
 }
 
 fn ts_field(name: &str) -> Field {
-    Field::new(name, DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into())), false)
+    Field::new(
+        name,
+        DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into())),
+        false,
+    )
 }
 
 /// Register `videos`, `channels` and `report_month` in `ctx`.
-async fn register_inputs(ctx: &SessionContext, dims: &Path, month: Month, as_of: Option<i64>) -> Result<(), crate::Error> {
+async fn register_inputs(
+    ctx: &SessionContext,
+    dims: &Path,
+    month: Month,
+    as_of: Option<i64>,
+) -> Result<(), crate::Error> {
     let utf8 = |n: &str| Field::new(n, DataType::Utf8, true);
     let videos = Schema::new(vec![
         utf8("video_id"),
         utf8("title"),
         utf8("channel_id"),
-        Field::new("published_at", DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into())), true),
+        Field::new(
+            "published_at",
+            DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into())),
+            true,
+        ),
     ]);
     let channels = Schema::new(vec![utf8("channel_id"), utf8("name")]);
     for (table, schema) in [("videos", &videos), ("channels", &channels)] {
@@ -211,28 +287,53 @@ async fn register_inputs(ctx: &SessionContext, dims: &Path, month: Month, as_of:
                 path.display()
             )));
         }
-        let path_str = path.to_str().ok_or_else(|| err(format!("{}: path is not UTF-8", path.display())))?;
-        ctx.register_csv(table, path_str, CsvReadOptions::new().has_header(true).schema(schema))
-            .await
-            .map_err(|e| err(format!("{}: {e}", path.display())))?;
+        let path_str = path
+            .to_str()
+            .ok_or_else(|| err(format!("{}: path is not UTF-8", path.display())))?;
+        ctx.register_csv(
+            table,
+            path_str,
+            CsvReadOptions::new().has_header(true).schema(schema),
+        )
+        .await
+        .map_err(|e| err(format!("{}: {e}", path.display())))?;
     }
-    let schema = Arc::new(Schema::new(vec![ts_field("month_start"), ts_field("month_end"), ts_field("prev_start")]));
-    let col = |ms: i64| -> ArrayRef { Arc::new(TimestampMillisecondArray::from(vec![ms]).with_timezone("UTC")) };
+    let schema = Arc::new(Schema::new(vec![
+        ts_field("month_start"),
+        ts_field("month_end"),
+        ts_field("prev_start"),
+    ]));
+    let col = |ms: i64| -> ArrayRef {
+        Arc::new(TimestampMillisecondArray::from(vec![ms]).with_timezone("UTC"))
+    };
     let row = RecordBatch::try_new(
         schema.clone(),
-        vec![col(month.start_ms()), col(month.end_ms()), col(month.prev().start_ms())],
+        vec![
+            col(month.start_ms()),
+            col(month.end_ms()),
+            col(month.prev().start_ms()),
+        ],
     )
     .map_err(err)?;
     let table = MemTable::try_new(schema, vec![vec![row]]).map_err(err)?;
-    ctx.register_table("report_month", Arc::new(table)).map_err(err)?;
+    ctx.register_table("report_month", Arc::new(table))
+        .map_err(err)?;
     let schema = Arc::new(Schema::new(vec![ts_field("day")]));
     // Days not begun by `as_of` are left out: a month in progress has no future days.
-    let until = as_of.map_or(month.end_ms(), |t| t.clamp(month.start_ms() + 1, month.end_ms()));
+    let until = as_of.map_or(month.end_ms(), |t| {
+        t.clamp(month.start_ms() + 1, month.end_ms())
+    });
     let days: Vec<i64> = (month.start_ms()..until).step_by(86_400_000).collect();
-    let days = RecordBatch::try_new(schema.clone(), vec![Arc::new(TimestampMillisecondArray::from(days).with_timezone("UTC"))])
-        .map_err(err)?;
+    let days = RecordBatch::try_new(
+        schema.clone(),
+        vec![Arc::new(
+            TimestampMillisecondArray::from(days).with_timezone("UTC"),
+        )],
+    )
+    .map_err(err)?;
     let table = MemTable::try_new(schema, vec![vec![days]]).map_err(err)?;
-    ctx.register_table("report_days", Arc::new(table)).map_err(err)?;
+    ctx.register_table("report_days", Arc::new(table))
+        .map_err(err)?;
     Ok(())
 }
 
@@ -240,24 +341,45 @@ async fn register_inputs(ctx: &SessionContext, dims: &Path, month: Month, as_of:
 pub async fn monthly(settings: &Settings, month: Month) -> Result<MonthlyReport, crate::Error> {
     let queries = load_queries(&settings.report.sql_dir)?;
     let schema = EventSchema::from_config(&settings.schema)?;
-    let catalog = SqlCatalog::load(&settings.sql.rollups_dir, schema.arrow.clone(), &settings.schema.time_field).await?;
-    let def = catalog.rollups.iter().find(|d| d.name == settings.report.rollup).ok_or_else(|| {
-        err(format!(
-            "report.rollup = {:?}: no such rollup in {}; name one of: {}",
-            settings.report.rollup,
-            settings.sql.rollups_dir.display(),
-            catalog.rollups.iter().map(|d| d.name.as_str()).collect::<Vec<_>>().join(", ")
-        ))
-    })?;
-    let store = ServingStore::open_with(&settings.serving_url(), &catalog.rollups, settings.serving.window_index).await?;
+    let catalog = SqlCatalog::load(
+        &settings.sql.rollups_dir,
+        schema.arrow.clone(),
+        &settings.schema.time_field,
+    )
+    .await?;
+    let def = catalog
+        .rollups
+        .iter()
+        .find(|d| d.name == settings.report.rollup)
+        .ok_or_else(|| {
+            err(format!(
+                "report.rollup = {:?}: no such rollup in {}; name one of: {}",
+                settings.report.rollup,
+                settings.sql.rollups_dir.display(),
+                catalog
+                    .rollups
+                    .iter()
+                    .map(|d| d.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))
+        })?;
+    let store = ServingStore::open_with(
+        &settings.serving_url(),
+        &catalog.rollups,
+        settings.serving.window_index,
+    )
+    .await?;
     let rows = load_windows(&store, def, month.prev().start_ms(), month.end_ms(), None).await?;
     let as_of = store.as_of(&settings.kafka.topic).await?;
     store.close().await;
 
     let ctx = SessionContext::new();
     let rollup_schema = arrow_schema(def);
-    let rollup = MemTable::try_new(rollup_schema.clone(), vec![rows.into_iter().collect()]).map_err(err)?;
-    ctx.register_table(def.name.as_str(), Arc::new(rollup)).map_err(err)?;
+    let rollup =
+        MemTable::try_new(rollup_schema.clone(), vec![rows.into_iter().collect()]).map_err(err)?;
+    ctx.register_table(def.name.as_str(), Arc::new(rollup))
+        .map_err(err)?;
     register_inputs(&ctx, &settings.report.dims_dir, month, as_of).await?;
     let tables = run_queries(&ctx, queries).await?;
     Ok(MonthlyReport {
@@ -270,7 +392,10 @@ pub async fn monthly(settings: &Settings, month: Month) -> Result<MonthlyReport,
 }
 
 /// Plan `query` and check that its chart names returned columns.
-async fn plan(ctx: &SessionContext, query: &ReportQuery) -> Result<datafusion::dataframe::DataFrame, crate::Error> {
+async fn plan(
+    ctx: &SessionContext,
+    query: &ReportQuery,
+) -> Result<datafusion::dataframe::DataFrame, crate::Error> {
     let named = |e: &dyn std::fmt::Display| err(format!("{}: {e}", query.file.display()));
     let df = ctx.sql(&query.sql).await.map_err(|e| named(&e))?;
     if let Some(chart) = &query.chart {
@@ -280,20 +405,29 @@ async fn plan(ctx: &SessionContext, query: &ReportQuery) -> Result<datafusion::d
         };
         for c in cols {
             if df.schema().as_arrow().index_of(c).is_err() {
-                return Err(named(&format!("`-- chart:` names column {c:?}, which the query does not return")));
+                return Err(named(&format!(
+                    "`-- chart:` names column {c:?}, which the query does not return"
+                )));
             }
         }
     }
     Ok(df)
 }
 
-async fn run_queries(ctx: &SessionContext, queries: Vec<ReportQuery>) -> Result<Vec<ReportTable>, crate::Error> {
+async fn run_queries(
+    ctx: &SessionContext,
+    queries: Vec<ReportQuery>,
+) -> Result<Vec<ReportTable>, crate::Error> {
     let mut tables = Vec::with_capacity(queries.len());
     for query in queries {
         let df = plan(ctx, &query).await?;
         let schema = Arc::new(df.schema().as_arrow().clone());
-        let batches = df.collect().await.map_err(|e| err(format!("{}: {e}", query.file.display())))?;
-        let batch = concat_batches(&schema, &batches).map_err(|e| err(format!("{}: {e}", query.file.display())))?;
+        let batches = df
+            .collect()
+            .await
+            .map_err(|e| err(format!("{}: {e}", query.file.display())))?;
+        let batch = concat_batches(&schema, &batches)
+            .map_err(|e| err(format!("{}: {e}", query.file.display())))?;
         tables.push(ReportTable { query, batch });
     }
     Ok(tables)
@@ -302,7 +436,10 @@ async fn run_queries(ctx: &SessionContext, queries: Vec<ReportQuery>) -> Result<
 /// For `tally check`: load and plan every report query against empty
 /// tables (no serving store needed). `Ok(None)` when the dimension tables
 /// are not there (reports not set up here).
-pub async fn check(settings: &Settings, catalog: &SqlCatalog) -> Result<Option<Vec<ReportQuery>>, crate::Error> {
+pub async fn check(
+    settings: &Settings,
+    catalog: &SqlCatalog,
+) -> Result<Option<Vec<ReportQuery>>, crate::Error> {
     let dims = &settings.report.dims_dir;
     if !dims.join("videos.csv").is_file() || !dims.join("channels.csv").is_file() {
         return Ok(None);
@@ -312,11 +449,24 @@ pub async fn check(settings: &Settings, catalog: &SqlCatalog) -> Result<Option<V
         .rollups
         .iter()
         .find(|d| d.name == settings.report.rollup)
-        .ok_or_else(|| err(format!("report.rollup = {:?}: no such rollup in {}", settings.report.rollup, settings.sql.rollups_dir.display())))?;
+        .ok_or_else(|| {
+            err(format!(
+                "report.rollup = {:?}: no such rollup in {}",
+                settings.report.rollup,
+                settings.sql.rollups_dir.display()
+            ))
+        })?;
     let ctx = SessionContext::new();
     let empty = MemTable::try_new(arrow_schema(def), vec![vec![]]).map_err(err)?;
-    ctx.register_table(def.name.as_str(), Arc::new(empty)).map_err(err)?;
-    register_inputs(&ctx, dims, Month::previous_to(Utc::now().timestamp_millis()), None).await?;
+    ctx.register_table(def.name.as_str(), Arc::new(empty))
+        .map_err(err)?;
+    register_inputs(
+        &ctx,
+        dims,
+        Month::previous_to(Utc::now().timestamp_millis()),
+        None,
+    )
+    .await?;
     for q in &queries {
         plan(&ctx, q).await?;
     }
@@ -335,7 +485,11 @@ pub enum Format {
 }
 
 /// Write `report` to `out`; returns the files written.
-pub fn write(report: &MonthlyReport, format: Format, out: &Path) -> Result<Vec<PathBuf>, crate::Error> {
+pub fn write(
+    report: &MonthlyReport,
+    format: Format,
+    out: &Path,
+) -> Result<Vec<PathBuf>, crate::Error> {
     let io = |p: &Path, e: std::io::Error| err(format!("{}: {e}", p.display()));
     let write_file = |path: &Path, text: String| -> Result<(), crate::Error> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {

@@ -13,32 +13,51 @@ use datafusion::arrow::util::display::{ArrayFormatter, FormatOptions};
 use super::{Chart, MonthlyReport, ReportTable};
 use crate::serve::http::fmt_time;
 
-const PALETTE: [&str; 8] = ["#2563eb", "#db2777", "#16a34a", "#ea580c", "#7c3aed", "#0891b2", "#ca8a04", "#64748b"];
+const PALETTE: [&str; 8] = [
+    "#2563eb", "#db2777", "#16a34a", "#ea580c", "#7c3aed", "#0891b2", "#ca8a04", "#64748b",
+];
 
 /// The raw text of every cell, row by row (empty for null).
 pub fn cells(batch: &RecordBatch) -> Vec<Vec<String>> {
     let opts = FormatOptions::default().with_null("");
-    let formatters: Vec<Option<ArrayFormatter<'_>>> =
-        batch.columns().iter().map(|c| ArrayFormatter::try_new(c.as_ref(), &opts).ok()).collect();
+    let formatters: Vec<Option<ArrayFormatter<'_>>> = batch
+        .columns()
+        .iter()
+        .map(|c| ArrayFormatter::try_new(c.as_ref(), &opts).ok())
+        .collect();
     (0..batch.num_rows())
-        .map(|r| formatters.iter().map(|f| f.as_ref().map_or_else(String::new, |f| f.value(r).to_string())).collect())
+        .map(|r| {
+            formatters
+                .iter()
+                .map(|f| {
+                    f.as_ref()
+                        .map_or_else(String::new, |f| f.value(r).to_string())
+                })
+                .collect()
+        })
         .collect()
 }
 
 fn is_numeric(t: &DataType) -> bool {
-    t.is_integer() || t.is_floating() || matches!(t, DataType::Decimal128(..) | DataType::Decimal256(..))
+    t.is_integer()
+        || t.is_floating()
+        || matches!(t, DataType::Decimal128(..) | DataType::Decimal256(..))
 }
 
 /// A column as f64 (null and non-numeric as None).
 fn numbers(batch: &RecordBatch, column: &str) -> Vec<Option<f64>> {
-    let Ok(i) = batch.schema().index_of(column) else { return vec![None; batch.num_rows()] };
+    let Ok(i) = batch.schema().index_of(column) else {
+        return vec![None; batch.num_rows()];
+    };
     let col = batch.column(i);
     if !is_numeric(col.data_type()) {
         return vec![None; batch.num_rows()];
     }
     match cast(col, &DataType::Float64) {
         Ok(a) => match a.as_any().downcast_ref::<Float64Array>() {
-            Some(f) => (0..f.len()).map(|r| (!f.is_null(r)).then(|| f.value(r))).collect(),
+            Some(f) => (0..f.len())
+                .map(|r| (!f.is_null(r)).then(|| f.value(r)))
+                .collect(),
             None => vec![None; batch.num_rows()],
         },
         Err(_) => vec![None; batch.num_rows()],
@@ -46,15 +65,21 @@ fn numbers(batch: &RecordBatch, column: &str) -> Vec<Option<f64>> {
 }
 
 fn column_text(batch: &RecordBatch, column: &str) -> Vec<String> {
-    let Ok(i) = batch.schema().index_of(column) else { return vec![String::new(); batch.num_rows()] };
+    let Ok(i) = batch.schema().index_of(column) else {
+        return vec![String::new(); batch.num_rows()];
+    };
     let all = cells(batch);
-    all.into_iter().map(|mut r| std::mem::take(&mut r[i])).collect()
+    all.into_iter()
+        .map(|mut r| std::mem::take(&mut r[i]))
+        .collect()
 }
 
 /// `1234567` -> `1,234,567`; other text unchanged.
 pub fn group_digits(s: &str) -> String {
     let (sign, rest) = s.strip_prefix('-').map_or(("", s), |r| ("-", r));
-    let (int, frac) = rest.split_once('.').map_or((rest, None), |(a, b)| (a, Some(b)));
+    let (int, frac) = rest
+        .split_once('.')
+        .map_or((rest, None), |(a, b)| (a, Some(b)));
     if int.is_empty() || !int.bytes().all(|b| b.is_ascii_digit()) {
         return s.to_string();
     }
@@ -76,11 +101,19 @@ pub fn heading(column: &str) -> String {
     let words: Vec<String> = column
         .split('_')
         .filter(|w| !w.is_empty())
-        .map(|w| if w == "pct" { "%".to_string() } else { w.to_string() })
+        .map(|w| {
+            if w == "pct" {
+                "%".to_string()
+            } else {
+                w.to_string()
+            }
+        })
         .collect();
     let text = words.join(" ");
     let mut chars = text.chars();
-    chars.next().map_or_else(String::new, |c| c.to_uppercase().collect::<String>() + chars.as_str())
+    chars.next().map_or_else(String::new, |c| {
+        c.to_uppercase().collect::<String>() + chars.as_str()
+    })
 }
 
 fn esc(s: &str) -> String {
@@ -99,7 +132,11 @@ fn esc(s: &str) -> String {
 }
 
 fn truncate(s: &str, n: usize) -> String {
-    if s.chars().count() <= n { s.to_string() } else { s.chars().take(n.saturating_sub(1)).collect::<String>() + "…" }
+    if s.chars().count() <= n {
+        s.to_string()
+    } else {
+        s.chars().take(n.saturating_sub(1)).collect::<String>() + "…"
+    }
 }
 
 /// A "nice" axis maximum at or above `v`: 1, 2 or 5 times a power of ten.
@@ -108,14 +145,30 @@ fn nice_max(v: f64) -> f64 {
         return 1.0;
     }
     let p = 10f64.powf(v.log10().floor());
-    [1.0, 2.0, 5.0, 10.0].iter().map(|m| m * p).find(|c| *c >= v).unwrap_or(10.0 * p)
+    [1.0, 2.0, 5.0, 10.0]
+        .iter()
+        .map(|m| m * p)
+        .find(|c| *c >= v)
+        .unwrap_or(10.0 * p)
 }
 
 fn short_number(v: f64) -> String {
     let a = v.abs();
-    let (d, s) = if a >= 1e9 { (1e9, "G") } else if a >= 1e6 { (1e6, "M") } else if a >= 1e3 { (1e3, "k") } else { (1.0, "") };
+    let (d, s) = if a >= 1e9 {
+        (1e9, "G")
+    } else if a >= 1e6 {
+        (1e6, "M")
+    } else if a >= 1e3 {
+        (1e3, "k")
+    } else {
+        (1.0, "")
+    };
     let x = v / d;
-    if (x - x.round()).abs() < 1e-9 { format!("{}{s}", x.round()) } else { format!("{x:.1}{s}") }
+    if (x - x.round()).abs() < 1e-9 {
+        format!("{}{s}", x.round())
+    } else {
+        format!("{x:.1}{s}")
+    }
 }
 
 /// Horizontal bar chart, one bar per row.
@@ -153,7 +206,11 @@ fn bar_svg(t: &ReportTable, label: &str, value: &str) -> String {
 }
 
 fn format_value(v: f64) -> String {
-    if (v - v.round()).abs() < 1e-9 { format!("{}", v.round() as i64) } else { format!("{v:.2}") }
+    if (v - v.round()).abs() < 1e-9 {
+        format!("{}", v.round() as i64)
+    } else {
+        format!("{v:.2}")
+    }
 }
 
 /// Line chart: one polyline per series over the x values (in row order).
@@ -174,7 +231,13 @@ fn line_svg(t: &ReportTable, x: &str, series: &str, y: &str) -> String {
     let (w, h, left, right, top, bottom) = (760.0, 300.0, 56.0, 16.0, 16.0, 56.0);
     let (pw, ph) = (w - left - right, h - top - bottom);
     let max = nice_max(ys.iter().flatten().copied().fold(0.0, f64::max));
-    let px = |i: usize| left + if x_order.len() > 1 { pw * i as f64 / (x_order.len() - 1) as f64 } else { pw / 2.0 };
+    let px = |i: usize| {
+        left + if x_order.len() > 1 {
+            pw * i as f64 / (x_order.len() - 1) as f64
+        } else {
+            pw / 2.0
+        }
+    };
     let py = |v: f64| top + ph - ph * v / max;
     let mut s = format!(
         r#"<svg class="chart" role="img" aria-label="{}" viewBox="0 0 {w} {h}" width="100%" xmlns="http://www.w3.org/2000/svg">"#,
@@ -216,7 +279,11 @@ fn line_svg(t: &ReportTable, x: &str, series: &str, y: &str) -> String {
                 Some(format!("{:.1},{:.1}", px(i), py(yv.unwrap_or(0.0))))
             })
             .collect();
-        let _ = write!(s, r#"<polyline fill="none" stroke="{color}" stroke-width="2" points="{}"/>"#, points.join(" "));
+        let _ = write!(
+            s,
+            r#"<polyline fill="none" stroke="{color}" stroke-width="2" points="{}"/>"#,
+            points.join(" ")
+        );
         let lx = left + k as f64 * 130.0;
         let _ = write!(
             s,
@@ -239,7 +306,8 @@ fn pivot_table(t: &ReportTable, x: &str, series: &str, y: &str) -> String {
     let ys = column_text(&t.batch, y);
     let mut x_order: Vec<&String> = Vec::new();
     let mut s_order: Vec<&String> = Vec::new();
-    let mut values: std::collections::HashMap<(&String, &String), &String> = std::collections::HashMap::new();
+    let mut values: std::collections::HashMap<(&String, &String), &String> =
+        std::collections::HashMap::new();
     for ((xv, sv), yv) in xs.iter().zip(&ss).zip(&ys) {
         if !x_order.contains(&xv) {
             x_order.push(xv);
@@ -249,7 +317,11 @@ fn pivot_table(t: &ReportTable, x: &str, series: &str, y: &str) -> String {
         }
         values.insert((xv, sv), yv);
     }
-    let mut s = format!(r#"<table id="t-{}"><thead><tr><th>{}</th>"#, esc(&t.query.name), esc(&heading(x)));
+    let mut s = format!(
+        r#"<table id="t-{}"><thead><tr><th>{}</th>"#,
+        esc(&t.query.name),
+        esc(&heading(x))
+    );
     for sv in &s_order {
         let _ = write!(s, r#"<th class="num">{}</th>"#, esc(sv));
     }
@@ -257,7 +329,9 @@ fn pivot_table(t: &ReportTable, x: &str, series: &str, y: &str) -> String {
     for xv in &x_order {
         let _ = write!(s, "<tr><td>{}</td>", esc(xv));
         for sv in &s_order {
-            let v = values.get(&(*xv, *sv)).map_or_else(|| "–".to_string(), |v| group_digits(v));
+            let v = values
+                .get(&(*xv, *sv))
+                .map_or_else(|| "–".to_string(), |v| group_digits(v));
             let _ = write!(s, r#"<td class="num">{}</td>"#, esc(&v));
         }
         s.push_str("</tr>");
@@ -268,17 +342,30 @@ fn pivot_table(t: &ReportTable, x: &str, series: &str, y: &str) -> String {
 
 fn html_table(t: &ReportTable) -> String {
     let schema = t.batch.schema();
-    let numeric: Vec<bool> = schema.fields().iter().map(|f| is_numeric(f.data_type())).collect();
+    let numeric: Vec<bool> = schema
+        .fields()
+        .iter()
+        .map(|f| is_numeric(f.data_type()))
+        .collect();
     let mut s = format!(r#"<table id="t-{}"><thead><tr>"#, esc(&t.query.name));
     for (f, num) in schema.fields().iter().zip(&numeric) {
-        let _ = write!(s, r#"<th{}>{}</th>"#, if *num { r#" class="num""# } else { "" }, esc(&heading(f.name())));
+        let _ = write!(
+            s,
+            r#"<th{}>{}</th>"#,
+            if *num { r#" class="num""# } else { "" },
+            esc(&heading(f.name()))
+        );
     }
     s.push_str("</tr></thead><tbody>");
     for row in cells(&t.batch) {
         s.push_str("<tr>");
         for ((cell, num), f) in row.iter().zip(&numeric).zip(schema.fields()) {
             if *num {
-                let shown = if cell.is_empty() { "–".to_string() } else { group_digits(cell) };
+                let shown = if cell.is_empty() {
+                    "–".to_string()
+                } else {
+                    group_digits(cell)
+                };
                 let class = if f.name().ends_with("_pct") && cell.starts_with('-') {
                     "num down"
                 } else if f.name().ends_with("_pct") && !cell.is_empty() {
@@ -294,7 +381,11 @@ fn html_table(t: &ReportTable) -> String {
         s.push_str("</tr>");
     }
     if t.batch.num_rows() == 0 {
-        let _ = write!(s, r#"<tr><td colspan="{}" class="empty">No events in this month.</td></tr>"#, numeric.len().max(1));
+        let _ = write!(
+            s,
+            r#"<tr><td colspan="{}" class="empty">No events in this month.</td></tr>"#,
+            numeric.len().max(1)
+        );
     }
     s.push_str("</tbody></table>");
     s
@@ -306,13 +397,22 @@ fn kpis(t: &ReportTable) -> String {
     let row = cells(&t.batch).into_iter().next().unwrap_or_default();
     let mut s = format!(r#"<div class="kpis" id="t-{}">"#, esc(&t.query.name));
     for (f, cell) in schema.fields().iter().zip(row) {
-        let shown = if cell.is_empty() { "–".to_string() } else { group_digits(&cell) };
+        let shown = if cell.is_empty() {
+            "–".to_string()
+        } else {
+            group_digits(&cell)
+        };
         let shown = if f.name().ends_with("_pct") && !cell.is_empty() {
             format!("{}{shown} %", if cell.starts_with('-') { "" } else { "+" })
         } else {
             shown
         };
-        let _ = write!(s, r#"<div class="kpi"><div class="k">{}</div><div class="v">{}</div></div>"#, esc(&heading(f.name())), esc(&shown));
+        let _ = write!(
+            s,
+            r#"<div class="kpi"><div class="k">{}</div><div class="v">{}</div></div>"#,
+            esc(&heading(f.name())),
+            esc(&shown)
+        );
     }
     s.push_str("</div>");
     s
@@ -345,11 +445,16 @@ footer { color: #64748b; font-size: 12px; margin-top: 24px; }
 
 fn period_line(r: &MonthlyReport) -> String {
     let as_of = match r.as_of {
-        Some(t) if t < r.month.end_ms() => format!("data complete up to {} (partial month)", fmt_time(t)),
+        Some(t) if t < r.month.end_ms() => {
+            format!("data complete up to {} (partial month)", fmt_time(t))
+        }
         Some(t) => format!("data complete up to {}", fmt_time(t)),
         None => "no committed data yet".to_string(),
     };
-    let day = |ms: i64| chrono::DateTime::from_timestamp_millis(ms).map_or_else(String::new, |d| d.format("%-d %B %Y").to_string());
+    let day = |ms: i64| {
+        chrono::DateTime::from_timestamp_millis(ms)
+            .map_or_else(String::new, |d| d.format("%-d %B %Y").to_string())
+    };
     format!(
         "{} to {} (UTC), compared with {}; {as_of}",
         day(r.month.start_ms()),
@@ -402,13 +507,22 @@ pub fn html(r: &MonthlyReport) -> String {
 }
 
 fn csv_field(s: &str) -> String {
-    if s.contains([',', '"', '\n', '\r']) { format!("\"{}\"", s.replace('"', "\"\"")) } else { s.to_string() }
+    if s.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_string()
+    }
 }
 
 /// RFC 4180 CSV with a header row; raw values (no digit grouping).
 pub fn csv(batch: &RecordBatch) -> String {
     let mut s = String::new();
-    let names: Vec<String> = batch.schema().fields().iter().map(|f| csv_field(f.name())).collect();
+    let names: Vec<String> = batch
+        .schema()
+        .fields()
+        .iter()
+        .map(|f| csv_field(f.name()))
+        .collect();
     s.push_str(&names.join(","));
     s.push('\n');
     for row in cells(batch) {
@@ -425,22 +539,45 @@ fn md_cell(s: &str) -> String {
 
 /// One Markdown document with a pipe table per query.
 pub fn markdown(r: &MonthlyReport) -> String {
-    let mut s = format!("# Monthly report · {}\n\n{}\n", r.month.long_name(), period_line(r));
+    let mut s = format!(
+        "# Monthly report · {}\n\n{}\n",
+        r.month.long_name(),
+        period_line(r)
+    );
     for t in &r.tables {
         let _ = write!(s, "\n## {}\n\n", t.query.title);
         if let Some(n) = &t.query.note {
             let _ = write!(s, "{n}\n\n");
         }
         let schema = t.batch.schema();
-        let heads: Vec<String> = schema.fields().iter().map(|f| md_cell(&heading(f.name()))).collect();
-        let aligns: Vec<&str> =
-            schema.fields().iter().map(|f| if is_numeric(f.data_type()) { "---:" } else { "---" }).collect();
+        let heads: Vec<String> = schema
+            .fields()
+            .iter()
+            .map(|f| md_cell(&heading(f.name())))
+            .collect();
+        let aligns: Vec<&str> = schema
+            .fields()
+            .iter()
+            .map(|f| {
+                if is_numeric(f.data_type()) {
+                    "---:"
+                } else {
+                    "---"
+                }
+            })
+            .collect();
         let _ = write!(s, "| {} |\n| {} |\n", heads.join(" | "), aligns.join(" | "));
         for row in cells(&t.batch) {
             let shown: Vec<String> = row
                 .iter()
                 .zip(schema.fields())
-                .map(|(c, f)| if is_numeric(f.data_type()) { group_digits(c) } else { md_cell(c) })
+                .map(|(c, f)| {
+                    if is_numeric(f.data_type()) {
+                        group_digits(c)
+                    } else {
+                        md_cell(c)
+                    }
+                })
                 .collect();
             let _ = writeln!(s, "| {} |", shown.join(" | "));
         }

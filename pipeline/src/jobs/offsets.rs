@@ -1,0 +1,214 @@
+//! `tally offsets show` and `tally offsets reset`: the serving store's
+//! committed positions beside the broker's watermarks, and the operator's
+//! way to move them (after a topic was deleted and created again, or to
+//! skip or re-read a range on purpose).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+
+use crate::config::Settings;
+use crate::sink::ServingStore;
+
+/// Where `tally offsets reset` moves a partition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResetTo {
+    /// The partition's low watermark (the oldest message the broker holds).
+    Earliest,
+    /// The high watermark: only messages produced from now on are read.
+    Latest,
+    Offset(i64),
+}
+
+impl ResetTo {
+    pub fn parse(s: &str) -> Result<ResetTo, String> {
+        match s {
+            "earliest" => Ok(ResetTo::Earliest),
+            "latest" => Ok(ResetTo::Latest),
+            n => n
+                .parse::<i64>()
+                .ok()
+                .filter(|n| *n >= 0)
+                .map(ResetTo::Offset)
+                .ok_or_else(|| {
+                    format!(
+                        "`{s}`: write earliest, latest or an offset (a whole number, 0 or more)"
+                    )
+                }),
+        }
+    }
+}
+
+/// One partition as `tally offsets show` prints it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartitionPosition {
+    pub partition: i32,
+    pub stored: Option<i64>,
+    pub low: i64,
+    pub high: i64,
+}
+
+impl PartitionPosition {
+    /// Messages waiting: from the stored offset (or the start of the log) to the end.
+    pub fn lag(&self) -> i64 {
+        (self.high - self.stored.unwrap_or(self.low).max(self.low)).max(0)
+    }
+    /// What is wrong with the stored offset, if anything.
+    pub fn problem(&self) -> Option<&'static str> {
+        match self.stored {
+            Some(s) if s > self.high => {
+                Some("beyond the end of the log: run `tally offsets reset`")
+            }
+            Some(s) if s < self.low => {
+                Some("below the start of the log: messages were deleted before tally read them")
+            }
+            _ => None,
+        }
+    }
+}
+
+fn consumer(settings: &Settings) -> Result<BaseConsumer, String> {
+    let mut cc = ClientConfig::new();
+    for (k, v) in &settings.kafka.properties {
+        cc.set(k, v.to_string());
+    }
+    cc.set("enable.auto.commit", "false");
+    cc.create()
+        .map_err(|e| format!("kafka: cannot create a client: {e}"))
+}
+
+/// Every partition of the topic with its stored offset and watermarks.
+pub async fn show(
+    settings: &Settings,
+    store: &ServingStore,
+) -> Result<Vec<PartitionPosition>, crate::Error> {
+    let topic = settings.kafka.topic.clone();
+    let stored = store.load_offsets(&topic).await?;
+    let settings = settings.clone();
+    let marks = tokio::task::spawn_blocking(move || watermarks(&settings, &topic, None))
+        .await
+        .map_err(|e| crate::Error::Internal(e.to_string()))?
+        .map_err(crate::Error::Internal)?;
+    Ok(marks
+        .into_iter()
+        .map(|(partition, (low, high))| PartitionPosition {
+            partition,
+            stored: stored.get(&partition).copied(),
+            low,
+            high,
+        })
+        .collect())
+}
+
+/// Watermarks of `only` (or of every partition of `topic`).
+fn watermarks(
+    settings: &Settings,
+    topic: &str,
+    only: Option<i32>,
+) -> Result<BTreeMap<i32, (i64, i64)>, String> {
+    let consumer = consumer(settings)?;
+    let timeout = Duration::from_secs(10);
+    let md = consumer
+        .fetch_metadata(Some(topic), timeout)
+        .map_err(|e| format!("kafka: metadata of `{topic}`: {e}"))?;
+    let partitions: Vec<i32> = md
+        .topics()
+        .iter()
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        .collect();
+    if partitions.is_empty() {
+        return Err(format!(
+            "kafka: topic `{topic}` has no partitions (does it exist?)"
+        ));
+    }
+    if let Some(p) = only {
+        if !partitions.contains(&p) {
+            return Err(format!(
+                "kafka: topic `{topic}` has no partition {p} (it has {})",
+                partitions.len()
+            ));
+        }
+    }
+    let mut out = BTreeMap::new();
+    for p in partitions
+        .into_iter()
+        .filter(|p| only.is_none_or(|o| o == *p))
+    {
+        let marks = consumer
+            .fetch_watermarks(topic, p, timeout)
+            .map_err(|e| format!("kafka: watermarks of `{topic}` partition {p}: {e}"))?;
+        out.insert(p, marks);
+    }
+    Ok(out)
+}
+
+/// One partition moved by [`reset`]: (partition, old, new).
+pub type Moved = (i32, Option<i64>, i64);
+
+/// Move the stored next offset of `partition` (or of every partition of the
+/// topic) to `to`.
+pub async fn reset(
+    settings: &Settings,
+    store: &ServingStore,
+    partition: Option<i32>,
+    to: ResetTo,
+) -> Result<Vec<Moved>, crate::Error> {
+    let topic = settings.kafka.topic.clone();
+    let s = settings.clone();
+    let t = topic.clone();
+    let marks = tokio::task::spawn_blocking(move || watermarks(&s, &t, partition))
+        .await
+        .map_err(|e| crate::Error::Internal(e.to_string()))?
+        .map_err(crate::Error::Internal)?;
+    let now = chrono::Utc::now().timestamp_millis();
+    let mut moved = Vec::new();
+    for (p, (low, high)) in marks {
+        let next = match to {
+            ResetTo::Earliest => low,
+            ResetTo::Latest => high,
+            ResetTo::Offset(n) => n,
+        };
+        let old = store.reset_offset(&topic, p, next, now).await?;
+        tracing::warn!(topic = %topic, partition = p, old = ?old, new = next, "stored offset reset");
+        moved.push((p, old, next));
+    }
+    Ok(moved)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reset_targets_parse_and_bad_ones_say_what_to_write() {
+        assert_eq!(ResetTo::parse("earliest"), Ok(ResetTo::Earliest));
+        assert_eq!(ResetTo::parse("latest"), Ok(ResetTo::Latest));
+        assert_eq!(ResetTo::parse("42"), Ok(ResetTo::Offset(42)));
+        assert!(ResetTo::parse("-1")
+            .unwrap_err()
+            .contains("earliest, latest or an offset"));
+        assert!(ResetTo::parse("start").is_err());
+    }
+
+    #[test]
+    fn lag_and_problems_follow_the_watermarks() {
+        let at = |stored| PartitionPosition {
+            partition: 0,
+            stored,
+            low: 100,
+            high: 500,
+        };
+        assert_eq!(at(Some(400)).lag(), 100);
+        assert_eq!(at(None).lag(), 400);
+        assert_eq!(at(Some(50)).lag(), 400);
+        assert!(at(Some(50)).problem().unwrap().contains("below the start"));
+        assert_eq!(at(Some(900)).lag(), 0);
+        assert!(at(Some(900))
+            .problem()
+            .unwrap()
+            .contains("tally offsets reset"));
+        assert_eq!(at(Some(500)).problem(), None);
+    }
+}
