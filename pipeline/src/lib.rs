@@ -18,6 +18,7 @@
 //! - [`aggregate`]: the SQL catalog (`sql/rollups`), execution, merge algebra.
 //! - [`sink`]: Parquet archive on object storage and the serving store.
 //! - [`pipeline`]: `tally run`, wiring the stages and the commit protocol.
+//! - [`quarantine`]: poison rows bisected out of a batch the store or the SQL refuses.
 //! - [`serve`]: the HTTP API (queries, processEvents, metrics, health).
 //! - [`metrics`]: Prometheus metrics shared by every stage.
 //! - [`jobs`]: CLI jobs (load generator, API benchmark, topic admin).
@@ -37,6 +38,7 @@ pub mod failpoint;
 pub mod jobs;
 pub mod metrics;
 pub mod pipeline;
+pub mod quarantine;
 pub mod serve;
 pub mod sink;
 pub mod source;

@@ -221,7 +221,7 @@ fn counters(batch: &Batch) -> Vec<(String, i64)> {
 
 #[allow(clippy::too_many_arguments)]
 async fn commit_batch(
-    batch: &Batch,
+    original: &Batch,
     control: &Arc<ConsumerControl>,
     aggregator: &mut RollupAggregator,
     archive: &ParquetArchiveSink,
@@ -238,7 +238,10 @@ async fn commit_batch(
     // though the reply was lost (a dropped connection), so a later fence
     // failure may be this very batch.
     let mut ambiguous = false;
+    // The batch without its poison rows, once they were found.
+    let mut isolated: Option<Batch> = None;
     loop {
+        let batch = isolated.as_ref().unwrap_or(original);
         if batch.epoch != control.epoch.load(Ordering::Acquire) {
             stats.dropped_stale += 1;
             tracing::debug!(
@@ -316,6 +319,18 @@ async fn commit_batch(
                 control.bump_epoch();
                 control.reset_requested.store(true, Ordering::Release);
                 return Ok(());
+            }
+            Err(e) if crate::quarantine::is_data_error(&e) && isolated.is_none() => {
+                metrics.commit_errors.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(error = %e, rows = batch.events.num_rows(), "a batch fails on its data; bisecting it to find the events that fail");
+                match crate::quarantine::isolate(batch, &e, aggregator, store).await? {
+                    Some(without) => isolated = Some(without),
+                    None if e.retry() == RetryHint::WithBackoff => {
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                    }
+                    None => return Err(e),
+                }
             }
             Err(e) if e.retry() == RetryHint::WithBackoff => {
                 ambiguous = true;

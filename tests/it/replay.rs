@@ -158,9 +158,14 @@ async fn replays_are_identified_by_content_and_run_one_at_a_time() {
         all.push(messages);
     }
     assert_ne!(topics[0], topics[1]);
+    let db = data.join("serving.db");
+    let offsets: std::collections::BTreeMap<String, i64> =
+        serving_query_i64(&db, "SELECT topic, next_offset FROM tally_offsets").await.into_iter().collect();
     for (topic, messages) in topics.iter().zip(&all) {
-        verify_outputs(&data, topic, messages).await;
+        assert_eq!(offsets.get(topic), Some(&(messages.len() as i64)), "{topic}: {offsets:?}");
     }
+    let both: Vec<Message> = all.concat();
+    assert_eq!(serving_rollup(&db, "hour_video_events").await, expected_rollup(&both, 3_600_000), "both files counted once");
 
     // An explicit id, and a concurrent replay of it.
     let file = dir.path().join("big.jsonl");
@@ -222,4 +227,47 @@ async fn replays_are_identified_by_content_and_run_one_at_a_time() {
 /// Deterministic, varied delays before each kill.
 fn rand_ms(i: u64) -> u64 {
     [3, 41, 17, 88, 9][(i % 5) as usize]
+}
+
+/// A rollup whose SQL fails on some events (a CAST of "abc") used to stop
+/// every batch holding one, for good. The batch is bisected: those events
+/// are dead letters (`rollup_failed`, with DataFusion's message), and every
+/// other event is counted and archived exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_a_rollup_fails_on_are_dead_letters_and_the_rest_commits() {
+    let dir = test_dir();
+    let now = chrono::Utc::now().timestamp_millis();
+    let rollups = dir.path().join("rollups");
+    std::fs::create_dir_all(&rollups).unwrap();
+    for f in std::fs::read_dir(workspace_root().join("sql/rollups")).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, rollups.join(f.file_name().unwrap())).unwrap();
+    }
+    std::fs::write(
+        rollups.join("hour_user_sum.sql"),
+        "SELECT video_id, date_bin(INTERVAL '1 hour', event_time) AS window_start, sum(CAST(user_id AS BIGINT)) AS user_sum \
+         FROM events GROUP BY video_id, window_start",
+    )
+    .unwrap();
+    let mut messages = dataset(41, 3_000, now);
+    for i in [17, 1_234, 2_999] {
+        let payload = format!(r#"{{"video_id":"v001","event_type":"view","event_time":{now},"user_id":"abc"}}"#);
+        messages[i] = Message { key: "x".into(), payload: payload.into_bytes(), expect: Expect::Rejected { reason: "rollup_failed" } };
+    }
+    let file = dir.path().join("poison.jsonl");
+    let messages = write_lines(&file, &messages);
+    let data = dir.path().join("data");
+    let mut env = TallyEnv::new("127.0.0.1:1", "unused", "unused", &data);
+    env.set("TALLY__BATCH__MAX_ROWS", "400");
+    env.set("TALLY__SQL__ROLLUPS_DIR", &rollups.display().to_string());
+    let out = replay(&env, &file);
+    assert!(out.contains(&format!("{} messages", messages.len())), "{out}");
+    let topic = topic_of(&out);
+    verify_outputs(&data, &topic, &messages).await;
+    let rows = datafusion_rows(&[
+        format!("CREATE EXTERNAL TABLE dlq STORED AS PARQUET LOCATION '{}/'", data.join("dlq").display()),
+        "SELECT count(*) FROM dlq WHERE reason = 'rollup_failed' AND detail LIKE '%hour_user_sum%' AND payload LIKE '%abc%'".into(),
+    ])
+    .await;
+    assert_eq!(rows[0][0], "3", "each names the rollup and keeps the event");
 }

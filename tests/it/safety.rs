@@ -545,3 +545,22 @@ async fn idle_partitions_are_registered_and_counted_in_as_of() {
     assert!(tally.stop().success());
     verify_outputs_in(&data, &db, &topic, &messages).await;
 }
+
+/// A broker that cannot be reached: librdkafka's own reason ("Connection
+/// refused") reaches tally's log, and the outage is logged once, then as a
+/// summary, not many lines a second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_broker_port_is_logged_with_its_reason_and_few_lines() {
+    let dir = test_dir();
+    let data = dir.path().join("data");
+    let env = TallyEnv::new(&format!("127.0.0.1:{}", free_port()), &unique("closed"), &unique("g"), &data);
+    let mut tally = Tally::start(&env);
+    wait_http_ok(env.api, "/livez", Duration::from_secs(30));
+    std::thread::sleep(Duration::from_secs(20));
+    assert!(tally.stop().success(), "{}", tally.log_tail());
+    let log = std::fs::read_to_string(&env.log).unwrap();
+    assert!(log.contains("Connection refused"), "librdkafka's reason is in the log:\n{}", tally.log_tail());
+    let warnings = log.lines().filter(|l| l.contains("WARN") || l.contains("ERROR")).count();
+    assert!(warnings <= 40, "{warnings} warning lines in 20 s:\n{}", tally.log_tail());
+    assert!(log.contains("the broker is failing"), "{}", tally.log_tail());
+}

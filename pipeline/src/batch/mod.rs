@@ -56,8 +56,9 @@ pub struct Batch {
     pub topic: String,
     /// Accepted events, in the configured event schema.
     pub events: RecordBatch,
-    /// The Kafka partition of each row of `events`.
+    /// The Kafka partition and offset of each row of `events`.
     pub row_partitions: Vec<i32>,
+    pub row_offsets: Vec<i64>,
     pub dead_letters: Vec<DeadLetter>,
     pub partitions: BTreeMap<i32, PartitionRange>,
     /// Newest accepted event time per partition (epoch ms), for `as_of`.
@@ -118,6 +119,7 @@ pub struct BatchBuilder {
     decoder: RecordDecoder,
     columns: EventColumns,
     row_partitions: Vec<i32>,
+    row_offsets: Vec<i64>,
     dead_letters: Vec<DeadLetter>,
     partitions: BTreeMap<i32, PartitionRange>,
     max_event_ms: BTreeMap<i32, i64>,
@@ -139,6 +141,7 @@ impl BatchBuilder {
             decoder,
             columns,
             row_partitions: Vec::with_capacity(cap),
+            row_offsets: Vec::with_capacity(cap),
             dead_letters: Vec::new(),
             partitions: BTreeMap::new(),
             max_event_ms: BTreeMap::new(),
@@ -184,6 +187,7 @@ impl BatchBuilder {
         match self.decoder.decode(payload, now_ms, &mut self.columns) {
             Ok(outcome) => {
                 self.row_partitions.push(partition);
+                self.row_offsets.push(offset);
                 let newest = self
                     .max_event_ms
                     .entry(partition)
@@ -263,6 +267,7 @@ impl BatchBuilder {
             topic: topic.to_string(),
             events,
             row_partitions: std::mem::take(&mut self.row_partitions),
+            row_offsets: std::mem::take(&mut self.row_offsets),
             dead_letters: std::mem::take(&mut self.dead_letters),
             partitions: std::mem::take(&mut self.partitions),
             max_event_ms: std::mem::take(&mut self.max_event_ms),
@@ -278,6 +283,7 @@ impl BatchBuilder {
     pub fn discard(&mut self) {
         let _ = self.columns.finish();
         self.row_partitions.clear();
+        self.row_offsets.clear();
         self.dead_letters.clear();
         self.partitions.clear();
         self.max_event_ms.clear();

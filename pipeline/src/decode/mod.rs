@@ -22,10 +22,13 @@ pub enum RejectReason {
     InvalidValue,
     FutureEventTime,
     TooOld,
+    /// Decoded fine, but a rollup's SQL failed on it (DataFusion) or the
+    /// serving store refused its rollup row (found by bisecting the batch).
+    RollupFailed,
 }
 
 impl RejectReason {
-    pub const ALL: [RejectReason; 11] = [
+    pub const ALL: [RejectReason; 12] = [
         RejectReason::Empty,
         RejectReason::TooLarge,
         RejectReason::NotUtf8,
@@ -37,6 +40,7 @@ impl RejectReason {
         RejectReason::InvalidValue,
         RejectReason::FutureEventTime,
         RejectReason::TooOld,
+        RejectReason::RollupFailed,
     ];
 
     pub fn code(self) -> &'static str {
@@ -52,6 +56,7 @@ impl RejectReason {
             RejectReason::InvalidValue => "invalid_value",
             RejectReason::FutureEventTime => "future_event_time",
             RejectReason::TooOld => "too_old",
+            RejectReason::RollupFailed => "rollup_failed",
         }
     }
 }

@@ -186,9 +186,10 @@ pub async fn replay(
         topic: topic.clone(),
         ..ReplayReport::default()
     };
-    while let Some(batch) = rx.recv().await {
+    while let Some(mut batch) = rx.recv().await {
         let mut backoff = Duration::from_millis(100);
         let mut attempts = 0;
+        let mut isolated = false;
         loop {
             match try_commit(&batch, &mut aggregator, &archive, &store).await {
                 Ok((CommitOutcome::Committed, _, _)) => break,
@@ -207,6 +208,14 @@ pub async fn replay(
                          is another `tally replay` of the same file running?",
                         file.display()
                     )));
+                }
+                Err(e) if crate::quarantine::is_data_error(&e) && !isolated => {
+                    tracing::error!(error = %e, "a replay batch fails on its data; bisecting it to find the events that fail");
+                    isolated = true;
+                    match crate::quarantine::isolate(&batch, &e, &mut aggregator, &store).await? {
+                        Some(without) => batch = without,
+                        None => return Err(e),
+                    }
                 }
                 Err(e) if e.retry() == RetryHint::WithBackoff && attempts < 8 => {
                     attempts += 1;

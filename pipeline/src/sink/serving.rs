@@ -1659,6 +1659,17 @@ impl ServingStore {
         Ok(rows.into_iter().map(|(p, n)| (p as i32, n)).collect())
     }
 
+    /// Whether the store accepts these rollup rows: PostgreSQL merges them
+    /// in a transaction that is rolled back (poison-row bisection, see
+    /// `quarantine.rs`); SQLite stores any value, so there is nothing to ask.
+    pub async fn probe_merge(&self, outputs: &[RollupOutput]) -> Result<(), SinkError> {
+        let Pool::Postgres(p) = &self.pool else { return Ok(()) };
+        let mut tx = p.begin().await.map_err(db("begin"))?;
+        let merged = MergeRows::merge_rows(&mut *tx, self, outputs).await;
+        tx.rollback().await.map_err(db("rollback"))?;
+        merged
+    }
+
     /// An exclusive lock on `name` for as long as the returned guard lives,
     /// or `None` if another process holds it (`tally replay` of one source).
     /// SQLite: a lock file beside the store; PostgreSQL: a session advisory
