@@ -393,12 +393,14 @@ impl Settings {
                         "name a bucket: s3://BUCKET or s3://BUCKET/PREFIX",
                     ))
                 }
-                None => return Err(invalid(
-                    "storage.archive_url",
-                    format!(
+                None => {
+                    return Err(invalid(
+                        "storage.archive_url",
+                        format!(
                         "{url:?}: unsupported; use \"\" for storage.data_dir or s3://BUCKET/PREFIX"
                     ),
-                )),
+                    ))
+                }
             }
         } else if !self.storage.options.is_empty() {
             return Err(invalid(

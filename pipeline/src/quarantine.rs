@@ -22,14 +22,17 @@ use crate::sink::{ServingStore, SinkError};
 pub fn is_data_error(e: &Error) -> bool {
     use datafusion::error::DataFusionError as D;
     match e {
-        Error::Aggregate(AggregateError::Execute { source, .. }) => {
-            !matches!(source.as_ref(), D::ResourcesExhausted(_) | D::IoError(_) | D::ObjectStore(_) | D::External(_))
-        }
+        Error::Aggregate(AggregateError::Execute { source, .. }) => !matches!(
+            source.as_ref(),
+            D::ResourcesExhausted(_) | D::IoError(_) | D::ObjectStore(_) | D::External(_)
+        ),
         Error::Sink(SinkError::Database { source, .. }) => match source.as_ref() {
             // SQLSTATE class 22 (data exception: invalid text, numeric out
             // of range, …) and 21 (cardinality violation: one statement
             // updating a row twice).
-            sqlx::Error::Database(db) => db.code().is_some_and(|c| c.starts_with("22") || c.starts_with("21")),
+            sqlx::Error::Database(db) => db
+                .code()
+                .is_some_and(|c| c.starts_with("22") || c.starts_with("21")),
             _ => false,
         },
         Error::Sink(SinkError::Sqlite { source, .. }) => matches!(
@@ -43,8 +46,15 @@ pub fn is_data_error(e: &Error) -> bool {
 
 /// Whether the rows of `events` pass the rollup SQL and (PostgreSQL) the
 /// store; the error message when they do not.
-async fn probe(events: &RecordBatch, aggregator: &mut RollupAggregator, store: &ServingStore) -> Result<(), String> {
-    let outputs = aggregator.aggregate(std::slice::from_ref(events)).await.map_err(|e| e.to_string())?;
+async fn probe(
+    events: &RecordBatch,
+    aggregator: &mut RollupAggregator,
+    store: &ServingStore,
+) -> Result<(), String> {
+    let outputs = aggregator
+        .aggregate(std::slice::from_ref(events))
+        .await
+        .map_err(|e| e.to_string())?;
     store.probe_merge(&outputs).await.map_err(|e| e.to_string())
 }
 
@@ -109,7 +119,10 @@ pub async fn isolate(
     out.row_offsets = filtered(&batch.row_offsets, &keep);
     let now_ms = chrono::Utc::now().timestamp_millis();
     for (i, message) in &bad {
-        let (partition, offset) = (batch.row_partitions.get(*i).copied().unwrap_or(-1), batch.row_offsets.get(*i).copied().unwrap_or(-1));
+        let (partition, offset) = (
+            batch.row_partitions.get(*i).copied().unwrap_or(-1),
+            batch.row_offsets.get(*i).copied().unwrap_or(-1),
+        );
         let payload = row_json(&batch.events, *i);
         tracing::warn!(partition, offset, reason = "rollup_failed", detail = %message, "event rejected to dead-letter dataset");
         out.dead_letters.push(DeadLetter {
@@ -123,12 +136,20 @@ pub async fn isolate(
         });
     }
     out.stats.accepted = out.stats.accepted.saturating_sub(bad.len() as u64);
-    *out.stats.rejected.entry(RejectReason::RollupFailed).or_default() += bad.len() as u64;
+    *out.stats
+        .rejected
+        .entry(RejectReason::RollupFailed)
+        .or_default() += bad.len() as u64;
     Ok(Some(out))
 }
 
 fn filtered<T: Copy>(values: &[T], keep: &BooleanArray) -> Vec<T> {
-    values.iter().zip(keep.values().iter()).filter(|(_, k)| *k).map(|(v, _)| *v).collect()
+    values
+        .iter()
+        .zip(keep.values().iter())
+        .filter(|(_, k)| *k)
+        .map(|(v, _)| *v)
+        .collect()
 }
 
 /// One row as a JSON object of its decoded fields (the original bytes are

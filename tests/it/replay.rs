@@ -160,12 +160,23 @@ async fn replays_are_identified_by_content_and_run_one_at_a_time() {
     assert_ne!(topics[0], topics[1]);
     let db = data.join("serving.db");
     let offsets: std::collections::BTreeMap<String, i64> =
-        serving_query_i64(&db, "SELECT topic, next_offset FROM tally_offsets").await.into_iter().collect();
+        serving_query_i64(&db, "SELECT topic, next_offset FROM tally_offsets")
+            .await
+            .into_iter()
+            .collect();
     for (topic, messages) in topics.iter().zip(&all) {
-        assert_eq!(offsets.get(topic), Some(&(messages.len() as i64)), "{topic}: {offsets:?}");
+        assert_eq!(
+            offsets.get(topic),
+            Some(&(messages.len() as i64)),
+            "{topic}: {offsets:?}"
+        );
     }
     let both: Vec<Message> = all.concat();
-    assert_eq!(serving_rollup(&db, "hour_video_events").await, expected_rollup(&both, 3_600_000), "both files counted once");
+    assert_eq!(
+        serving_rollup(&db, "hour_video_events").await,
+        expected_rollup(&both, 3_600_000),
+        "both files counted once"
+    );
 
     // An explicit id, and a concurrent replay of it.
     let file = dir.path().join("big.jsonl");
@@ -251,8 +262,16 @@ async fn events_a_rollup_fails_on_are_dead_letters_and_the_rest_commits() {
     .unwrap();
     let mut messages = dataset(41, 3_000, now);
     for i in [17, 1_234, 2_999] {
-        let payload = format!(r#"{{"video_id":"v001","event_type":"view","event_time":{now},"user_id":"abc"}}"#);
-        messages[i] = Message { key: "x".into(), payload: payload.into_bytes(), expect: Expect::Rejected { reason: "rollup_failed" } };
+        let payload = format!(
+            r#"{{"video_id":"v001","event_type":"view","event_time":{now},"user_id":"abc"}}"#
+        );
+        messages[i] = Message {
+            key: "x".into(),
+            payload: payload.into_bytes(),
+            expect: Expect::Rejected {
+                reason: "rollup_failed",
+            },
+        };
     }
     let file = dir.path().join("poison.jsonl");
     let messages = write_lines(&file, &messages);
@@ -261,7 +280,10 @@ async fn events_a_rollup_fails_on_are_dead_letters_and_the_rest_commits() {
     env.set("TALLY__BATCH__MAX_ROWS", "400");
     env.set("TALLY__SQL__ROLLUPS_DIR", &rollups.display().to_string());
     let out = replay(&env, &file);
-    assert!(out.contains(&format!("{} messages", messages.len())), "{out}");
+    assert!(
+        out.contains(&format!("{} messages", messages.len())),
+        "{out}"
+    );
     let topic = topic_of(&out);
     verify_outputs(&data, &topic, &messages).await;
     let rows = datafusion_rows(&[

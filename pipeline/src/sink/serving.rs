@@ -1663,7 +1663,9 @@ impl ServingStore {
     /// in a transaction that is rolled back (poison-row bisection, see
     /// `quarantine.rs`); SQLite stores any value, so there is nothing to ask.
     pub async fn probe_merge(&self, outputs: &[RollupOutput]) -> Result<(), SinkError> {
-        let Pool::Postgres(p) = &self.pool else { return Ok(()) };
+        let Pool::Postgres(p) = &self.pool else {
+            return Ok(());
+        };
         let mut tx = p.begin().await.map_err(db("begin"))?;
         let merged = MergeRows::merge_rows(&mut *tx, self, outputs).await;
         tx.rollback().await.map_err(db("rollback"))?;
