@@ -321,9 +321,16 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .context("tally run cannot start the HTTP API")?;
             let server = tokio::spawn(crate::serve::bind(api, stop.wait()).await.context("tally run cannot start the HTTP API")?);
             let checker = tokio::spawn(crate::jobs::verify::run_periodically(stages.settings.clone(), metrics.clone(), stop.wait()));
+            let stalls = tokio::spawn(crate::source::stall::watch(
+                stages.settings.clone(),
+                stages.store.clone(),
+                metrics.clone(),
+                stop.wait(),
+            ));
             let result = crate::pipeline::run(stages, metrics, stop.wait()).await;
             stop.trigger();
             let _ = checker.await;
+            let _ = stalls.await;
             let served = server.await;
             result.context("tally run failed")?;
             served.context("the HTTP API task failed")?.context("the HTTP API failed")?;

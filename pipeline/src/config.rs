@@ -138,6 +138,22 @@ pub struct KafkaConfig {
     pub poll_timeout: Duration,
     /// librdkafka properties, verbatim.
     pub properties: BTreeMap<String, PropertyValue>,
+    /// A partition whose messages wait while nobody commits it for this long
+    /// is stalled: logged, counted, and `/readyz` fails.
+    #[serde(with = "humantime_serde")]
+    pub stall_after: Duration,
+    /// `group`: partitions come from the consumer group. `manual`: this one
+    /// process reads every partition (offsets live in the serving store
+    /// anyway); a second such process is refused.
+    pub assignment: Assignment,
+}
+
+/// How a `tally run` gets its partitions (`kafka.assignment`).
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Assignment {
+    Group,
+    Manual,
 }
 
 /// A librdkafka property value; TOML strings, integers and booleans are accepted.
@@ -545,9 +561,11 @@ impl Settings {
         }
         let mut out = String::new();
         out.push_str(&format!(
-            "[kafka]\ntopic = {:?}\npoll_timeout = {:?}\n\n[kafka.properties]\n",
+            "[kafka]\ntopic = {:?}\npoll_timeout = {:?}\nstall_after = {:?}\nassignment = {:?}\n\n[kafka.properties]\n",
             self.kafka.topic,
-            humantime::format_duration(self.kafka.poll_timeout).to_string()
+            humantime::format_duration(self.kafka.poll_timeout).to_string(),
+            humantime::format_duration(self.kafka.stall_after).to_string(),
+            format!("{:?}", self.kafka.assignment).to_ascii_lowercase()
         ));
         out.push_str(&toml::to_string(&props).unwrap_or_default());
         out.push_str(&format!(

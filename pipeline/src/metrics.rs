@@ -139,6 +139,11 @@ pub struct Metrics {
     /// Newest event time committed by this process (epoch ms; 0: none yet).
     pub newest_committed_event_ms: AtomicI64,
     consumer_lag: Mutex<BTreeMap<i32, i64>>,
+    /// Every partition of the topic: messages waiting after the stored
+    /// offset, and those stalled (data waits, no commit for `kafka.stall_after`).
+    topic_lag: Mutex<BTreeMap<i32, i64>>,
+    stalled: Mutex<Vec<i32>>,
+    pub partition_stalls: AtomicU64,
     /// Partition -> next offset committed to the serving store by this process.
     committed_offsets: Mutex<BTreeMap<i32, i64>>,
     http: Mutex<BTreeMap<(String, u16), u64>>,
@@ -188,6 +193,9 @@ impl Metrics {
             verify_runs: AtomicU64::new(0),
             verify_drift_rows: AtomicI64::new(-1),
             consumer_lag: Mutex::new(BTreeMap::new()),
+            topic_lag: Mutex::new(BTreeMap::new()),
+            stalled: Mutex::new(Vec::new()),
+            partition_stalls: AtomicU64::new(0),
             committed_offsets: Mutex::new(BTreeMap::new()),
             http: Mutex::new(BTreeMap::new()),
             http_duration: Mutex::new(BTreeMap::new()),
@@ -233,6 +241,21 @@ impl Metrics {
     }
 
     /// Replace the per-partition consumer lag (from librdkafka statistics).
+    /// Lag of every partition of the topic and the stalled ones (`source/stall.rs`).
+    pub fn set_topic_lag(&self, lag: BTreeMap<i32, i64>, stalled: Vec<i32>) {
+        if let Ok(mut m) = self.topic_lag.lock() {
+            *m = lag;
+        }
+        if let Ok(mut m) = self.stalled.lock() {
+            *m = stalled;
+        }
+    }
+
+    /// Partitions whose data waits while nobody commits them.
+    pub fn stalled_partitions(&self) -> Vec<i32> {
+        self.stalled.lock().map(|m| m.clone()).unwrap_or_default()
+    }
+
     pub fn set_consumer_lag(&self, lag: BTreeMap<i32, i64>) {
         if let Ok(mut m) = self.consumer_lag.lock() {
             *m = lag;
@@ -472,6 +495,21 @@ impl Metrics {
             "tally_sqlite_fold_rows_total",
             "Delta rows folded into the SQLite rollup tables.",
             load(&self.sqlite_fold_rows),
+        );
+        header(o, "tally_topic_lag_messages", "gauge", "Every partition of the topic, owned by this process or not: messages between the serving store's offset and the partition end (broker watermarks, every 10 s).");
+        if let Ok(m) = self.topic_lag.lock() {
+            for (p, lag) in m.iter() {
+                let _ = writeln!(o, "tally_topic_lag_messages{{partition=\"{p}\"}} {lag}");
+            }
+        }
+        let stalled = self.stalled.lock().map(|m| m.len()).unwrap_or(0);
+        header(o, "tally_partitions_stalled", "gauge", "Partitions whose messages wait while no owner has committed for kafka.stall_after (a dead or stuck owner); /readyz fails while this is above 0.");
+        let _ = writeln!(o, "tally_partitions_stalled {stalled}");
+        counter(
+            o,
+            "tally_partition_stalls_total",
+            "Times a partition became stalled.",
+            load(&self.partition_stalls),
         );
         header(o, "tally_consumer_lag_messages", "gauge", "Messages between the offsets committed to the serving store and the partition end (librdkafka statistics).");
         if let Ok(m) = self.consumer_lag.lock() {

@@ -590,3 +590,138 @@ async fn a_closed_broker_port_is_logged_with_its_reason_and_few_lines() {
         tally.log_tail()
     );
 }
+
+/// A crash loop (three SIGKILLs within seconds, each restarted at once)
+/// with a backlog: with `kafka.assignment = "manual"` no dead group member
+/// can keep partitions (tansu 0.6.0 does not expire them), so every event is
+/// counted within 2 minutes, exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_loop_with_manual_assignment_counts_everything() {
+    let dir = test_dir();
+    let broker = Broker::start(dir.path());
+    let topic = unique("crashloop");
+    broker.create_topic(&topic, 4).await;
+    let now = chrono::Utc::now().timestamp_millis();
+    let messages = dataset(281, 60_000, now);
+    produce(&broker.bootstrap(), &topic, &messages).await;
+    let data = dir.path().join("data");
+    let mut env = TallyEnv::new(&broker.bootstrap(), &topic, &unique("g"), &data);
+    env.set("TALLY__KAFKA__ASSIGNMENT", "manual");
+    let db = data.join("serving.db");
+    let mut tally = Tally::start(&env);
+    for delay in [1_500, 700, 1_200] {
+        std::thread::sleep(Duration::from_millis(delay));
+        tally.kill9();
+        tally = Tally::start(&env);
+    }
+    // A second manual reader of the same topic and store is refused.
+    let mut second = Tally::start(&TallyEnv {
+        log: data.join("second.log"),
+        api: ([127, 0, 0, 1], free_port()).into(),
+        vars: {
+            let mut v = env.vars.clone();
+            v.retain(|(k, _)| k != "TALLY__API__LISTEN");
+            v
+        },
+    });
+    assert!(!wait_exit(&mut second, Duration::from_secs(60)).success());
+    let log = std::fs::read_to_string(data.join("second.log")).unwrap();
+    assert!(
+        log.contains("another `tally run` already reads every partition"),
+        "{log}"
+    );
+    let started = Instant::now();
+    wait_committed(
+        &db,
+        &topic,
+        &broker.end_offsets(&topic, 4),
+        Duration::from_secs(120),
+        &mut tally,
+    )
+    .await;
+    eprintln!("caught up {:?} after the last restart", started.elapsed());
+    assert!(tally.stop().success());
+    verify_outputs_in(&data, &db, &topic, &messages).await;
+    report_faults(&[("sigkill_crash_loop", 3)]);
+}
+
+/// A member that holds partitions and stops committing (frozen with
+/// SIGSTOP) while data waits: a replica watching the topic reports the
+/// partitions stalled (`/readyz` 503, the metric, a log line) after
+/// `kafka.stall_after`, and ready again once the member resumes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_owner_makes_its_partitions_stalled_until_it_resumes() {
+    let dir = test_dir();
+    let broker = Broker::start(dir.path());
+    let topic = unique("stall");
+    broker.create_topic(&topic, 2).await;
+    let now = chrono::Utc::now().timestamp_millis();
+    let first = dataset(291, 1_000, now);
+    produce(&broker.bootstrap(), &topic, &first).await;
+    let data = dir.path().join("data");
+    let mut env = TallyEnv::new(&broker.bootstrap(), &topic, &unique("g"), &data);
+    env.set("TALLY__KAFKA__STALL_AFTER", "3s");
+    let db = data.join("serving.db");
+    let mut tally = Tally::start(&env);
+    wait_committed(
+        &db,
+        &topic,
+        &broker.end_offsets(&topic, 2),
+        Duration::from_secs(90),
+        &mut tally,
+    )
+    .await;
+    let mut serve_env = TallyEnv::new(&broker.bootstrap(), &topic, &unique("g"), &data);
+    serve_env.vars = env.vars.clone();
+    serve_env.log = data.join("serve.log");
+    serve_env.set("TALLY__API__LISTEN", &serve_env.api.to_string());
+    let _serve = Tally::serve(&serve_env);
+    wait_http_ok(serve_env.api, "/readyz", Duration::from_secs(60));
+
+    let pid = tally.child.id().to_string();
+    assert!(std::process::Command::new("kill")
+        .args(["-STOP", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let second = dataset(292, 1_000, now);
+    produce(&broker.bootstrap(), &topic, &second).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (status, body) = http(serve_env.api, "GET", "/readyz", None, b"");
+        if status == 503 && body.contains("stalled") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never reported stalled: {status} {body}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let log = std::fs::read_to_string(&serve_env.log).unwrap();
+    assert!(log.contains("partition stalled"), "{log}");
+    assert!(std::process::Command::new("kill")
+        .args(["-CONT", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let all: Vec<Message> = first.iter().chain(second.iter()).cloned().collect();
+    wait_committed(
+        &db,
+        &topic,
+        &broker.end_offsets(&topic, 2),
+        Duration::from_secs(120),
+        &mut tally,
+    )
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while http(serve_env.api, "GET", "/readyz", None, b"").0 != 200 {
+        assert!(
+            Instant::now() < deadline,
+            "still not ready after the owner resumed"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert!(tally.stop().success());
+    verify_outputs_in(&data, &db, &topic, &all).await;
+}

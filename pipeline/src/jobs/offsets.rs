@@ -103,7 +103,7 @@ pub async fn show(
 }
 
 /// Watermarks of `only` (or of every partition of `topic`).
-fn watermarks(
+pub fn watermarks(
     settings: &Settings,
     topic: &str,
     only: Option<i32>,

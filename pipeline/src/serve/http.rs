@@ -757,7 +757,14 @@ async fn readyz(State(s): State<Shared>) -> Response {
     } else {
         "unreachable (topic metadata not available)"
     };
-    let ready = store == "ok" && broker == "ok";
+    // Only `tally run` watches for stalled partitions (`source/stall.rs`).
+    let stalled = s.metrics.stalled_partitions();
+    let partitions = if stalled.is_empty() {
+        "ok".to_string()
+    } else {
+        format!("stalled: {stalled:?} (messages wait and no member commits them; see the log)")
+    };
+    let ready = store == "ok" && broker == "ok" && stalled.is_empty();
     let status = if ready {
         StatusCode::OK
     } else {
@@ -765,7 +772,7 @@ async fn readyz(State(s): State<Shared>) -> Response {
     };
     let body = json!({
         "status": if ready { "ready" } else { "not_ready" },
-        "checks": {"serving_store": store, "broker": broker},
+        "checks": {"serving_store": store, "broker": broker, "partitions": partitions},
     });
     (status, Json(body)).into_response()
 }

@@ -188,7 +188,6 @@ pub async fn serve_standalone(
         settings.serving.window_index,
     )
     .await?;
-    store.close().await;
     let state = ApiState::build(
         &settings,
         &catalog,
@@ -197,7 +196,24 @@ pub async fn serve_standalone(
         false,
     )
     .await?;
-    let server = bind(state, shutdown).await?;
-    server.await?;
+    // A replica watches for stalled partitions too (`/readyz`, metrics).
+    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    let stalls = tokio::spawn(crate::source::stall::watch(
+        settings.clone(),
+        store.clone(),
+        state.metrics.clone(),
+        async move {
+            let _ = stop_rx.wait_for(|stop| *stop).await;
+        },
+    ));
+    let server = bind(state, async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    })
+    .await?;
+    let served = server.await;
+    let _ = stalls.await;
+    store.close().await;
+    served?;
     Ok(())
 }

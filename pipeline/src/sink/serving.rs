@@ -1640,6 +1640,31 @@ impl ServingStore {
         &self.url
     }
 
+    /// Stored next offset and the time of its last change, per partition of `topic`.
+    pub async fn load_offset_times(
+        &self,
+        topic: &str,
+    ) -> Result<BTreeMap<i32, (i64, i64)>, SinkError> {
+        let sql = self
+            .dialect
+            .sql("SELECT partition, next_offset, updated_at_ms FROM tally_offsets WHERE topic = ?");
+        let rows: Vec<(i64, i64, i64)> = on_pool!(&self.pool, p => {
+            sqlx::query(AssertSqlSafe(sql))
+                .bind(topic)
+                .fetch_all(p)
+                .await
+                .map_err(db("load offsets"))?
+                .iter()
+                .map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?)))
+                .collect::<Result<Vec<_>, sqlx::Error>>()
+                .map_err(db("load offsets"))?
+        });
+        Ok(rows
+            .into_iter()
+            .map(|(p, n, t)| (p as i32, (n, t)))
+            .collect())
+    }
+
     /// Committed next offsets of `topic`.
     pub async fn load_offsets(&self, topic: &str) -> Result<BTreeMap<i32, i64>, SinkError> {
         let sql = self

@@ -477,6 +477,66 @@ pub struct KafkaSource {
     heartbeat: Duration,
     /// When an offset gap was last logged.
     gap_logged: std::cell::Cell<Option<Instant>>,
+    /// `kafka.assignment = "manual"`: held while this process reads every partition.
+    _manual_lock: Option<crate::sink::serving::SourceLock>,
+}
+
+/// `kafka.assignment = "manual"`: read every partition of `topic` without a
+/// consumer group, from the stored offsets, as an assignment would (see
+/// `TallyContext::rebalance`). One such process per topic and store: a
+/// second would fight the first over every batch (the fence keeps counts
+/// exact, but neither gets far), so it is refused.
+fn assign_all(
+    consumer: &BaseConsumer<TallyContext>,
+    topic: &str,
+) -> Result<crate::sink::serving::SourceLock, SourceError> {
+    let ctx = consumer.context();
+    let lock = block_on(&ctx.handle, ctx.store.lock_source(&format!("assign:{topic}")))
+        .map_err(|e| SourceError::Create(format!("kafka.assignment = \"manual\": {e}")))?
+        .ok_or_else(|| {
+            SourceError::Create(format!(
+                "kafka.assignment = \"manual\": another `tally run` already reads every partition of `{topic}` with this serving store; run one, or use kafka.assignment = \"group\""
+            ))
+        })?;
+    let md = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(30))
+        .map_err(|e| SourceError::Subscribe {
+            topic: topic.to_string(),
+            message: e.to_string(),
+        })?;
+    let parts: Vec<i32> = md
+        .topics()
+        .iter()
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        .collect();
+    if parts.is_empty() {
+        return Err(SourceError::Subscribe {
+            topic: topic.to_string(),
+            message: "the topic has no partitions (does it exist?)".into(),
+        });
+    }
+    ctx.control.bump_epoch();
+    let stored = ctx.stored_offsets(consumer, &parts);
+    let mut tpl = TopicPartitionList::new();
+    for (p, next) in &stored {
+        let start = next
+            .map(Offset::Offset)
+            .or(ctx.no_offset_start)
+            .unwrap_or(Offset::Beginning);
+        tpl.add_partition_offset(topic, *p, start)
+            .map_err(|e| SourceError::Create(e.to_string()))?;
+        if let Some(n) = next {
+            ctx.metrics.set_committed_offset(*p, *n);
+        }
+    }
+    tracing::info!(partitions = ?stored, "kafka.assignment = manual: reading every partition from the stored offsets");
+    if let Ok(mut map) = ctx.control.partitions.lock() {
+        map.extend(stored);
+    }
+    consumer
+        .assign(&tpl)
+        .map_err(|e| SourceError::Create(format!("assign: {e}")))?;
+    Ok(lock)
 }
 
 /// librdkafka properties `tally run` sets whatever the config says: the
@@ -556,12 +616,18 @@ impl KafkaSource {
         let consumer: BaseConsumer<TallyContext> = cc
             .create_with_context(context)
             .map_err(|e| SourceError::Create(e.to_string()))?;
-        consumer
-            .subscribe(&[&cfg.topic])
-            .map_err(|e| SourceError::Subscribe {
-                topic: cfg.topic.clone(),
-                message: e.to_string(),
-            })?;
+        let manual_lock = match cfg.assignment {
+            crate::config::Assignment::Group => {
+                consumer
+                    .subscribe(&[&cfg.topic])
+                    .map_err(|e| SourceError::Subscribe {
+                        topic: cfg.topic.clone(),
+                        message: e.to_string(),
+                    })?;
+                None
+            }
+            crate::config::Assignment::Manual => Some(assign_all(&consumer, &cfg.topic)?),
+        };
         Ok(KafkaSource {
             consumer: Arc::new(consumer),
             control,
@@ -569,6 +635,7 @@ impl KafkaSource {
             poll_timeout: cfg.poll_timeout,
             heartbeat,
             gap_logged: std::cell::Cell::new(None),
+            _manual_lock: manual_lock,
         })
     }
 

@@ -6,6 +6,7 @@
 
 pub mod fetch;
 pub mod kafka;
+pub mod stall;
 
 pub use kafka::{ConsumerControl, KafkaSource};
 
