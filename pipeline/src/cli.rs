@@ -290,15 +290,16 @@ fn properties(s: &Settings) -> Vec<(String, String)> {
 /// Async worker threads: `TOKIO_WORKER_THREADS` if set, else one per CPU,
 /// at least 2 (the committer and the HTTP API must never wait on each other).
 fn worker_threads() -> usize {
-    std::env::var("TOKIO_WORKER_THREADS")
-        .ok()
-        .and_then(|v| v.trim().parse::<usize>().ok())
+    worker_threads_from(
+        std::env::var("TOKIO_WORKER_THREADS").ok().as_deref(),
+        std::thread::available_parallelism().map_or(2, |n| n.get()),
+    )
+}
+
+fn worker_threads_from(var: Option<&str>, cpus: usize) -> usize {
+    var.and_then(|v| v.trim().parse::<usize>().ok())
         .filter(|n| *n > 0)
-        .unwrap_or_else(|| {
-            std::thread::available_parallelism()
-                .map_or(2, |n| n.get())
-                .max(2)
-        })
+        .unwrap_or(cpus.max(2))
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -743,4 +744,18 @@ fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
     Ok(async {
         let _ = tokio::signal::ctrl_c().await;
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::worker_threads_from;
+
+    #[test]
+    fn worker_threads_follow_the_machine_or_the_variable() {
+        assert_eq!(worker_threads_from(None, 8), 8);
+        assert_eq!(worker_threads_from(None, 1), 2, "never fewer than 2");
+        assert_eq!(worker_threads_from(Some("6"), 2), 6);
+        assert_eq!(worker_threads_from(Some("zero"), 4), 4);
+        assert_eq!(worker_threads_from(Some("0"), 4), 4);
+    }
 }
