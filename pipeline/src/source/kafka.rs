@@ -5,7 +5,7 @@
 //! consumer re-seeks to the stored offsets, so a batch is either committed
 //! exactly once or re-read.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -21,7 +21,9 @@ use rdkafka::ClientContext;
 use tokio::runtime::Handle;
 use tokio::sync::mpsc;
 
+use super::assign::{assign_all, reset_offset};
 use super::fetch::{FetchQueue, Fetched, FORWARD_EVERY, MAX_BATCH};
+use super::outage::Outage;
 use super::SourceError;
 use crate::batch::{Batch, BatchBuilder, PartitionRange};
 use crate::config::KafkaConfig;
@@ -32,7 +34,10 @@ use crate::sink::{ParquetArchiveSink, ServingStore};
 /// the consumer thread, but librdkafka also calls it while the consumer is
 /// dropped (closing), which can happen on a runtime thread at shutdown; there
 /// a plain `block_on` would panic, so leave the runtime context first.
-fn block_on<F: std::future::Future>(handle: &tokio::runtime::Handle, fut: F) -> F::Output {
+pub(super) fn block_on<F: std::future::Future>(
+    handle: &tokio::runtime::Handle,
+    fut: F,
+) -> F::Output {
     if tokio::runtime::Handle::try_current().is_ok() {
         tokio::task::block_in_place(|| handle.block_on(fut))
     } else {
@@ -53,14 +58,14 @@ pub struct ConsumerControl {
     /// Set by the rebalance callback; the poll loop discards its open batch.
     rebalanced: AtomicBool,
     /// Assigned partitions -> next offset to accept (`None`: nothing stored).
-    partitions: Mutex<BTreeMap<i32, Option<i64>>>,
+    pub(super) partitions: Mutex<BTreeMap<i32, Option<i64>>>,
     /// Newly assigned partitions whose dead archive files (left by a crash or
     /// a fenced zombie) the committer sweeps after its first commit there,
     /// then periodically (`pipeline.rs`, `OrphanSweeper`).
     pub cleanup_pending: Mutex<std::collections::BTreeSet<i32>>,
     /// An error found by the rebalance callback that must stop consumption
     /// (a stored offset beyond the end of the log); the poll loop returns it.
-    fatal: Mutex<Option<SourceError>>,
+    pub(super) fatal: Mutex<Option<SourceError>>,
 }
 
 impl ConsumerControl {
@@ -91,78 +96,17 @@ impl ConsumerControl {
 
 /// librdkafka context: seeks assigned partitions to the serving store's offsets.
 pub struct TallyContext {
-    topic: String,
-    control: Arc<ConsumerControl>,
-    store: ServingStore,
-    archive: ParquetArchiveSink,
-    handle: Handle,
-    metrics: Arc<Metrics>,
+    pub(super) topic: String,
+    pub(super) control: Arc<ConsumerControl>,
+    pub(super) store: ServingStore,
+    pub(super) archive: ParquetArchiveSink,
+    pub(super) handle: Handle,
+    pub(super) metrics: Arc<Metrics>,
     /// Where a partition with no stored offset starts (`auto.offset.reset`),
     /// rather than at Kafka's group offset, which the store does not vouch for.
-    no_offset_start: Option<Offset>,
-    outage: Mutex<Outage>,
-    in_outage: AtomicBool,
-}
-
-/// The start offset `auto.offset.reset` names, in librdkafka's spellings.
-fn reset_offset(value: Option<&str>) -> Option<Offset> {
-    match value.unwrap_or("largest") {
-        "smallest" | "earliest" | "beginning" => Some(Offset::Beginning),
-        "largest" | "latest" | "end" => Some(Offset::End),
-        _ => None,
-    }
-}
-
-/// A broker outage in the log: one line when it starts, a summary every
-/// [`OUTAGE_SUMMARY`] while it lasts, one line when it ends (librdkafka
-/// reports the same failure many times a second).
-#[derive(Debug, Default)]
-struct Outage {
-    since: Option<Instant>,
-    errors: u64,
-    summarised: Option<Instant>,
-}
-
-const OUTAGE_SUMMARY: Duration = Duration::from_secs(30);
-
-impl Outage {
-    fn error(&mut self, error: &str) {
-        let now = Instant::now();
-        match self.since {
-            None => {
-                self.since = Some(now);
-                self.errors = 1;
-                self.summarised = Some(now);
-                tracing::warn!(error, "kafka: the broker is failing; librdkafka's reason is logged above (target librdkafka); a summary follows every 30 s until it recovers");
-            }
-            Some(since) => {
-                self.errors += 1;
-                if self
-                    .summarised
-                    .is_none_or(|t| now.duration_since(t) >= OUTAGE_SUMMARY)
-                {
-                    self.summarised = Some(now);
-                    tracing::warn!(
-                        error,
-                        errors = self.errors,
-                        for_secs = since.elapsed().as_secs(),
-                        "kafka: the broker is still failing"
-                    );
-                }
-            }
-        }
-    }
-
-    fn ok(&mut self) {
-        if let Some(since) = self.since.take() {
-            tracing::info!(
-                errors = self.errors,
-                after_secs = since.elapsed().as_secs(),
-                "kafka: the broker is reachable again"
-            );
-            self.errors = 0;
-        }
-    }
+    pub(super) no_offset_start: Option<Offset>,
+    pub(super) outage: Mutex<Outage>,
+    pub(super) in_outage: AtomicBool,
 }
 
 impl ClientContext for TallyContext {
@@ -207,164 +151,6 @@ impl ClientContext for TallyContext {
             })
             .unwrap_or_default();
         self.metrics.set_consumer_lag(lag);
-    }
-}
-
-impl TallyContext {
-    /// Stored offsets for `partitions`, after removing orphan files. Each
-    /// is checked against the partition's watermarks; one with no stored
-    /// offset gets its start recorded (see [`ServingStore::register_start`]).
-    fn stored_offsets(
-        &self,
-        consumer: &BaseConsumer<Self>,
-        partitions: &[i32],
-    ) -> BTreeMap<i32, Option<i64>> {
-        let mut stored = self.load_stored(partitions);
-        let marks: BTreeMap<i32, (i64, i64)> = partitions
-            .iter()
-            .filter_map(|p| match consumer.fetch_watermarks(&self.topic, *p, Duration::from_secs(10)) {
-                Ok(m) => Some((*p, m)),
-                Err(e) => {
-                    tracing::warn!(partition = p, error = %e, "cannot read the partition's watermarks to check its stored offset");
-                    None
-                }
-            })
-            .collect();
-        self.check_beyond_end(&stored, &marks);
-        let now = chrono::Utc::now().timestamp_millis();
-        for (p, next) in stored.iter_mut() {
-            let (None, Some((low, high))) = (*next, marks.get(p)) else {
-                continue;
-            };
-            let start = match self.no_offset_start {
-                Some(Offset::End) => *high,
-                Some(Offset::Beginning) => *low,
-                _ => continue,
-            };
-            match block_on(
-                &self.handle,
-                self.store.register_start(&self.topic, *p, start, now),
-            ) {
-                Ok(n) => {
-                    tracing::info!(partition = p, start = n, "no stored offset: starting where auto.offset.reset says, recorded in the serving store");
-                    *next = Some(n);
-                }
-                Err(e) => {
-                    tracing::warn!(partition = p, error = %e, "cannot record the partition's start; starting from auto.offset.reset")
-                }
-            }
-        }
-        stored
-    }
-
-    fn load_stored(&self, partitions: &[i32]) -> BTreeMap<i32, Option<i64>> {
-        if !self.control.wait_idle(Duration::from_secs(60)) {
-            tracing::warn!(
-                "committer still busy after 60s; continuing (the offset fence keeps counts exact)"
-            );
-        }
-        let mut attempt = 0u32;
-        let stored = loop {
-            match block_on(&self.handle, self.store.load_offsets(&self.topic)) {
-                Ok(s) => break s,
-                Err(e) => {
-                    attempt += 1;
-                    tracing::error!(error = %e, attempt, "cannot read stored offsets; retrying");
-                    std::thread::sleep(Duration::from_millis(200 * u64::from(attempt.min(25))));
-                }
-            }
-        };
-        let wanted: HashMap<i32, Option<i64>> = partitions
-            .iter()
-            .map(|p| (*p, stored.get(p).copied()))
-            .collect();
-        // Only hidden files here: a complete file beyond the stored offset may
-        // belong to a zombie that can still commit before we do; such files are
-        // removed after our first commit on the partition (pipeline.rs).
-        match block_on(
-            &self.handle,
-            self.archive.remove_in_progress(&self.topic, &wanted),
-        ) {
-            Ok(removed) if !removed.is_empty() => {
-                tracing::warn!(
-                    count = removed.len(),
-                    "removed orphan archive files left by a crash"
-                )
-            }
-            Ok(_) => {}
-            Err(e) => {
-                tracing::error!(error = %e, "orphan cleanup failed; will retry on next assignment")
-            }
-        }
-        if let Ok(mut pending) = self.control.cleanup_pending.lock() {
-            pending.extend(partitions.iter().copied());
-        }
-        wanted.into_iter().collect()
-    }
-}
-
-impl TallyContext {
-    fn broker_error(&self, error: &str) {
-        self.in_outage.store(true, Ordering::Relaxed);
-        if let Ok(mut o) = self.outage.lock() {
-            o.error(error);
-        }
-    }
-
-    /// Called on every message and statistics report: cheap unless an outage is open.
-    fn broker_ok(&self) {
-        if self.in_outage.swap(false, Ordering::Relaxed) {
-            if let Ok(mut o) = self.outage.lock() {
-                o.ok();
-            }
-        }
-    }
-
-    /// A stored next offset above the partition's high watermark means the
-    /// log was replaced under us (topic deleted and created again, offsets
-    /// reset): every new message would look already committed. Record the
-    /// first such partition as fatal; the poll loop stops on it. A
-    /// watermark that cannot be read is logged and not held against the
-    /// partition (the broker may be slow; the gap check still applies).
-    /// A stored offset below the low watermark (retention deleted messages
-    /// before tally read them) is logged and counted as a gap.
-    fn check_beyond_end(
-        &self,
-        stored: &BTreeMap<i32, Option<i64>>,
-        marks: &BTreeMap<i32, (i64, i64)>,
-    ) {
-        for (p, next) in stored {
-            let Some(next) = *next else { continue };
-            match marks.get(p).copied() {
-                Some((low, high)) if next > high => {
-                    let e = SourceError::OffsetBeyondEnd {
-                        topic: self.topic.clone(),
-                        partition: *p,
-                        stored: next,
-                        high,
-                        low,
-                    };
-                    tracing::error!("{e}");
-                    if let Ok(mut fatal) = self.control.fatal.lock() {
-                        fatal.get_or_insert(e);
-                    }
-                }
-                Some((low, _)) if next < low => {
-                    tracing::warn!(
-                        partition = p,
-                        stored = next,
-                        low,
-                        skipped = low - next,
-                        "the stored offset is below the start of the log: messages {next}..{low} were deleted by retention before tally read them"
-                    );
-                    self.metrics.offset_gaps.fetch_add(1, Ordering::Relaxed);
-                    self.metrics
-                        .messages_skipped
-                        .fetch_add((low - next) as u64, Ordering::Relaxed);
-                }
-                _ => {}
-            }
-        }
     }
 }
 
@@ -479,64 +265,6 @@ pub struct KafkaSource {
     gap_logged: std::cell::Cell<Option<Instant>>,
     /// `kafka.assignment = "manual"`: held while this process reads every partition.
     _manual_lock: Option<crate::sink::serving::SourceLock>,
-}
-
-/// `kafka.assignment = "manual"`: read every partition of `topic` without a
-/// consumer group, from the stored offsets, as an assignment would (see
-/// `TallyContext::rebalance`). One such process per topic and store: a
-/// second would fight the first over every batch (the fence keeps counts
-/// exact, but neither gets far), so it is refused.
-fn assign_all(
-    consumer: &BaseConsumer<TallyContext>,
-    topic: &str,
-) -> Result<crate::sink::serving::SourceLock, SourceError> {
-    let ctx = consumer.context();
-    let lock = block_on(&ctx.handle, ctx.store.lock_source(&format!("assign:{topic}")))
-        .map_err(|e| SourceError::Create(format!("kafka.assignment = \"manual\": {e}")))?
-        .ok_or_else(|| {
-            SourceError::Create(format!(
-                "kafka.assignment = \"manual\": another `tally run` already reads every partition of `{topic}` with this serving store; run one, or use kafka.assignment = \"group\""
-            ))
-        })?;
-    let md = consumer
-        .fetch_metadata(Some(topic), Duration::from_secs(30))
-        .map_err(|e| SourceError::Subscribe {
-            topic: topic.to_string(),
-            message: e.to_string(),
-        })?;
-    let parts: Vec<i32> = md
-        .topics()
-        .iter()
-        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
-        .collect();
-    if parts.is_empty() {
-        return Err(SourceError::Subscribe {
-            topic: topic.to_string(),
-            message: "the topic has no partitions (does it exist?)".into(),
-        });
-    }
-    ctx.control.bump_epoch();
-    let stored = ctx.stored_offsets(consumer, &parts);
-    let mut tpl = TopicPartitionList::new();
-    for (p, next) in &stored {
-        let start = next
-            .map(Offset::Offset)
-            .or(ctx.no_offset_start)
-            .unwrap_or(Offset::Beginning);
-        tpl.add_partition_offset(topic, *p, start)
-            .map_err(|e| SourceError::Create(e.to_string()))?;
-        if let Some(n) = next {
-            ctx.metrics.set_committed_offset(*p, *n);
-        }
-    }
-    tracing::info!(partitions = ?stored, "kafka.assignment = manual: reading every partition from the stored offsets");
-    if let Ok(mut map) = ctx.control.partitions.lock() {
-        map.extend(stored);
-    }
-    consumer
-        .assign(&tpl)
-        .map_err(|e| SourceError::Create(format!("assign: {e}")))?;
-    Ok(lock)
 }
 
 /// librdkafka properties `tally run` sets whatever the config says: the

@@ -4,8 +4,10 @@
 //! from the serving store on every assignment; Kafka's own group commit only
 //! feeds lag monitoring.
 
+mod assign;
 pub mod fetch;
 pub mod kafka;
+mod outage;
 pub mod stall;
 
 pub use kafka::{ConsumerControl, KafkaSource};
