@@ -248,12 +248,7 @@ fn rand_ms(i: u64) -> u64 {
 async fn events_a_rollup_fails_on_are_dead_letters_and_the_rest_commits() {
     let dir = test_dir();
     let now = chrono::Utc::now().timestamp_millis();
-    let rollups = dir.path().join("rollups");
-    std::fs::create_dir_all(&rollups).unwrap();
-    for f in std::fs::read_dir(workspace_root().join("sql/rollups")).unwrap() {
-        let f = f.unwrap().path();
-        std::fs::copy(&f, rollups.join(f.file_name().unwrap())).unwrap();
-    }
+    let rollups = copy_of_rollups(dir.path());
     std::fs::write(
         rollups.join("hour_user_sum.sql"),
         "SELECT video_id, date_bin(INTERVAL '1 hour', event_time) AS window_start, sum(CAST(user_id AS BIGINT)) AS user_sum \

@@ -438,12 +438,7 @@ async fn an_edited_rollup_definition_is_refused() {
     let broker = Broker::start(dir.path());
     let topic = unique("edited");
     broker.create_topic(&topic, 1).await;
-    let rollups = dir.path().join("rollups");
-    std::fs::create_dir_all(&rollups).unwrap();
-    for f in std::fs::read_dir(workspace_root().join("sql/rollups")).unwrap() {
-        let f = f.unwrap().path();
-        std::fs::copy(&f, rollups.join(f.file_name().unwrap())).unwrap();
-    }
+    let rollups = copy_of_rollups(dir.path());
     let data = dir.path().join("data");
     let mut env = TallyEnv::new(&broker.bootstrap(), &topic, &unique("g"), &data);
     env.set("TALLY__SQL__ROLLUPS_DIR", &rollups.display().to_string());
@@ -614,7 +609,18 @@ async fn a_crash_loop_with_manual_assignment_counts_everything() {
         tally.kill9();
         tally = Tally::start(&env);
     }
-    // A second manual reader of the same topic and store is refused.
+    // A second manual reader of the same topic and store is refused (once
+    // the first holds the lock: it has committed since its start).
+    let before = crate::crash::committed_total(&db).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while crate::crash::committed_total(&db).await <= before {
+        assert!(
+            Instant::now() < deadline,
+            "the last restart committed nothing:\n{}",
+            tally.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let mut second = Tally::start(&TallyEnv {
         log: data.join("second.log"),
         api: ([127, 0, 0, 1], free_port()).into(),

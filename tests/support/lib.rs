@@ -531,6 +531,18 @@ pub fn files_under(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
+/// A copy of the shipped `sql/rollups` under `dir/rollups`, for a test
+/// that adds or edits a rollup.
+pub fn copy_of_rollups(dir: &Path) -> PathBuf {
+    let rollups = dir.join("rollups");
+    std::fs::create_dir_all(&rollups).unwrap();
+    for f in std::fs::read_dir(workspace_root().join("sql/rollups")).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, rollups.join(f.file_name().unwrap())).unwrap();
+    }
+    rollups
+}
+
 /// A `tally run` child process.
 pub struct Tally {
     pub child: Child,

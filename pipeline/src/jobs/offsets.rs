@@ -69,12 +69,31 @@ impl PartitionPosition {
     }
 }
 
+/// A client for metadata and watermarks only: the connection and security
+/// properties, no `group.id` (it joins no group, and closing it must not
+/// touch the group `tally run` members are in).
+pub fn metadata_client(settings: &Settings) -> Result<BaseConsumer, String> {
+    consumer(settings)
+}
+
 fn consumer(settings: &Settings) -> Result<BaseConsumer, String> {
     let mut cc = ClientConfig::new();
     for (k, v) in &settings.kafka.properties {
-        cc.set(k, v.to_string());
+        let connection = [
+            "bootstrap.servers",
+            "client.id",
+            "client.rack",
+            "broker.address.family",
+        ]
+        .contains(&k.as_str())
+            || k.starts_with("security.")
+            || k.starts_with("sasl.")
+            || k.starts_with("ssl.");
+        if connection {
+            cc.set(k, v.to_string());
+        }
     }
-    cc.set("enable.auto.commit", "false");
+    cc.set_log_level(rdkafka::config::RDKafkaLogLevel::Error);
     cc.create()
         .map_err(|e| format!("kafka: cannot create a client: {e}"))
 }
@@ -108,7 +127,15 @@ pub fn watermarks(
     topic: &str,
     only: Option<i32>,
 ) -> Result<BTreeMap<i32, (i64, i64)>, String> {
-    let consumer = consumer(settings)?;
+    watermarks_with(&consumer(settings)?, topic, only)
+}
+
+/// [`watermarks`] with a client made once by [`metadata_client`].
+pub fn watermarks_with(
+    consumer: &BaseConsumer,
+    topic: &str,
+    only: Option<i32>,
+) -> Result<BTreeMap<i32, (i64, i64)>, String> {
     let timeout = Duration::from_secs(10);
     let md = consumer
         .fetch_metadata(Some(topic), timeout)

@@ -31,16 +31,22 @@ pub async fn watch(
     // Since when a partition without a stored offset has had data waiting.
     let mut waiting_since: BTreeMap<i32, i64> = BTreeMap::new();
     let mut stalled: Vec<i32> = Vec::new();
+    let client = match crate::jobs::offsets::metadata_client(&settings) {
+        Ok(c) => Arc::new(c),
+        Err(e) => {
+            tracing::warn!(error = %e, "stalled-partition checks are off");
+            return;
+        }
+    };
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
             _ = &mut shutdown => return,
             _ = tokio::time::sleep(EVERY) => {}
         }
-        let s = settings.clone();
-        let t = topic.clone();
+        let (c, t) = (client.clone(), topic.clone());
         let marks = match tokio::task::spawn_blocking(move || {
-            crate::jobs::offsets::watermarks(&s, &t, None)
+            crate::jobs::offsets::watermarks_with(&c, &t, None)
         })
         .await
         {
