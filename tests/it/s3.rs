@@ -112,12 +112,16 @@ async fn s3_archive_is_exact_across_sigkills_and_a_crash_mid_multipart_upload() 
     tally = Tally::start(&multipart_env);
     while kills < 4 {
         let before = committed_total(&db).await;
+        if before >= messages.len() as i64 {
+            break; // everything is in; later kills would not be mid-ingest
+        }
         wait_more_committed(&db, before, &mut tally).await;
         tokio::time::sleep(Duration::from_millis([60, 300, 10, 200][kills])).await;
         tally.kill9();
         kills += 1;
         tally = Tally::start(if kills % 2 == 0 { &multipart_env } else { &env });
     }
+    assert!(kills >= 2, "only {kills} kills mid-ingest");
     producer.await.unwrap();
     let end = broker.end_offsets(&topic, 4);
     wait_committed(&db, &topic, &end, Duration::from_secs(120), &mut tally).await;

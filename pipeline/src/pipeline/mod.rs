@@ -267,12 +267,16 @@ async fn commit_batch(
         };
         match attempt {
             Ok((CommitOutcome::Committed, _, _)) if batch.is_heartbeat() => {
-                sweeper.after_commit(control, archive, store, metrics).await;
+                sweeper
+                    .after_commit(batch, control, archive, store, metrics)
+                    .await;
                 return Ok(());
             }
             Ok((CommitOutcome::Committed, files, rows_merged)) => {
                 group.commit(&batch.partitions);
-                sweeper.after_commit(control, archive, store, metrics).await;
+                sweeper
+                    .after_commit(batch, control, archive, store, metrics)
+                    .await;
                 record_commit(metrics, batch, &files, rows_merged, started.elapsed());
                 let folds = store.fold_stats();
                 metrics.sqlite_folds.store(folds.folds, Ordering::Relaxed);

@@ -4,6 +4,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::batch::Batch;
 use crate::metrics::Metrics;
 use crate::sink::archive::SweepScope;
 use crate::sink::{ParquetArchiveSink, ServingStore};
@@ -71,30 +72,40 @@ impl OrphanSweeper {
     /// Called after every committed batch (heartbeats too).
     pub(super) async fn after_commit(
         &mut self,
+        batch: &Batch,
         control: &ConsumerControl,
         archive: &ParquetArchiveSink,
         store: &ServingStore,
         metrics: &Arc<Metrics>,
     ) {
         let now = Instant::now();
-        // Every partition assigned since the last commit is swept after this
-        // commit, whether the batch holds it or not: a partition that is
-        // already read to its end gets no batch of its own, and its orphans
-        // must not wait for new data. Safe at any time: the sweep deletes
-        // only unrecorded files that start below the stored offset it reads,
-        // which no writer can commit any more.
+        let fresh = SweepState {
+            due: now,
+            swept_ms: None,
+            full_at: None,
+        };
+        // A newly assigned partition is swept after this process's first
+        // commit on it: that commit moves its offset past the batch a crash
+        // left behind, so those files are then below the stored offset. A
+        // partition already read to its end gets no batch of its own, so it
+        // is also swept once after the first commit of any partition (its
+        // orphans from before the last commit are below the stored offset
+        // already). Safe at any time: a sweep deletes only unrecorded files
+        // that start below the stored offset it reads, which no writer can
+        // commit any more.
         let mut first = false;
         if let Ok(mut pending) = control.cleanup_pending.lock() {
-            for p in std::mem::take(&mut *pending) {
-                self.owned.insert(
-                    p,
-                    SweepState {
-                        due: now,
-                        swept_ms: None,
-                        full_at: None,
-                    },
-                );
-                first = true;
+            for p in batch.partitions.keys() {
+                if pending.remove(p) {
+                    self.owned.insert(*p, fresh);
+                    first = true;
+                }
+            }
+            for p in pending.iter() {
+                if !self.owned.contains_key(p) {
+                    self.owned.insert(*p, fresh);
+                    first = true;
+                }
             }
         }
         if !first && self.running.as_ref().is_some_and(|h| !h.is_finished()) {
