@@ -7,13 +7,20 @@ TANSU_VERSION := 0.6.0
 BROKER_PORT ?= 9092
 export TANSU_BIN := $(TANSU)
 
-.PHONY: all build release tansu postgres moto bench-smoke broker topic run test soak unit check-sql lint bench bench-api report-demo clean
+.PHONY: help all build release tansu postgres moto broker run test soak unit lint fmt bench bench-smoke bench-api report-demo clean
+
+## help: list the targets.
+help:
+	@grep -E '^## [a-z-]+:' $(MAKEFILE_LIST) | sed -E 's/^## ([a-z-]+): /  \1\t/' | expand -t 16
 
 all: build
+
+## build: the debug build of tally (what `make run` and the tests use).
 
 build:
 	$(CARGO) build -p tally
 
+## release: the release build (what `make bench` and `make soak` use).
 release:
 	$(CARGO) build --release -p tally
 
@@ -38,9 +45,9 @@ broker: $(TANSU)
 	  --advertised-listener-url tcp://127.0.0.1:$(BROKER_PORT) \
 	  --storage-engine sqlite://tansu.db
 
-## run: quick start — broker, topic, tally run and a demo producer; Ctrl-C stops all.
-run: $(TANSU) release
-	TANSU=$(TANSU) BROKER_PORT=$(BROKER_PORT) scripts/run-local.sh
+## run: quick start: broker, topic, tally run and a demo producer; prints what to open; Ctrl-C stops all.
+run: $(TANSU) build
+	TANSU=$(TANSU) BROKER_PORT=$(BROKER_PORT) TALLY_BIN=$(CURDIR)/target/debug/tally scripts/run-local.sh
 
 ## test: the one test command (unit, property, SQL, end-to-end and crash tests).
 # --all-targets resolves features exactly as `cargo test --workspace` does, so the
@@ -61,11 +68,18 @@ soak: $(TANSU) postgres moto release
 	set -o pipefail; TALLY_BIN=$(CURDIR)/target/release/tally TALLY_TEST_PYTHON=$$(scripts/moto.sh) $(CARGO) test --workspace --test it -- faults:: crash:: replay:: postgres:: s3:: --test-threads=2 --nocapture 2>&1 | tee target/soak-faults.log | grep -E "^test |survived|SOAK|FAULTS|test result"
 	@grep -h "^FAULTS" target/soak-faults.log | tr ' ' '\n' | grep = | awk -F= '{n[$$1]+=$$2; t+=$$2} END {printf "SOAK faults injected and survived, counts exact after each: "; for (k in n) printf "%s=%d ", k, n[k]; printf "(total %d, plus the kill loop above)\n", t}'
 
+## unit: the library's unit, property and contract tests only (no broker needed).
 unit:
 	$(CARGO) test -p tally --lib
 
+## lint: formatting and clippy with warnings as errors; clean before every commit.
 lint:
+	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+## fmt: format the workspace.
+fmt:
+	$(CARGO) fmt --all
 
 ## bench: pre-fill a topic with BENCH_EVENTS events and time `tally run` draining it.
 BENCH_EVENTS ?= 5000000
@@ -92,5 +106,6 @@ bench-api: $(TANSU) release
 report-demo: $(TANSU) release
 	TANSU=$(TANSU) scripts/report-demo.sh
 
+## clean: remove the build directory.
 clean:
 	$(CARGO) clean

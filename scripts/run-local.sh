@@ -4,7 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 TANSU=${TANSU:-$HOME/.cargo/bin/tansu}
 PORT=${BROKER_PORT:-9092}
-TALLY=target/release/tally
+TALLY=${TALLY_BIN:-target/debug/tally}
 export TALLY__KAFKA__PROPERTIES__BOOTSTRAP_SERVERS="127.0.0.1:$PORT"
 mkdir -p data/tansu
 pids=()
@@ -20,7 +20,7 @@ for _ in $(seq 1 100); do (echo >/dev/tcp/127.0.0.1/"$PORT") 2>/dev/null && brea
 "$TALLY" topic create --partitions 4
 "$TALLY" run 2>data/tally.log &
 pids+=($!)
-"$TALLY" produce --rate 2000 --count 100000000 --late-fraction 0.01 --malformed-fraction 0.001 2>data/produce.log &
+"$TALLY" produce --rate 2000 --count 100000000 --dims data/dims/videos.csv --late-fraction 0.01 --malformed-fraction 0.001 2>data/produce.log &
 pids+=($!)
 
 cat <<MSG

@@ -69,7 +69,7 @@ pub async fn verify_outputs_in(
         );
     }
 
-    // The raw archive, read the way the README tells analysts to.
+    // The raw archive, read the way docs/analysts.md tells analysts to.
     let raw = data.join("raw/events");
     let rows = datafusion_rows(&[
         format!(
@@ -285,17 +285,10 @@ async fn pipeline_counts_exactly_with_malformed_and_late_events() {
         assert_eq!(r[4], rfc3339(key.2)[..10], "dt is the window's UTC day");
     }
 
-    // The README's analyst statements run as written against this data.
+    // The analyst guide's statements run as written against this data.
     let (code, out) = job(&["export"]);
     assert_eq!(code, Some(0), "{out}");
-    let readme = std::fs::read_to_string(workspace_root().join("README.md")).unwrap();
-    let section = readme
-        .split("## For analysts")
-        .nth(1)
-        .unwrap()
-        .split("\n## ")
-        .next()
-        .unwrap();
+    let section = std::fs::read_to_string(workspace_root().join("docs/analysts.md")).unwrap();
     let mut statements = Vec::new();
     for block in section.split("```sql").skip(1) {
         let sql = block.split("```").next().unwrap();
