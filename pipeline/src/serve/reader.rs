@@ -18,7 +18,7 @@ use rusqlite::{params_from_iter, types::Value as Sql, Connection, OpenFlags};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::{AssertSqlSafe, Row};
 
-use crate::sink::serving::number_placeholders;
+use crate::sink::serving::{number_placeholders, quote};
 
 use super::tiers::{Segment, Tiers};
 use super::ServeError;
@@ -96,10 +96,6 @@ fn types_cte(tables: &[String]) -> String {
            SELECT (SELECT min(et) FROM ({next}) n)
            FROM types WHERE types.et IS NOT NULL)"
     )
-}
-
-fn quote(ident: &str) -> String {
-    format!("\"{}\"", ident.replace('"', "\"\""))
 }
 
 impl TierSql {
