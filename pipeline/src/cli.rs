@@ -302,6 +302,31 @@ fn worker_threads_from(var: Option<&str>, cpus: usize) -> usize {
         .unwrap_or(cpus.max(2))
 }
 
+/// The exit code of a failed command (see [`crate::error::exit_code`]): the
+/// first tally error in the chain says whose fault it was; anything else
+/// (a bad flag value, caught before any work) is a usage error.
+pub fn exit_code(err: &anyhow::Error) -> u8 {
+    use crate::error::{exit_code, ErrorKind};
+    let kind = err.chain().find_map(|e| {
+        if let Some(e) = e.downcast_ref::<crate::Error>() {
+            Some(e.kind())
+        } else if let Some(e) = e.downcast_ref::<crate::sink::SinkError>() {
+            Some(e.kind())
+        } else if let Some(e) = e.downcast_ref::<crate::source::SourceError>() {
+            Some(e.kind())
+        } else if let Some(e) = e.downcast_ref::<crate::aggregate::AggregateError>() {
+            Some(e.kind())
+        } else if let Some(e) = e.downcast_ref::<crate::serve::ServeError>() {
+            Some(e.kind())
+        } else if e.downcast_ref::<crate::config::ConfigError>().is_some() {
+            Some(ErrorKind::User)
+        } else {
+            None
+        }
+    });
+    exit_code(kind.unwrap_or(ErrorKind::User))
+}
+
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     init_tracing(&cli.log);
     let settings = load_settings(&cli)?;

@@ -37,8 +37,22 @@ pub enum Error {
     Source(#[from] SourceError),
     #[error(transparent)]
     Serve(#[from] ServeError),
+    /// The user's mistake in a command's input (a flag, a file, a query, a
+    /// name): the message says what to fix.
+    #[error("{0}")]
+    Usage(String),
     #[error("internal error: {0}")]
     Internal(String),
+}
+
+/// A user's mistake (see [`Error::Usage`]).
+pub(crate) fn usage(m: impl std::fmt::Display) -> Error {
+    Error::Usage(m.to_string())
+}
+
+/// A broken invariant or an engine failure that is not the user's input.
+pub(crate) fn internal(m: impl std::fmt::Display) -> Error {
+    Error::Internal(m.to_string())
 }
 
 impl Error {
@@ -49,6 +63,7 @@ impl Error {
             Error::Sink(e) => e.kind(),
             Error::Source(e) => e.kind(),
             Error::Serve(e) => e.kind(),
+            Error::Usage(_) => ErrorKind::User,
             Error::Internal(_) => ErrorKind::Internal,
         }
     }
@@ -60,8 +75,22 @@ impl Error {
             Error::Sink(e) => e.retry(),
             Error::Source(e) => e.retry(),
             Error::Serve(e) => e.retry(),
-            Error::Internal(_) => RetryHint::NoRetry,
+            Error::Usage(_) | Error::Internal(_) => RetryHint::NoRetry,
         }
+    }
+}
+
+/// The process exit code for a failed command: 2 for the user's mistake
+/// (usage, configuration, SQL, input; also a state only an operator can
+/// resolve, such as a lost serving store), 3 for an outage (a broker, store
+/// or disk that failed; retrying later may work), 4 for a bug in tally.
+/// 1 is not an error: a command whose answer is "no" (`tally verify` found
+/// drift, `tally offsets show` found a partition beyond the log's end).
+pub fn exit_code(kind: ErrorKind) -> u8 {
+    match kind {
+        ErrorKind::User => 2,
+        ErrorKind::External => 3,
+        ErrorKind::Internal => 4,
     }
 }
 

@@ -8,7 +8,7 @@ fn main() -> std::process::ExitCode {
         Ok(code) => code,
         Err(err) => {
             eprintln!("error: {err:#}");
-            std::process::ExitCode::from(2)
+            std::process::ExitCode::from(tally::cli::exit_code(&err))
         }
     }
 }

@@ -164,3 +164,62 @@ async fn topic_drain_reads_every_message() {
         "{text}"
     );
 }
+
+/// Exit codes tell whose fault a failure is (docs/operations.md, "Exit
+/// codes"): 2 for the user's mistake, 3 for an outage, 1 for a "no" answer.
+#[test]
+fn exit_codes_tell_a_usage_error_from_an_outage() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().display().to_string();
+    let code = |args: &[&str], envs: &[(&str, &str)]| {
+        let out = Command::new(tally_bin())
+            .args(args)
+            .envs(envs.iter().copied())
+            .env("TALLY__STORAGE__DATA_DIR", &data)
+            .env(
+                "TALLY__SQL__ROLLUPS_DIR",
+                workspace_root().join("sql/rollups"),
+            )
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stderr).to_string();
+        (out.status.code(), text)
+    };
+    let range = [
+        "--from",
+        "2026-11-01T00:00:00Z",
+        "--to",
+        "2026-11-02T00:00:00Z",
+    ];
+    // The user's mistakes: a flag clap refuses, an unknown rollup, a bad key.
+    let (c, out) = code(&["verify", "--from", "yesterday"], &[]);
+    assert_eq!(c, Some(2), "{out}");
+    let mut args = vec!["backfill", "--rollup", "no_such_rollup"];
+    args.extend(range);
+    let (c, out) = code(&args, &[]);
+    assert_eq!(c, Some(2), "{out}");
+    assert!(
+        out.contains("--rollup no_such_rollup: no such rollup"),
+        "{out}"
+    );
+    let (c, out) = code(&["check"], &[("TALLY__KAFKA__NO_SUCH_KEY", "1")]);
+    assert_eq!(c, Some(2), "{out}");
+    // An outage: the serving store does not answer (nothing listens on port 1).
+    let mut args = vec!["verify"];
+    args.extend(range);
+    let (c, out) = code(
+        &args,
+        &[(
+            "TALLY__SERVING__URL",
+            "postgres://tally:secret@127.0.0.1:1/tally",
+        )],
+    );
+    assert_eq!(c, Some(3), "{out}");
+    assert!(
+        out.contains("serving store") && !out.contains("secret"),
+        "{out}"
+    );
+    // A "no" answer is not an error: verify over an empty store finds no drift.
+    let (c, out) = code(&args, &[]);
+    assert_eq!(c, Some(0), "{out}");
+}

@@ -63,7 +63,7 @@ async fn kill_loop(events: usize, kills: usize, min_kills: usize, budget: Durati
     );
 
     let db = data.join("serving.db");
-    let mut rng = rand::rngs::StdRng::seed_from_u64(std::process::id() as u64);
+    let mut rng = rand_chacha::ChaCha12Rng::seed_from_u64(std::process::id() as u64);
     let mut done = 0;
     let started = Instant::now();
     let mut tally = Tally::start(&env);

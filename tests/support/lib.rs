@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha12Rng;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
@@ -331,7 +331,7 @@ pub enum Expect {
 /// A seeded dataset: valid events (some late, both time forms, unknown
 /// fields) and malformed messages with the reason tally must give.
 pub fn dataset(seed: u64, n: usize, now_ms: i64) -> Vec<Message> {
-    let mut rng = StdRng::seed_from_u64(seed);
+    let mut rng = ChaCha12Rng::seed_from_u64(seed);
     let kinds = ["view", "like", "share"];
     (0..n)
         .map(|i| {

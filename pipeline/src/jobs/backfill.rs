@@ -35,7 +35,6 @@ pub async fn backfill(
     to: i64,
     only: Option<&str>,
 ) -> Result<BackfillReport, crate::Error> {
-    let err = |m: &dyn std::fmt::Display| crate::Error::Internal(m.to_string());
     let schema = EventSchema::from_config(&settings.schema)?;
     let catalog = SqlCatalog::load(
         &settings.sql.rollups_dir,
@@ -50,7 +49,7 @@ pub async fn backfill(
         .cloned()
         .collect();
     if defs.is_empty() {
-        return Err(err(&format!(
+        return Err(crate::error::usage(format!(
             "--rollup {}: no such rollup in {}",
             only.unwrap_or(""),
             settings.sql.rollups_dir.display()

@@ -10,8 +10,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha12Rng;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, Mutex};
@@ -63,7 +63,7 @@ pub fn query_paths(videos: u64, days: i64, end_ms: i64, seed: u64) -> Vec<String
             .replace(':', "%3A")
     };
     let (s, e) = (fmt(start), fmt(end));
-    let mut rng = StdRng::seed_from_u64(seed);
+    let mut rng = ChaCha12Rng::seed_from_u64(seed);
     let functions = ["sum", "avg", "min", "max", "count"];
     (0..4096)
         .map(|i| {

@@ -34,9 +34,7 @@ pub struct ExportReport {
     pub root: String,
 }
 
-fn err(m: impl std::fmt::Display) -> crate::Error {
-    crate::Error::Internal(m.to_string())
-}
+use crate::error::internal as err;
 
 pub(crate) fn arrow_schema(def: &RollupDef) -> Arc<Schema> {
     Arc::new(Schema::new(

@@ -4,8 +4,8 @@
 use std::io::Write;
 use std::time::{Duration, Instant};
 
-use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha12Rng;
 use rdkafka::config::ClientConfig;
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 
@@ -88,7 +88,7 @@ impl Zipf {
 #[derive(Debug)]
 pub struct Generator {
     spec: ProduceSpec,
-    rng: StdRng,
+    rng: ChaCha12Rng,
     zipf: Zipf,
     n: u64,
 }
@@ -101,7 +101,7 @@ impl Generator {
             .map_or(spec.videos, |v| v.len() as u64);
         let zipf = Zipf::new(n, spec.zipf_exponent);
         Generator {
-            rng: StdRng::seed_from_u64(spec.seed),
+            rng: ChaCha12Rng::seed_from_u64(spec.seed),
             zipf,
             spec,
             n: 0,
@@ -306,7 +306,7 @@ mod tests {
     #[test]
     fn zipf_prefers_low_ranks_and_is_seeded() {
         let z = Zipf::new(100, 1.2);
-        let mut rng = StdRng::seed_from_u64(1);
+        let mut rng = ChaCha12Rng::seed_from_u64(1);
         let samples: Vec<u64> = (0..10_000).map(|_| z.sample(&mut rng)).collect();
         let top = samples.iter().filter(|s| **s == 0).count();
         let tail = samples.iter().filter(|s| **s == 99).count();

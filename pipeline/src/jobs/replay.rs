@@ -35,9 +35,7 @@ pub struct ReplayReport {
     pub seconds: f64,
 }
 
-fn err(m: impl std::fmt::Display) -> crate::Error {
-    crate::Error::Internal(m.to_string())
-}
+use crate::error::internal as err;
 
 fn clean(name: &str) -> String {
     name.chars()
@@ -62,7 +60,8 @@ pub fn replay_topic(file: &Path, source_id: Option<&str>) -> Result<String, crat
         return Ok(format!("replay.{}", clean(id)));
     }
     let stem = file.file_stem().and_then(|s| s.to_str()).unwrap_or("file");
-    let f = std::fs::File::open(file).map_err(|e| err(format!("{}: {e}", file.display())))?;
+    let f = std::fs::File::open(file)
+        .map_err(|e| crate::error::usage(format!("{}: {e}", file.display())))?;
     let mut first = Vec::new();
     std::io::BufReader::new(f)
         .take(64 * 1024)
@@ -94,7 +93,7 @@ pub async fn replay(
     // One replay of a source at a time: a second one would delete the
     // first one's files before they commit (below) and race its commits.
     let _lock = store.lock_source(&topic).await?.ok_or_else(|| {
-        err(format!(
+        crate::error::usage(format!(
             "{}: another `tally replay` of {topic} is running against this serving store; wait for it (a replay resumes where the last one committed)",
             file.display()
         ))

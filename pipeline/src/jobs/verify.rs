@@ -44,9 +44,7 @@ pub struct VerifyReport {
     pub drift: Vec<Drift>,
 }
 
-fn err(m: impl std::fmt::Display) -> crate::Error {
-    crate::Error::Internal(m.to_string())
-}
+use crate::error::internal as err;
 
 /// Whole windows of width `w` inside `[from, to)`.
 fn inner(from: i64, to: i64, w: i64) -> (i64, i64) {
@@ -190,7 +188,7 @@ pub async fn verify(
         .filter(|d| only.is_none_or(|n| n == d.name))
         .collect();
     if defs.is_empty() {
-        return Err(err(format!(
+        return Err(crate::error::usage(format!(
             "--rollup {}: no such rollup in {}",
             only.unwrap_or(""),
             settings.sql.rollups_dir.display()

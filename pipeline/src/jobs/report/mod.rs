@@ -219,14 +219,12 @@ pub struct MonthlyReport {
     pub tables: Vec<ReportTable>,
 }
 
-fn err(m: impl std::fmt::Display) -> crate::Error {
-    crate::Error::Internal(m.to_string())
-}
+use crate::error::internal as err;
 
 /// Load the report queries of `dir`, in file-name order.
 pub fn load_queries(dir: &Path) -> Result<Vec<ReportQuery>, crate::Error> {
     let entries = std::fs::read_dir(dir).map_err(|e| {
-        err(format!(
+        crate::error::usage(format!(
             "{}: cannot read the report directory ({e}); set report.sql_dir",
             dir.display()
         ))
@@ -237,7 +235,7 @@ pub fn load_queries(dir: &Path) -> Result<Vec<ReportQuery>, crate::Error> {
         .collect();
     files.sort();
     if files.is_empty() {
-        return Err(err(format!(
+        return Err(crate::error::usage(format!(
             "{}: no *.sql report queries; set report.sql_dir",
             dir.display()
         )));
@@ -245,9 +243,9 @@ pub fn load_queries(dir: &Path) -> Result<Vec<ReportQuery>, crate::Error> {
     files
         .iter()
         .map(|f| {
-            let sql =
-                std::fs::read_to_string(f).map_err(|e| err(format!("{}: {e}", f.display())))?;
-            ReportQuery::parse(f, &sql).map_err(err)
+            let sql = std::fs::read_to_string(f)
+                .map_err(|e| crate::error::usage(format!("{}: {e}", f.display())))?;
+            ReportQuery::parse(f, &sql).map_err(crate::error::usage)
         })
         .collect()
 }
@@ -282,7 +280,7 @@ async fn register_inputs(
     for (table, schema) in [("videos", &videos), ("channels", &channels)] {
         let path = dims.join(format!("{table}.csv"));
         if !path.is_file() {
-            return Err(err(format!(
+            return Err(crate::error::usage(format!(
                 "{}: dimension table missing; set report.dims_dir to a directory with videos.csv and channels.csv",
                 path.display()
             )));
@@ -352,7 +350,7 @@ pub async fn monthly(settings: &Settings, month: Month) -> Result<MonthlyReport,
         .iter()
         .find(|d| d.name == settings.report.rollup)
         .ok_or_else(|| {
-            err(format!(
+            crate::error::usage(format!(
                 "report.rollup = {:?}: no such rollup in {}; name one of: {}",
                 settings.report.rollup,
                 settings.sql.rollups_dir.display(),
@@ -396,7 +394,8 @@ async fn plan(
     ctx: &SessionContext,
     query: &ReportQuery,
 ) -> Result<datafusion::dataframe::DataFrame, crate::Error> {
-    let named = |e: &dyn std::fmt::Display| err(format!("{}: {e}", query.file.display()));
+    let named =
+        |e: &dyn std::fmt::Display| crate::error::usage(format!("{}: {e}", query.file.display()));
     let df = ctx.sql(&query.sql).await.map_err(|e| named(&e))?;
     if let Some(chart) = &query.chart {
         let cols: Vec<&String> = match chart {
@@ -450,7 +449,7 @@ pub async fn check(
         .iter()
         .find(|d| d.name == settings.report.rollup)
         .ok_or_else(|| {
-            err(format!(
+            crate::error::usage(format!(
                 "report.rollup = {:?}: no such rollup in {}",
                 settings.report.rollup,
                 settings.sql.rollups_dir.display()
