@@ -349,7 +349,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let checker = tokio::spawn(crate::jobs::verify::run_periodically(stages.settings.clone(), metrics.clone(), stop.wait()));
             let stalls = tokio::spawn(crate::source::stall::watch(
                 stages.settings.clone(),
-                stages.store.clone(),
+                std::sync::Arc::new(stages.store.clone()),
                 metrics.clone(),
                 stop.wait(),
             ));

@@ -4,10 +4,6 @@
 //! skip or re-read a range on purpose).
 
 use std::collections::BTreeMap;
-use std::time::Duration;
-
-use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer};
 
 use crate::config::Settings;
 use crate::sink::ServingStore;
@@ -69,35 +65,6 @@ impl PartitionPosition {
     }
 }
 
-/// A client for metadata and watermarks only: the connection and security
-/// properties, no `group.id` (it joins no group, and closing it must not
-/// touch the group `tally run` members are in).
-pub fn metadata_client(settings: &Settings) -> Result<BaseConsumer, String> {
-    consumer(settings)
-}
-
-fn consumer(settings: &Settings) -> Result<BaseConsumer, String> {
-    let mut cc = ClientConfig::new();
-    for (k, v) in &settings.kafka.properties {
-        let connection = [
-            "bootstrap.servers",
-            "client.id",
-            "client.rack",
-            "broker.address.family",
-        ]
-        .contains(&k.as_str())
-            || k.starts_with("security.")
-            || k.starts_with("sasl.")
-            || k.starts_with("ssl.");
-        if connection {
-            cc.set(k, v.to_string());
-        }
-    }
-    cc.set_log_level(rdkafka::config::RDKafkaLogLevel::Error);
-    cc.create()
-        .map_err(|e| format!("kafka: cannot create a client: {e}"))
-}
-
 /// Every partition of the topic with its stored offset and watermarks.
 pub async fn show(
     settings: &Settings,
@@ -127,48 +94,8 @@ pub fn watermarks(
     topic: &str,
     only: Option<i32>,
 ) -> Result<BTreeMap<i32, (i64, i64)>, String> {
-    watermarks_with(&consumer(settings)?, topic, only)
-}
-
-/// [`watermarks`] with a client made once by [`metadata_client`].
-pub fn watermarks_with(
-    consumer: &BaseConsumer,
-    topic: &str,
-    only: Option<i32>,
-) -> Result<BTreeMap<i32, (i64, i64)>, String> {
-    let timeout = Duration::from_secs(10);
-    let md = consumer
-        .fetch_metadata(Some(topic), timeout)
-        .map_err(|e| format!("kafka: metadata of `{topic}`: {e}"))?;
-    let partitions: Vec<i32> = md
-        .topics()
-        .iter()
-        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
-        .collect();
-    if partitions.is_empty() {
-        return Err(format!(
-            "kafka: topic `{topic}` has no partitions (does it exist?)"
-        ));
-    }
-    if let Some(p) = only {
-        if !partitions.contains(&p) {
-            return Err(format!(
-                "kafka: topic `{topic}` has no partition {p} (it has {})",
-                partitions.len()
-            ));
-        }
-    }
-    let mut out = BTreeMap::new();
-    for p in partitions
-        .into_iter()
-        .filter(|p| only.is_none_or(|o| o == *p))
-    {
-        let marks = consumer
-            .fetch_watermarks(topic, p, timeout)
-            .map_err(|e| format!("kafka: watermarks of `{topic}` partition {p}: {e}"))?;
-        out.insert(p, marks);
-    }
-    Ok(out)
+    let client = crate::source::client::metadata_client(&settings.kafka.properties)?;
+    crate::source::client::watermarks(&client, topic, only)
 }
 
 /// One partition moved by [`reset`]: (partition, old, new).

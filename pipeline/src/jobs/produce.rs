@@ -6,7 +6,6 @@ use std::time::{Duration, Instant};
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha12Rng;
-use rdkafka::config::ClientConfig;
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 
 /// Generator parameters.
@@ -209,14 +208,10 @@ pub fn producer(
     properties: &[(String, String)],
     linger_ms: u32,
 ) -> Result<ThreadedProducer<DefaultProducerContext>, String> {
-    let mut cc = ClientConfig::new();
-    for (k, v) in properties {
-        // Consumer-only properties would make the producer warn.
-        if crate::serve::ingest::CONSUMER_ONLY.contains(&k.as_str()) {
-            continue;
-        }
-        cc.set(k, v);
-    }
+    let mut cc = crate::source::client::config(
+        properties.iter().map(|(k, v)| (k, v)),
+        crate::source::client::Role::Producer,
+    );
     cc.set("linger.ms", linger_ms.to_string());
     cc.set("enable.idempotence", "true");
     cc.create().map_err(|e| e.to_string())

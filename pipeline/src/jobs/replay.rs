@@ -11,7 +11,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::io::{BufRead, Read};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use tokio::sync::mpsc;
 
@@ -19,9 +19,7 @@ use crate::aggregate::RollupAggregator;
 use crate::batch::{Batch, BatchBuilder};
 use crate::config::Settings;
 use crate::decode::RecordDecoder;
-use crate::error::RetryHint;
-use crate::pipeline::{try_commit, Stages};
-use crate::sink::CommitOutcome;
+use crate::pipeline::{Committer, Done, Retry, Stages};
 
 #[derive(Debug, Default, Clone)]
 pub struct ReplayReport {
@@ -185,46 +183,35 @@ pub async fn replay(
         topic: topic.clone(),
         ..ReplayReport::default()
     };
-    while let Some(mut batch) = rx.recv().await {
-        let mut backoff = Duration::from_millis(100);
-        let mut attempts = 0;
-        let mut isolated = false;
-        loop {
-            match try_commit(&batch, &mut aggregator, &archive, &store).await {
-                Ok((CommitOutcome::Committed, _, _)) => break,
-                Ok((
-                    CommitOutcome::Fenced {
-                        partition,
-                        expected,
-                        stored,
-                    },
-                    files,
-                    _,
-                )) => {
-                    crate::pipeline::discard_uncommitted(&archive, &store, files).await;
-                    return Err(err(format!(
-                        "{}: the serving store has offset {stored:?} for {topic}:{partition}, this replay expected {expected:?}; \
-                         is another `tally replay` of the same file running?",
-                        file.display()
-                    )));
-                }
-                Err(e) if crate::quarantine::is_data_error(&e) && !isolated => {
-                    tracing::error!(error = %e, "a replay batch fails on its data; bisecting it to find the events that fail");
-                    isolated = true;
-                    match crate::quarantine::isolate(&batch, &e, &mut aggregator, &store).await? {
-                        Some(without) => batch = without,
-                        None => return Err(e),
-                    }
-                }
-                Err(e) if e.retry() == RetryHint::WithBackoff && attempts < 8 => {
-                    attempts += 1;
-                    tracing::error!(error = %e, retry_in = ?backoff, "replay batch commit failed; retrying");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
-                }
-                Err(e) => return Err(e),
+    let mut committer = Committer {
+        aggregator: &mut aggregator,
+        archive: &archive,
+        store: &store,
+        metrics: None,
+    };
+    while let Some(original) = rx.recv().await {
+        // A person runs a replay: a store that stays down ends it with the
+        // error (rerun it to resume), where `tally run` waits.
+        let batch = match committer
+            .commit(&original, Retry::Times(8), |_| true)
+            .await?
+        {
+            Done::Committed { batch, .. } => batch,
+            Done::Fenced {
+                partition,
+                expected,
+                stored,
+                files,
+            } => {
+                crate::pipeline::discard_uncommitted(&archive, &store, files).await;
+                return Err(crate::error::usage(format!(
+                    "{}: the serving store has offset {stored:?} for {topic}:{partition}, this replay expected {expected:?}; \
+                     is another `tally replay` of the same file running?",
+                    file.display()
+                )));
             }
-        }
+            Done::Stale => continue,
+        };
         report.batches += 1;
         report.messages += batch.stats.messages;
         report.accepted += batch.stats.accepted;

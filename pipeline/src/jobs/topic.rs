@@ -4,7 +4,6 @@ use std::time::Duration;
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
-use rdkafka::config::ClientConfig;
 use rdkafka::types::RDKafkaErrorCode;
 
 pub async fn create(
@@ -12,16 +11,10 @@ pub async fn create(
     topic: &str,
     partitions: i32,
 ) -> Result<bool, String> {
-    let mut cc = ClientConfig::new();
-    for (k, v) in properties {
-        if k == "bootstrap.servers"
-            || k.starts_with("security.")
-            || k.starts_with("sasl.")
-            || k.starts_with("ssl.")
-        {
-            cc.set(k, v);
-        }
-    }
+    let cc = crate::source::client::config(
+        properties.iter().map(|(k, v)| (k, v)),
+        crate::source::client::Role::Connection,
+    );
     let admin: AdminClient<DefaultClientContext> = cc.create().map_err(|e| e.to_string())?;
     let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
     let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
@@ -56,10 +49,10 @@ pub fn drain(
 ) -> Result<DrainReport, String> {
     use rdkafka::consumer::{BaseConsumer, Consumer};
     use rdkafka::{Message, Offset, TopicPartitionList};
-    let mut cc = ClientConfig::new();
-    for (k, v) in properties {
-        cc.set(k, v);
-    }
+    let mut cc = crate::source::client::config(
+        properties.iter().map(|(k, v)| (k, v)),
+        crate::source::client::Role::Consumer,
+    );
     cc.set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false");
     let consumer: BaseConsumer = cc.create().map_err(|e| e.to_string())?;

@@ -11,17 +11,16 @@ use tokio::sync::mpsc;
 use crate::aggregate::{RollupAggregator, SqlCatalog};
 use crate::batch::{Batch, BatchBuilder};
 use crate::config::Settings;
-use crate::decode::{EventSchema, RecordDecoder, RejectReason};
-use crate::error::{Error, RetryHint};
-use crate::failpoint::failpoint;
+use crate::decode::{EventSchema, RecordDecoder};
+use crate::error::Error;
 use crate::metrics::Metrics;
-use crate::sink::{
-    ArchiveLocation, CommitOutcome, CommitRequest, ParquetArchiveSink, ServingStore,
-};
+use crate::sink::{ArchiveLocation, ParquetArchiveSink, ServingStore};
 use crate::source::kafka::GroupCommitter;
 
+mod committer;
 mod sweeper;
 use crate::source::{ConsumerControl, KafkaSource};
+pub(crate) use committer::{discard_uncommitted, Committer, Done, Retry};
 use sweeper::OrphanSweeper;
 
 /// Everything built from settings before consuming: fails fast on bad SQL,
@@ -103,8 +102,8 @@ pub async fn run(
     refuse_lost_store(&settings.kafka.topic, &store, &archive).await?;
     let source = KafkaSource::new(
         &settings.kafka,
-        store.clone(),
-        archive.clone(),
+        Arc::new(store.clone()),
+        Arc::new(archive.clone()),
         tokio::runtime::Handle::current(),
         metrics.clone(),
         heartbeat,
@@ -207,20 +206,6 @@ async fn refuse_lost_store(
     }
 }
 
-fn counters(batch: &Batch) -> Vec<(String, i64)> {
-    let mut c = vec![
-        ("messages_total".to_string(), batch.stats.messages as i64),
-        ("accepted_total".to_string(), batch.stats.accepted as i64),
-        ("late_total".to_string(), batch.stats.late as i64),
-    ];
-    for r in RejectReason::ALL {
-        if let Some(n) = batch.stats.rejected.get(&r) {
-            c.push((format!("rejected_total.{}", r.code()), *n as i64));
-        }
-    }
-    c
-}
-
 #[allow(clippy::too_many_arguments)]
 async fn commit_batch(
     original: &Batch,
@@ -233,183 +218,78 @@ async fn commit_batch(
     metrics: &Arc<Metrics>,
     stats: &mut RunStats,
 ) -> Result<(), Error> {
-    let mut backoff = Duration::from_millis(100);
     let started = Instant::now();
     let started_ms = chrono::Utc::now().timestamp_millis();
-    // Set after a failed attempt: its COMMIT may have been applied even
-    // though the reply was lost (a dropped connection), so a later fence
-    // failure may be this very batch.
-    let mut ambiguous = false;
-    // The batch without its poison rows, once they were found.
-    let mut isolated: Option<Batch> = None;
-    loop {
-        let batch = isolated.as_ref().unwrap_or(original);
-        if batch.epoch != control.epoch.load(Ordering::Acquire) {
+    let current = |b: &Batch| b.epoch == control.epoch.load(Ordering::Acquire);
+    let mut committer = Committer {
+        aggregator,
+        archive,
+        store,
+        metrics: Some(metrics),
+    };
+    match committer.commit(original, Retry::Forever, current).await? {
+        Done::Stale => {
             stats.dropped_stale += 1;
             tracing::debug!(
-                epoch = batch.epoch,
+                epoch = original.epoch,
                 "dropping a batch from before a rebalance"
             );
             // Its messages must be read again: with the cooperative protocol a
             // kept partition is not re-seeked by the assignment itself.
             control.reset_requested.store(true, Ordering::Release);
-            return Ok(());
         }
-        let attempt = match try_commit(batch, aggregator, archive, store).await {
-            Ok((CommitOutcome::Fenced { .. }, files, rows))
-                if ambiguous && committed_earlier(batch, &files, store).await =>
-            {
-                metrics.commits_resolved.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(partitions = ?batch.partitions, "an earlier attempt whose reply was lost had committed this batch; counting it once");
-                Ok((CommitOutcome::Committed, files, rows))
-            }
-            other => other,
-        };
-        match attempt {
-            Ok((CommitOutcome::Committed, _, _)) if batch.is_heartbeat() => {
-                sweeper
-                    .after_commit(batch, control, archive, store, metrics)
-                    .await;
-                return Ok(());
-            }
-            Ok((CommitOutcome::Committed, files, rows_merged)) => {
-                group.commit(&batch.partitions);
-                sweeper
-                    .after_commit(batch, control, archive, store, metrics)
-                    .await;
-                record_commit(metrics, batch, &files, rows_merged, started.elapsed());
-                let folds = store.fold_stats();
-                metrics.sqlite_folds.store(folds.folds, Ordering::Relaxed);
-                metrics
-                    .sqlite_fold_micros
-                    .store((folds.seconds * 1e6) as u64, Ordering::Relaxed);
-                metrics
-                    .sqlite_fold_rows
-                    .store(folds.rows, Ordering::Relaxed);
-                metrics.observe_batch_latency(
-                    batch.oldest_produced_ms,
-                    batch.opened_at_ms,
-                    batch.sealed_at_ms,
-                    started_ms,
-                    chrono::Utc::now().timestamp_millis(),
-                );
-                stats.batches += 1;
-                stats.messages += batch.stats.messages;
-                stats.accepted += batch.stats.accepted;
-                stats.rejected += batch.stats.rejected.values().sum::<u64>();
-                tracing::debug!(rows = batch.events.num_rows(), partitions = ?batch.partitions, "batch committed");
-                return Ok(());
-            }
-            Ok((
-                CommitOutcome::Fenced {
-                    partition,
-                    expected,
-                    stored,
-                },
-                files,
-                _,
-            )) => {
-                stats.fenced += 1;
-                metrics.batches_fenced.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(
-                    partition,
-                    ?expected,
-                    ?stored,
-                    "batch fenced: another writer advanced the partition; re-reading"
-                );
-                discard_uncommitted(archive, store, files).await;
-                control.bump_epoch();
-                control.reset_requested.store(true, Ordering::Release);
-                return Ok(());
-            }
-            Err(e) if crate::quarantine::is_data_error(&e) && isolated.is_none() => {
-                metrics.commit_errors.fetch_add(1, Ordering::Relaxed);
-                tracing::error!(error = %e, rows = batch.events.num_rows(), "a batch fails on its data; bisecting it to find the events that fail");
-                match crate::quarantine::isolate(batch, &e, aggregator, store).await? {
-                    Some(without) => isolated = Some(without),
-                    None if e.retry() == RetryHint::WithBackoff => {
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_secs(5));
-                    }
-                    None => return Err(e),
-                }
-            }
-            Err(e) if e.retry() == RetryHint::WithBackoff => {
-                ambiguous = true;
-                metrics.commit_errors.fetch_add(1, Ordering::Relaxed);
-                tracing::error!(error = %e, retry_in = ?backoff, "batch commit failed; retrying (offsets do not advance)");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-            }
-            Err(e) => return Err(e),
+        Done::Committed { batch, .. } if batch.is_heartbeat() => {
+            sweeper
+                .after_commit(&batch, control, archive, store, metrics)
+                .await;
+        }
+        Done::Committed { batch, files, rows } => {
+            group.commit(&batch.partitions);
+            sweeper
+                .after_commit(&batch, control, archive, store, metrics)
+                .await;
+            record_commit(metrics, &batch, &files, rows, started.elapsed());
+            let folds = store.fold_stats();
+            metrics.sqlite_folds.store(folds.folds, Ordering::Relaxed);
+            metrics
+                .sqlite_fold_micros
+                .store((folds.seconds * 1e6) as u64, Ordering::Relaxed);
+            metrics
+                .sqlite_fold_rows
+                .store(folds.rows, Ordering::Relaxed);
+            metrics.observe_batch_latency(
+                batch.oldest_produced_ms,
+                batch.opened_at_ms,
+                batch.sealed_at_ms,
+                started_ms,
+                chrono::Utc::now().timestamp_millis(),
+            );
+            stats.batches += 1;
+            stats.messages += batch.stats.messages;
+            stats.accepted += batch.stats.accepted;
+            stats.rejected += batch.stats.rejected.values().sum::<u64>();
+            tracing::debug!(rows = batch.events.num_rows(), partitions = ?batch.partitions, "batch committed");
+        }
+        Done::Fenced {
+            partition,
+            expected,
+            stored,
+            files,
+        } => {
+            stats.fenced += 1;
+            metrics.batches_fenced.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                partition,
+                ?expected,
+                ?stored,
+                "batch fenced: another writer advanced the partition; re-reading"
+            );
+            discard_uncommitted(archive, store, files).await;
+            control.bump_epoch();
+            control.reset_requested.store(true, Ordering::Release);
         }
     }
-}
-
-/// Whether a batch that the fence refused was in fact committed by an
-/// earlier attempt of its own whose reply was lost: every partition's stored
-/// offset is the batch's end and every file it wrote (the same names on
-/// every attempt) is recorded. A lookup that fails answers no; the fence
-/// path then keeps the files (see [`discard_uncommitted`]).
-async fn committed_earlier(
-    batch: &Batch,
-    files: &[crate::sink::WrittenFile],
-    store: &ServingStore,
-) -> bool {
-    if files.is_empty() {
-        return false;
-    }
-    let Ok(stored) = store.load_offsets(&batch.topic).await else {
-        return false;
-    };
-    if !batch
-        .partitions
-        .iter()
-        .all(|(p, r)| stored.get(p) == Some(&r.next_offset()))
-    {
-        return false;
-    }
-    let paths: Vec<String> = files.iter().map(|f| f.path.clone()).collect();
-    store
-        .committed_among(&paths)
-        .await
-        .is_ok_and(|found| found.len() == paths.len())
-}
-
-/// Delete the files of a batch that did not commit, except those a committed
-/// record names: a retry rewrites the same names as an earlier attempt, and
-/// that attempt (or an earlier read of the same range by this process) may
-/// have committed them. When the store cannot be asked, nothing is deleted;
-/// the orphan sweep removes what is truly dead later.
-pub(crate) async fn discard_uncommitted(
-    archive: &ParquetArchiveSink,
-    store: &ServingStore,
-    files: Vec<crate::sink::WrittenFile>,
-) {
-    if files.is_empty() {
-        return;
-    }
-    let paths: Vec<String> = files.into_iter().map(|f| f.path).collect();
-    let recorded = match store.committed_among(&paths).await {
-        Ok(r) => r,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot tell which of a fenced batch's files are committed; keeping them for the orphan sweep");
-            return;
-        }
-    };
-    let doomed: Vec<String> = paths
-        .into_iter()
-        .filter(|p| !recorded.contains(p))
-        .collect();
-    if !recorded.is_empty() {
-        tracing::warn!(
-            kept = recorded.len(),
-            "a fenced batch rewrote files that are already committed; keeping them"
-        );
-    }
-    if let Err(e) = archive.delete(&doomed).await {
-        tracing::error!(error = %e, "cannot delete a fenced batch's files; the orphan sweep removes them");
-    }
+    Ok(())
 }
 
 fn record_commit(
@@ -442,60 +322,4 @@ fn record_commit(
             .fetch_max(*newest, Ordering::Relaxed);
     }
     metrics.commit_duration.observe(took.as_secs_f64());
-}
-
-pub(crate) type Attempt = (CommitOutcome, Vec<crate::sink::WrittenFile>, u64);
-
-pub(crate) async fn try_commit(
-    batch: &Batch,
-    aggregator: &mut RollupAggregator,
-    archive: &ParquetArchiveSink,
-    store: &ServingStore,
-) -> Result<Attempt, Error> {
-    let now_ms = chrono::Utc::now().timestamp_millis();
-    if batch.is_heartbeat() {
-        let req = CommitRequest {
-            topic: &batch.topic,
-            partitions: &batch.partitions,
-            outputs: &[],
-            files: &[],
-            counters: &[],
-            max_event_ms: &batch.max_event_ms,
-            caught_up: &batch.caught_up,
-            sealed_at_ms: batch.sealed_at_ms,
-            now_ms,
-        };
-        return Ok((store.commit(&req).await?, Vec::new(), 0));
-    }
-    let write = archive.write_batch(batch);
-    let events = [batch.events.clone()];
-    let agg = aggregator.aggregate(&events);
-    let (files, outputs) = tokio::join!(write, agg);
-    let files = files?;
-    failpoint("after_archive_write");
-    let outputs = outputs?;
-    failpoint("after_aggregate");
-    if let Some(pause) = crate::failpoint::pause("after_aggregate") {
-        tokio::time::sleep(pause).await;
-    }
-    let counters = counters(batch);
-    let req = CommitRequest {
-        topic: &batch.topic,
-        partitions: &batch.partitions,
-        outputs: &outputs,
-        files: &files,
-        counters: &counters,
-        max_event_ms: &batch.max_event_ms,
-        caught_up: &batch.caught_up,
-        sealed_at_ms: batch.sealed_at_ms,
-        now_ms,
-    };
-    let outcome = store.commit(&req).await?;
-    failpoint("after_serving_commit");
-    let rows_merged = outputs
-        .iter()
-        .flat_map(|o| o.batches.iter())
-        .map(|b| b.num_rows() as u64)
-        .sum();
-    Ok((outcome, files, rows_merged))
 }

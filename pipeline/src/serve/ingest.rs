@@ -6,7 +6,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
 use rdkafka::ClientContext;
@@ -16,30 +15,6 @@ use crate::config::Settings;
 use crate::decode::{RecordDecoder, Reject};
 
 use super::ServeError;
-
-/// librdkafka consumer-only properties, not passed to the producer.
-pub(crate) const CONSUMER_ONLY: &[&str] = &[
-    "group.id",
-    "group.instance.id",
-    "group.protocol",
-    "auto.offset.reset",
-    "enable.auto.commit",
-    "enable.auto.offset.store",
-    "auto.commit.interval.ms",
-    "session.timeout.ms",
-    "heartbeat.interval.ms",
-    "max.poll.interval.ms",
-    "partition.assignment.strategy",
-    "enable.partition.eof",
-    "isolation.level",
-    "fetch.wait.max.ms",
-    "fetch.min.bytes",
-    "fetch.max.bytes",
-    "fetch.message.max.bytes",
-    "queued.min.messages",
-    "queued.max.messages.kbytes",
-    "check.crcs",
-];
 
 /// Split a body into events: a JSON array, or NDJSON (one object per line).
 /// The array is split at its top-level commas without building values, so
@@ -206,12 +181,10 @@ pub struct ProduceFailure {
 
 impl Ingest {
     pub fn new(settings: &Settings) -> Result<Ingest, ServeError> {
-        let mut cc = ClientConfig::new();
-        for (k, v) in &settings.kafka.properties {
-            if !CONSUMER_ONLY.contains(&k.as_str()) {
-                cc.set(k, v.to_string());
-            }
-        }
+        let mut cc = crate::source::client::config(
+            &settings.kafka.properties,
+            crate::source::client::Role::Producer,
+        );
         // Deliveries must fail before the HTTP request times out. librdkafka
         // scans for timed-out messages once a second, and a busy machine adds
         // its own delay: give up at half the request timeout (at most 2 s

@@ -200,7 +200,7 @@ pub async fn serve_standalone(
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
     let stalls = tokio::spawn(crate::source::stall::watch(
         settings.clone(),
-        store.clone(),
+        Arc::new(store.clone()),
         state.metrics.clone(),
         async move {
             let _ = stop_rx.wait_for(|stop| *stop).await;

@@ -887,6 +887,17 @@ fn dead_letter_batch(
     )
 }
 
+/// The source clears a crash's unfinished files before it reads a partition again.
+impl crate::source::UnfinishedFiles for ParquetArchiveSink {
+    fn remove_unfinished<'a>(
+        &'a self,
+        topic: &'a str,
+        partitions: &'a HashMap<i32, Option<i64>>,
+    ) -> futures::future::BoxFuture<'a, Result<usize, crate::source::offsets::StoreError>> {
+        Box::pin(async move { Ok(self.remove_in_progress(topic, partitions).await?.len()) })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -26,7 +26,7 @@ pub(super) fn reset_offset(value: Option<&str>) -> Option<Offset> {
 impl TallyContext {
     /// Stored offsets for `partitions`, after removing orphan files. Each
     /// is checked against the partition's watermarks; one with no stored
-    /// offset gets its start recorded (see [`ServingStore::register_start`]).
+    /// offset gets its start recorded (see [`super::OffsetStore::register_start`]).
     pub(super) fn stored_offsets(
         &self,
         consumer: &BaseConsumer<Self>,
@@ -78,7 +78,7 @@ impl TallyContext {
         }
         let mut attempt = 0u32;
         let stored = loop {
-            match block_on(&self.handle, self.store.load_offsets(&self.topic)) {
+            match block_on(&self.handle, self.store.committed(&self.topic)) {
                 Ok(s) => break s,
                 Err(e) => {
                     attempt += 1;
@@ -89,18 +89,18 @@ impl TallyContext {
         };
         let wanted: HashMap<i32, Option<i64>> = partitions
             .iter()
-            .map(|p| (*p, stored.get(p).copied()))
+            .map(|p| (*p, stored.get(p).map(|(next, _)| *next)))
             .collect();
         // Only hidden files here: a complete file beyond the stored offset may
         // belong to a zombie that can still commit before we do; such files are
         // removed after our first commit on the partition (pipeline.rs).
         match block_on(
             &self.handle,
-            self.archive.remove_in_progress(&self.topic, &wanted),
+            self.archive.remove_unfinished(&self.topic, &wanted),
         ) {
-            Ok(removed) if !removed.is_empty() => {
+            Ok(removed) if removed > 0 => {
                 tracing::warn!(
-                    count = removed.len(),
+                    count = removed,
                     "removed orphan archive files left by a crash"
                 )
             }
@@ -173,9 +173,9 @@ impl TallyContext {
 pub(super) fn assign_all(
     consumer: &BaseConsumer<TallyContext>,
     topic: &str,
-) -> Result<crate::sink::serving::SourceLock, SourceError> {
+) -> Result<super::offsets::LockGuard, SourceError> {
     let ctx = consumer.context();
-    let lock = block_on(&ctx.handle, ctx.store.lock_source(&format!("assign:{topic}")))
+    let lock = block_on(&ctx.handle, ctx.store.lock(&format!("assign:{topic}")))
         .map_err(|e| SourceError::Create(format!("kafka.assignment = \"manual\": {e}")))?
         .ok_or_else(|| {
             SourceError::Create(format!(

@@ -10,7 +10,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol};
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
@@ -23,12 +22,12 @@ use tokio::sync::mpsc;
 
 use super::assign::{assign_all, reset_offset};
 use super::fetch::{FetchQueue, Fetched, FORWARD_EVERY, MAX_BATCH};
+use super::offsets::{LockGuard, OffsetStore, UnfinishedFiles};
 use super::outage::Outage;
 use super::SourceError;
 use crate::batch::{Batch, BatchBuilder, PartitionRange};
 use crate::config::KafkaConfig;
 use crate::metrics::Metrics;
-use crate::sink::{ParquetArchiveSink, ServingStore};
 
 /// Run `fut` to completion from a rebalance callback. It normally runs on
 /// the consumer thread, but librdkafka also calls it while the consumer is
@@ -98,8 +97,8 @@ impl ConsumerControl {
 pub struct TallyContext {
     pub(super) topic: String,
     pub(super) control: Arc<ConsumerControl>,
-    pub(super) store: ServingStore,
-    pub(super) archive: ParquetArchiveSink,
+    pub(super) store: Arc<dyn OffsetStore>,
+    pub(super) archive: Arc<dyn UnfinishedFiles>,
     pub(super) handle: Handle,
     pub(super) metrics: Arc<Metrics>,
     /// Where a partition with no stored offset starts (`auto.offset.reset`),
@@ -264,7 +263,7 @@ pub struct KafkaSource {
     /// When an offset gap was last logged.
     gap_logged: std::cell::Cell<Option<Instant>>,
     /// `kafka.assignment = "manual"`: held while this process reads every partition.
-    _manual_lock: Option<crate::sink::serving::SourceLock>,
+    _manual_lock: Option<LockGuard>,
 }
 
 /// librdkafka properties `tally run` sets whatever the config says: the
@@ -303,20 +302,19 @@ fn overridden<V: std::fmt::Display>(
 impl KafkaSource {
     pub fn new(
         cfg: &KafkaConfig,
-        store: ServingStore,
-        archive: ParquetArchiveSink,
+        store: Arc<dyn OffsetStore>,
+        archive: Arc<dyn UnfinishedFiles>,
         handle: Handle,
         metrics: Arc<Metrics>,
         heartbeat: Duration,
     ) -> Result<Self, SourceError> {
-        let mut cc = ClientConfig::new();
+        let mut cc = super::client::config(&cfg.properties, super::client::Role::Consumer);
         // Consumer lag for /metrics, unless the operator chose an interval.
-        cc.set("statistics.interval.ms", "5000");
+        if !cfg.properties.contains_key("statistics.interval.ms") {
+            cc.set("statistics.interval.ms", "5000");
+        }
         // librdkafka's warnings and errors reach tally's log (see `librdkafka_log`).
         cc.set_log_level(rdkafka::config::RDKafkaLogLevel::Warning);
-        for (k, v) in &cfg.properties {
-            cc.set(k, v.to_string());
-        }
         for warning in overridden(&cfg.properties) {
             tracing::warn!("{warning}");
         }

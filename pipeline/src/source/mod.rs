@@ -5,12 +5,15 @@
 //! feeds lag monitoring.
 
 mod assign;
+pub mod client;
 pub mod fetch;
 pub mod kafka;
+pub mod offsets;
 mod outage;
 pub mod stall;
 
 pub use kafka::{ConsumerControl, KafkaSource};
+pub use offsets::{OffsetStore, UnfinishedFiles};
 
 use crate::error::{ErrorKind, RetryHint};
 
@@ -46,7 +49,7 @@ pub enum SourceError {
          Starting would read the topic again from `auto.offset.reset` or Kafka's group offset, counting part of its history \
          twice or not at all. Nothing was changed. Fix: point serving.url at the store this archive belongs to, or restore it \
          from a backup; to start over on purpose, move the archive's `raw/` and `dlq/` files of `{topic}` out of \
-         storage.archive_url first (README, \"Recovery\")"
+         storage.archive_url first (docs/operations.md, \"Recovery\")"
     )]
     StoreLost {
         topic: String,

@@ -13,16 +13,16 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::OffsetStore;
 use crate::config::Settings;
 use crate::metrics::Metrics;
-use crate::sink::ServingStore;
 
 const EVERY: Duration = Duration::from_secs(10);
 
 /// Watch until `shutdown` resolves.
 pub async fn watch(
     settings: Settings,
-    store: ServingStore,
+    store: Arc<dyn OffsetStore>,
     metrics: Arc<Metrics>,
     shutdown: impl Future<Output = ()>,
 ) {
@@ -31,7 +31,7 @@ pub async fn watch(
     // Since when a partition without a stored offset has had data waiting.
     let mut waiting_since: BTreeMap<i32, i64> = BTreeMap::new();
     let mut stalled: Vec<i32> = Vec::new();
-    let client = match crate::jobs::offsets::metadata_client(&settings) {
+    let client = match super::client::metadata_client(&settings.kafka.properties) {
         Ok(c) => Arc::new(c),
         Err(e) => {
             tracing::warn!(error = %e, "stalled-partition checks are off");
@@ -46,7 +46,7 @@ pub async fn watch(
         }
         let (c, t) = (client.clone(), topic.clone());
         let marks = match tokio::task::spawn_blocking(move || {
-            crate::jobs::offsets::watermarks_with(&c, &t, None)
+            super::client::watermarks(&c, &t, None)
         })
         .await
         {
@@ -57,7 +57,7 @@ pub async fn watch(
             }
             Err(_) => continue,
         };
-        let stored = match store.load_offset_times(&topic).await {
+        let stored = match store.committed(&topic).await {
             Ok(s) => s,
             Err(e) => {
                 tracing::debug!(error = %e, "stall check: cannot read the stored offsets");

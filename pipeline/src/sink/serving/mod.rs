@@ -26,6 +26,7 @@ use super::{db, sq, SinkError};
 use crate::aggregate::{RollupDef, RollupOutput};
 use crate::batch::PartitionRange;
 use crate::serve::blocking;
+use crate::source::offsets::{LockGuard, Positions, StoreError};
 use postgres::{PgReplace, PgStore};
 pub(crate) use schema::quote;
 pub use schema::{delta_table, merged_view, number_placeholders, Dialect};
@@ -112,6 +113,39 @@ pub struct ServingStore {
 impl super::archive::CommittedFiles for ServingStore {
     async fn committed_among(&self, paths: &[String]) -> Result<HashSet<String>, SinkError> {
         ServingStore::committed_among(self, paths).await
+    }
+}
+
+/// The source's view of the store: committed offsets, recorded starts, locks.
+impl crate::source::OffsetStore for ServingStore {
+    fn committed(
+        &self,
+        topic: &str,
+    ) -> futures::future::BoxFuture<'_, Result<Positions, StoreError>> {
+        let topic = topic.to_string();
+        Box::pin(async move { Ok(self.load_offset_times(&topic).await?) })
+    }
+
+    fn register_start<'a>(
+        &'a self,
+        topic: &'a str,
+        partition: i32,
+        start: i64,
+        now_ms: i64,
+    ) -> futures::future::BoxFuture<'a, Result<i64, StoreError>> {
+        Box::pin(async move {
+            Ok(ServingStore::register_start(self, topic, partition, start, now_ms).await?)
+        })
+    }
+
+    fn lock<'a>(
+        &'a self,
+        name: &'a str,
+    ) -> futures::future::BoxFuture<'a, Result<Option<LockGuard>, StoreError>> {
+        Box::pin(async move {
+            let lock = self.lock_source(name).await?;
+            Ok(lock.map(|l| Box::new(l) as LockGuard))
+        })
     }
 }
 

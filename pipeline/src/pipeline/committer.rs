@@ -1,0 +1,288 @@
+//! The committer: one batch through the archive, the rollup SQL and the
+//! serving transaction, retried until it is done. `tally run` and
+//! `tally replay` both commit through [`Committer::commit`]; they differ only
+//! in their [`Retry`] policy and in what they do with the outcome.
+
+use std::borrow::Cow;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use crate::aggregate::RollupAggregator;
+use crate::batch::Batch;
+use crate::decode::RejectReason;
+use crate::error::{Error, RetryHint};
+use crate::failpoint::failpoint;
+use crate::metrics::Metrics;
+use crate::sink::{CommitOutcome, CommitRequest, ParquetArchiveSink, ServingStore, WrittenFile};
+
+/// The outcome of one attempt: the store's answer, the files written, the
+/// rollup rows merged.
+pub(crate) type Attempt = (CommitOutcome, Vec<WrittenFile>, u64);
+
+/// How long a failing commit is retried (with backoff from 100 ms to 5 s).
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Retry {
+    /// Until it commits: `tally run` pauses consumption meanwhile, so
+    /// offsets never advance past unwritten data.
+    Forever,
+    /// At most this many retries, then the error (a job that a person runs).
+    Times(u32),
+}
+
+/// How a batch's commit ended. (One value per batch, moved once: boxing the
+/// large variant would save nothing.)
+#[allow(clippy::large_enum_variant)]
+pub(crate) enum Done<'b> {
+    /// Committed (the batch, without its poison rows if any were found).
+    Committed {
+        batch: Cow<'b, Batch>,
+        files: Vec<WrittenFile>,
+        rows: u64,
+    },
+    /// Another writer advanced a partition; nothing of the batch counts, and
+    /// its files are the caller's to discard.
+    Fenced {
+        partition: i32,
+        expected: Option<i64>,
+        stored: Option<i64>,
+        files: Vec<WrittenFile>,
+    },
+    /// The batch stopped being current (a rebalance) before it committed.
+    Stale,
+}
+
+/// The stages a commit goes through.
+pub(crate) struct Committer<'a> {
+    pub aggregator: &'a mut RollupAggregator,
+    pub archive: &'a ParquetArchiveSink,
+    pub store: &'a ServingStore,
+    /// Counted when given: commit errors, resolved lost replies.
+    pub metrics: Option<&'a Metrics>,
+}
+
+impl Committer<'_> {
+    /// Commit `original`, retrying store and archive failures as `retry`
+    /// says. A batch that fails on its data is bisected once and committed
+    /// without its poison rows (`quarantine.rs`). After a failed attempt,
+    /// a fence failure may be this very batch, committed by an attempt whose
+    /// reply was lost: that is checked and counted once. `current` is asked
+    /// before every attempt.
+    pub(crate) async fn commit<'b>(
+        &mut self,
+        original: &'b Batch,
+        retry: Retry,
+        current: impl Fn(&Batch) -> bool,
+    ) -> Result<Done<'b>, Error> {
+        let mut backoff = Duration::from_millis(100);
+        let mut retries = 0u32;
+        // Set after a failed attempt: its COMMIT may have been applied even
+        // though the reply was lost (a dropped connection).
+        let mut ambiguous = false;
+        let mut isolated: Option<Batch> = None;
+        loop {
+            let batch = isolated.as_ref().unwrap_or(original);
+            if !current(batch) {
+                return Ok(Done::Stale);
+            }
+            let attempt = match try_commit(batch, self.aggregator, self.archive, self.store).await {
+                Ok((CommitOutcome::Fenced { .. }, files, rows))
+                    if ambiguous && committed_earlier(batch, &files, self.store).await =>
+                {
+                    if let Some(m) = self.metrics {
+                        m.commits_resolved.fetch_add(1, Ordering::Relaxed);
+                    }
+                    tracing::warn!(partitions = ?batch.partitions, "an earlier attempt whose reply was lost had committed this batch; counting it once");
+                    Ok((CommitOutcome::Committed, files, rows))
+                }
+                other => other,
+            };
+            let e = match attempt {
+                Ok((CommitOutcome::Committed, files, rows)) => {
+                    let batch = match isolated {
+                        Some(b) => Cow::Owned(b),
+                        None => Cow::Borrowed(original),
+                    };
+                    return Ok(Done::Committed { batch, files, rows });
+                }
+                Ok((
+                    CommitOutcome::Fenced {
+                        partition,
+                        expected,
+                        stored,
+                    },
+                    files,
+                    _,
+                )) => {
+                    return Ok(Done::Fenced {
+                        partition,
+                        expected,
+                        stored,
+                        files,
+                    })
+                }
+                Err(e) => e,
+            };
+            if let Some(m) = self.metrics {
+                m.commit_errors.fetch_add(1, Ordering::Relaxed);
+            }
+            if crate::quarantine::is_data_error(&e) && isolated.is_none() {
+                tracing::error!(error = %e, rows = batch.events.num_rows(), "a batch fails on its data; bisecting it to find the events that fail");
+                match crate::quarantine::isolate(batch, &e, self.aggregator, self.store).await? {
+                    Some(without) => {
+                        isolated = Some(without);
+                        continue;
+                    }
+                    None if e.retry() == RetryHint::WithBackoff => {}
+                    None => return Err(e),
+                }
+            } else if e.retry() == RetryHint::WithBackoff {
+                ambiguous = true;
+            } else {
+                return Err(e);
+            }
+            if let Retry::Times(n) = retry {
+                if retries >= n {
+                    return Err(e);
+                }
+            }
+            retries += 1;
+            tracing::error!(error = %e, retry_in = ?backoff, "batch commit failed; retrying (offsets do not advance)");
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    }
+}
+
+async fn try_commit(
+    batch: &Batch,
+    aggregator: &mut RollupAggregator,
+    archive: &ParquetArchiveSink,
+    store: &ServingStore,
+) -> Result<Attempt, Error> {
+    let now_ms = chrono::Utc::now().timestamp_millis();
+    if batch.is_heartbeat() {
+        let req = CommitRequest {
+            topic: &batch.topic,
+            partitions: &batch.partitions,
+            outputs: &[],
+            files: &[],
+            counters: &[],
+            max_event_ms: &batch.max_event_ms,
+            caught_up: &batch.caught_up,
+            sealed_at_ms: batch.sealed_at_ms,
+            now_ms,
+        };
+        return Ok((store.commit(&req).await?, Vec::new(), 0));
+    }
+    let write = archive.write_batch(batch);
+    let events = [batch.events.clone()];
+    let agg = aggregator.aggregate(&events);
+    let (files, outputs) = tokio::join!(write, agg);
+    let files = files?;
+    failpoint("after_archive_write");
+    let outputs = outputs?;
+    failpoint("after_aggregate");
+    if let Some(pause) = crate::failpoint::pause("after_aggregate") {
+        tokio::time::sleep(pause).await;
+    }
+    let counters = counters(batch);
+    let req = CommitRequest {
+        topic: &batch.topic,
+        partitions: &batch.partitions,
+        outputs: &outputs,
+        files: &files,
+        counters: &counters,
+        max_event_ms: &batch.max_event_ms,
+        caught_up: &batch.caught_up,
+        sealed_at_ms: batch.sealed_at_ms,
+        now_ms,
+    };
+    let outcome = store.commit(&req).await?;
+    failpoint("after_serving_commit");
+    let rows_merged = outputs
+        .iter()
+        .flat_map(|o| o.batches.iter())
+        .map(|b| b.num_rows() as u64)
+        .sum();
+    Ok((outcome, files, rows_merged))
+}
+
+fn counters(batch: &Batch) -> Vec<(String, i64)> {
+    let mut c = vec![
+        ("messages_total".to_string(), batch.stats.messages as i64),
+        ("accepted_total".to_string(), batch.stats.accepted as i64),
+        ("late_total".to_string(), batch.stats.late as i64),
+    ];
+    for r in RejectReason::ALL {
+        if let Some(n) = batch.stats.rejected.get(&r) {
+            c.push((format!("rejected_total.{}", r.code()), *n as i64));
+        }
+    }
+    c
+}
+
+/// Whether a batch that the fence refused was in fact committed by an
+/// earlier attempt of its own whose reply was lost: every partition's stored
+/// offset is the batch's end and every file it wrote (the same names on
+/// every attempt) is recorded. A lookup that fails answers no; the fence
+/// path then keeps the files (see [`discard_uncommitted`]).
+async fn committed_earlier(
+    batch: &Batch,
+    files: &[crate::sink::WrittenFile],
+    store: &ServingStore,
+) -> bool {
+    if files.is_empty() {
+        return false;
+    }
+    let Ok(stored) = store.load_offsets(&batch.topic).await else {
+        return false;
+    };
+    if !batch
+        .partitions
+        .iter()
+        .all(|(p, r)| stored.get(p) == Some(&r.next_offset()))
+    {
+        return false;
+    }
+    let paths: Vec<String> = files.iter().map(|f| f.path.clone()).collect();
+    store
+        .committed_among(&paths)
+        .await
+        .is_ok_and(|found| found.len() == paths.len())
+}
+
+/// Delete the files of a batch that did not commit, except those a committed
+/// record names: a retry rewrites the same names as an earlier attempt, and
+/// that attempt (or an earlier read of the same range by this process) may
+/// have committed them. When the store cannot be asked, nothing is deleted;
+/// the orphan sweep removes what is truly dead later.
+pub(crate) async fn discard_uncommitted(
+    archive: &ParquetArchiveSink,
+    store: &ServingStore,
+    files: Vec<crate::sink::WrittenFile>,
+) {
+    if files.is_empty() {
+        return;
+    }
+    let paths: Vec<String> = files.into_iter().map(|f| f.path).collect();
+    let recorded = match store.committed_among(&paths).await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot tell which of a fenced batch's files are committed; keeping them for the orphan sweep");
+            return;
+        }
+    };
+    let doomed: Vec<String> = paths
+        .into_iter()
+        .filter(|p| !recorded.contains(p))
+        .collect();
+    if !recorded.is_empty() {
+        tracing::warn!(
+            kept = recorded.len(),
+            "a fenced batch rewrote files that are already committed; keeping them"
+        );
+    }
+    if let Err(e) = archive.delete(&doomed).await {
+        tracing::error!(error = %e, "cannot delete a fenced batch's files; the orphan sweep removes them");
+    }
+}
