@@ -22,7 +22,7 @@ build:
 
 ## release: the release build (what `make bench` and `make soak` use).
 release:
-	$(CARGO) build --release -p tally
+	$(CARGO) build --release -p tally -p tally-tools
 
 ## tansu: the Kafka-compatible broker used locally and by the tests (installed once per machine).
 tansu: $(TANSU)

@@ -10,6 +10,7 @@ RATES=${BENCH_API_RATES:-"2000 5000 10000"}
 DURATION=${BENCH_API_DURATION:-10s}
 INGEST_RATE=${BENCH_API_INGEST_RATE:-50000}
 TALLY=$PWD/target/release/tally
+BENCH=$PWD/target/release/tally-bench
 OUT=$(mktemp -d /tmp/tally-bench-api.XXXXXX)
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 PORT=$(free_port)
@@ -52,7 +53,7 @@ sys.exit("pre-fill was not drained in 15 minutes")
 PY
 echo "drained; serving rows: $(python3 -c "import sqlite3,sys; c=sqlite3.connect('file:$OUT/data/serving.db?mode=ro',uri=True); print(', '.join(f'{t}={c.execute(f\"select count(*) from {t}__merged\").fetchone()[0]}' for t in ['minute_video_events','hour_video_events','day_video_events']))")" >&2
 
-bench() { "$TALLY" --log warn bench-api --rate "$1" --duration "$DURATION" --days "$2" --videos 10000 --label "$3"; }
+bench() { "$BENCH" --log warn api --rate "$1" --duration "$DURATION" --days "$2" --videos 10000 --label "$3"; }
 TPID=$(pgrep -f "$TALLY --log warn run" | head -1)
 if [ -n "${BENCH_API_PERF:-}" ]; then
   perf record -F 999 -g -p "$TPID" -o "$BENCH_API_PERF" -- sleep 8 >/dev/null 2>&1 &

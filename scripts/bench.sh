@@ -6,6 +6,8 @@ cd "$(dirname "$0")/.."
 TANSU=${TANSU:-$HOME/.cargo/bin/tansu}
 N=${BENCH_EVENTS:-1000000}
 TALLY=${TALLY_BIN:-$PWD/target/release/tally}
+# The measurement tools (tools/ crate), built next to tally.
+BENCH=${TALLY_BENCH_BIN:-$(dirname "$TALLY")/tally-bench}
 OUT=$(mktemp -d /tmp/tally-bench.XXXXXX)
 # One line per headline figure: "metric|measured|goal"; printed as the summary table at the end.
 SUMMARY=${BENCH_SUMMARY:-$OUT/summary}
@@ -114,12 +116,12 @@ PY
 
 # The limit: a bare librdkafka consumer reading the same topic (no decoding, no group).
 bare() {
-  /usr/bin/time -f "%e %U %S %M" -o "$OUT/bare.time" "$TALLY" --log warn topic drain >"$OUT/bare.out" 2>&1 || { cat "$OUT/bare.out" >&2; return 1; }
+  /usr/bin/time -f "%e %U %S %M" -o "$OUT/bare.time" "$BENCH" --log warn drain >"$OUT/bare.out" 2>&1 || { cat "$OUT/bare.out" >&2; return 1; }
   read -r w u s m < "$OUT/bare.time"
   msgs=$(cut -d' ' -f1 "$OUT/bare.out")
   python3 -c "
 n,w,u,s,m=$msgs,$w,$u,$s,$m
-print(f'| bare librdkafka consumer (tally topic drain) | {n} | {w:.2f} | {n/w:,.0f} | {u+s:.2f} | {n/max(u+s,0.01):,.0f} | - | - | {m/1024:.0f} |')"
+print(f'| bare librdkafka consumer (tally-bench drain) | {n} | {w:.2f} | {n/w:,.0f} | {u+s:.2f} | {n/max(u+s,0.01):,.0f} | - | - | {m/1024:.0f} |')"
   echo "$msgs $w" > "$OUT/bare.rate"
 }
 
@@ -203,7 +205,7 @@ PY
   echo "| freshness | probes | visible | p50 ms | p99 ms | max ms |"
   echo "|---|---|---|---|---|---|"
   http_get "http://127.0.0.1:$api/metrics" > "$OUT/metrics-before"
-  "$TALLY" --log warn bench-freshness --probes "$FRESH_PROBES" --interval 100ms --label "produce -> visible in /v1/count" \
+  "$BENCH" --log warn freshness --probes "$FRESH_PROBES" --interval 100ms --label "produce -> visible in /v1/count" \
     | tee "$OUT/fresh.row"
   http_get "http://127.0.0.1:$api/metrics" > "$OUT/metrics-after"
   # Where the time went, per batch committed during the probes (tally's own histograms,
@@ -250,7 +252,7 @@ PY
   echo
   echo "| API phase | target req/s | achieved req/s | errors | p50 ms | p99 ms | p99.9 ms | max ms | server p50 / p99 ms |"
   echo "|---|---|---|---|---|---|---|---|---|"
-  "$TALLY" --log warn bench-api --rate 2000 --duration 10s --days 1 --videos 100000 --label "ingest $FRESH_RATE ev/s, 1-day ranges" \
+  "$BENCH" --log warn api --rate 2000 --duration 10s --days 1 --videos 100000 --label "ingest $FRESH_RATE ev/s, 1-day ranges" \
     | tee "$OUT/api.row"
   local c1 m1 t1 b1; c1=$(http_get "http://127.0.0.1:$api/metrics" | awk '/^tally_messages_consumed_total /{print $2}'); m1=$(date +%s.%N)
   t1=$(cpu_s "$tpid"); b1=$(cpu_s "$bpid")

@@ -1,4 +1,5 @@
-//! Command line: `tally run | serve | check | produce | verify | backfill | export | replay | report | offsets | topic | bench-*`.
+//! Command line: `tally run | serve | check | produce | verify | backfill | export | replay | report | offsets | topic`.
+//! The measurement tools (`tally-bench`) live in the `tools/` crate.
 #![allow(clippy::print_stdout)]
 
 use std::path::PathBuf;
@@ -68,12 +69,6 @@ pub enum Command {
         #[command(subcommand)]
         command: ReportCommand,
     },
-    /// Open-loop latency benchmark of /v1/count and /v1/stats (30-day ranges)
-    /// against a running tally.
-    BenchApi(BenchApiArgs),
-    /// Freshness benchmark: produce probe events at a fixed interval and time
-    /// each one until `/v1/count` shows it (run it next to a loaded tally).
-    BenchFreshness(BenchFreshnessArgs),
     /// The serving store's committed offsets: show them beside the broker's
     /// watermarks, or move them (after a topic was deleted and created again).
     Offsets {
@@ -143,14 +138,6 @@ pub enum TopicCommand {
         #[arg(long, default_value_t = 4, env = "TALLY_TOPIC_PARTITIONS")]
         partitions: i32,
     },
-    /// Read the whole topic with a bare librdkafka consumer (no group, no
-    /// decoding, no commits) and print messages/s: the broker-side limit that
-    /// `make bench` compares `tally run` with.
-    Drain {
-        /// Give up after this long.
-        #[arg(long, default_value = "30m", value_parser = humantime::parse_duration)]
-        timeout: Duration,
-    },
 }
 
 #[derive(Debug, Args)]
@@ -219,54 +206,8 @@ fn parse_rfc3339(s: &str) -> Result<i64, String> {
         .map_err(|e| format!("{e}; write an RFC 3339 time such as 2026-11-28T00:00:00Z"))
 }
 
-#[derive(Debug, Args)]
-pub struct BenchFreshnessArgs {
-    /// Address of the API (default: api.listen).
-    #[arg(long)]
-    pub addr: Option<std::net::SocketAddr>,
-    /// Number of probe events.
-    #[arg(long, default_value_t = 200)]
-    pub probes: u64,
-    /// Time between probes.
-    #[arg(long, default_value = "100ms", value_parser = humantime::parse_duration)]
-    pub interval: Duration,
-    /// A probe not visible after this long counts as not visible.
-    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
-    pub timeout: Duration,
-    /// Label printed with the results.
-    #[arg(long, default_value = "freshness")]
-    pub label: String,
-}
-
-#[derive(Debug, Args)]
-pub struct BenchApiArgs {
-    /// Address of the API (default: api.listen).
-    #[arg(long)]
-    pub addr: Option<std::net::SocketAddr>,
-    /// Requests per second (fixed schedule, open loop).
-    #[arg(long, default_value_t = 10_000)]
-    pub rate: u64,
-    /// How long to send.
-    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
-    pub duration: Duration,
-    /// Keep-alive connections.
-    #[arg(long, default_value_t = 32)]
-    pub connections: usize,
-    /// Videos to query (ids as `tally produce` makes them).
-    #[arg(long, default_value_t = 10_000)]
-    pub videos: u64,
-    /// Range length in days (hour-aligned, ending now).
-    #[arg(long, default_value_t = 30)]
-    pub days: i64,
-    /// Label printed with the results.
-    #[arg(long, default_value = "api")]
-    pub label: String,
-    /// Bearer token for reads, if configured.
-    #[arg(long, env = "TALLY_BENCH_TOKEN")]
-    pub token: Option<String>,
-}
-
-fn init_tracing(filter: &str) {
+/// Log to stderr with `filter` (RUST_LOG syntax).
+pub fn init_tracing(filter: &str) {
     let filter = tracing_subscriber::EnvFilter::try_new(filter)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let _ = tracing_subscriber::fmt()
@@ -276,10 +217,16 @@ fn init_tracing(filter: &str) {
 }
 
 fn load_settings(cli: &Cli) -> anyhow::Result<Settings> {
-    Settings::load(cli.config.as_deref(), std::env::vars()).context("invalid configuration")
+    load_settings_from(cli.config.as_deref())
 }
 
-fn properties(s: &Settings) -> Vec<(String, String)> {
+/// The effective settings: the embedded defaults, `config`, the environment.
+pub fn load_settings_from(config: Option<&std::path::Path>) -> anyhow::Result<Settings> {
+    Settings::load(config, std::env::vars()).context("invalid configuration")
+}
+
+/// `[kafka.properties]` as strings.
+pub fn properties(s: &Settings) -> Vec<(String, String)> {
     s.kafka
         .properties
         .iter()
@@ -438,63 +385,6 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             eprintln!("report for {month}: {} tables, {} files", r.tables.len(), files.len());
             Ok(ExitCode::SUCCESS)
         }),
-        Command::BenchApi(a) => rt.block_on(async {
-            use crate::jobs::bench_api;
-            let spec = bench_api::BenchApiSpec {
-                addr: a.addr.unwrap_or(settings.api.listen),
-                rate: a.rate,
-                duration: a.duration,
-                connections: a.connections,
-                paths: bench_api::query_paths(a.videos, a.days, chrono::Utc::now().timestamp_millis(), 1),
-                token: a.token,
-            };
-            let r = bench_api::run(spec).await.map_err(anyhow::Error::msg).context("bench-api failed")?;
-            let ms = |us: u64| us as f64 / 1000.0;
-            println!(
-                "| {} | {} | {:.0} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {} / {} |",
-                a.label,
-                a.rate,
-                r.rate(),
-                r.errors,
-                ms(r.p50),
-                ms(r.p99),
-                ms(r.p999),
-                ms(r.max),
-                r.server_p50.map_or("-".into(), |u| if u == u64::MAX { "> 5000".into() } else { format!("≤ {}", ms(u)) }),
-                r.server_p99.map_or("-".into(), |u| if u == u64::MAX { "> 5000".into() } else { format!("≤ {}", ms(u)) }),
-            );
-            Ok(ExitCode::SUCCESS)
-        }),
-        Command::BenchFreshness(a) => rt.block_on(async {
-            use crate::jobs::freshness;
-            let spec = freshness::FreshnessSpec {
-                addr: a.addr.unwrap_or(settings.api.listen),
-                topic: settings.kafka.topic.clone(),
-                probes: a.probes,
-                interval: a.interval,
-                timeout: a.timeout,
-                poll: Duration::from_millis(20),
-            };
-            let r = freshness::run(spec, &properties(&settings))
-                .await
-                .map_err(anyhow::Error::msg)
-                .context("bench-freshness failed")?;
-            println!("| {} | {} | {} | {} | {} | {} |", a.label, r.probes, r.visible, r.p50_ms, r.p99_ms, r.max_ms);
-            Ok(if r.visible == r.probes { ExitCode::SUCCESS } else { ExitCode::FAILURE })
-        }),
-        Command::Topic { command: TopicCommand::Drain { timeout } } => {
-            let r = crate::jobs::topic::drain(&properties(&settings), &settings.kafka.topic, timeout)
-                .map_err(anyhow::Error::msg)
-                .context("topic drain failed")?;
-            println!(
-                "{} messages, {} bytes in {:.2} s: {:.0} messages/s",
-                r.messages,
-                r.bytes,
-                r.seconds,
-                r.messages as f64 / r.seconds.max(1e-9)
-            );
-            Ok(ExitCode::SUCCESS)
-        }
         Command::Offsets { command } => rt.block_on(offsets(settings, command)),
         Command::Topic { command: TopicCommand::Create { partitions } } => rt.block_on(async {
             let created = crate::jobs::topic::create(&properties(&settings), &settings.kafka.topic, partitions)

@@ -136,10 +136,10 @@ fn help_lists_subcommands() {
     }
 }
 
-/// `tally topic drain` (the bare-consumer baseline of `make bench`) reads
+/// `tally-bench drain` (the bare-consumer baseline of `make bench`) reads
 /// exactly what an independent producer wrote to a real broker.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn topic_drain_reads_every_message() {
+async fn bench_drain_reads_every_message() {
     let dir = test_dir();
     let broker = Broker::start(dir.path());
     let topic = unique("drain");
@@ -147,8 +147,8 @@ async fn topic_drain_reads_every_message() {
     let messages = dataset(7, 2_500, chrono::Utc::now().timestamp_millis());
     produce(&broker.bootstrap(), &topic, &messages).await;
     let bytes: usize = messages.iter().map(|m| m.payload.len()).sum();
-    let out = std::process::Command::new(tally_bin())
-        .args(["--log", "warn", "topic", "drain", "--timeout", "60s"])
+    let out = std::process::Command::new(tally_bench_bin())
+        .args(["--log", "warn", "drain", "--timeout", "60s"])
         .env("TALLY__KAFKA__TOPIC", &topic)
         .env(
             "TALLY__KAFKA__PROPERTIES__BOOTSTRAP_SERVERS",

@@ -219,6 +219,18 @@ pub struct MockBroker {
     pub bootstrap: String,
 }
 
+/// The measurement tools' binary (`tools/`), built with the tests.
+pub fn tally_bench_bin() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe.parent().unwrap().parent().unwrap().join("tally-bench");
+    assert!(
+        bin.exists(),
+        "{} not found: run `cargo build --workspace` first (make test does)",
+        bin.display()
+    );
+    bin
+}
+
 impl MockBroker {
     pub fn start(topic: &str, partitions: i32) -> MockBroker {
         use std::io::BufRead;

@@ -1,9 +1,7 @@
 //! CLI jobs built from the pipeline's stages.
 
 pub mod backfill;
-pub mod bench_api;
 pub mod export;
-pub mod freshness;
 pub mod offsets;
 pub mod produce;
 pub mod replay;

@@ -1,4 +1,4 @@
-//! `tally bench-api`: an open-loop HTTP load generator for the query API.
+//! `tally-bench api`: an open-loop HTTP load generator for the query API.
 //!
 //! Requests are scheduled at a fixed rate whatever the server does (open
 //! loop), and each latency is measured from the request's *scheduled* time,
@@ -30,7 +30,6 @@ pub struct BenchApiSpec {
 
 #[derive(Debug, Clone, Default)]
 pub struct BenchApiReport {
-    pub sent: u64,
     pub ok: u64,
     pub errors: u64,
     pub wall: Duration,
@@ -301,10 +300,7 @@ pub async fn run(spec: BenchApiSpec) -> Result<BenchApiReport, String> {
             }
         }
     });
-    let mut report = BenchApiReport {
-        sent: total,
-        ..Default::default()
-    };
+    let mut report = BenchApiReport::default();
     let mut all = Vec::with_capacity(total as usize);
     for w in workers {
         let (lat, ok, errors) = w.await.map_err(|e| e.to_string())?;

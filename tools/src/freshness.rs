@@ -1,4 +1,4 @@
-//! `tally bench-freshness`: how long from producing an event to seeing it in
+//! `tally-bench freshness`: how long from producing an event to seeing it in
 //! `/v1/count`. Probe events for fresh video ids are produced at a fixed
 //! interval (on top of whatever load is running); each probe then polls
 //! `/v1/count` for its video until the count is 1. The latency runs from just
@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use rdkafka::producer::{BaseRecord, Producer};
 
-use super::bench_api::{percentile, Conn};
+use crate::api::{percentile, Conn};
 
 #[derive(Debug, Clone)]
 pub struct FreshnessSpec {
@@ -94,7 +94,7 @@ pub async fn run(
         return Err("--probes must be at least 1".into());
     }
     // No linger: a probe leaves at once, as a lone event would.
-    let producer = Arc::new(super::produce::producer(properties, 0)?);
+    let producer = Arc::new(tally::jobs::produce::producer(properties, 0)?);
     let nonce = chrono::Utc::now().timestamp_millis();
     let start = Instant::now();
     let mut waits = Vec::new();
