@@ -283,35 +283,12 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         .build()
         .context("cannot start the async runtime")?;
     match cli.command {
-        Command::Run => rt.block_on(async {
-            // Register SIGTERM/SIGINT handlers before anything slow, so a signal
-            // during startup still means a clean shutdown.
-            let stop = Stop::on_signals()?;
-            let stages = crate::pipeline::Stages::build(settings).await.context("tally run cannot start")?;
-            let metrics = std::sync::Arc::new(crate::metrics::Metrics::new());
-            let api = crate::serve::ApiState::build(&stages.settings, &stages.catalog, &stages.schema, metrics.clone(), true)
-                .await
-                .context("tally run cannot start the HTTP API")?;
-            let server = tokio::spawn(crate::serve::bind(api, stop.wait()).await.context("tally run cannot start the HTTP API")?);
-            let checker = tokio::spawn(crate::jobs::verify::run_periodically(stages.settings.clone(), metrics.clone(), stop.wait()));
-            let stalls = tokio::spawn(crate::source::stall::watch(
-                stages.settings.clone(),
-                std::sync::Arc::new(stages.store.clone()),
-                metrics.clone(),
-                stop.wait(),
-            ));
-            let result = crate::pipeline::run(stages, metrics, stop.wait()).await;
-            stop.trigger();
-            let _ = checker.await;
-            let _ = stalls.await;
-            let served = server.await;
-            result.context("tally run failed")?;
-            served.context("the HTTP API task failed")?.context("the HTTP API failed")?;
-            Ok(ExitCode::SUCCESS)
-        }),
+        Command::Run => rt.block_on(run_pipeline(settings)),
         Command::Serve => rt.block_on(async {
             let stop = Stop::on_signals()?;
-            crate::serve::serve_standalone(settings, stop.wait()).await.context("tally serve failed")?;
+            crate::serve::serve_standalone(settings, stop.wait())
+                .await
+                .context("tally serve failed")?;
             Ok(ExitCode::SUCCESS)
         }),
         Command::Check => rt.block_on(check(settings)),
@@ -322,83 +299,159 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("dry run: nothing was written");
             Ok(ExitCode::SUCCESS)
         }),
-        Command::Backfill(a) => rt.block_on(async {
-            if a.range.from >= a.range.to {
-                anyhow::bail!("--from must be before --to");
-            }
-            let r = crate::jobs::backfill::backfill(&settings, a.range.from, a.range.to, a.range.rollup.as_deref())
-                .await
-                .context("tally backfill failed")?;
-            let fmt = crate::serve::http::fmt_time;
-            for (name, lo, hi) in &r.windows {
-                println!("{name}: replaced windows in [{}, {})", fmt(*lo), fmt(*hi));
-            }
-            println!(
-                "{} raw files read (+{} committed during the backfill); {} rows deleted, {} rows written",
-                r.files, r.files_committed_meanwhile, r.rows_deleted, r.rows_written
-            );
-            Ok(ExitCode::SUCCESS)
-        }),
-        Command::Export(a) => rt.block_on(async {
-            if a.from >= a.to {
-                anyhow::bail!("--from must be before --to");
-            }
-            let r = crate::jobs::export::export(&settings, a.from, a.to, a.rollup.as_deref())
-                .await
-                .context("tally export failed")?;
-            for (path, rows) in &r.files {
-                println!("{path}: {rows} rows");
-            }
-            println!("{} files written under {}", r.files.len(), r.root);
-            Ok(ExitCode::SUCCESS)
-        }),
-        Command::Replay { file, source_id } => rt.block_on(async {
-            let r = crate::jobs::replay::replay(settings, file, source_id).await.context("tally replay failed")?;
-            println!(
-                "{}: {} messages in {} batches ({} accepted, {} rejected; {} lines committed before were skipped) in {:.2} s, {:.0} messages/s",
-                r.topic,
-                r.messages,
-                r.batches,
-                r.accepted,
-                r.rejected,
-                r.skipped,
-                r.seconds,
-                r.messages as f64 / r.seconds.max(1e-9)
-            );
-            Ok(ExitCode::SUCCESS)
-        }),
-        Command::Report { command: ReportCommand::Monthly(a) } => rt.block_on(async {
-            use crate::jobs::report::{self, Format, Month};
-            let month = a.month.unwrap_or_else(|| Month::previous_to(chrono::Utc::now().timestamp_millis()));
-            let out = a.out.unwrap_or_else(|| {
-                PathBuf::from(match a.format {
-                    Format::Html => format!("report-{month}.html"),
-                    Format::Md => format!("report-{month}.md"),
-                    Format::Csv => format!("report-{month}"),
-                })
-            });
-            let r = report::monthly(&settings, month).await.context("tally report monthly failed")?;
-            let files = report::write(&r, a.format, &out).context("tally report monthly failed")?;
-            for f in &files {
-                println!("{}", f.display());
-            }
-            eprintln!("report for {month}: {} tables, {} files", r.tables.len(), files.len());
-            Ok(ExitCode::SUCCESS)
-        }),
+        Command::Backfill(a) => rt.block_on(backfill(settings, a.range)),
+        Command::Export(a) => rt.block_on(export(settings, a)),
+        Command::Replay { file, source_id } => rt.block_on(replay(settings, file, source_id)),
+        Command::Report {
+            command: ReportCommand::Monthly(a),
+        } => rt.block_on(report_monthly(settings, a)),
         Command::Offsets { command } => rt.block_on(offsets(settings, command)),
-        Command::Topic { command: TopicCommand::Create { partitions } } => rt.block_on(async {
-            let created = crate::jobs::topic::create(&properties(&settings), &settings.kafka.topic, partitions)
-                .await
-                .map_err(anyhow::Error::msg)
-                .context("topic create failed")?;
-            println!(
-                "topic {} {}",
-                settings.kafka.topic,
-                if created { format!("created with {partitions} partitions") } else { "already exists".into() }
-            );
-            Ok(ExitCode::SUCCESS)
-        }),
+        Command::Topic {
+            command: TopicCommand::Create { partitions },
+        } => rt.block_on(topic_create(settings, partitions)),
     }
+}
+
+/// `tally run`: the pipeline, the HTTP API, the periodic verify and the
+/// stall watch, until SIGTERM or Ctrl-C.
+async fn run_pipeline(settings: Settings) -> anyhow::Result<ExitCode> {
+    // Register SIGTERM/SIGINT handlers before anything slow, so a signal
+    // during startup still means a clean shutdown.
+    let stop = Stop::on_signals()?;
+    let stages = crate::pipeline::Stages::build(settings)
+        .await
+        .context("tally run cannot start")?;
+    let metrics = std::sync::Arc::new(crate::metrics::Metrics::new());
+    let api = crate::serve::ApiState::build(
+        &stages.settings,
+        &stages.catalog,
+        &stages.schema,
+        metrics.clone(),
+        true,
+    )
+    .await
+    .context("tally run cannot start the HTTP API")?;
+    let server = tokio::spawn(
+        crate::serve::bind(api, stop.wait())
+            .await
+            .context("tally run cannot start the HTTP API")?,
+    );
+    let checker = tokio::spawn(crate::jobs::verify::run_periodically(
+        stages.settings.clone(),
+        metrics.clone(),
+        stop.wait(),
+    ));
+    let stalls = tokio::spawn(crate::source::stall::watch(
+        stages.settings.clone(),
+        std::sync::Arc::new(stages.store.clone()),
+        metrics.clone(),
+        stop.wait(),
+    ));
+    let result = crate::pipeline::run(stages, metrics, stop.wait()).await;
+    stop.trigger();
+    let _ = checker.await;
+    let _ = stalls.await;
+    let served = server.await;
+    result.context("tally run failed")?;
+    served
+        .context("the HTTP API task failed")?
+        .context("the HTTP API failed")?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn backfill(settings: Settings, a: VerifyArgs) -> anyhow::Result<ExitCode> {
+    if a.from >= a.to {
+        anyhow::bail!("--from must be before --to");
+    }
+    let r = crate::jobs::backfill::backfill(&settings, a.from, a.to, a.rollup.as_deref())
+        .await
+        .context("tally backfill failed")?;
+    let fmt = crate::serve::http::fmt_time;
+    for (name, lo, hi) in &r.windows {
+        println!("{name}: replaced windows in [{}, {})", fmt(*lo), fmt(*hi));
+    }
+    println!(
+        "{} raw files read (+{} committed during the backfill); {} rows deleted, {} rows written",
+        r.files, r.files_committed_meanwhile, r.rows_deleted, r.rows_written
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn export(settings: Settings, a: VerifyArgs) -> anyhow::Result<ExitCode> {
+    if a.from >= a.to {
+        anyhow::bail!("--from must be before --to");
+    }
+    let r = crate::jobs::export::export(&settings, a.from, a.to, a.rollup.as_deref())
+        .await
+        .context("tally export failed")?;
+    for (path, rows) in &r.files {
+        println!("{path}: {rows} rows");
+    }
+    println!("{} files written under {}", r.files.len(), r.root);
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn replay(
+    settings: Settings,
+    file: PathBuf,
+    source_id: Option<String>,
+) -> anyhow::Result<ExitCode> {
+    let r = crate::jobs::replay::replay(settings, file, source_id)
+        .await
+        .context("tally replay failed")?;
+    println!(
+        "{}: {} messages in {} batches ({} accepted, {} rejected; {} lines committed before were skipped) in {:.2} s, {:.0} messages/s",
+        r.topic,
+        r.messages,
+        r.batches,
+        r.accepted,
+        r.rejected,
+        r.skipped,
+        r.seconds,
+        r.messages as f64 / r.seconds.max(1e-9)
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn report_monthly(settings: Settings, a: MonthlyArgs) -> anyhow::Result<ExitCode> {
+    use crate::jobs::report::{self, Format, Month};
+    let month = a
+        .month
+        .unwrap_or_else(|| Month::previous_to(chrono::Utc::now().timestamp_millis()));
+    let out = a.out.unwrap_or_else(|| {
+        PathBuf::from(match a.format {
+            Format::Html => format!("report-{month}.html"),
+            Format::Md => format!("report-{month}.md"),
+            Format::Csv => format!("report-{month}"),
+        })
+    });
+    let r = report::monthly(&settings, month)
+        .await
+        .context("tally report monthly failed")?;
+    let files = report::write(&r, a.format, &out).context("tally report monthly failed")?;
+    for f in &files {
+        println!("{}", f.display());
+    }
+    eprintln!(
+        "report for {month}: {} tables, {} files",
+        r.tables.len(),
+        files.len()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn topic_create(settings: Settings, partitions: i32) -> anyhow::Result<ExitCode> {
+    let created =
+        crate::jobs::topic::create(&properties(&settings), &settings.kafka.topic, partitions)
+            .await
+            .context("topic create failed")?;
+    let what = if created {
+        format!("created with {partitions} partitions")
+    } else {
+        "already exists".into()
+    };
+    println!("topic {} {what}", settings.kafka.topic);
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn verify(
@@ -443,19 +496,10 @@ async fn offsets(mut settings: Settings, command: OffsetsCommand) -> anyhow::Res
     if let Some(t) = topic {
         settings.kafka.topic = t.clone();
     }
-    let catalog = crate::aggregate::SqlCatalog::load(
-        &settings.sql.rollups_dir,
-        crate::decode::EventSchema::from_config(&settings.schema)?.arrow,
-        &settings.schema.time_field,
-    )
-    .await
-    .context("rollup SQL is invalid")?;
-    let store = crate::sink::ServingStore::open_with(
-        &settings.serving_url(),
-        &catalog.rollups,
-        settings.serving.window_index,
-    )
-    .await?;
+    let (_, catalog) = crate::pipeline::Stages::definitions(&settings)
+        .await
+        .context("rollup SQL is invalid")?;
+    let store = crate::pipeline::Stages::open_store(&settings, &catalog).await?;
     match command {
         OffsetsCommand::Show { .. } => {
             let rows = offsets::show(&settings, &store)
@@ -503,16 +547,9 @@ async fn offsets(mut settings: Settings, command: OffsetsCommand) -> anyhow::Res
 }
 
 async fn check(settings: Settings) -> anyhow::Result<ExitCode> {
-    use crate::aggregate::SqlCatalog;
-    use crate::decode::EventSchema;
-    let schema = EventSchema::from_config(&settings.schema)?;
-    let catalog = SqlCatalog::load(
-        &settings.sql.rollups_dir,
-        schema.arrow.clone(),
-        &settings.schema.time_field,
-    )
-    .await
-    .context("rollup SQL is invalid")?;
+    let (schema, catalog) = crate::pipeline::Stages::definitions(&settings)
+        .await
+        .context("rollup SQL is invalid")?;
     println!(
         "# effective configuration (secrets masked)\n{}",
         settings.to_masked_toml()
@@ -600,7 +637,6 @@ fn produce(settings: &Settings, a: ProduceArgs) -> anyhow::Result<ExitCode> {
                 tracing::info!(produced = n, "progress");
             },
         )
-        .map_err(anyhow::Error::msg)
         .context("producing to Kafka failed")?,
     };
     let secs = start.elapsed().as_secs_f64();

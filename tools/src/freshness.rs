@@ -94,7 +94,8 @@ pub async fn run(
         return Err("--probes must be at least 1".into());
     }
     // No linger: a probe leaves at once, as a lone event would.
-    let producer = Arc::new(tally::jobs::produce::producer(properties, 0)?);
+    let producer =
+        Arc::new(tally::jobs::produce::producer(properties, 0).map_err(|e| e.to_string())?);
     let nonce = chrono::Utc::now().timestamp_millis();
     let start = Instant::now();
     let mut waits = Vec::new();

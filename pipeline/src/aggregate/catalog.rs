@@ -233,7 +233,6 @@ pub async fn plan_rollup(
         LogicalPlan::Aggregate(a) => (None, a),
         other => return Err(refuse(None, shape_error(other))),
     };
-    let group_len = aggregate.group_expr.len();
     if aggregate
         .group_expr
         .iter()
@@ -246,8 +245,59 @@ pub async fn plan_rollup(
         ));
     }
 
-    // (output name, source index into the aggregate's output)
-    let outputs: Vec<(String, usize)> = match projection {
+    let outputs = output_columns(projection, aggregate, &fname, &refuse)?;
+    let (columns_keys, columns_measures, (window_name, window_ms)) =
+        split_columns(&outputs, aggregate, time_field, &refuse)?;
+    // Types come from the plan's output schema.
+    let out_schema: Schema = plan.schema().as_arrow().clone();
+    let named = columns_keys.into_iter().chain(columns_measures);
+    let (columns, fields) = typed_columns(&out_schema, named, &window_name, &refuse)?;
+    let key_count = columns.iter().take_while(|c| c.merge.is_none()).count();
+    let window_column = columns
+        .iter()
+        .position(|c| c.name == window_name)
+        .unwrap_or(0);
+    if !columns[window_column].timestamp {
+        return Err(refuse(
+            Some(&window_name),
+            "the window must be a timestamp".into(),
+        ));
+    }
+    for c in &columns[key_count..] {
+        let ok = match c.merge {
+            Some(MergeRule::Sum) => c.kind != ColumnKind::Text,
+            _ => true,
+        };
+        if !ok {
+            return Err(refuse(Some(&c.name), "sum needs a numeric input".into()));
+        }
+    }
+    Ok(RollupDef {
+        name,
+        file: file.to_path_buf(),
+        sql: sql.to_string(),
+        columns,
+        key_count,
+        window_column,
+        window_ms,
+        schema: Arc::new(Schema::new(fields)),
+        plan,
+    })
+}
+
+/// A refusal naming the file, the column (if any) and the fix.
+type Refuse<'a> = dyn Fn(Option<&str>, String) -> AggregateError + 'a;
+
+/// Each output column's name and where it comes from in the aggregate's
+/// output (keys first, then measures). Anything but a plain key or
+/// aggregate is refused: expressions over aggregates cannot be merged.
+fn output_columns(
+    projection: Option<&datafusion::logical_expr::Projection>,
+    aggregate: &datafusion::logical_expr::Aggregate,
+    fname: &str,
+    refuse: &Refuse<'_>,
+) -> Result<Vec<(String, usize)>, AggregateError> {
+    Ok(match projection {
         Some(p) => {
             let mut v = Vec::new();
             for (j, e) in p.expr.iter().enumerate() {
@@ -255,7 +305,7 @@ pub async fn plan_rollup(
                 match strip_alias(e) {
                     Expr::Column(c) => {
                         let idx = aggregate.schema.index_of_column(c).map_err(|e| {
-                            AggregateError::Plan { file: fname.clone(), message: e.to_string() }
+                            AggregateError::Plan { file: fname.to_string(), message: e.to_string() }
                         })?;
                         v.push((out_name, idx));
                     }
@@ -274,12 +324,31 @@ pub async fn plan_rollup(
         None => (0..aggregate.schema.fields().len())
             .map(|i| (aggregate.schema.field(i).name().clone(), i))
             .collect(),
-    };
+    })
+}
 
+/// Key columns (in order), measures with their merge rules, and the one
+/// time window (its column and width in ms) among the keys; a rollup
+/// without exactly one window or without measures is refused.
+#[allow(clippy::type_complexity)]
+fn split_columns(
+    outputs: &[(String, usize)],
+    aggregate: &datafusion::logical_expr::Aggregate,
+    time_field: &str,
+    refuse: &Refuse<'_>,
+) -> Result<
+    (
+        Vec<(String, Option<MergeRule>)>,
+        Vec<(String, Option<MergeRule>)>,
+        (String, i64),
+    ),
+    AggregateError,
+> {
+    let group_len = aggregate.group_expr.len();
     let mut columns_keys = Vec::new();
     let mut columns_measures = Vec::new();
     let mut window: Option<(String, i64)> = None;
-    for (out_name, idx) in &outputs {
+    for (out_name, idx) in outputs {
         if !is_identifier(out_name) {
             return Err(refuse(
                 Some(out_name),
@@ -338,12 +407,20 @@ pub async fn plan_rollup(
             "no measures; select at least one of count(*), sum(x), min(x), max(x)".into(),
         ));
     }
+    Ok((columns_keys, columns_measures, (window_name, window_ms)))
+}
 
-    // Types come from the plan's output schema.
-    let out_schema: Schema = plan.schema().as_arrow().clone();
+/// The stored columns (kind, merge rule, whether a timestamp) and the Arrow
+/// fields of the rollup's output, checked: storable types, no nullable keys.
+fn typed_columns(
+    out_schema: &Schema,
+    named: impl Iterator<Item = (String, Option<MergeRule>)>,
+    window_name: &str,
+    refuse: &Refuse<'_>,
+) -> Result<(Vec<RollupColumn>, Vec<Field>), AggregateError> {
     let mut columns = Vec::new();
     let mut fields = Vec::new();
-    for (i, (col_name, merge)) in columns_keys.into_iter().chain(columns_measures).enumerate() {
+    for (i, (col_name, merge)) in named.enumerate() {
         let field = out_schema.field(i);
         debug_assert_eq!(field.name(), &col_name);
         let kind = ColumnKind::of(field.data_type()).ok_or_else(|| {
@@ -375,37 +452,7 @@ pub async fn plan_rollup(
             timestamp,
         });
     }
-    let key_count = columns.iter().take_while(|c| c.merge.is_none()).count();
-    let window_column = columns
-        .iter()
-        .position(|c| c.name == window_name)
-        .unwrap_or(0);
-    if !columns[window_column].timestamp {
-        return Err(refuse(
-            Some(&window_name),
-            "the window must be a timestamp".into(),
-        ));
-    }
-    for c in &columns[key_count..] {
-        let ok = match c.merge {
-            Some(MergeRule::Sum) => c.kind != ColumnKind::Text,
-            _ => true,
-        };
-        if !ok {
-            return Err(refuse(Some(&c.name), "sum needs a numeric input".into()));
-        }
-    }
-    Ok(RollupDef {
-        name,
-        file: file.to_path_buf(),
-        sql: sql.to_string(),
-        columns,
-        key_count,
-        window_column,
-        window_ms,
-        schema: Arc::new(Schema::new(fields)),
-        plan,
-    })
+    Ok((columns, fields))
 }
 
 fn shape_error(plan: &LogicalPlan) -> String {

@@ -12,9 +12,8 @@
 //! The result equals one pass over every committed event in the windows,
 //! because rollups merge. A second run changes nothing.
 
-use crate::aggregate::{RollupDef, RollupOutput, SqlCatalog};
+use crate::aggregate::{RollupDef, RollupOutput};
 use crate::config::Settings;
-use crate::decode::EventSchema;
 use crate::sink::ServingStore;
 
 use super::verify::{files_in, recompute, window_ranges};
@@ -35,13 +34,7 @@ pub async fn backfill(
     to: i64,
     only: Option<&str>,
 ) -> Result<BackfillReport, crate::Error> {
-    let schema = EventSchema::from_config(&settings.schema)?;
-    let catalog = SqlCatalog::load(
-        &settings.sql.rollups_dir,
-        schema.arrow.clone(),
-        &settings.schema.time_field,
-    )
-    .await?;
+    let (schema, catalog) = crate::pipeline::Stages::definitions(settings).await?;
     let defs: Vec<RollupDef> = catalog
         .rollups
         .iter()
@@ -60,12 +53,7 @@ pub async fn backfill(
         ranges.iter().map(|r| r.0).min().unwrap_or(from),
         ranges.iter().map(|r| r.1).max().unwrap_or(to),
     );
-    let store = ServingStore::open_with(
-        &settings.serving_url(),
-        &catalog.rollups,
-        settings.serving.window_index,
-    )
-    .await?;
+    let store = crate::pipeline::Stages::open_store(settings, &catalog).await?;
 
     let mut progress = super::Progress::new("backfill", defs.len() as u64 + 2);
     // 1. Snapshot and recompute, no lock held.

@@ -18,9 +18,8 @@ use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
 
-use crate::aggregate::{ColumnKind, RollupDef, SqlCatalog};
+use crate::aggregate::{ColumnKind, RollupDef};
 use crate::config::Settings;
-use crate::decode::EventSchema;
 use crate::sink::serving::Cell;
 use crate::sink::ServingStore;
 
@@ -62,19 +61,8 @@ pub async fn export(
     to: i64,
     only: Option<&str>,
 ) -> Result<ExportReport, crate::Error> {
-    let schema = EventSchema::from_config(&settings.schema)?;
-    let catalog = SqlCatalog::load(
-        &settings.sql.rollups_dir,
-        schema.arrow.clone(),
-        &settings.schema.time_field,
-    )
-    .await?;
-    let store = ServingStore::open_with(
-        &settings.serving_url(),
-        &catalog.rollups,
-        settings.serving.window_index,
-    )
-    .await?;
+    let (_, catalog) = crate::pipeline::Stages::definitions(settings).await?;
+    let store = crate::pipeline::Stages::open_store(settings, &catalog).await?;
     let (first_day, end_day) = (
         from + (DAY - from.rem_euclid(DAY)) % DAY,
         to - to.rem_euclid(DAY),

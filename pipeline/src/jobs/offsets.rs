@@ -75,8 +75,7 @@ pub async fn show(
     let settings = settings.clone();
     let marks = tokio::task::spawn_blocking(move || watermarks(&settings, &topic, None))
         .await
-        .map_err(|e| crate::Error::Internal(e.to_string()))?
-        .map_err(crate::Error::Internal)?;
+        .map_err(crate::error::internal)??;
     Ok(marks
         .into_iter()
         .map(|(partition, (low, high))| PartitionPosition {
@@ -93,7 +92,7 @@ pub fn watermarks(
     settings: &Settings,
     topic: &str,
     only: Option<i32>,
-) -> Result<BTreeMap<i32, (i64, i64)>, String> {
+) -> Result<BTreeMap<i32, (i64, i64)>, crate::source::SourceError> {
     let client = crate::source::client::metadata_client(&settings.kafka.properties)?;
     crate::source::client::watermarks(&client, topic, only)
 }
@@ -114,8 +113,7 @@ pub async fn reset(
     let t = topic.clone();
     let marks = tokio::task::spawn_blocking(move || watermarks(&s, &t, partition))
         .await
-        .map_err(|e| crate::Error::Internal(e.to_string()))?
-        .map_err(crate::Error::Internal)?;
+        .map_err(crate::error::internal)??;
     let now = chrono::Utc::now().timestamp_millis();
     let mut moved = Vec::new();
     for (p, (low, high)) in marks {

@@ -6,6 +6,8 @@ use std::time::{Duration, Instant};
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha12Rng;
+
+use crate::source::SourceError;
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 
 /// Generator parameters.
@@ -207,14 +209,14 @@ pub fn to_file(spec: ProduceSpec, path: &std::path::Path) -> std::io::Result<u64
 pub fn producer(
     properties: &[(String, String)],
     linger_ms: u32,
-) -> Result<ThreadedProducer<DefaultProducerContext>, String> {
+) -> Result<ThreadedProducer<DefaultProducerContext>, SourceError> {
     let mut cc = crate::source::client::config(
         properties.iter().map(|(k, v)| (k, v)),
         crate::source::client::Role::Producer,
     );
     cc.set("linger.ms", linger_ms.to_string());
     cc.set("enable.idempotence", "true");
-    cc.create().map_err(|e| e.to_string())
+    cc.create().map_err(|e| SourceError::Create(e.to_string()))
 }
 
 /// Produce `spec.count` events to `topic`, keyed by video id.
@@ -223,7 +225,7 @@ pub fn to_kafka(
     properties: &[(String, String)],
     topic: &str,
     progress: impl Fn(u64),
-) -> Result<u64, String> {
+) -> Result<u64, SourceError> {
     let producer = producer(properties, 5)?;
     let mut g = Generator::new(spec.clone());
     let start = Instant::now();
@@ -243,7 +245,9 @@ pub fn to_kafka(
                     record = r;
                     std::thread::sleep(Duration::from_millis(5));
                 }
-                Err((e, _)) => return Err(e.to_string()),
+                Err((e, _)) => {
+                    return Err(SourceError::Broker(format!("produce to `{topic}`: {e}")))
+                }
             }
         }
         if (i + 1) % 100_000 == 0 {
@@ -252,7 +256,7 @@ pub fn to_kafka(
     }
     producer
         .flush(Duration::from_secs(60))
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| SourceError::Broker(format!("flush to `{topic}`: {e}")))?;
     Ok(spec.count)
 }
 

@@ -18,12 +18,11 @@ use datafusion::datasource::MemTable;
 use datafusion::prelude::{ParquetReadOptions, SessionContext};
 
 use crate::aggregate::executor::canonical;
-use crate::aggregate::{ColumnKind, RollupDef, SqlCatalog};
+use crate::aggregate::{ColumnKind, RollupDef};
 use crate::config::Settings;
 use crate::decode::EventSchema;
 use crate::sink::archive::RAW_PREFIX;
 use crate::sink::serving::Cell;
-use crate::sink::ServingStore;
 
 /// A rollup row: key columns and measure columns, rendered for comparison.
 pub type Rows = BTreeMap<Vec<String>, Vec<String>>;
@@ -169,19 +168,8 @@ pub async fn verify(
     to: i64,
     only: Option<&str>,
 ) -> Result<VerifyReport, crate::Error> {
-    let schema = EventSchema::from_config(&settings.schema)?;
-    let catalog = SqlCatalog::load(
-        &settings.sql.rollups_dir,
-        schema.arrow.clone(),
-        &settings.schema.time_field,
-    )
-    .await?;
-    let store = ServingStore::open_with(
-        &settings.serving_url(),
-        &catalog.rollups,
-        settings.serving.window_index,
-    )
-    .await?;
+    let (schema, catalog) = crate::pipeline::Stages::definitions(settings).await?;
+    let store = crate::pipeline::Stages::open_store(settings, &catalog).await?;
     let defs: Vec<&RollupDef> = catalog
         .rollups
         .iter()

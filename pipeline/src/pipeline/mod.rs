@@ -34,7 +34,9 @@ pub struct Stages {
 }
 
 impl Stages {
-    pub async fn build(settings: Settings) -> Result<Stages, Error> {
+    /// The event schema and the rollups planned from `sql.rollups_dir`:
+    /// what every command starts from.
+    pub async fn definitions(settings: &Settings) -> Result<(EventSchema, SqlCatalog), Error> {
         let schema = EventSchema::from_config(&settings.schema)?;
         let catalog = SqlCatalog::load(
             &settings.sql.rollups_dir,
@@ -42,14 +44,29 @@ impl Stages {
             &settings.schema.time_field,
         )
         .await?;
-        let store = ServingStore::open_with(
+        Ok((schema, catalog))
+    }
+
+    /// The serving store of `serving.url` with the settings' tuning,
+    /// its tables created or checked against `catalog`.
+    pub async fn open_store(
+        settings: &Settings,
+        catalog: &SqlCatalog,
+    ) -> Result<ServingStore, Error> {
+        Ok(ServingStore::open_with(
             &settings.serving_url(),
             &catalog.rollups,
             settings.serving.window_index,
         )
         .await?
         .with_fold_rows(settings.serving.sqlite_fold_rows)
-        .with_direct_rows(settings.serving.sqlite_direct_rows);
+        .with_direct_rows(settings.serving.sqlite_direct_rows))
+    }
+
+    /// Everything `tally run` and `tally replay` use.
+    pub async fn build(settings: Settings) -> Result<Stages, Error> {
+        let (schema, catalog) = Stages::definitions(&settings).await?;
+        let store = Stages::open_store(&settings, &catalog).await?;
         let location = ArchiveLocation::open(&settings.storage)?;
         let archive = ParquetArchiveSink::open(
             &location,
@@ -127,18 +144,16 @@ pub async fn run(
         let mut last_log = Instant::now();
         let mut window = RunStats::default();
         while let Some(batch) = rx.recv().await {
-            let result = commit_batch(
-                &batch,
-                &control,
-                &mut aggregator,
-                &archive,
-                &store,
-                &group,
-                &mut sweeper,
-                &metrics,
-                &mut stats,
-            )
-            .await;
+            let with = RunCommit {
+                control: &control,
+                aggregator: &mut aggregator,
+                archive: &archive,
+                store: &store,
+                group: &group,
+                sweeper: &mut sweeper,
+                metrics: &metrics,
+            };
+            let result = commit_batch(&batch, with, &mut stats).await;
             control.done.fetch_add(1, Ordering::AcqRel);
             result?;
             if last_log.elapsed() >= Duration::from_secs(10) {
@@ -206,18 +221,34 @@ async fn refuse_lost_store(
     }
 }
 
-#[allow(clippy::too_many_arguments)]
+/// What `tally run` commits each batch with.
+struct RunCommit<'a> {
+    control: &'a Arc<ConsumerControl>,
+    aggregator: &'a mut RollupAggregator,
+    archive: &'a ParquetArchiveSink,
+    store: &'a ServingStore,
+    group: &'a GroupCommitter,
+    sweeper: &'a mut OrphanSweeper,
+    metrics: &'a Arc<Metrics>,
+}
+
+/// Commit one batch of `tally run`, then act on how it ended: a committed
+/// batch goes to Kafka's group commit, the orphan sweeper and the metrics;
+/// a fenced or stale one makes the consumer read its messages again.
 async fn commit_batch(
     original: &Batch,
-    control: &Arc<ConsumerControl>,
-    aggregator: &mut RollupAggregator,
-    archive: &ParquetArchiveSink,
-    store: &ServingStore,
-    group: &GroupCommitter,
-    sweeper: &mut OrphanSweeper,
-    metrics: &Arc<Metrics>,
+    with: RunCommit<'_>,
     stats: &mut RunStats,
 ) -> Result<(), Error> {
+    let RunCommit {
+        control,
+        aggregator,
+        archive,
+        store,
+        group,
+        sweeper,
+        metrics,
+    } = with;
     let started = Instant::now();
     let started_ms = chrono::Utc::now().timestamp_millis();
     let current = |b: &Batch| b.epoch == control.epoch.load(Ordering::Acquire);

@@ -174,20 +174,9 @@ pub async fn serve_standalone(
     settings: Settings,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), crate::Error> {
-    let schema = EventSchema::from_config(&settings.schema)?;
-    let catalog = SqlCatalog::load(
-        &settings.sql.rollups_dir,
-        schema.arrow.clone(),
-        &settings.schema.time_field,
-    )
-    .await?;
+    let (schema, catalog) = crate::pipeline::Stages::definitions(&settings).await?;
     // Creates the tables if this replica starts first; then only reads.
-    let store = crate::sink::ServingStore::open_with(
-        &settings.serving_url(),
-        &catalog.rollups,
-        settings.serving.window_index,
-    )
-    .await?;
+    let store = crate::pipeline::Stages::open_store(&settings, &catalog).await?;
     let state = ApiState::build(
         &settings,
         &catalog,

@@ -11,6 +11,8 @@ use std::time::Duration;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 
+use super::SourceError;
+
 /// What a client is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
@@ -88,11 +90,10 @@ pub fn config<K: AsRef<str>, V: ToString>(
 /// touch the group `tally run` members are in).
 pub fn metadata_client<K: AsRef<str>, V: ToString>(
     properties: impl IntoIterator<Item = (K, V)>,
-) -> Result<BaseConsumer, String> {
+) -> Result<BaseConsumer, SourceError> {
     let mut cc = config(properties, Role::Connection);
     cc.set_log_level(rdkafka::config::RDKafkaLogLevel::Error);
-    cc.create()
-        .map_err(|e| format!("kafka: cannot create a client: {e}"))
+    cc.create().map_err(|e| SourceError::Create(e.to_string()))
 }
 
 /// The low and high watermarks of `only` (or of every partition of `topic`).
@@ -100,27 +101,27 @@ pub fn watermarks(
     consumer: &BaseConsumer,
     topic: &str,
     only: Option<i32>,
-) -> Result<BTreeMap<i32, (i64, i64)>, String> {
+) -> Result<BTreeMap<i32, (i64, i64)>, SourceError> {
     let timeout = Duration::from_secs(10);
     let md = consumer
         .fetch_metadata(Some(topic), timeout)
-        .map_err(|e| format!("kafka: metadata of `{topic}`: {e}"))?;
+        .map_err(|e| SourceError::Broker(format!("metadata of `{topic}`: {e}")))?;
     let partitions: Vec<i32> = md
         .topics()
         .iter()
         .flat_map(|t| t.partitions().iter().map(|p| p.id()))
         .collect();
     if partitions.is_empty() {
-        return Err(format!(
-            "kafka: topic `{topic}` has no partitions (does it exist?)"
-        ));
+        return Err(SourceError::NotFound(format!(
+            "topic `{topic}` has no partitions (does it exist?)"
+        )));
     }
     if let Some(p) = only {
         if !partitions.contains(&p) {
-            return Err(format!(
-                "kafka: topic `{topic}` has no partition {p} (it has {})",
+            return Err(SourceError::NotFound(format!(
+                "topic `{topic}` has no partition {p} (it has {})",
                 partitions.len()
-            ));
+            )));
         }
     }
     let mut out = BTreeMap::new();
@@ -128,9 +129,9 @@ pub fn watermarks(
         .into_iter()
         .filter(|p| only.is_none_or(|o| o == *p))
     {
-        let marks = consumer
-            .fetch_watermarks(topic, p, timeout)
-            .map_err(|e| format!("kafka: watermarks of `{topic}` partition {p}: {e}"))?;
+        let marks = consumer.fetch_watermarks(topic, p, timeout).map_err(|e| {
+            SourceError::Broker(format!("watermarks of `{topic}` partition {p}: {e}"))
+        })?;
         out.insert(p, marks);
     }
     Ok(out)

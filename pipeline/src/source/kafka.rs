@@ -252,6 +252,15 @@ impl ConsumerContext for TallyContext {
     }
 }
 
+/// One fetched message of the topic, as the batch sees it.
+struct Incoming<'a> {
+    partition: i32,
+    offset: i64,
+    payload: Option<&'a [u8]>,
+    /// Its Kafka timestamp (producer or broker clock), epoch ms.
+    produced_ms: Option<i64>,
+}
+
 /// The consumer group member.
 pub struct KafkaSource {
     consumer: Arc<BaseConsumer<TallyContext>>,
@@ -461,10 +470,12 @@ impl KafkaSource {
                             &mut builder,
                             &mut clock,
                             &mut at_end,
-                            p,
-                            offset,
-                            msg.payload(),
-                            produced,
+                            Incoming {
+                                partition: p,
+                                offset,
+                                payload: msg.payload(),
+                                produced_ms: produced,
+                            },
                             now,
                         );
                     }
@@ -527,10 +538,12 @@ impl KafkaSource {
                             &mut builder,
                             &mut clock,
                             &mut at_end,
-                            p,
-                            offset,
-                            m.payload(),
-                            m.timestamp_ms(),
+                            Incoming {
+                                partition: p,
+                                offset,
+                                payload: m.payload(),
+                                produced_ms: m.timestamp_ms(),
+                            },
                             now,
                         ) && builder.should_flush(now)
                         {
@@ -577,19 +590,21 @@ impl KafkaSource {
     /// Add one message of the topic to the batch unless its partition is not
     /// (or no longer) ours or its offset is already committed. Returns
     /// whether it was added.
-    #[allow(clippy::too_many_arguments)]
     fn accept(
         &self,
         map: &mut BTreeMap<i32, Option<i64>>,
         builder: &mut BatchBuilder,
         clock: &mut crate::batch::WallClock,
         at_end: &mut BTreeMap<i32, ()>,
-        p: i32,
-        offset: i64,
-        payload: Option<&[u8]>,
-        produced_ms: Option<i64>,
+        msg: Incoming<'_>,
         now: Instant,
     ) -> bool {
+        let Incoming {
+            partition: p,
+            offset,
+            payload,
+            produced_ms,
+        } = msg;
         at_end.remove(&p);
         let Some(next) = map.get_mut(&p) else {
             return false;

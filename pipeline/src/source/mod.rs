@@ -41,6 +41,13 @@ pub enum SourceError {
     Subscribe { topic: String, message: String },
     #[error("kafka: consumer thread failed: {0}")]
     Thread(String),
+    /// The broker did not answer a metadata, watermark, produce or admin
+    /// request.
+    #[error("kafka: {0}")]
+    Broker(String),
+    /// A topic or partition the command names does not exist.
+    #[error("kafka: {0}")]
+    NotFound(String),
     /// The serving store lost its offsets while the archive kept the files
     /// they describe (the store deleted, replaced or pointed elsewhere).
     #[error(
@@ -81,6 +88,8 @@ impl SourceError {
             SourceError::Create(_) | SourceError::Subscribe { .. } => ErrorKind::User,
             SourceError::StoreLost { .. } | SourceError::OffsetBeyondEnd { .. } => ErrorKind::User,
             SourceError::Thread(_) => ErrorKind::Internal,
+            SourceError::Broker(_) => ErrorKind::External,
+            SourceError::NotFound(_) => ErrorKind::User,
         }
     }
     pub fn retry(&self) -> RetryHint {
@@ -89,7 +98,9 @@ impl SourceError {
             | SourceError::Subscribe { .. }
             | SourceError::Thread(_)
             | SourceError::StoreLost { .. }
-            | SourceError::OffsetBeyondEnd { .. } => RetryHint::NoRetry,
+            | SourceError::OffsetBeyondEnd { .. }
+            | SourceError::NotFound(_) => RetryHint::NoRetry,
+            SourceError::Broker(_) => RetryHint::WithBackoff,
         }
     }
 }

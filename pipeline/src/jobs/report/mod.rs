@@ -34,8 +34,6 @@ use datafusion::prelude::{CsvReadOptions, SessionContext};
 
 use crate::aggregate::SqlCatalog;
 use crate::config::Settings;
-use crate::decode::EventSchema;
-use crate::sink::ServingStore;
 
 use super::export::{arrow_schema, load_windows};
 
@@ -338,13 +336,7 @@ async fn register_inputs(
 /// Build the monthly report for `month` from the serving store.
 pub async fn monthly(settings: &Settings, month: Month) -> Result<MonthlyReport, crate::Error> {
     let queries = load_queries(&settings.report.sql_dir)?;
-    let schema = EventSchema::from_config(&settings.schema)?;
-    let catalog = SqlCatalog::load(
-        &settings.sql.rollups_dir,
-        schema.arrow.clone(),
-        &settings.schema.time_field,
-    )
-    .await?;
+    let (_, catalog) = crate::pipeline::Stages::definitions(settings).await?;
     let def = catalog
         .rollups
         .iter()
@@ -362,12 +354,7 @@ pub async fn monthly(settings: &Settings, month: Month) -> Result<MonthlyReport,
                     .join(", ")
             ))
         })?;
-    let store = ServingStore::open_with(
-        &settings.serving_url(),
-        &catalog.rollups,
-        settings.serving.window_index,
-    )
-    .await?;
+    let store = crate::pipeline::Stages::open_store(settings, &catalog).await?;
     let rows = load_windows(&store, def, month.prev().start_ms(), month.end_ms(), None).await?;
     let as_of = store.as_of(&settings.kafka.topic).await?;
     store.close().await;

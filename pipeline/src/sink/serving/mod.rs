@@ -14,6 +14,7 @@
 //! 4. advances the offsets and the counters.
 
 mod postgres;
+pub mod reads;
 mod schema;
 mod sqlite;
 #[cfg(test)]
@@ -28,6 +29,7 @@ use crate::batch::PartitionRange;
 use crate::serve::blocking;
 use crate::source::offsets::{LockGuard, Positions, StoreError};
 use postgres::{PgReplace, PgStore};
+pub use reads::{Arg, ReadPool, Totals};
 pub(crate) use schema::quote;
 pub use schema::{delta_table, merged_view, number_placeholders, Dialect};
 pub use sqlite::SQLITE_PAGE_SIZE;

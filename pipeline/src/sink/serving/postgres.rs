@@ -13,6 +13,7 @@ use datafusion::arrow::datatypes::{Float64Type, Int64Type};
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
 use sqlx::{AssertSqlSafe, Connection as _, Row};
 
+use super::reads::{Arg, Totals};
 use super::schema::*;
 use super::{db, Cell, CommitOutcome, CommitRequest, SinkError, TableRows};
 use crate::aggregate::{ColumnKind, RollupDef, RollupOutput};
@@ -574,4 +575,105 @@ async fn merge_rows(
         }
     }
     Ok(())
+}
+
+/// The API's read pool (see `serving/reads.rs`).
+#[derive(Debug)]
+pub(super) struct PgReads {
+    pool: PgPool,
+}
+
+fn pg_totals(r: &sqlx::postgres::PgRow, from: usize) -> Result<Totals, sqlx::Error> {
+    Ok(Totals {
+        events: r.try_get(from)?,
+        value_sum: r.try_get(from + 1)?,
+        value_count: r.try_get(from + 2)?,
+        value_min: r.try_get(from + 3)?,
+        value_max: r.try_get(from + 4)?,
+    })
+}
+
+impl PgReads {
+    /// A pool of `connections`, connected on first use.
+    pub(super) fn open(url: &str, connections: usize) -> Result<PgReads, String> {
+        let opts = PgConnectOptions::from_str(url).map_err(|e| e.to_string())?;
+        Ok(PgReads {
+            pool: PgPoolOptions::new()
+                .max_connections(u32::try_from(connections.max(1)).unwrap_or(4))
+                .acquire_timeout(Duration::from_secs(2))
+                .connect_lazy_with(opts),
+        })
+    }
+
+    /// Run `text` (with `?N` placeholders) with `args`, mapping each row.
+    async fn rows<T>(
+        &self,
+        text: &str,
+        args: Vec<Arg>,
+        operation: &'static str,
+        row: impl Fn(&sqlx::postgres::PgRow) -> Result<T, sqlx::Error>,
+    ) -> Result<Vec<T>, SinkError> {
+        let mut q = sqlx::query(sql(text));
+        for a in args {
+            q = match a {
+                Arg::Int(v) => q.bind(v),
+                Arg::Text(v) => q.bind(v),
+            };
+        }
+        q.fetch_all(&self.pool)
+            .await
+            .map_err(db(operation))?
+            .iter()
+            .map(|r| row(r).map_err(db(operation)))
+            .collect()
+    }
+
+    pub(super) async fn totals(&self, text: &str, args: Vec<Arg>) -> Result<Totals, SinkError> {
+        let rows = self
+            .rows(text, args, "read totals", |r| pg_totals(r, 0))
+            .await?;
+        Ok(rows.into_iter().next().unwrap_or_default())
+    }
+
+    pub(super) async fn bucket_totals(
+        &self,
+        text: &str,
+        args: Vec<Arg>,
+    ) -> Result<BTreeMap<i64, Totals>, SinkError> {
+        let rows = self
+            .rows(text, args, "read series", |r| {
+                Ok((r.try_get::<i64, _>(0)?, pg_totals(r, 1)?))
+            })
+            .await?;
+        Ok(rows.into_iter().collect())
+    }
+
+    pub(super) async fn counts(
+        &self,
+        text: &str,
+        args: Vec<Arg>,
+    ) -> Result<Vec<(String, i64)>, SinkError> {
+        self.rows(text, args, "read top", |r| {
+            Ok((r.try_get(0)?, r.try_get(1)?))
+        })
+        .await
+    }
+
+    pub(super) async fn as_of_rows(&self, topic: &str) -> Result<PartitionTimes, SinkError> {
+        self.rows(
+            AS_OF_SQL,
+            vec![Arg::Text(topic.to_string())],
+            "read as_of",
+            |r| Ok((r.try_get(0)?, r.try_get(1)?)),
+        )
+        .await
+    }
+
+    pub(super) async fn ping(&self) -> Result<(), SinkError> {
+        self.rows("SELECT count(*) FROM tally_offsets", vec![], "ping", |_| {
+            Ok(())
+        })
+        .await
+        .map(|_| ())
+    }
 }

@@ -4,6 +4,7 @@
 //! its own. SQLite serializes writers with `BEGIN IMMEDIATE`. Calls block;
 //! they run through [`crate::serve::blocking`], off the async workers' queue.
 
+pub(super) mod reads;
 mod writer;
 
 use std::collections::{BTreeMap, HashSet};

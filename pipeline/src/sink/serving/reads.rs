@@ -1,0 +1,142 @@
+//! Read-only access to the rollups for the HTTP API, apart from the write
+//! path. The API plans its statements (`serve/reader.rs`: tiers, `UNION ALL`
+//! of index ranges, `?N` placeholders); the backend says which tables hold a
+//! rollup's rows and runs the statements on its own read connections:
+//! SQLite on read-only rusqlite connections on the calling thread (an
+//! indexed lookup takes tens of microseconds, less than a hand-off to a
+//! connection thread), scans off the async workers; PostgreSQL on a pool.
+
+use std::collections::BTreeMap;
+
+use super::{complete_up_to, postgres, redact, sqlite, SinkError};
+
+/// count / sum / value count / min / max over some rows.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Totals {
+    pub events: i64,
+    pub value_sum: f64,
+    pub value_count: i64,
+    pub value_min: Option<f64>,
+    pub value_max: Option<f64>,
+}
+
+impl Totals {
+    pub fn merge(&mut self, o: &Totals) {
+        self.events += o.events;
+        self.value_sum += o.value_sum;
+        self.value_count += o.value_count;
+        self.value_min = match (self.value_min, o.value_min) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        self.value_max = match (self.value_max, o.value_max) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        };
+    }
+
+    pub fn avg(&self) -> Option<f64> {
+        (self.value_count > 0).then(|| self.value_sum / self.value_count as f64)
+    }
+}
+
+/// A bound value of a read statement.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Arg {
+    Int(i64),
+    Text(String),
+}
+
+/// Read connections to a serving store (see the module docs).
+#[derive(Debug)]
+pub struct ReadPool {
+    backend: Backend,
+}
+
+#[derive(Debug)]
+enum Backend {
+    Sqlite(sqlite::reads::SqliteReads),
+    Postgres(postgres::PgReads),
+}
+
+impl ReadPool {
+    /// `connections` read-only connections to the store at `url`
+    /// (PostgreSQL: a pool of that size, connected on first use).
+    pub fn open(url: &str, connections: usize) -> Result<ReadPool, SinkError> {
+        let open_err = |message: String| SinkError::Open {
+            url: redact(url),
+            message,
+        };
+        let backend = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Backend::Postgres(postgres::PgReads::open(url, connections).map_err(open_err)?)
+        } else {
+            let path = sqlite::url_path(url).ok_or_else(|| {
+                open_err("the API reads sqlite://PATH or postgres:// stores".into())
+            })?;
+            Backend::Sqlite(
+                sqlite::reads::SqliteReads::open(&path, connections)
+                    .map_err(|e| open_err(format!("cannot open read-only: {e}")))?,
+            )
+        };
+        Ok(ReadPool { backend })
+    }
+
+    /// The quoted tables that hold `rollup`'s rows: the rollup table and,
+    /// on SQLite, its delta table. Every read sums over all of them.
+    pub fn tables_of(&self, rollup: &str) -> Vec<String> {
+        let mut tables = vec![super::quote(rollup)];
+        if matches!(self.backend, Backend::Sqlite(_)) {
+            tables.push(super::quote(&super::delta_table(rollup)));
+        }
+        tables
+    }
+
+    /// A statement whose one row is five measures (see [`Totals`]).
+    pub async fn totals(&self, text: &str, args: Vec<Arg>) -> Result<Totals, SinkError> {
+        match &self.backend {
+            Backend::Sqlite(s) => s.totals(text, args),
+            Backend::Postgres(p) => p.totals(text, args).await,
+        }
+    }
+
+    /// A statement whose rows are a bucket start and five measures.
+    pub async fn bucket_totals(
+        &self,
+        text: &str,
+        args: Vec<Arg>,
+    ) -> Result<BTreeMap<i64, Totals>, SinkError> {
+        match &self.backend {
+            Backend::Sqlite(s) => crate::serve::blocking(|| s.bucket_totals(text, args)),
+            Backend::Postgres(p) => p.bucket_totals(text, args).await,
+        }
+    }
+
+    /// A statement whose rows are a name and a count.
+    pub async fn counts(
+        &self,
+        text: &str,
+        args: Vec<Arg>,
+    ) -> Result<Vec<(String, i64)>, SinkError> {
+        match &self.backend {
+            Backend::Sqlite(s) => crate::serve::blocking(|| s.counts(text, args)),
+            Backend::Postgres(p) => p.counts(text, args).await,
+        }
+    }
+
+    /// See [`super::ServingStore::as_of`].
+    pub async fn as_of(&self, topic: &str) -> Result<Option<i64>, SinkError> {
+        let rows = match &self.backend {
+            Backend::Sqlite(s) => s.as_of_rows(topic)?,
+            Backend::Postgres(p) => p.as_of_rows(topic).await?,
+        };
+        Ok(complete_up_to(rows.into_iter().map(|(a, b)| a.max(b))))
+    }
+
+    /// A trivial query: is the store readable?
+    pub async fn ping(&self) -> Result<(), SinkError> {
+        match &self.backend {
+            Backend::Sqlite(s) => s.ping(),
+            Backend::Postgres(p) => p.ping().await,
+        }
+    }
+}
