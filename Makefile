@@ -65,7 +65,7 @@ soak: $(TANSU) postgres moto release
 	$(CARGO) build --workspace --all-targets
 	TALLY_BIN=$(CURDIR)/target/release/tally SOAK_EVENTS=$(SOAK_EVENTS) SOAK_KILLS=$(SOAK_KILLS) \
 	  $(CARGO) test --workspace --test it soak_kill_loop -- --ignored --nocapture
-	set -o pipefail; TALLY_BIN=$(CURDIR)/target/release/tally TALLY_TEST_PYTHON=$$(scripts/moto.sh) $(CARGO) test --workspace --test it -- faults:: crash:: replay:: postgres:: s3:: --test-threads=2 --nocapture 2>&1 | tee target/soak-faults.log | grep -E "^test |survived|SOAK|FAULTS|test result"
+	set -o pipefail; TALLY_BIN=$(CURDIR)/target/release/tally TALLY_TEST_PYTHON=$$(scripts/moto.sh) $(CARGO) test --workspace --test it -- faults:: limits:: crash:: replay:: postgres:: s3:: --test-threads=2 --nocapture 2>&1 | tee target/soak-faults.log | grep -E "^test |survived|SOAK|FAULTS|test result"
 	@grep -h "^FAULTS" target/soak-faults.log | tr ' ' '\n' | grep = | awk -F= '{n[$$1]+=$$2; t+=$$2} END {printf "SOAK faults injected and survived, counts exact after each: "; for (k in n) printf "%s=%d ", k, n[k]; printf "(total %d, plus the kill loop above)\n", t}'
 
 ## unit: the library's unit, property and contract tests only (no broker needed).

@@ -7,7 +7,7 @@
 /// `inside_serving_transaction` (fence checked and rollups merged, not
 /// committed), `after_serving_commit` (committed, Kafka group commit not sent);
 /// and `inside_multipart_upload` (S3: a part uploaded, the upload not complete).
-pub fn failpoint(name: &str) {
+pub(crate) fn failpoint(name: &str) {
     static ARMED: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
     let armed = ARMED.get_or_init(|| std::env::var("TALLY_FAILPOINT").ok());
     if armed.as_deref() == Some(name) {
@@ -20,7 +20,7 @@ pub fn failpoint(name: &str) {
 /// batch that reaches `name` wait that long (the caller sleeps), e.g. so a
 /// test can freeze the process with SIGSTOP while it holds a batch that is
 /// about to commit (a zombie). Returns the pause, once.
-pub fn pause(name: &str) -> Option<std::time::Duration> {
+pub(crate) fn pause(name: &str) -> Option<std::time::Duration> {
     static ARMED: std::sync::OnceLock<Option<(String, u64)>> = std::sync::OnceLock::new();
     static FIRED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
     let armed = ARMED.get_or_init(|| {

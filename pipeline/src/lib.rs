@@ -27,20 +27,20 @@
 // Library code never unwraps; tests may.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
-pub mod aggregate;
+pub(crate) mod aggregate;
 pub mod allocator;
-pub mod batch;
+pub(crate) mod batch;
 pub mod cli;
-pub mod config;
-pub mod decode;
+pub(crate) mod config;
+pub(crate) mod decode;
 pub mod error;
-pub mod failpoint;
+pub(crate) mod failpoint;
 pub mod jobs;
-pub mod metrics;
-pub mod pipeline;
-pub mod quarantine;
-pub mod serve;
-pub mod sink;
+pub(crate) mod metrics;
+pub(crate) mod pipeline;
+pub(crate) mod quarantine;
+pub(crate) mod serve;
+pub(crate) mod sink;
 pub mod source;
 #[cfg(test)]
 pub(crate) mod testing;

@@ -20,7 +20,7 @@ const FRESHNESS_BUCKETS: &[f64] = &[
     0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0, 60.0,
 ];
 /// The stages of `tally_batch_stage_seconds`, in order.
-pub const BATCH_STAGES: [&str; 4] = ["fetch", "linger", "queue", "commit"];
+pub(crate) const BATCH_STAGES: [&str; 4] = ["fetch", "linger", "queue", "commit"];
 const HTTP_BUCKETS: &[f64] = &[
     0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0, 5.0,
 ];

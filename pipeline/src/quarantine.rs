@@ -19,7 +19,7 @@ use crate::error::Error;
 use crate::sink::{ServingStore, SinkError};
 
 /// Whether `e` is an error of the batch's data, which retrying cannot fix.
-pub fn is_data_error(e: &Error) -> bool {
+pub(crate) fn is_data_error(e: &Error) -> bool {
     use datafusion::error::DataFusionError as D;
     match e {
         Error::Aggregate(AggregateError::Execute { source, .. }) => !matches!(
@@ -91,7 +91,7 @@ async fn failing(
 /// dead letters; `None` when no single event fails alone (the error needs
 /// several rows together, or is not about the data after all): the caller
 /// then retries as for any store error.
-pub async fn isolate(
+pub(crate) async fn isolate(
     batch: &Batch,
     cause: &Error,
     aggregator: &mut RollupAggregator,

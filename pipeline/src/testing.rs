@@ -11,7 +11,7 @@ use crate::decode::{EventSchema, RecordDecoder};
 use crate::sink::{CommitRequest, ServingStore};
 
 /// Settings over a temporary data directory and the repository's SQL.
-pub fn settings(data_dir: &std::path::Path, extra_env: &[(&str, &str)]) -> Settings {
+pub(crate) fn settings(data_dir: &std::path::Path, extra_env: &[(&str, &str)]) -> Settings {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let mut env: Vec<(String, String)> = vec![
         (
@@ -43,7 +43,7 @@ pub fn settings(data_dir: &std::path::Path, extra_env: &[(&str, &str)]) -> Setti
 
 /// Decode `payloads` as of `now` and commit their rollups to the serving
 /// store of `settings` in `batches` consecutive batches of partition 0.
-pub async fn seed(
+pub(crate) async fn seed(
     settings: &Settings,
     payloads: &[String],
     now: i64,
@@ -113,7 +113,7 @@ pub async fn seed(
 
 /// A new, empty PostgreSQL database for one test, on the server named by
 /// `TALLY_TEST_PG_URL` (default: the one `scripts/postgres.sh` starts).
-pub async fn pg_database() -> String {
+pub(crate) async fn pg_database() -> String {
     use sqlx::Connection;
     let base = std::env::var("TALLY_TEST_PG_URL")
         .unwrap_or_else(|_| "postgres://tally:tally@127.0.0.1:5432/tally".into());
@@ -141,7 +141,7 @@ pub async fn pg_database() -> String {
 }
 
 /// Drop a database made by [`pg_database`].
-pub async fn drop_pg_database(url: &str) {
+pub(crate) async fn drop_pg_database(url: &str) {
     use sqlx::Connection;
     let base = std::env::var("TALLY_TEST_PG_URL")
         .unwrap_or_else(|_| "postgres://tally:tally@127.0.0.1:5432/tally".into());

@@ -6,6 +6,7 @@ pub(crate) mod crash;
 mod docs;
 mod e2e;
 mod faults;
+mod limits;
 mod postgres;
 mod replay;
 mod s3;

@@ -17,7 +17,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, Mutex};
 
 #[derive(Debug, Clone)]
-pub struct BenchApiSpec {
+pub(crate) struct BenchApiSpec {
     pub addr: SocketAddr,
     /// Requests per second.
     pub rate: u64,
@@ -29,7 +29,7 @@ pub struct BenchApiSpec {
 }
 
 #[derive(Debug, Clone, Default)]
-pub struct BenchApiReport {
+pub(crate) struct BenchApiReport {
     pub ok: u64,
     pub errors: u64,
     pub wall: Duration,
@@ -45,14 +45,14 @@ pub struct BenchApiReport {
 }
 
 impl BenchApiReport {
-    pub fn rate(&self) -> f64 {
+    pub(crate) fn rate(&self) -> f64 {
         self.ok as f64 / self.wall.as_secs_f64().max(1e-9)
     }
 }
 
 /// Paths for `/v1/count` and `/v1/stats` over `days`-day ranges ending at
 /// `end_ms` (hour-aligned), for videos `vid-00000`.. (the `tally produce` ids).
-pub fn query_paths(videos: u64, days: i64, end_ms: i64, seed: u64) -> Vec<String> {
+pub(crate) fn query_paths(videos: u64, days: i64, end_ms: i64, seed: u64) -> Vec<String> {
     let end = end_ms - end_ms.rem_euclid(3_600_000);
     let start = end - days * 86_400_000;
     let fmt = |ms: i64| {
@@ -239,7 +239,7 @@ pub(crate) fn percentile(sorted: &[u64], q: f64) -> u64 {
 }
 
 /// Run the schedule and collect latencies.
-pub async fn run(spec: BenchApiSpec) -> Result<BenchApiReport, String> {
+pub(crate) async fn run(spec: BenchApiSpec) -> Result<BenchApiReport, String> {
     if spec.rate == 0 || spec.paths.is_empty() || spec.connections == 0 {
         return Err("rate, paths and connections must be non-zero".into());
     }

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 /// What [`drain`] read.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct DrainReport {
+pub(crate) struct DrainReport {
     pub messages: u64,
     pub bytes: u64,
     pub seconds: f64,
@@ -16,7 +16,7 @@ pub struct DrainReport {
 /// group, no commits, payloads touched but not decoded; read in batches as
 /// `tally run` reads (`source/fetch.rs`). The broker-side limit
 /// for `make bench`. Fails after `timeout`.
-pub fn drain(
+pub(crate) fn drain(
     properties: &[(String, String)],
     topic: &str,
     timeout: Duration,

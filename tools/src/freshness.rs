@@ -15,7 +15,7 @@ use rdkafka::producer::{BaseRecord, Producer};
 use crate::api::{percentile, Conn};
 
 #[derive(Debug, Clone)]
-pub struct FreshnessSpec {
+pub(crate) struct FreshnessSpec {
     pub addr: SocketAddr,
     pub topic: String,
     pub probes: u64,
@@ -29,7 +29,7 @@ pub struct FreshnessSpec {
 }
 
 #[derive(Debug, Clone, Default)]
-pub struct FreshnessReport {
+pub(crate) struct FreshnessReport {
     pub probes: u64,
     pub visible: u64,
     /// Produce-to-visible latencies, milliseconds.
@@ -86,7 +86,7 @@ async fn await_visible(
     None
 }
 
-pub async fn run(
+pub(crate) async fn run(
     spec: FreshnessSpec,
     properties: &[(String, String)],
 ) -> Result<FreshnessReport, String> {

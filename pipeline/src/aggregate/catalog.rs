@@ -194,7 +194,7 @@ fn is_identifier(s: &str) -> bool {
 }
 
 /// Plan one rollup file and derive its definition.
-pub async fn plan_rollup(
+pub(crate) async fn plan_rollup(
     ctx: &datafusion::prelude::SessionContext,
     file: &Path,
     sql: &str,

@@ -21,11 +21,11 @@ use super::catalog::{ColumnKind, RollupDef, SqlCatalog};
 use super::AggregateError;
 
 /// Physical plans are rebuilt after this many executions.
-pub const REPLAN_EVERY: u32 = 1024;
+pub(crate) const REPLAN_EVERY: u32 = 1024;
 
 /// The `events` table: whatever batches are in the slot when a plan executes.
 #[derive(Debug, Clone)]
-pub struct BatchSlot {
+pub(crate) struct BatchSlot {
     schema: SchemaRef,
     batches: Arc<Mutex<Vec<RecordBatch>>>,
 }
@@ -44,7 +44,9 @@ impl PartitionStream for BatchSlot {
 }
 
 /// A DataFusion session with `events` registered over a [`BatchSlot`].
-pub fn events_context(events: SchemaRef) -> Result<(SessionContext, BatchSlot), AggregateError> {
+pub(crate) fn events_context(
+    events: SchemaRef,
+) -> Result<(SessionContext, BatchSlot), AggregateError> {
     let config = SessionConfig::new()
         .with_target_partitions(1)
         .with_batch_size(65_536)
@@ -69,7 +71,7 @@ pub fn events_context(events: SchemaRef) -> Result<(SessionContext, BatchSlot), 
 }
 
 /// Context used only for planning (validation, `tally check`).
-pub fn planning_context(events: SchemaRef) -> Result<SessionContext, AggregateError> {
+pub(crate) fn planning_context(events: SchemaRef) -> Result<SessionContext, AggregateError> {
     events_context(events).map(|(ctx, _)| ctx)
 }
 
@@ -94,7 +96,7 @@ struct Planned {
 }
 
 /// Executes every rollup of a catalog on one batch at a time.
-pub struct RollupAggregator {
+pub(crate) struct RollupAggregator {
     ctx: SessionContext,
     slot: BatchSlot,
     rollups: Vec<Planned>,
@@ -110,7 +112,10 @@ impl std::fmt::Debug for RollupAggregator {
 
 impl RollupAggregator {
     /// Re-plans the catalog's SQL in this aggregator's own session.
-    pub async fn new(catalog: &SqlCatalog, events: SchemaRef) -> Result<Self, AggregateError> {
+    pub(crate) async fn new(
+        catalog: &SqlCatalog,
+        events: SchemaRef,
+    ) -> Result<Self, AggregateError> {
         let (ctx, slot) = events_context(events)?;
         let mut rollups = Vec::new();
         for def in &catalog.rollups {
@@ -139,12 +144,13 @@ impl RollupAggregator {
         Ok(RollupAggregator { ctx, slot, rollups })
     }
 
-    pub fn defs(&self) -> impl Iterator<Item = &RollupDef> {
+    #[cfg(test)]
+    pub(crate) fn defs(&self) -> impl Iterator<Item = &RollupDef> {
         self.rollups.iter().map(|p| &p.def)
     }
 
     /// Run every rollup over `batches` (the `events` table for this call).
-    pub async fn aggregate(
+    pub(crate) async fn aggregate(
         &mut self,
         batches: &[RecordBatch],
     ) -> Result<Vec<RollupOutput>, AggregateError> {
@@ -195,7 +201,7 @@ impl RollupAggregator {
 }
 
 /// Cast a raw SQL output batch to the rollup's canonical column types.
-pub fn canonical(
+pub(crate) fn canonical(
     def: &RollupDef,
     batch: &RecordBatch,
 ) -> Result<RecordBatch, datafusion::arrow::error::ArrowError> {

@@ -6,13 +6,13 @@
 //! - [`executor`] runs the planned SQL over a batch (registered as `events`).
 //! - [`rollup`] is the merge algebra, with a reference implementation.
 
-pub mod catalog;
-pub mod executor;
-pub mod rollup;
+pub(crate) mod catalog;
+pub(crate) mod executor;
+pub(crate) mod rollup;
 
-pub use catalog::{ColumnKind, RollupColumn, RollupDef, SqlCatalog};
-pub use executor::{RollupAggregator, RollupOutput};
-pub use rollup::MergeRule;
+pub(crate) use catalog::{ColumnKind, RollupDef, SqlCatalog};
+pub(crate) use executor::{RollupAggregator, RollupOutput};
+pub(crate) use rollup::MergeRule;
 
 use crate::error::ErrorKind;
 

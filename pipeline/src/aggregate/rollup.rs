@@ -5,12 +5,15 @@
 //! seen) is the identity of every rule. The serving store implements the same
 //! rules in SQL.
 
+#[cfg(test)]
 use std::collections::BTreeMap;
 
 use datafusion::arrow::array::{Array, AsArray};
 use datafusion::arrow::datatypes::{DataType, Float64Type, Int64Type};
+#[cfg(test)]
 use datafusion::arrow::record_batch::RecordBatch;
 
+#[cfg(test)]
 use super::catalog::RollupDef;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -81,22 +84,25 @@ impl Value {
     }
 }
 
+#[cfg(test)]
 /// Key of a rollup row: the key columns as text/integers.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum KeyPart {
+pub(crate) enum KeyPart {
     Int(i64),
     Text(String),
 }
 
+#[cfg(test)]
 /// An in-memory rollup: key -> measures, merged with the rollup's rules.
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct RollupTable {
+pub(crate) struct RollupTable {
     pub rows: BTreeMap<Vec<KeyPart>, Vec<Value>>,
 }
 
+#[cfg(test)]
 impl RollupTable {
     /// Merge canonical output rows of `def` into the table.
-    pub fn merge_batch(&mut self, def: &RollupDef, batch: &RecordBatch) {
+    pub(crate) fn merge_batch(&mut self, def: &RollupDef, batch: &RecordBatch) {
         let rules: Vec<_> = def.measures().iter().filter_map(|c| c.merge).collect();
         for i in 0..batch.num_rows() {
             let key: Vec<KeyPart> = (0..def.key_count)
@@ -113,7 +119,7 @@ impl RollupTable {
         }
     }
 
-    pub fn merge_row(&mut self, key: Vec<KeyPart>, rules: &[MergeRule], vals: Vec<Value>) {
+    pub(crate) fn merge_row(&mut self, key: Vec<KeyPart>, rules: &[MergeRule], vals: Vec<Value>) {
         match self.rows.get_mut(&key) {
             Some(existing) => {
                 for ((e, v), rule) in existing.iter_mut().zip(vals.iter()).zip(rules) {
@@ -127,7 +133,7 @@ impl RollupTable {
     }
 
     /// Merge another table into this one.
-    pub fn merge_table(&mut self, rules: &[MergeRule], other: &RollupTable) {
+    pub(crate) fn merge_table(&mut self, rules: &[MergeRule], other: &RollupTable) {
         for (k, v) in &other.rows {
             self.merge_row(k.clone(), rules, v.clone());
         }

@@ -89,7 +89,7 @@ impl Batch {
 /// already has, re-read from the system clock once a second: one clock read
 /// per message instead of two (the clock was 3% of replay CPU).
 #[derive(Debug, Clone, Copy)]
-pub struct WallClock {
+pub(crate) struct WallClock {
     base: Instant,
     base_ms: i64,
 }
@@ -104,7 +104,7 @@ impl Default for WallClock {
 }
 
 impl WallClock {
-    pub fn now_ms(&mut self, now: Instant) -> i64 {
+    pub(crate) fn now_ms(&mut self, now: Instant) -> i64 {
         let since = now.saturating_duration_since(self.base);
         if since >= Duration::from_secs(1) {
             *self = WallClock::default();

@@ -5,8 +5,8 @@
 mod json;
 mod schema;
 
-pub use json::{DecodeOutcome, RecordDecoder};
-pub use schema::{EventColumns, EventSchema};
+pub(crate) use json::RecordDecoder;
+pub(crate) use schema::{EventColumns, EventSchema};
 
 /// Why a message was rejected. The code is a bounded label set (metrics, DLQ).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -13,7 +13,7 @@ use regex::Regex;
 use crate::config::{FieldType, SchemaConfig};
 
 /// The time zone every timestamp carries.
-pub const UTC: &str = "UTC";
+pub(super) const UTC: &str = "UTC";
 
 #[derive(Debug, Clone)]
 pub struct SchemaField {
@@ -104,7 +104,7 @@ impl EventSchema {
     }
 }
 
-pub fn arrow_type(t: FieldType) -> DataType {
+pub(super) fn arrow_type(t: FieldType) -> DataType {
     match t {
         FieldType::String => DataType::Utf8,
         FieldType::Int64 => DataType::Int64,

@@ -25,7 +25,7 @@ use sweeper::OrphanSweeper;
 
 /// Everything built from settings before consuming: fails fast on bad SQL,
 /// bad schema or an unreachable serving store.
-pub struct Stages {
+pub(crate) struct Stages {
     pub settings: Settings,
     pub schema: EventSchema,
     pub catalog: SqlCatalog,
@@ -36,7 +36,9 @@ pub struct Stages {
 impl Stages {
     /// The event schema and the rollups planned from `sql.rollups_dir`:
     /// what every command starts from.
-    pub async fn definitions(settings: &Settings) -> Result<(EventSchema, SqlCatalog), Error> {
+    pub(crate) async fn definitions(
+        settings: &Settings,
+    ) -> Result<(EventSchema, SqlCatalog), Error> {
         let schema = EventSchema::from_config(&settings.schema)?;
         let catalog = SqlCatalog::load(
             &settings.sql.rollups_dir,
@@ -49,7 +51,7 @@ impl Stages {
 
     /// The serving store of `serving.url` with the settings' tuning,
     /// its tables created or checked against `catalog`.
-    pub async fn open_store(
+    pub(crate) async fn open_store(
         settings: &Settings,
         catalog: &SqlCatalog,
     ) -> Result<ServingStore, Error> {
@@ -64,7 +66,7 @@ impl Stages {
     }
 
     /// Everything `tally run` and `tally replay` use.
-    pub async fn build(settings: Settings) -> Result<Stages, Error> {
+    pub(crate) async fn build(settings: Settings) -> Result<Stages, Error> {
         let (schema, catalog) = Stages::definitions(&settings).await?;
         let store = Stages::open_store(&settings, &catalog).await?;
         let location = ArchiveLocation::open(&settings.storage)?;
@@ -86,7 +88,7 @@ impl Stages {
 
 /// Totals for a run (logged at exit).
 #[derive(Debug, Default, Clone)]
-pub struct RunStats {
+pub(crate) struct RunStats {
     pub batches: u64,
     pub messages: u64,
     pub accepted: u64,
@@ -96,7 +98,7 @@ pub struct RunStats {
 }
 
 /// Run the pipeline until `shutdown` resolves.
-pub async fn run(
+pub(crate) async fn run(
     stages: Stages,
     metrics: Arc<Metrics>,
     shutdown: impl Future<Output = ()>,

@@ -306,8 +306,9 @@ mod sweep_cost {
     use crate::aggregate::SqlCatalog;
     use crate::batch::PartitionRange;
     use crate::decode::EventSchema;
+    use crate::sink::archive::FileKind;
+    use crate::sink::WrittenFile;
     use crate::sink::{CommitOutcome, CommitRequest};
-    use crate::sink::{FileKind, WrittenFile};
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     #[ignore]

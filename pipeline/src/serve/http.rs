@@ -26,13 +26,13 @@ use super::{ApiState, ServeError};
 type Shared = Arc<ApiState>;
 
 /// Longest id accepted in `video_id` / `event_type`.
-pub const MAX_ID_BYTES: usize = 256;
-pub const MAX_TOP_LIMIT: u32 = 1000;
+pub(crate) const MAX_ID_BYTES: usize = 256;
+pub(crate) const MAX_TOP_LIMIT: u32 = 1000;
 const MAX_LISTED_INVALID: usize = 1000;
 
 /// An error answer.
 #[derive(Debug)]
-pub struct ApiError {
+pub(crate) struct ApiError {
     status: StatusCode,
     code: &'static str,
     message: String,
@@ -81,7 +81,7 @@ impl IntoResponse for ApiError {
 
 type ApiResult = Result<Response, ApiError>;
 
-pub fn router(state: Shared) -> Router {
+pub(crate) fn router(state: Shared) -> Router {
     let max_body = state.cfg.max_body.as_usize();
     Router::new()
         .route("/v1/count", get(count))
@@ -340,7 +340,7 @@ fn parse_time(name: &str, v: &str) -> Result<i64, ApiError> {
         })
 }
 
-pub fn fmt_time(ms: i64) -> String {
+pub(crate) fn fmt_time(ms: i64) -> String {
     let format = if ms % 1000 == 0 {
         SecondsFormat::Secs
     } else {
@@ -782,25 +782,4 @@ async fn openapi() -> Response {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn ct_eq_matches_only_equal_strings() {
-        assert!(ct_eq(b"abcdefghijklmnop", b"abcdefghijklmnop"));
-        assert!(!ct_eq(b"abcdefghijklmnop", b"abcdefghijklmnoq"));
-        assert!(!ct_eq(b"abc", b"abcd"));
-        assert!(!ct_eq(b"", b"a"));
-    }
-
-    #[test]
-    fn times_format_as_rfc3339_utc() {
-        assert_eq!(fmt_time(0), "1970-01-01T00:00:00Z");
-        assert_eq!(fmt_time(1_500), "1970-01-01T00:00:01.500Z");
-        assert_eq!(
-            parse_time("start", "2026-11-28T10:00:00+01:00").ok(),
-            Some(1_795_856_400_000)
-        );
-        assert!(parse_time("start", "yesterday").is_err());
-    }
-}
+mod tests;

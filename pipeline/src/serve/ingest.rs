@@ -19,7 +19,7 @@ use super::ServeError;
 /// Split a body into events: a JSON array, or NDJSON (one object per line).
 /// The array is split at its top-level commas without building values, so
 /// each element reaches the decoder as its original bytes.
-pub fn split_events(body: &[u8]) -> Result<Vec<&[u8]>, String> {
+pub(crate) fn split_events(body: &[u8]) -> Result<Vec<&[u8]>, String> {
     let first = body.iter().position(|b| !b.is_ascii_whitespace());
     match first {
         None => Ok(Vec::new()),
@@ -102,7 +102,7 @@ fn split_array(body: &[u8], open: usize) -> Result<Vec<&[u8]>, String> {
 
 /// One refused event.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Invalid {
+pub(crate) struct Invalid {
     pub index: usize,
     pub reject: Reject,
 }
@@ -110,7 +110,7 @@ pub struct Invalid {
 /// Validate every event with the pipeline's decoder. Returns the first
 /// `max_listed` problems and the number of invalid events (memory stays
 /// bounded however many are invalid).
-pub fn validate(
+pub(crate) fn validate(
     decoder: &RecordDecoder,
     events: &[&[u8]],
     now_ms: i64,
@@ -162,7 +162,7 @@ impl ProducerContext for DeliveryContext {
 }
 
 /// The producer behind `POST /v1/events` (also the broker readiness probe).
-pub struct Ingest {
+pub(crate) struct Ingest {
     producer: Arc<BaseProducer<DeliveryContext>>,
     /// Tells the delivery-report poller to stop; it drops the producer then.
     stop: Arc<AtomicBool>,
@@ -174,13 +174,13 @@ pub struct Ingest {
 
 /// A produce that did not fully succeed.
 #[derive(Debug)]
-pub struct ProduceFailure {
+pub(crate) struct ProduceFailure {
     pub acknowledged: usize,
     pub message: String,
 }
 
 impl Ingest {
-    pub fn new(settings: &Settings) -> Result<Ingest, ServeError> {
+    pub(crate) fn new(settings: &Settings) -> Result<Ingest, ServeError> {
         let mut cc = crate::source::client::config(
             &settings.kafka.properties,
             crate::source::client::Role::Producer,
@@ -232,7 +232,7 @@ impl Ingest {
     }
 
     /// Produce every event; Ok only when the broker acknowledged all of them.
-    pub async fn produce(&self, events: &[&[u8]]) -> Result<usize, ProduceFailure> {
+    pub(crate) async fn produce(&self, events: &[&[u8]]) -> Result<usize, ProduceFailure> {
         let started = Instant::now();
         let deadline = started + self.timeout;
         let mut pending = Vec::with_capacity(events.len());
@@ -291,7 +291,7 @@ impl Ingest {
     }
 
     /// Can the broker be reached (topic metadata within `timeout`)?
-    pub fn broker_reachable(&self, timeout: Duration) -> bool {
+    pub(crate) fn broker_reachable(&self, timeout: Duration) -> bool {
         match self
             .producer
             .client()

@@ -6,14 +6,14 @@
 //! - [`ingest`]: `POST /v1/events` through the idempotent producer.
 //! - [`http`]: routes, parameters, errors, tokens, limits.
 
-pub mod http;
-pub mod ingest;
+pub(crate) mod http;
+pub(crate) mod ingest;
 mod openapi;
-pub mod reader;
+pub(crate) mod reader;
 mod server;
 #[cfg(test)]
 mod tests;
-pub mod tiers;
+pub(crate) mod tiers;
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -26,8 +26,8 @@ use crate::decode::{EventSchema, RecordDecoder};
 use crate::error::{ErrorKind, RetryHint};
 use crate::metrics::Metrics;
 
-pub use reader::Reader;
-pub use tiers::Tiers;
+pub(crate) use reader::Reader;
+pub(crate) use tiers::Tiers;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -61,7 +61,7 @@ impl ServeError {
 }
 
 /// Everything the handlers share.
-pub struct ApiState {
+pub(crate) struct ApiState {
     pub cfg: ApiConfig,
     pub reader: Reader,
     pub ingest: ingest::Ingest,
@@ -76,7 +76,7 @@ pub struct ApiState {
 impl ApiState {
     /// Resolve the API rollups and open the read pool. Fails fast on a bad
     /// `api.*` key or an unreadable store.
-    pub async fn build(
+    pub(crate) async fn build(
         settings: &Settings,
         catalog: &SqlCatalog,
         schema: &EventSchema,
@@ -101,7 +101,7 @@ impl ApiState {
 
 /// Bind `api.listen` now (so a taken port fails startup), then serve until
 /// `shutdown` resolves.
-pub async fn bind(
+pub(crate) async fn bind(
     state: Arc<ApiState>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<impl Future<Output = Result<(), ServeError>>, ServeError> {
@@ -142,7 +142,7 @@ pub async fn bind(
 
 /// Loud warnings for an API that is half protected: tokens for one
 /// direction and none for the other usually means the other was forgotten.
-pub fn auth_warnings(cfg: &ApiConfig) -> Vec<String> {
+pub(crate) fn auth_warnings(cfg: &ApiConfig) -> Vec<String> {
     let (read, write) = (cfg.read_tokens.0.is_empty(), cfg.write_tokens.0.is_empty());
     let mut out = Vec::new();
     if write && !read {
@@ -170,7 +170,7 @@ pub(crate) fn blocking<T>(f: impl FnOnce() -> T) -> T {
 }
 
 /// `tally serve`: the API alone over an existing serving store.
-pub async fn serve_standalone(
+pub(crate) async fn serve_standalone(
     settings: Settings,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), crate::Error> {

@@ -42,7 +42,7 @@ fn get_op(summary: &str, params: Vec<Value>, ok: &str) -> Value {
     json!({"get": {"summary": summary, "parameters": params, "security": [{"read": []}, {}], "responses": responses}})
 }
 
-pub fn document() -> Value {
+pub(super) fn document() -> Value {
     let video = || id_param("video_id", true, "Video id.");
     let etype = || id_param("event_type", false, "Event type; omitted means all types.");
     json!({

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-pub use crate::sink::serving::Totals;
+pub(crate) use crate::sink::serving::Totals;
 use crate::sink::serving::{quote, Arg, ReadPool};
 
 use super::tiers::{Segment, Tiers};
@@ -87,7 +87,7 @@ const AS_OF_TTL: Duration = Duration::from_millis(100);
 
 /// Read access to the API rollups.
 #[derive(Debug)]
-pub struct Reader {
+pub(crate) struct Reader {
     pool: ReadPool,
     pub tiers: Tiers,
     sql: Vec<TierSql>,
@@ -102,7 +102,7 @@ fn store_err(e: crate::sink::SinkError) -> ServeError {
 impl Reader {
     /// Open `connections` read-only connections to the store at `url`
     /// (PostgreSQL: a pool of that size, connected on first use).
-    pub fn open(
+    pub(crate) fn open(
         url: &str,
         connections: usize,
         tiers: Tiers,
@@ -124,7 +124,7 @@ impl Reader {
     }
 
     /// See [`crate::sink::ServingStore::as_of`]; at most [`AS_OF_TTL`] old.
-    pub async fn as_of(&self) -> Result<Option<i64>, ServeError> {
+    pub(crate) async fn as_of(&self) -> Result<Option<i64>, ServeError> {
         if let Ok(cache) = self.as_of_cache.lock() {
             if let Some((at, v)) = *cache {
                 if at.elapsed() < AS_OF_TTL {
@@ -141,7 +141,7 @@ impl Reader {
 
     /// Totals for one video (one or all event types) over planned segments,
     /// in one statement: a `UNION ALL` of one index range per segment.
-    pub async fn totals(
+    pub(crate) async fn totals(
         &self,
         video: &str,
         event_type: Option<&str>,
@@ -197,7 +197,7 @@ impl Reader {
     }
 
     /// Per-bucket totals; buckets without rows are absent.
-    pub async fn series(
+    pub(crate) async fn series(
         &self,
         video: &str,
         event_type: Option<&str>,
@@ -235,7 +235,7 @@ impl Reader {
     }
 
     /// The `limit` videos with the most events over planned segments.
-    pub async fn top(
+    pub(crate) async fn top(
         &self,
         event_type: Option<&str>,
         plan: &[Segment],
@@ -277,7 +277,7 @@ impl Reader {
     }
 
     /// A trivial query: is the store readable?
-    pub async fn ping(&self) -> Result<(), ServeError> {
+    pub(crate) async fn ping(&self) -> Result<(), ServeError> {
         self.pool.ping().await.map_err(store_err)
     }
 }

@@ -16,7 +16,7 @@ use tokio::sync::{watch, Semaphore};
 /// How long shutdown waits for open connections to finish their requests.
 const DRAIN: Duration = Duration::from_secs(10);
 
-pub async fn serve(
+pub(super) async fn serve(
     listener: TcpListener,
     app: Router,
     header_timeout: Duration,

@@ -13,10 +13,10 @@ use crate::aggregate::{ColumnKind, MergeRule, RollupDef, SqlCatalog};
 use super::ServeError;
 
 /// The columns every API rollup has.
-pub const VIDEO: &str = "video_id";
-pub const EVENT_TYPE: &str = "event_type";
+pub(crate) const VIDEO: &str = "video_id";
+pub(crate) const EVENT_TYPE: &str = "event_type";
 /// (name, kind, merge rule) of the measures every API rollup has.
-pub const MEASURES: &[(&str, ColumnKind, MergeRule)] = &[
+pub(crate) const MEASURES: &[(&str, ColumnKind, MergeRule)] = &[
     ("events", ColumnKind::Int, MergeRule::Sum),
     ("value_sum", ColumnKind::Real, MergeRule::Sum),
     ("value_count", ColumnKind::Int, MergeRule::Sum),
@@ -25,7 +25,7 @@ pub const MEASURES: &[(&str, ColumnKind, MergeRule)] = &[
 ];
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Tier {
+pub(crate) struct Tier {
     pub rollup: String,
     pub window: String,
     pub width_ms: i64,
@@ -33,7 +33,7 @@ pub struct Tier {
 
 /// One piece of a planned range: rows of `tiers[tier]` with window start in `[lo, hi)`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Segment {
+pub(crate) struct Segment {
     pub tier: usize,
     pub lo: i64,
     pub hi: i64,
@@ -41,12 +41,12 @@ pub struct Segment {
 
 /// The API rollups, coarsest first.
 #[derive(Debug, Clone)]
-pub struct Tiers {
+pub(crate) struct Tiers {
     pub tiers: Vec<Tier>,
 }
 
 /// Human name of a window width: `1m`, `1h`, `1d`, `15m`...
-pub fn width_name(ms: i64) -> String {
+pub(crate) fn width_name(ms: i64) -> String {
     if ms % 86_400_000 == 0 {
         format!("{}d", ms / 86_400_000)
     } else if ms % 3_600_000 == 0 {
@@ -99,7 +99,10 @@ fn check_def(def: &RollupDef) -> Result<(), String> {
 
 impl Tiers {
     /// Resolve `api.rollups` against the SQL catalog.
-    pub fn from_catalog(names: &[String], catalog: &SqlCatalog) -> Result<Tiers, ServeError> {
+    pub(crate) fn from_catalog(
+        names: &[String],
+        catalog: &SqlCatalog,
+    ) -> Result<Tiers, ServeError> {
         let config = |message: String| ServeError::Config {
             key: "api.rollups".into(),
             message,
@@ -149,12 +152,12 @@ impl Tiers {
         Ok(Tiers { tiers })
     }
 
-    pub fn finest_ms(&self) -> i64 {
+    pub(crate) fn finest_ms(&self) -> i64 {
         self.tiers.last().map_or(1, |t| t.width_ms)
     }
 
     /// `1d, 1h, 1m`.
-    pub fn granularities(&self) -> String {
+    pub(crate) fn granularities(&self) -> String {
         self.tiers
             .iter()
             .map(|t| width_name(t.width_ms))
@@ -164,7 +167,11 @@ impl Tiers {
 
     /// Split `[start, end)` into whole windows of the coarsest possible tiers.
     /// Errors name the misaligned bound.
-    pub fn plan(&self, start: i64, end: i64) -> Result<Vec<Segment>, (&'static str, String)> {
+    pub(crate) fn plan(
+        &self,
+        start: i64,
+        end: i64,
+    ) -> Result<Vec<Segment>, (&'static str, String)> {
         let finest = self.finest_ms();
         for (name, t) in [("start", start), ("end", end)] {
             if t.rem_euclid(finest) != 0 {
@@ -212,7 +219,7 @@ impl Tiers {
     }
 
     /// The coarsest tier whose width divides `granularity_ms` (series buckets).
-    pub fn series_tier(&self, granularity_ms: i64) -> Option<usize> {
+    pub(crate) fn series_tier(&self, granularity_ms: i64) -> Option<usize> {
         self.tiers
             .iter()
             .position(|t| granularity_ms % t.width_ms == 0)

@@ -32,7 +32,6 @@ use datafusion::arrow::datatypes::{
     DataType, Field, Schema, SchemaRef, TimeUnit, TimestampMillisecondType,
 };
 use datafusion::arrow::record_batch::RecordBatch;
-use futures::StreamExt;
 use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use parquet::arrow::ArrowWriter;
@@ -43,8 +42,8 @@ use super::location::{ArchiveLocation, S3Location};
 use super::SinkError;
 use crate::batch::{Batch, DeadLetter};
 
-pub const RAW_PREFIX: &str = "raw/events";
-pub const DLQ_PREFIX: &str = "dlq";
+pub(crate) const RAW_PREFIX: &str = "raw/events";
+pub(crate) const DLQ_PREFIX: &str = "dlq";
 /// Part size of multipart uploads (S3's minimum is 5 MiB).
 const PART_BYTES: usize = 16 << 20;
 
@@ -76,7 +75,7 @@ pub struct WrittenFile {
 }
 
 /// Schema of the dead-letter dataset.
-pub fn dead_letter_schema() -> SchemaRef {
+pub(crate) fn dead_letter_schema() -> SchemaRef {
     Arc::new(Schema::new(vec![
         Field::new("reason", DataType::Utf8, false),
         Field::new("detail", DataType::Utf8, false),
@@ -94,7 +93,7 @@ pub fn dead_letter_schema() -> SchemaRef {
 }
 
 #[derive(Debug, Clone)]
-pub struct ParquetArchiveSink {
+pub(crate) struct ParquetArchiveSink {
     store: Arc<dyn ObjectStore>,
     time_index: usize,
     props: WriterProperties,
@@ -112,7 +111,13 @@ pub struct ParquetArchiveSink {
 
 /// File name for a partition's offset range written by `writer`:
 /// `<topic>-p00003-<first>-<last>-w<writer>.parquet`.
-pub fn file_name(topic: &str, partition: i32, first: i64, last: i64, writer: &str) -> String {
+pub(crate) fn file_name(
+    topic: &str,
+    partition: i32,
+    first: i64,
+    last: i64,
+    writer: &str,
+) -> String {
     let topic: String = topic
         .chars()
         .map(|c| {
@@ -128,7 +133,7 @@ pub fn file_name(topic: &str, partition: i32, first: i64, last: i64, writer: &st
 
 /// Parse a (possibly hidden, in-progress) archive file name.
 /// Returns (topic, partition, first, last, in_progress).
-pub fn parse_file_name(name: &str) -> Option<(String, i32, i64, i64, bool)> {
+pub(crate) fn parse_file_name(name: &str) -> Option<(String, i32, i64, i64, bool)> {
     let (core, in_progress) = match name
         .strip_prefix('.')
         .and_then(|n| n.strip_suffix(".inprogress"))
@@ -202,7 +207,7 @@ fn ymd_h(ms: i64) -> (String, String) {
 }
 
 impl ParquetArchiveSink {
-    pub fn new(
+    pub(crate) fn new(
         store: Arc<dyn ObjectStore>,
         time_index: usize,
         zstd_level: i32,
@@ -232,7 +237,7 @@ impl ParquetArchiveSink {
     }
 
     /// The archive at `location` (a local directory or S3).
-    pub fn open(
+    pub(crate) fn open(
         location: &ArchiveLocation,
         time_index: usize,
         zstd_level: i32,
@@ -246,7 +251,8 @@ impl ParquetArchiveSink {
     }
 
     /// An archive rooted at a local directory.
-    pub fn local(
+    #[cfg(test)]
+    pub(crate) fn local(
         data_dir: &std::path::Path,
         time_index: usize,
         zstd_level: i32,
@@ -259,12 +265,8 @@ impl ParquetArchiveSink {
         )
     }
 
-    pub fn store(&self) -> Arc<dyn ObjectStore> {
-        self.store.clone()
-    }
-
     /// The archive root, for logs.
-    pub fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         match (&self.s3, &self.local_root) {
             (Some(s3), _) => format!("s3://{}/{}", s3.bucket, s3.prefix),
             (None, Some(root)) => root.display().to_string(),
@@ -275,7 +277,7 @@ impl ParquetArchiveSink {
     /// Encode and write every file of a batch. Nothing is visible until its
     /// rename; on error, already written files of this batch are returned to
     /// the caller through [`Self::delete`] on retry (names are deterministic).
-    pub async fn write_batch(&self, batch: &Batch) -> Result<Vec<WrittenFile>, SinkError> {
+    pub(crate) async fn write_batch(&self, batch: &Batch) -> Result<Vec<WrittenFile>, SinkError> {
         let encoded = {
             let this = self.clone();
             let batch = batch.clone();
@@ -498,360 +500,6 @@ impl ParquetArchiveSink {
             }
         }
     }
-
-    /// Delete files (a fenced batch's output). Missing files are fine.
-    pub async fn delete(&self, paths: &[String]) -> Result<(), SinkError> {
-        for p in paths {
-            match self.store.delete(&ObjectPath::from(p.as_str())).await {
-                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
-                Err(e) => {
-                    return Err(SinkError::ObjectStore {
-                        path: p.clone(),
-                        source: Box::new(e),
-                    })
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// Single-writer cleanup (`tally replay`): delete in-progress files and
-    /// complete files starting at or beyond the partition's committed next
-    /// offset (`None`: nothing committed yet). Returns the deleted paths.
-    pub async fn remove_orphans(
-        &self,
-        topic: &str,
-        committed_next: &HashMap<i32, Option<i64>>,
-    ) -> Result<Vec<String>, SinkError> {
-        self.sweep(topic, committed_next, true, |p, first, in_progress, _| {
-            in_progress
-                || committed_next
-                    .get(&p)
-                    .is_some_and(|next| next.is_none_or(|n| first >= n))
-        })
-        .await
-    }
-
-    /// At assignment, with other writers possibly alive (a zombie): delete
-    /// only in-progress and staging files of `partitions`. Safe: a writer whose
-    /// hidden file disappears fails its rename and retries the batch.
-    pub async fn remove_in_progress(
-        &self,
-        topic: &str,
-        partitions: &HashMap<i32, Option<i64>>,
-    ) -> Result<Vec<String>, SinkError> {
-        self.sweep(topic, partitions, true, |p, _, in_progress, _| {
-            in_progress && partitions.contains_key(&p)
-        })
-        .await
-    }
-
-    /// Delete the complete files of each partition in `committed` (its next
-    /// offset) that start below it and that `record` does not hold as
-    /// committed. Their writers can never commit them: a commit needs the
-    /// stored offset to equal its batch start, which is below the committed
-    /// offset, and stored offsets only grow. One listing for all partitions,
-    /// limited by `scope`; candidates are checked against `record` a
-    /// thousand at a time, so memory does not grow with the archive.
-    pub async fn remove_dead(
-        &self,
-        topic: &str,
-        committed: &HashMap<i32, i64>,
-        scope: SweepScope,
-        record: &impl CommittedFiles,
-    ) -> Result<Vec<String>, SinkError> {
-        const CHECK: usize = 1_000;
-        let mut doomed = Vec::new();
-        let mut candidates = Vec::new();
-        for prefix in [RAW_PREFIX, DLQ_PREFIX] {
-            // Raw files are dated by event time, which is at most
-            // `max_event_age` older than the write; dead letters by rejection time.
-            let dirs = match scope {
-                SweepScope::Full => vec![ObjectPath::from(prefix)],
-                SweepScope::Since {
-                    since_ms,
-                    max_event_age_ms,
-                } => {
-                    let age = if prefix == RAW_PREFIX {
-                        max_event_age_ms
-                    } else {
-                        0
-                    };
-                    let (oldest, _) = ymd_h(since_ms.saturating_sub(age).saturating_sub(DAY_MS));
-                    self.dated_dirs(prefix, &oldest, &mut candidates, topic, committed, scope)
-                        .await?
-                }
-            };
-            for dir in dirs {
-                let mut list = self.store.list(Some(&dir));
-                while let Some(meta) = list.next().await {
-                    let meta = match meta {
-                        Ok(m) => m,
-                        Err(object_store::Error::NotFound { .. }) => break,
-                        Err(e) => {
-                            return Err(SinkError::ObjectStore {
-                                path: dir.to_string(),
-                                source: Box::new(e),
-                            })
-                        }
-                    };
-                    if is_dead_candidate(&meta, topic, committed, scope) {
-                        candidates.push(meta.location.to_string());
-                    }
-                    if candidates.len() >= CHECK {
-                        check_candidates(&mut candidates, record, &mut doomed).await?;
-                    }
-                }
-            }
-        }
-        check_candidates(&mut candidates, record, &mut doomed).await?;
-        if !doomed.is_empty() {
-            tracing::warn!(
-                files = doomed.len(),
-                "removing archive files of uncommitted batches"
-            );
-            self.delete(&doomed).await?;
-        }
-        Ok(doomed)
-    }
-
-    /// The `dt=YYYY-MM-DD` directories under `prefix` dated `oldest` or
-    /// later, and any other directory (listed whole, to be safe); files
-    /// directly under `prefix` go to `candidates` as they are found.
-    async fn dated_dirs(
-        &self,
-        prefix: &str,
-        oldest: &str,
-        candidates: &mut Vec<String>,
-        topic: &str,
-        committed: &HashMap<i32, i64>,
-        scope: SweepScope,
-    ) -> Result<Vec<ObjectPath>, SinkError> {
-        let listing = match self
-            .store
-            .list_with_delimiter(Some(&ObjectPath::from(prefix)))
-            .await
-        {
-            Ok(l) => l,
-            Err(object_store::Error::NotFound { .. }) => return Ok(Vec::new()),
-            Err(e) => {
-                return Err(SinkError::ObjectStore {
-                    path: prefix.to_string(),
-                    source: Box::new(e),
-                })
-            }
-        };
-        for meta in &listing.objects {
-            if is_dead_candidate(meta, topic, committed, scope) {
-                candidates.push(meta.location.to_string());
-            }
-        }
-        Ok(listing
-            .common_prefixes
-            .into_iter()
-            .filter(
-                |dir| match dir.filename().and_then(|n| n.strip_prefix("dt=")) {
-                    // `YYYY-MM-DD` sorts as it dates.
-                    Some(day) if day.len() == 10 && day.as_bytes()[4] == b'-' => day >= oldest,
-                    _ => true,
-                },
-            )
-            .collect())
-    }
-
-    /// Some complete raw or dead-letter file of `topic` in the archive, if
-    /// there is one (the listing stops at the first).
-    pub async fn any_file_of(&self, topic: &str) -> Result<Option<String>, SinkError> {
-        let wanted = file_name(topic, 0, 0, 0, "0");
-        let wanted = parse_file_name(&wanted)
-            .map(|(t, ..)| t)
-            .unwrap_or_default();
-        for prefix in [RAW_PREFIX, DLQ_PREFIX] {
-            let mut list = self.store.list(Some(&ObjectPath::from(prefix)));
-            while let Some(meta) = list.next().await {
-                let meta = match meta {
-                    Ok(m) => m,
-                    Err(object_store::Error::NotFound { .. }) => break,
-                    Err(e) => {
-                        return Err(SinkError::ObjectStore {
-                            path: prefix.to_string(),
-                            source: Box::new(e),
-                        })
-                    }
-                };
-                let Some(name) = meta.location.filename() else {
-                    continue;
-                };
-                if parse_file_name(name)
-                    .is_some_and(|(t, _, _, _, in_progress)| t == wanted && !in_progress)
-                {
-                    return Ok(Some(meta.location.to_string()));
-                }
-            }
-        }
-        Ok(None)
-    }
-
-    async fn sweep(
-        &self,
-        topic: &str,
-        staging_of: &HashMap<i32, Option<i64>>,
-        staging: bool,
-        doomed_if: impl Fn(i32, i64, bool, &str) -> bool,
-    ) -> Result<Vec<String>, SinkError> {
-        let mut doomed = Vec::new();
-        for prefix in [RAW_PREFIX, DLQ_PREFIX] {
-            let mut list = self.store.list(Some(&ObjectPath::from(prefix)));
-            while let Some(meta) = list.next().await {
-                let meta = match meta {
-                    Ok(m) => m,
-                    Err(object_store::Error::NotFound { .. }) => break,
-                    Err(e) => {
-                        return Err(SinkError::ObjectStore {
-                            path: prefix.to_string(),
-                            source: Box::new(e),
-                        })
-                    }
-                };
-                let Some(name) = meta.location.filename() else {
-                    continue;
-                };
-                let Some((t, p, first, _last, in_progress)) = parse_file_name(name) else {
-                    continue;
-                };
-                if t == topic && doomed_if(p, first, in_progress, meta.location.as_ref()) {
-                    doomed.push(meta.location.to_string());
-                }
-            }
-        }
-        if !doomed.is_empty() {
-            tracing::warn!(
-                files = doomed.len(),
-                "removing archive files of uncommitted batches"
-            );
-            self.delete(&doomed).await?;
-        }
-        if let (true, Some(s3)) = (staging, &self.s3) {
-            // Multipart uploads a crash left in progress: abort them, like staging files.
-            for prefix in [RAW_PREFIX, DLQ_PREFIX] {
-                let uploads =
-                    s3.list_uploads(prefix)
-                        .await
-                        .map_err(|e| SinkError::ObjectStore {
-                            path: format!("{prefix} (multipart uploads)"),
-                            source: Box::new(e),
-                        })?;
-                let ours: Vec<_> = uploads
-                    .into_iter()
-                    .filter(|u| {
-                        let name = u.key.rsplit('/').next().unwrap_or("");
-                        parse_file_name(name)
-                            .is_some_and(|(t, p, ..)| t == topic && staging_of.contains_key(&p))
-                    })
-                    .collect();
-                if !ours.is_empty() {
-                    tracing::warn!(
-                        uploads = ours.len(),
-                        "aborting multipart uploads left by a crash"
-                    );
-                }
-                for u in ours {
-                    let key = ObjectPath::from(u.key.as_str());
-                    match s3.multipart().abort_multipart(&key, &u.id).await {
-                        Ok(()) | Err(object_store::Error::NotFound { .. }) => {
-                            doomed.push(format!("{} (upload {})", u.key, u.id))
-                        }
-                        Err(e) => {
-                            return Err(SinkError::ObjectStore {
-                                path: u.key.clone(),
-                                source: Box::new(e),
-                            })
-                        }
-                    }
-                }
-            }
-        }
-        if let (true, Some(root)) = (staging, &self.local_root) {
-            for staged in staging_files(root, topic, staging_of) {
-                match std::fs::remove_file(&staged) {
-                    Ok(()) => doomed.push(staged.display().to_string()),
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                    Err(e) => {
-                        return Err(SinkError::ObjectStore {
-                            path: staged.display().to_string(),
-                            source: Box::new(object_store::Error::Generic {
-                                store: "local",
-                                source: Box::new(e),
-                            }),
-                        })
-                    }
-                }
-            }
-        }
-        Ok(doomed)
-    }
-}
-
-/// Which files a sweep for dead files looks at.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SweepScope {
-    /// The whole archive.
-    Full,
-    /// Files modified at or after `since_ms` (epoch ms, wall clock; the
-    /// caller leaves a margin), found in raw directories dated from
-    /// `max_event_age` before it and dead-letter directories from then on
-    /// (a day earlier each: a margin for a batch slow to reach its write).
-    Since {
-        since_ms: i64,
-        max_event_age_ms: i64,
-    },
-}
-
-const DAY_MS: i64 = 86_400_000;
-
-/// The serving store's record of committed archive files.
-#[allow(async_fn_in_trait)]
-pub trait CommittedFiles {
-    /// Those of `paths` recorded as committed.
-    async fn committed_among(
-        &self,
-        paths: &[String],
-    ) -> Result<std::collections::HashSet<String>, SinkError>;
-}
-
-/// A complete file of `topic` starting below its partition's committed
-/// offset (and, in a `Since` sweep, modified since then).
-fn is_dead_candidate(
-    meta: &object_store::ObjectMeta,
-    topic: &str,
-    committed: &HashMap<i32, i64>,
-    scope: SweepScope,
-) -> bool {
-    let Some(name) = meta.location.filename() else {
-        return false;
-    };
-    let Some((t, p, first, _last, in_progress)) = parse_file_name(name) else {
-        return false;
-    };
-    let recent = match scope {
-        SweepScope::Full => true,
-        SweepScope::Since { since_ms, .. } => meta.last_modified.timestamp_millis() >= since_ms,
-    };
-    t == topic && !in_progress && recent && committed.get(&p).is_some_and(|next| first < *next)
-}
-
-/// Move the candidates that `record` does not hold as committed to `doomed`.
-async fn check_candidates(
-    candidates: &mut Vec<String>,
-    record: &impl CommittedFiles,
-    doomed: &mut Vec<String>,
-) -> Result<(), SinkError> {
-    if candidates.is_empty() {
-        return Ok(());
-    }
-    let committed = record.committed_among(candidates).await?;
-    doomed.extend(candidates.drain(..).filter(|p| !committed.contains(p)));
-    Ok(())
 }
 
 fn dead_letter_batch(
@@ -887,178 +535,10 @@ fn dead_letter_batch(
     )
 }
 
-/// The source clears a crash's unfinished files before it reads a partition again.
-impl crate::source::UnfinishedFiles for ParquetArchiveSink {
-    fn remove_unfinished<'a>(
-        &'a self,
-        topic: &'a str,
-        partitions: &'a HashMap<i32, Option<i64>>,
-    ) -> futures::future::BoxFuture<'a, Result<usize, crate::source::offsets::StoreError>> {
-        Box::pin(async move { Ok(self.remove_in_progress(topic, partitions).await?.len()) })
-    }
-}
-
+mod cleanup;
 #[cfg(test)]
-mod tests {
-    use super::*;
+mod tests;
+#[cfg(test)]
+use cleanup::DAY_MS;
 
-    #[test]
-    fn file_names_round_trip() {
-        let n = file_name("video-events.v1", 3, 100, 199, "0a1b2c3d");
-        assert_eq!(
-            n,
-            "video-events.v1-p00003-00000000000000000100-00000000000000000199-w0a1b2c3d.parquet"
-        );
-        let old = "video-events.v1-p00003-00000000000000000100-00000000000000000199.parquet";
-        assert_eq!(
-            parse_file_name(old),
-            Some(("video-events.v1".into(), 3, 100, 199, false))
-        );
-        assert_eq!(
-            parse_file_name(&n),
-            Some(("video-events.v1".into(), 3, 100, 199, false))
-        );
-        let hidden = format!(".{n}.inprogress");
-        assert_eq!(
-            parse_file_name(&hidden),
-            Some(("video-events.v1".into(), 3, 100, 199, true))
-        );
-        assert_eq!(parse_file_name("README.md"), None);
-    }
-
-    #[test]
-    fn staging_files_of_a_crashed_put_are_found() {
-        let dir = tempfile::tempdir().unwrap();
-        let hour = dir.path().join(RAW_PREFIX).join("dt=2026-11-28/hour=09");
-        std::fs::create_dir_all(&hour).unwrap();
-        let ours = format!(".{}.inprogress#1", file_name("t", 0, 10, 19, "1"));
-        let other_topic = format!(".{}.inprogress#1", file_name("u", 0, 10, 19, "1"));
-        let other_partition = format!("{}#2", file_name("t", 1, 10, 19, "1"));
-        for n in [
-            &ours,
-            &other_topic,
-            &other_partition,
-            &file_name("t", 0, 0, 9, "1"),
-        ] {
-            std::fs::write(hour.join(n), b"x").unwrap();
-        }
-        let wanted: HashMap<i32, Option<i64>> = [(0, Some(10))].into_iter().collect();
-        assert_eq!(
-            staging_files(dir.path(), "t", &wanted),
-            vec![hour.join(&ours)]
-        );
-    }
-
-    /// A record of committed files that notes how many paths each check asked about.
-    struct Record(
-        std::collections::HashSet<String>,
-        std::sync::Mutex<Vec<usize>>,
-    );
-
-    impl CommittedFiles for Record {
-        async fn committed_among(
-            &self,
-            paths: &[String],
-        ) -> Result<std::collections::HashSet<String>, SinkError> {
-            self.1.lock().unwrap().push(paths.len());
-            Ok(paths
-                .iter()
-                .filter(|p| self.0.contains(*p))
-                .cloned()
-                .collect())
-        }
-    }
-
-    /// What each sweep scope removes: a bounded sweep finds the recent dead
-    /// files in recent (or undated) directories; a full one finds them all;
-    /// neither touches a recorded file, one at or beyond the committed
-    /// offset, another topic's or an in-progress one.
-    #[tokio::test]
-    #[allow(clippy::unwrap_used)]
-    async fn dead_files_are_found_in_the_scope_swept() {
-        let dir = tempfile::tempdir().unwrap();
-        let archive = ParquetArchiveSink::local(dir.path(), 2, 1).unwrap();
-        let now = Utc::now().timestamp_millis();
-        let (today, hh) = ymd_h(now);
-        let (old_day, _) = ymd_h(now - 30 * DAY_MS);
-        let recent_raw = format!("{RAW_PREFIX}/dt={today}/hour={hh}");
-        let put = |rel: &str, age_ms: i64| -> String {
-            let path = dir.path().join(rel);
-            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-            std::fs::write(&path, b"x").unwrap();
-            let when =
-                std::time::SystemTime::now() - std::time::Duration::from_millis(age_ms as u64);
-            std::fs::File::options()
-                .write(true)
-                .open(&path)
-                .unwrap()
-                .set_modified(when)
-                .unwrap();
-            rel.to_string()
-        };
-        let name = |t: &str, p: i32, first: i64| file_name(t, p, first, first + 9, "1");
-        let dead_recent = put(&format!("{recent_raw}/{}", name("t", 0, 100)), 0);
-        let recorded = put(&format!("{recent_raw}/{}", name("t", 0, 200)), 0);
-        let beyond = put(&format!("{recent_raw}/{}", name("t", 0, 1_000)), 0);
-        let other_topic = put(&format!("{recent_raw}/{}", name("u", 0, 100)), 0);
-        let in_progress = put(
-            &format!("{recent_raw}/.{}.inprogress", name("t", 0, 110)),
-            0,
-        );
-        let dead_old = put(&format!("{recent_raw}/{}", name("t", 0, 300)), 2 * DAY_MS);
-        let dead_in_old_dir = put(
-            &format!("{RAW_PREFIX}/dt={old_day}/hour=00/{}", name("t", 0, 400)),
-            0,
-        );
-        let dead_undated = put(&format!("{RAW_PREFIX}/backfill/{}", name("t", 0, 500)), 0);
-        let dead_letters = put(&format!("{DLQ_PREFIX}/dt={today}/{}", name("t", 0, 600)), 0);
-        let many: Vec<String> = (0..1_100)
-            .map(|i| put(&format!("{recent_raw}/{}", name("t", 1, i * 10)), 0))
-            .collect();
-        let record = Record([recorded.clone()].into_iter().collect(), Default::default());
-        let committed: HashMap<i32, i64> = [(0, 1_000), (1, 1_000_000)].into_iter().collect();
-        let sorted = |mut v: Vec<String>| {
-            v.sort();
-            v
-        };
-
-        let since = SweepScope::Since {
-            since_ms: now - 600_000,
-            max_event_age_ms: 7 * DAY_MS,
-        };
-        let removed = archive
-            .remove_dead("t", &committed, since, &record)
-            .await
-            .unwrap();
-        let mut want = vec![dead_recent, dead_undated, dead_letters];
-        want.extend(many);
-        assert_eq!(sorted(removed), sorted(want));
-        let checks = record.1.lock().unwrap().clone();
-        assert!(
-            checks.len() >= 2 && checks.iter().all(|n| *n <= 1_000),
-            "checked in chunks: {checks:?}"
-        );
-
-        let removed = archive
-            .remove_dead("t", &committed, SweepScope::Full, &record)
-            .await
-            .unwrap();
-        assert_eq!(sorted(removed), sorted(vec![dead_old, dead_in_old_dir]));
-        for kept in [recorded, beyond, other_topic, in_progress] {
-            assert!(dir.path().join(&kept).exists(), "{kept} was removed");
-        }
-        assert!(archive
-            .remove_dead("t", &committed, SweepScope::Full, &record)
-            .await
-            .unwrap()
-            .is_empty());
-    }
-
-    #[test]
-    fn hour_partition_names() {
-        assert_eq!(
-            ymd_h(1_764_300_000_000),
-            ("2025-11-28".to_string(), "03".to_string())
-        );
-    }
-}
+pub(crate) use cleanup::{CommittedFiles, SweepScope};

@@ -19,7 +19,7 @@ use crate::config::{ConfigError, StorageConfig};
 
 /// An S3 bucket holding the archive under `prefix`.
 #[derive(Debug, Clone)]
-pub struct S3Location {
+pub(crate) struct S3Location {
     pub bucket: String,
     /// Key prefix without leading or trailing '/'; may be empty.
     pub prefix: String,
@@ -34,7 +34,7 @@ pub struct S3Location {
 
 /// One multipart upload in progress.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Upload {
+pub(crate) struct Upload {
     /// Full object key (with the prefix).
     pub key: String,
     pub id: String,
@@ -42,7 +42,7 @@ pub struct Upload {
 
 impl S3Location {
     /// The full object key of an archive-relative path.
-    pub fn key(&self, rel: &str) -> object_store::path::Path {
+    pub(crate) fn key(&self, rel: &str) -> object_store::path::Path {
         if self.prefix.is_empty() {
             object_store::path::Path::from(rel)
         } else {
@@ -50,14 +50,14 @@ impl S3Location {
         }
     }
 
-    pub fn multipart(&self) -> Arc<dyn MultipartStore> {
+    pub(crate) fn multipart(&self) -> Arc<dyn MultipartStore> {
         self.bucket_store.clone()
     }
 
     /// The multipart uploads in progress under the archive-relative `rel`
     /// prefix (S3 ListMultipartUploads, signed with the store's credentials,
     /// all pages).
-    pub async fn list_uploads(&self, rel: &str) -> Result<Vec<Upload>, object_store::Error> {
+    pub(crate) async fn list_uploads(&self, rel: &str) -> Result<Vec<Upload>, object_store::Error> {
         use object_store::client::{HttpConnector, HttpRequestBody, ReqwestConnector};
         let generic = |e: String| object_store::Error::Generic {
             store: "S3",
@@ -171,7 +171,7 @@ fn parse_uploads(xml: &str) -> (Vec<Upload>, Option<(String, String)>) {
 }
 
 #[derive(Debug, Clone)]
-pub struct ArchiveLocation {
+pub(crate) struct ArchiveLocation {
     /// Rooted at the archive root: keys are `raw/events/…`, `dlq/…`, `rollups/…`.
     pub store: Arc<dyn ObjectStore>,
     pub local_root: Option<PathBuf>,
@@ -188,7 +188,7 @@ fn store_error(path: &str, e: object_store::Error) -> SinkError {
 impl ArchiveLocation {
     /// Open the configured archive. No network traffic: a wrong endpoint or
     /// missing bucket surfaces at the first write or read.
-    pub fn open(cfg: &StorageConfig) -> Result<ArchiveLocation, crate::Error> {
+    pub(crate) fn open(cfg: &StorageConfig) -> Result<ArchiveLocation, crate::Error> {
         if cfg.archive_url.is_empty() {
             return Ok(ArchiveLocation::local(&cfg.data_dir)?);
         }
@@ -257,7 +257,7 @@ impl ArchiveLocation {
     }
 
     /// An archive rooted at a local directory (created if missing).
-    pub fn local(dir: &Path) -> Result<ArchiveLocation, SinkError> {
+    pub(crate) fn local(dir: &Path) -> Result<ArchiveLocation, SinkError> {
         let io = |e: std::io::Error| {
             store_error(
                 &dir.display().to_string(),
@@ -280,7 +280,7 @@ impl ArchiveLocation {
 
     /// Where an archive-relative path lives, as DataFusion (and analysts)
     /// address it: an absolute file path, or `s3://bucket/prefix/rel`.
-    pub fn url(&self, rel: &str) -> String {
+    pub(crate) fn url(&self, rel: &str) -> String {
         match (&self.s3, &self.local_root) {
             (Some(s3), _) => format!("s3://{}/{}", s3.bucket, s3.key(rel)),
             (None, Some(root)) => root.join(rel).display().to_string(),
@@ -289,7 +289,7 @@ impl ArchiveLocation {
     }
 
     /// Make [`Self::url`]s readable by `ctx` (S3 needs its store registered).
-    pub fn register(&self, ctx: &SessionContext) -> Result<(), SinkError> {
+    pub(crate) fn register(&self, ctx: &SessionContext) -> Result<(), SinkError> {
         if let Some(s3) = &self.s3 {
             let url = ObjectStoreUrl::parse(format!("s3://{}", s3.bucket)).map_err(|e| {
                 SinkError::ObjectStore {
@@ -306,7 +306,7 @@ impl ArchiveLocation {
     }
 
     /// For logs: the directory or the s3:// URL of the archive root.
-    pub fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         match (&self.s3, &self.local_root) {
             (Some(s3), _) if s3.prefix.is_empty() => format!("s3://{}", s3.bucket),
             (Some(s3), _) => format!("s3://{}/{}", s3.bucket, s3.prefix),

@@ -2,13 +2,13 @@
 //! Parquet on object storage; [`serving`] merges rollups and advances offsets
 //! in one transaction (the exactly-once fence).
 
-pub mod archive;
-pub mod location;
-pub mod serving;
+pub(crate) mod archive;
+pub(crate) mod location;
+pub(crate) mod serving;
 
-pub use archive::{FileKind, ParquetArchiveSink, WrittenFile};
-pub use location::ArchiveLocation;
-pub use serving::{CommitOutcome, CommitRequest, ServingStore};
+pub(crate) use archive::{ParquetArchiveSink, WrittenFile};
+pub(crate) use location::ArchiveLocation;
+pub(crate) use serving::{CommitOutcome, CommitRequest, ServingStore};
 
 use crate::error::{ErrorKind, RetryHint};
 

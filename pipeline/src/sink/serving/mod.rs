@@ -14,7 +14,7 @@
 //! 4. advances the offsets and the counters.
 
 mod postgres;
-pub mod reads;
+pub(crate) mod reads;
 mod schema;
 mod sqlite;
 #[cfg(test)]
@@ -29,10 +29,9 @@ use crate::batch::PartitionRange;
 use crate::serve::blocking;
 use crate::source::offsets::{LockGuard, Positions, StoreError};
 use postgres::{PgReplace, PgStore};
-pub use reads::{Arg, ReadPool, Totals};
+pub(crate) use reads::{Arg, ReadPool, Totals};
 pub(crate) use schema::quote;
-pub use schema::{delta_table, merged_view, number_placeholders, Dialect};
-pub use sqlite::SQLITE_PAGE_SIZE;
+pub(crate) use schema::{delta_table, Dialect};
 use sqlite::{SqliteReplace, SqliteStore};
 
 /// The outcome of a commit attempt.
@@ -83,7 +82,7 @@ pub struct FoldStats {
 }
 
 /// Rows of one rollup table, columns in the rollup's order.
-pub type TableRows = Vec<Vec<Cell>>;
+pub(crate) type TableRows = Vec<Vec<Cell>>;
 
 /// Held while a `tally replay` (or a manual assignment) runs (see
 /// [`ServingStore::lock_source`]).
@@ -470,7 +469,7 @@ impl ServingStore {
 }
 
 /// The URL without its password, for messages.
-pub fn redact(url: &str) -> String {
+pub(crate) fn redact(url: &str) -> String {
     let url = match (url.find("://"), url.rfind('@')) {
         (Some(s), Some(at)) if at > s => {
             let creds = &url[s + 3..at];
@@ -503,7 +502,7 @@ pub fn redact(url: &str) -> String {
 /// committed event and when it was last read to its end): the earliest of
 /// them, and none while any partition has neither (registered at assignment,
 /// nothing committed or caught up yet): never claim data not yet read.
-pub fn complete_up_to(partitions: impl IntoIterator<Item = Option<i64>>) -> Option<i64> {
+pub(crate) fn complete_up_to(partitions: impl IntoIterator<Item = Option<i64>>) -> Option<i64> {
     let mut out: Option<i64> = None;
     for t in partitions {
         let t = t?;

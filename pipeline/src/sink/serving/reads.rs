@@ -12,7 +12,7 @@ use super::{complete_up_to, postgres, redact, sqlite, SinkError};
 
 /// count / sum / value count / min / max over some rows.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
-pub struct Totals {
+pub(crate) struct Totals {
     pub events: i64,
     pub value_sum: f64,
     pub value_count: i64,
@@ -21,35 +21,21 @@ pub struct Totals {
 }
 
 impl Totals {
-    pub fn merge(&mut self, o: &Totals) {
-        self.events += o.events;
-        self.value_sum += o.value_sum;
-        self.value_count += o.value_count;
-        self.value_min = match (self.value_min, o.value_min) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
-        self.value_max = match (self.value_max, o.value_max) {
-            (Some(a), Some(b)) => Some(a.max(b)),
-            (a, b) => a.or(b),
-        };
-    }
-
-    pub fn avg(&self) -> Option<f64> {
+    pub(crate) fn avg(&self) -> Option<f64> {
         (self.value_count > 0).then(|| self.value_sum / self.value_count as f64)
     }
 }
 
 /// A bound value of a read statement.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Arg {
+pub(crate) enum Arg {
     Int(i64),
     Text(String),
 }
 
 /// Read connections to a serving store (see the module docs).
 #[derive(Debug)]
-pub struct ReadPool {
+pub(crate) struct ReadPool {
     backend: Backend,
 }
 
@@ -62,7 +48,7 @@ enum Backend {
 impl ReadPool {
     /// `connections` read-only connections to the store at `url`
     /// (PostgreSQL: a pool of that size, connected on first use).
-    pub fn open(url: &str, connections: usize) -> Result<ReadPool, SinkError> {
+    pub(crate) fn open(url: &str, connections: usize) -> Result<ReadPool, SinkError> {
         let open_err = |message: String| SinkError::Open {
             url: redact(url),
             message,
@@ -83,7 +69,7 @@ impl ReadPool {
 
     /// The quoted tables that hold `rollup`'s rows: the rollup table and,
     /// on SQLite, its delta table. Every read sums over all of them.
-    pub fn tables_of(&self, rollup: &str) -> Vec<String> {
+    pub(crate) fn tables_of(&self, rollup: &str) -> Vec<String> {
         let mut tables = vec![super::quote(rollup)];
         if matches!(self.backend, Backend::Sqlite(_)) {
             tables.push(super::quote(&super::delta_table(rollup)));
@@ -92,7 +78,7 @@ impl ReadPool {
     }
 
     /// A statement whose one row is five measures (see [`Totals`]).
-    pub async fn totals(&self, text: &str, args: Vec<Arg>) -> Result<Totals, SinkError> {
+    pub(crate) async fn totals(&self, text: &str, args: Vec<Arg>) -> Result<Totals, SinkError> {
         match &self.backend {
             Backend::Sqlite(s) => s.totals(text, args),
             Backend::Postgres(p) => p.totals(text, args).await,
@@ -100,7 +86,7 @@ impl ReadPool {
     }
 
     /// A statement whose rows are a bucket start and five measures.
-    pub async fn bucket_totals(
+    pub(crate) async fn bucket_totals(
         &self,
         text: &str,
         args: Vec<Arg>,
@@ -112,7 +98,7 @@ impl ReadPool {
     }
 
     /// A statement whose rows are a name and a count.
-    pub async fn counts(
+    pub(crate) async fn counts(
         &self,
         text: &str,
         args: Vec<Arg>,
@@ -124,7 +110,7 @@ impl ReadPool {
     }
 
     /// See [`super::ServingStore::as_of`].
-    pub async fn as_of(&self, topic: &str) -> Result<Option<i64>, SinkError> {
+    pub(crate) async fn as_of(&self, topic: &str) -> Result<Option<i64>, SinkError> {
         let rows = match &self.backend {
             Backend::Sqlite(s) => s.as_of_rows(topic)?,
             Backend::Postgres(p) => p.as_of_rows(topic).await?,
@@ -133,7 +119,7 @@ impl ReadPool {
     }
 
     /// A trivial query: is the store readable?
-    pub async fn ping(&self) -> Result<(), SinkError> {
+    pub(crate) async fn ping(&self) -> Result<(), SinkError> {
         match &self.backend {
             Backend::Sqlite(s) => s.ping(),
             Backend::Postgres(p) => p.ping().await,

@@ -106,7 +106,7 @@ impl Dialect {
 }
 
 /// `?` -> `$n` (in order) and `?N` -> `$N`, outside quoted strings and identifiers.
-pub fn number_placeholders(text: &str) -> String {
+pub(crate) fn number_placeholders(text: &str) -> String {
     let mut out = String::with_capacity(text.len() + 16);
     let mut n = 0;
     let mut quote: Option<char> = None;
@@ -163,12 +163,12 @@ pub(super) struct TableSpec {
 
 /// The SQLite view of rollup table `table` that merges in its delta table:
 /// one row per key, as the API reads them.
-pub fn merged_view(table: &str) -> String {
+pub(crate) fn merged_view(table: &str) -> String {
     format!("{table}__merged")
 }
 
 /// The SQLite delta table of rollup table `table` (see [`SqliteWriter`]).
-pub fn delta_table(table: &str) -> String {
+pub(crate) fn delta_table(table: &str) -> String {
     format!("{table}__delta")
 }
 

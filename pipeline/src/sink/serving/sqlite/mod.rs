@@ -23,7 +23,7 @@ pub(super) use writer::DEFAULT_FOLD_ROWS;
 use writer::{merge_rows, SqliteWriter};
 
 /// Page size of a new SQLite serving store (SQLite's largest).
-pub const SQLITE_PAGE_SIZE: u32 = 65_536;
+pub(crate) const SQLITE_PAGE_SIZE: u32 = 65_536;
 
 #[derive(Debug, Clone)]
 pub(super) struct SqliteStore {

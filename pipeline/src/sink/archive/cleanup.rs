@@ -1,0 +1,379 @@
+//! Removing what a crash or a fenced writer left in the archive: files of
+//! batches that never committed (in progress, staged or complete) and
+//! multipart uploads never completed. A file a committed record names is
+//! never removed.
+
+use std::collections::HashMap;
+
+use futures::StreamExt;
+use object_store::path::Path as ObjectPath;
+use object_store::{ObjectStore, ObjectStoreExt};
+
+use super::*;
+
+impl ParquetArchiveSink {
+    /// Delete files (a fenced batch's output). Missing files are fine.
+    pub(crate) async fn delete(&self, paths: &[String]) -> Result<(), SinkError> {
+        for p in paths {
+            match self.store.delete(&ObjectPath::from(p.as_str())).await {
+                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => {
+                    return Err(SinkError::ObjectStore {
+                        path: p.clone(),
+                        source: Box::new(e),
+                    })
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Single-writer cleanup (`tally replay`): delete in-progress files and
+    /// complete files starting at or beyond the partition's committed next
+    /// offset (`None`: nothing committed yet). Returns the deleted paths.
+    pub(crate) async fn remove_orphans(
+        &self,
+        topic: &str,
+        committed_next: &HashMap<i32, Option<i64>>,
+    ) -> Result<Vec<String>, SinkError> {
+        self.sweep(topic, committed_next, true, |p, first, in_progress, _| {
+            in_progress
+                || committed_next
+                    .get(&p)
+                    .is_some_and(|next| next.is_none_or(|n| first >= n))
+        })
+        .await
+    }
+
+    /// At assignment, with other writers possibly alive (a zombie): delete
+    /// only in-progress and staging files of `partitions`. Safe: a writer whose
+    /// hidden file disappears fails its rename and retries the batch.
+    pub(crate) async fn remove_in_progress(
+        &self,
+        topic: &str,
+        partitions: &HashMap<i32, Option<i64>>,
+    ) -> Result<Vec<String>, SinkError> {
+        self.sweep(topic, partitions, true, |p, _, in_progress, _| {
+            in_progress && partitions.contains_key(&p)
+        })
+        .await
+    }
+
+    /// Delete the complete files of each partition in `committed` (its next
+    /// offset) that start below it and that `record` does not hold as
+    /// committed. Their writers can never commit them: a commit needs the
+    /// stored offset to equal its batch start, which is below the committed
+    /// offset, and stored offsets only grow. One listing for all partitions,
+    /// limited by `scope`; candidates are checked against `record` a
+    /// thousand at a time, so memory does not grow with the archive.
+    pub(crate) async fn remove_dead(
+        &self,
+        topic: &str,
+        committed: &HashMap<i32, i64>,
+        scope: SweepScope,
+        record: &impl CommittedFiles,
+    ) -> Result<Vec<String>, SinkError> {
+        const CHECK: usize = 1_000;
+        let mut doomed = Vec::new();
+        let mut candidates = Vec::new();
+        for prefix in [RAW_PREFIX, DLQ_PREFIX] {
+            // Raw files are dated by event time, which is at most
+            // `max_event_age` older than the write; dead letters by rejection time.
+            let dirs = match scope {
+                SweepScope::Full => vec![ObjectPath::from(prefix)],
+                SweepScope::Since {
+                    since_ms,
+                    max_event_age_ms,
+                } => {
+                    let age = if prefix == RAW_PREFIX {
+                        max_event_age_ms
+                    } else {
+                        0
+                    };
+                    let (oldest, _) = ymd_h(since_ms.saturating_sub(age).saturating_sub(DAY_MS));
+                    self.dated_dirs(prefix, &oldest, &mut candidates, topic, committed, scope)
+                        .await?
+                }
+            };
+            for dir in dirs {
+                let mut list = self.store.list(Some(&dir));
+                while let Some(meta) = list.next().await {
+                    let meta = match meta {
+                        Ok(m) => m,
+                        Err(object_store::Error::NotFound { .. }) => break,
+                        Err(e) => {
+                            return Err(SinkError::ObjectStore {
+                                path: dir.to_string(),
+                                source: Box::new(e),
+                            })
+                        }
+                    };
+                    if is_dead_candidate(&meta, topic, committed, scope) {
+                        candidates.push(meta.location.to_string());
+                    }
+                    if candidates.len() >= CHECK {
+                        check_candidates(&mut candidates, record, &mut doomed).await?;
+                    }
+                }
+            }
+        }
+        check_candidates(&mut candidates, record, &mut doomed).await?;
+        if !doomed.is_empty() {
+            tracing::warn!(
+                files = doomed.len(),
+                "removing archive files of uncommitted batches"
+            );
+            self.delete(&doomed).await?;
+        }
+        Ok(doomed)
+    }
+
+    /// The `dt=YYYY-MM-DD` directories under `prefix` dated `oldest` or
+    /// later, and any other directory (listed whole, to be safe); files
+    /// directly under `prefix` go to `candidates` as they are found.
+    async fn dated_dirs(
+        &self,
+        prefix: &str,
+        oldest: &str,
+        candidates: &mut Vec<String>,
+        topic: &str,
+        committed: &HashMap<i32, i64>,
+        scope: SweepScope,
+    ) -> Result<Vec<ObjectPath>, SinkError> {
+        let listing = match self
+            .store
+            .list_with_delimiter(Some(&ObjectPath::from(prefix)))
+            .await
+        {
+            Ok(l) => l,
+            Err(object_store::Error::NotFound { .. }) => return Ok(Vec::new()),
+            Err(e) => {
+                return Err(SinkError::ObjectStore {
+                    path: prefix.to_string(),
+                    source: Box::new(e),
+                })
+            }
+        };
+        for meta in &listing.objects {
+            if is_dead_candidate(meta, topic, committed, scope) {
+                candidates.push(meta.location.to_string());
+            }
+        }
+        Ok(listing
+            .common_prefixes
+            .into_iter()
+            .filter(
+                |dir| match dir.filename().and_then(|n| n.strip_prefix("dt=")) {
+                    // `YYYY-MM-DD` sorts as it dates.
+                    Some(day) if day.len() == 10 && day.as_bytes()[4] == b'-' => day >= oldest,
+                    _ => true,
+                },
+            )
+            .collect())
+    }
+
+    /// Some complete raw or dead-letter file of `topic` in the archive, if
+    /// there is one (the listing stops at the first).
+    pub(crate) async fn any_file_of(&self, topic: &str) -> Result<Option<String>, SinkError> {
+        let wanted = file_name(topic, 0, 0, 0, "0");
+        let wanted = parse_file_name(&wanted)
+            .map(|(t, ..)| t)
+            .unwrap_or_default();
+        for prefix in [RAW_PREFIX, DLQ_PREFIX] {
+            let mut list = self.store.list(Some(&ObjectPath::from(prefix)));
+            while let Some(meta) = list.next().await {
+                let meta = match meta {
+                    Ok(m) => m,
+                    Err(object_store::Error::NotFound { .. }) => break,
+                    Err(e) => {
+                        return Err(SinkError::ObjectStore {
+                            path: prefix.to_string(),
+                            source: Box::new(e),
+                        })
+                    }
+                };
+                let Some(name) = meta.location.filename() else {
+                    continue;
+                };
+                if parse_file_name(name)
+                    .is_some_and(|(t, _, _, _, in_progress)| t == wanted && !in_progress)
+                {
+                    return Ok(Some(meta.location.to_string()));
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    async fn sweep(
+        &self,
+        topic: &str,
+        staging_of: &HashMap<i32, Option<i64>>,
+        staging: bool,
+        doomed_if: impl Fn(i32, i64, bool, &str) -> bool,
+    ) -> Result<Vec<String>, SinkError> {
+        let mut doomed = Vec::new();
+        for prefix in [RAW_PREFIX, DLQ_PREFIX] {
+            let mut list = self.store.list(Some(&ObjectPath::from(prefix)));
+            while let Some(meta) = list.next().await {
+                let meta = match meta {
+                    Ok(m) => m,
+                    Err(object_store::Error::NotFound { .. }) => break,
+                    Err(e) => {
+                        return Err(SinkError::ObjectStore {
+                            path: prefix.to_string(),
+                            source: Box::new(e),
+                        })
+                    }
+                };
+                let Some(name) = meta.location.filename() else {
+                    continue;
+                };
+                let Some((t, p, first, _last, in_progress)) = parse_file_name(name) else {
+                    continue;
+                };
+                if t == topic && doomed_if(p, first, in_progress, meta.location.as_ref()) {
+                    doomed.push(meta.location.to_string());
+                }
+            }
+        }
+        if !doomed.is_empty() {
+            tracing::warn!(
+                files = doomed.len(),
+                "removing archive files of uncommitted batches"
+            );
+            self.delete(&doomed).await?;
+        }
+        if let (true, Some(s3)) = (staging, &self.s3) {
+            // Multipart uploads a crash left in progress: abort them, like staging files.
+            for prefix in [RAW_PREFIX, DLQ_PREFIX] {
+                let uploads =
+                    s3.list_uploads(prefix)
+                        .await
+                        .map_err(|e| SinkError::ObjectStore {
+                            path: format!("{prefix} (multipart uploads)"),
+                            source: Box::new(e),
+                        })?;
+                let ours: Vec<_> = uploads
+                    .into_iter()
+                    .filter(|u| {
+                        let name = u.key.rsplit('/').next().unwrap_or("");
+                        parse_file_name(name)
+                            .is_some_and(|(t, p, ..)| t == topic && staging_of.contains_key(&p))
+                    })
+                    .collect();
+                if !ours.is_empty() {
+                    tracing::warn!(
+                        uploads = ours.len(),
+                        "aborting multipart uploads left by a crash"
+                    );
+                }
+                for u in ours {
+                    let key = ObjectPath::from(u.key.as_str());
+                    match s3.multipart().abort_multipart(&key, &u.id).await {
+                        Ok(()) | Err(object_store::Error::NotFound { .. }) => {
+                            doomed.push(format!("{} (upload {})", u.key, u.id))
+                        }
+                        Err(e) => {
+                            return Err(SinkError::ObjectStore {
+                                path: u.key.clone(),
+                                source: Box::new(e),
+                            })
+                        }
+                    }
+                }
+            }
+        }
+        if let (true, Some(root)) = (staging, &self.local_root) {
+            for staged in staging_files(root, topic, staging_of) {
+                match std::fs::remove_file(&staged) {
+                    Ok(()) => doomed.push(staged.display().to_string()),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => {
+                        return Err(SinkError::ObjectStore {
+                            path: staged.display().to_string(),
+                            source: Box::new(object_store::Error::Generic {
+                                store: "local",
+                                source: Box::new(e),
+                            }),
+                        })
+                    }
+                }
+            }
+        }
+        Ok(doomed)
+    }
+}
+
+/// Which files a sweep for dead files looks at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SweepScope {
+    /// The whole archive.
+    Full,
+    /// Files modified at or after `since_ms` (epoch ms, wall clock; the
+    /// caller leaves a margin), found in raw directories dated from
+    /// `max_event_age` before it and dead-letter directories from then on
+    /// (a day earlier each: a margin for a batch slow to reach its write).
+    Since {
+        since_ms: i64,
+        max_event_age_ms: i64,
+    },
+}
+
+pub(super) const DAY_MS: i64 = 86_400_000;
+
+/// The serving store's record of committed archive files.
+#[allow(async_fn_in_trait)]
+pub(crate) trait CommittedFiles {
+    /// Those of `paths` recorded as committed.
+    async fn committed_among(
+        &self,
+        paths: &[String],
+    ) -> Result<std::collections::HashSet<String>, SinkError>;
+}
+
+/// A complete file of `topic` starting below its partition's committed
+/// offset (and, in a `Since` sweep, modified since then).
+fn is_dead_candidate(
+    meta: &object_store::ObjectMeta,
+    topic: &str,
+    committed: &HashMap<i32, i64>,
+    scope: SweepScope,
+) -> bool {
+    let Some(name) = meta.location.filename() else {
+        return false;
+    };
+    let Some((t, p, first, _last, in_progress)) = parse_file_name(name) else {
+        return false;
+    };
+    let recent = match scope {
+        SweepScope::Full => true,
+        SweepScope::Since { since_ms, .. } => meta.last_modified.timestamp_millis() >= since_ms,
+    };
+    t == topic && !in_progress && recent && committed.get(&p).is_some_and(|next| first < *next)
+}
+
+/// Move the candidates that `record` does not hold as committed to `doomed`.
+async fn check_candidates(
+    candidates: &mut Vec<String>,
+    record: &impl CommittedFiles,
+    doomed: &mut Vec<String>,
+) -> Result<(), SinkError> {
+    if candidates.is_empty() {
+        return Ok(());
+    }
+    let committed = record.committed_among(candidates).await?;
+    doomed.extend(candidates.drain(..).filter(|p| !committed.contains(p)));
+    Ok(())
+}
+
+/// The source clears a crash's unfinished files before it reads a partition again.
+impl crate::source::UnfinishedFiles for ParquetArchiveSink {
+    fn remove_unfinished<'a>(
+        &'a self,
+        topic: &'a str,
+        partitions: &'a HashMap<i32, Option<i64>>,
+    ) -> futures::future::BoxFuture<'a, Result<usize, crate::source::offsets::StoreError>> {
+        Box::pin(async move { Ok(self.remove_in_progress(topic, partitions).await?.len()) })
+    }
+}

@@ -1,0 +1,99 @@
+//! Seeded test events and the exact rollups they must give, computed here.
+
+use std::collections::BTreeMap;
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha12Rng;
+
+/// One test message and what tally should make of it.
+#[derive(Debug, Clone)]
+pub struct Message {
+    pub key: String,
+    pub payload: Vec<u8>,
+    pub expect: Expect,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Expect {
+    Accepted {
+        event_id: String,
+        video: String,
+        kind: String,
+        time_ms: i64,
+        value: Option<i64>,
+        late: bool,
+    },
+    Rejected {
+        reason: &'static str,
+    },
+}
+
+/// A seeded dataset: valid events (some late, both time forms, unknown
+/// fields) and malformed messages with the reason tally must give.
+pub fn dataset(seed: u64, n: usize, now_ms: i64) -> Vec<Message> {
+    let mut rng = ChaCha12Rng::seed_from_u64(seed);
+    let kinds = ["view", "like", "share"];
+    (0..n)
+        .map(|i| {
+            let video = format!("v{:03}", (rng.random_range(0..40u32) * rng.random_range(0..40u32)) / 40);
+            let key = video.clone();
+            let roll: f64 = rng.random();
+            if roll < 0.04 {
+                let (payload, reason): (String, &'static str) = match i % 6 {
+                    0 => ("{\"video_id\": oops".into(), "not_json"),
+                    1 => (format!(r#"{{"event_type":"view","event_time":{now_ms}}}"#), "missing_field"),
+                    2 => (format!(r#"{{"video_id":"{video}","event_type":"view","event_time":{now_ms},"value":"x"}}"#), "wrong_type"),
+                    3 => (format!(r#"{{"video_id":"{video}","event_type":"VIEW","event_time":{now_ms}}}"#), "invalid_value"),
+                    4 => (format!(r#"{{"video_id":"{video}","event_type":"view","event_time":{}}}"#, now_ms + 3_600_000), "future_event_time"),
+                    _ => (format!(r#"{{"video_id":"{video}","event_type":"view","event_time":{}}}"#, now_ms - 30 * 86_400_000), "too_old"),
+                };
+                return Message { key, payload: payload.into_bytes(), expect: Expect::Rejected { reason } };
+            }
+            let kind = kinds[rng.random_range(0..3)].to_string();
+            let late = roll < 0.10;
+            let back = if late { rng.random_range(30 * 60_000..3 * 3_600_000) } else { rng.random_range(0..20_000) };
+            let time_ms = now_ms - back;
+            let value = if kind == "view" { Some(rng.random_range(1..500i64)) } else { None };
+            let event_id = format!("e{seed}-{i}");
+            let time = if i % 2 == 0 {
+                time_ms.to_string()
+            } else {
+                format!("\"{}\"", chrono::DateTime::from_timestamp_millis(time_ms).unwrap().to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+            };
+            let value_s = value.map(|v| format!(r#","value":{v}"#)).unwrap_or_default();
+            let payload = format!(
+                r#"{{"event_id":"{event_id}","video_id":"{video}","event_type":"{kind}","event_time":{time}{value_s},"unknown":{{"nested":[1,2]}}}}"#
+            );
+            Message { key, payload: payload.into_bytes(), expect: Expect::Accepted { event_id, video, kind, time_ms, value, late } }
+        })
+        .collect()
+}
+
+/// Expected rollup row: (count, sum, min, max) per (video, type, window start).
+pub type Expected = BTreeMap<(String, String, i64), (i64, Option<i64>, Option<i64>, Option<i64>)>;
+
+pub fn expected_rollup(messages: &[Message], width_ms: i64) -> Expected {
+    let mut out: Expected = BTreeMap::new();
+    for m in messages {
+        if let Expect::Accepted {
+            video,
+            kind,
+            time_ms,
+            value,
+            ..
+        } = &m.expect
+        {
+            let w = time_ms - time_ms.rem_euclid(width_ms);
+            let e = out
+                .entry((video.clone(), kind.clone(), w))
+                .or_insert((0, None, None, None));
+            e.0 += 1;
+            if let Some(v) = value {
+                e.1 = Some(e.1.unwrap_or(0) + v);
+                e.2 = Some(e.2.map_or(*v, |m| m.min(*v)));
+                e.3 = Some(e.3.map_or(*v, |m| m.max(*v)));
+            }
+        }
+    }
+    out
+}
