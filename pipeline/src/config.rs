@@ -377,6 +377,15 @@ impl Settings {
 
     /// Checks that serde cannot express; errors name the dotted key.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.validate_kafka()?;
+        self.validate_batch()?;
+        self.validate_storage()?;
+        self.validate_schema()?;
+        self.validate_api()
+    }
+
+    /// `[kafka]`: a topic, and offsets left to tally.
+    fn validate_kafka(&self) -> Result<(), ConfigError> {
         if self.kafka.topic.is_empty() {
             return Err(invalid("kafka.topic", "must not be empty"));
         }
@@ -390,12 +399,22 @@ impl Settings {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// `[batch]`: a batch is sealed at some point.
+    fn validate_batch(&self) -> Result<(), ConfigError> {
         if self.batch.max_rows == 0 {
             return Err(invalid("batch.max_rows", "must be at least 1"));
         }
         if self.batch.linger.is_zero() {
             return Err(invalid("batch.linger", "must be positive, e.g. \"1s\""));
         }
+        Ok(())
+    }
+
+    /// `[storage]`: the archive's URL, its options and limits.
+    fn validate_storage(&self) -> Result<(), ConfigError> {
         if !(1..=22).contains(&self.storage.zstd_level) {
             return Err(invalid("storage.zstd_level", "must be between 1 and 22"));
         }
@@ -438,6 +457,11 @@ impl Settings {
                 "must be at least 1s (for example \"5m\")",
             ));
         }
+        Ok(())
+    }
+
+    /// `[schema]`: field names, types and patterns, and the time field.
+    fn validate_schema(&self) -> Result<(), ConfigError> {
         let mut seen = std::collections::HashSet::new();
         for (i, f) in self.schema.fields.iter().enumerate() {
             let key = format!("schema.fields[{i}].name");
@@ -496,6 +520,11 @@ impl Settings {
                 ))
             }
         }
+        Ok(())
+    }
+
+    /// `[api]`: rollups to answer from, limits, tokens.
+    fn validate_api(&self) -> Result<(), ConfigError> {
         if self.api.rollups.is_empty() {
             return Err(invalid(
                 "api.rollups",

@@ -360,6 +360,14 @@ impl Metrics {
 
 impl Metrics {
     fn render_pipeline(&self, o: &mut String) {
+        self.render_counts(o);
+        self.render_latency(o);
+        self.render_storage(o);
+        self.render_lag(o);
+    }
+
+    /// Messages, events, rejects, batches and commit outcomes.
+    fn render_counts(&self, o: &mut String) {
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
         counter(
             o,
@@ -414,6 +422,10 @@ impl Metrics {
         counter(o, "tally_commits_resolved_total", "Batch commits whose reply was lost (a dropped connection) and that the retry found committed; counted once.", load(&self.commits_resolved));
         counter(o, "tally_offset_gaps_total", "Times a partition's first fetched offset was not the expected next offset (retention, compaction, a reset).", load(&self.offset_gaps));
         counter(o, "tally_messages_skipped_total", "Messages stepped over: fetched below the stored offset (already committed) or missing in an offset gap.", load(&self.messages_skipped));
+    }
+
+    /// Where each batch's time goes, and produce to visible.
+    fn render_latency(&self, o: &mut String) {
         header(
             o,
             "tally_batch_commit_duration_seconds",
@@ -443,6 +455,11 @@ impl Metrics {
         );
         self.visible_delay
             .render(o, "tally_visible_delay_seconds", "");
+    }
+
+    /// The archive, the sweeps, rollup rows and SQLite folds.
+    fn render_storage(&self, o: &mut String) {
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
         counter(
             o,
             "tally_raw_bytes_written_total",
@@ -496,6 +513,11 @@ impl Metrics {
             "Delta rows folded into the SQLite rollup tables.",
             load(&self.sqlite_fold_rows),
         );
+    }
+
+    /// Lag, stalls, verify drift and the newest committed event.
+    fn render_lag(&self, o: &mut String) {
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
         header(o, "tally_topic_lag_messages", "gauge", "Every partition of the topic, owned by this process or not: messages between the serving store's offset and the partition end (broker watermarks, every 10 s).");
         if let Ok(m) = self.topic_lag.lock() {
             for (p, lag) in m.iter() {

@@ -681,3 +681,4 @@ async fn store_offsets_after(store: &ServingStore, topic: &str) -> i64 {
 }
 
 mod bookkeeping;
+mod contract;
