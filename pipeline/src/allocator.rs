@@ -6,7 +6,7 @@
 //! the column buffers of every micro-batch (tens of MiB, grown by doubling)
 //! come from the heap arenas, where freed space stays resident and
 //! fragmented. A fixed threshold keeps the large ones in their own mappings:
-//! measured (README, Performance) peak RSS per million buffered events fell
+//! measured (docs/performance.md) peak RSS per million buffered events fell
 //! from 354 MB to 194 MB.
 //!
 //! Fixing the mmap threshold also fixes the trim threshold, at 128 KiB: the
@@ -16,7 +16,7 @@
 //! 1 MiB: `tally replay` of the core-path file (5 M events, 200,000-event
 //! batches), four runs each, alternating: 5.43-5.54 CPU-s before, 4.89-5.06
 //! after (−8%), 190 → 222-255 MB peak RSS, and 199 MB per million buffered
-//! events (README, Performance, round 10).
+//! events (docs/performance.md, round 10).
 
 /// Buffers above this size go to their own mappings.
 const MMAP_THRESHOLD: i32 = 4 << 20;

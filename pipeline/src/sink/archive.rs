@@ -18,7 +18,7 @@
 //! Files of batches that never committed are orphans (a crash, a fenced
 //! zombie): in-progress files and uploads are removed when a partition is
 //! assigned, complete ones after the first commit there and then every
-//! `storage.orphan_sweep_interval` (`pipeline.rs`, `OrphanSweeper`).
+//! `storage.orphan_sweep_interval` (`pipeline/sweeper.rs`, `OrphanSweeper`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;

@@ -93,7 +93,7 @@ impl TallyContext {
             .collect();
         // Only hidden files here: a complete file beyond the stored offset may
         // belong to a zombie that can still commit before we do; such files are
-        // removed after our first commit on the partition (pipeline.rs).
+        // removed after our first commit on the partition (pipeline/sweeper.rs).
         match block_on(
             &self.handle,
             self.archive.remove_unfinished(&self.topic, &wanted),

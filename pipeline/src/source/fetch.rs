@@ -3,7 +3,7 @@
 //! rdkafka-rs hands out one message per `poll`: a queue pop, an event, an
 //! `Arc` and several clock reads each. In a bare drain of a local topic that
 //! is about 0.4 µs per message; read 1,024 at a time it is about half
-//! (README, Performance, round 9).
+//! (docs/performance.md, round 9).
 //!
 //! The batch call cannot read the consumer queue itself: it would serve a
 //! rebalance event there by unassigning everything, since rdkafka-rs takes

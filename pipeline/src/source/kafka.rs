@@ -60,7 +60,7 @@ pub struct ConsumerControl {
     pub(super) partitions: Mutex<BTreeMap<i32, Option<i64>>>,
     /// Newly assigned partitions whose dead archive files (left by a crash or
     /// a fenced zombie) the committer sweeps after its first commit there,
-    /// then periodically (`pipeline.rs`, `OrphanSweeper`).
+    /// then periodically (`pipeline/sweeper.rs`, `OrphanSweeper`).
     pub cleanup_pending: Mutex<std::collections::BTreeSet<i32>>,
     /// An error found by the rebalance callback that must stop consumption
     /// (a stored offset beyond the end of the log); the poll loop returns it.
