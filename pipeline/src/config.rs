@@ -482,6 +482,12 @@ impl Settings {
                     format!("field {:?} is declared twice", f.name),
                 ));
             }
+            if f.name == "_extra" {
+                return Err(invalid(
+                    &key,
+                    "\"_extra\" is the archive's column of undeclared fields; rename the field",
+                ));
+            }
             if f.field_type != FieldType::String && (f.max_bytes.is_some() || f.pattern.is_some()) {
                 return Err(invalid(
                     &format!("schema.fields[{i}]"),

@@ -130,3 +130,19 @@ fn masks_secrets() {
     let t = s.to_masked_toml();
     assert!(!t.contains("hunter2") && !t.contains(":pw@"), "{t}");
 }
+
+#[test]
+fn the_extra_column_name_is_reserved() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("schema.toml");
+    std::fs::write(
+        &file,
+        "[schema]\ntime_field = \"t\"\n[[schema.fields]]\nname = \"t\"\ntype = \"timestamp\"\nrequired = true\n[[schema.fields]]\nname = \"_extra\"\ntype = \"string\"\n",
+    )
+    .unwrap();
+    let err = Settings::load(Some(&file), std::iter::empty())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("schema.fields[1].name"), "{err}");
+    assert!(err.contains("undeclared fields"), "{err}");
+}

@@ -1,10 +1,11 @@
 //! JSON object -> typed slots -> Arrow builders, with no intermediate DOM.
-//! Only declared fields are materialised; unknown fields are skipped.
+//! Declared fields are materialised as typed columns; every other field is
+//! kept verbatim (its key and its JSON text) in one JSON object, the
+//! `_extra` column, which is null when there are none.
 
 use std::borrow::Cow;
-use std::fmt;
 
-use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use datafusion::arrow::array::{Array, ArrayRef, StringArray};
 
 use super::schema::{ColumnBuilder, EventColumns, EventSchema, SchemaField};
 use super::{Reject, RejectReason};
@@ -12,7 +13,7 @@ use crate::config::{DecodeConfig, FieldType};
 
 /// One parsed field value, borrowing from the payload where possible.
 #[derive(Debug, Clone, PartialEq, Default)]
-enum Slot<'a> {
+pub(super) enum Slot<'a> {
     #[default]
     Missing,
     Null,
@@ -114,9 +115,13 @@ impl RecordDecoder {
             heap_slots = vec![Slot::Missing; n];
             &mut heap_slots
         };
-        if parse_flat(text, &self.schema.fields, slots).is_none() {
+        // Undeclared fields as `{"key":value,…` (closed below); empty, and
+        // never allocated, when there are none.
+        let mut extra = String::new();
+        if parse_flat(text, &self.schema.fields, slots, &mut extra).is_none() {
             slots.iter_mut().for_each(|s| *s = Slot::Missing);
-            parse_object(text, &self.schema.fields, slots)?;
+            extra.clear();
+            parse_object(text, &self.schema.fields, slots, &mut extra)?;
         }
 
         // Validate every slot before touching the builders (all or nothing).
@@ -164,12 +169,39 @@ impl RecordDecoder {
         {
             append(field, slot, col)?;
         }
+        if extra.is_empty() {
+            out.extra.append_null();
+        } else {
+            extra.push('}');
+            out.extra.append_value(&extra);
+        }
         out.row_appended();
         Ok(DecodeOutcome {
             event_time_ms,
             late: now_ms - event_time_ms > self.late_after_ms,
         })
     }
+}
+
+/// Schema on read: the value of `field` in each `_extra` object, converted and
+/// checked exactly as [`RecordDecoder::decode`] does; null where the object
+/// is null, lacks the key or holds a value the field would reject.
+pub(crate) fn extract_field(field: &SchemaField, extra: &StringArray) -> ArrayRef {
+    let fields = std::slice::from_ref(field);
+    let mut col = ColumnBuilder::new(field.field_type, extra.len());
+    let mut others = String::new();
+    for json in extra {
+        let mut slot = [Slot::Missing];
+        others.clear();
+        let ok = json.is_some_and(|text| {
+            parse_object(text, fields, &mut slot, &mut others).is_ok()
+                && check_field(field, &slot[0]).is_ok()
+        });
+        if !ok || append(field, &slot[0], &mut col).is_err() {
+            append(field, &Slot::Null, &mut col).unwrap_or_default();
+        }
+    }
+    col.finish()
 }
 
 fn wrong_type(field: &SchemaField, expected: &str, slot: &Slot<'_>) -> Reject {
@@ -408,39 +440,17 @@ fn append(field: &SchemaField, slot: &Slot<'_>, col: &mut ColumnBuilder) -> Resu
     Ok(())
 }
 
-fn parse_object<'a>(
-    text: &'a str,
-    fields: &[SchemaField],
-    slots: &mut [Slot<'a>],
-) -> Result<(), Reject> {
-    let mut de = serde_json::Deserializer::from_str(text);
-    let result = de.deserialize_any(ObjectVisitor { fields, slots });
-    match result {
-        Ok(()) => de
-            .end()
-            .map_err(|e| Reject::new(RejectReason::NotJson, e.to_string())),
-        Err(e) => {
-            let msg = e.to_string();
-            if let Some(rest) = msg.strip_prefix(DUPLICATE) {
-                Err(Reject::new(
-                    RejectReason::DuplicateKey,
-                    format!("duplicate key `{}`", cut(rest)),
-                ))
-            } else if msg.starts_with(NOT_OBJECT) {
-                Err(Reject::new(RejectReason::NotObject, cut(&msg).to_string()))
-            } else {
-                Err(Reject::new(RejectReason::NotJson, msg))
-            }
-        }
-    }
-}
-
 /// Fast path for the common event: one flat object, keys and string values
 /// without escapes, integer or literal values, no duplicate keys. Fills the
 /// slots exactly as [`parse_object`] would; `None` (slots possibly partly
 /// filled) for anything else, which then goes through serde_json from the
 /// start, for its general parsing and its error messages.
-fn parse_flat<'a>(text: &'a str, fields: &[SchemaField], slots: &mut [Slot<'a>]) -> Option<()> {
+fn parse_flat<'a>(
+    text: &'a str,
+    fields: &[SchemaField],
+    slots: &mut [Slot<'a>],
+    extra: &mut String,
+) -> Option<()> {
     let b = text.as_bytes();
     let mut i = 0;
     let ws = |i: &mut usize| {
@@ -479,6 +489,7 @@ fn parse_flat<'a>(text: &'a str, fields: &[SchemaField], slots: &mut [Slot<'a>])
             }
             i += 1;
             ws(&mut i);
+            let value_start = i;
             let value = match *b.get(i)? {
                 b'"' => Slot::Str(Cow::Borrowed(string(&mut i)?)),
                 b't' if b.get(i..i + 4) == Some(b"true") => {
@@ -547,6 +558,10 @@ fn parse_flat<'a>(text: &'a str, fields: &[SchemaField], slots: &mut [Slot<'a>])
                 }
                 slots[f] = value;
                 hint = f + 1;
+            } else {
+                // A key without escapes or control characters is its own
+                // JSON text; so is the value's token.
+                push_extra(extra, key, true, text.get(value_start..i)?);
             }
             ws(&mut i);
             match b.get(i) {
@@ -593,140 +608,24 @@ fn string_end(b: &[u8]) -> Option<usize> {
         .map(|p| p + i)
 }
 
-fn cut(s: &str) -> &str {
-    s.split(" at line ").next().unwrap_or(s)
+/// Append `"key":value` to the undeclared fields' object under way.
+/// `plain`: the key needs no escaping (it was read without escapes).
+pub(super) fn push_extra(extra: &mut String, key: &str, plain: bool, value: &str) {
+    extra.push(if extra.is_empty() { '{' } else { ',' });
+    if plain {
+        extra.push('"');
+        extra.push_str(key);
+        extra.push('"');
+    } else {
+        // Writing a string into a String cannot fail.
+        extra.push_str(&serde_json::to_string(key).unwrap_or_default());
+    }
+    extra.push(':');
+    extra.push_str(value);
 }
 
-const DUPLICATE: &str = "tally-duplicate-key:";
-const NOT_OBJECT: &str = "expected a JSON object";
-
-struct ObjectVisitor<'f, 's, 'a> {
-    fields: &'f [SchemaField],
-    slots: &'s mut [Slot<'a>],
-}
-
-impl<'de, 'f, 's> Visitor<'de> for ObjectVisitor<'f, 's, 'de> {
-    type Value = ();
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("a JSON object")
-    }
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
-        while let Some(idx) = map.next_key_seed(KeySeed {
-            fields: self.fields,
-        })? {
-            match idx {
-                Some(i) => {
-                    if !matches!(self.slots[i], Slot::Missing) {
-                        return Err(de::Error::custom(format!(
-                            "{DUPLICATE}{}",
-                            self.fields[i].name
-                        )));
-                    }
-                    self.slots[i] = map.next_value_seed(SlotSeed)?;
-                }
-                None => {
-                    map.next_value::<IgnoredAny>()?;
-                }
-            }
-        }
-        Ok(())
-    }
-    fn visit_seq<A: SeqAccess<'de>>(self, _: A) -> Result<(), A::Error> {
-        Err(de::Error::custom(format!("{NOT_OBJECT}, got an array")))
-    }
-    fn visit_str<E: de::Error>(self, _: &str) -> Result<(), E> {
-        Err(E::custom(format!("{NOT_OBJECT}, got a string")))
-    }
-    fn visit_i64<E: de::Error>(self, _: i64) -> Result<(), E> {
-        Err(E::custom(format!("{NOT_OBJECT}, got a number")))
-    }
-    fn visit_u64<E: de::Error>(self, _: u64) -> Result<(), E> {
-        Err(E::custom(format!("{NOT_OBJECT}, got a number")))
-    }
-    fn visit_f64<E: de::Error>(self, _: f64) -> Result<(), E> {
-        Err(E::custom(format!("{NOT_OBJECT}, got a number")))
-    }
-    fn visit_bool<E: de::Error>(self, _: bool) -> Result<(), E> {
-        Err(E::custom(format!("{NOT_OBJECT}, got a boolean")))
-    }
-    fn visit_unit<E: de::Error>(self) -> Result<(), E> {
-        Err(E::custom(format!("{NOT_OBJECT}, got null")))
-    }
-}
-
-struct KeySeed<'f> {
-    fields: &'f [SchemaField],
-}
-
-impl<'de> DeserializeSeed<'de> for KeySeed<'_> {
-    type Value = Option<usize>;
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Option<usize>, D::Error> {
-        d.deserialize_str(self)
-    }
-}
-
-impl<'de> Visitor<'de> for KeySeed<'_> {
-    type Value = Option<usize>;
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("a field name")
-    }
-    fn visit_str<E: de::Error>(self, v: &str) -> Result<Option<usize>, E> {
-        Ok(self.fields.iter().position(|f| f.name == v))
-    }
-}
-
-struct SlotSeed;
-
-impl<'de> DeserializeSeed<'de> for SlotSeed {
-    type Value = Slot<'de>;
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Slot<'de>, D::Error> {
-        d.deserialize_any(self)
-    }
-}
-
-impl<'de> Visitor<'de> for SlotSeed {
-    type Value = Slot<'de>;
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("a JSON value")
-    }
-    fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Slot<'de>, E> {
-        Ok(Slot::Str(Cow::Borrowed(v)))
-    }
-    fn visit_str<E: de::Error>(self, v: &str) -> Result<Slot<'de>, E> {
-        Ok(Slot::Str(Cow::Owned(v.to_string())))
-    }
-    fn visit_string<E: de::Error>(self, v: String) -> Result<Slot<'de>, E> {
-        Ok(Slot::Str(Cow::Owned(v)))
-    }
-    fn visit_i64<E: de::Error>(self, v: i64) -> Result<Slot<'de>, E> {
-        Ok(Slot::Int(v))
-    }
-    fn visit_u64<E: de::Error>(self, v: u64) -> Result<Slot<'de>, E> {
-        Ok(i64::try_from(v)
-            .map(Slot::Int)
-            .unwrap_or(Slot::Float(v as f64)))
-    }
-    fn visit_f64<E: de::Error>(self, v: f64) -> Result<Slot<'de>, E> {
-        Ok(Slot::Float(v))
-    }
-    fn visit_bool<E: de::Error>(self, v: bool) -> Result<Slot<'de>, E> {
-        Ok(Slot::Bool(v))
-    }
-    fn visit_unit<E: de::Error>(self) -> Result<Slot<'de>, E> {
-        Ok(Slot::Null)
-    }
-    fn visit_none<E: de::Error>(self) -> Result<Slot<'de>, E> {
-        Ok(Slot::Null)
-    }
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Slot<'de>, A::Error> {
-        while seq.next_element::<IgnoredAny>()?.is_some() {}
-        Ok(Slot::Array)
-    }
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Slot<'de>, A::Error> {
-        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
-        Ok(Slot::Object)
-    }
-}
+mod object;
+use object::parse_object;
 
 #[cfg(test)]
 mod tests;

@@ -3,9 +3,11 @@
 //! bounded reason code and a human detail; it never stops the partition.
 
 mod json;
+mod on_read;
 mod schema;
 
 pub(crate) use json::RecordDecoder;
+pub(crate) use on_read::{events_select, read_schema};
 pub(crate) use schema::{EventColumns, EventSchema};
 
 /// Why a message was rejected. The code is a bounded label set (metrics, DLQ).

@@ -15,6 +15,10 @@ use crate::config::{FieldType, SchemaConfig};
 /// The time zone every timestamp carries.
 pub(super) const UTC: &str = "UTC";
 
+/// The column that keeps every undeclared field of an event: one JSON object
+/// of them in the order they came, null when there are none. Always last.
+pub(crate) const EXTRA_COLUMN: &str = "_extra";
+
 #[derive(Debug, Clone)]
 pub struct SchemaField {
     pub name: String,
@@ -66,6 +70,7 @@ impl EventSchema {
                 key: "schema.time_field".into(),
                 message: format!("{:?} is not declared in schema.fields", cfg.time_field),
             })?;
+        arrow_fields.push(Field::new(EXTRA_COLUMN, DataType::Utf8, true));
         Ok(EventSchema {
             fields,
             time_index,
@@ -83,22 +88,9 @@ impl EventSchema {
             columns: self
                 .fields
                 .iter()
-                .map(|f| match f.field_type {
-                    FieldType::String => {
-                        ColumnBuilder::Str(StringBuilder::with_capacity(capacity, capacity * 16))
-                    }
-                    FieldType::Int64 => ColumnBuilder::I64(Int64Builder::with_capacity(capacity)),
-                    FieldType::Float64 => {
-                        ColumnBuilder::F64(Float64Builder::with_capacity(capacity))
-                    }
-                    FieldType::Boolean => {
-                        ColumnBuilder::Bool(BooleanBuilder::with_capacity(capacity))
-                    }
-                    FieldType::Timestamp => ColumnBuilder::Ts(
-                        TimestampMillisecondBuilder::with_capacity(capacity).with_timezone(UTC),
-                    ),
-                })
+                .map(|f| ColumnBuilder::new(f.field_type, capacity))
                 .collect(),
+            extra: StringBuilder::new(),
             rows: 0,
         }
     }
@@ -123,11 +115,39 @@ pub(crate) enum ColumnBuilder {
     Ts(TimestampMillisecondBuilder),
 }
 
+impl ColumnBuilder {
+    pub(crate) fn new(t: FieldType, capacity: usize) -> Self {
+        match t {
+            FieldType::String => {
+                ColumnBuilder::Str(StringBuilder::with_capacity(capacity, capacity * 16))
+            }
+            FieldType::Int64 => ColumnBuilder::I64(Int64Builder::with_capacity(capacity)),
+            FieldType::Float64 => ColumnBuilder::F64(Float64Builder::with_capacity(capacity)),
+            FieldType::Boolean => ColumnBuilder::Bool(BooleanBuilder::with_capacity(capacity)),
+            FieldType::Timestamp => ColumnBuilder::Ts(
+                TimestampMillisecondBuilder::with_capacity(capacity).with_timezone(UTC),
+            ),
+        }
+    }
+
+    pub(crate) fn finish(&mut self) -> ArrayRef {
+        match self {
+            ColumnBuilder::Str(b) => Arc::new(b.finish()),
+            ColumnBuilder::I64(b) => Arc::new(b.finish()),
+            ColumnBuilder::F64(b) => Arc::new(b.finish()),
+            ColumnBuilder::Bool(b) => Arc::new(b.finish()),
+            ColumnBuilder::Ts(b) => Arc::new(b.finish()),
+        }
+    }
+}
+
 /// Column builders for one micro-batch of accepted events.
 #[derive(Debug)]
 pub struct EventColumns {
     schema: SchemaRef,
     pub(crate) columns: Vec<ColumnBuilder>,
+    /// [`EXTRA_COLUMN`].
+    pub(crate) extra: StringBuilder,
     rows: usize,
 }
 
@@ -144,19 +164,8 @@ impl EventColumns {
 
     /// Finish into a record batch; the builders are reset for reuse.
     pub fn finish(&mut self) -> Result<RecordBatch, datafusion::arrow::error::ArrowError> {
-        let arrays: Vec<ArrayRef> = self
-            .columns
-            .iter_mut()
-            .map(|c| -> ArrayRef {
-                match c {
-                    ColumnBuilder::Str(b) => Arc::new(b.finish()),
-                    ColumnBuilder::I64(b) => Arc::new(b.finish()),
-                    ColumnBuilder::F64(b) => Arc::new(b.finish()),
-                    ColumnBuilder::Bool(b) => Arc::new(b.finish()),
-                    ColumnBuilder::Ts(b) => Arc::new(b.finish()),
-                }
-            })
-            .collect();
+        let mut arrays: Vec<ArrayRef> = self.columns.iter_mut().map(|c| c.finish()).collect();
+        arrays.push(Arc::new(self.extra.finish()));
         self.rows = 0;
         RecordBatch::try_new(self.schema.clone(), arrays)
     }

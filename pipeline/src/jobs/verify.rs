@@ -101,22 +101,26 @@ pub async fn recompute(
     let ev_lo = ranges.iter().map(|r| r.0).min().unwrap_or(0);
     let ev_hi = ranges.iter().map(|r| r.1).max().unwrap_or(0);
     let ctx = SessionContext::new();
+    // Schema on read: files older than a field's declaration have it only
+    // in `_extra` (decode/on_read.rs).
+    let read_schema = crate::decode::read_schema(schema);
     if files.is_empty() {
-        let empty = MemTable::try_new(schema.arrow.clone(), vec![vec![]]).map_err(err)?;
+        let empty = MemTable::try_new(read_schema, vec![vec![]]).map_err(err)?;
         ctx.register_table("raw", Arc::new(empty)).map_err(err)?;
     } else {
         let location = crate::sink::ArchiveLocation::open(&settings.storage)?;
         location.register(&ctx)?;
         let paths: Vec<String> = files.iter().map(|p| location.url(p)).collect();
         let df = ctx
-            .read_parquet(paths, ParquetReadOptions::default())
+            .read_parquet(paths, ParquetReadOptions::default().schema(&read_schema))
             .await
             .map_err(err)?;
         ctx.register_table("raw", df.into_view()).map_err(err)?;
     }
+    let select = crate::decode::events_select(schema, &ctx);
     let t = &settings.schema.time_field;
     ctx.sql(&format!(
-        "CREATE VIEW events AS SELECT * FROM raw WHERE \"{t}\" >= to_timestamp_millis({ev_lo}) AND \"{t}\" < to_timestamp_millis({ev_hi})"
+        "CREATE VIEW events AS SELECT {select} FROM raw WHERE \"{t}\" >= to_timestamp_millis({ev_lo}) AND \"{t}\" < to_timestamp_millis({ev_hi})"
     ))
     .await
     .map_err(err)?;

@@ -6,7 +6,7 @@ use proptest::prelude::*;
 fn jsonish() -> impl Strategy<Value = String> {
     let key = prop_oneof![
         8 => prop_oneof![Just("video_id"), Just("event_type"), Just("event_time"), Just("value"), Just("user_id"), Just("event_id"), Just("other")],
-        1 => prop_oneof![Just("vid\\u0065o_id"), Just("")],
+        1 => prop_oneof![Just("vid\\u0065o_id"), Just(""), Just("c\\u006fu\\n"), Just("é")],
     ];
     let good = prop_oneof![
         "\"[a-z0-9 _é-]{0,12}\"",
@@ -58,10 +58,18 @@ proptest! {
         let fields = &d.schema().fields;
         let mut fast = vec![Slot::Missing; fields.len()];
         let mut slow = vec![Slot::Missing; fields.len()];
-        let serde = parse_object(&text, fields, &mut slow);
-        if parse_flat(&text, fields, &mut fast).is_some() {
+        let (mut fast_extra, mut slow_extra) = (String::new(), String::new());
+        let serde = parse_object(&text, fields, &mut slow, &mut slow_extra);
+        if serde.is_ok() && !slow_extra.is_empty() {
+            // The undeclared fields are one valid JSON object.
+            let object: Result<serde_json::Map<String, serde_json::Value>, _> =
+                serde_json::from_str(&format!("{slow_extra}}}"));
+            prop_assert!(object.is_ok(), "{:?} from {:?}", slow_extra, text);
+        }
+        if parse_flat(&text, fields, &mut fast, &mut fast_extra).is_some() {
             prop_assert!(serde.is_ok(), "fast path accepted {:?}, serde_json rejects it: {:?}", text, serde);
             prop_assert_eq!(fast, slow, "{}", text);
+            prop_assert_eq!(fast_extra, slow_extra, "{}", text);
         }
     }
 }
@@ -83,7 +91,11 @@ fn common_events_take_the_fast_path() {
         "{}",
     ] {
         let mut slots = vec![Slot::Missing; fields.len()];
-        assert!(parse_flat(text, fields, &mut slots).is_some(), "{text}");
+        let mut extra = String::new();
+        assert!(
+            parse_flat(text, fields, &mut slots, &mut extra).is_some(),
+            "{text}"
+        );
     }
 }
 
@@ -332,4 +344,51 @@ fn no_partial_rows_after_rejects() {
     for c in b.columns() {
         assert_eq!(c.len(), 2);
     }
+}
+
+/// Every undeclared field reaches `_extra` verbatim, in order, on both
+/// paths; an event without any has a null there.
+#[test]
+fn undeclared_fields_are_kept_verbatim() {
+    let (d, mut cols) = decoder();
+    let cases = [
+        (
+            format!(
+                r#"{{"video_id":"v","country":"FR","event_type":"view","event_time":{NOW},"n":1.50}}"#
+            ),
+            Some(r#"{"country":"FR","n":1.50}"#.to_string()),
+        ),
+        (
+            format!(r#"{{"video_id":"v","event_type":"view","event_time":{NOW}}}"#),
+            None,
+        ),
+        (
+            // Nested values, escapes and big integers take serde_json's path.
+            format!(
+                r#"{{ "tags": ["a", {{"b": null}}], "video_id":"v","event_type":"view","event_time":{NOW}, "k\u00e9y":"x\"y", "big":123456789012345678901234567890 }}"#
+            ),
+            Some(
+                r#"{"tags":["a", {"b": null}],"kéy":"x\"y","big":123456789012345678901234567890}"#
+                    .to_string(),
+            ),
+        ),
+    ];
+    for (payload, _) in &cases {
+        d.decode(Some(payload.as_bytes()), NOW, &mut cols).unwrap();
+    }
+    let batch = cols.finish().unwrap();
+    let extra = batch
+        .column_by_name(super::super::schema::EXTRA_COLUMN)
+        .expect("_extra column")
+        .as_any()
+        .downcast_ref::<StringArray>()
+        .expect("utf8")
+        .clone();
+    let got: Vec<Option<String>> = extra.iter().map(|v| v.map(str::to_string)).collect();
+    let want: Vec<Option<String>> = cases.iter().map(|(_, w)| w.clone()).collect();
+    assert_eq!(got, want);
+    assert_eq!(
+        batch.schema().fields().last().map(|f| f.name().as_str()),
+        Some("_extra")
+    );
 }
