@@ -80,6 +80,30 @@ pub enum Command {
         #[command(subcommand)]
         command: TopicCommand,
     },
+    /// The dead-letter dataset: send dead letters back through the pipeline.
+    Dlq {
+        #[command(subcommand)]
+        command: DlqCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DlqCommand {
+    /// After a schema or config fix: decode the committed dead letters of
+    /// kafka.topic again and count those now accepted, exactly once (a second
+    /// run counts nothing twice); report what is still rejected.
+    Replay {
+        /// Only letters rejected at or after this time (RFC 3339).
+        #[arg(long, value_parser = parse_rfc3339)]
+        from: Option<i64>,
+        /// Only letters rejected before this time (RFC 3339).
+        #[arg(long, value_parser = parse_rfc3339)]
+        to: Option<i64>,
+        /// Only letters with this rejection reason (repeatable), e.g.
+        /// invalid_value.
+        #[arg(long)]
+        reason: Vec<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -309,6 +333,16 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Topic {
             command: TopicCommand::Create { partitions },
         } => rt.block_on(topic_create(settings, partitions)),
+        Command::Dlq {
+            command: DlqCommand::Replay { from, to, reason },
+        } => rt.block_on(dlq_replay(
+            settings,
+            crate::jobs::dlq::Selection {
+                from,
+                to,
+                reasons: reason,
+            },
+        )),
     }
 }
 
@@ -409,6 +443,38 @@ async fn replay(
         r.skipped,
         r.seconds,
         r.messages as f64 / r.seconds.max(1e-9)
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn dlq_replay(
+    settings: Settings,
+    selection: crate::jobs::dlq::Selection,
+) -> anyhow::Result<ExitCode> {
+    let r = crate::jobs::dlq::replay(settings, selection)
+        .await
+        .context("tally dlq replay failed")?;
+    let still: Vec<String> = r
+        .still_rejected
+        .iter()
+        .map(|(k, v)| format!("{k} {v}"))
+        .collect();
+    println!(
+        "dead letters of {}: {} matched, {} counted by an earlier replay, {} not resendable (payload cut at decode.dlq_payload_bytes or not UTF-8); \
+         {} accepted now, {} still rejected{} ({} batches, {:.2} s)",
+        r.topic,
+        r.matched,
+        r.already,
+        r.truncated,
+        r.accepted,
+        r.still_rejected.values().sum::<u64>(),
+        if still.is_empty() {
+            String::new()
+        } else {
+            format!(": {}", still.join(", "))
+        },
+        r.batches,
+        r.seconds
     );
     Ok(ExitCode::SUCCESS)
 }

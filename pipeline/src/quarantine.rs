@@ -117,6 +117,9 @@ pub(crate) async fn isolate(
     out.events = events;
     out.row_partitions = filtered(&batch.row_partitions, &keep);
     out.row_offsets = filtered(&batch.row_offsets, &keep);
+    if let (Some(o), Some(from)) = (out.origins.as_mut(), batch.origins.as_ref()) {
+        o.rows = filtered(&from.rows, &keep);
+    }
     let now_ms = chrono::Utc::now().timestamp_millis();
     for (i, message) in &bad {
         let (partition, offset) = (

@@ -97,6 +97,7 @@ pub(crate) async fn seed(
             caught_up: &BTreeMap::new(),
             sealed_at_ms: now,
             now_ms: now,
+            replayed: None,
         };
         store.commit(&req).await.unwrap();
         if expected_start.is_none() {

@@ -17,7 +17,8 @@ pub struct DeadLetter {
     pub partition: i32,
     pub offset: i64,
     pub rejected_at_ms: i64,
-    /// Lossy UTF-8, truncated to `decode.dlq_payload_bytes`.
+    /// Lossy UTF-8, truncated to `decode.dlq_payload_bytes` (by default
+    /// `decode.max_event_bytes`: whole, so `tally dlq replay` can resend it).
     pub payload: String,
     pub payload_bytes: usize,
 }
@@ -75,6 +76,16 @@ pub struct Batch {
     /// Oldest Kafka message timestamp in the batch (epoch ms), when the
     /// messages carry one: the start of produce -> visible.
     pub oldest_produced_ms: Option<i64>,
+    /// `tally dlq replay`: where each accepted row came from.
+    pub origins: Option<Origins>,
+}
+
+/// The dead letters a `tally dlq replay` batch counts: their original topic
+/// and, per row of `events`, the (partition, offset) they had there.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Origins {
+    pub topic: String,
+    pub rows: Vec<(i32, i64)>,
 }
 
 impl Batch {
@@ -154,6 +165,11 @@ impl BatchBuilder {
             linger: cfg.linger,
             dlq_payload_bytes,
         }
+    }
+
+    /// Accepted rows so far.
+    pub fn rows(&self) -> usize {
+        self.row_offsets.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -276,6 +292,7 @@ impl BatchBuilder {
             sealed_at_ms: now_ms,
             opened_at_ms,
             oldest_produced_ms: self.oldest_produced_ms.take(),
+            origins: None,
         })
     }
 

@@ -171,6 +171,7 @@ async fn try_commit(
             caught_up: &batch.caught_up,
             sealed_at_ms: batch.sealed_at_ms,
             now_ms,
+            replayed: None,
         };
         return Ok((store.commit(&req).await?, Vec::new(), 0));
     }
@@ -196,6 +197,10 @@ async fn try_commit(
         caught_up: &batch.caught_up,
         sealed_at_ms: batch.sealed_at_ms,
         now_ms,
+        replayed: batch
+            .origins
+            .as_ref()
+            .map(|o| (o.topic.as_str(), o.rows.as_slice())),
     };
     let outcome = store.commit(&req).await?;
     failpoint("after_serving_commit");
@@ -208,6 +213,15 @@ async fn try_commit(
 }
 
 fn counters(batch: &Batch) -> Vec<(String, i64)> {
+    if let Some(o) = &batch.origins {
+        // Dead letters counted now: no new message, and their rejection was
+        // counted when they were first read.
+        return vec![
+            ("accepted_total".to_string(), batch.stats.accepted as i64),
+            ("late_total".to_string(), batch.stats.late as i64),
+            ("dlq_replayed_total".to_string(), o.rows.len() as i64),
+        ];
+    }
     let mut c = vec![
         ("messages_total".to_string(), batch.stats.messages as i64),
         ("accepted_total".to_string(), batch.stats.accepted as i64),

@@ -391,6 +391,7 @@ mod sweep_cost {
             caught_up: &Default::default(),
             sealed_at_ms: now,
             now_ms: now,
+            replayed: None,
         };
         assert_eq!(store.commit(&req).await.unwrap(), CommitOutcome::Committed);
         let committed: std::collections::HashMap<i32, i64> =

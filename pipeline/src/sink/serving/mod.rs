@@ -61,6 +61,9 @@ pub struct CommitRequest<'a> {
     pub caught_up: &'a BTreeMap<i32, i64>,
     pub sealed_at_ms: i64,
     pub now_ms: i64,
+    /// `tally dlq replay`: the original topic and (partition, offset) of the
+    /// dead letters this batch counts, recorded in `tally_dlq_replayed`.
+    pub replayed: Option<(&'a str, &'a [(i32, i64)])>,
 }
 
 /// One value read back from a rollup table.
@@ -372,6 +375,23 @@ impl ServingStore {
         match &self.backend {
             Backend::Sqlite(s) => blocking(|| s.raw_files()),
             Backend::Postgres(s) => s.raw_files().await,
+        }
+    }
+
+    /// Committed dead-letter files of `topic`.
+    pub async fn dlq_files(&self, topic: &str) -> Result<Vec<String>, SinkError> {
+        match &self.backend {
+            Backend::Sqlite(s) => blocking(|| s.dlq_files(topic)),
+            Backend::Postgres(s) => s.dlq_files(topic).await,
+        }
+    }
+
+    /// The (partition, offset) of every dead letter of `topic` that
+    /// `tally dlq replay` has counted.
+    pub async fn replayed_letters(&self, topic: &str) -> Result<Vec<(i32, i64)>, SinkError> {
+        match &self.backend {
+            Backend::Sqlite(s) => blocking(|| s.replayed(topic)),
+            Backend::Postgres(s) => s.replayed(topic).await,
         }
     }
 

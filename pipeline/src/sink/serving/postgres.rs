@@ -331,6 +331,30 @@ impl PgStore {
             .map_err(db("read as_of"))
     }
 
+    pub(super) async fn dlq_files(&self, topic: &str) -> Result<Vec<String>, SinkError> {
+        sqlx::query(AssertSqlSafe(Dialect::Postgres.sql(DLQ_FILES_SQL)))
+            .bind(topic)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db("list dead-letter files"))?
+            .iter()
+            .map(|r| r.try_get::<String, _>(0))
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(db("list dead-letter files"))
+    }
+
+    pub(super) async fn replayed(&self, topic: &str) -> Result<Vec<(i32, i64)>, SinkError> {
+        sqlx::query(AssertSqlSafe(Dialect::Postgres.sql(REPLAYED_SQL)))
+            .bind(topic)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db("read replayed dead letters"))?
+            .iter()
+            .map(|r| Ok((r.try_get::<i64, _>(0)? as i32, r.try_get::<i64, _>(1)?)))
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(db("read replayed dead letters"))
+    }
+
     pub(super) async fn counters(&self) -> Result<BTreeMap<String, i64>, SinkError> {
         sqlx::query(COUNTERS_SQL)
             .fetch_all(&self.pool)
@@ -474,6 +498,21 @@ async fn commit(
             .execute(&mut *tx)
             .await
             .map_err(db("record files"))?;
+    }
+
+    // Dead letters counted by a replay.
+    if let Some((topic, letters)) = req.replayed {
+        let sql = d.sql(RECORD_REPLAYED_SQL);
+        for (p, o) in letters {
+            sqlx::query(AssertSqlSafe(sql.clone()))
+                .bind(topic)
+                .bind(i64::from(*p))
+                .bind(*o)
+                .bind(req.now_ms)
+                .execute(&mut *tx)
+                .await
+                .map_err(db("record replayed dead letters"))?;
+        }
     }
 
     // 4. Offsets (with the newest event time, for as_of) and counters.

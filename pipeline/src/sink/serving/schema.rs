@@ -41,6 +41,15 @@ pub(super) const BOOKKEEPING: &[&str] = &[
     ){noid}",
     // The definition each rollup table was computed with (see
     // `ServingStore::check_definitions`).
+    // Dead letters that `tally dlq replay` has counted, by their original
+    // position: a second replay of them counts nothing.
+    "CREATE TABLE IF NOT EXISTS tally_dlq_replayed (
+        topic TEXT NOT NULL,
+        partition {int} NOT NULL,
+        message_offset {int} NOT NULL,
+        replayed_at_ms {int} NOT NULL,
+        PRIMARY KEY (topic, partition, message_offset)
+    ){noid}",
     "CREATE TABLE IF NOT EXISTS tally_rollups (
         name TEXT PRIMARY KEY,
         fingerprint TEXT NOT NULL,
@@ -407,6 +416,11 @@ pub(super) const FENCE_SQL: &str =
 pub(super) const RECORD_FILE_SQL: &str = "INSERT INTO tally_files (path, kind, topic, partition, first_offset, last_offset, rows, bytes, committed_at_ms)
      VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
      ON CONFLICT (path) DO UPDATE SET rows = excluded.rows, bytes = excluded.bytes, committed_at_ms = excluded.committed_at_ms";
+/// A replayed dead letter (a conflict is a bug: the replay selected only
+/// letters not yet recorded, under its lock, and the fence holds).
+pub(super) const RECORD_REPLAYED_SQL: &str = "INSERT INTO tally_dlq_replayed (topic, partition, message_offset, replayed_at_ms) VALUES (?, ?, ?, ?)";
+pub(super) const REPLAYED_SQL: &str =
+    "SELECT partition, message_offset FROM tally_dlq_replayed WHERE topic = ?";
 pub(super) const COUNTER_SQL: &str = "INSERT INTO tally_counters (name, value) VALUES (?, ?)
      ON CONFLICT (name) DO UPDATE SET value = tally_counters.value + excluded.value";
 
@@ -568,6 +582,8 @@ pub(super) const AS_OF_SQL: &str =
 pub(super) const COUNTERS_SQL: &str = "SELECT name, value FROM tally_counters ORDER BY name";
 pub(super) const RAW_FILES_SQL: &str =
     "SELECT path FROM tally_files WHERE kind = 'raw' ORDER BY path";
+pub(super) const DLQ_FILES_SQL: &str =
+    "SELECT path FROM tally_files WHERE kind = 'dlq' AND topic = ? ORDER BY path";
 /// Recorded archive paths are looked up this many at a time.
 pub(super) const PATHS_PER_STATEMENT: usize = 500;
 

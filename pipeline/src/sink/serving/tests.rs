@@ -280,6 +280,7 @@ impl Fixture {
             caught_up: &[(0, b as i64 * n + n)].into_iter().collect(),
             sealed_at_ms: self.now,
             now_ms: self.now,
+            replayed: None,
         };
         store.commit(&req).await
     }
@@ -516,6 +517,7 @@ async fn sqlite_commits_merge_fence_and_fold_without_changing_reads() {
         caught_up: &BTreeMap::new(),
         sealed_at_ms: now,
         now_ms: now,
+        replayed: None,
     };
     assert_eq!(fast.commit(&req).await.unwrap(), CommitOutcome::Committed);
     assert_eq!(store_offsets_after(&fast, topic).await, 1600);

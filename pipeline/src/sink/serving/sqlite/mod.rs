@@ -414,6 +414,22 @@ impl SqliteStore {
         })
     }
 
+    pub(super) fn dlq_files(&self, topic: &str) -> Result<Vec<String>, SinkError> {
+        self.with_conn("list dead-letter files", |c| {
+            let mut st = c.prepare_cached(DLQ_FILES_SQL)?;
+            let rows = st.query_map([topic], |r| r.get(0))?;
+            rows.collect()
+        })
+    }
+
+    pub(super) fn replayed(&self, topic: &str) -> Result<Vec<(i32, i64)>, SinkError> {
+        self.with_conn("read replayed dead letters", |c| {
+            let mut st = c.prepare_cached(REPLAYED_SQL)?;
+            let rows = st.query_map([topic], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            rows.collect()
+        })
+    }
+
     pub(super) fn counters(&self) -> Result<BTreeMap<String, i64>, SinkError> {
         self.with_conn("read counters", |c| {
             let mut st = c.prepare_cached(COUNTERS_SQL)?;

@@ -393,6 +393,17 @@ fn commit_sqlite(
         }
     }
 
+    // Dead letters counted by a replay.
+    if let Some((topic, letters)) = req.replayed {
+        let mut st = conn
+            .prepare_cached(RECORD_REPLAYED_SQL)
+            .map_err(sq("record replayed dead letters"))?;
+        for (p, o) in letters {
+            st.execute(rusqlite::params![topic, i64::from(*p), o, req.now_ms])
+                .map_err(sq("record replayed dead letters"))?;
+        }
+    }
+
     // 4. Offsets and counters.
     {
         let mut st = conn

@@ -68,6 +68,7 @@ async fn partition_starts_register_once_and_resets_fence_running_writers() {
             caught_up: &Default::default(),
             sealed_at_ms: 0,
             now_ms: 0,
+            replayed: None,
         };
         assert_eq!(
             store.commit(&req).await.unwrap(),
@@ -187,6 +188,7 @@ async fn committed_among_finds_exactly_the_recorded_paths() {
             caught_up: &BTreeMap::new(),
             sealed_at_ms: 0,
             now_ms: 0,
+            replayed: None,
         };
         assert_eq!(store.commit(&req).await.unwrap(), CommitOutcome::Committed);
         let asked: Vec<String> = (0..1_300)
