@@ -7,7 +7,7 @@ TANSU_VERSION := 0.6.0
 BROKER_PORT ?= 9092
 export TANSU_BIN := $(TANSU)
 
-.PHONY: help all build release tansu postgres moto broker run test soak unit lint fmt bench bench-smoke bench-api report-demo clean
+.PHONY: help all build release tansu postgres moto broker run test soak unit lint fmt bench bench-smoke bench-api bench-archive report-demo clean
 
 ## help: list the targets.
 help:
@@ -96,6 +96,11 @@ bench: $(TANSU) release postgres
 bench-smoke: $(TANSU) postgres
 	TALLY_BIN=$(CURDIR)/target/debug/tally TANSU=$(TANSU) BENCH_EVENTS=50000 BACKFILL_EVENTS=50000 CORE_EVENTS=50000 \
 	  FRESH_RATE=2000 FRESH_PROBES=20 FRESH_HISTORY=20000 scripts/bench.sh
+
+## bench-archive: the same one-day `tally verify` over an archive of 1 day and of 30 days
+## (ARCHIVE_DAY_EVENTS per day): bookkeeping cost must not grow with the archive's age.
+bench-archive: release
+	scripts/bench-archive-age.sh
 
 ## bench-api: open-loop latency of /v1/count and /v1/stats, idle and under ingest.
 bench-api: $(TANSU) release

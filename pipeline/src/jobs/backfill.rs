@@ -57,7 +57,9 @@ pub async fn backfill(
 
     let mut progress = super::Progress::new("backfill", defs.len() as u64 + 2);
     // 1. Snapshot and recompute, no lock held.
-    let snapshot = files_in(store.raw_files().await?, lo, hi);
+    // Only the files of the window's hours: a range of the file index.
+    let files = crate::sink::raw_path_range(lo, hi);
+    let snapshot = files_in(store.raw_files(&files).await?, lo, hi);
     progress.step(&format!("{} committed raw files to read", snapshot.len()));
     let base = recompute(
         settings,
@@ -71,7 +73,7 @@ pub async fn backfill(
 
     // 2. Lock, catch up with batches committed meanwhile.
     let mut tx = store.begin_replace().await?;
-    let now = files_in(ServingStore::raw_files_in(&mut tx).await?, lo, hi);
+    let now = files_in(ServingStore::raw_files_in(&mut tx, &files).await?, lo, hi);
     let known: std::collections::HashSet<&String> = snapshot.iter().collect();
     let delta_files: Vec<String> = now.iter().filter(|f| !known.contains(f)).cloned().collect();
     let delta = if delta_files.is_empty() {

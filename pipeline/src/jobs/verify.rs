@@ -193,7 +193,9 @@ pub async fn verify(
     );
 
     // One read transaction: committed files and serving rows from one snapshot.
-    let (tables, all_files) = store.read_snapshot(&defs, &ranges).await?;
+    let (tables, all_files) = store
+        .read_snapshot(&defs, &ranges, &crate::sink::raw_path_range(ev_lo, ev_hi))
+        .await?;
     let mut serving: Vec<Rows> = Vec::with_capacity(tables.len());
     for (def, rows) in defs.iter().zip(tables) {
         let mut out = Rows::new();

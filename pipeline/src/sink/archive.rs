@@ -201,6 +201,22 @@ fn staging_files(
     out
 }
 
+/// The committed raw files whose event hour overlaps `[lo_ms, hi_ms)` are
+/// exactly the paths in `[lo, hi)` of this pair: the layout puts the hour in
+/// the path (`raw/events/dt=YYYY-MM-DD/hour=HH/`), fixed-width, so paths sort
+/// by hour and the serving store's primary key on `tally_files.path` is the
+/// archive's file index by hour.
+pub(crate) fn raw_path_range(lo_ms: i64, hi_ms: i64) -> (String, String) {
+    const HOUR: i64 = 3_600_000;
+    let prefix = |ms: i64| {
+        let (dt, hh) = ymd_h(ms);
+        format!("{RAW_PREFIX}/dt={dt}/hour={hh}/")
+    };
+    let first = lo_ms.div_euclid(HOUR) * HOUR;
+    let end = (hi_ms.max(lo_ms) - 1).div_euclid(HOUR) * HOUR + HOUR;
+    (prefix(first), prefix(end))
+}
+
 fn ymd_h(ms: i64) -> (String, String) {
     let t = Utc.timestamp_millis_opt(ms).single().unwrap_or_default();
     (t.format("%Y-%m-%d").to_string(), t.format("%H").to_string())

@@ -6,7 +6,7 @@ pub(crate) mod archive;
 pub(crate) mod location;
 pub(crate) mod serving;
 
-pub(crate) use archive::{dead_letter_schema, ParquetArchiveSink, WrittenFile};
+pub(crate) use archive::{dead_letter_schema, raw_path_range, ParquetArchiveSink, WrittenFile};
 pub(crate) use location::ArchiveLocation;
 pub(crate) use serving::{CommitOutcome, CommitRequest, ServingStore};
 

@@ -46,6 +46,9 @@ pub enum CommitOutcome {
     },
 }
 
+/// A range `[lo, hi)` of archive paths (see `sink::archive::raw_path_range`).
+pub(crate) type PathRange = (String, String);
+
 /// Everything one batch commits.
 #[derive(Debug)]
 pub struct CommitRequest<'a> {
@@ -370,11 +373,12 @@ impl ServingStore {
         })
     }
 
-    /// Committed raw archive files (paths relative to the data directory).
-    pub async fn raw_files(&self) -> Result<Vec<String>, SinkError> {
+    /// Committed raw archive files (paths relative to the data directory)
+    /// in `range` (from `sink::archive::raw_path_range`).
+    pub async fn raw_files(&self, range: &PathRange) -> Result<Vec<String>, SinkError> {
         match &self.backend {
-            Backend::Sqlite(s) => blocking(|| s.raw_files()),
-            Backend::Postgres(s) => s.raw_files().await,
+            Backend::Sqlite(s) => blocking(|| s.raw_files(range)),
+            Backend::Postgres(s) => s.raw_files(range).await,
         }
     }
 
@@ -396,10 +400,13 @@ impl ServingStore {
     }
 
     /// [`ServingStore::raw_files`] inside a replacement transaction.
-    pub async fn raw_files_in(tx: &mut ReplaceTx) -> Result<Vec<String>, SinkError> {
+    pub async fn raw_files_in(
+        tx: &mut ReplaceTx,
+        range: &PathRange,
+    ) -> Result<Vec<String>, SinkError> {
         match tx {
-            ReplaceTx::Sqlite(t) => blocking(|| SqliteStore::raw_files_in(t)),
-            ReplaceTx::Postgres(t) => PgStore::raw_files_in(t).await,
+            ReplaceTx::Sqlite(t) => blocking(|| SqliteStore::raw_files_in(t, range)),
+            ReplaceTx::Postgres(t) => PgStore::raw_files_in(t, range).await,
         }
     }
 
@@ -445,10 +452,11 @@ impl ServingStore {
         &self,
         defs: &[&RollupDef],
         ranges: &[(i64, i64)],
+        files: &PathRange,
     ) -> Result<(Vec<TableRows>, Vec<String>), SinkError> {
         match &self.backend {
-            Backend::Sqlite(s) => blocking(|| s.read_snapshot(defs, ranges)),
-            Backend::Postgres(s) => s.read_snapshot(defs, ranges).await,
+            Backend::Sqlite(s) => blocking(|| s.read_snapshot(defs, ranges, files)),
+            Backend::Postgres(s) => s.read_snapshot(defs, ranges, files).await,
         }
     }
 

@@ -15,7 +15,7 @@ use sqlx::{AssertSqlSafe, Connection as _, Row};
 
 use super::reads::{Arg, Totals};
 use super::schema::*;
-use super::{db, Cell, CommitOutcome, CommitRequest, SinkError, TableRows};
+use super::{db, Cell, CommitOutcome, CommitRequest, PathRange, SinkError, TableRows};
 use crate::aggregate::{ColumnKind, RollupDef, RollupOutput};
 
 #[derive(Debug, Clone)]
@@ -233,13 +233,16 @@ impl PgStore {
         Ok(PgReplace(tx))
     }
 
-    pub(super) async fn raw_files(&self) -> Result<Vec<String>, SinkError> {
+    pub(super) async fn raw_files(&self, range: &PathRange) -> Result<Vec<String>, SinkError> {
         let mut conn = self.pool.acquire().await.map_err(db("list raw files"))?;
-        raw_files(&mut conn).await
+        raw_files(&mut conn, range).await
     }
 
-    pub(super) async fn raw_files_in(tx: &mut PgReplace) -> Result<Vec<String>, SinkError> {
-        raw_files(&mut tx.0).await
+    pub(super) async fn raw_files_in(
+        tx: &mut PgReplace,
+        range: &PathRange,
+    ) -> Result<Vec<String>, SinkError> {
+        raw_files(&mut tx.0, range).await
     }
 
     pub(super) async fn replace_windows(
@@ -280,6 +283,7 @@ impl PgStore {
         &self,
         defs: &[&RollupDef],
         ranges: &[(i64, i64)],
+        files: &PathRange,
     ) -> Result<(Vec<TableRows>, Vec<String>), SinkError> {
         let mut tx = self
             .pool
@@ -290,7 +294,7 @@ impl PgStore {
         for (def, (lo, hi)) in defs.iter().zip(ranges) {
             tables.push(read_rows(&mut tx, def, *lo, *hi, None).await?);
         }
-        let files = raw_files(&mut tx).await?;
+        let files = raw_files(&mut tx, files).await?;
         tx.rollback().await.map_err(db("rollback"))?;
         Ok((tables, files))
     }
@@ -391,9 +395,11 @@ async fn table_columns(
     .map_err(db("inspect table"))
 }
 
-/// Committed raw archive files (paths relative to the data directory).
-async fn raw_files(conn: &mut PgConnection) -> Result<Vec<String>, SinkError> {
-    sqlx::query(RAW_FILES_SQL)
+/// Committed raw archive files in `range` (paths relative to the data directory).
+async fn raw_files(conn: &mut PgConnection, range: &PathRange) -> Result<Vec<String>, SinkError> {
+    sqlx::query(AssertSqlSafe(Dialect::Postgres.sql(RAW_FILES_SQL)))
+        .bind(&range.0)
+        .bind(&range.1)
         .fetch_all(&mut *conn)
         .await
         .map_err(db("list raw files"))?

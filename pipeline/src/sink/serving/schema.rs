@@ -580,8 +580,11 @@ pub(super) const OFFSET_TIMES_SQL: &str =
 pub(super) const AS_OF_SQL: &str =
     "SELECT max_event_ms, caught_up_ms FROM tally_offsets WHERE topic = ?";
 pub(super) const COUNTERS_SQL: &str = "SELECT name, value FROM tally_counters ORDER BY name";
+/// Committed raw files with `? <= path < ?`: a range of the primary key
+/// (see `sink::archive::raw_path_range`), so the cost follows the window, not
+/// the archive's age.
 pub(super) const RAW_FILES_SQL: &str =
-    "SELECT path FROM tally_files WHERE kind = 'raw' ORDER BY path";
+    "SELECT path FROM tally_files WHERE path >= ? AND path < ? AND kind = 'raw' ORDER BY path";
 pub(super) const DLQ_FILES_SQL: &str =
     "SELECT path FROM tally_files WHERE kind = 'dlq' AND topic = ? ORDER BY path";
 /// Recorded archive paths are looked up this many at a time.

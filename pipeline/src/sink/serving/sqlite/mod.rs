@@ -16,7 +16,7 @@ use std::time::Duration;
 use rusqlite::{params_from_iter, types::Value, Connection, OpenFlags};
 
 use super::schema::*;
-use super::{sq, Cell, CommitOutcome, CommitRequest, FoldStats, SinkError, TableRows};
+use super::{sq, Cell, CommitOutcome, CommitRequest, FoldStats, PathRange, SinkError, TableRows};
 use crate::aggregate::{ColumnKind, RollupDef, RollupOutput};
 #[cfg(test)]
 pub(super) use writer::DEFAULT_FOLD_ROWS;
@@ -332,12 +332,15 @@ impl SqliteStore {
         Ok(SqliteReplace(conn))
     }
 
-    pub(super) fn raw_files(&self) -> Result<Vec<String>, SinkError> {
-        self.with_conn("list raw files", |c| raw_files(c))
+    pub(super) fn raw_files(&self, range: &PathRange) -> Result<Vec<String>, SinkError> {
+        self.with_conn("list raw files", |c| raw_files(c, range))
     }
 
-    pub(super) fn raw_files_in(tx: &mut SqliteReplace) -> Result<Vec<String>, SinkError> {
-        raw_files(&tx.0).map_err(sq("list raw files"))
+    pub(super) fn raw_files_in(
+        tx: &mut SqliteReplace,
+        range: &PathRange,
+    ) -> Result<Vec<String>, SinkError> {
+        raw_files(&tx.0, range).map_err(sq("list raw files"))
     }
 
     /// Delete each rollup's windows (in its table and its delta), merge
@@ -379,6 +382,7 @@ impl SqliteStore {
         &self,
         defs: &[&RollupDef],
         ranges: &[(i64, i64)],
+        files: &PathRange,
     ) -> Result<(Vec<TableRows>, Vec<String>), SinkError> {
         self.with_conn("read a snapshot", |c| {
             let tx = c.transaction()?;
@@ -386,7 +390,7 @@ impl SqliteStore {
             for (def, (lo, hi)) in defs.iter().zip(ranges) {
                 tables.push(read_rows(&tx, def, *lo, *hi, None)?);
             }
-            let files = raw_files(&tx)?;
+            let files = raw_files(&tx, files)?;
             tx.rollback()?;
             Ok((tables, files))
         })
@@ -465,10 +469,10 @@ fn table_columns(c: &Connection, table: &str) -> rusqlite::Result<Vec<(String, S
     rows.collect()
 }
 
-/// Committed raw archive files (paths relative to the data directory).
-fn raw_files(c: &Connection) -> rusqlite::Result<Vec<String>> {
+/// Committed raw archive files in `range` (paths relative to the data directory).
+fn raw_files(c: &Connection, range: &PathRange) -> rusqlite::Result<Vec<String>> {
     let mut st = c.prepare_cached(RAW_FILES_SQL)?;
-    let rows = st.query_map([], |r| r.get(0))?;
+    let rows = st.query_map([&range.0, &range.1], |r| r.get(0))?;
     rows.collect()
 }
 

@@ -43,8 +43,9 @@ async fn contract(fx: &Fixture, store: &ServingStore) {
         .iter()
         .find(|d| d.name == "hour_video_events")
         .unwrap();
+    let everything = ("raw/".to_string(), "raw0".to_string());
     let (tables, files) = store
-        .read_snapshot(&[hourly], &[(i64::MIN, i64::MAX)])
+        .read_snapshot(&[hourly], &[(i64::MIN, i64::MAX)], &everything)
         .await
         .unwrap();
     let rows = store
@@ -52,7 +53,7 @@ async fn contract(fx: &Fixture, store: &ServingStore) {
         .await
         .unwrap();
     assert_eq!(sorted(tables[0].clone()), sorted(rows));
-    assert!(files.is_empty() && store.raw_files().await.unwrap().is_empty());
+    assert!(files.is_empty() && store.raw_files(&everything).await.unwrap().is_empty());
 
     // Replacing every hourly window with the same batches recomputed
     // deletes the old rows and leaves exactly the totals again.
@@ -64,7 +65,7 @@ async fn contract(fx: &Fixture, store: &ServingStore) {
         .cloned()
         .collect();
     let mut tx = store.begin_replace().await.unwrap();
-    assert!(ServingStore::raw_files_in(&mut tx)
+    assert!(ServingStore::raw_files_in(&mut tx, &everything)
         .await
         .unwrap()
         .is_empty());
@@ -83,6 +84,114 @@ async fn contract(fx: &Fixture, store: &ServingStore) {
         store.load_offsets("t").await.unwrap(),
         [(0, end)].into_iter().collect()
     );
+    files_and_replayed_letters(store, end).await;
+}
+
+/// Files recorded in three hours around midnight and a dead-letter file,
+/// with replayed letters: the file index answers by hour, whatever else is
+/// recorded; the letters are recorded with the commit.
+async fn files_and_replayed_letters(store: &ServingStore, end: i64) {
+    use crate::sink::archive::FileKind;
+    let h = |s: &str| {
+        chrono::DateTime::parse_from_rfc3339(s)
+            .unwrap()
+            .timestamp_millis()
+    };
+    let file = |path: &str, kind: FileKind, first: i64| WrittenFile {
+        path: path.to_string(),
+        kind,
+        partition: 0,
+        first_offset: first,
+        last_offset: first,
+        rows: 1,
+        bytes: 1,
+    };
+    let files = [
+        file(
+            "raw/events/dt=2026-11-29/hour=23/t-p00000-a.parquet",
+            FileKind::Raw,
+            end,
+        ),
+        file(
+            "raw/events/dt=2026-11-30/hour=00/t-p00000-b.parquet",
+            FileKind::Raw,
+            end,
+        ),
+        file(
+            "raw/events/dt=2026-11-30/hour=01/t-p00000-c.parquet",
+            FileKind::Raw,
+            end,
+        ),
+        file(
+            "raw/events/dt=2026-11-30/hour=10/t-p00000-d.parquet",
+            FileKind::Raw,
+            end,
+        ),
+        file(
+            "dlq/dt=2026-11-30/t-p00000-e.parquet",
+            FileKind::DeadLetter,
+            end,
+        ),
+    ];
+    let partitions: BTreeMap<i32, PartitionRange> = [(
+        0,
+        PartitionRange {
+            expected_start: Some(end),
+            first: end,
+            last: end,
+        },
+    )]
+    .into_iter()
+    .collect();
+    let letters = [(3, 17), (5, 2)];
+    let req = CommitRequest {
+        topic: "t",
+        partitions: &partitions,
+        outputs: &[],
+        files: &files,
+        counters: &[],
+        max_event_ms: &BTreeMap::new(),
+        caught_up: &BTreeMap::new(),
+        sealed_at_ms: 0,
+        now_ms: 0,
+        replayed: Some(("orig", &letters)),
+    };
+    assert_eq!(store.commit(&req).await.unwrap(), CommitOutcome::Committed);
+    let names = |v: Vec<String>| -> Vec<String> {
+        v.iter()
+            .map(|p| p.rsplit('-').next().unwrap_or_default().to_string())
+            .collect()
+    };
+    for (lo, hi, want) in [
+        (
+            "2026-11-29T23:00:00Z",
+            "2026-11-30T00:00:00Z",
+            vec!["a.parquet"],
+        ),
+        (
+            "2026-11-29T23:30:00Z",
+            "2026-11-30T00:00:01Z",
+            vec!["a.parquet", "b.parquet"],
+        ),
+        (
+            "2026-11-30T00:00:00Z",
+            "2026-11-30T10:00:00Z",
+            vec!["b.parquet", "c.parquet"],
+        ),
+        ("2026-11-30T02:00:00Z", "2026-11-30T10:00:00Z", vec![]),
+    ] {
+        let range = crate::sink::raw_path_range(h(lo), h(hi));
+        assert_eq!(
+            names(store.raw_files(&range).await.unwrap()),
+            want,
+            "[{lo}, {hi})"
+        );
+    }
+    assert_eq!(names(store.dlq_files("t").await.unwrap()), ["e.parquet"]);
+    let mut replayed = store.replayed_letters("orig").await.unwrap();
+    replayed.sort();
+    assert_eq!(replayed, letters);
+    assert!(store.replayed_letters("t").await.unwrap().is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
