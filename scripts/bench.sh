@@ -153,6 +153,34 @@ b, n = $raw_bytes, $N
 print(f'raw archive: {b / 2**20:.1f} MiB, {b / n:.1f} bytes per event')
 open('$SUMMARY', 'a').write(f'raw Parquet archive (zstd), bytes per event|{b / n:.1f}|at most 30\n')"
 
+# The archive's shape after the SQLite drain: files per (partition, event hour),
+# their median size, and a DataFusion (Python) scan over all of them (the issue
+# of few, large files: listing and opening many small files is what readers pay).
+python3 -c 'import datafusion' 2>/dev/null || python3 -m pip install --quiet --disable-pip-version-check datafusion >&2
+python3 - "$OUT/data-sqlite/raw/events" "$SUMMARY" <<'PY'
+import os, re, statistics, sys, time, collections
+root, summary = sys.argv[1], sys.argv[2]
+groups, sizes = collections.Counter(), []
+for d, _, names in os.walk(root):
+    for n in names:
+        m = re.match(r'.*-p(\d+)-\d+-\d+-w\w+\.parquet$', n)
+        if m and not n.startswith('.'):
+            groups[(d, m.group(1))] += 1
+            sizes.append(os.path.getsize(os.path.join(d, n)))
+per = sorted(groups.values())
+import datafusion
+ctx = datafusion.SessionContext()
+ctx.register_parquet('events', root)
+t = time.perf_counter()
+rows = ctx.sql('SELECT count(*) AS n, sum(value) AS s FROM events').to_arrow_table().column('n')[0].as_py()
+w = time.perf_counter() - t
+print(f'raw archive shape: {len(sizes):,} files, {statistics.median(per):.0f} per partition and event hour (max {per[-1]}), '
+      f'median file {statistics.median(sizes) / 2**20:.2f} MiB; DataFusion scan of all {rows:,} rows in {w:.2f} s, {rows / w:,.0f} events/s')
+open(summary, 'a').write(f'raw archive: files per partition and event hour (median)|{statistics.median(per):.0f}|at most 3\n')
+open(summary, 'a').write(f'raw archive: median file size|{statistics.median(sizes) / 2**20:.2f} MiB|at least 64 MiB at scale\n')
+open(summary, 'a').write(f'DataFusion scan of the raw archive|{rows / w:,.0f} events/s|\n')
+PY
+
 # Freshness and API latency at a steady rate: a second, empty broker (tansu's
 # SQLite storage slows down with the pre-filled topic in it), `tally run`
 # (SQLite), `tally produce --rate FRESH_RATE`; then probe events timed from

@@ -346,8 +346,8 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// `tally run`: the pipeline, the HTTP API, the periodic verify and the
-/// stall watch, until SIGTERM or Ctrl-C.
+/// `tally run`: the pipeline, the HTTP API, the periodic verify, the stall
+/// watch and retention, until SIGTERM or Ctrl-C.
 async fn run_pipeline(settings: Settings) -> anyhow::Result<ExitCode> {
     // Register SIGTERM/SIGINT handlers before anything slow, so a signal
     // during startup still means a clean shutdown.
@@ -381,9 +381,18 @@ async fn run_pipeline(settings: Settings) -> anyhow::Result<ExitCode> {
         metrics.clone(),
         stop.wait(),
     ));
+    let pruner = tokio::spawn(crate::pipeline::retention::run_periodically(
+        stages.settings.clone(),
+        std::sync::Arc::new(stages.catalog.clone()),
+        stages.store.clone(),
+        stages.archive.clone(),
+        metrics.clone(),
+        stop.wait(),
+    ));
     let result = crate::pipeline::run(stages, metrics, stop.wait()).await;
     stop.trigger();
     let _ = checker.await;
+    let _ = pruner.await;
     let _ = stalls.await;
     let served = server.await;
     result.context("tally run failed")?;
@@ -624,8 +633,9 @@ async fn check(settings: Settings) -> anyhow::Result<ExitCode> {
     for r in &catalog.rollups {
         println!("{}\n", r.describe());
     }
-    let tiers = crate::serve::Tiers::from_catalog(&settings.api.rollups, &catalog)
-        .context("the API rollups are invalid")?;
+    let tiers =
+        crate::serve::Tiers::from_catalog(&settings.api.rollups, &catalog, &settings.retention)
+            .context("the API rollups are invalid")?;
     let names: Vec<String> = tiers
         .tiers
         .iter()

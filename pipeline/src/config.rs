@@ -104,6 +104,7 @@ pub struct Settings {
     pub api: ApiConfig,
     pub verify: VerifyConfig,
     pub report: ReportConfig,
+    pub retention: RetentionConfig,
 }
 
 /// `tally report monthly`: report SQL, dimension tables and the rollup they read.
@@ -381,7 +382,14 @@ impl Settings {
         self.validate_batch()?;
         self.validate_storage()?;
         self.validate_schema()?;
-        self.validate_api()
+        self.validate_api()?;
+        if self.retention.interval.is_zero() {
+            return Err(invalid(
+                "retention.interval",
+                "must be positive (it is how often tally run prunes)",
+            ));
+        }
+        Ok(())
     }
 
     /// `[kafka]`: a topic, and offsets left to tally.
@@ -670,6 +678,16 @@ impl Settings {
             humantime::format_duration(self.verify.interval).to_string(),
             humantime::format_duration(self.verify.lookback).to_string(),
         ));
+        let r = &self.retention;
+        out.push_str(&format!(
+            "\n[retention]\ninterval = {:?}\ndead_letters = \"{}\"\narchive = \"{}\"\n\n[retention.rollups]\n",
+            humantime::format_duration(r.interval).to_string(),
+            r.dead_letters,
+            r.archive
+        ));
+        for (name, keep) in &r.rollups {
+            out.push_str(&format!("{name} = \"{keep}\"\n"));
+        }
         out
     }
 }
@@ -761,6 +779,9 @@ fn env_layer(key: &str, value: &str) -> Result<toml::Table, ConfigError> {
         }),
     }
 }
+
+mod retention;
+pub(crate) use retention::{Keep, RetentionConfig};
 
 #[cfg(test)]
 mod tests;

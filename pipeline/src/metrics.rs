@@ -134,6 +134,11 @@ pub struct Metrics {
     pub api_events_produced: AtomicU64,
     pub api_events_invalid: AtomicU64,
     pub verify_runs: AtomicU64,
+    pub retention_runs: AtomicU64,
+    pub retention_errors: AtomicU64,
+    /// Rollup rows pruned, by rollup; archive files deleted, by kind.
+    retention_rows: Mutex<BTreeMap<String, u64>>,
+    retention_files: Mutex<BTreeMap<&'static str, u64>>,
     /// Rows that differed in the last periodic verify (-1: none run yet).
     pub verify_drift_rows: AtomicI64,
     /// Newest event time committed by this process (epoch ms; 0: none yet).
@@ -191,6 +196,10 @@ impl Metrics {
             api_events_invalid: AtomicU64::new(0),
             newest_committed_event_ms: AtomicI64::new(0),
             verify_runs: AtomicU64::new(0),
+            retention_runs: AtomicU64::new(0),
+            retention_errors: AtomicU64::new(0),
+            retention_rows: Mutex::new(BTreeMap::new()),
+            retention_files: Mutex::new(BTreeMap::new()),
             verify_drift_rows: AtomicI64::new(-1),
             consumer_lag: Mutex::new(BTreeMap::new()),
             topic_lag: Mutex::new(BTreeMap::new()),
@@ -545,6 +554,7 @@ impl Metrics {
             "Periodic verify runs (serving rollups vs the raw archive).",
             load(&self.verify_runs),
         );
+        self.render_retention(o);
         let drift = self.verify_drift_rows.load(Ordering::Relaxed);
         if drift >= 0 {
             gauge(
@@ -568,6 +578,64 @@ impl Metrics {
 
 fn header(o: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
+
+impl Metrics {
+    /// Count one retention pass's deletions.
+    pub fn retention_pruned(&self, rows: &[(String, u64)], dead_letter_files: u64, raw_files: u64) {
+        if let Ok(mut m) = self.retention_rows.lock() {
+            for (rollup, n) in rows {
+                *m.entry(rollup.clone()).or_default() += n;
+            }
+        }
+        if let Ok(mut m) = self.retention_files.lock() {
+            *m.entry("dlq").or_default() += dead_letter_files;
+            *m.entry("raw").or_default() += raw_files;
+        }
+    }
+
+    fn render_retention(&self, o: &mut String) {
+        counter(
+            o,
+            "tally_retention_runs_total",
+            "Retention passes that completed (rollup rows and archive files past [retention] deleted).",
+            self.retention_runs.load(Ordering::Relaxed),
+        );
+        counter(
+            o,
+            "tally_retention_errors_total",
+            "Retention passes that failed (retried at the next retention.interval).",
+            self.retention_errors.load(Ordering::Relaxed),
+        );
+        header(
+            o,
+            "tally_retention_pruned_rows_total",
+            "counter",
+            "Rollup rows deleted by retention, by rollup.",
+        );
+        if let Ok(m) = self.retention_rows.lock() {
+            for (rollup, n) in m.iter() {
+                let _ = writeln!(
+                    o,
+                    "tally_retention_pruned_rows_total{{rollup=\"{rollup}\"}} {n}"
+                );
+            }
+        }
+        header(
+            o,
+            "tally_retention_deleted_files_total",
+            "counter",
+            "Archive files deleted by retention, by kind (raw, dlq).",
+        );
+        if let Ok(m) = self.retention_files.lock() {
+            for (kind, n) in m.iter() {
+                let _ = writeln!(
+                    o,
+                    "tally_retention_deleted_files_total{{kind=\"{kind}\"}} {n}"
+                );
+            }
+        }
+    }
 }
 
 fn counter(o: &mut String, name: &str, help: &str, v: u64) {

@@ -67,10 +67,16 @@ async fn replay_after_a_fix(pg: Option<&PgStore>) {
         "TALLY_CONFIG",
         &strict_config(dir.path()).display().to_string(),
     );
+    let db = match pg {
+        Some(pg) => {
+            env.set("TALLY__SERVING__URL", &pg.url);
+            pg.path()
+        }
+        None => data.join("serving.db"),
+    };
     let mut tally = Tally::start(&env);
     produce(&broker.bootstrap(), &topic, &messages).await;
     let end = broker.end_offsets(&topic, 2);
-    let db = data.join("serving.db");
     wait_committed(&db, &topic, &end, Duration::from_secs(120), &mut tally).await;
     assert!(tally.stop().success());
 

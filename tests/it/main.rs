@@ -10,5 +10,6 @@ mod faults;
 mod limits;
 mod postgres;
 mod replay;
+mod retention;
 mod s3;
 mod safety;

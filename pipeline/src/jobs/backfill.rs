@@ -48,7 +48,14 @@ pub async fn backfill(
             settings.sql.rollups_dir.display()
         )));
     }
-    let ranges: Vec<(i64, i64)> = window_ranges(&defs, from, to);
+    // Windows retention has pruned (or may prune now) are left alone: their
+    // rows are gone from the store, or their events from the archive.
+    let now = chrono::Utc::now().timestamp_millis();
+    let ranges: Vec<(i64, i64)> = window_ranges(&defs, from, to)
+        .into_iter()
+        .zip(&defs)
+        .map(|(r, d)| super::verify::retained(settings, d, r, now))
+        .collect();
     let (lo, hi) = (
         ranges.iter().map(|r| r.0).min().unwrap_or(from),
         ranges.iter().map(|r| r.1).max().unwrap_or(to),

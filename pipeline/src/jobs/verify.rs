@@ -165,6 +165,29 @@ pub fn window_ranges(defs: &[RollupDef], from: i64, to: i64) -> Vec<(i64, i64)> 
     defs.iter().map(|d| inner(from, to, d.window_ms)).collect()
 }
 
+/// `range` (whole windows of `def`) without the windows retention may have
+/// pruned at `now_ms`: before the rollup's horizon, or before the raw
+/// archive's (those windows have nothing left to recompute from). An empty
+/// range when nothing is left.
+pub fn retained(
+    settings: &Settings,
+    def: &RollupDef,
+    (lo, hi): (i64, i64),
+    now_ms: i64,
+) -> (i64, i64) {
+    use crate::pipeline::retention::{archive_horizon, rollup_horizon};
+    let w = def.window_ms.max(1);
+    let mut lo = lo;
+    if let Some(h) = rollup_horizon(settings, &def.name, w, now_ms) {
+        lo = lo.max(h);
+    }
+    if let Some(h) = archive_horizon(settings, now_ms) {
+        // The first whole window from the archive's first kept day.
+        lo = lo.max(h + (w - h.rem_euclid(w)) % w);
+    }
+    (lo.min(hi), hi)
+}
+
 /// Recompute and compare. Errors only when something cannot be read.
 pub async fn verify(
     settings: &Settings,
@@ -186,7 +209,11 @@ pub async fn verify(
             settings.sql.rollups_dir.display()
         )));
     }
-    let ranges: Vec<(i64, i64)> = defs.iter().map(|d| inner(from, to, d.window_ms)).collect();
+    let now = chrono::Utc::now().timestamp_millis();
+    let ranges: Vec<(i64, i64)> = defs
+        .iter()
+        .map(|d| retained(settings, d, inner(from, to, d.window_ms), now))
+        .collect();
     let (ev_lo, ev_hi) = (
         ranges.iter().map(|r| r.0).min().unwrap_or(from),
         ranges.iter().map(|r| r.1).max().unwrap_or(to),

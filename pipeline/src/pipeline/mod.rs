@@ -18,6 +18,7 @@ use crate::sink::{ArchiveLocation, ParquetArchiveSink, ServingStore};
 use crate::source::kafka::GroupCommitter;
 
 mod committer;
+pub(crate) mod retention;
 mod sweeper;
 use crate::source::{ConsumerControl, KafkaSource};
 pub(crate) use committer::{discard_uncommitted, Committer, Done, Retry};
@@ -33,6 +34,39 @@ pub(crate) struct Stages {
     pub archive: ParquetArchiveSink,
 }
 
+/// `retention.rollups` names rollups of the SQL directory, each kept at
+/// least one window.
+fn check_retention(settings: &Settings, catalog: &SqlCatalog) -> Result<(), Error> {
+    for (name, keep) in &settings.retention.rollups {
+        let key = format!("retention.rollups.{name}");
+        let Some(def) = catalog.get(name) else {
+            let have: Vec<&str> = catalog.rollups.iter().map(|r| r.name.as_str()).collect();
+            return Err(crate::config::ConfigError::Invalid {
+                key,
+                message: format!(
+                    "no rollup named `{name}` in {}; it defines: {}",
+                    settings.sql.rollups_dir.display(),
+                    have.join(", ")
+                ),
+            }
+            .into());
+        };
+        if let crate::config::Keep::For(d) = keep {
+            if (d.as_millis() as i64) < def.window_ms {
+                return Err(crate::config::ConfigError::Invalid {
+                    key,
+                    message: format!(
+                        "{keep} is shorter than one window of `{name}` ({} ms); keep at least one window",
+                        def.window_ms
+                    ),
+                }
+                .into());
+            }
+        }
+    }
+    Ok(())
+}
+
 impl Stages {
     /// The event schema and the rollups planned from `sql.rollups_dir`:
     /// what every command starts from.
@@ -46,6 +80,7 @@ impl Stages {
             &settings.schema.time_field,
         )
         .await?;
+        check_retention(settings, &catalog)?;
         Ok((schema, catalog))
     }
 

@@ -429,11 +429,23 @@ impl Params {
         start: i64,
         end: i64,
     ) -> Result<Vec<super::tiers::Segment>, ApiError> {
-        s.reader
-            .tiers
+        let tiers = &s.reader.tiers;
+        let plan = tiers
             .plan(start, end)
-            .map_err(|(_, message)| ApiError::bad("unaligned_range", message))
+            .map_err(|(_, message)| ApiError::bad("unaligned_range", message))?;
+        let now = chrono::Utc::now().timestamp_millis();
+        tiers
+            .check_retained(&plan, start, end, now)
+            .map_err(not_retained)?;
+        Ok(plan)
     }
+}
+
+/// 400 `range_not_retained`, with the oldest start that can be answered.
+fn not_retained(e: super::tiers::NotRetained) -> ApiError {
+    let mut err = ApiError::bad("range_not_retained", e.message);
+    err.extra = Some(("oldest_start", json!(fmt_time(e.oldest_start))));
+    err
 }
 
 fn opt_f64(v: Option<f64>) -> Value {
@@ -577,6 +589,10 @@ async fn series(
             ),
         ));
     }
+    s.reader
+        .tiers
+        .check_series_retained(tier, start, g, chrono::Utc::now().timestamp_millis())
+        .map_err(not_retained)?;
     let (rows, as_of) = tokio::join!(s.reader.series(video, et, tier, start, end, g), as_of(&s));
     let rows = rows?;
     let mut out = Vec::with_capacity(points as usize);

@@ -83,7 +83,7 @@ impl ApiState {
         metrics: Arc<Metrics>,
         pipeline: bool,
     ) -> Result<Arc<ApiState>, ServeError> {
-        let tiers = Tiers::from_catalog(&settings.api.rollups, catalog)?;
+        let tiers = Tiers::from_catalog(&settings.api.rollups, catalog, &settings.retention)?;
         let reader = Reader::open(&settings.serving_url(), 4, tiers, &settings.kafka.topic)?;
         let ingest = ingest::Ingest::new(settings)?;
         Ok(Arc::new(ApiState {

@@ -9,6 +9,7 @@
 //! finest window boundary is refused rather than approximated.
 
 use crate::aggregate::{ColumnKind, MergeRule, RollupDef, SqlCatalog};
+use crate::config::{Keep, RetentionConfig};
 
 use super::ServeError;
 
@@ -29,6 +30,16 @@ pub(crate) struct Tier {
     pub rollup: String,
     pub window: String,
     pub width_ms: i64,
+    /// `retention.rollups.<rollup>`: rows before `now - keep` may be gone.
+    pub keep: Keep,
+}
+
+/// A range that needs rows retention no longer keeps.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct NotRetained {
+    pub message: String,
+    /// The oldest `start` that can be answered (with `end` as asked).
+    pub oldest_start: i64,
 }
 
 /// One piece of a planned range: rows of `tiers[tier]` with window start in `[lo, hi)`.
@@ -102,6 +113,7 @@ impl Tiers {
     pub(crate) fn from_catalog(
         names: &[String],
         catalog: &SqlCatalog,
+        retention: &RetentionConfig,
     ) -> Result<Tiers, ServeError> {
         let config = |message: String| ServeError::Config {
             key: "api.rollups".into(),
@@ -126,6 +138,7 @@ impl Tiers {
                 rollup: def.name.clone(),
                 window: def.window_name().to_string(),
                 width_ms: def.window_ms,
+                keep: retention.rollup(&def.name),
             });
         }
         tiers.sort_by_key(|t| std::cmp::Reverse(t.width_ms));
@@ -218,12 +231,111 @@ impl Tiers {
         }
     }
 
+    /// Refuse `plan` (of `[start, end)`) when a piece starts before its
+    /// tier's retention horizon at `now_ms` (its rows may be pruned): the
+    /// answer would silently undercount. The planner answers each edge from
+    /// the coarsest tier it aligns with, so a start on a whole hour never
+    /// needs minute rows; the error names the oldest start from `start` on
+    /// that can be answered.
+    pub(crate) fn check_retained(
+        &self,
+        plan: &[Segment],
+        start: i64,
+        end: i64,
+        now_ms: i64,
+    ) -> Result<(), NotRetained> {
+        let Some(bad) = self.first_pruned(plan, now_ms) else {
+            return Ok(());
+        };
+        // Candidates: for each tier, the first start on its window at or
+        // after `start` and after the horizons of it and every coarser tier.
+        let mut floor = start;
+        let mut candidates: Vec<i64> = Vec::new();
+        for t in &self.tiers {
+            if let Some(h) = t.keep.horizon(now_ms, t.width_ms) {
+                floor = floor.max(h);
+            }
+            let w = t.width_ms;
+            candidates.push(floor + (w - floor.rem_euclid(w)) % w);
+        }
+        candidates.sort_unstable();
+        let oldest = candidates
+            .into_iter()
+            .filter(|c| *c < end)
+            .find(|c| {
+                self.plan(*c, end)
+                    .is_ok_and(|p| self.first_pruned(&p, now_ms).is_none())
+            })
+            .unwrap_or(end);
+        let t = &self.tiers[bad.tier];
+        Err(NotRetained {
+            message: format!(
+                "`start`: the range needs {} rows from {}, which retention.rollups.{} = \"{}\" no longer keeps; {}",
+                width_name(t.width_ms),
+                fmt(bad.lo),
+                t.rollup,
+                t.keep,
+                if oldest < end {
+                    format!("the oldest start that can be answered is {}", fmt(oldest))
+                } else {
+                    "no start before `end` can be answered".to_string()
+                }
+            ),
+            oldest_start: oldest,
+        })
+    }
+
+    /// A series reads buckets of `granularity_ms` from tier `tier` alone:
+    /// its retention decides.
+    pub(crate) fn check_series_retained(
+        &self,
+        tier: usize,
+        start: i64,
+        granularity_ms: i64,
+        now_ms: i64,
+    ) -> Result<(), NotRetained> {
+        let Some(t) = self.tiers.get(tier) else {
+            return Ok(());
+        };
+        let Some(h) = t.keep.horizon(now_ms, t.width_ms).filter(|h| start < *h) else {
+            return Ok(());
+        };
+        let g = granularity_ms.max(1);
+        let oldest = h + (g - h.rem_euclid(g)) % g;
+        Err(NotRetained {
+            message: format!(
+                "`start`: this granularity reads {} rows, which retention.rollups.{} = \"{}\" keeps from {}; start at or after {} or choose a coarser granularity",
+                width_name(t.width_ms),
+                t.rollup,
+                t.keep,
+                fmt(h),
+                fmt(oldest)
+            ),
+            oldest_start: oldest,
+        })
+    }
+
+    fn first_pruned(&self, plan: &[Segment], now_ms: i64) -> Option<Segment> {
+        plan.iter().copied().find(|s| {
+            self.tiers
+                .get(s.tier)
+                .and_then(|t| t.keep.horizon(now_ms, t.width_ms))
+                .is_some_and(|h| s.lo < h)
+        })
+    }
+
     /// The coarsest tier whose width divides `granularity_ms` (series buckets).
     pub(crate) fn series_tier(&self, granularity_ms: i64) -> Option<usize> {
         self.tiers
             .iter()
             .position(|t| granularity_ms % t.width_ms == 0)
     }
+}
+
+fn fmt(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms)
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+        .unwrap_or_else(|| ms.to_string())
 }
 
 #[cfg(test)]
@@ -240,6 +352,7 @@ mod tests {
             rollup: n.into(),
             window: "window_start".into(),
             width_ms: w,
+            keep: Keep::Forever,
         };
         Tiers {
             tiers: vec![t("day", D), t("hour", H), t("minute", M)],
@@ -284,6 +397,34 @@ mod tests {
         assert_eq!(err.0, "start");
         assert!(err.1.contains("1d, 1h, 1m"), "{}", err.1);
         assert_eq!(tiers().plan(0, H + 1).unwrap_err().0, "end");
+    }
+
+    /// Minute rows kept 2 days, hour rows 30 days, day rows for ever.
+    #[test]
+    fn ranges_that_need_pruned_rows_are_refused_or_answered_coarser() {
+        let mut t = tiers();
+        t.tiers[2].keep = Keep::For(std::time::Duration::from_secs(2 * 86_400));
+        t.tiers[1].keep = Keep::For(std::time::Duration::from_secs(30 * 86_400));
+        let now = 100 * D + 5 * H + 7 * M + 3;
+        let ok = |s, e| t.check_retained(&t.plan(s, e).unwrap(), s, e, now);
+        // Minute edges within two days: fine.
+        assert_eq!(ok(98 * D + 6 * H + 3 * M, 100 * D + 5 * H), Ok(()));
+        // A start 10 days back on a minute needs pruned minute rows; the
+        // next whole hour is answered from hour rows.
+        let err = ok(90 * D + 3 * M, 99 * D).unwrap_err();
+        assert!(err.message.contains("1m rows"), "{}", err.message);
+        assert_eq!(err.oldest_start, 90 * D + H);
+        assert_eq!(ok(err.oldest_start, 99 * D), Ok(()));
+        // On a whole hour 10 days back: hour rows answer its edge.
+        assert_eq!(ok(90 * D + 3 * H, 99 * D + 4 * M), Ok(()));
+        // On a whole day 60 days back: day rows; an hour edge there is gone,
+        // and the next answerable start is the next whole day.
+        assert_eq!(ok(40 * D, 99 * D), Ok(()));
+        let err = ok(40 * D + H, 99 * D).unwrap_err();
+        assert!(err.message.contains("1h rows"), "{}", err.message);
+        assert_eq!(err.oldest_start, 41 * D);
+        // The end edge is recent: minute rows there are kept.
+        assert_eq!(ok(40 * D, 100 * D + 5 * H + 7 * M), Ok(()));
     }
 
     #[test]

@@ -382,6 +382,24 @@ impl ServingStore {
         }
     }
 
+    /// Recorded files (raw and dead letters) with paths in `range`, at most
+    /// 5,000 (call again after forgetting them).
+    pub async fn files_in_range(&self, range: &PathRange) -> Result<Vec<String>, SinkError> {
+        match &self.backend {
+            Backend::Sqlite(s) => blocking(|| s.files_in_range(range)),
+            Backend::Postgres(s) => s.files_in_range(range).await,
+        }
+    }
+
+    /// Remove `paths` from the record of committed files (retention: the
+    /// files are deleted next).
+    pub async fn forget_files(&self, paths: &[String]) -> Result<(), SinkError> {
+        match &self.backend {
+            Backend::Sqlite(s) => blocking(|| s.forget_files(paths)),
+            Backend::Postgres(s) => s.forget_files(paths).await,
+        }
+    }
+
     /// Committed dead-letter files of `topic`.
     pub async fn dlq_files(&self, topic: &str) -> Result<Vec<String>, SinkError> {
         match &self.backend {

@@ -335,6 +335,32 @@ impl PgStore {
             .map_err(db("read as_of"))
     }
 
+    pub(super) async fn files_in_range(&self, range: &PathRange) -> Result<Vec<String>, SinkError> {
+        sqlx::query(AssertSqlSafe(Dialect::Postgres.sql(FILES_IN_RANGE_SQL)))
+            .bind(&range.0)
+            .bind(&range.1)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db("list files"))?
+            .iter()
+            .map(|r| r.try_get::<String, _>(0))
+            .collect::<Result<_, sqlx::Error>>()
+            .map_err(db("list files"))
+    }
+
+    pub(super) async fn forget_files(&self, paths: &[String]) -> Result<(), SinkError> {
+        let mut tx = self.pool.begin().await.map_err(db("forget files"))?;
+        let sql = Dialect::Postgres.sql(FORGET_FILE_SQL);
+        for p in paths {
+            sqlx::query(AssertSqlSafe(sql.clone()))
+                .bind(p)
+                .execute(&mut *tx)
+                .await
+                .map_err(db("forget files"))?;
+        }
+        tx.commit().await.map_err(db("forget files"))
+    }
+
     pub(super) async fn dlq_files(&self, topic: &str) -> Result<Vec<String>, SinkError> {
         sqlx::query(AssertSqlSafe(Dialect::Postgres.sql(DLQ_FILES_SQL)))
             .bind(topic)

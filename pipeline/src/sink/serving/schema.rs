@@ -585,6 +585,10 @@ pub(super) const COUNTERS_SQL: &str = "SELECT name, value FROM tally_counters OR
 /// the archive's age.
 pub(super) const RAW_FILES_SQL: &str =
     "SELECT path FROM tally_files WHERE path >= ? AND path < ? AND kind = 'raw' ORDER BY path";
+/// Recorded files (any kind) with `? <= path < ?`, a bounded page.
+pub(super) const FILES_IN_RANGE_SQL: &str =
+    "SELECT path FROM tally_files WHERE path >= ? AND path < ? ORDER BY path LIMIT 5000";
+pub(super) const FORGET_FILE_SQL: &str = "DELETE FROM tally_files WHERE path = ?";
 pub(super) const DLQ_FILES_SQL: &str =
     "SELECT path FROM tally_files WHERE kind = 'dlq' AND topic = ? ORDER BY path";
 /// Recorded archive paths are looked up this many at a time.

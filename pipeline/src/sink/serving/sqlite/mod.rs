@@ -418,6 +418,27 @@ impl SqliteStore {
         })
     }
 
+    pub(super) fn files_in_range(&self, range: &PathRange) -> Result<Vec<String>, SinkError> {
+        self.with_conn("list files", |c| {
+            let mut st = c.prepare_cached(FILES_IN_RANGE_SQL)?;
+            let rows = st.query_map([&range.0, &range.1], |r| r.get(0))?;
+            rows.collect()
+        })
+    }
+
+    pub(super) fn forget_files(&self, paths: &[String]) -> Result<(), SinkError> {
+        self.with_conn("forget files", |c| {
+            let tx = c.transaction()?;
+            {
+                let mut st = tx.prepare_cached(FORGET_FILE_SQL)?;
+                for p in paths {
+                    st.execute([p])?;
+                }
+            }
+            tx.commit()
+        })
+    }
+
     pub(super) fn dlq_files(&self, topic: &str) -> Result<Vec<String>, SinkError> {
         self.with_conn("list dead-letter files", |c| {
             let mut st = c.prepare_cached(DLQ_FILES_SQL)?;
