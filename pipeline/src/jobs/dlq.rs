@@ -147,6 +147,7 @@ pub async fn replay(settings: Settings, selection: Selection) -> Result<DlqRepor
     let max_rows = settings.batch.max_rows.max(1);
     let mut expected = committed;
     let mut next = committed.unwrap_or(0);
+    let mut progress = super::Progress::new("dlq replay", todo.len().div_ceil(max_rows) as u64);
     for chunk in todo.chunks(max_rows) {
         let now = Instant::now();
         let now_ms = chrono::Utc::now().timestamp_millis();
@@ -183,7 +184,9 @@ pub async fn replay(settings: Settings, selection: Selection) -> Result<DlqRepor
         let committed = commit(&mut committer, &batch, &pseudo).await?;
         report.accepted += committed.origins.as_ref().map_or(0, |o| o.rows.len()) as u64;
         report.batches += 1;
+        progress.step(&format!("{} accepted so far", report.accepted));
     }
+    progress.finish();
     store.close().await;
     report.seconds = started.elapsed().as_secs_f64();
     Ok(report)
