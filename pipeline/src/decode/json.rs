@@ -490,8 +490,22 @@ fn parse_flat<'a>(
             i += 1;
             ws(&mut i);
             let value_start = i;
+            // Producers write keys in one order: try the field after the
+            // last one matched before searching them all.
+            let found = if fields.get(hint).is_some_and(|f| f.name == key) {
+                Some(hint)
+            } else {
+                fields.iter().position(|f| f.name == key)
+            };
             let value = match *b.get(i)? {
                 b'"' => Slot::Str(Cow::Borrowed(string(&mut i)?)),
+                // An undeclared object or array is kept as text: validated
+                // and skipped here (a declared one is a type error, which
+                // serde_json's path words).
+                b'{' | b'[' if found.is_none() => {
+                    i = skip_value(b, i, 0)?;
+                    Slot::Object
+                }
                 b't' if b.get(i..i + 4) == Some(b"true") => {
                     i += 4;
                     Slot::Bool(true)
@@ -545,13 +559,6 @@ fn parse_flat<'a>(
             if !matches!(b.get(i), Some(b' ' | b'\t' | b'\n' | b'\r' | b',' | b'}')) {
                 return None;
             }
-            // Producers write keys in one order: try the field after the
-            // last one matched before searching them all.
-            let found = if fields.get(hint).is_some_and(|f| f.name == key) {
-                Some(hint)
-            } else {
-                fields.iter().position(|f| f.name == key)
-            };
             if let Some(f) = found {
                 if !matches!(slots[f], Slot::Missing) {
                     return None;
@@ -579,6 +586,92 @@ fn parse_flat<'a>(
     }
     ws(&mut i);
     (i == b.len()).then_some(())
+}
+
+/// The end of the JSON value at `b[i]`, validated: what serde_json accepts
+/// there, in a form the fast path knows (strings without escapes, numbers in
+/// JSON's grammar, literals, objects and arrays up to 64 deep). `None` for
+/// anything else, which then goes to serde_json from the start.
+fn skip_value(b: &[u8], mut i: usize, depth: u32) -> Option<usize> {
+    let ws = |i: &mut usize| {
+        while matches!(b.get(*i), Some(b' ' | b'\t' | b'\n' | b'\r')) {
+            *i += 1;
+        }
+    };
+    match *b.get(i)? {
+        b'"' => {
+            let len = string_end(b.get(i + 1..)?)?;
+            (b[i + 1 + len] == b'"').then_some(i + len + 2)
+        }
+        b't' => (b.get(i..i + 4) == Some(b"true")).then_some(i + 4),
+        b'f' => (b.get(i..i + 5) == Some(b"false")).then_some(i + 5),
+        b'n' => (b.get(i..i + 4) == Some(b"null")).then_some(i + 4),
+        c if c == b'-' || c.is_ascii_digit() => number_end(b, i),
+        open @ (b'{' | b'[') if depth < 64 => {
+            let close = if open == b'{' { b'}' } else { b']' };
+            i += 1;
+            ws(&mut i);
+            if b.get(i) == Some(&close) {
+                return Some(i + 1);
+            }
+            loop {
+                if open == b'{' {
+                    if b.get(i) != Some(&b'"') {
+                        return None;
+                    }
+                    i = skip_value(b, i, depth + 1)?;
+                    ws(&mut i);
+                    if b.get(i) != Some(&b':') {
+                        return None;
+                    }
+                    i += 1;
+                    ws(&mut i);
+                }
+                i = skip_value(b, i, depth + 1)?;
+                ws(&mut i);
+                match b.get(i) {
+                    Some(b',') => {
+                        i += 1;
+                        ws(&mut i);
+                    }
+                    Some(c) if *c == close => return Some(i + 1),
+                    _ => return None,
+                }
+            }
+        }
+        _ => None,
+    }
+}
+
+/// The end of the JSON number at `b[i]`: `-? (0 | [1-9][0-9]*) (. [0-9]+)?
+/// ([eE] [+-]? [0-9]+)?`.
+fn number_end(b: &[u8], i: usize) -> Option<usize> {
+    let digits = |from: usize| {
+        b.get(from..)
+            .map_or(0, |r| r.iter().take_while(|d| d.is_ascii_digit()).count())
+    };
+    let start = i + usize::from(b.get(i) == Some(&b'-'));
+    let n = digits(start);
+    if n == 0 || (b[start] == b'0' && n > 1) {
+        return None;
+    }
+    let mut end = start + n;
+    if b.get(end) == Some(&b'.') {
+        let n = digits(end + 1);
+        if n == 0 {
+            return None;
+        }
+        end += 1 + n;
+    }
+    if matches!(b.get(end), Some(b'e' | b'E')) {
+        let j = end + 1 + usize::from(matches!(b.get(end + 1), Some(b'+' | b'-')));
+        let n = digits(j);
+        if n == 0 {
+            return None;
+        }
+        end = j + n;
+    }
+    Some(end)
 }
 
 /// Index of the first `"`, backslash or control byte in `b`, eight bytes
