@@ -154,7 +154,7 @@ mod tests {
     use crate::sink::archive::FileKind;
     use crate::sink::{CommitOutcome, CommitRequest, WrittenFile};
 
-    /// Minute rows kept 14 days (the default), dead letters 2 days, the
+    /// Minute rows kept 14 days, dead letters 2 days, the
     /// archive 3 days: one pass deletes exactly what is older, rows and files
     /// (record and object), and a second pass finds nothing.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -163,6 +163,7 @@ mod tests {
         let settings = crate::testing::settings(
             dir.path(),
             &[
+                ("TALLY__RETENTION__ROLLUPS__MINUTE_VIDEO_EVENTS", "14d"),
                 ("TALLY__RETENTION__DEAD_LETTERS", "2d"),
                 ("TALLY__RETENTION__ARCHIVE", "3d"),
             ],
