@@ -103,6 +103,10 @@ pub enum DlqCommand {
         /// invalid_value.
         #[arg(long)]
         reason: Vec<String>,
+        /// Decode the letters with the current config and report what a
+        /// replay would accept and what it would still reject; write nothing.
+        #[arg(long)]
+        dry_run: bool,
     },
 }
 
@@ -334,13 +338,20 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             command: TopicCommand::Create { partitions },
         } => rt.block_on(topic_create(settings, partitions)),
         Command::Dlq {
-            command: DlqCommand::Replay { from, to, reason },
+            command:
+                DlqCommand::Replay {
+                    from,
+                    to,
+                    reason,
+                    dry_run,
+                },
         } => rt.block_on(dlq_replay(
             settings,
             crate::jobs::dlq::Selection {
                 from,
                 to,
                 reasons: reason,
+                dry_run,
             },
         )),
     }
@@ -460,6 +471,7 @@ async fn dlq_replay(
     settings: Settings,
     selection: crate::jobs::dlq::Selection,
 ) -> anyhow::Result<ExitCode> {
+    let dry_run = selection.dry_run;
     let r = crate::jobs::dlq::replay(settings, selection)
         .await
         .context("tally dlq replay failed")?;
@@ -485,6 +497,9 @@ async fn dlq_replay(
         r.batches,
         r.seconds
     );
+    if dry_run {
+        println!("dry run: nothing was written (\"accepted now\" is what a replay would count)");
+    }
     Ok(ExitCode::SUCCESS)
 }
 

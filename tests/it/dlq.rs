@@ -83,6 +83,24 @@ async fn replay_after_a_fix(pg: Option<&PgStore>) {
     // The fix: the default schema. A replay killed at each step of its commit
     // (files written; rollups merged, not committed; committed), then whole.
     env.vars.retain(|(k, _)| k != "TALLY_CONFIG");
+    // A dry run says what a replay would count, and writes nothing.
+    let out = std::process::Command::new(tally_bin())
+        .args(["dlq", "replay", "--reason", "invalid_value", "--dry-run"])
+        .envs(env.vars.iter().cloned())
+        .output()
+        .unwrap();
+    let dry = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{dry}");
+    assert!(
+        dry.contains(&format!("{shares} accepted now")) && dry.contains("dry run"),
+        "{dry}"
+    );
+    let none: Vec<(String, i64)> = serving_query_i64(
+        &db,
+        "SELECT topic, count(*) FROM tally_dlq_replayed GROUP BY topic",
+    )
+    .await;
+    assert!(none.is_empty(), "a dry run recorded {none:?}");
     for point in [
         "after_archive_write",
         "inside_serving_transaction",
