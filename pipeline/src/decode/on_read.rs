@@ -8,6 +8,8 @@ use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
 use datafusion::arrow::array::{new_null_array, Array, AsArray};
+use datafusion::arrow::compute::is_not_null;
+use datafusion::arrow::compute::kernels::zip::zip;
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::common::Result as DfResult;
 use datafusion::logical_expr::{
@@ -18,7 +20,8 @@ use datafusion::prelude::SessionContext;
 use super::json::extract_field;
 use super::schema::{arrow_type, EventSchema, SchemaField, EXTRA_COLUMN};
 
-/// `extra_field_<i>(_extra)`: field `i`'s value from the undeclared fields.
+/// `extra_field_<i>(field, _extra)`: field `i`, or its value from the
+/// undeclared fields where the file has none.
 #[derive(Debug)]
 struct ExtraField {
     name: String,
@@ -49,26 +52,27 @@ impl ScalarUDFImpl for ExtraField {
     fn return_type(&self, _: &[DataType]) -> DfResult<DataType> {
         Ok(arrow_type(self.field.field_type))
     }
+    /// `(typed column, _extra)`: the typed value where there is one, else
+    /// the value from `_extra`. The common case (a file written since the
+    /// field was declared, or no undeclared fields) returns the typed
+    /// column itself, without a copy.
     fn invoke_with_args(&self, args: ScalarFunctionArgs) -> DfResult<ColumnarValue> {
         let rows = args.number_rows;
-        let Some(arg) = args.args.into_iter().next() else {
+        let mut args = args.args.into_iter();
+        let (Some(typed), Some(extra)) = (args.next(), args.next()) else {
             return Ok(ColumnarValue::Array(new_null_array(
                 &arrow_type(self.field.field_type),
                 rows,
             )));
         };
-        let arr = arg.into_array(rows)?;
-        if arr.null_count() == arr.len() {
-            // Every file written since the field was declared: no work.
-            return Ok(ColumnarValue::Array(new_null_array(
-                &arrow_type(self.field.field_type),
-                rows,
-            )));
+        let typed = typed.into_array(rows)?;
+        let extra = extra.into_array(rows)?;
+        if typed.null_count() == 0 || extra.null_count() == extra.len() {
+            return Ok(ColumnarValue::Array(typed));
         }
-        Ok(ColumnarValue::Array(extract_field(
-            &self.field,
-            arr.as_string::<i32>(),
-        )))
+        let from_extra = extract_field(&self.field, extra.as_string::<i32>());
+        let has_typed = is_not_null(&typed)?;
+        Ok(ColumnarValue::Array(zip(&has_typed, &typed, &from_extra)?))
     }
 }
 
@@ -101,10 +105,13 @@ pub(crate) fn events_select(schema: &EventSchema, ctx: &SessionContext) -> Strin
         ctx.register_udf(ScalarUDF::new_from_impl(ExtraField {
             name: name.clone(),
             field: f.clone(),
-            signature: Signature::exact(vec![DataType::Utf8], Volatility::Immutable),
+            signature: Signature::exact(
+                vec![arrow_type(f.field_type), DataType::Utf8],
+                Volatility::Immutable,
+            ),
         }));
         cols.push(format!(
-            "COALESCE({q}, {name}({extra})) AS {q}",
+            "{name}({q}, {extra}) AS {q}",
             extra = quote(EXTRA_COLUMN)
         ));
     }
