@@ -240,28 +240,6 @@ pub struct SqlConfig {
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
-pub struct StorageConfig {
-    pub data_dir: PathBuf,
-    pub zstd_level: i32,
-    /// Where raw/ and dlq/ live: empty means `data_dir`; `s3://BUCKET/PREFIX`
-    /// means S3 or any S3-compatible store.
-    pub archive_url: String,
-    /// object_store options for `archive_url`, passed verbatim (`aws_endpoint`,
-    /// `aws_region`, `aws_access_key_id`, `aws_allow_http`, …). They override
-    /// the standard `AWS_*` environment variables.
-    pub options: BTreeMap<String, PropertyValue>,
-    /// Archive files at least this large are uploaded in parts (S3 multipart);
-    /// smaller ones with one PUT. Either way an object appears only when complete.
-    pub multipart_threshold: ByteSize,
-    /// How often each owned partition's archive is swept for files of batches
-    /// that can never commit (after the first sweep, which follows the first
-    /// commit on a newly assigned partition).
-    #[serde(with = "humantime_serde")]
-    pub orphan_sweep_interval: Duration,
-}
-
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
 pub struct ServingConfig {
     pub url: String,
     /// Index rollup tables by window (faster /v1/top, slower ingest).
@@ -459,6 +437,30 @@ impl Settings {
                 "must be 0 (every file in parts) or at least 5MiB (S3's smallest part)",
             ));
         }
+        if self.storage.archive_file_bytes.0 < 1024 * 1024 {
+            return Err(invalid(
+                "storage.archive_file_bytes",
+                "must be at least 1MiB (the default is 128MiB)",
+            ));
+        }
+        if self.storage.archive_roll_interval < Duration::from_secs(1) {
+            return Err(invalid(
+                "storage.archive_roll_interval",
+                "must be at least 1s (the default is 10m)",
+            ));
+        }
+        if self.storage.archive_row_group_bytes.0 == 0 {
+            return Err(invalid(
+                "storage.archive_row_group_bytes",
+                "must be above 0 (the default is 64MiB)",
+            ));
+        }
+        if self.storage.archive_max_open_files == 0 {
+            return Err(invalid(
+                "storage.archive_max_open_files",
+                "must be at least 1 (the default is 64)",
+            ));
+        }
         if self.storage.orphan_sweep_interval < Duration::from_secs(1) {
             return Err(invalid(
                 "storage.orphan_sweep_interval",
@@ -645,13 +647,17 @@ impl Settings {
             }
         }
         out.push_str(&format!(
-            "\n[sql]\nrollups_dir = {:?}\n\n[storage]\ndata_dir = {:?}\nzstd_level = {}\narchive_url = {:?}\nmultipart_threshold = {}\norphan_sweep_interval = {:?}\n{}\n[serving]\nurl = {:?}\nwindow_index = {}\nsqlite_fold_rows = {}\nsqlite_direct_rows = {}\n\n[api]\nlisten = {:?}\nrollups = {:?}\nmax_range = {:?}\nmax_series_points = {}\nmax_body = {}\nrequest_timeout = {:?}\nmax_concurrency = {}\nmax_connections = {}\nread_tokens = \"{} configured (masked)\"\nwrite_tokens = \"{} configured (masked)\"\nallowed_hosts = {:?}\n\n[verify]\ninterval = {:?}\nlookback = {:?}\n",
+            "\n[sql]\nrollups_dir = {:?}\n\n[storage]\ndata_dir = {:?}\nzstd_level = {}\narchive_url = {:?}\nmultipart_threshold = {}\norphan_sweep_interval = {:?}\narchive_file_bytes = {}\narchive_roll_interval = {:?}\narchive_max_open_files = {}\narchive_row_group_bytes = {}\n{}\n[serving]\nurl = {:?}\nwindow_index = {}\nsqlite_fold_rows = {}\nsqlite_direct_rows = {}\n\n[api]\nlisten = {:?}\nrollups = {:?}\nmax_range = {:?}\nmax_series_points = {}\nmax_body = {}\nrequest_timeout = {:?}\nmax_concurrency = {}\nmax_connections = {}\nread_tokens = \"{} configured (masked)\"\nwrite_tokens = \"{} configured (masked)\"\nallowed_hosts = {:?}\n\n[verify]\ninterval = {:?}\nlookback = {:?}\n",
             self.sql.rollups_dir.display().to_string(),
             self.storage.data_dir.display().to_string(),
             self.storage.zstd_level,
             self.storage.archive_url,
             self.storage.multipart_threshold.0,
             humantime::format_duration(self.storage.orphan_sweep_interval).to_string(),
+            self.storage.archive_file_bytes.0,
+            humantime::format_duration(self.storage.archive_roll_interval).to_string(),
+            self.storage.archive_max_open_files,
+            self.storage.archive_row_group_bytes.0,
             {
                 let mut opts = toml::Table::new();
                 for (k, v) in &self.storage.options {
@@ -781,7 +787,9 @@ fn env_layer(key: &str, value: &str) -> Result<toml::Table, ConfigError> {
 }
 
 mod retention;
+mod storage;
 pub(crate) use retention::{Keep, RetentionConfig};
+pub(crate) use storage::StorageConfig;
 
 #[cfg(test)]
 mod tests;

@@ -98,6 +98,8 @@ pub(crate) async fn seed(
             sealed_at_ms: now,
             now_ms: now,
             replayed: None,
+            open_hours: &[],
+            archive_with_batch: true,
         };
         store.commit(&req).await.unwrap();
         if expected_start.is_none() {

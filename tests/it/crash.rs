@@ -66,6 +66,7 @@ async fn kill_loop(events: usize, kills: usize, min_kills: usize, budget: Durati
     let mut rng = rand_chacha::ChaCha12Rng::seed_from_u64(std::process::id() as u64);
     let mut done = 0;
     let started = Instant::now();
+    let watch = GlobWatch::start(&data);
     let mut tally = Tally::start(&env);
     while done < kills && started.elapsed() < budget {
         // Kill only once this incarnation has committed something, so every
@@ -90,6 +91,8 @@ async fn kill_loop(events: usize, kills: usize, min_kills: usize, budget: Durati
     }
     producer.await.unwrap();
     assert!(done >= min_kills, "only {done} kills");
+    let looks = watch.stop().await;
+    assert!(looks >= 10, "the archive was looked at only {looks} times");
     let end = broker.end_offsets(&topic, 4);
     assert_eq!(end.values().sum::<i64>(), messages.len() as i64);
     wait_committed(
@@ -122,6 +125,56 @@ async fn kill_loop(events: usize, kills: usize, min_kills: usize, budget: Durati
     );
     report_faults(&[("sigkill", done)]);
     done
+}
+
+/// Reads the raw archive the way a reader of the glob does, every 100 ms:
+/// every visible file must be committed (recorded) when it is seen.
+struct GlobWatch {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<usize>,
+}
+
+impl GlobWatch {
+    fn start(data: &std::path::Path) -> GlobWatch {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (flag, data) = (stop.clone(), data.to_path_buf());
+        let task = tokio::spawn(async move {
+            let db = data.join("serving.db");
+            let mut looks = 0;
+            while !flag.load(std::sync::atomic::Ordering::Acquire) {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                let visible: Vec<String> = files_under(&data.join("raw"))
+                    .into_iter()
+                    .map(|p| format!("raw/{}", p.display()))
+                    .filter(|p| !p.contains("/.") && p.ends_with(".parquet"))
+                    .collect();
+                if visible.is_empty() || !store_exists(&db) {
+                    continue;
+                }
+                let Ok(recorded) =
+                    try_serving_query_i64(&db, "SELECT path, rows FROM tally_files").await
+                else {
+                    continue;
+                };
+                let recorded: std::collections::HashSet<String> =
+                    recorded.into_iter().map(|(p, _)| p).collect();
+                for v in &visible {
+                    assert!(
+                        recorded.contains(v),
+                        "{v} is visible to readers but not committed"
+                    );
+                }
+                looks += 1;
+            }
+            looks
+        });
+        GlobWatch { stop, task }
+    }
+
+    async fn stop(self) -> usize {
+        self.stop.store(true, std::sync::atomic::Ordering::Release);
+        self.task.await.unwrap()
+    }
 }
 
 pub(crate) async fn committed_total(db: &std::path::Path) -> i64 {
@@ -160,17 +213,28 @@ async fn failpoints_around_the_commit_leave_no_trace() {
     // Fold the SQLite delta tables after every commit (in a transaction of
     // its own, after the batch's).
     env.set("TALLY__SERVING__SQLITE_FOLD_ROWS", "0");
+    // Open raw files write a row group every few batches.
+    env.set("TALLY__STORAGE__ARCHIVE_ROW_GROUP_BYTES", "64KiB");
 
-    // Each failpoint aborts the first batch that reaches it; only
-    // `after_serving_commit` and `inside_fold_transaction` leave that batch
-    // committed.
+    // Each failpoint aborts the first batch (or archive flush) that reaches
+    // it; `inside_fold_transaction` and `after_serving_commit` leave that
+    // batch committed. The archive's own steps come after the counts:
+    // the files of a flush killed before its commit stay hidden (and are
+    // removed later); those of a committed flush are renamed by the restart.
     let mut committed = 0;
     for (point, commits) in [
-        ("after_archive_write", false),
-        ("after_aggregate", false),
-        ("inside_serving_transaction", false),
-        ("after_serving_commit", true),
-        ("inside_fold_transaction", true),
+        ("after_archive_write", Some(false)),
+        ("after_aggregate", Some(false)),
+        ("inside_serving_transaction", Some(false)),
+        ("inside_fold_transaction", Some(true)),
+        ("after_serving_commit", Some(true)),
+        // From here on a restart first re-reads, for the archive only, what
+        // the counts already hold: its first commit may count nothing.
+        ("after_row_group", None),
+        ("after_file_closed", None),
+        ("inside_archive_commit", None),
+        ("after_archive_commit", None),
+        ("after_archive_rename", None),
     ] {
         env.set("TALLY_FAILPOINT", point);
         let mut t = Tally::start(&env);
@@ -187,20 +251,49 @@ async fn failpoints_around_the_commit_leave_no_trace() {
             "{point} reached"
         );
         let now_committed = committed_total(&db).await;
-        if commits {
-            assert!(
+        let staged = files_under(&data.join("raw"))
+            .iter()
+            .filter(|p| p.to_string_lossy().contains("/."))
+            .count();
+        let pending = serving_query_i64(&db, "SELECT 'n', count(*) FROM tally_archive_pending")
+            .await
+            .first()
+            .map_or(0, |(_, n)| *n);
+        match commits {
+            Some(true) => assert!(
                 now_committed > committed,
                 "{point}: the batch was committed before the abort"
-            );
-        } else {
-            assert_eq!(
+            ),
+            Some(false) => assert_eq!(
                 now_committed, committed,
                 "{point}: nothing more was committed"
-            );
-            assert!(
-                !files_under(&data.join("raw")).is_empty(),
-                "{point}: the crashed batch left archive files behind"
-            );
+            ),
+            None => {}
+        }
+        match point {
+            "after_file_closed" | "inside_archive_commit" => {
+                assert!(staged > 0, "{point}: the flush's files were staged");
+                assert_eq!(pending, 0, "{point}: the flush did not commit");
+            }
+            "after_archive_commit" => {
+                assert!(
+                    staged > 0 && pending > 0,
+                    "{point}: committed, not renamed ({staged} staged, {pending} pending)"
+                );
+            }
+            "after_row_group" => {
+                assert!(
+                    !files_under(&data.join(".spool")).is_empty(),
+                    "{point}: a row group was in the open file"
+                );
+            }
+            "after_archive_rename" => {
+                assert!(
+                    pending > 0,
+                    "{point}: renamed, not yet forgotten as pending"
+                );
+            }
+            _ => {}
         }
         if point == "inside_fold_transaction" {
             let delta = serving_query_i64(
@@ -236,7 +329,7 @@ async fn failpoints_around_the_commit_leave_no_trace() {
         Some(0),
         "later folds emptied the delta"
     );
-    report_faults(&[("failpoint_crashes", 5)]);
+    report_faults(&[("failpoint_crashes", 10)]);
 }
 
 fn wait_exit(t: &mut Tally, timeout: Duration) -> std::process::ExitStatus {

@@ -60,6 +60,10 @@ impl TallyEnv {
             ),
             ("TALLY__BATCH__LINGER".into(), "300ms".into()),
             ("TALLY__BATCH__MAX_ROWS".into(), "3000".into()),
+            // The archive commits its open files every second (10 minutes by
+            // default): tests see it catch up quickly and cross its commit
+            // steps often.
+            ("TALLY__STORAGE__ARCHIVE_ROLL_INTERVAL".into(), "1s".into()),
             // Events up to 20 s old are "on time" however slow the test machine is;
             // late ones are 30 min to 3 h old.
             ("TALLY__DECODE__LATE_AFTER".into(), "20m".into()),
@@ -155,6 +159,30 @@ impl Drop for Tally {
 }
 
 /// Wait until the serving store's offsets reach `end` for every partition.
+/// The archive's committed position per partition of `topic`.
+pub async fn archive_positions(db: &Path, topic: &str) -> BTreeMap<i32, i64> {
+    try_serving_query_i64(
+        db,
+        "SELECT topic || ':' || CAST(partition AS TEXT), next_offset FROM tally_archive_offsets",
+    )
+    .await
+    .unwrap_or_default()
+    .into_iter()
+    .filter_map(|(k, v)| {
+        k.strip_prefix(&format!("{topic}:"))
+            .map(|p| (p.parse().unwrap(), v))
+    })
+    .collect()
+}
+
+/// Committed archive files not yet under their final names.
+async fn pending_files(db: &Path) -> Option<i64> {
+    try_serving_query_i64(db, "SELECT 'pending', count(*) FROM tally_archive_pending")
+        .await
+        .ok()
+        .and_then(|rows| rows.first().map(|r| r.1))
+}
+
 pub async fn wait_committed(
     db: &Path,
     topic: &str,
@@ -185,7 +213,14 @@ pub async fn wait_committed(
                     .map(|p| (p.parse().unwrap(), v))
             })
             .collect();
-            if end.iter().all(|(p, e)| *e == 0 || got.get(p) == Some(e)) {
+            // The archive commits later than the counts: everything is in
+            // when its position is at the end too and no file awaits its rename.
+            let archived = archive_positions(db, topic).await;
+            if end
+                .iter()
+                .all(|(p, e)| *e == 0 || (got.get(p) == Some(e) && archived.get(p) == Some(e)))
+                && pending_files(db).await == Some(0)
+            {
                 return;
             }
         }

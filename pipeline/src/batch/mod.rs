@@ -39,6 +39,29 @@ impl PartitionRange {
     }
 }
 
+/// Where a partition's archive and serving store stand, read when it was
+/// assigned (or re-read after a fence): the consumer starts at the lower of
+/// the two; messages below `serve_from` are re-read for the archive only.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Positions {
+    /// The archive's committed position (`None`: nothing stored).
+    pub archive: Option<i64>,
+    /// The serving store's next offset, when above the archive's.
+    pub serve_from: Option<i64>,
+}
+
+/// The messages one batch covers in one partition, for the archive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ArchiveRange {
+    /// The archive position read at assignment.
+    pub from: Option<i64>,
+    /// The offset the consumer expected before this batch's first message
+    /// of the partition: the archive writer checks it continues its files.
+    pub expected: Option<i64>,
+    pub first: i64,
+    pub last: i64,
+}
+
 /// Counters for one batch.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct BatchStats {
@@ -47,6 +70,9 @@ pub struct BatchStats {
     pub late: u64,
     pub rejected: BTreeMap<RejectReason, u64>,
     pub bytes: u64,
+    /// Messages below the serving offset, read again for the archive only
+    /// (not in the other counters).
+    pub archive_only: u64,
 }
 
 /// A sealed micro-batch.
@@ -78,6 +104,10 @@ pub struct Batch {
     pub oldest_produced_ms: Option<i64>,
     /// `tally dlq replay`: where each accepted row came from.
     pub origins: Option<Origins>,
+    /// Every message's partition range, for the archive (served or not).
+    pub archive: BTreeMap<i32, ArchiveRange>,
+    /// Partitions with rows below this offset: archive only, not counted.
+    pub serve_from: BTreeMap<i32, i64>,
 }
 
 /// The dead letters a `tally dlq replay` batch counts: their original topic
@@ -92,7 +122,45 @@ impl Batch {
     /// A batch without messages that only reports caught-up partitions
     /// (keeps `as_of` moving while the topic is idle).
     pub fn is_heartbeat(&self) -> bool {
-        self.stats.messages == 0
+        self.stats.messages == 0 && self.stats.archive_only == 0
+    }
+
+    /// The part the serving store counts: without rows re-read for the
+    /// archive only (below their partition's serving offset).
+    pub fn served(
+        &self,
+    ) -> Result<std::borrow::Cow<'_, Batch>, datafusion::arrow::error::ArrowError> {
+        if self.stats.archive_only == 0 {
+            return Ok(std::borrow::Cow::Borrowed(self));
+        }
+        let keep: Vec<bool> = self
+            .row_partitions
+            .iter()
+            .zip(&self.row_offsets)
+            .map(|(p, o)| self.serve_from.get(p).is_none_or(|s| o >= s))
+            .collect();
+        let mask = datafusion::arrow::array::BooleanArray::from(keep.clone());
+        let events = datafusion::arrow::compute::filter_record_batch(&self.events, &mask)?;
+        let pick = |v: &[i64]| -> Vec<i64> {
+            v.iter()
+                .zip(&keep)
+                .filter(|(_, k)| **k)
+                .map(|(x, _)| *x)
+                .collect()
+        };
+        let mut out = self.clone();
+        out.events = events;
+        out.row_partitions = self
+            .row_partitions
+            .iter()
+            .zip(&keep)
+            .filter(|(_, k)| **k)
+            .map(|(p, _)| *p)
+            .collect();
+        out.row_offsets = pick(&self.row_offsets);
+        out.stats.archive_only = 0;
+        out.serve_from.clear();
+        Ok(std::borrow::Cow::Owned(out))
     }
 }
 
@@ -138,6 +206,10 @@ pub struct BatchBuilder {
     started: Option<Instant>,
     opened_at_ms: Option<i64>,
     oldest_produced_ms: Option<i64>,
+    archive: BTreeMap<i32, ArchiveRange>,
+    serve_from: BTreeMap<i32, i64>,
+    /// Per partition, set at assignment (see [`Positions`]).
+    positions: BTreeMap<i32, Positions>,
     max_rows: usize,
     max_bytes: usize,
     linger: Duration,
@@ -160,6 +232,9 @@ impl BatchBuilder {
             started: None,
             opened_at_ms: None,
             oldest_produced_ms: None,
+            archive: BTreeMap::new(),
+            serve_from: BTreeMap::new(),
+            positions: BTreeMap::new(),
             max_rows: cfg.max_rows,
             max_bytes: cfg.max_bytes.as_usize(),
             linger: cfg.linger,
@@ -173,7 +248,13 @@ impl BatchBuilder {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.stats.messages == 0
+        self.stats.messages == 0 && self.stats.archive_only == 0
+    }
+
+    /// Where each partition's archive and serving store stand (set after
+    /// every assignment or re-seek; see [`Positions`]).
+    pub fn set_positions(&mut self, positions: BTreeMap<i32, Positions>) {
+        self.positions = positions;
     }
 
     /// Decode and add one message. `expected_start` is the partition's fence
@@ -191,15 +272,43 @@ impl BatchBuilder {
             self.started = Some(now);
             self.opened_at_ms = Some(now_ms);
         }
+        let pos = self.positions.get(&partition).copied().unwrap_or_default();
+        let archive = self.archive.entry(partition).or_insert(ArchiveRange {
+            from: pos.archive,
+            expected: expected_start,
+            first: offset,
+            last: offset,
+        });
+        archive.last = offset;
+        let len = payload.map_or(0, <[u8]>::len);
+        self.stats.bytes += len as u64;
+        if let Some(serve) = pos.serve_from.filter(|s| offset < *s) {
+            // Counted already: decoded again for the archive only.
+            self.stats.archive_only += 1;
+            if self
+                .decoder
+                .decode(payload, now_ms, &mut self.columns)
+                .is_ok()
+            {
+                self.row_partitions.push(partition);
+                self.row_offsets.push(offset);
+                self.serve_from.insert(partition, serve);
+            }
+            return;
+        }
+        // The serving fence of a partition re-read from below its serving
+        // offset is that offset.
+        let expected_start = match pos.serve_from {
+            Some(s) => expected_start.map(|e| e.max(s)),
+            None => expected_start,
+        };
         let range = self.partitions.entry(partition).or_insert(PartitionRange {
             expected_start,
             first: offset,
             last: offset,
         });
         range.last = offset;
-        let len = payload.map_or(0, <[u8]>::len);
         self.stats.messages += 1;
-        self.stats.bytes += len as u64;
         match self.decoder.decode(payload, now_ms, &mut self.columns) {
             Ok(outcome) => {
                 self.row_partitions.push(partition);
@@ -254,7 +363,7 @@ impl BatchBuilder {
         match self.started {
             None => false,
             Some(t) => {
-                self.stats.messages as usize >= self.max_rows
+                (self.stats.messages + self.stats.archive_only) as usize >= self.max_rows
                     || self.stats.bytes as usize >= self.max_bytes
                     || now.duration_since(t) >= self.linger
             }
@@ -293,6 +402,8 @@ impl BatchBuilder {
             opened_at_ms,
             oldest_produced_ms: self.oldest_produced_ms.take(),
             origins: None,
+            archive: std::mem::take(&mut self.archive),
+            serve_from: std::mem::take(&mut self.serve_from),
         })
     }
 
@@ -303,6 +414,8 @@ impl BatchBuilder {
         self.row_offsets.clear();
         self.dead_letters.clear();
         self.partitions.clear();
+        self.archive.clear();
+        self.serve_from.clear();
         self.max_event_ms.clear();
         self.stats = BatchStats::default();
         self.started = None;

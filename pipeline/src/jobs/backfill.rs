@@ -61,6 +61,14 @@ pub async fn backfill(
         ranges.iter().map(|r| r.1).max().unwrap_or(to),
     );
     let store = crate::pipeline::Stages::open_store(settings, &catalog).await?;
+    // Windows with counted events not yet in committed raw files wait for
+    // those files (a backfill now would lose the events).
+    let open = store.open_hours().await?;
+    let ranges: Vec<(i64, i64)> = defs
+        .iter()
+        .zip(&ranges)
+        .map(|(d, r)| super::verify::before_open(d, *r, &open))
+        .collect();
 
     let mut progress = super::Progress::new("backfill", defs.len() as u64 + 2);
     // 1. Snapshot and recompute, no lock held.
@@ -81,6 +89,13 @@ pub async fn backfill(
     // 2. Lock, catch up with batches committed meanwhile.
     let mut tx = store.begin_replace().await?;
     let now = files_in(ServingStore::raw_files_in(&mut tx, &files).await?, lo, hi);
+    // An hour may have opened meanwhile (a late event): its windows are left alone.
+    let open = ServingStore::open_hours_in(&mut tx).await?;
+    let ranges: Vec<(i64, i64)> = defs
+        .iter()
+        .zip(&ranges)
+        .map(|(d, r)| super::verify::before_open(d, *r, &open))
+        .collect();
     let known: std::collections::HashSet<&String> = snapshot.iter().collect();
     let delta_files: Vec<String> = now.iter().filter(|f| !known.contains(f)).cloned().collect();
     let delta = if delta_files.is_empty() {
@@ -93,11 +108,13 @@ pub async fn backfill(
     let mut outputs: Vec<RollupOutput> = Vec::new();
     let mut rows_written = 0;
     for (i, def) in defs.iter().enumerate() {
+        let (lo, hi) = ranges[i];
         for part in [base.get(i), delta.get(i)].into_iter().flatten() {
+            let part = super::verify::within(def, part, lo, hi)?;
             rows_written += part.iter().map(|b| b.num_rows() as u64).sum::<u64>();
             outputs.push(RollupOutput {
                 rollup: def.name.clone(),
-                batches: part.clone(),
+                batches: part,
             });
         }
     }

@@ -154,7 +154,7 @@ pub async fn replay(settings: Settings, selection: Selection) -> Result<DlqRepor
     }
     let committed = store.load_offsets(&pseudo).await?.get(&0).copied();
     let wanted: HashMap<i32, Option<i64>> = [(0, committed)].into_iter().collect();
-    let removed = archive.remove_orphans(&pseudo, &wanted).await?;
+    let removed = archive.remove_orphans(&pseudo, &wanted, &wanted).await?;
     if !removed.is_empty() {
         tracing::warn!(
             files = removed.len(),
@@ -171,6 +171,7 @@ pub async fn replay(settings: Settings, selection: Selection) -> Result<DlqRepor
     let mut committer = Committer {
         aggregator: &mut aggregator,
         archive: &archive,
+        raw: None,
         store: &store,
         metrics: None,
     };

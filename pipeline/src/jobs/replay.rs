@@ -96,9 +96,17 @@ pub async fn replay(
             file.display()
         ))
     })?;
+    // The archive commits later than the serving store: a replay resumes
+    // at the lower of the two positions, re-reading what lies below the
+    // serving offset for the archive only.
     let committed = store.load_offsets(&topic).await?.get(&0).copied();
+    crate::pipeline::publish_pending(&archive, &store, &topic).await?;
+    let archived = store.archive_positions(&topic).await?.get(&0).copied();
     let wanted: HashMap<i32, Option<i64>> = [(0, committed)].into_iter().collect();
-    let removed = archive.remove_orphans(&topic, &wanted).await?;
+    let archive_wanted: HashMap<i32, Option<i64>> = [(0, archived)].into_iter().collect();
+    let removed = archive
+        .remove_orphans(&topic, &wanted, &archive_wanted)
+        .await?;
     if !removed.is_empty() {
         tracing::warn!(
             files = removed.len(),
@@ -113,6 +121,22 @@ pub async fn replay(
         settings.decode.dlq_payload_bytes.as_usize(),
     );
     let max_rows = settings.batch.max_rows.max(1);
+    builder.set_positions(
+        [(
+            0,
+            crate::batch::Positions {
+                archive: archived.or(committed),
+                serve_from: committed.filter(|s| archived.is_some_and(|a| a < *s)),
+            },
+        )]
+        .into_iter()
+        .collect(),
+    );
+    let resume = match (archived, committed) {
+        (Some(a), Some(s)) => Some(a.min(s)),
+        (a, s) => s.or(a),
+    };
+    let mut raw = crate::pipeline::raw_writer(&settings, &archive, &topic)?;
 
     // Reader + decoder thread -> bounded channel -> committer (this task),
     // as in `tally run`: decoding the next batch overlaps the commit.
@@ -125,8 +149,8 @@ pub async fn replay(
             let f = std::fs::File::open(&reader_file)
                 .map_err(|e| format!("{}: {e}", reader_file.display()))?;
             let mut lines = std::io::BufReader::with_capacity(1 << 20, f);
-            let start = committed.unwrap_or(0);
-            let mut expected = committed;
+            let start = resume.unwrap_or(0);
+            let mut expected = resume;
             let mut offset: i64 = 0;
             let mut line = Vec::with_capacity(512);
             let mut pending = 0usize;
@@ -161,7 +185,7 @@ pub async fn replay(
                     let batch = builder
                         .seal(0, &reader_topic, now_ms, BTreeMap::new())
                         .map_err(|e| e.to_string())?;
-                    expected = batch.partitions.get(&0).map(|r| r.next_offset());
+                    expected = batch.archive.get(&0).map(|r| r.last + 1);
                     pending = 0;
                     if tx.blocking_send(batch).is_err() {
                         return Ok(start.max(0) as u64);
@@ -186,6 +210,7 @@ pub async fn replay(
     let mut committer = Committer {
         aggregator: &mut aggregator,
         archive: &archive,
+        raw: Some(&mut raw),
         store: &store,
         metrics: None,
     };
@@ -196,7 +221,18 @@ pub async fn replay(
             .commit(&original, Retry::Times(8), |_| true)
             .await?
         {
-            Done::Committed { batch, .. } => batch,
+            Done::Committed {
+                batch,
+                archive_fenced,
+                ..
+            } if archive_fenced.is_empty() => batch,
+            Done::Committed { archive_fenced, .. } => {
+                return Err(crate::error::usage(format!(
+                    "{}: another writer committed archive files of {topic} partitions {archive_fenced:?}; \
+                     is another `tally replay` of the same file running?",
+                    file.display()
+                )));
+            }
             Done::Fenced {
                 partition,
                 expected,
@@ -223,6 +259,16 @@ pub async fn replay(
                 "replay progress"
             );
         }
+    }
+    // The end of the file: commit every open archive file.
+    let fenced = committer.flush_all(Retry::Times(8)).await?;
+    raw.close_spool();
+    if !fenced.is_empty() {
+        return Err(crate::error::usage(format!(
+            "{}: another writer committed archive files of {topic} partitions {fenced:?}; \
+             is another `tally replay` of the same file running?",
+            file.display()
+        )));
     }
     report.skipped = reader
         .join()

@@ -13,6 +13,7 @@ use crate::decode::RejectReason;
 use crate::error::{Error, RetryHint};
 use crate::failpoint::failpoint;
 use crate::metrics::Metrics;
+use crate::sink::archive::RawWriter;
 use crate::sink::{CommitOutcome, CommitRequest, ParquetArchiveSink, ServingStore, WrittenFile};
 
 /// The outcome of one attempt: the store's answer, the files written, the
@@ -38,6 +39,9 @@ pub(crate) enum Done<'b> {
         batch: Cow<'b, Batch>,
         files: Vec<WrittenFile>,
         rows: u64,
+        /// Partitions whose archive flush another writer's fenced (their
+        /// open files are dropped; the consumer must read them again).
+        archive_fenced: Vec<i32>,
     },
     /// Another writer advanced a partition; nothing of the batch counts, and
     /// its files are the caller's to discard.
@@ -55,6 +59,10 @@ pub(crate) enum Done<'b> {
 pub(crate) struct Committer<'a> {
     pub aggregator: &'a mut RollupAggregator,
     pub archive: &'a ParquetArchiveSink,
+    /// The open raw files the committed batches' events are appended to;
+    /// `None`: each batch writes its own raw files, committed with it
+    /// (`tally dlq replay`, whose input is not a log it could re-read).
+    pub raw: Option<&'a mut RawWriter>,
     pub store: &'a ServingStore,
     /// Counted when given: commit errors, resolved lost replies.
     pub metrics: Option<&'a Metrics>,
@@ -79,14 +87,30 @@ impl Committer<'_> {
         // though the reply was lost (a dropped connection).
         let mut ambiguous = false;
         let mut isolated: Option<Batch> = None;
+        let view = original
+            .served()
+            .map_err(|e| Error::Internal(e.to_string()))?;
+        // One commit time for every attempt: a lost reply's commit is
+        // recognised by it (see [`committed_earlier`]).
+        let now_ms = chrono::Utc::now().timestamp_millis();
         loop {
-            let batch = isolated.as_ref().unwrap_or(original);
+            let batch = isolated.as_ref().unwrap_or(&view);
             if !current(batch) {
                 return Ok(Done::Stale);
             }
-            let attempt = match try_commit(batch, self.aggregator, self.archive, self.store).await {
+            let per_batch = self.raw.is_none();
+            let attempt = match try_commit(
+                batch,
+                self.aggregator,
+                self.archive,
+                self.store,
+                per_batch,
+                now_ms,
+            )
+            .await
+            {
                 Ok((CommitOutcome::Fenced { .. }, files, rows))
-                    if ambiguous && committed_earlier(batch, &files, self.store).await =>
+                    if ambiguous && committed_earlier(batch, &files, now_ms, self.store).await =>
                 {
                     if let Some(m) = self.metrics {
                         m.commits_resolved.fetch_add(1, Ordering::Relaxed);
@@ -100,9 +124,15 @@ impl Committer<'_> {
                 Ok((CommitOutcome::Committed, files, rows)) => {
                     let batch = match isolated {
                         Some(b) => Cow::Owned(b),
-                        None => Cow::Borrowed(original),
+                        None => view,
                     };
-                    return Ok(Done::Committed { batch, files, rows });
+                    let archive_fenced = self.archive_batch(original, &batch, retry).await?;
+                    return Ok(Done::Committed {
+                        batch,
+                        files,
+                        rows,
+                        archive_fenced,
+                    });
                 }
                 Ok((
                     CommitOutcome::Fenced {
@@ -158,8 +188,9 @@ async fn try_commit(
     aggregator: &mut RollupAggregator,
     archive: &ParquetArchiveSink,
     store: &ServingStore,
+    per_batch: bool,
+    now_ms: i64,
 ) -> Result<Attempt, Error> {
-    let now_ms = chrono::Utc::now().timestamp_millis();
     if batch.is_heartbeat() {
         let req = CommitRequest {
             topic: &batch.topic,
@@ -172,10 +203,18 @@ async fn try_commit(
             sealed_at_ms: batch.sealed_at_ms,
             now_ms,
             replayed: None,
+            open_hours: &[],
+            archive_with_batch: per_batch,
         };
         return Ok((store.commit(&req).await?, Vec::new(), 0));
     }
-    let write = archive.write_batch(batch);
+    let write = async {
+        if per_batch {
+            archive.write_batch(batch).await
+        } else {
+            archive.write_dead_letters(batch).await
+        }
+    };
     let events = [batch.events.clone()];
     let agg = aggregator.aggregate(&events);
     let (files, outputs) = tokio::join!(write, agg);
@@ -187,6 +226,11 @@ async fn try_commit(
         tokio::time::sleep(pause).await;
     }
     let counters = counters(batch);
+    let open_hours = if per_batch {
+        Vec::new()
+    } else {
+        open_hours(batch, archive.time_index())
+    };
     let req = CommitRequest {
         topic: &batch.topic,
         partitions: &batch.partitions,
@@ -201,6 +245,8 @@ async fn try_commit(
             .origins
             .as_ref()
             .map(|o| (o.topic.as_str(), o.rows.as_slice())),
+        open_hours: &open_hours,
+        archive_with_batch: per_batch,
     };
     let outcome = store.commit(&req).await?;
     failpoint("after_serving_commit");
@@ -210,6 +256,27 @@ async fn try_commit(
         .map(|b| b.num_rows() as u64)
         .sum();
     Ok((outcome, files, rows_merged))
+}
+
+/// (partition, event hour, last offset of the partition in the batch) of
+/// every counted row: hours whose events reach committed files later.
+fn open_hours(batch: &Batch, time_index: usize) -> Vec<(i32, i64, i64)> {
+    use datafusion::arrow::array::AsArray;
+    use datafusion::arrow::datatypes::TimestampMillisecondType;
+    let mut hours = std::collections::BTreeSet::new();
+    if batch.events.num_rows() > 0 {
+        let times = batch
+            .events
+            .column(time_index)
+            .as_primitive::<TimestampMillisecondType>();
+        for (i, p) in batch.row_partitions.iter().enumerate() {
+            hours.insert((*p, times.value(i).div_euclid(3_600_000) * 3_600_000));
+        }
+    }
+    hours
+        .into_iter()
+        .filter_map(|(p, h)| batch.partitions.get(&p).map(|r| (p, h, r.last)))
+        .collect()
 }
 
 fn counters(batch: &Batch) -> Vec<(String, i64)> {
@@ -237,26 +304,31 @@ fn counters(batch: &Batch) -> Vec<(String, i64)> {
 
 /// Whether a batch that the fence refused was in fact committed by an
 /// earlier attempt of its own whose reply was lost: every partition's stored
-/// offset is the batch's end and every file it wrote (the same names on
-/// every attempt) is recorded. A lookup that fails answers no; the fence
-/// path then keeps the files (see [`discard_uncommitted`]).
+/// offset is the batch's end, changed at this batch's commit time (the same
+/// on every attempt), and every file it wrote (the same names on every
+/// attempt) is recorded. A lookup that fails answers no; the fence path
+/// then keeps the files (see [`discard_uncommitted`]).
 async fn committed_earlier(
     batch: &Batch,
     files: &[crate::sink::WrittenFile],
+    now_ms: i64,
     store: &ServingStore,
 ) -> bool {
-    if files.is_empty() {
+    if batch.partitions.is_empty() {
         return false;
     }
-    let Ok(stored) = store.load_offsets(&batch.topic).await else {
+    let Ok(stored) = store.load_offset_times(&batch.topic).await else {
         return false;
     };
     if !batch
         .partitions
         .iter()
-        .all(|(p, r)| stored.get(p) == Some(&r.next_offset()))
+        .all(|(p, r)| stored.get(p) == Some(&(r.next_offset(), now_ms)))
     {
         return false;
+    }
+    if files.is_empty() {
+        return true;
     }
     let paths: Vec<String> = files.iter().map(|f| f.path.clone()).collect();
     store

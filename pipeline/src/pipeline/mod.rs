@@ -17,10 +17,12 @@ use crate::metrics::Metrics;
 use crate::sink::{ArchiveLocation, ParquetArchiveSink, ServingStore};
 use crate::source::kafka::GroupCommitter;
 
+mod archiving;
 mod committer;
 pub(crate) mod retention;
 mod sweeper;
 use crate::source::{ConsumerControl, KafkaSource};
+pub(crate) use archiving::publish_pending;
 pub(crate) use committer::{discard_uncommitted, Committer, Done, Retry};
 use sweeper::OrphanSweeper;
 
@@ -121,6 +123,26 @@ impl Stages {
     }
 }
 
+/// The open raw files of `topic` (spooled under the data directory).
+pub(crate) fn raw_writer(
+    settings: &Settings,
+    archive: &ParquetArchiveSink,
+    topic: &str,
+) -> Result<crate::sink::archive::RawWriter, Error> {
+    let s = &settings.storage;
+    Ok(crate::sink::archive::RawWriter::new(
+        archive.clone(),
+        &s.data_dir,
+        topic,
+        crate::sink::archive::Rotation {
+            file_bytes: s.archive_file_bytes.0,
+            roll_interval: s.archive_roll_interval,
+            max_open_files: s.archive_max_open_files,
+            row_group_bytes: s.archive_row_group_bytes.as_usize(),
+        },
+    )?)
+}
+
 /// Totals for a run (logged at exit).
 #[derive(Debug, Default, Clone)]
 pub(crate) struct RunStats {
@@ -157,7 +179,10 @@ pub(crate) async fn run(
     let source = KafkaSource::new(
         &settings.kafka,
         Arc::new(store.clone()),
-        Arc::new(archive.clone()),
+        Arc::new(archiving::ArchiveRecovery {
+            archive: archive.clone(),
+            store: store.clone(),
+        }),
         tokio::runtime::Handle::current(),
         metrics.clone(),
         heartbeat,
@@ -171,6 +196,7 @@ pub(crate) async fn run(
         .map_err(|e| Error::Internal(format!("cannot start the consumer thread: {e}")))?;
     tracing::info!(topic = %settings.kafka.topic, serving = %crate::sink::serving::redact(store.url()), data_dir = %settings.storage.data_dir.display(), archive = %archive.describe(), "tally running");
 
+    let mut raw = raw_writer(&settings, &archive, &settings.kafka.topic)?;
     let mut sweeper = OrphanSweeper::new(
         &settings.kafka.topic,
         settings.storage.orphan_sweep_interval,
@@ -185,6 +211,7 @@ pub(crate) async fn run(
                 control: &control,
                 aggregator: &mut aggregator,
                 archive: &archive,
+                raw: &mut raw,
                 store: &store,
                 group: &group,
                 sweeper: &mut sweeper,
@@ -206,6 +233,17 @@ pub(crate) async fn run(
                 last_log = Instant::now();
             }
         }
+        // Shutdown: commit every open file.
+        let mut committer = Committer {
+            aggregator: &mut aggregator,
+            archive: &archive,
+            raw: Some(&mut raw),
+            store: &store,
+            metrics: Some(&metrics),
+        };
+        let flushed = committer.flush_all(Retry::Times(8)).await;
+        raw.close_spool();
+        flushed?;
         sweeper.finish().await;
         Ok::<RunStats, Error>(stats)
     };
@@ -263,6 +301,7 @@ struct RunCommit<'a> {
     control: &'a Arc<ConsumerControl>,
     aggregator: &'a mut RollupAggregator,
     archive: &'a ParquetArchiveSink,
+    raw: &'a mut crate::sink::archive::RawWriter,
     store: &'a ServingStore,
     group: &'a GroupCommitter,
     sweeper: &'a mut OrphanSweeper,
@@ -281,6 +320,7 @@ async fn commit_batch(
         control,
         aggregator,
         archive,
+        raw,
         store,
         group,
         sweeper,
@@ -292,10 +332,21 @@ async fn commit_batch(
     let mut committer = Committer {
         aggregator,
         archive,
+        raw: Some(raw),
         store,
         metrics: Some(metrics),
     };
-    match committer.commit(original, Retry::Forever, current).await? {
+    let outcome = committer.commit(original, Retry::Forever, current).await?;
+    if let Done::Committed { archive_fenced, .. } = &outcome {
+        if !archive_fenced.is_empty() {
+            // Another writer flushed these partitions' archive: what this
+            // process held open is dropped, and read again from there.
+            metrics.batches_fenced.fetch_add(1, Ordering::Relaxed);
+            control.bump_epoch();
+            control.reset_requested.store(true, Ordering::Release);
+        }
+    }
+    match outcome {
         Done::Stale => {
             stats.dropped_stale += 1;
             tracing::debug!(
@@ -311,7 +362,9 @@ async fn commit_batch(
                 .after_commit(&batch, control, archive, store, metrics)
                 .await;
         }
-        Done::Committed { batch, files, rows } => {
+        Done::Committed {
+            batch, files, rows, ..
+        } => {
             group.commit(&batch.partitions);
             sweeper
                 .after_commit(&batch, control, archive, store, metrics)

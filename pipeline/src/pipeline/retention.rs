@@ -234,6 +234,8 @@ mod tests {
             sealed_at_ms: now,
             now_ms: now,
             replayed: None,
+            open_hours: &[],
+            archive_with_batch: true,
         };
         assert_eq!(store.commit(&req).await.unwrap(), CommitOutcome::Committed);
 

@@ -252,7 +252,16 @@ async fn sweep_orphans(
     if committed.is_empty() {
         return Ok(Vec::new());
     }
-    archive.remove_dead(topic, &committed, scope, store).await
+    let positions = store.archive_positions(topic).await?;
+    let archived: std::collections::HashMap<i32, i64> = partitions
+        .iter()
+        .filter_map(|p| positions.get(p).map(|a| (*p, *a)))
+        .collect();
+    let mut removed = archive
+        .remove_dead_staged(topic, &archived, scope, store)
+        .await?;
+    removed.extend(archive.remove_dead(topic, &committed, scope, store).await?);
+    Ok(removed)
 }
 
 #[cfg(test)]
@@ -392,6 +401,8 @@ mod sweep_cost {
             sealed_at_ms: now,
             now_ms: now,
             replayed: None,
+            open_hours: &[],
+            archive_with_batch: true,
         };
         assert_eq!(store.commit(&req).await.unwrap(), CommitOutcome::Committed);
         let committed: std::collections::HashMap<i32, i64> =

@@ -290,6 +290,27 @@ impl ParquetArchiveSink {
         }
     }
 
+    /// Column index of the event time.
+    pub(crate) fn time_index(&self) -> usize {
+        self.time_index
+    }
+
+    /// Write a batch's dead-letter files (its raw events go to the open
+    /// files, [`RawWriter`]).
+    pub(crate) async fn write_dead_letters(
+        &self,
+        batch: &Batch,
+    ) -> Result<Vec<WrittenFile>, SinkError> {
+        if batch.dead_letters.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut only = batch.clone();
+        only.events = only.events.slice(0, 0);
+        only.row_partitions.clear();
+        only.row_offsets.clear();
+        self.write_batch(&only).await
+    }
+
     /// Encode and write every file of a batch. Nothing is visible until its
     /// rename; on error, already written files of this batch are returned to
     /// the caller through [`Self::delete`] on retry (names are deterministic).
@@ -552,9 +573,12 @@ fn dead_letter_batch(
 }
 
 mod cleanup;
+mod open;
 #[cfg(test)]
 mod tests;
+
 #[cfg(test)]
 use cleanup::DAY_MS;
+pub(crate) use open::{Flush, RawWriter, Rotation};
 
 pub(crate) use cleanup::{CommittedFiles, SweepScope};

@@ -67,7 +67,45 @@ impl TallyContext {
                 }
             }
         }
-        stored
+        self.start_at_archive(stored)
+    }
+
+    /// The archive commits its files later than the serving store commits
+    /// their counts: a partition starts at the lower of the two positions,
+    /// and what lies below the serving offset is read for the archive only.
+    fn start_at_archive(&self, stored: BTreeMap<i32, Option<i64>>) -> BTreeMap<i32, Option<i64>> {
+        let archive = loop {
+            match block_on(&self.handle, self.store.archive_committed(&self.topic)) {
+                Ok(a) => break a,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot read the archive's positions; retrying");
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+            }
+        };
+        let mut positions = BTreeMap::new();
+        let start: BTreeMap<i32, Option<i64>> = stored
+            .into_iter()
+            .map(|(p, serving)| {
+                let a = archive.get(&p).copied();
+                let pos = crate::batch::Positions {
+                    archive: a.or(serving),
+                    serve_from: serving.filter(|s| a.is_some_and(|a| a < *s)),
+                };
+                positions.insert(p, pos);
+                (
+                    p,
+                    match (a, serving) {
+                        (Some(a), Some(s)) => Some(a.min(s)),
+                        (a, s) => s.or(a),
+                    },
+                )
+            })
+            .collect();
+        if let Ok(mut m) = self.control.positions.lock() {
+            m.extend(positions);
+        }
+        start
     }
 
     fn load_stored(&self, partitions: &[i32]) -> BTreeMap<i32, Option<i64>> {

@@ -58,6 +58,9 @@ pub struct ConsumerControl {
     rebalanced: AtomicBool,
     /// Assigned partitions -> next offset to accept (`None`: nothing stored).
     pub(super) partitions: Mutex<BTreeMap<i32, Option<i64>>>,
+    /// Where each assigned partition's archive and serving store stood when
+    /// it was assigned or re-seeked; the poll loop hands them to its builder.
+    pub(super) positions: Mutex<BTreeMap<i32, crate::batch::Positions>>,
     /// Newly assigned partitions whose dead archive files (left by a crash or
     /// a fenced zombie) the committer sweeps after its first commit there,
     /// then periodically (`pipeline/sweeper.rs`, `OrphanSweeper`).
@@ -78,6 +81,11 @@ impl ConsumerControl {
             std::thread::sleep(Duration::from_millis(2));
         }
         true
+    }
+
+    /// Each assigned partition's archive and serving positions.
+    pub(super) fn positions_now(&self) -> BTreeMap<i32, crate::batch::Positions> {
+        self.positions.lock().map(|m| m.clone()).unwrap_or_default()
     }
 
     /// The partitions this member owns now.
@@ -412,6 +420,7 @@ impl KafkaSource {
         let mut now = Instant::now();
         // When the owned partitions were last forwarded into `fetch`.
         let mut forwarded: Option<Instant> = None;
+        builder.set_positions(control.positions_now());
         loop {
             if control.shutdown.load(Ordering::Acquire) {
                 break;
@@ -426,6 +435,7 @@ impl KafkaSource {
                 builder.discard();
                 at_end.clear();
                 self.reseek();
+                builder.set_positions(control.positions_now());
                 epoch = control.epoch.load(Ordering::Acquire);
                 forwarded = None;
             }
@@ -454,6 +464,7 @@ impl KafkaSource {
                 {
                     self.reseek();
                 }
+                builder.set_positions(control.positions_now());
                 epoch = control.epoch.load(Ordering::Acquire);
                 forwarded = None;
             }
@@ -760,38 +771,4 @@ impl GroupCommitter {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::overridden;
-    use std::collections::BTreeMap;
-
-    #[test]
-    fn overridden_properties_are_named_and_matching_ones_are_not() {
-        let props = |kv: &[(&str, &str)]| {
-            kv.iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect::<BTreeMap<_, _>>()
-        };
-        let w = overridden(&props(&[
-            ("enable.partition.eof", "true"),
-            ("fetch.wait.max.ms", "10"),
-        ]));
-        assert_eq!(w.len(), 1, "{w:?}");
-        assert!(
-            w[0].contains("kafka.properties.\"enable.partition.eof\" = \"true\" is ignored"),
-            "{}",
-            w[0]
-        );
-        assert!(w[0].contains("remove it from the config"), "{}", w[0]);
-        let w = overridden(&props(&[
-            ("enable.auto.commit", "true"),
-            ("enable.auto.offset.store", "false"),
-        ]));
-        assert_eq!(w.len(), 1, "{w:?}");
-        assert!(w[0].contains("enable.auto.commit"), "{}", w[0]);
-        assert!(overridden(&props(&[
-            ("enable.partition.eof", "false"),
-            ("group.id", "g")
-        ]))
-        .is_empty());
-    }
-}
+mod tests;

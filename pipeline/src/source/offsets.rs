@@ -35,6 +35,14 @@ pub trait OffsetStore: Send + Sync {
         now_ms: i64,
     ) -> BoxFuture<'a, Result<i64, StoreError>>;
 
+    /// Per partition of `topic`: the archive's committed position (a
+    /// partition with a committed offset and no archive position yet gets
+    /// that offset as its archive position).
+    fn archive_committed<'a>(
+        &'a self,
+        topic: &'a str,
+    ) -> BoxFuture<'a, Result<BTreeMap<i32, i64>, StoreError>>;
+
     /// An exclusive lock on `name` across processes, or `None` while another
     /// holds it (`kafka.assignment = "manual"`).
     fn lock<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<Option<LockGuard>, StoreError>>;

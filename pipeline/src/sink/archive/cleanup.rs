@@ -28,33 +28,48 @@ impl ParquetArchiveSink {
         Ok(())
     }
 
-    /// Single-writer cleanup (`tally replay`): delete in-progress files and
-    /// complete files starting at or beyond the partition's committed next
-    /// offset (`None`: nothing committed yet). Returns the deleted paths.
+    /// Single-writer cleanup (`tally replay`, after committed staged files
+    /// were renamed): delete hidden files, and complete files starting at or
+    /// beyond their position: the archive's for raw files, the serving
+    /// store's next offset for dead letters (`None`: nothing committed yet).
+    /// Returns the deleted paths.
     pub(crate) async fn remove_orphans(
         &self,
         topic: &str,
         committed_next: &HashMap<i32, Option<i64>>,
+        archive: &HashMap<i32, Option<i64>>,
     ) -> Result<Vec<String>, SinkError> {
-        self.sweep(topic, committed_next, true, |p, first, in_progress, _| {
-            in_progress
-                || committed_next
-                    .get(&p)
-                    .is_some_and(|next| next.is_none_or(|n| first >= n))
-        })
+        self.sweep(
+            topic,
+            committed_next,
+            true,
+            |p, first, in_progress, path| {
+                let position = if path.starts_with(RAW_PREFIX) {
+                    archive
+                } else {
+                    committed_next
+                };
+                in_progress
+                    || position
+                        .get(&p)
+                        .is_some_and(|next| next.is_none_or(|n| first >= n))
+            },
+        )
         .await
     }
 
     /// At assignment, with other writers possibly alive (a zombie): delete
-    /// only in-progress and staging files of `partitions`. Safe: a writer whose
-    /// hidden file disappears fails its rename and retries the batch.
+    /// only in-progress dead-letter files of `partitions` (a writer whose
+    /// hidden file disappears fails its rename and retries the batch).
+    /// Staged raw files are [`Self::remove_dead_staged`]'s: a committed one
+    /// may be waiting for its rename.
     pub(crate) async fn remove_in_progress(
         &self,
         topic: &str,
         partitions: &HashMap<i32, Option<i64>>,
     ) -> Result<Vec<String>, SinkError> {
-        self.sweep(topic, partitions, true, |p, _, in_progress, _| {
-            in_progress && partitions.contains_key(&p)
+        self.sweep(topic, partitions, true, |p, _, in_progress, path| {
+            in_progress && !path.starts_with(RAW_PREFIX) && partitions.contains_key(&p)
         })
         .await
     }
@@ -126,6 +141,110 @@ impl ParquetArchiveSink {
             self.delete(&doomed).await?;
         }
         Ok(doomed)
+    }
+
+    /// Staged raw files that can never commit: hidden files and (S3)
+    /// multipart uploads of flushes of `topic` that start below their
+    /// partition's archive position (`archive`), a crash's or a fenced
+    /// writer's. A staged file whose final name `record` holds is committed
+    /// (its rename is pending) and is never removed. Uploads are checked on
+    /// every sweep (one listing call); hidden files in a full sweep.
+    pub(crate) async fn remove_dead_staged(
+        &self,
+        topic: &str,
+        archive: &HashMap<i32, i64>,
+        scope: SweepScope,
+        record: &impl CommittedFiles,
+    ) -> Result<Vec<String>, SinkError> {
+        let below = |name: &str| {
+            parse_file_name(name).is_some_and(|(t, p, first, _, hidden)| {
+                hidden && t == topic && archive.get(&p).is_some_and(|a| first < *a)
+            })
+        };
+        let mut removed = Vec::new();
+        if let Some(s3) = &self.s3 {
+            let uploads =
+                s3.list_uploads(RAW_PREFIX)
+                    .await
+                    .map_err(|e| SinkError::ObjectStore {
+                        path: format!("{RAW_PREFIX} (multipart uploads)"),
+                        source: Box::new(e),
+                    })?;
+            let uploads: Vec<_> = uploads
+                .into_iter()
+                .filter(|u| below(u.key.rsplit('/').next().unwrap_or("")))
+                .collect();
+            if !uploads.is_empty() {
+                tracing::warn!(
+                    uploads = uploads.len(),
+                    "aborting multipart uploads left by a crash"
+                );
+            }
+            for u in uploads {
+                let key = ObjectPath::from(u.key.as_str());
+                match s3.multipart().abort_multipart(&key, &u.id).await {
+                    Ok(()) | Err(object_store::Error::NotFound { .. }) => {
+                        removed.push(format!("{} (upload {})", u.key, u.id))
+                    }
+                    Err(e) => {
+                        return Err(SinkError::ObjectStore {
+                            path: u.key.clone(),
+                            source: Box::new(e),
+                        })
+                    }
+                }
+            }
+        }
+        if scope != SweepScope::Full {
+            return Ok(removed);
+        }
+        let mut staged: Vec<(String, String)> = Vec::new();
+        let mut list = self.store.list(Some(&ObjectPath::from(RAW_PREFIX)));
+        while let Some(meta) = list.next().await {
+            let meta = match meta {
+                Ok(m) => m,
+                Err(object_store::Error::NotFound { .. }) => break,
+                Err(e) => {
+                    return Err(SinkError::ObjectStore {
+                        path: RAW_PREFIX.to_string(),
+                        source: Box::new(e),
+                    })
+                }
+            };
+            let Some(name) = meta.location.filename() else {
+                continue;
+            };
+            if !below(name) {
+                continue;
+            }
+            let path = meta.location.to_string();
+            let (dir, hidden) = path.rsplit_once('/').unwrap_or(("", &path));
+            let Some(final_name) = hidden
+                .strip_prefix('.')
+                .and_then(|n| n.strip_suffix(".inprogress"))
+            else {
+                continue;
+            };
+            staged.push((path.clone(), format!("{dir}/{final_name}")));
+        }
+        for chunk in staged.chunks(1_000) {
+            let finals: Vec<String> = chunk.iter().map(|(_, f)| f.clone()).collect();
+            let committed = record.committed_among(&finals).await?;
+            let doomed: Vec<String> = chunk
+                .iter()
+                .filter(|(_, f)| !committed.contains(f))
+                .map(|(s, _)| s.clone())
+                .collect();
+            if !doomed.is_empty() {
+                tracing::warn!(
+                    files = doomed.len(),
+                    "removing staged archive files of flushes that never committed"
+                );
+            }
+            self.delete(&doomed).await?;
+            removed.extend(doomed);
+        }
+        Ok(removed)
     }
 
     /// The `dt=YYYY-MM-DD` directories under `prefix` dated `oldest` or
@@ -258,8 +377,11 @@ impl ParquetArchiveSink {
                     .into_iter()
                     .filter(|u| {
                         let name = u.key.rsplit('/').next().unwrap_or("");
-                        parse_file_name(name)
-                            .is_some_and(|(t, p, ..)| t == topic && staging_of.contains_key(&p))
+                        // A raw flush's staging upload is `remove_dead_staged`'s.
+                        let staged = name.starts_with('.') && prefix == RAW_PREFIX;
+                        !staged
+                            && parse_file_name(name)
+                                .is_some_and(|(t, p, ..)| t == topic && staging_of.contains_key(&p))
                     })
                     .collect();
                 if !ours.is_empty() {

@@ -13,6 +13,8 @@
 //! 3. records the archive files the batch wrote;
 //! 4. advances the offsets and the counters.
 
+mod archive_record;
+mod pg_archive;
 mod postgres;
 pub(crate) mod reads;
 mod schema;
@@ -28,6 +30,7 @@ use crate::aggregate::{RollupDef, RollupOutput};
 use crate::batch::PartitionRange;
 use crate::serve::blocking;
 use crate::source::offsets::{LockGuard, Positions, StoreError};
+pub(crate) use archive_record::ArchiveCommit;
 use postgres::{PgReplace, PgStore};
 pub(crate) use reads::{Arg, ReadPool, Totals};
 pub(crate) use schema::quote;
@@ -49,6 +52,9 @@ pub enum CommitOutcome {
 /// A range `[lo, hi)` of archive paths (see `sink::archive::raw_path_range`).
 pub(crate) type PathRange = (String, String);
 
+/// A verify snapshot: rows per rollup, committed raw files, open hours.
+pub(crate) type Snapshot = (Vec<TableRows>, Vec<String>, Vec<i64>);
+
 /// Everything one batch commits.
 #[derive(Debug)]
 pub struct CommitRequest<'a> {
@@ -67,6 +73,13 @@ pub struct CommitRequest<'a> {
     /// `tally dlq replay`: the original topic and (partition, offset) of the
     /// dead letters this batch counts, recorded in `tally_dlq_replayed`.
     pub replayed: Option<(&'a str, &'a [(i32, i64)])>,
+    /// (partition, event hour, last offset) of the counted events, which
+    /// reach committed raw files later (`tally_archive_open`).
+    pub open_hours: &'a [(i32, i64, i64)],
+    /// The batch's raw files are in `files`, committed with it: the
+    /// archive's position moves with the offsets. Otherwise the archive
+    /// commits later and a partition's position starts at the batch's start.
+    pub archive_with_batch: bool,
 }
 
 /// One value read back from a rollup table.
@@ -143,6 +156,13 @@ impl crate::source::OffsetStore for ServingStore {
         Box::pin(async move {
             Ok(ServingStore::register_start(self, topic, partition, start, now_ms).await?)
         })
+    }
+
+    fn archive_committed<'a>(
+        &'a self,
+        topic: &'a str,
+    ) -> futures::future::BoxFuture<'a, Result<BTreeMap<i32, i64>, StoreError>> {
+        Box::pin(async move { Ok(self.archive_positions(topic).await?) })
     }
 
     fn lock<'a>(
@@ -329,10 +349,13 @@ impl ServingStore {
         next: i64,
         now_ms: i64,
     ) -> Result<i64, SinkError> {
-        match &self.backend {
-            Backend::Sqlite(s) => blocking(|| s.register_start(topic, partition, next, now_ms)),
-            Backend::Postgres(s) => s.register_start(topic, partition, next, now_ms).await,
-        }
+        let start = match &self.backend {
+            Backend::Sqlite(s) => blocking(|| s.register_start(topic, partition, next, now_ms))?,
+            Backend::Postgres(s) => s.register_start(topic, partition, next, now_ms).await?,
+        };
+        // The archive starts where the serving offset does.
+        self.archive_positions(topic).await?;
+        Ok(start)
     }
 
     /// Set the next offset of `topic`/`partition` (`tally offsets reset`),
@@ -417,6 +440,14 @@ impl ServingStore {
         }
     }
 
+    /// [`ServingStore::open_hours`] inside a replacement transaction.
+    pub async fn open_hours_in(tx: &mut ReplaceTx) -> Result<Vec<i64>, SinkError> {
+        match tx {
+            ReplaceTx::Sqlite(t) => blocking(|| SqliteStore::open_hours_in(t)),
+            ReplaceTx::Postgres(t) => PgStore::open_hours_in(t).await,
+        }
+    }
+
     /// [`ServingStore::raw_files`] inside a replacement transaction.
     pub async fn raw_files_in(
         tx: &mut ReplaceTx,
@@ -464,14 +495,15 @@ impl ServingStore {
         }
     }
 
-    /// The rows of each `defs[i]` in `ranges[i]` and the committed raw files,
-    /// all from one snapshot (a read transaction).
+    /// The rows of each `defs[i]` in `ranges[i]`, the committed raw files and
+    /// the event hours not yet archived, all from one snapshot (a read
+    /// transaction).
     pub async fn read_snapshot(
         &self,
         defs: &[&RollupDef],
         ranges: &[(i64, i64)],
         files: &PathRange,
-    ) -> Result<(Vec<TableRows>, Vec<String>), SinkError> {
+    ) -> Result<Snapshot, SinkError> {
         match &self.backend {
             Backend::Sqlite(s) => blocking(|| s.read_snapshot(defs, ranges, files)),
             Backend::Postgres(s) => s.read_snapshot(defs, ranges, files).await,

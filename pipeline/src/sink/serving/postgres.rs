@@ -15,12 +15,12 @@ use sqlx::{AssertSqlSafe, Connection as _, Row};
 
 use super::reads::{Arg, Totals};
 use super::schema::*;
-use super::{db, Cell, CommitOutcome, CommitRequest, PathRange, SinkError, TableRows};
+use super::{db, Cell, CommitOutcome, CommitRequest, PathRange, SinkError, Snapshot, TableRows};
 use crate::aggregate::{ColumnKind, RollupDef, RollupOutput};
 
 #[derive(Debug, Clone)]
 pub(super) struct PgStore {
-    pool: PgPool,
+    pub(super) pool: PgPool,
     url: String,
     tables: Arc<Vec<TableSpec>>,
 }
@@ -202,6 +202,15 @@ impl PgStore {
             .execute(&mut *tx)
             .await
             .map_err(db("reset offset"))?;
+        // The archive reads from there too.
+        sqlx::query(sql(ARCHIVE_ADVANCE_SQL))
+            .bind(topic)
+            .bind(i64::from(partition))
+            .bind(next)
+            .bind(now_ms)
+            .execute(&mut *tx)
+            .await
+            .map_err(db("reset offset"))?;
         tx.commit().await.map_err(db("commit"))?;
         Ok(old)
     }
@@ -236,6 +245,10 @@ impl PgStore {
     pub(super) async fn raw_files(&self, range: &PathRange) -> Result<Vec<String>, SinkError> {
         let mut conn = self.pool.acquire().await.map_err(db("list raw files"))?;
         raw_files(&mut conn, range).await
+    }
+
+    pub(super) async fn open_hours_in(tx: &mut PgReplace) -> Result<Vec<i64>, SinkError> {
+        open_hours_on(&mut tx.0).await
     }
 
     pub(super) async fn raw_files_in(
@@ -284,7 +297,7 @@ impl PgStore {
         defs: &[&RollupDef],
         ranges: &[(i64, i64)],
         files: &PathRange,
-    ) -> Result<(Vec<TableRows>, Vec<String>), SinkError> {
+    ) -> Result<Snapshot, SinkError> {
         let mut tx = self
             .pool
             .begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
@@ -295,8 +308,9 @@ impl PgStore {
             tables.push(read_rows(&mut tx, def, *lo, *hi, None).await?);
         }
         let files = raw_files(&mut tx, files).await?;
+        let open = open_hours_on(&mut tx).await?;
         tx.rollback().await.map_err(db("rollback"))?;
-        Ok((tables, files))
+        Ok((tables, files, open))
     }
 
     pub(super) async fn committed_among(
@@ -422,6 +436,13 @@ async fn table_columns(
 }
 
 /// Committed raw archive files in `range` (paths relative to the data directory).
+async fn open_hours_on(conn: &mut PgConnection) -> Result<Vec<i64>, SinkError> {
+    sqlx::query_scalar(AssertSqlSafe(Dialect::Postgres.sql(OPEN_HOURS_SQL)))
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(db("read open archive hours"))
+}
+
 async fn raw_files(conn: &mut PgConnection, range: &PathRange) -> Result<Vec<String>, SinkError> {
     sqlx::query(AssertSqlSafe(Dialect::Postgres.sql(RAW_FILES_SQL)))
         .bind(&range.0)
@@ -560,6 +581,7 @@ async fn commit(
             .await
             .map_err(db("advance offsets"))?;
     }
+    super::pg_archive::note_archive(&mut tx, req).await?;
     let caught_up = d.sql(&caught_up_sql(d));
     for (p, next) in req.caught_up {
         sqlx::query(AssertSqlSafe(caught_up.clone()))

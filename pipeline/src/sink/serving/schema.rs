@@ -50,6 +50,30 @@ pub(super) const BOOKKEEPING: &[&str] = &[
         replayed_at_ms {int} NOT NULL,
         PRIMARY KEY (topic, partition, message_offset)
     ){noid}",
+    // The archive's own committed position per partition: raw events below
+    // it are in committed files (see `sink/archive/open.rs`).
+    "CREATE TABLE IF NOT EXISTS tally_archive_offsets (
+        topic TEXT NOT NULL,
+        partition {int} NOT NULL,
+        next_offset {int} NOT NULL,
+        updated_at_ms {int} NOT NULL,
+        PRIMARY KEY (topic, partition)
+    ){noid}",
+    // Event hours with counted events not yet in committed, visible raw
+    // files: verify and backfill leave their windows alone.
+    "CREATE TABLE IF NOT EXISTS tally_archive_open (
+        topic TEXT NOT NULL,
+        partition {int} NOT NULL,
+        hour_ms {int} NOT NULL,
+        through_offset {int} NOT NULL,
+        PRIMARY KEY (topic, partition, hour_ms)
+    ){noid}",
+    // Committed raw files still under their staging names (renamed next).
+    "CREATE TABLE IF NOT EXISTS tally_archive_pending (
+        path TEXT PRIMARY KEY,
+        topic TEXT NOT NULL,
+        partition {int} NOT NULL
+    )",
     "CREATE TABLE IF NOT EXISTS tally_rollups (
         name TEXT PRIMARY KEY,
         fingerprint TEXT NOT NULL,
@@ -606,6 +630,53 @@ pub(super) fn recorded_paths_sql(n: usize) -> String {
 pub(super) fn delete_windows_sql(table: &str, def: &RollupDef) -> String {
     let w = quote(def.window_name());
     format!("DELETE FROM {} WHERE {w} >= ?1 AND {w} < ?2", quote(table))
+}
+
+/// The archive's position of every partition of a topic that has a serving
+/// offset but none of its own yet (a partition first assigned, or a store
+/// from before the archive had its own position: its files were committed
+/// with each batch, so the archive holds everything below the offset).
+pub(super) const ADOPT_ARCHIVE_SQL: &str =
+    "INSERT INTO tally_archive_offsets (topic, partition, next_offset, updated_at_ms)
+     SELECT topic, partition, next_offset, updated_at_ms FROM tally_offsets WHERE topic = ?
+     ON CONFLICT (topic, partition) DO NOTHING";
+pub(super) const ARCHIVE_POSITIONS_SQL: &str =
+    "SELECT partition, next_offset FROM tally_archive_offsets WHERE topic = ?";
+pub(super) const ARCHIVE_FENCE_SQL: &str =
+    "SELECT next_offset FROM tally_archive_offsets WHERE topic = ? AND partition = ?";
+pub(super) const ARCHIVE_ADVANCE_SQL: &str = "INSERT INTO tally_archive_offsets (topic, partition, next_offset, updated_at_ms) VALUES (?, ?, ?, ?)
+     ON CONFLICT (topic, partition) DO UPDATE SET next_offset = excluded.next_offset, updated_at_ms = excluded.updated_at_ms";
+/// A batch commit makes sure its partitions have an archive position: the
+/// batch's start when the archive commits later (nothing of it archived
+/// yet); unless one exists.
+pub(super) const ARCHIVE_START_SQL: &str = "INSERT INTO tally_archive_offsets (topic, partition, next_offset, updated_at_ms) VALUES (?, ?, ?, ?)
+     ON CONFLICT (topic, partition) DO NOTHING";
+pub(super) const RECORD_PENDING_SQL: &str =
+    "INSERT INTO tally_archive_pending (path, topic, partition) VALUES (?, ?, ?)
+     ON CONFLICT (path) DO NOTHING";
+pub(super) const PENDING_SQL: &str =
+    "SELECT partition, path FROM tally_archive_pending WHERE topic = ? ORDER BY path";
+pub(super) const FORGET_PENDING_SQL: &str = "DELETE FROM tally_archive_pending WHERE path = ?";
+/// Once a partition has no pending file, its hours counted below its
+/// archive position are archived.
+pub(super) const CLOSE_HOURS_SQL: &str = "DELETE FROM tally_archive_open
+     WHERE topic = ?1 AND partition = ?2
+       AND through_offset < (SELECT next_offset FROM tally_archive_offsets WHERE topic = ?1 AND partition = ?2)
+       AND NOT EXISTS (SELECT 1 FROM tally_archive_pending WHERE topic = ?1 AND partition = ?2)";
+/// Every hour with counted events not yet archived (any topic: the rollups
+/// count them all).
+pub(super) const OPEN_HOURS_SQL: &str =
+    "SELECT DISTINCT hour_ms FROM tally_archive_open ORDER BY hour_ms";
+
+/// A batch commit notes the event hours it counted per partition, up to
+/// the partition's last offset in the batch.
+pub(super) fn open_hour_sql(d: Dialect) -> String {
+    format!(
+        "INSERT INTO tally_archive_open (topic, partition, hour_ms, through_offset) VALUES (?, ?, ?, ?)
+         ON CONFLICT (topic, partition, hour_ms) DO UPDATE SET
+           through_offset = {}(tally_archive_open.through_offset, excluded.through_offset)",
+        d.greatest()
+    )
 }
 
 /// The lock name of a source (`tally replay`, manual assignment): FNV-1a.

@@ -281,6 +281,8 @@ impl Fixture {
             sealed_at_ms: self.now,
             now_ms: self.now,
             replayed: None,
+            open_hours: &[],
+            archive_with_batch: true,
         };
         store.commit(&req).await
     }
@@ -518,6 +520,8 @@ async fn sqlite_commits_merge_fence_and_fold_without_changing_reads() {
         sealed_at_ms: now,
         now_ms: now,
         replayed: None,
+        open_hours: &[],
+        archive_with_batch: true,
     };
     assert_eq!(fast.commit(&req).await.unwrap(), CommitOutcome::Committed);
     assert_eq!(store_offsets_after(&fast, topic).await, 1600);

@@ -4,6 +4,7 @@
 //! its own. SQLite serializes writers with `BEGIN IMMEDIATE`. Calls block;
 //! they run through [`crate::serve::blocking`], off the async workers' queue.
 
+mod archive;
 pub(super) mod reads;
 mod writer;
 
@@ -16,7 +17,9 @@ use std::time::Duration;
 use rusqlite::{params_from_iter, types::Value, Connection, OpenFlags};
 
 use super::schema::*;
-use super::{sq, Cell, CommitOutcome, CommitRequest, FoldStats, PathRange, SinkError, TableRows};
+use super::{
+    sq, Cell, CommitOutcome, CommitRequest, FoldStats, PathRange, SinkError, Snapshot, TableRows,
+};
 use crate::aggregate::{ColumnKind, RollupDef, RollupOutput};
 #[cfg(test)]
 pub(super) use writer::DEFAULT_FOLD_ROWS;
@@ -136,7 +139,7 @@ impl SqliteStore {
 
     /// Run `f` on the store's own connection (opened if needed; closed after
     /// a failure, so the next call starts clean).
-    fn with_conn<T>(
+    pub(super) fn with_conn<T>(
         &self,
         operation: &'static str,
         f: impl FnOnce(&mut Connection) -> rusqlite::Result<T>,
@@ -319,6 +322,9 @@ impl SqliteStore {
                 .or_else(no_rows)?;
             tx.prepare_cached(RESET_OFFSET_SQL)?
                 .execute(rusqlite::params![topic, i64::from(partition), next, now_ms])?;
+            // The archive reads from there too.
+            tx.prepare_cached(ARCHIVE_ADVANCE_SQL)?
+                .execute(rusqlite::params![topic, i64::from(partition), next, now_ms])?;
             tx.commit()?;
             Ok(old)
         })
@@ -383,7 +389,7 @@ impl SqliteStore {
         defs: &[&RollupDef],
         ranges: &[(i64, i64)],
         files: &PathRange,
-    ) -> Result<(Vec<TableRows>, Vec<String>), SinkError> {
+    ) -> Result<Snapshot, SinkError> {
         self.with_conn("read a snapshot", |c| {
             let tx = c.transaction()?;
             let mut tables = Vec::with_capacity(defs.len());
@@ -391,9 +397,14 @@ impl SqliteStore {
                 tables.push(read_rows(&tx, def, *lo, *hi, None)?);
             }
             let files = raw_files(&tx, files)?;
+            let open = open_hours_on(&tx)?;
             tx.rollback()?;
-            Ok((tables, files))
+            Ok((tables, files, open))
         })
+    }
+
+    pub(super) fn open_hours_in(tx: &mut SqliteReplace) -> Result<Vec<i64>, SinkError> {
+        open_hours_on(&tx.0).map_err(sq("read open archive hours"))
     }
 
     pub(super) fn committed_among(&self, paths: &[String]) -> Result<HashSet<String>, SinkError> {
@@ -491,6 +502,12 @@ fn table_columns(c: &Connection, table: &str) -> rusqlite::Result<Vec<(String, S
 }
 
 /// Committed raw archive files in `range` (paths relative to the data directory).
+pub(super) fn open_hours_on(c: &Connection) -> rusqlite::Result<Vec<i64>> {
+    let mut st = c.prepare_cached(OPEN_HOURS_SQL)?;
+    let rows = st.query_map([], |r| r.get(0))?;
+    rows.collect()
+}
+
 fn raw_files(c: &Connection, range: &PathRange) -> rusqlite::Result<Vec<String>> {
     let mut st = c.prepare_cached(RAW_FILES_SQL)?;
     let rows = st.query_map([&range.0, &range.1], |r| r.get(0))?;

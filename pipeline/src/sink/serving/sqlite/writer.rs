@@ -393,6 +393,16 @@ fn commit_sqlite(
         }
     }
 
+    if !req.open_hours.is_empty() {
+        let mut st = conn
+            .prepare_cached(&open_hour_sql(Dialect::Sqlite))
+            .map_err(sq("note open archive hours"))?;
+        for (p, hour, through) in req.open_hours {
+            st.execute(rusqlite::params![req.topic, i64::from(*p), hour, through])
+                .map_err(sq("note open archive hours"))?;
+        }
+    }
+
     // Dead letters counted by a replay.
     if let Some((topic, letters)) = req.replayed {
         let mut st = conn
@@ -418,6 +428,23 @@ fn commit_sqlite(
                 req.max_event_ms.get(p)
             ])
             .map_err(sq("advance offsets"))?;
+        }
+    }
+    {
+        let sql = if req.archive_with_batch {
+            ARCHIVE_ADVANCE_SQL
+        } else {
+            ARCHIVE_START_SQL
+        };
+        let mut st = conn.prepare_cached(sql).map_err(sq("archive positions"))?;
+        for (p, range) in req.partitions {
+            let at = if req.archive_with_batch {
+                range.next_offset()
+            } else {
+                range.expected_start.unwrap_or(range.first)
+            };
+            st.execute(rusqlite::params![req.topic, i64::from(*p), at, req.now_ms])
+                .map_err(sq("archive positions"))?;
         }
     }
     if !req.caught_up.is_empty() {

@@ -69,6 +69,8 @@ async fn partition_starts_register_once_and_resets_fence_running_writers() {
             sealed_at_ms: 0,
             now_ms: 0,
             replayed: None,
+            open_hours: &[],
+            archive_with_batch: true,
         };
         assert_eq!(
             store.commit(&req).await.unwrap(),
@@ -189,6 +191,8 @@ async fn committed_among_finds_exactly_the_recorded_paths() {
             sealed_at_ms: 0,
             now_ms: 0,
             replayed: None,
+            open_hours: &[],
+            archive_with_batch: true,
         };
         assert_eq!(store.commit(&req).await.unwrap(), CommitOutcome::Committed);
         let asked: Vec<String> = (0..1_300)

@@ -44,7 +44,7 @@ async fn contract(fx: &Fixture, store: &ServingStore) {
         .find(|d| d.name == "hour_video_events")
         .unwrap();
     let everything = ("raw/".to_string(), "raw0".to_string());
-    let (tables, files) = store
+    let (tables, files, _) = store
         .read_snapshot(&[hourly], &[(i64::MIN, i64::MAX)], &everything)
         .await
         .unwrap();
@@ -85,6 +85,81 @@ async fn contract(fx: &Fixture, store: &ServingStore) {
         [(0, end)].into_iter().collect()
     );
     files_and_replayed_letters(store, end).await;
+    archive_record(store, end).await;
+}
+
+/// The archive's own record: adopted at the serving offset, fenced on its
+/// position, files pending until renamed, counted hours open until then.
+async fn archive_record(store: &ServingStore, end: i64) {
+    use crate::sink::archive::FileKind;
+    use crate::sink::serving::ArchiveCommit;
+    let hour = chrono::DateTime::parse_from_rfc3339("2026-11-30T10:00:00Z")
+        .unwrap()
+        .timestamp_millis();
+    // The fixture's batches committed their files with them: the archive's
+    // position moved with the offsets, to `end`. The last batch (`end`)
+    // leaves its events to the archive's later commit and notes their hour.
+    let next = end;
+    assert_eq!(store.open_hours().await.unwrap(), vec![hour]);
+    assert_eq!(
+        store.archive_positions("t").await.unwrap(),
+        [(0, next)].into_iter().collect()
+    );
+    let file = WrittenFile {
+        path: "raw/events/dt=2026-11-30/hour=10/t-p00000-f.parquet".into(),
+        kind: FileKind::Raw,
+        partition: 0,
+        first_offset: next,
+        last_offset: next + 9,
+        rows: 10,
+        bytes: 100,
+    };
+    let commit = |expected: Option<i64>| ArchiveCommit {
+        topic: "t",
+        partition: 0,
+        expected,
+        next: next + 10,
+        files: std::slice::from_ref(&file),
+        now_ms: 0,
+    };
+    // A writer that started below the position is fenced.
+    assert_eq!(
+        store.commit_archive(&commit(Some(next - 1))).await.unwrap(),
+        CommitOutcome::Fenced {
+            partition: 0,
+            expected: Some(next - 1),
+            stored: Some(next)
+        }
+    );
+    assert!(store.pending_archive("t").await.unwrap().is_empty());
+    assert_eq!(
+        store.commit_archive(&commit(Some(next))).await.unwrap(),
+        CommitOutcome::Committed
+    );
+    assert_eq!(
+        store.archive_positions("t").await.unwrap(),
+        [(0, next + 10)].into_iter().collect()
+    );
+    assert_eq!(
+        store.pending_archive("t").await.unwrap(),
+        vec![(0, file.path.clone())]
+    );
+    assert_eq!(
+        store
+            .committed_among(std::slice::from_ref(&file.path))
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    // Counted through `end`, below the new position: open until the rename is done.
+    assert_eq!(store.open_hours().await.unwrap(), vec![hour]);
+    store
+        .finish_archive("t", 0, std::slice::from_ref(&file.path))
+        .await
+        .unwrap();
+    assert!(store.pending_archive("t").await.unwrap().is_empty());
+    assert!(store.open_hours().await.unwrap().is_empty());
 }
 
 /// Files recorded in three hours around midnight and a dead-letter file,
@@ -155,6 +230,8 @@ async fn files_and_replayed_letters(store: &ServingStore, end: i64) {
         sealed_at_ms: 0,
         now_ms: 0,
         replayed: Some(("orig", &letters)),
+        open_hours: &[(0, h("2026-11-30T10:00:00Z"), end)],
+        archive_with_batch: false,
     };
     assert_eq!(store.commit(&req).await.unwrap(), CommitOutcome::Committed);
     let names = |v: Vec<String>| -> Vec<String> {

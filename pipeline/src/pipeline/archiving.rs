@@ -1,0 +1,248 @@
+//! The committer's archive half: after a batch's serving commit, its raw
+//! events go to the open files (`sink/archive/open.rs`), and the partitions
+//! whose files are due are flushed: staged, committed with the archive's
+//! own fence, renamed. Failures are retried like serving commits.
+
+use std::collections::HashSet;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use super::committer::{Committer, Retry};
+use crate::batch::Batch;
+use crate::decode::RejectReason;
+use crate::error::{Error, RetryHint};
+use crate::serve::blocking;
+use crate::sink::archive::Flush;
+use crate::sink::serving::ArchiveCommit;
+use crate::sink::CommitOutcome;
+
+/// Backoff between attempts of one archive step.
+struct Attempts {
+    retry: Retry,
+    done: u32,
+    backoff: Duration,
+}
+
+impl Attempts {
+    fn new(retry: Retry) -> Self {
+        Attempts {
+            retry,
+            done: 0,
+            backoff: Duration::from_millis(100),
+        }
+    }
+
+    /// After a failed step: wait and go on, or give up with the error.
+    async fn failed(&mut self, step: &str, e: Error) -> Result<(), Error> {
+        if e.retry() != RetryHint::WithBackoff {
+            return Err(e);
+        }
+        if let Retry::Times(n) = self.retry {
+            if self.done >= n {
+                return Err(e);
+            }
+        }
+        self.done += 1;
+        tracing::error!(error = %e, step, retry_in = ?self.backoff, "archive flush failed; retrying");
+        tokio::time::sleep(self.backoff).await;
+        self.backoff = (self.backoff * 2).min(Duration::from_secs(5));
+        Ok(())
+    }
+}
+
+impl Committer<'_> {
+    /// Append `original`'s raw events (but the poison rows `committed` turned
+    /// into dead letters) and flush what is due. The partitions whose flush
+    /// was fenced.
+    pub(super) async fn archive_batch(
+        &mut self,
+        original: &Batch,
+        committed: &Batch,
+        retry: Retry,
+    ) -> Result<Vec<i32>, Error> {
+        let skip: HashSet<(i32, i64)> = committed
+            .dead_letters
+            .iter()
+            .filter(|d| d.reason == RejectReason::RollupFailed)
+            .map(|d| (d.partition, d.offset))
+            .collect();
+        let Some(raw) = self.raw.as_deref_mut() else {
+            return Ok(Vec::new());
+        };
+        blocking(|| raw.append(original, &skip))?;
+        let due = raw.due(Instant::now());
+        self.flush(due, retry).await
+    }
+
+    /// Flush every partition with something open (shutdown, a job's end).
+    pub(crate) async fn flush_all(&mut self, retry: Retry) -> Result<Vec<i32>, Error> {
+        let all = self.raw.as_deref().map(|r| r.all()).unwrap_or_default();
+        self.flush(all, retry).await
+    }
+
+    async fn flush(&mut self, partitions: Vec<i32>, retry: Retry) -> Result<Vec<i32>, Error> {
+        let mut fenced = Vec::new();
+        for p in partitions {
+            let Some(raw) = self.raw.as_deref_mut() else {
+                break;
+            };
+            let Some(flush) = blocking(|| raw.close(p))? else {
+                continue;
+            };
+            if !self.commit_flush(&flush, retry).await? {
+                tracing::warn!(
+                    partition = p,
+                    expected = ?flush.expected,
+                    "archive flush fenced: another writer advanced the partition's archive; re-reading"
+                );
+                if let Some(raw) = self.raw.as_deref_mut() {
+                    raw.abandon(&flush).await;
+                    raw.drop_partition(p);
+                }
+                fenced.push(p);
+                continue;
+            }
+            if let Some(m) = self.metrics {
+                m.archive_files_written
+                    .fetch_add(flush.files.len() as u64, Ordering::Relaxed);
+                m.raw_bytes_written
+                    .fetch_add(flush.files.iter().map(|f| f.bytes).sum(), Ordering::Relaxed);
+            }
+        }
+        Ok(fenced)
+    }
+
+    /// Stage, commit and rename one flush. `false`: fenced.
+    async fn commit_flush(&mut self, flush: &Flush, retry: Retry) -> Result<bool, Error> {
+        let Some(topic) = self.raw.as_deref().map(|r| r.topic().to_string()) else {
+            return Ok(true);
+        };
+        let mut tries = Attempts::new(retry);
+        let mut ambiguous = false;
+        loop {
+            let step = async {
+                if let Some(raw) = self.raw.as_deref() {
+                    raw.stage(flush).await?;
+                }
+                let commit = ArchiveCommit {
+                    topic: &topic,
+                    partition: flush.partition,
+                    expected: flush.expected,
+                    next: flush.next,
+                    files: &flush.files,
+                    now_ms: chrono::Utc::now().timestamp_millis(),
+                };
+                self.store.commit_archive(&commit).await
+            };
+            match step.await {
+                Ok(CommitOutcome::Committed) => break,
+                Ok(CommitOutcome::Fenced { stored, .. })
+                    if ambiguous && stored == Some(flush.next) && self.recorded(flush).await =>
+                {
+                    // An earlier attempt committed; its reply was lost.
+                    break;
+                }
+                Ok(CommitOutcome::Fenced { .. }) => return Ok(false),
+                Err(e) => {
+                    ambiguous = true;
+                    tries.failed("commit", e.into()).await?;
+                }
+            }
+        }
+        failpoint_after_commit();
+        let paths: Vec<String> = flush.files.iter().map(|f| f.path.clone()).collect();
+        let mut tries = Attempts::new(retry);
+        loop {
+            let step = async {
+                self.archive.publish(&paths).await?;
+                self.store
+                    .finish_archive(&topic, flush.partition, &paths)
+                    .await
+            };
+            match step.await {
+                Ok(()) => return Ok(true),
+                Err(e) => tries.failed("rename", e.into()).await?,
+            }
+        }
+    }
+
+    async fn recorded(&self, flush: &Flush) -> bool {
+        let paths: Vec<String> = flush.files.iter().map(|f| f.path.clone()).collect();
+        self.store
+            .committed_among(&paths)
+            .await
+            .is_ok_and(|found| found.len() == paths.len())
+    }
+}
+
+fn failpoint_after_commit() {
+    crate::failpoint::failpoint("after_archive_commit");
+}
+
+/// Roll forward: rename every committed raw file of `topic` still under its
+/// staging name (a crash after the archive commit), then forget it as
+/// pending. How many.
+pub(crate) async fn publish_pending(
+    archive: &crate::sink::ParquetArchiveSink,
+    store: &crate::sink::ServingStore,
+    topic: &str,
+) -> Result<usize, crate::sink::SinkError> {
+    let pending = store.pending_archive(topic).await?;
+    let mut by_partition: std::collections::BTreeMap<i32, Vec<String>> = Default::default();
+    for (p, path) in pending {
+        by_partition.entry(p).or_default().push(path);
+    }
+    let mut n = 0;
+    for (p, paths) in by_partition {
+        archive.publish(&paths).await?;
+        store.finish_archive(topic, p, &paths).await?;
+        n += paths.len();
+    }
+    if n > 0 {
+        tracing::warn!(
+            files = n,
+            "renamed committed archive files a crash left under their staging names"
+        );
+    }
+    Ok(n)
+}
+
+/// What the source calls before it reads assigned partitions again: the
+/// committed staged files renamed, then the hidden files that can never
+/// commit removed (`ParquetArchiveSink::remove_in_progress`).
+pub(crate) struct ArchiveRecovery {
+    pub archive: crate::sink::ParquetArchiveSink,
+    pub store: crate::sink::ServingStore,
+}
+
+impl crate::source::UnfinishedFiles for ArchiveRecovery {
+    fn remove_unfinished<'a>(
+        &'a self,
+        topic: &'a str,
+        partitions: &'a std::collections::HashMap<i32, Option<i64>>,
+    ) -> futures::future::BoxFuture<'a, Result<usize, crate::source::offsets::StoreError>> {
+        Box::pin(async move {
+            publish_pending(&self.archive, &self.store, topic).await?;
+            let positions = self.store.archive_positions(topic).await?;
+            let archive: std::collections::HashMap<i32, i64> = partitions
+                .keys()
+                .filter_map(|p| positions.get(p).map(|a| (*p, *a)))
+                .collect();
+            let staged = self
+                .archive
+                .remove_dead_staged(
+                    topic,
+                    &archive,
+                    crate::sink::archive::SweepScope::Full,
+                    &self.store,
+                )
+                .await?;
+            Ok(staged.len()
+                + self
+                    .archive
+                    .remove_in_progress(topic, partitions)
+                    .await?
+                    .len())
+        })
+    }
+}

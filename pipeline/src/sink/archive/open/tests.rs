@@ -1,0 +1,234 @@
+//! The open files: rows per (partition, event hour) across batches, closed
+//! by size, age and the open-file cap, committed under final names only
+//! after staging, continued across epochs only where nothing moved.
+
+use std::collections::{BTreeMap, HashSet};
+use std::time::{Duration, Instant};
+
+use super::*;
+use crate::batch::{BatchBuilder, Positions};
+use crate::config::Settings;
+use crate::decode::{EventSchema, RecordDecoder};
+
+const T0: i64 = 1_764_300_000_000 / HOUR_MS * HOUR_MS;
+
+fn builder() -> BatchBuilder {
+    let s = Settings::defaults().unwrap();
+    let schema = EventSchema::from_config(&s.schema).unwrap();
+    BatchBuilder::new(RecordDecoder::new(schema, &s.decode), &s.batch, 1024)
+}
+
+/// Messages `offsets` of `partition`, the i-th in hour `hours[i % len]`.
+fn batch(
+    b: &mut BatchBuilder,
+    epoch: u64,
+    msgs: &[(i32, std::ops::Range<i64>, i64)],
+    from: Option<i64>,
+) -> Batch {
+    let now = Instant::now();
+    let positions: BTreeMap<i32, Positions> = msgs
+        .iter()
+        .map(|(p, _, _)| {
+            (
+                *p,
+                Positions {
+                    archive: from,
+                    serve_from: None,
+                },
+            )
+        })
+        .collect();
+    b.set_positions(positions);
+    for (p, offsets, hour) in msgs {
+        for o in offsets.clone() {
+            let t = T0 + hour * HOUR_MS + o;
+            let ev = format!(r#"{{"video_id":"v{o}","event_type":"view","event_time":{t}}}"#);
+            b.push(*p, o, Some(o), Some(ev.as_bytes()), T0 + 10 * HOUR_MS, now);
+        }
+    }
+    b.seal(epoch, "t", T0, BTreeMap::new()).unwrap()
+}
+
+fn rotation(file_bytes: u64, roll: Duration, max_open: usize) -> Rotation {
+    Rotation {
+        file_bytes,
+        roll_interval: roll,
+        max_open_files: max_open,
+        row_group_bytes: 64 << 20,
+    }
+}
+
+fn rows_in(path: &std::path::Path) -> Vec<String> {
+    let f = std::fs::File::open(path).unwrap();
+    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReader::try_new(f, 1024).unwrap();
+    let mut out = Vec::new();
+    for b in reader {
+        let b = b.unwrap();
+        let ids = b.column(0).as_string::<i32>();
+        out.extend(ids.iter().map(|v| v.unwrap_or_default().to_string()));
+    }
+    out.sort();
+    out
+}
+
+#[tokio::test]
+#[allow(clippy::unwrap_used)]
+async fn batches_fill_one_file_per_partition_hour_and_appear_only_when_committed() {
+    let dir = tempfile::tempdir().unwrap();
+    let sink = ParquetArchiveSink::local(dir.path(), 2, 1).unwrap();
+    let mut w = RawWriter::new(
+        sink.clone(),
+        dir.path(),
+        "t",
+        rotation(1 << 30, Duration::from_secs(600), 64),
+    )
+    .unwrap();
+    let mut b = builder();
+    // Three batches: partition 0 in hours 0 and 1 (a late event in 0 at
+    // the end), partition 1 in hour 1.
+    let none = HashSet::new();
+    w.append(
+        &batch(&mut b, 1, &[(0, 0..5, 0), (1, 0..3, 1)], Some(0)),
+        &none,
+    )
+    .unwrap();
+    w.append(
+        &batch(&mut b, 1, &[(0, 5..9, 1), (1, 3..6, 1)], Some(0)),
+        &none,
+    )
+    .unwrap();
+    w.append(&batch(&mut b, 1, &[(0, 9..10, 0)], Some(0)), &none)
+        .unwrap();
+    assert!(w.due(Instant::now()).is_empty(), "nothing is due yet");
+    assert_eq!(w.all(), vec![0, 1]);
+    // Nothing is visible under raw/ before the flush commits.
+    let raw = dir.path().join(RAW_PREFIX);
+    let visible = |root: &std::path::Path| -> Vec<String> {
+        let mut out = Vec::new();
+        let mut dirs = vec![root.to_path_buf()];
+        while let Some(d) = dirs.pop() {
+            for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+                if e.file_type().unwrap().is_dir() {
+                    dirs.push(e.path());
+                } else {
+                    out.push(e.file_name().to_string_lossy().to_string());
+                }
+            }
+        }
+        out.sort();
+        out
+    };
+    assert!(visible(&raw).is_empty());
+
+    let flush = w.close(0).unwrap().unwrap();
+    assert_eq!((flush.expected, flush.next), (Some(0), 10));
+    assert_eq!(flush.files.len(), 2, "one file per event hour: {flush:?}");
+    assert_eq!(flush.files.iter().map(|f| f.rows).sum::<u64>(), 10);
+    w.stage(&flush).await.unwrap();
+    let staged = visible(&raw);
+    assert!(
+        staged.len() == 2 && staged.iter().all(|n| n.starts_with('.')),
+        "staged under hidden names: {staged:?}"
+    );
+    let paths: Vec<String> = flush.files.iter().map(|f| f.path.clone()).collect();
+    sink.publish(&paths).await.unwrap();
+    // Renaming again (a roll forward after a crash) finds them done.
+    sink.publish(&paths).await.unwrap();
+    let hour0 = dir.path().join(&flush.files[0].path);
+    let hour1 = dir.path().join(&flush.files[1].path);
+    assert_eq!(rows_in(&hour0), ["v0", "v1", "v2", "v3", "v4", "v9"]);
+    assert_eq!(rows_in(&hour1), ["v5", "v6", "v7", "v8"]);
+    assert!(flush.files[0]
+        .path
+        .ends_with(&file_name("t", 0, 0, 9, &sink.writer)));
+    // The partition continues from the flush's end; nothing new: no flush.
+    assert!(w.close(0).unwrap().is_none());
+    assert_eq!(w.all(), vec![1]);
+}
+
+#[test]
+#[allow(clippy::unwrap_used)]
+fn files_close_by_size_age_and_the_open_file_cap() {
+    let dir = tempfile::tempdir().unwrap();
+    let sink = ParquetArchiveSink::local(dir.path(), 2, 1).unwrap();
+    let none = HashSet::new();
+    let mut b = builder();
+    let msgs = [(0, 0..50, 0), (1, 0..50, 1), (1, 50..60, 2), (2, 0..5, 3)];
+
+    let mut w = RawWriter::new(
+        sink.clone(),
+        dir.path(),
+        "t",
+        rotation(1 << 30, Duration::from_secs(600), 3),
+    )
+    .unwrap();
+    w.append(&batch(&mut b, 1, &msgs[..1], Some(0)), &none)
+        .unwrap();
+    w.append(&batch(&mut b, 1, &msgs[1..3], Some(0)), &none)
+        .unwrap();
+    w.append(&batch(&mut b, 1, &msgs[3..], Some(0)), &none)
+        .unwrap();
+    // Four files, three allowed: the least recently written one's
+    // partition (0) closes.
+    assert_eq!(w.due(Instant::now()), vec![0]);
+    assert_eq!(
+        w.due(Instant::now() + Duration::from_secs(600)),
+        vec![0, 1, 2],
+        "after the roll interval every partition is due"
+    );
+
+    let mut small = RawWriter::new(
+        sink,
+        dir.path(),
+        "t",
+        rotation(1, Duration::from_secs(600), 64),
+    )
+    .unwrap();
+    small
+        .append(&batch(&mut b, 1, &msgs[..1], Some(0)), &none)
+        .unwrap();
+    small.close(0).unwrap();
+    small
+        .append(&batch(&mut b, 1, &[(0, 50..60, 0)], Some(0)), &none)
+        .unwrap();
+    assert_eq!(small.due(Instant::now()), vec![0], "a file over the size");
+}
+
+#[test]
+#[allow(clippy::unwrap_used)]
+fn open_files_continue_only_where_the_stored_position_did_not_move() {
+    let dir = tempfile::tempdir().unwrap();
+    let sink = ParquetArchiveSink::local(dir.path(), 2, 1).unwrap();
+    let none = HashSet::new();
+    let mut b = builder();
+    let mut w = RawWriter::new(
+        sink,
+        dir.path(),
+        "t",
+        rotation(1 << 30, Duration::from_secs(600), 64),
+    )
+    .unwrap();
+    w.append(
+        &batch(&mut b, 1, &[(0, 0..10, 0), (1, 0..10, 0)], Some(0)),
+        &none,
+    )
+    .unwrap();
+    // A re-seek (new epoch): both read again from 0. Partition 0's stored
+    // position is still 0 (these files build on it): the re-read rows are
+    // skipped. Partition 1's moved to 7 (another writer flushed it): its
+    // files are dropped and it starts over at 7.
+    let again = batch(&mut b, 2, &[(0, 0..12, 0)], Some(0));
+    w.append(&again, &none).unwrap();
+    let moved = batch(&mut b, 2, &[(1, 7..12, 0)], Some(7));
+    w.append(&moved, &none).unwrap();
+    let f0 = w.close(0).unwrap().unwrap();
+    assert_eq!((f0.expected, f0.next, f0.files[0].rows), (Some(0), 12, 12));
+    let f1 = w.close(1).unwrap().unwrap();
+    assert_eq!((f1.expected, f1.next, f1.files[0].rows), (Some(7), 12, 5));
+    // Poison rows (now dead letters) are left out.
+    let skip: HashSet<(i32, i64)> = [(0, 13)].into_iter().collect();
+    w.append(&batch(&mut b, 2, &[(0, 12..15, 0)], Some(0)), &skip)
+        .unwrap();
+    let f = w.close(0).unwrap().unwrap();
+    assert_eq!((f.expected, f.next, f.files[0].rows), (Some(12), 15, 2));
+}
