@@ -106,14 +106,21 @@ while time.time() < deadline:
     time.sleep(0.05)
 rows = metric("tally_rollup_rows_merged_total")
 wall = time.time() - start
-# The counts are in (wall time: until then); the raw archive's open files commit at shutdown
-# (SIGTERM). Its time and CPU belong to the drain: wait for the exit (the
-# process stays a zombie until the shell reaps it, with its CPU times).
+# The counts are in (wall time: until then); the raw archive's open files
+# commit at shutdown (SIGTERM). Their CPU belongs to the drain: read it until
+# the process is gone (the last 20 ms may be missed).
 os.kill(pid, 15)
-while state() != "Z" and time.time() < deadline:
-    peak = max(peak, hwm() or 0)
-    time.sleep(0.02)
 c = cpu()
+while time.time() < deadline:
+    try:
+        if state() == "Z":
+            c = cpu()
+            break
+        c = cpu()
+        peak = max(peak, hwm() or 0)
+    except OSError:
+        break
+    time.sleep(0.02)
 pg = 0.0
 if url.startswith("postgres"):
     pg = postgres_cpu() - pg0

@@ -325,22 +325,26 @@ impl RawWriter {
         due
     }
 
-    /// Every partition with something to commit (shutdown, end of a replay).
+    /// Every partition with files to commit (shutdown, end of a replay).
     pub(crate) fn all(&self) -> Vec<i32> {
         self.parts
             .iter()
-            .filter(|(_, st)| st.next > st.start || !st.files.is_empty())
+            .filter(|(_, st)| !st.files.is_empty())
             .map(|(p, _)| *p)
             .collect()
     }
 
     /// Close partition `p`'s files (footer, fsync): its flush, or `None`
-    /// when it has nothing new. The partition continues from the flush's end.
+    /// when it has no file (messages that were all dead letters stay with
+    /// the next flush, so the committed files' offset ranges of a partition
+    /// follow each other without a gap). The partition continues from the
+    /// flush's end.
     pub(crate) fn close(&mut self, p: i32) -> Result<Option<Flush>, SinkError> {
         let Some(st) = self.parts.get_mut(&p) else {
             return Ok(None);
         };
-        if st.next == st.start && st.files.is_empty() {
+        if st.files.is_empty() {
+            st.since = None;
             return Ok(None);
         }
         let files = std::mem::take(&mut st.files);

@@ -225,10 +225,19 @@ fn open_files_continue_only_where_the_stored_position_did_not_move() {
     assert_eq!((f0.expected, f0.next, f0.files[0].rows), (Some(0), 12, 12));
     let f1 = w.close(1).unwrap().unwrap();
     assert_eq!((f1.expected, f1.next, f1.files[0].rows), (Some(7), 12, 5));
-    // Poison rows (now dead letters) are left out.
+    // Poison rows (now dead letters) are left out; a batch of dead letters
+    // only makes no flush: its offsets go with the next one.
     let skip: HashSet<(i32, i64)> = [(0, 13)].into_iter().collect();
     w.append(&batch(&mut b, 2, &[(0, 12..15, 0)], Some(0)), &skip)
         .unwrap();
     let f = w.close(0).unwrap().unwrap();
     assert_eq!((f.expected, f.next, f.files[0].rows), (Some(12), 15, 2));
+    let skip_all: HashSet<(i32, i64)> = (15..18).map(|o| (0, o)).collect();
+    w.append(&batch(&mut b, 2, &[(0, 15..18, 0)], Some(0)), &skip_all)
+        .unwrap();
+    assert!(w.close(0).unwrap().is_none(), "no file, no flush");
+    w.append(&batch(&mut b, 2, &[(0, 18..20, 0)], Some(0)), &none)
+        .unwrap();
+    let f = w.close(0).unwrap().unwrap();
+    assert_eq!((f.expected, f.next, f.files[0].rows), (Some(15), 20, 2));
 }
