@@ -122,6 +122,10 @@ pub struct Metrics {
     visible_delay: Histogram,
     pub raw_bytes_written: AtomicU64,
     pub archive_files_written: AtomicU64,
+    /// The archive's commits (flushes of a partition's open files), and the
+    /// raw files open now.
+    pub archive_flushes: AtomicU64,
+    pub archive_open_files: AtomicU64,
     pub archive_orphans_removed: AtomicU64,
     /// Orphan sweeps that succeeded: of the whole archive, and bounded ones.
     pub archive_sweeps_full: AtomicU64,
@@ -185,6 +189,8 @@ impl Metrics {
             visible_delay: Histogram::new(FRESHNESS_BUCKETS),
             raw_bytes_written: AtomicU64::new(0),
             archive_files_written: AtomicU64::new(0),
+            archive_flushes: AtomicU64::new(0),
+            archive_open_files: AtomicU64::new(0),
             archive_orphans_removed: AtomicU64::new(0),
             archive_sweeps_full: AtomicU64::new(0),
             archive_sweeps_bounded: AtomicU64::new(0),
@@ -480,6 +486,23 @@ impl Metrics {
             "tally_archive_files_written_total",
             "Parquet files written to the raw archive and the dead-letter dataset.",
             load(&self.archive_files_written),
+        );
+        counter(
+            o,
+            "tally_archive_flushes_total",
+            "Commits of the raw archive: a partition's open files closed, committed and renamed.",
+            load(&self.archive_flushes),
+        );
+        header(
+            o,
+            "tally_archive_open_files",
+            "gauge",
+            "Raw files open now (one per partition and event hour, committed at the next flush).",
+        );
+        let _ = writeln!(
+            o,
+            "tally_archive_open_files {}",
+            load(&self.archive_open_files)
         );
         counter(o, "tally_archive_orphans_removed_total", "Archive files of batches that never committed (a crash or a fenced writer), removed by the orphan sweep.", load(&self.archive_orphans_removed));
         header(o, "tally_archive_sweeps_total", "counter", "Orphan sweeps that succeeded, by scope: `full` lists the whole archive (after an assignment and daily), `bounded` only recent directories and files.");

@@ -71,7 +71,12 @@ impl Committer<'_> {
         };
         blocking(|| raw.append(original, &skip))?;
         let due = raw.due(Instant::now());
-        self.flush(due, retry).await
+        let fenced = self.flush(due, retry).await?;
+        if let (Some(m), Some(raw)) = (self.metrics, self.raw.as_deref()) {
+            m.archive_open_files
+                .store(raw.open_files() as u64, Ordering::Relaxed);
+        }
+        Ok(fenced)
     }
 
     /// Flush every partition with something open (shutdown, a job's end).
@@ -103,6 +108,7 @@ impl Committer<'_> {
                 continue;
             }
             if let Some(m) = self.metrics {
+                m.archive_flushes.fetch_add(1, Ordering::Relaxed);
                 m.archive_files_written
                     .fetch_add(flush.files.len() as u64, Ordering::Relaxed);
                 m.raw_bytes_written

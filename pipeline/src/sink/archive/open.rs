@@ -136,6 +136,11 @@ impl RawWriter {
         })
     }
 
+    /// Files open now.
+    pub(crate) fn open_files(&self) -> usize {
+        self.parts.values().map(|p| p.files.len()).sum()
+    }
+
     pub(crate) fn topic(&self) -> &str {
         &self.topic
     }
