@@ -166,10 +166,33 @@ impl Committer<'_> {
                     .await
             };
             match step.await {
-                Ok(()) => return Ok(true),
+                Ok(()) => break,
                 Err(e) => tries.failed("rename", e.into()).await?,
             }
         }
+        // What a crashed or fenced flush of this partition staged in the
+        // same hours is dead now (it starts below the new position).
+        let mut dirs: Vec<String> = paths
+            .iter()
+            .filter_map(|p| p.rsplit_once('/').map(|(d, _)| d.to_string()))
+            .collect();
+        dirs.dedup();
+        match self
+            .archive
+            .remove_dead_staged_in(&dirs, &topic, flush.partition, flush.next, self.store)
+            .await
+        {
+            Ok(n) => {
+                if let Some(m) = self.metrics {
+                    m.archive_orphans_removed
+                        .fetch_add(n as u64, Ordering::Relaxed);
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot look for dead staged archive files; the sweep removes them")
+            }
+        }
+        Ok(true)
     }
 
     async fn recorded(&self, flush: &Flush) -> bool {

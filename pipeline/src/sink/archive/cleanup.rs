@@ -247,6 +247,71 @@ impl ParquetArchiveSink {
         Ok(removed)
     }
 
+    /// After a flush of `partition` committed up to `position`: the hidden
+    /// raw files of that partition in `dirs` (the flush's hour directories)
+    /// whose flush starts below the position and whose final name `record`
+    /// does not hold. A crashed or fenced flush left them there; the flush
+    /// that read its events again wrote to the same hours. How many.
+    pub(crate) async fn remove_dead_staged_in(
+        &self,
+        dirs: &[String],
+        topic: &str,
+        partition: i32,
+        position: i64,
+        record: &impl CommittedFiles,
+    ) -> Result<usize, SinkError> {
+        let mut staged: Vec<(String, String)> = Vec::new();
+        for dir in dirs {
+            let listing = match self
+                .store
+                .list_with_delimiter(Some(&ObjectPath::from(dir.as_str())))
+                .await
+            {
+                Ok(l) => l,
+                Err(object_store::Error::NotFound { .. }) => continue,
+                Err(e) => {
+                    return Err(SinkError::ObjectStore {
+                        path: dir.clone(),
+                        source: Box::new(e),
+                    })
+                }
+            };
+            for meta in listing.objects {
+                let Some(name) = meta.location.filename() else {
+                    continue;
+                };
+                let dead = parse_file_name(name).is_some_and(|(t, p, first, _, hidden)| {
+                    hidden && t == topic && p == partition && first < position
+                });
+                let final_name = name
+                    .strip_prefix('.')
+                    .and_then(|n| n.strip_suffix(".inprogress"));
+                if let (true, Some(f)) = (dead, final_name) {
+                    staged.push((meta.location.to_string(), format!("{dir}/{f}")));
+                }
+            }
+        }
+        if staged.is_empty() {
+            return Ok(0);
+        }
+        let finals: Vec<String> = staged.iter().map(|(_, f)| f.clone()).collect();
+        let committed = record.committed_among(&finals).await?;
+        let doomed: Vec<String> = staged
+            .into_iter()
+            .filter(|(_, f)| !committed.contains(f))
+            .map(|(s, _)| s)
+            .collect();
+        if !doomed.is_empty() {
+            tracing::warn!(
+                files = doomed.len(),
+                partition,
+                "removing staged archive files of flushes that never committed"
+            );
+            self.delete(&doomed).await?;
+        }
+        Ok(doomed.len())
+    }
+
     /// The `dt=YYYY-MM-DD` directories under `prefix` dated `oldest` or
     /// later, and any other directory (listed whole, to be safe); files
     /// directly under `prefix` go to `candidates` as they are found.

@@ -241,3 +241,47 @@ fn open_files_continue_only_where_the_stored_position_did_not_move() {
     let f = w.close(0).unwrap().unwrap();
     assert_eq!((f.expected, f.next, f.files[0].rows), (Some(15), 20, 2));
 }
+
+/// The committed files a test says are recorded.
+struct Recorded(HashSet<String>);
+
+impl super::super::CommittedFiles for Recorded {
+    async fn committed_among(&self, paths: &[String]) -> Result<HashSet<String>, SinkError> {
+        Ok(paths
+            .iter()
+            .filter(|p| self.0.contains(*p))
+            .cloned()
+            .collect())
+    }
+}
+
+#[tokio::test]
+#[allow(clippy::unwrap_used)]
+async fn a_committed_flush_removes_what_dead_flushes_staged_in_its_hours() {
+    let dir = tempfile::tempdir().unwrap();
+    let sink = ParquetArchiveSink::local(dir.path(), 2, 1).unwrap();
+    let hour = format!("{RAW_PREFIX}/dt=2025-11-28/hour=03");
+    std::fs::create_dir_all(dir.path().join(&hour)).unwrap();
+    let staged = |p: i32, first: i64, last: i64, w: &str| {
+        let name = format!(".{}.inprogress", file_name("t", p, first, last, w));
+        std::fs::write(dir.path().join(&hour).join(&name), b"x").unwrap();
+        format!("{hour}/{name}")
+    };
+    let dead = staged(0, 100, 180, "dead");
+    let pending = staged(0, 100, 199, "live");
+    let at_position = staged(0, 200, 250, "zombie");
+    let other_partition = staged(1, 100, 180, "dead");
+    let record = Recorded([format!("{hour}/{}", file_name("t", 0, 100, 199, "live"))].into());
+    let n = sink
+        .remove_dead_staged_in(std::slice::from_ref(&hour), "t", 0, 200, &record)
+        .await
+        .unwrap();
+    assert_eq!(n, 1);
+    assert!(
+        !dir.path().join(&dead).exists(),
+        "a dead flush's staged file is removed"
+    );
+    for kept in [pending, at_position, other_partition] {
+        assert!(dir.path().join(&kept).exists(), "{kept} is kept");
+    }
+}
