@@ -70,10 +70,12 @@ async fn a_lost_commit_reply_is_resolved_and_the_archive_stays_exact() {
     let now = chrono::Utc::now().timestamp_millis();
     let messages = dataset(221, 6_000, now);
     let data = dir.path().join("data");
-    // Every 6th COMMIT from the 6th loses its reply (schema setup and the
-    // first batches pass), up to 8 of them.
+    // Every 7th COMMIT from the 7th loses its reply (schema setup and the
+    // first batches pass), up to 8 of them. An odd period: a batch's commit
+    // and its files' rename (a COMMIT of its own) alternate, and an even one
+    // would only ever hit the renames.
     let proxy = CommitDropProxy::start("127.0.0.1:5432".parse().unwrap(), |n| {
-        n >= 6 && n % 6 == 0 && n <= 48
+        n >= 7 && n % 7 == 0 && n <= 56
     });
     let mut env = TallyEnv::new(&broker.bootstrap(), &topic, &unique("g"), &data);
     env.set("TALLY__SERVING__URL", &proxy.url(&pg.url));

@@ -154,6 +154,7 @@ pub async fn replay(settings: Settings, selection: Selection) -> Result<DlqRepor
     }
     let committed = store.load_offsets(&pseudo).await?.get(&0).copied();
     let wanted: HashMap<i32, Option<i64>> = [(0, committed)].into_iter().collect();
+    crate::pipeline::publish_pending(&archive, &store, &pseudo).await?;
     let removed = archive.remove_orphans(&pseudo, &wanted, &wanted).await?;
     if !removed.is_empty() {
         tracing::warn!(

@@ -69,7 +69,20 @@ impl Committer<'_> {
         let Some(raw) = self.raw.as_deref_mut() else {
             return Ok(Vec::new());
         };
-        blocking(|| raw.append(original, &skip))?;
+        if let Err(e) = blocking(|| raw.append(original, &skip)) {
+            // An open file may now hold part of the batch: drop the batch's
+            // partitions' files and read them again (nothing is counted twice).
+            let parts: Vec<i32> = original.archive.keys().copied().collect();
+            for p in &parts {
+                raw.drop_partition(*p);
+            }
+            tracing::error!(error = %e, partitions = ?parts, "cannot append to the open archive files; reading those partitions again");
+            if let Some(m) = self.metrics {
+                m.commit_errors.fetch_add(1, Ordering::Relaxed);
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            return Ok(parts);
+        }
         let due = raw.due(Instant::now());
         let fenced = self.flush(due, retry).await?;
         if let (Some(m), Some(raw)) = (self.metrics, self.raw.as_deref()) {
@@ -77,6 +90,62 @@ impl Committer<'_> {
                 .store(raw.open_files() as u64, Ordering::Relaxed);
         }
         Ok(fenced)
+    }
+
+    /// After a batch's commit: its dead-letter (and, per batch, raw) files
+    /// from their staging names to their final ones, then no longer pending.
+    /// A crash in between leaves them pending for the next owner to rename.
+    pub(super) async fn publish_batch_files(
+        &mut self,
+        batch: &Batch,
+        files: &[crate::sink::WrittenFile],
+        retry: Retry,
+    ) -> Result<(), Error> {
+        let topic = batch.topic.as_str();
+        if files.is_empty() {
+            return Ok(());
+        }
+        let mut by_partition: std::collections::BTreeMap<i32, Vec<String>> = Default::default();
+        for f in files {
+            by_partition
+                .entry(f.partition)
+                .or_default()
+                .push(f.path.clone());
+        }
+        let mut tries = Attempts::new(retry);
+        loop {
+            let step = async {
+                for (p, paths) in &by_partition {
+                    self.archive.publish(paths).await?;
+                    self.store.finish_archive(topic, *p, paths).await?;
+                }
+                Ok::<(), crate::sink::SinkError>(())
+            };
+            match step.await {
+                Ok(()) => break,
+                Err(e) => tries.failed("rename", e.into()).await?,
+            }
+        }
+        // What a crashed or fenced batch of these partitions staged in the
+        // same directories is dead now (it starts below the new offset).
+        for (p, paths) in &by_partition {
+            let Some(next) = batch.partitions.get(p).map(|r| r.next_offset()) else {
+                continue;
+            };
+            let mut dirs: Vec<String> = paths
+                .iter()
+                .filter_map(|f| f.rsplit_once('/').map(|(d, _)| d.to_string()))
+                .collect();
+            dirs.dedup();
+            if let Err(e) = self
+                .archive
+                .remove_dead_staged_in(&dirs, topic, *p, next, self.store)
+                .await
+            {
+                tracing::warn!(error = %e, "cannot look for dead staged archive files; the sweep removes them");
+            }
+        }
+        Ok(())
     }
 
     /// Flush every partition with something open (shutdown, a job's end).
@@ -91,8 +160,15 @@ impl Committer<'_> {
             let Some(raw) = self.raw.as_deref_mut() else {
                 break;
             };
-            let Some(flush) = blocking(|| raw.close(p))? else {
-                continue;
+            let flush = match blocking(|| raw.close(p)) {
+                Ok(Some(f)) => f,
+                Ok(None) => continue,
+                Err(e) => {
+                    tracing::error!(error = %e, partition = p, "cannot close the open archive files; reading the partition again");
+                    raw.drop_partition(p);
+                    fenced.push(p);
+                    continue;
+                }
             };
             if !self.commit_flush(&flush, retry).await? {
                 tracing::warn!(
@@ -145,7 +221,13 @@ impl Committer<'_> {
                 Ok(CommitOutcome::Fenced { stored, .. })
                     if ambiguous && stored == Some(flush.next) && self.recorded(flush).await =>
                 {
-                    // An earlier attempt committed; its reply was lost.
+                    if let Some(m) = self.metrics {
+                        m.commits_resolved.fetch_add(1, Ordering::Relaxed);
+                    }
+                    tracing::warn!(
+                        partition = flush.partition,
+                        "an earlier attempt whose reply was lost had committed this archive flush; keeping it"
+                    );
                     break;
                 }
                 Ok(CommitOutcome::Fenced { .. }) => return Ok(false),
@@ -257,11 +339,16 @@ impl crate::source::UnfinishedFiles for ArchiveRecovery {
                 .keys()
                 .filter_map(|p| positions.get(p).map(|a| (*p, *a)))
                 .collect();
+            let serving: std::collections::HashMap<i32, i64> = partitions
+                .iter()
+                .filter_map(|(p, s)| s.map(|s| (*p, s)))
+                .collect();
             let staged = self
                 .archive
                 .remove_dead_staged(
                     topic,
                     &archive,
+                    &serving,
                     crate::sink::archive::SweepScope::Full,
                     &self.store,
                 )

@@ -126,6 +126,7 @@ impl Committer<'_> {
                         Some(b) => Cow::Owned(b),
                         None => view,
                     };
+                    self.publish_batch_files(&batch, &files, retry).await?;
                     let archive_fenced = self.archive_batch(original, &batch, retry).await?;
                     return Ok(Done::Committed {
                         batch,
@@ -361,6 +362,7 @@ pub(crate) async fn discard_uncommitted(
     let doomed: Vec<String> = paths
         .into_iter()
         .filter(|p| !recorded.contains(p))
+        .map(|p| crate::sink::archive::staging_path(&p))
         .collect();
     if !recorded.is_empty() {
         tracing::warn!(

@@ -258,7 +258,7 @@ async fn sweep_orphans(
         .filter_map(|p| positions.get(p).map(|a| (*p, *a)))
         .collect();
     let mut removed = archive
-        .remove_dead_staged(topic, &archived, scope, store)
+        .remove_dead_staged(topic, &archived, &committed, scope, store)
         .await?;
     removed.extend(archive.remove_dead(topic, &committed, scope, store).await?);
     Ok(removed)

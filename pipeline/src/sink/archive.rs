@@ -311,7 +311,9 @@ impl ParquetArchiveSink {
         self.write_batch(&only).await
     }
 
-    /// Encode and write every file of a batch. Nothing is visible until its
+    /// Encode and write every file of a batch under its staging name: it
+    /// appears under its final name only after the batch's commit records it
+    /// ([`Self::publish`]). Nothing is visible until its
     /// rename; on error, already written files of this batch are returned to
     /// the caller through [`Self::delete`] on retry (names are deterministic).
     pub(crate) async fn write_batch(&self, batch: &Batch) -> Result<Vec<WrittenFile>, SinkError> {
@@ -327,7 +329,7 @@ impl ParquetArchiveSink {
         };
         let mut written = Vec::with_capacity(encoded.len());
         for (file, bytes) in encoded {
-            self.put_atomic(&file.path, bytes).await?;
+            self.put_staged(&file.path, bytes).await?;
             written.push(file);
         }
         Ok(written)
@@ -466,6 +468,24 @@ impl ParquetArchiveSink {
         Ok(buf)
     }
 
+    /// `path`'s bytes under its staging name (`.<name>.inprogress`), whole:
+    /// renamed by [`Self::publish`] once the commit that records it is in.
+    async fn put_staged(&self, path: &str, bytes: Vec<u8>) -> Result<(), SinkError> {
+        let staged = open::staging_path(path);
+        if self.s3.is_some() {
+            return self.put_atomic(&staged, bytes).await;
+        }
+        // The local store's put writes a temporary file and renames it.
+        self.store
+            .put(&ObjectPath::from(staged.as_str()), PutPayload::from(bytes))
+            .await
+            .map_err(|e| SinkError::ObjectStore {
+                path: staged.clone(),
+                source: Box::new(e),
+            })?;
+        Ok(())
+    }
+
     async fn put_atomic(&self, path: &str, bytes: Vec<u8>) -> Result<(), SinkError> {
         if let Some(s3) = &self.s3 {
             // S3: a PUT, or a CompleteMultipartUpload, makes the whole object
@@ -579,6 +599,6 @@ mod tests;
 
 #[cfg(test)]
 use cleanup::DAY_MS;
-pub(crate) use open::{Flush, RawWriter, Rotation};
+pub(crate) use open::{staging_path, Flush, RawWriter, Rotation};
 
 pub(crate) use cleanup::{CommittedFiles, SweepScope};

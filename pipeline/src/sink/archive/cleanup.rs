@@ -59,19 +59,17 @@ impl ParquetArchiveSink {
     }
 
     /// At assignment, with other writers possibly alive (a zombie): delete
-    /// only in-progress dead-letter files of `partitions` (a writer whose
-    /// hidden file disappears fails its rename and retries the batch).
-    /// Staged raw files are [`Self::remove_dead_staged`]'s: a committed one
-    /// may be waiting for its rename.
+    /// the local store's temporary files of `partitions` and the multipart
+    /// uploads of files written under their final names by older tallies.
+    /// Staged files are [`Self::remove_dead_staged`]'s: a committed one may
+    /// be waiting for its rename, a live writer's may still commit.
     pub(crate) async fn remove_in_progress(
         &self,
         topic: &str,
         partitions: &HashMap<i32, Option<i64>>,
     ) -> Result<Vec<String>, SinkError> {
-        self.sweep(topic, partitions, true, |p, _, in_progress, path| {
-            in_progress && !path.starts_with(RAW_PREFIX) && partitions.contains_key(&p)
-        })
-        .await
+        self.sweep(topic, partitions, true, |_, _, _, _| false)
+            .await
     }
 
     /// Delete the complete files of each partition in `committed` (its next
@@ -143,37 +141,49 @@ impl ParquetArchiveSink {
         Ok(doomed)
     }
 
-    /// Staged raw files that can never commit: hidden files and (S3)
-    /// multipart uploads of flushes of `topic` that start below their
-    /// partition's archive position (`archive`), a crash's or a fenced
-    /// writer's. A staged file whose final name `record` holds is committed
-    /// (its rename is pending) and is never removed. Uploads are checked on
-    /// every sweep (one listing call); hidden files in a full sweep.
+    /// Staged files that can never commit: hidden files and (S3) multipart
+    /// uploads of `topic` whose offsets start below their partition's
+    /// position, a crash's or a fenced writer's: raw flushes below the
+    /// archive's (`archive`), dead-letter files below the serving offset
+    /// (`serving`). A staged file whose final name `record` holds is
+    /// committed (its rename is pending) and is never removed. Uploads are
+    /// checked on every sweep (one listing call per prefix); hidden files in
+    /// a full sweep.
     pub(crate) async fn remove_dead_staged(
         &self,
         topic: &str,
         archive: &HashMap<i32, i64>,
+        serving: &HashMap<i32, i64>,
         scope: SweepScope,
         record: &impl CommittedFiles,
     ) -> Result<Vec<String>, SinkError> {
-        let below = |name: &str| {
+        let below = |prefix: &str, name: &str| {
+            let position = if prefix == RAW_PREFIX {
+                archive
+            } else {
+                serving
+            };
             parse_file_name(name).is_some_and(|(t, p, first, _, hidden)| {
-                hidden && t == topic && archive.get(&p).is_some_and(|a| first < *a)
+                hidden && t == topic && position.get(&p).is_some_and(|a| first < *a)
             })
         };
         let mut removed = Vec::new();
         if let Some(s3) = &self.s3 {
-            let uploads =
-                s3.list_uploads(RAW_PREFIX)
+            let mut uploads = Vec::new();
+            for prefix in [RAW_PREFIX, DLQ_PREFIX] {
+                let listed = s3
+                    .list_uploads(prefix)
                     .await
                     .map_err(|e| SinkError::ObjectStore {
-                        path: format!("{RAW_PREFIX} (multipart uploads)"),
+                        path: format!("{prefix} (multipart uploads)"),
                         source: Box::new(e),
                     })?;
-            let uploads: Vec<_> = uploads
-                .into_iter()
-                .filter(|u| below(u.key.rsplit('/').next().unwrap_or("")))
-                .collect();
+                uploads.extend(
+                    listed
+                        .into_iter()
+                        .filter(|u| below(prefix, u.key.rsplit('/').next().unwrap_or(""))),
+                );
+            }
             if !uploads.is_empty() {
                 tracing::warn!(
                     uploads = uploads.len(),
@@ -199,33 +209,35 @@ impl ParquetArchiveSink {
             return Ok(removed);
         }
         let mut staged: Vec<(String, String)> = Vec::new();
-        let mut list = self.store.list(Some(&ObjectPath::from(RAW_PREFIX)));
-        while let Some(meta) = list.next().await {
-            let meta = match meta {
-                Ok(m) => m,
-                Err(object_store::Error::NotFound { .. }) => break,
-                Err(e) => {
-                    return Err(SinkError::ObjectStore {
-                        path: RAW_PREFIX.to_string(),
-                        source: Box::new(e),
-                    })
+        for prefix in [RAW_PREFIX, DLQ_PREFIX] {
+            let mut list = self.store.list(Some(&ObjectPath::from(prefix)));
+            while let Some(meta) = list.next().await {
+                let meta = match meta {
+                    Ok(m) => m,
+                    Err(object_store::Error::NotFound { .. }) => break,
+                    Err(e) => {
+                        return Err(SinkError::ObjectStore {
+                            path: prefix.to_string(),
+                            source: Box::new(e),
+                        })
+                    }
+                };
+                let Some(name) = meta.location.filename() else {
+                    continue;
+                };
+                if !below(prefix, name) {
+                    continue;
                 }
-            };
-            let Some(name) = meta.location.filename() else {
-                continue;
-            };
-            if !below(name) {
-                continue;
+                let path = meta.location.to_string();
+                let (dir, hidden) = path.rsplit_once('/').unwrap_or(("", &path));
+                let Some(final_name) = hidden
+                    .strip_prefix('.')
+                    .and_then(|n| n.strip_suffix(".inprogress"))
+                else {
+                    continue;
+                };
+                staged.push((path.clone(), format!("{dir}/{final_name}")));
             }
-            let path = meta.location.to_string();
-            let (dir, hidden) = path.rsplit_once('/').unwrap_or(("", &path));
-            let Some(final_name) = hidden
-                .strip_prefix('.')
-                .and_then(|n| n.strip_suffix(".inprogress"))
-            else {
-                continue;
-            };
-            staged.push((path.clone(), format!("{dir}/{final_name}")));
         }
         for chunk in staged.chunks(1_000) {
             let finals: Vec<String> = chunk.iter().map(|(_, f)| f.clone()).collect();
@@ -238,7 +250,7 @@ impl ParquetArchiveSink {
             if !doomed.is_empty() {
                 tracing::warn!(
                     files = doomed.len(),
-                    "removing staged archive files of flushes that never committed"
+                    "removing staged archive files that never committed"
                 );
             }
             self.delete(&doomed).await?;
@@ -442,8 +454,8 @@ impl ParquetArchiveSink {
                     .into_iter()
                     .filter(|u| {
                         let name = u.key.rsplit('/').next().unwrap_or("");
-                        // A raw flush's staging upload is `remove_dead_staged`'s.
-                        let staged = name.starts_with('.') && prefix == RAW_PREFIX;
+                        // A staging upload is `remove_dead_staged`'s.
+                        let staged = name.starts_with('.');
                         !staged
                             && parse_file_name(name)
                                 .is_some_and(|(t, p, ..)| t == topic && staging_of.contains_key(&p))

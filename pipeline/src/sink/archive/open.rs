@@ -105,10 +105,15 @@ pub(crate) struct RawWriter {
     tick: u64,
 }
 
+/// A spool or local archive file failed (a full disk, permissions): the
+/// environment's fault, retried like an object store's.
 fn io_err(path: &Path, e: impl std::fmt::Display) -> SinkError {
-    SinkError::Encode {
+    SinkError::ObjectStore {
         path: path.display().to_string(),
-        message: e.to_string(),
+        source: Box::new(object_store::Error::Generic {
+            store: "local",
+            source: e.to_string().into(),
+        }),
     }
 }
 

@@ -551,6 +551,14 @@ async fn commit(
             .execute(&mut *tx)
             .await
             .map_err(db("record files"))?;
+        // Under its staging name until renamed after this commit.
+        sqlx::query(AssertSqlSafe(d.sql(RECORD_PENDING_SQL)))
+            .bind(&f.path)
+            .bind(req.topic)
+            .bind(i64::from(f.partition))
+            .execute(&mut *tx)
+            .await
+            .map_err(db("record files"))?;
     }
 
     // Dead letters counted by a replay.

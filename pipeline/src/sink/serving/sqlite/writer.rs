@@ -377,6 +377,9 @@ fn commit_sqlite(
         let mut st = conn
             .prepare_cached(RECORD_FILE_SQL)
             .map_err(sq("record files"))?;
+        let mut pending = conn
+            .prepare_cached(RECORD_PENDING_SQL)
+            .map_err(sq("record files"))?;
         for f in req.files {
             st.execute(rusqlite::params![
                 f.path,
@@ -390,6 +393,10 @@ fn commit_sqlite(
                 req.now_ms
             ])
             .map_err(sq("record files"))?;
+            // Under its staging name until renamed after this commit.
+            pending
+                .execute(rusqlite::params![f.path, req.topic, i64::from(f.partition)])
+                .map_err(sq("record files"))?;
         }
     }
 

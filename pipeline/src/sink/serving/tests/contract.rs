@@ -101,6 +101,17 @@ async fn archive_record(store: &ServingStore, end: i64) {
     // leaves its events to the archive's later commit and notes their hour.
     let next = end;
     assert_eq!(store.open_hours().await.unwrap(), vec![hour]);
+    // That batch's files (written under staging names) are pending until
+    // renamed; renaming them is the committer's (here: done).
+    let batch_files: Vec<String> = store
+        .pending_archive("t")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|(_, p)| p)
+        .collect();
+    assert_eq!(batch_files.len(), 5, "{batch_files:?}");
+    store.finish_archive("t", 0, &batch_files).await.unwrap();
     assert_eq!(
         store.archive_positions("t").await.unwrap(),
         [(0, next)].into_iter().collect()
