@@ -595,25 +595,8 @@ async fn offsets(mut settings: Settings, command: OffsetsCommand) -> anyhow::Res
             let rows = offsets::show(&settings, &store)
                 .await
                 .context("offsets show failed")?;
-            println!("topic {}", settings.kafka.topic);
-            println!(
-                "{:>9} {:>14} {:>14} {:>14} {:>12}  note",
-                "partition", "stored", "low", "high", "lag"
-            );
-            let mut bad = false;
-            for r in &rows {
-                let stored = r.stored.map_or_else(|| "-".to_string(), |s| s.to_string());
-                let note = r.problem().unwrap_or("");
-                bad |= r.stored.is_some_and(|s| s > r.high);
-                println!(
-                    "{:>9} {:>14} {:>14} {:>14} {:>12}  {note}",
-                    r.partition,
-                    stored,
-                    r.low,
-                    r.high,
-                    r.lag()
-                );
-            }
+            let (table, bad) = offsets::render(&settings.kafka.topic, &rows);
+            print!("{table}");
             Ok(if bad {
                 ExitCode::from(1)
             } else {

@@ -42,6 +42,9 @@ impl ResetTo {
 pub struct PartitionPosition {
     pub partition: i32,
     pub stored: Option<i64>,
+    /// The archive's position: events below it are in committed raw files
+    /// (it trails `stored` by up to `storage.archive_roll_interval`).
+    pub archived: Option<i64>,
     pub low: i64,
     pub high: i64,
 }
@@ -72,6 +75,7 @@ pub async fn show(
 ) -> Result<Vec<PartitionPosition>, crate::Error> {
     let topic = settings.kafka.topic.clone();
     let stored = store.load_offsets(&topic).await?;
+    let archived = store.archive_positions(&topic).await?;
     let settings = settings.clone();
     let marks = tokio::task::spawn_blocking(move || watermarks(&settings, &topic, None))
         .await
@@ -81,10 +85,40 @@ pub async fn show(
         .map(|(partition, (low, high))| PartitionPosition {
             partition,
             stored: stored.get(&partition).copied(),
+            archived: archived.get(&partition).copied(),
             low,
             high,
         })
         .collect())
+}
+
+/// `tally offsets show`'s table, and whether a stored offset is beyond the end.
+pub fn render(topic: &str, rows: &[PartitionPosition]) -> (String, bool) {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let _ = writeln!(out, "topic {topic}");
+    let _ = writeln!(
+        out,
+        "{:>9} {:>14} {:>14} {:>14} {:>14} {:>12}  note",
+        "partition", "stored", "archived", "low", "high", "lag"
+    );
+    let dash = |v: Option<i64>| v.map_or_else(|| "-".to_string(), |s| s.to_string());
+    let mut bad = false;
+    for r in rows {
+        let note = r.problem().unwrap_or("");
+        bad |= r.stored.is_some_and(|s| s > r.high);
+        let _ = writeln!(
+            out,
+            "{:>9} {:>14} {:>14} {:>14} {:>14} {:>12}  {note}",
+            r.partition,
+            dash(r.stored),
+            dash(r.archived),
+            r.low,
+            r.high,
+            r.lag()
+        );
+    }
+    (out, bad)
 }
 
 /// Watermarks of `only` (or of every partition of `topic`).
@@ -149,6 +183,7 @@ mod tests {
         let at = |stored| PartitionPosition {
             partition: 0,
             stored,
+            archived: None,
             low: 100,
             high: 500,
         };
