@@ -1,4 +1,4 @@
-//! Command line: `tally run | serve | check | produce | verify | backfill | export | replay | report | offsets | topic`.
+//! Command line: `tally run | serve | check | produce | verify | backfill | export | replay | report | offsets | rebuild | topic | dlq`.
 //! The measurement tools (`tally-bench`) live in the `tools/` crate.
 #![allow(clippy::print_stdout)]
 
@@ -11,6 +11,8 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::config::Settings;
 use crate::jobs::produce::ProduceSpec;
+
+mod archive;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -80,6 +82,10 @@ pub enum Command {
         #[command(subcommand)]
         command: TopicCommand,
     },
+    /// Recreate the serving store (rollups, offsets, file records, counters)
+    /// from the archive alone, into an empty store: after losing the store,
+    /// or to move from SQLite to PostgreSQL.
+    Rebuild,
     /// The dead-letter dataset: send dead letters back through the pipeline.
     Dlq {
         #[command(subcommand)]
@@ -334,6 +340,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             command: ReportCommand::Monthly(a),
         } => rt.block_on(report_monthly(settings, a)),
         Command::Offsets { command } => rt.block_on(offsets(settings, command)),
+        Command::Rebuild => rt.block_on(archive::rebuild(settings)),
         Command::Topic {
             command: TopicCommand::Create { partitions },
         } => rt.block_on(topic_create(settings, partitions)),

@@ -9,6 +9,7 @@ mod e2e;
 mod faults;
 mod limits;
 mod postgres;
+mod rebuild;
 mod replay;
 mod retention;
 mod s3;

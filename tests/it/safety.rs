@@ -159,7 +159,7 @@ async fn a_lost_serving_store_never_deletes_an_archive_file() {
         again.log_tail()
     );
     assert!(
-        log.contains("restore it from a backup"),
+        log.contains("tally rebuild"),
         "the message names the recovery"
     );
     // Give a (wrongly) started sweeper its chance, then compare.

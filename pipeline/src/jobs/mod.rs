@@ -5,6 +5,7 @@ pub mod dlq;
 pub mod export;
 pub mod offsets;
 pub mod produce;
+pub mod rebuild;
 pub mod replay;
 pub mod report;
 pub mod topic;

@@ -12,7 +12,8 @@ use crate::batch::Batch;
 use crate::decode::RejectReason;
 use crate::error::{Error, RetryHint};
 use crate::serve::blocking;
-use crate::sink::archive::Flush;
+use crate::sink::archive::manifest::ManifestEntry;
+use crate::sink::archive::{staging_path, FileKind, Flush};
 use crate::sink::serving::ArchiveCommit;
 use crate::sink::CommitOutcome;
 
@@ -199,6 +200,17 @@ impl Committer<'_> {
         let Some(topic) = self.raw.as_deref().map(|r| r.topic().to_string()) else {
             return Ok(true);
         };
+        // The archive's own record of the flush, renamed before its files.
+        let first = flush.files.first().map_or(flush.next, |f| f.first_offset);
+        let entry = ManifestEntry::new(
+            &topic,
+            flush.partition,
+            first,
+            flush.next - 1,
+            &flush.files,
+            None,
+        );
+        let mut files = Vec::with_capacity(flush.files.len() + 1);
         let mut tries = Attempts::new(retry);
         let mut ambiguous = false;
         loop {
@@ -206,12 +218,16 @@ impl Committer<'_> {
                 if let Some(raw) = self.raw.as_deref() {
                     raw.stage(flush).await?;
                 }
+                let manifest = self.archive.stage_manifest(&entry).await?;
+                files.clear();
+                files.push(manifest);
+                files.extend(flush.files.iter().cloned());
                 let commit = ArchiveCommit {
                     topic: &topic,
                     partition: flush.partition,
                     expected: flush.expected,
                     next: flush.next,
-                    files: &flush.files,
+                    files: &files,
                     now_ms: chrono::Utc::now().timestamp_millis(),
                 };
                 self.store.commit_archive(&commit).await
@@ -219,7 +235,7 @@ impl Committer<'_> {
             match step.await {
                 Ok(CommitOutcome::Committed) => break,
                 Ok(CommitOutcome::Fenced { stored, .. })
-                    if ambiguous && stored == Some(flush.next) && self.recorded(flush).await =>
+                    if ambiguous && stored == Some(flush.next) && self.recorded(&files).await =>
                 {
                     if let Some(m) = self.metrics {
                         m.commits_resolved.fetch_add(1, Ordering::Relaxed);
@@ -230,7 +246,17 @@ impl Committer<'_> {
                     );
                     break;
                 }
-                Ok(CommitOutcome::Fenced { .. }) => return Ok(false),
+                Ok(CommitOutcome::Fenced { .. }) => {
+                    let staged: Vec<String> = files
+                        .iter()
+                        .filter(|f| f.kind == FileKind::Manifest)
+                        .map(|f| staging_path(&f.path))
+                        .collect();
+                    if let Err(e) = self.archive.delete(&staged).await {
+                        tracing::warn!(error = %e, "cannot delete a fenced flush's staged manifest entry");
+                    }
+                    return Ok(false);
+                }
                 Err(e) => {
                     ambiguous = true;
                     tries.failed("commit", e.into()).await?;
@@ -238,7 +264,7 @@ impl Committer<'_> {
             }
         }
         failpoint_after_commit();
-        let paths: Vec<String> = flush.files.iter().map(|f| f.path.clone()).collect();
+        let paths: Vec<String> = files.iter().map(|f| f.path.clone()).collect();
         let mut tries = Attempts::new(retry);
         loop {
             let step = async {
@@ -277,8 +303,8 @@ impl Committer<'_> {
         Ok(true)
     }
 
-    async fn recorded(&self, flush: &Flush) -> bool {
-        let paths: Vec<String> = flush.files.iter().map(|f| f.path.clone()).collect();
+    async fn recorded(&self, files: &[crate::sink::WrittenFile]) -> bool {
+        let paths: Vec<String> = files.iter().map(|f| f.path.clone()).collect();
         self.store
             .committed_among(&paths)
             .await

@@ -282,9 +282,16 @@ async fn refuse_lost_store(
     archive: &ParquetArchiveSink,
 ) -> Result<(), Error> {
     if !store.load_offsets(topic).await?.is_empty() {
-        return Ok(());
+        return refuse_store_behind(topic, store, archive).await;
     }
-    match archive.any_file_of(topic).await? {
+    let example = match archive.any_file_of(topic).await? {
+        Some(f) => Some(f),
+        None => match archive.manifest_partitions(topic).await?.first() {
+            Some(p) => archive.manifest_beyond(topic, *p, None).await?,
+            None => None,
+        },
+    };
+    match example {
         None => Ok(()),
         Some(example) => Err(crate::source::SourceError::StoreLost {
             topic: topic.to_string(),
@@ -294,6 +301,38 @@ async fn refuse_lost_store(
         }
         .into()),
     }
+}
+
+/// A visible manifest entry of a partition at or beyond the store's
+/// archive position is a commit the store does not hold. An entry found is
+/// checked against a second read of the position: a live writer may have
+/// committed it (store first, then the entry) since the first.
+async fn refuse_store_behind(
+    topic: &str,
+    store: &ServingStore,
+    archive: &ParquetArchiveSink,
+) -> Result<(), Error> {
+    let positions = store.archive_positions(topic).await?;
+    for p in archive.manifest_partitions(topic).await? {
+        let at = positions.get(&p).copied();
+        let Some(entry) = archive.manifest_beyond(topic, p, at).await? else {
+            continue;
+        };
+        let now = store.archive_positions(topic).await?.get(&p).copied();
+        if now != at && archive.manifest_beyond(topic, p, now).await?.is_none() {
+            continue;
+        }
+        return Err(crate::source::SourceError::StoreBehind {
+            topic: topic.to_string(),
+            partition: p,
+            store: crate::sink::serving::redact(store.url()),
+            archive: archive.describe(),
+            position: now,
+            entry,
+        }
+        .into());
+    }
+    Ok(())
 }
 
 /// What `tally run` commits each batch with.

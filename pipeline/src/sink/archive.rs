@@ -51,6 +51,8 @@ const PART_BYTES: usize = 16 << 20;
 pub enum FileKind {
     Raw,
     DeadLetter,
+    /// The archive's own record of a commit (`archive/manifest.rs`).
+    Manifest,
 }
 
 impl FileKind {
@@ -58,6 +60,7 @@ impl FileKind {
         match self {
             FileKind::Raw => "raw",
             FileKind::DeadLetter => "dlq",
+            FileKind::Manifest => "manifest",
         }
     }
 }
@@ -308,7 +311,7 @@ impl ParquetArchiveSink {
         only.events = only.events.slice(0, 0);
         only.row_partitions.clear();
         only.row_offsets.clear();
-        self.write_batch(&only).await
+        self.write_files(&only, false).await
     }
 
     /// Encode and write every file of a batch under its staging name: it
@@ -317,6 +320,10 @@ impl ParquetArchiveSink {
     /// rename; on error, already written files of this batch are returned to
     /// the caller through [`Self::delete`] on retry (names are deterministic).
     pub(crate) async fn write_batch(&self, batch: &Batch) -> Result<Vec<WrittenFile>, SinkError> {
+        self.write_files(batch, true).await
+    }
+
+    async fn write_files(&self, batch: &Batch, raw: bool) -> Result<Vec<WrittenFile>, SinkError> {
         let encoded = {
             let this = self.clone();
             let batch = batch.clone();
@@ -327,7 +334,41 @@ impl ParquetArchiveSink {
                     message: e.to_string(),
                 })??
         };
-        let mut written = Vec::with_capacity(encoded.len());
+        let mut written = Vec::with_capacity(encoded.len() + batch.partitions.len());
+        // Each partition's raw files are named by a manifest entry (renamed
+        // first), also when all its messages were dead letters: the entries'
+        // offset ranges follow each other.
+        let manifested = if raw {
+            &batch.partitions
+        } else {
+            &BTreeMap::new()
+        };
+        for (p, range) in manifested {
+            let raw: Vec<WrittenFile> = encoded
+                .iter()
+                .filter(|(f, _)| f.partition == *p && f.kind == FileKind::Raw)
+                .map(|(f, _)| f.clone())
+                .collect();
+            let origins = batch.origins.as_ref().map(|o| manifest::ManifestOrigins {
+                topic: o.topic.clone(),
+                rows: o
+                    .rows
+                    .iter()
+                    .zip(&batch.row_partitions)
+                    .filter(|(_, rp)| *rp == p)
+                    .map(|(r, _)| *r)
+                    .collect(),
+            });
+            let entry = manifest::ManifestEntry::new(
+                &batch.topic,
+                *p,
+                range.first,
+                range.last,
+                &raw,
+                origins,
+            );
+            written.push(self.stage_manifest(&entry).await?);
+        }
         for (file, bytes) in encoded {
             self.put_staged(&file.path, bytes).await?;
             written.push(file);
@@ -593,6 +634,7 @@ fn dead_letter_batch(
 }
 
 mod cleanup;
+pub(crate) mod manifest;
 mod open;
 #[cfg(test)]
 mod tests;

@@ -54,15 +54,33 @@ pub enum SourceError {
         "the serving store ({store}) holds no offsets for topic `{topic}`, but the archive ({archive}) already holds its files \
          (for example {example}): the serving store was deleted, replaced or is not the one this archive belongs to. \
          Starting would read the topic again from `auto.offset.reset` or Kafka's group offset, counting part of its history \
-         twice or not at all. Nothing was changed. Fix: point serving.url at the store this archive belongs to, or restore it \
-         from a backup; to start over on purpose, move the archive's `raw/` and `dlq/` files of `{topic}` out of \
-         storage.archive_url first (docs/operations.md, \"Recovery\")"
+         twice or not at all. Nothing was changed. Fix: point serving.url at the store this archive belongs to; or recreate \
+         the store from the archive with `tally rebuild` (docs/operations.md, \"Rebuild the serving store\"); to start over \
+         on purpose, move the archive's `raw/`, `dlq/` and `_tally/` files of `{topic}` out of storage.archive_url first"
     )]
     StoreLost {
         topic: String,
         store: String,
         archive: String,
         example: String,
+    },
+    /// The archive's manifest holds commits the serving store does not
+    /// (the store restored from an older backup, or another store).
+    #[error(
+        "topic `{topic}` partition {partition}: the archive ({archive}) holds files committed beyond the serving store's \
+         ({store}) archive position {} (for example {entry}): the serving store is older than its archive (restored \
+         from a backup?) or belongs to another archive. Starting would count those events again and write them twice. \
+         Nothing was changed. Fix: recreate the store from the archive with `tally rebuild` into an empty store \
+         (docs/operations.md, \"Rebuild the serving store\"), or point serving.url at the store this archive belongs to",
+        position.map_or_else(|| "(none)".to_string(), |n| n.to_string())
+    )]
+    StoreBehind {
+        topic: String,
+        partition: i32,
+        store: String,
+        archive: String,
+        position: Option<i64>,
+        entry: String,
     },
     /// A stored next offset above the partition's end: the topic was
     /// deleted and created again, or its offsets were reset.
@@ -86,7 +104,9 @@ impl SourceError {
     pub fn kind(&self) -> ErrorKind {
         match self {
             SourceError::Create(_) | SourceError::Subscribe { .. } => ErrorKind::User,
-            SourceError::StoreLost { .. } | SourceError::OffsetBeyondEnd { .. } => ErrorKind::User,
+            SourceError::StoreLost { .. }
+            | SourceError::StoreBehind { .. }
+            | SourceError::OffsetBeyondEnd { .. } => ErrorKind::User,
             SourceError::Thread(_) => ErrorKind::Internal,
             SourceError::Broker(_) => ErrorKind::External,
             SourceError::NotFound(_) => ErrorKind::User,
@@ -98,6 +118,7 @@ impl SourceError {
             | SourceError::Subscribe { .. }
             | SourceError::Thread(_)
             | SourceError::StoreLost { .. }
+            | SourceError::StoreBehind { .. }
             | SourceError::OffsetBeyondEnd { .. }
             | SourceError::NotFound(_) => RetryHint::NoRetry,
             SourceError::Broker(_) => RetryHint::WithBackoff,

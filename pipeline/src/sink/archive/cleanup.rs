@@ -131,6 +131,7 @@ impl ParquetArchiveSink {
             }
         }
         check_candidates(&mut candidates, record, &mut doomed).await?;
+        let doomed = self.without_manifested(doomed).await?;
         if !doomed.is_empty() {
             tracing::warn!(
                 files = doomed.len(),
@@ -273,6 +274,8 @@ impl ParquetArchiveSink {
         record: &impl CommittedFiles,
     ) -> Result<usize, SinkError> {
         let mut staged: Vec<(String, String)> = Vec::new();
+        let entries = super::manifest::partition_dir(topic, partition);
+        let entries = entries.trim_end_matches('/');
         for dir in dirs {
             let listing = match self
                 .store
@@ -292,9 +295,17 @@ impl ParquetArchiveSink {
                 let Some(name) = meta.location.filename() else {
                     continue;
                 };
-                let dead = parse_file_name(name).is_some_and(|(t, p, first, _, hidden)| {
-                    hidden && t == topic && p == partition && first < position
-                });
+                let dead = if dir == entries {
+                    // The partition's staged manifest entries: `.<first>-<last>-w<writer>.json.inprogress`.
+                    name.strip_prefix('.')
+                        .filter(|n| n.ends_with(".json.inprogress"))
+                        .and_then(|n| n.split('-').next()?.parse::<i64>().ok())
+                        .is_some_and(|first| first < position)
+                } else {
+                    parse_file_name(name).is_some_and(|(t, p, first, _, hidden)| {
+                        hidden && t == topic && p == partition && first < position
+                    })
+                };
                 let final_name = name
                     .strip_prefix('.')
                     .and_then(|n| n.strip_suffix(".inprogress"));
@@ -433,6 +444,7 @@ impl ParquetArchiveSink {
                 }
             }
         }
+        let mut doomed = self.without_manifested(doomed).await?;
         if !doomed.is_empty() {
             tracing::warn!(
                 files = doomed.len(),

@@ -17,6 +17,7 @@ mod archive_record;
 mod pg_archive;
 mod postgres;
 pub(crate) mod reads;
+pub(crate) mod restore;
 mod schema;
 mod sqlite;
 #[cfg(test)]

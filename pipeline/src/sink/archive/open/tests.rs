@@ -271,17 +271,46 @@ async fn a_committed_flush_removes_what_dead_flushes_staged_in_its_hours() {
     let pending = staged(0, 100, 199, "live");
     let at_position = staged(0, 200, 250, "zombie");
     let other_partition = staged(1, 100, 180, "dead");
-    let record = Recorded([format!("{hour}/{}", file_name("t", 0, 100, 199, "live"))].into());
+    // The partition's staged manifest entries, the same way.
+    let entries = crate::sink::archive::manifest::partition_dir("t", 0);
+    let entries = entries.trim_end_matches('/').to_string();
+    std::fs::create_dir_all(dir.path().join(&entries)).unwrap();
+    let entry = |first: i64, last: i64, w: &str| {
+        let path = crate::sink::archive::manifest::entry_path("t", 0, first, last, w);
+        let staged = staging_path(&path);
+        std::fs::write(dir.path().join(&staged), b"{}").unwrap();
+        (path, staged)
+    };
+    let (_, dead_entry) = entry(100, 180, "dead");
+    let (live_entry, pending_entry) = entry(100, 199, "live");
+    let (_, zombie_entry) = entry(200, 250, "zombie");
+    let record = Recorded(
+        [
+            format!("{hour}/{}", file_name("t", 0, 100, 199, "live")),
+            live_entry,
+        ]
+        .into(),
+    );
     let n = sink
-        .remove_dead_staged_in(std::slice::from_ref(&hour), "t", 0, 200, &record)
+        .remove_dead_staged_in(&[hour.clone(), entries], "t", 0, 200, &record)
         .await
         .unwrap();
-    assert_eq!(n, 1);
+    assert_eq!(n, 2);
     assert!(
         !dir.path().join(&dead).exists(),
         "a dead flush's staged file is removed"
     );
-    for kept in [pending, at_position, other_partition] {
+    assert!(
+        !dir.path().join(&dead_entry).exists(),
+        "a dead flush's staged manifest entry is removed"
+    );
+    for kept in [
+        pending,
+        at_position,
+        other_partition,
+        pending_entry,
+        zombie_entry,
+    ] {
         assert!(dir.path().join(&kept).exists(), "{kept} is kept");
     }
 }
