@@ -1,4 +1,4 @@
-//! Command line: `tally run | serve | check | produce | verify | backfill | export | replay | report | offsets | rebuild | topic | dlq`.
+//! Command line: `tally run | serve | check | produce | verify | backfill | export | replay | report | offsets | rebuild | compact | topic | dlq`.
 //! The measurement tools (`tally-bench`) live in the `tools/` crate.
 #![allow(clippy::print_stdout)]
 
@@ -86,6 +86,14 @@ pub enum Command {
     /// from the archive alone, into an empty store: after losing the store,
     /// or to move from SQLite to PostgreSQL.
     Rebuild,
+    /// Rewrite the small raw files an older tally wrote (a file per batch)
+    /// into files of the current layout, named by the archive's manifest
+    /// (safe while `tally run` is live; one compaction at a time).
+    Compact {
+        /// Only files of whole event hours before this time (RFC 3339).
+        #[arg(long, value_parser = parse_rfc3339)]
+        before: i64,
+    },
     /// The dead-letter dataset: send dead letters back through the pipeline.
     Dlq {
         #[command(subcommand)]
@@ -341,6 +349,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => rt.block_on(report_monthly(settings, a)),
         Command::Offsets { command } => rt.block_on(offsets(settings, command)),
         Command::Rebuild => rt.block_on(archive::rebuild(settings)),
+        Command::Compact { before } => rt.block_on(archive::compact(settings, before)),
         Command::Topic {
             command: TopicCommand::Create { partitions },
         } => rt.block_on(topic_create(settings, partitions)),

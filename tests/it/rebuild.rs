@@ -267,3 +267,112 @@ async fn a_store_rebuilt_from_the_archive_answers_as_before_and_run_continues_ex
     verify_outputs_but_late(&data, &pg.path(), &topic, &all, late_before).await;
     report_faults(&[("store_rebuilt", 2), ("stale_store_refused", 1)]);
 }
+
+/// An archive written before the manifest (issue #24, item 7): files
+/// recorded one by one, no entries, several per partition and hour (what an
+/// older tally left; made here by removing a run's entries). `tally compact`
+/// rewrites it through a crash at each of its steps; afterwards the counts,
+/// the raw glob and the records are exact, every (partition, hour) has one
+/// file, and the archive stands alone: the store is lost and rebuilt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compact_rewrites_an_archive_from_before_the_manifest_through_crashes() {
+    let dir = test_dir();
+    let broker = Broker::start(dir.path());
+    let topic = unique("compact");
+    broker.create_topic(&topic, 2).await;
+    let now = chrono::Utc::now().timestamp_millis();
+    let data = dir.path().join("data");
+    let env = TallyEnv::new(&broker.bootstrap(), &topic, &unique("g"), &data);
+    let db = data.join("serving.db");
+    // Three waves, each archived before the next: several files per hour.
+    let mut all = Vec::new();
+    let mut tally = Tally::start(&env);
+    for seed in [261, 262, 263] {
+        let wave = dataset(seed, 700, now);
+        produce(&broker.bootstrap(), &topic, &wave).await;
+        all.extend(wave);
+        wait_committed(
+            &db,
+            &topic,
+            &broker.end_offsets(&topic, 2),
+            Duration::from_secs(90),
+            &mut tally,
+        )
+        .await;
+    }
+    assert!(tally.stop().success());
+
+    // As an older tally left it: no manifest.
+    std::fs::remove_dir_all(data.join("_tally")).unwrap();
+    {
+        use sqlx::Connection;
+        let mut c = sqlx::SqliteConnection::connect(&format!("sqlite://{}", db.display()))
+            .await
+            .unwrap();
+        sqlx::query("DELETE FROM tally_files WHERE kind = 'manifest'")
+            .execute(&mut c)
+            .await
+            .unwrap();
+        c.close().await.unwrap();
+    }
+    let raw = data.join("raw/events");
+    let hours: std::collections::BTreeSet<(String, String)> = files_under(&raw)
+        .iter()
+        .map(|f| {
+            let name = f.file_name().unwrap().to_string_lossy().to_string();
+            let partition = name.split("-p").nth(1).unwrap()[..5].to_string();
+            (f.parent().unwrap().display().to_string(), partition)
+        })
+        .collect();
+    let old = files_under(&raw).len();
+    assert!(
+        old > hours.len(),
+        "several files per partition and hour: {old} for {}",
+        hours.len()
+    );
+    let (ok, out) = job(&env, &["rebuild"]);
+    assert!(!ok, "a store exists: {out}");
+
+    // Compaction, killed after staging, then after its commit, then whole.
+    let before = rfc3339(now + 2 * 3_600_000);
+    for failpoint in ["after_compaction_stage", "after_compaction_commit"] {
+        let mut crashing = TallyEnv::new(&broker.bootstrap(), &topic, &unique("g"), &data);
+        crashing.set("TALLY_FAILPOINT", failpoint);
+        let (ok, out) = job(&crashing, &["compact", "--before", &before]);
+        assert!(!ok, "{failpoint} did not abort: {out}");
+    }
+    let (ok, out) = job(&env, &["compact", "--before", &before]);
+    assert!(ok, "{out}");
+    assert!(out.contains("interrupted compaction"), "{out}");
+    let (ok, out) = job(&env, &["compact", "--before", &before]);
+    assert!(
+        ok && out.contains("0 old files"),
+        "a second compaction has nothing to do: {out}"
+    );
+
+    assert_eq!(
+        files_under(&raw).len(),
+        hours.len(),
+        "one file per partition and hour"
+    );
+    verify_outputs_but_late(&data, &db, &topic, &all, 0).await;
+    let (ok, out) = job(
+        &env,
+        &[
+            "verify",
+            "--from",
+            &rfc3339(now - 86_400_000 * 2),
+            "--to",
+            &rfc3339(now + 86_400_000),
+        ],
+    );
+    assert!(ok, "no drift after compaction: {out}");
+
+    // The archive now stands alone.
+    let compacted = state(&db).await;
+    remove_sqlite(&db);
+    let (ok, out) = job(&env, &["rebuild"]);
+    assert!(ok, "{out}");
+    assert_eq!(state(&db).await, compacted);
+    report_faults(&[("compaction_killed", 2)]);
+}

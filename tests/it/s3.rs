@@ -175,10 +175,30 @@ async fn s3_archive_is_exact_across_sigkills_and_a_crash_mid_multipart_upload() 
         "raw files in S3: {keys:?}"
     );
     assert!(
-        keys.iter()
-            .all(|k| k.starts_with("raw/events/dt=") || k.starts_with("dlq/dt=")),
+        keys.iter().all(|k| k.starts_with("raw/events/dt=")
+            || k.starts_with("dlq/dt=")
+            || k.starts_with("_tally/manifest/")),
         "only archive files in the prefix: {keys:?}"
     );
+    // Every raw object is named by a manifest entry in the bucket.
+    for k in keys.iter().filter(|k| k.starts_with("raw/events/dt=")) {
+        let name = k
+            .rsplit('/')
+            .next()
+            .unwrap()
+            .strip_suffix(".parquet")
+            .unwrap();
+        let (head, writer) = name.rsplit_once("-w").unwrap();
+        let mut parts = head.rsplitn(4, '-');
+        let (last, first, partition, topic) = (
+            parts.next().unwrap(),
+            parts.next().unwrap(),
+            parts.next().unwrap(),
+            parts.next().unwrap(),
+        );
+        let entry = format!("_tally/manifest/{topic}/{partition}/{first}-{last}-w{writer}.json");
+        assert!(keys.contains(&entry), "{k} is named by no entry ({entry})");
+    }
     assert!(
         !data.join("raw").exists(),
         "nothing archived to the local data_dir"

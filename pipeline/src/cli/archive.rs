@@ -1,4 +1,4 @@
-//! The archive's maintenance commands: `tally rebuild`.
+//! The archive's maintenance commands: `tally rebuild`, `tally compact`.
 
 use std::process::ExitCode;
 
@@ -39,6 +39,29 @@ pub(super) async fn rebuild(settings: Settings) -> anyhow::Result<ExitCode> {
         r.dead_letters,
         r.rollup_rows,
         r.seconds
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+pub(super) async fn compact(settings: Settings, before: i64) -> anyhow::Result<ExitCode> {
+    let r = crate::jobs::compact::compact(&settings, before)
+        .await
+        .context("tally compact failed")?;
+    if r.recovered > 0 {
+        println!(
+            "{} files an interrupted compaction left were finished",
+            r.recovered
+        );
+    }
+    if r.skipped > 0 {
+        println!(
+            "{} runs of files were left as they were: one of their files changed meanwhile (retention?); run again",
+            r.skipped
+        );
+    }
+    println!(
+        "{} old files ({} bytes) rewritten as {} files ({} bytes) holding {} events, in {:.1} s",
+        r.old_files, r.bytes_before, r.new_files, r.bytes_after, r.events, r.seconds
     );
     Ok(ExitCode::SUCCESS)
 }

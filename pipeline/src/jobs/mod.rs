@@ -1,6 +1,7 @@
 //! CLI jobs built from the pipeline's stages.
 
 pub mod backfill;
+pub mod compact;
 pub mod dlq;
 pub mod export;
 pub mod offsets;

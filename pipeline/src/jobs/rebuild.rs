@@ -26,7 +26,7 @@ use crate::error::usage;
 use crate::sink::archive::manifest::ManifestEntry;
 use crate::sink::archive::{parse_file_name, FileKind, DLQ_PREFIX, RAW_PREFIX};
 use crate::sink::serving::restore::Restore;
-use crate::sink::{ParquetArchiveSink, WrittenFile};
+use crate::sink::WrittenFile;
 
 const HOUR_MS: i64 = 3_600_000;
 
@@ -89,15 +89,7 @@ struct Plan {
     gaps: Vec<String>,
 }
 
-/// The event hour (epoch ms) of a raw path `raw/events/dt=YYYY-MM-DD/hour=HH/…`.
-fn hour_of(path: &str) -> Option<i64> {
-    let rest = path.strip_prefix(RAW_PREFIX)?.strip_prefix("/dt=")?;
-    let (day, rest) = rest.split_once("/hour=")?;
-    let hour: i64 = rest.get(..2)?.parse().ok()?;
-    let date = chrono::NaiveDate::parse_from_str(day, "%Y-%m-%d").ok()?;
-    let midnight = date.and_hms_opt(0, 0, 0)?.and_utc().timestamp_millis();
-    Some(midnight + hour * HOUR_MS)
-}
+use crate::sink::archive::raw_hour as hour_of;
 
 fn plan(
     entries: &[(String, ManifestEntry)],
@@ -239,13 +231,7 @@ pub async fn rebuild(settings: &Settings) -> Result<RebuildReport, crate::Error>
              serving.url (or TALLY__SERVING__URL) at a new store"
         )));
     }
-    let location = crate::sink::ArchiveLocation::open(&settings.storage)?;
-    let archive = ParquetArchiveSink::open(
-        &location,
-        schema.time_index,
-        settings.storage.zstd_level,
-        settings.storage.multipart_threshold.0,
-    )?;
+    let archive = crate::pipeline::Stages::archive(settings, &schema)?;
     let mut progress = super::Progress::new("rebuild", 5);
     let entries = archive.manifest_entries().await?;
     let raw = Listing::of(archive.list_all(RAW_PREFIX).await?);

@@ -102,17 +102,25 @@ impl Stages {
         .with_direct_rows(settings.serving.sqlite_direct_rows))
     }
 
-    /// Everything `tally run` and `tally replay` use.
-    pub(crate) async fn build(settings: Settings) -> Result<Stages, Error> {
-        let (schema, catalog) = Stages::definitions(&settings).await?;
-        let store = Stages::open_store(&settings, &catalog).await?;
+    /// The archive of `storage.archive_url`.
+    pub(crate) fn archive(
+        settings: &Settings,
+        schema: &EventSchema,
+    ) -> Result<ParquetArchiveSink, Error> {
         let location = ArchiveLocation::open(&settings.storage)?;
-        let archive = ParquetArchiveSink::open(
+        Ok(ParquetArchiveSink::open(
             &location,
             schema.time_index,
             settings.storage.zstd_level,
             settings.storage.multipart_threshold.0,
-        )?;
+        )?)
+    }
+
+    /// Everything `tally run` and `tally replay` use.
+    pub(crate) async fn build(settings: Settings) -> Result<Stages, Error> {
+        let (schema, catalog) = Stages::definitions(&settings).await?;
+        let store = Stages::open_store(&settings, &catalog).await?;
+        let archive = Stages::archive(&settings, &schema)?;
         Ok(Stages {
             settings,
             schema,
@@ -287,7 +295,11 @@ async fn refuse_lost_store(
     let example = match archive.any_file_of(topic).await? {
         Some(f) => Some(f),
         None => match archive.manifest_partitions(topic).await?.first() {
-            Some(p) => archive.manifest_beyond(topic, *p, None).await?,
+            Some(p) => archive
+                .manifest_beyond(topic, *p, None)
+                .await?
+                .into_iter()
+                .next(),
             None => None,
         },
     };
@@ -304,9 +316,10 @@ async fn refuse_lost_store(
 }
 
 /// A visible manifest entry of a partition at or beyond the store's
-/// archive position is a commit the store does not hold. An entry found is
-/// checked against a second read of the position: a live writer may have
-/// committed it (store first, then the entry) since the first.
+/// archive position that the store does not record is a commit the store
+/// does not hold (a store restored from a backup). Entries the store
+/// records are its own: an `offsets reset` moved the position back over
+/// them. A live writer records an entry before it is visible, so no race.
 async fn refuse_store_behind(
     topic: &str,
     store: &ServingStore,
@@ -315,19 +328,20 @@ async fn refuse_store_behind(
     let positions = store.archive_positions(topic).await?;
     for p in archive.manifest_partitions(topic).await? {
         let at = positions.get(&p).copied();
-        let Some(entry) = archive.manifest_beyond(topic, p, at).await? else {
-            continue;
-        };
-        let now = store.archive_positions(topic).await?.get(&p).copied();
-        if now != at && archive.manifest_beyond(topic, p, now).await?.is_none() {
+        let beyond = archive.manifest_beyond(topic, p, at).await?;
+        if beyond.is_empty() {
             continue;
         }
+        let known = store.committed_among(&beyond).await?;
+        let Some(entry) = beyond.into_iter().find(|e| !known.contains(e)) else {
+            continue;
+        };
         return Err(crate::source::SourceError::StoreBehind {
             topic: topic.to_string(),
             partition: p,
             store: crate::sink::serving::redact(store.url()),
             archive: archive.describe(),
-            position: now,
+            position: at,
             entry,
         }
         .into());

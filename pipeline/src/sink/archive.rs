@@ -220,6 +220,16 @@ pub(crate) fn raw_path_range(lo_ms: i64, hi_ms: i64) -> (String, String) {
     (prefix(first), prefix(end))
 }
 
+/// The event hour (epoch ms) of a raw path `raw/events/dt=YYYY-MM-DD/hour=HH/…`.
+pub(crate) fn raw_hour(path: &str) -> Option<i64> {
+    let rest = path.strip_prefix(RAW_PREFIX)?.strip_prefix("/dt=")?;
+    let (day, rest) = rest.split_once("/hour=")?;
+    let hour: i64 = rest.get(..2)?.parse().ok()?;
+    let date = chrono::NaiveDate::parse_from_str(day, "%Y-%m-%d").ok()?;
+    let midnight = date.and_hms_opt(0, 0, 0)?.and_utc().timestamp_millis();
+    Some(midnight + hour * 3_600_000)
+}
+
 fn ymd_h(ms: i64) -> (String, String) {
     let t = Utc.timestamp_millis_opt(ms).single().unwrap_or_default();
     (t.format("%Y-%m-%d").to_string(), t.format("%H").to_string())

@@ -148,12 +148,21 @@ impl ParquetArchiveSink {
         &self,
         entry: &ManifestEntry,
     ) -> Result<WrittenFile, SinkError> {
+        self.stage_manifest_as(entry, &self.writer).await
+    }
+
+    /// [`Self::stage_manifest`] under the writer token `token`.
+    pub(crate) async fn stage_manifest_as(
+        &self,
+        entry: &ManifestEntry,
+        token: &str,
+    ) -> Result<WrittenFile, SinkError> {
         let path = entry_path(
             &entry.topic,
             entry.partition,
             entry.first_offset,
             entry.last_offset,
-            &self.writer,
+            token,
         );
         let bytes = serde_json::to_vec_pretty(entry).map_err(|e| SinkError::Encode {
             path: path.clone(),
@@ -170,6 +179,35 @@ impl ParquetArchiveSink {
         };
         self.put_staged(&path, bytes).await?;
         Ok(file)
+    }
+
+    /// This process's token in file names.
+    pub(crate) fn writer_token(&self) -> &str {
+        &self.writer
+    }
+
+    /// `batches` as one Parquet file under `path`'s staging name; its bytes.
+    pub(crate) async fn stage_batches(
+        &self,
+        path: &str,
+        schema: datafusion::arrow::datatypes::SchemaRef,
+        batches: &[datafusion::arrow::record_batch::RecordBatch],
+    ) -> Result<u64, SinkError> {
+        let err = |e: parquet::errors::ParquetError| SinkError::Encode {
+            path: path.to_string(),
+            message: e.to_string(),
+        };
+        let mut buf = Vec::new();
+        let mut w =
+            parquet::arrow::ArrowWriter::try_new(&mut buf, schema, Some(self.props.clone()))
+                .map_err(err)?;
+        for b in batches {
+            w.write(b).map_err(err)?;
+        }
+        w.close().map_err(err)?;
+        let n = buf.len() as u64;
+        self.put_staged(path, buf).await?;
+        Ok(n)
     }
 
     /// Whether a visible manifest entry names the raw file `path`.
@@ -258,15 +296,14 @@ impl ParquetArchiveSink {
         Ok(out)
     }
 
-    /// A visible manifest entry of `topic`'s `partition` starting at or
-    /// after `from` (the store's archive position): the archive holds
-    /// files the store does not know of. `from` `None`: any entry.
+    /// The visible manifest entries of `topic`'s `partition` starting at or
+    /// after `from` (the store's archive position; `None`: all of them).
     pub(crate) async fn manifest_beyond(
         &self,
         topic: &str,
         partition: i32,
         from: Option<i64>,
-    ) -> Result<Option<String>, SinkError> {
+    ) -> Result<Vec<String>, SinkError> {
         use futures::StreamExt;
         let dir = partition_dir(topic, partition);
         let prefix = ObjectPath::from(dir.as_str());
@@ -278,6 +315,7 @@ impl ParquetArchiveSink {
                 .list_with_offset(Some(&prefix), &ObjectPath::from(format!("{dir}{:020}", n))),
             None => self.store.list(Some(&prefix)),
         };
+        let mut out = Vec::new();
         while let Some(meta) = list.next().await {
             let meta = match meta {
                 Ok(m) => m,
@@ -294,10 +332,10 @@ impl ParquetArchiveSink {
             };
             let first = name.split('-').next().and_then(|f| f.parse::<i64>().ok());
             if name.ends_with(".json") && first.is_some_and(|f| from.is_none_or(|n| f >= n)) {
-                return Ok(Some(meta.location.to_string()));
+                out.push(meta.location.to_string());
             }
         }
-        Ok(None)
+        Ok(out)
     }
 
     /// Every object under `prefix`: (path, size), hidden ones included.

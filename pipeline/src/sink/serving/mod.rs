@@ -14,6 +14,7 @@
 //! 4. advances the offsets and the counters.
 
 mod archive_record;
+pub(crate) mod compaction;
 mod pg_archive;
 mod postgres;
 pub(crate) mod reads;
