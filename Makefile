@@ -7,7 +7,7 @@ TANSU_VERSION := 0.6.0
 BROKER_PORT ?= 9092
 export TANSU_BIN := $(TANSU)
 
-.PHONY: help all build release tansu postgres moto broker run test soak unit lint fmt bench bench-smoke bench-api bench-archive report-demo clean
+.PHONY: help all build release tansu postgres moto broker run test soak unit lint fmt bench bench-smoke bench-api bench-archive bench-rebuild report-demo clean
 
 ## help: list the targets.
 help:
@@ -101,6 +101,10 @@ bench-smoke: $(TANSU) postgres
 ## (ARCHIVE_DAY_EVENTS per day): bookkeeping cost must not grow with the archive's age.
 bench-archive: release
 	scripts/bench-archive-age.sh
+
+## bench-rebuild: `tally rebuild` of a 2 M-event archive and `tally compact` of it in small files, no broker
+bench-rebuild: release
+	scripts/bench-rebuild.sh
 
 ## bench-api: open-loop latency of /v1/count and /v1/stats, idle and under ingest.
 bench-api: $(TANSU) release

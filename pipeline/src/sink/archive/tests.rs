@@ -109,6 +109,10 @@ async fn dead_files_are_found_in_the_scope_swept() {
     );
     let dead_undated = put(&format!("{RAW_PREFIX}/backfill/{}", name("t", 0, 500)), 0);
     let dead_letters = put(&format!("{DLQ_PREFIX}/dt={today}/{}", name("t", 0, 600)), 0);
+    // Unrecorded but named by a visible manifest entry (a store behind its
+    // archive): kept.
+    let manifested = put(&format!("{recent_raw}/{}", name("t", 0, 700)), 0);
+    let entry = put(&super::manifest::entry_path("t", 0, 700, 709, "1"), 0);
     let many: Vec<String> = (0..1_100)
         .map(|i| put(&format!("{recent_raw}/{}", name("t", 1, i * 10)), 0))
         .collect();
@@ -141,7 +145,14 @@ async fn dead_files_are_found_in_the_scope_swept() {
         .await
         .unwrap();
     assert_eq!(sorted(removed), sorted(vec![dead_old, dead_in_old_dir]));
-    for kept in [recorded, beyond, other_topic, in_progress] {
+    for kept in [
+        recorded,
+        beyond,
+        other_topic,
+        in_progress,
+        manifested,
+        entry,
+    ] {
         assert!(dir.path().join(&kept).exists(), "{kept} was removed");
     }
     assert!(archive
