@@ -55,6 +55,8 @@ pub struct RollupColumn {
     pub kind: ColumnKind,
     /// `None` for key columns.
     pub merge: Option<MergeRule>,
+    /// The aggregate function of a measure (`count`, `sum`, `min`, `max`).
+    pub aggregate: Option<String>,
     /// Source type was a timestamp (stored as epoch ms).
     pub timestamp: bool,
 }
@@ -338,8 +340,8 @@ fn split_columns(
     refuse: &Refuse<'_>,
 ) -> Result<
     (
-        Vec<(String, Option<MergeRule>)>,
-        Vec<(String, Option<MergeRule>)>,
+        Vec<(String, Option<(MergeRule, String)>)>,
+        Vec<(String, Option<(MergeRule, String)>)>,
         (String, i64),
     ),
     AggregateError,
@@ -378,7 +380,11 @@ fn split_columns(
         } else {
             let expr = &aggregate.aggr_expr[*idx - group_len];
             let rule = merge_rule(expr).map_err(|m| refuse(Some(out_name), m))?;
-            columns_measures.push((out_name.clone(), Some(rule)));
+            let function = match strip_alias(expr) {
+                Expr::AggregateFunction(af) => af.func.name().to_ascii_lowercase(),
+                _ => rule.name().to_string(),
+            };
+            columns_measures.push((out_name.clone(), Some((rule, function))));
         }
     }
     // A window in GROUP BY that is not selected cannot be stored.
@@ -414,13 +420,17 @@ fn split_columns(
 /// fields of the rollup's output, checked: storable types, no nullable keys.
 fn typed_columns(
     out_schema: &Schema,
-    named: impl Iterator<Item = (String, Option<MergeRule>)>,
+    named: impl Iterator<Item = (String, Option<(MergeRule, String)>)>,
     window_name: &str,
     refuse: &Refuse<'_>,
 ) -> Result<(Vec<RollupColumn>, Vec<Field>), AggregateError> {
     let mut columns = Vec::new();
     let mut fields = Vec::new();
-    for (i, (col_name, merge)) in named.enumerate() {
+    for (i, (col_name, measure)) in named.enumerate() {
+        let (merge, aggregate) = match measure {
+            Some((rule, function)) => (Some(rule), Some(function)),
+            None => (None, None),
+        };
         let field = out_schema.field(i);
         debug_assert_eq!(field.name(), &col_name);
         let kind = ColumnKind::of(field.data_type()).ok_or_else(|| {
@@ -449,6 +459,7 @@ fn typed_columns(
             name: col_name,
             kind,
             merge,
+            aggregate,
             timestamp,
         });
     }

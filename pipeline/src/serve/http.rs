@@ -88,6 +88,8 @@ pub(crate) fn router(state: Shared) -> Router {
         .route("/v1/stats", get(stats))
         .route("/v1/series", get(series))
         .route("/v1/top", get(top))
+        .route("/v1/rollups", get(rollups::list))
+        .route("/v1/rollups/{name}", get(rollups::query))
         .route(
             "/v1/events",
             post(events).route_layer(from_fn_with_state(state.clone(), ingest_gate)),
@@ -793,9 +795,11 @@ async fn readyz(State(s): State<Shared>) -> Response {
     (status, Json(body)).into_response()
 }
 
-async fn openapi() -> Response {
-    Json(super::openapi::document()).into_response()
+async fn openapi(State(s): State<Shared>) -> Response {
+    Json(super::openapi::document(&s.served)).into_response()
 }
 
+mod rollups;
+pub(crate) use rollups::MAX_ROWS as MAX_ROLLUP_ROWS;
 #[cfg(test)]
 mod tests;

@@ -6,6 +6,7 @@
 //! - [`ingest`]: `POST /v1/events` through the idempotent producer.
 //! - [`http`]: routes, parameters, errors, tokens, limits.
 
+pub(crate) mod generic;
 pub(crate) mod http;
 pub(crate) mod ingest;
 mod openapi;
@@ -64,6 +65,8 @@ impl ServeError {
 pub(crate) struct ApiState {
     pub cfg: ApiConfig,
     pub reader: Reader,
+    /// Every rollup and its family (`GET /v1/rollups`).
+    pub served: generic::Served,
     pub ingest: ingest::Ingest,
     pub decoder: RecordDecoder,
     pub metrics: Arc<Metrics>,
@@ -86,9 +89,11 @@ impl ApiState {
         let tiers = Tiers::from_catalog(&settings.api.rollups, catalog, &settings.retention)?;
         let reader = Reader::open(&settings.serving_url(), 4, tiers, &settings.kafka.topic)?;
         let ingest = ingest::Ingest::new(settings)?;
+        let served = generic::Served::from_catalog(catalog, &settings.retention, reader.pool());
         Ok(Arc::new(ApiState {
             cfg: settings.api.clone(),
             reader,
+            served,
             ingest,
             decoder: RecordDecoder::new(schema.clone(), &settings.decode),
             metrics,

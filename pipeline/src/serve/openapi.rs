@@ -42,7 +42,98 @@ fn get_op(summary: &str, params: Vec<Value>, ok: &str) -> Value {
     json!({"get": {"summary": summary, "parameters": params, "security": [{"read": []}, {}], "responses": responses}})
 }
 
-pub(super) fn document() -> Value {
+fn json_type(k: crate::aggregate::ColumnKind) -> &'static str {
+    match k {
+        crate::aggregate::ColumnKind::Text => "string",
+        crate::aggregate::ColumnKind::Int => "integer",
+        crate::aggregate::ColumnKind::Real => "number",
+    }
+}
+
+/// `GET /v1/rollups/<name>` for one rollup, with its real keys and measures.
+fn rollup_op(r: &super::generic::ServedRollup, family: &[String]) -> Value {
+    let keys: Vec<&str> = r.keys.iter().map(|(n, _)| n.as_str()).collect();
+    let measures: Vec<&str> = r.measures.iter().map(|m| m.name.as_str()).collect();
+    let mut params = vec![time_param("start"), time_param("end")];
+    for (name, kind) in &r.keys {
+        params.push(json!({"name": name, "in": "query", "required": false, "explode": true,
+            "description": format!("Only rows whose `{name}` is one of these (repeat the parameter)."),
+            "schema": {"type": "array", "items": {"type": json_type(*kind)}}}));
+    }
+    params.push(param("group_by", false, "Comma-separated keys: one row per combination (default: one row of totals).",
+        json!({"type": "string", "pattern": format!("^({})(,({}))*$", keys.join("|"), keys.join("|"))})));
+    params.push(param(
+        "granularity",
+        false,
+        "Bucket width (15m, 1h, 1d): a row per non-empty bucket, with `bucket`.",
+        json!({"type": "string"}),
+    ));
+    params.push(param(
+        "order_by",
+        false,
+        "Measure to sort by, descending (top-K with limit).",
+        json!({"type": "string", "enum": measures}),
+    ));
+    params.push(param(
+        "limit",
+        false,
+        "Rows at most (default 1000).",
+        json!({"type": "integer", "minimum": 1, "maximum": super::http::MAX_ROLLUP_ROWS}),
+    ));
+    let mut props = serde_json::Map::new();
+    for (name, kind) in &r.keys {
+        props.insert(name.clone(), json!({"type": json_type(*kind)}));
+    }
+    props.insert(
+        "bucket".into(),
+        json!({"type": "string", "format": "date-time"}),
+    );
+    for m in &r.measures {
+        props.insert(
+            m.name.clone(),
+            json!({"type": [json_type(m.kind), "null"],
+            "description": format!("{}({}) merged by {}", m.function, m.name, m.merge.name())}),
+        );
+    }
+    let mut responses = errors();
+    if let Some(o) = responses.as_object_mut() {
+        o.insert(
+            "200".into(),
+            json!({"description": "{rollup, start, end, rows, truncated, as_of}",
+            "content": {"application/json": {"schema": {"type": "object", "properties": {
+                "rollup": {"type": "string"}, "truncated": {"type": "boolean"},
+                "as_of": {"type": ["string", "null"], "format": "date-time"},
+                "rows": {"type": "array", "items": {"type": "object", "properties": props}}}}}}}),
+        );
+    }
+    json!({"get": {
+        "summary": format!("`{}` ({} windows; answered with its family: {})", r.name,
+            super::tiers::width_name(r.width_ms), family.join(", ")),
+        "parameters": params, "security": [{"read": []}, {}], "responses": responses}})
+}
+
+pub(super) fn document(served: &super::generic::Served) -> Value {
+    let mut doc = base();
+    if let Some(paths) = doc.get_mut("paths").and_then(Value::as_object_mut) {
+        paths.insert(
+            "/v1/rollups".into(),
+            get_op(
+                "Every rollup: keys, window, measures, retention, fingerprint, family",
+                vec![],
+                "{rollups: [{name, file, keys, window, measures, retention, fingerprint, family}]}",
+            ),
+        );
+        for r in &served.rollups {
+            paths.insert(
+                format!("/v1/rollups/{}", r.name),
+                rollup_op(r, &served.family(r).members),
+            );
+        }
+    }
+    doc
+}
+
+fn base() -> Value {
     let video = || id_param("video_id", true, "Video id.");
     let etype = || id_param("event_type", false, "Event type; omitted means all types.");
     json!({

@@ -100,6 +100,21 @@ fn store_err(e: crate::sink::SinkError) -> ServeError {
 }
 
 impl Reader {
+    /// The read connections (the generic rollup queries plan their own statements).
+    pub(crate) fn pool(&self) -> &ReadPool {
+        &self.pool
+    }
+
+    /// Rows of a planned statement, as cells of `kinds`.
+    pub(crate) async fn cells(
+        &self,
+        text: &str,
+        args: Vec<Arg>,
+        kinds: Vec<crate::aggregate::ColumnKind>,
+    ) -> Result<Vec<Vec<crate::sink::serving::Cell>>, ServeError> {
+        self.pool.cells(text, args, kinds).await.map_err(store_err)
+    }
+
     /// Open `connections` read-only connections to the store at `url`
     /// (PostgreSQL: a pool of that size, connected on first use).
     pub(crate) fn open(

@@ -191,6 +191,7 @@ async fn postgres_store_answers_equal_brute_force() {
     let f = fixture(&[("TALLY__SERVING__URL", &url)]).await;
     check_count_and_stats(&f).await;
     check_series_and_top(&f).await;
+    rollups::check_generic(&f).await;
     crate::testing::drop_pg_database(&url).await;
 }
 
@@ -336,3 +337,4 @@ async fn check_series_and_top(f: &Fixture) {
 }
 
 mod requests;
+mod rollups;

@@ -287,9 +287,33 @@ async fn overload_is_an_immediate_503_and_health_stays_open() {
         "/metrics",
         "/livez",
         "/readyz",
+        "/v1/rollups",
+        "/v1/rollups/hour_video_events",
     ] {
         assert!(doc["paths"][path].is_object(), "openapi lacks {path}");
     }
+    // Each rollup's path carries its real keys and measures.
+    let op = &doc["paths"]["/v1/rollups/hour_video_events"]["get"];
+    let names: Vec<&str> = op["parameters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    assert!(
+        names.contains(&"video_id") && names.contains(&"event_type"),
+        "{names:?}"
+    );
+    let order = op["parameters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "order_by")
+        .unwrap();
+    assert!(order["schema"]["enum"]
+        .as_array()
+        .unwrap()
+        .contains(&serde_json::json!("value_max")));
 }
 
 #[tokio::test]

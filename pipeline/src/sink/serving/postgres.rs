@@ -760,6 +760,31 @@ impl PgReads {
         .await
     }
 
+    pub(super) async fn cells(
+        &self,
+        text: &str,
+        args: Vec<Arg>,
+        kinds: &[crate::aggregate::ColumnKind],
+    ) -> Result<Vec<Vec<super::Cell>>, SinkError> {
+        use super::Cell;
+        use crate::aggregate::ColumnKind;
+        self.rows(text, args, "read rollup rows", |r| {
+            let mut out = Vec::with_capacity(kinds.len());
+            for (i, k) in kinds.iter().enumerate() {
+                out.push(
+                    match k {
+                        ColumnKind::Text => r.try_get::<Option<String>, _>(i)?.map(Cell::Text),
+                        ColumnKind::Int => r.try_get::<Option<i64>, _>(i)?.map(Cell::Int),
+                        ColumnKind::Real => r.try_get::<Option<f64>, _>(i)?.map(Cell::Real),
+                    }
+                    .unwrap_or(Cell::Null),
+                );
+            }
+            Ok(out)
+        })
+        .await
+    }
+
     pub(super) async fn as_of_rows(&self, topic: &str) -> Result<PartitionTimes, SinkError> {
         self.rows(
             AS_OF_SQL,

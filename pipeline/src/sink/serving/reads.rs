@@ -8,7 +8,8 @@
 
 use std::collections::BTreeMap;
 
-use super::{complete_up_to, postgres, redact, sqlite, SinkError};
+use super::{complete_up_to, postgres, redact, sqlite, Cell, SinkError};
+use crate::aggregate::ColumnKind;
 
 /// count / sum / value count / min / max over some rows.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
@@ -106,6 +107,20 @@ impl ReadPool {
         match &self.backend {
             Backend::Sqlite(s) => crate::serve::blocking(|| s.counts(text, args)),
             Backend::Postgres(p) => p.counts(text, args).await,
+        }
+    }
+
+    /// A statement whose rows are columns of `kinds` (in order), read as
+    /// cells: a NULL is [`Cell::Null`].
+    pub(crate) async fn cells(
+        &self,
+        text: &str,
+        args: Vec<Arg>,
+        kinds: Vec<ColumnKind>,
+    ) -> Result<Vec<Vec<Cell>>, SinkError> {
+        match &self.backend {
+            Backend::Sqlite(s) => crate::serve::blocking(|| s.cells(text, args, &kinds)),
+            Backend::Postgres(p) => p.cells(text, args, &kinds).await,
         }
     }
 

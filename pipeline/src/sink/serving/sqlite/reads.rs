@@ -11,7 +11,8 @@ use rusqlite::{params_from_iter, types::Value, Connection, OpenFlags};
 
 use super::super::reads::{Arg, Totals};
 use super::super::schema::{PartitionTimes, AS_OF_SQL};
-use super::super::{sq, SinkError};
+use super::super::{sq, Cell, SinkError};
+use crate::aggregate::ColumnKind;
 
 #[derive(Debug)]
 pub(in super::super) struct SqliteReads {
@@ -114,6 +115,32 @@ impl SqliteReads {
             let mut st = c.prepare_cached(text)?;
             let rows = st.query_map(params_from_iter(values(args)), |r| {
                 Ok((r.get(0)?, r.get(1)?))
+            })?;
+            rows.collect()
+        })
+    }
+
+    pub(in super::super) fn cells(
+        &self,
+        text: &str,
+        args: Vec<Arg>,
+        kinds: &[ColumnKind],
+    ) -> Result<Vec<Vec<Cell>>, SinkError> {
+        self.with_conn("read rollup rows", |c| {
+            let mut st = c.prepare_cached(text)?;
+            let rows = st.query_map(params_from_iter(values(args)), |r| {
+                kinds
+                    .iter()
+                    .enumerate()
+                    .map(|(i, k)| {
+                        Ok(match k {
+                            ColumnKind::Text => r.get::<_, Option<String>>(i)?.map(Cell::Text),
+                            ColumnKind::Int => r.get::<_, Option<i64>>(i)?.map(Cell::Int),
+                            ColumnKind::Real => r.get::<_, Option<f64>>(i)?.map(Cell::Real),
+                        }
+                        .unwrap_or(Cell::Null))
+                    })
+                    .collect::<rusqlite::Result<Vec<Cell>>>()
             })?;
             rows.collect()
         })

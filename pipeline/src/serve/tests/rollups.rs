@@ -1,0 +1,256 @@
+//! `GET /v1/rollups` and `GET /v1/rollups/{name}` against brute force over
+//! the fixture's events: totals, filters (IN), group by, granularity,
+//! top-K, and the 400s naming what is valid.
+
+use std::collections::BTreeMap;
+
+use super::*;
+
+const FAMILY: [&str; 3] = [
+    "day_video_events",
+    "hour_video_events",
+    "minute_video_events",
+];
+
+/// (events, value_sum, value_count, value_min, value_max) of `evs`.
+fn totals<'a>(evs: impl Iterator<Item = &'a Ev>) -> (i64, f64, i64, Option<f64>, Option<f64>) {
+    let mut t = (0i64, 0.0, 0i64, None::<f64>, None::<f64>);
+    for e in evs {
+        t.0 += 1;
+        if let Some(v) = e.value {
+            t.1 += v;
+            t.2 += 1;
+            t.3 = Some(t.3.map_or(v, |m| m.min(v)));
+            t.4 = Some(t.4.map_or(v, |m| m.max(v)));
+        }
+    }
+    t
+}
+
+fn row_totals(row: &Value) -> (i64, f64, i64, Option<f64>, Option<f64>) {
+    (
+        row["events"].as_i64().unwrap(),
+        row["value_sum"].as_f64().unwrap(),
+        row["value_count"].as_i64().unwrap(),
+        row["value_min"].as_f64(),
+        row["value_max"].as_f64(),
+    )
+}
+
+pub(super) async fn check_generic(f: &Fixture) {
+    // The listing: every rollup, one family of three tiers.
+    let (st, v) = get(&f.app, "/v1/rollups").await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    let listed = v["rollups"].as_array().unwrap();
+    assert_eq!(listed.len(), 3, "{v}");
+    for r in listed {
+        assert_eq!(r["family"], serde_json::json!(FAMILY), "{r}");
+        let keys: Vec<&str> = r["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|k| k["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(keys, vec!["video_id", "event_type"], "{r}");
+        let kinds: BTreeMap<&str, &str> = r["measures"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| (m["name"].as_str().unwrap(), m["kind"].as_str().unwrap()))
+            .collect();
+        assert_eq!(kinds["events"], "count");
+        assert_eq!(kinds["value_sum"], "sum");
+        assert_eq!(kinds["value_min"], "min");
+        assert_eq!(r["fingerprint"].as_str().unwrap().len(), 16);
+    }
+
+    let mut rng = ChaCha12Rng::seed_from_u64(23);
+    for i in 0..40 {
+        let (s, e) = random_range(&mut rng);
+        let rollup = FAMILY[i % 3];
+        // Totals: one row, from the family's tiers whatever the member asked.
+        let (st, v) = get(&f.app, &format!("/v1/rollups/{rollup}?{}", range_q(s, e))).await;
+        assert_eq!(st, StatusCode::OK, "{v}");
+        let rows = v["rows"].as_array().unwrap();
+        assert_eq!(rows.len(), 1, "{v}");
+        let want = totals(brute(&f.events, None, None, s, e));
+        let got = row_totals(&rows[0]);
+        assert_eq!(
+            (got.0, got.2, got.3, got.4),
+            (want.0, want.2, want.3, want.4),
+            "{rollup} {v}"
+        );
+        assert!((got.1 - want.1).abs() < 1e-6);
+
+        // Two videos (a repeated key is IN), grouped by event type.
+        let (a, b) = (
+            format!("v{}", rng.random_range(0..11)),
+            format!("v{}", rng.random_range(0..11)),
+        );
+        let (st, v) = get(
+            &f.app,
+            &format!(
+                "/v1/rollups/{rollup}?{}&video_id={a}&video_id={b}&group_by=event_type",
+                range_q(s, e)
+            ),
+        )
+        .await;
+        assert_eq!(st, StatusCode::OK, "{v}");
+        let mut want: BTreeMap<&str, i64> = BTreeMap::new();
+        for ev in f
+            .events
+            .iter()
+            .filter(|ev| (ev.video == a || ev.video == b) && ev.t >= s && ev.t < e)
+        {
+            *want.entry(ev.kind).or_default() += 1;
+        }
+        let got: BTreeMap<&str, i64> = v["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                (
+                    r["event_type"].as_str().unwrap(),
+                    r["events"].as_i64().unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(got, want, "{v}");
+    }
+
+    // Hourly buckets of one day, one video.
+    let (s, e) = (NOW - 2 * D, NOW - D);
+    let (st, v) = get(
+        &f.app,
+        &format!(
+            "/v1/rollups/minute_video_events?{}&video_id=v1&granularity=1h",
+            range_q(s, e)
+        ),
+    )
+    .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    let mut want: BTreeMap<String, i64> = BTreeMap::new();
+    for ev in brute(&f.events, Some("v1"), None, s, e) {
+        *want.entry(fmt_time(ev.t - ev.t.rem_euclid(H))).or_default() += 1;
+    }
+    let got: BTreeMap<String, i64> = v["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["bucket"].as_str().unwrap().to_string(),
+                r["events"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(got, want);
+
+    // Top 3 videos by events over three days.
+    let (s, e) = (NOW - 3 * D, NOW);
+    let (st, v) = get(
+        &f.app,
+        &format!(
+            "/v1/rollups/hour_video_events?{}&group_by=video_id&order_by=events&limit=3",
+            range_q(s, e)
+        ),
+    )
+    .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    let mut counts: BTreeMap<&str, i64> = BTreeMap::new();
+    for ev in brute(&f.events, None, None, s, e) {
+        *counts.entry(ev.video.as_str()).or_default() += 1;
+    }
+    let mut want: Vec<(&str, i64)> = counts.into_iter().collect();
+    want.sort_by(|x, y| y.1.cmp(&x.1).then(x.0.cmp(y.0)));
+    want.truncate(3);
+    let got: Vec<(&str, i64)> = v["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["video_id"].as_str().unwrap(),
+                r["events"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(got, want);
+    assert_eq!(v["truncated"], true);
+}
+
+#[tokio::test]
+async fn any_rollup_answers_equal_brute_force() {
+    check_generic(&fixture(&[]).await).await;
+}
+
+#[tokio::test]
+async fn rollup_queries_refuse_what_a_rollup_does_not_have_naming_what_it_has() {
+    let f = fixture(&[]).await;
+    let ok = range_q(NOW - D, NOW);
+    let cases: Vec<(String, &str, &str)> = vec![
+        (
+            format!("/v1/rollups/nope?{ok}"),
+            "unknown_rollup",
+            "hour_video_events",
+        ),
+        (
+            format!("/v1/rollups/hour_video_events?{ok}&country=de"),
+            "unknown_parameter",
+            "video_id, event_type",
+        ),
+        (
+            format!("/v1/rollups/hour_video_events?{ok}&window_start=1"),
+            "unknown_parameter",
+            "`start` and `end`",
+        ),
+        (
+            format!("/v1/rollups/hour_video_events?{ok}&group_by=country"),
+            "invalid_parameter",
+            "video_id, event_type",
+        ),
+        (
+            format!("/v1/rollups/hour_video_events?{ok}&order_by=views"),
+            "invalid_parameter",
+            "events, value_sum",
+        ),
+        (
+            format!("/v1/rollups/hour_video_events?{ok}&limit=0"),
+            "invalid_parameter",
+            "limit",
+        ),
+        (
+            format!("/v1/rollups/hour_video_events?{ok}&granularity=7s"),
+            "invalid_parameter",
+            "granularity",
+        ),
+        (
+            format!("/v1/rollups/hour_video_events?{ok}&granularity=soon"),
+            "invalid_parameter",
+            "granularity",
+        ),
+        (
+            format!("/v1/rollups/hour_video_events?{ok}&limit=1&limit=2"),
+            "invalid_parameter",
+            "more than once",
+        ),
+        (
+            "/v1/rollups/hour_video_events?start=2026-11-27T00:00:30Z&end=2026-11-28T00:00:00Z"
+                .into(),
+            "unaligned_range",
+            "start",
+        ),
+        (
+            "/v1/rollups/hour_video_events".into(),
+            "missing_parameter",
+            "start",
+        ),
+    ];
+    for (uri, code, names) in cases {
+        let (st, v) = get(&f.app, &uri).await;
+        assert_eq!(st, StatusCode::BAD_REQUEST, "{uri}: {v}");
+        assert_eq!(v["error"]["code"], code, "{uri}: {v}");
+        let msg = v["error"]["message"].as_str().unwrap();
+        assert!(msg.contains(names), "{uri}: {msg}");
+    }
+}
