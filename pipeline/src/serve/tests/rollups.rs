@@ -254,3 +254,81 @@ async fn rollup_queries_refuse_what_a_rollup_does_not_have_naming_what_it_has() 
         assert!(msg.contains(names), "{uri}: {msg}");
     }
 }
+
+/// A rollup of another shape (one key, two measures) in two widths beside
+/// the shipped ones: a second family, found from the SQL alone, answered
+/// across its tiers.
+#[tokio::test]
+async fn a_rollup_of_any_shape_is_served_with_its_own_family() {
+    let rollups = tempfile::tempdir().unwrap();
+    let shipped = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../sql/rollups");
+    for f in std::fs::read_dir(&shipped).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, rollups.path().join(f.file_name().unwrap())).unwrap();
+    }
+    for (name, width) in [("hour_type_events", "1 hour"), ("day_type_events", "1 day")] {
+        std::fs::write(
+            rollups.path().join(format!("{name}.sql")),
+            format!(
+                "SELECT event_type, date_bin(INTERVAL '{width}', event_time) AS window_start, \
+                 count(*) AS n, max(value) AS top_value FROM events \
+                 GROUP BY event_type, date_bin(INTERVAL '{width}', event_time)"
+            ),
+        )
+        .unwrap();
+    }
+    let dir = rollups.path().display().to_string();
+    let f = fixture(&[("TALLY__SQL__ROLLUPS_DIR", &dir)]).await;
+    let (_, v) = get(&f.app, "/v1/rollups").await;
+    let hour = v["rollups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["name"] == "hour_type_events")
+        .unwrap()
+        .clone();
+    assert_eq!(
+        hour["family"],
+        serde_json::json!(["day_type_events", "hour_type_events"])
+    );
+    assert_eq!(hour["measures"][1]["kind"], "max");
+    // Two days and five hours: day rows in the middle, hour rows at the edges.
+    let (s, e) = (NOW - 3 * D + 19 * H, NOW);
+    let (st, v) = get(
+        &f.app,
+        &format!(
+            "/v1/rollups/hour_type_events?{}&group_by=event_type",
+            range_q(s, e)
+        ),
+    )
+    .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    let mut want: BTreeMap<String, (i64, Option<f64>)> = BTreeMap::new();
+    for ev in brute(&f.events, None, None, s, e) {
+        let w = want.entry(ev.kind.to_string()).or_default();
+        w.0 += 1;
+        if let Some(x) = ev.value {
+            w.1 = Some(w.1.map_or(x, |m: f64| m.max(x)));
+        }
+    }
+    let got: BTreeMap<String, (i64, Option<f64>)> = v["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["event_type"].as_str().unwrap().to_string(),
+                (r["n"].as_i64().unwrap(), r["top_value"].as_f64()),
+            )
+        })
+        .collect();
+    assert_eq!(got, want);
+    // An hour boundary is fine; a minute one is not (the family's finest is 1h).
+    let (st, v) = get(
+        &f.app,
+        &format!("/v1/rollups/day_type_events?{}", range_q(s + 30 * M, e)),
+    )
+    .await;
+    assert_eq!(st, StatusCode::BAD_REQUEST, "{v}");
+    assert_eq!(v["error"]["code"], "unaligned_range");
+}
