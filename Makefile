@@ -106,7 +106,7 @@ bench-archive: release
 bench-rebuild: release
 	scripts/bench-rebuild.sh
 
-## bench-api: open-loop latency of /v1/count and /v1/stats, idle and under ingest.
+## bench-api: open-loop latency of /v1/count, /v1/stats and a /v1/rollups query, idle and under ingest.
 bench-api: $(TANSU) release
 	TANSU=$(TANSU) scripts/bench-api.sh
 

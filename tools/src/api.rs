@@ -80,6 +80,36 @@ pub(crate) fn query_paths(videos: u64, days: i64, end_ms: i64, seed: u64) -> Vec
         .collect()
 }
 
+/// Paths for `GET /v1/rollups/hour_video_events` over `days`-day ranges
+/// ending at `end_ms` (hour-aligned): ten videos (`video_id` repeated),
+/// grouped by video, so each answer is about ten rows.
+pub(crate) fn generic_paths(videos: u64, days: i64, end_ms: i64, seed: u64) -> Vec<String> {
+    let end = end_ms - end_ms.rem_euclid(3_600_000);
+    let start = end - days * 86_400_000;
+    let fmt = |ms: i64| {
+        chrono::DateTime::from_timestamp_millis(ms)
+            .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+            .unwrap_or_default()
+            .replace(':', "%3A")
+    };
+    let (s, e) = (fmt(start), fmt(end));
+    let mut rng = ChaCha12Rng::seed_from_u64(seed);
+    (0..4096)
+        .map(|_| {
+            let ids: Vec<String> = (0..10)
+                .map(|_| {
+                    let v = (rng.random::<f64>().powi(3) * videos as f64) as u64;
+                    format!("video_id=vid-{v:05}")
+                })
+                .collect();
+            format!(
+                "/v1/rollups/hour_video_events?start={s}&end={e}&{}&group_by=video_id",
+                ids.join("&")
+            )
+        })
+        .collect()
+}
+
 pub(crate) struct Conn {
     stream: TcpStream,
     /// The `Host` header: the address connected to.

@@ -89,6 +89,10 @@ struct ApiArgs {
     /// Range length in days (hour-aligned, ending now).
     #[arg(long, default_value_t = 30)]
     days: i64,
+    /// Query any-rollup endpoint instead: `GET /v1/rollups/hour_video_events`
+    /// for ten videos (one key, ten values), grouped by video.
+    #[arg(long)]
+    generic: bool,
     /// Label printed with the results.
     #[arg(long, default_value = "api")]
     label: String,
@@ -123,7 +127,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 rate: a.rate,
                 duration: a.duration,
                 connections: a.connections,
-                paths: api::query_paths(a.videos, a.days, chrono::Utc::now().timestamp_millis(), 1),
+                paths: if a.generic {
+                    api::generic_paths(a.videos, a.days, chrono::Utc::now().timestamp_millis(), 1)
+                } else {
+                    api::query_paths(a.videos, a.days, chrono::Utc::now().timestamp_millis(), 1)
+                },
                 token: a.token,
             };
             let r = api::run(spec)
