@@ -47,6 +47,8 @@ pub(crate) struct Family {
     pub tiers: Tiers,
     /// Per tier: the tables that hold its rows (on SQLite also the delta).
     tables: Vec<Vec<String>>,
+    /// Per tier: the primary key's columns in order (the window among them).
+    pk: Vec<Vec<String>>,
 }
 
 /// The served rollups and their families.
@@ -167,6 +169,15 @@ impl Served {
                     .iter()
                     .map(|i| pool.tables_of(&rollups[*i].name))
                     .collect();
+                let pk = part
+                    .iter()
+                    .map(|i| {
+                        catalog
+                            .get(&rollups[*i].name)
+                            .map(|d| d.keys().iter().map(|c| c.name.clone()).collect())
+                            .unwrap_or_default()
+                    })
+                    .collect();
                 for i in &part {
                     rollups[*i].family = families.len();
                 }
@@ -174,6 +185,7 @@ impl Served {
                     members: part.iter().map(|i| rollups[*i].name.clone()).collect(),
                     tiers,
                     tables,
+                    pk,
                 });
             }
         }
@@ -224,9 +236,36 @@ pub(crate) fn statement(
     let keys: Vec<String> = ask.group_by.iter().map(|k| quote(&r.keys[*k].0)).collect();
     let measures: Vec<String> = r.measures.iter().map(|m| quote(&m.name)).collect();
     let mut parts = Vec::new();
+    let mut ctes: Vec<String> = Vec::new();
     for seg in plan {
         let tier = &family.tiers.tiers[seg.tier];
         let w = quote(&tier.window);
+        if let Some(skip) = skip_scan(r, family, seg.tier, ask) {
+            let cte = format!("tally_k{}", ctes.len());
+            ctes.push(skip.cte(&cte, &family.tables[seg.tier], &mut arg));
+            for table in &family.tables[seg.tier] {
+                let mut cols: Vec<String> = keys.iter().map(|k| format!("t.{k}")).collect();
+                if ask.granularity.is_some() {
+                    cols.push(format!("t.{w} AS tally_bucket"));
+                }
+                cols.extend(measures.iter().map(|m| format!("t.{m}")));
+                let on: Vec<String> = skip
+                    .prefix
+                    .iter()
+                    .chain(std::iter::once(&skip.middle))
+                    .enumerate()
+                    .map(|(i, k)| format!("t.{} = {cte}.c{i}", quote(k)))
+                    .collect();
+                parts.push(format!(
+                    "SELECT {} FROM {cte} JOIN {table} t ON {} WHERE t.{w} >= {} AND t.{w} < {}",
+                    cols.join(", "),
+                    on.join(" AND "),
+                    arg(Arg::Int(seg.lo)),
+                    arg(Arg::Int(seg.hi)),
+                ));
+            }
+            continue;
+        }
         for table in &family.tables[seg.tier] {
             let mut cols: Vec<String> = keys.clone();
             if ask.granularity.is_some() {
@@ -256,8 +295,13 @@ pub(crate) fn statement(
         group.push("tally_b".into());
     }
     select.extend(r.measures.iter().map(merged));
+    let with = if ctes.is_empty() {
+        String::new()
+    } else {
+        format!("WITH RECURSIVE {} ", ctes.join(", "))
+    };
     let mut text = format!(
-        "SELECT {} FROM ({}) r",
+        "{with}SELECT {} FROM ({}) r",
         select.join(", "),
         parts.join(" UNION ALL ")
     );
@@ -280,4 +324,117 @@ pub(crate) fn statement(
     }
     kinds.extend(r.measures.iter().map(|m| m.kind));
     Statement { text, args, kinds }
+}
+
+/// Combinations of filter values a skip-scan enumerates at most.
+const MAX_SKIP_PREFIXES: usize = 1_000;
+
+/// An index skip-scan for a tier whose primary key is (filtered keys…,
+/// one unfiltered key, window): without it, the filtered prefix's whole
+/// history is read to find the window range under each value of the middle
+/// key. A recursive CTE walks the middle key's distinct values under each
+/// combination of filter values (one B-tree probe per value and table), and
+/// each table is joined on the full prefix with the window range.
+struct SkipScan {
+    /// The filtered keys, in primary-key order, with their values.
+    prefix: Vec<String>,
+    values: Vec<Vec<Arg>>,
+    middle: String,
+}
+
+fn skip_scan(r: &ServedRollup, family: &Family, tier: usize, ask: &Ask) -> Option<SkipScan> {
+    let pk = family.pk.get(tier)?;
+    let window = &family.tiers.tiers.get(tier)?.window;
+    let (last, rest) = pk.split_last()?;
+    let (middle, prefix) = rest.split_last()?;
+    if last != window || prefix.is_empty() {
+        return None;
+    }
+    let filtered = |name: &str| {
+        ask.filters
+            .iter()
+            .find(|(k, _)| r.keys.get(*k).is_some_and(|(n, _)| n == name))
+            .map(|(_, v)| v.clone())
+    };
+    if filtered(middle).is_some() {
+        return None;
+    }
+    let values: Vec<Vec<Arg>> = prefix.iter().map(|k| filtered(k)).collect::<Option<_>>()?;
+    let combos: usize = values.iter().map(Vec::len).product();
+    (combos <= MAX_SKIP_PREFIXES).then(|| SkipScan {
+        prefix: prefix.to_vec(),
+        values,
+        middle: middle.clone(),
+    })
+}
+
+impl SkipScan {
+    /// `name(c0, …, cN)`: each combination of prefix values with each
+    /// distinct middle value found in any of `tables`.
+    fn cte(&self, name: &str, tables: &[String], arg: &mut impl FnMut(Arg) -> String) -> String {
+        // Every combination of filter values, as VALUES rows (column1…).
+        let mut rows: Vec<Vec<Arg>> = vec![Vec::new()];
+        for vals in &self.values {
+            rows = rows
+                .into_iter()
+                .flat_map(|row| {
+                    vals.iter().map(move |v| {
+                        let mut r = row.clone();
+                        r.push(v.clone());
+                        r
+                    })
+                })
+                .collect();
+        }
+        let values: Vec<String> = rows
+            .into_iter()
+            .map(|row| {
+                let cells: Vec<String> = row.into_iter().map(&mut *arg).collect();
+                format!("({})", cells.join(", "))
+            })
+            .collect();
+        let n = self.prefix.len();
+        let m = quote(&self.middle);
+        let first_of = |outer: &str, after: bool| {
+            let mins: Vec<String> = tables
+                .iter()
+                .map(|t| {
+                    let mut cond: Vec<String> = self
+                        .prefix
+                        .iter()
+                        .enumerate()
+                        .map(|(i, k)| format!("{} = {outer}.{}", quote(k), col(outer, i)))
+                        .collect();
+                    if after {
+                        cond.push(format!("{m} > {outer}.c{n}"));
+                    }
+                    format!("SELECT min({m}) AS v FROM {t} WHERE {}", cond.join(" AND "))
+                })
+                .collect();
+            format!("(SELECT min(v) FROM ({}) f)", mins.join(" UNION ALL "))
+        };
+        let cols: Vec<String> = (0..=n).map(|i| format!("c{i}")).collect();
+        let seed_prefix: Vec<String> = (0..n).map(|i| format!("p.column{}", i + 1)).collect();
+        let step_prefix: Vec<String> = (0..n).map(|i| format!("{name}.c{i}")).collect();
+        format!(
+            "{name}({}) AS (SELECT {}, {} FROM (VALUES {}) p \
+             UNION ALL SELECT {}, {} FROM {name} WHERE {name}.c{n} IS NOT NULL)",
+            cols.join(", "),
+            seed_prefix.join(", "),
+            first_of("p", false),
+            values.join(", "),
+            step_prefix.join(", "),
+            first_of(name, true),
+        )
+    }
+}
+
+/// Column `i` of the prefix in `outer`: VALUES rows name theirs
+/// `column1`…, the CTE `c0`….
+fn col(outer: &str, i: usize) -> String {
+    if outer == "p" {
+        format!("column{}", i + 1)
+    } else {
+        format!("c{i}")
+    }
 }

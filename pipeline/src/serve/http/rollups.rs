@@ -116,7 +116,11 @@ fn ask_of(r: &ServedRollup, pairs: Vec<(String, String)>) -> Result<(Params, Ask
                 ))
             }
         };
-        filters.entry(i).or_default().push(value);
+        // A value given twice is one value (the skip-scan joins on each).
+        let values = filters.entry(i).or_default();
+        if !values.contains(&value) {
+            values.push(value);
+        }
     }
     let p = Params(fixed);
     let mut ask = Ask {
