@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # API latency benchmark: p50/p99/p99.9 of /v1/count and /v1/stats over 30-day
-# (and 400-day) ranges, and of a generic /v1/rollups query (2 days, ten videos
-# grouped by video), at a fixed request rate (open loop), idle and while
+# (and 400-day) ranges, and of generic /v1/rollups queries (2 days: one video
+# grouped by event type; ten videos grouped by video), at a fixed request rate (open loop), idle and while
 # ingest runs at a high rate. Prints one markdown table.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -65,7 +65,11 @@ echo "|---|---|---|---|---|---|---|---|---|"
 for r in $RATES; do bench "$r" 30 "idle, 30-day ranges"; done
 for r in $RATES; do bench "$r" 400 "idle, 400-day ranges"; done
 for r in $RATES; do
-  "$BENCH" --log warn api --rate "$r" --duration "$DURATION" --days 2 --videos 10000 --generic \
+  "$BENCH" --log warn api --rate "$r" --duration "$DURATION" --days 2 --videos 10000 --generic 1 \
+    --label "idle, /v1/rollups: 2 days, 1 video grouped by event type"
+done
+for r in $RATES; do
+  "$BENCH" --log warn api --rate "$r" --duration "$DURATION" --days 2 --videos 10000 --generic 10 \
     --label "idle, /v1/rollups: 2 days, 10 videos grouped by video"
 done
 "$TALLY" --log warn produce --rate "$INGEST_RATE" --count $((INGEST_RATE * 600)) --videos 10000 --time-spread 2s 2>"$OUT/produce.log" &

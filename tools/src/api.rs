@@ -81,9 +81,15 @@ pub(crate) fn query_paths(videos: u64, days: i64, end_ms: i64, seed: u64) -> Vec
 }
 
 /// Paths for `GET /v1/rollups/hour_video_events` over `days`-day ranges
-/// ending at `end_ms` (hour-aligned): ten videos (`video_id` repeated),
-/// grouped by video, so each answer is about ten rows.
-pub(crate) fn generic_paths(videos: u64, days: i64, end_ms: i64, seed: u64) -> Vec<String> {
+/// ending at `end_ms` (hour-aligned): `per` videos (`video_id` repeated),
+/// grouped by video (one video: by event type).
+pub(crate) fn generic_paths(
+    videos: u64,
+    per: usize,
+    days: i64,
+    end_ms: i64,
+    seed: u64,
+) -> Vec<String> {
     let end = end_ms - end_ms.rem_euclid(3_600_000);
     let start = end - days * 86_400_000;
     let fmt = |ms: i64| {
@@ -96,14 +102,15 @@ pub(crate) fn generic_paths(videos: u64, days: i64, end_ms: i64, seed: u64) -> V
     let mut rng = ChaCha12Rng::seed_from_u64(seed);
     (0..4096)
         .map(|_| {
-            let ids: Vec<String> = (0..10)
+            let ids: Vec<String> = (0..per.max(1))
                 .map(|_| {
                     let v = (rng.random::<f64>().powi(3) * videos as f64) as u64;
                     format!("video_id=vid-{v:05}")
                 })
                 .collect();
+            let by = if per <= 1 { "event_type" } else { "video_id" };
             format!(
-                "/v1/rollups/hour_video_events?start={s}&end={e}&{}&group_by=video_id",
+                "/v1/rollups/hour_video_events?start={s}&end={e}&{}&group_by={by}",
                 ids.join("&")
             )
         })
@@ -189,7 +196,10 @@ fn server_buckets(text: &str) -> Vec<(f64, u64)> {
         let Some(rest) = line.strip_prefix("tally_http_request_duration_seconds_bucket{") else {
             continue;
         };
-        if !(rest.contains("route=\"/v1/count\"") || rest.contains("route=\"/v1/stats\"")) {
+        if !(rest.contains("route=\"/v1/count\"")
+            || rest.contains("route=\"/v1/stats\"")
+            || rest.contains("route=\"/v1/rollups/{name}\""))
+        {
             continue;
         }
         let Some((labels, value)) = rest.split_once("} ") else {

@@ -89,10 +89,10 @@ struct ApiArgs {
     /// Range length in days (hour-aligned, ending now).
     #[arg(long, default_value_t = 30)]
     days: i64,
-    /// Query any-rollup endpoint instead: `GET /v1/rollups/hour_video_events`
-    /// for ten videos (one key, ten values), grouped by video.
+    /// Query the any-rollup endpoint instead: `GET /v1/rollups/hour_video_events`
+    /// for N videos (the key repeated), grouped by video (by event type when N is 1).
     #[arg(long)]
-    generic: bool,
+    generic: Option<usize>,
     /// Label printed with the results.
     #[arg(long, default_value = "api")]
     label: String,
@@ -127,8 +127,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 rate: a.rate,
                 duration: a.duration,
                 connections: a.connections,
-                paths: if a.generic {
-                    api::generic_paths(a.videos, a.days, chrono::Utc::now().timestamp_millis(), 1)
+                paths: if let Some(n) = a.generic {
+                    api::generic_paths(
+                        a.videos,
+                        n,
+                        a.days,
+                        chrono::Utc::now().timestamp_millis(),
+                        1,
+                    )
                 } else {
                     api::query_paths(a.videos, a.days, chrono::Utc::now().timestamp_millis(), 1)
                 },

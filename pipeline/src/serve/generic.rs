@@ -237,12 +237,21 @@ pub(crate) fn statement(
     let measures: Vec<String> = r.measures.iter().map(|m| quote(&m.name)).collect();
     let mut parts = Vec::new();
     let mut ctes: Vec<String> = Vec::new();
+    // One walk per tier, shared by its segments (a tier has at most two).
+    let mut walks: BTreeMap<usize, String> = BTreeMap::new();
     for seg in plan {
         let tier = &family.tiers.tiers[seg.tier];
         let w = quote(&tier.window);
         if let Some(skip) = skip_scan(r, family, seg.tier, ask) {
-            let cte = format!("tally_k{}", ctes.len());
-            ctes.push(skip.cte(&cte, &family.tables[seg.tier], &mut arg));
+            let cte = match walks.get(&seg.tier) {
+                Some(name) => name.clone(),
+                None => {
+                    let name = format!("tally_k{}", ctes.len());
+                    ctes.push(skip.cte(&name, &family.tables[seg.tier], &mut arg));
+                    walks.insert(seg.tier, name.clone());
+                    name
+                }
+            };
             for table in &family.tables[seg.tier] {
                 let mut cols: Vec<String> = keys.iter().map(|k| format!("t.{k}")).collect();
                 if ask.granularity.is_some() {
