@@ -79,6 +79,9 @@ pub(crate) struct Statement {
     pub text: String,
     pub args: Vec<Arg>,
     pub kinds: Vec<ColumnKind>,
+    /// Every piece reads index ranges under filtered leading keys (a
+    /// point read, like a count); otherwise it may scan.
+    pub point: bool,
 }
 
 /// Keys and measures that make rollups one family.
@@ -332,7 +335,23 @@ pub(crate) fn statement(
         kinds.push(ColumnKind::Int);
     }
     kinds.extend(r.measures.iter().map(|m| m.kind));
-    Statement { text, args, kinds }
+    let point = plan.iter().all(|seg| {
+        family
+            .pk
+            .get(seg.tier)
+            .and_then(|pk| pk.first())
+            .is_some_and(|lead| {
+                ask.filters
+                    .iter()
+                    .any(|(k, _)| r.keys.get(*k).is_some_and(|(n, _)| n == lead))
+            })
+    });
+    Statement {
+        text,
+        args,
+        kinds,
+        point,
+    }
 }
 
 /// Combinations of filter values a skip-scan enumerates at most.

@@ -111,8 +111,12 @@ impl Reader {
         text: &str,
         args: Vec<Arg>,
         kinds: Vec<crate::aggregate::ColumnKind>,
+        point: bool,
     ) -> Result<Vec<Vec<crate::sink::serving::Cell>>, ServeError> {
-        self.pool.cells(text, args, kinds).await.map_err(store_err)
+        self.pool
+            .cells(text, args, kinds, point)
+            .await
+            .map_err(store_err)
     }
 
     /// Open `connections` read-only connections to the store at `url`

@@ -253,7 +253,10 @@ pub(super) async fn query(
         }
     };
     let st = statement(r, family, &plan, &ask);
-    let (rows, as_of) = tokio::join!(s.reader.cells(&st.text, st.args, st.kinds), as_of(&s));
+    let (rows, as_of) = tokio::join!(
+        s.reader.cells(&st.text, st.args, st.kinds, st.point),
+        as_of(&s)
+    );
     let mut rows = rows?;
     let truncated = !ask.group_by.is_empty() && rows.len() > ask.limit as usize
         || ask.granularity.is_some() && rows.len() > ask.limit as usize;

@@ -111,14 +111,17 @@ impl ReadPool {
     }
 
     /// A statement whose rows are columns of `kinds` (in order), read as
-    /// cells: a NULL is [`Cell::Null`].
+    /// cells: a NULL is [`Cell::Null`]. `point`: a few index ranges, run on
+    /// the calling worker like a count; otherwise off the async workers.
     pub(crate) async fn cells(
         &self,
         text: &str,
         args: Vec<Arg>,
         kinds: Vec<ColumnKind>,
+        point: bool,
     ) -> Result<Vec<Vec<Cell>>, SinkError> {
         match &self.backend {
+            Backend::Sqlite(s) if point => s.cells(text, args, &kinds),
             Backend::Sqlite(s) => crate::serve::blocking(|| s.cells(text, args, &kinds)),
             Backend::Postgres(p) => p.cells(text, args, &kinds).await,
         }
