@@ -1,3 +1,4 @@
+use super::params::parse_time;
 use super::*;
 
 #[test]
