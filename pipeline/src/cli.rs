@@ -644,6 +644,9 @@ async fn check(settings: Settings) -> anyhow::Result<ExitCode> {
         settings.to_masked_toml()
     );
     println!("# event schema\n{}\n", schema.arrow);
+    for (name, path, rows) in catalog.dimensions.describe() {
+        println!("dimension {name} ({}): {rows} rows", path.display());
+    }
     for r in &catalog.rollups {
         println!("{}\n", r.describe());
     }

@@ -236,6 +236,12 @@ pub struct SchemaConfig {
 #[serde(deny_unknown_fields)]
 pub struct SqlConfig {
     pub rollups_dir: PathBuf,
+    /// Tables rollups may join, by name: a CSV file (header row) or Parquet.
+    #[serde(default)]
+    pub dimensions: BTreeMap<String, PathBuf>,
+    /// How often `tally run` looks for changed dimension files.
+    #[serde(with = "humantime_serde")]
+    pub dimension_reload: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -361,6 +367,19 @@ impl Settings {
         self.validate_storage()?;
         self.validate_schema()?;
         self.validate_api()?;
+        for name in self.sql.dimensions.keys() {
+            let ok = !name.is_empty()
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+                && !name.starts_with(|c: char| c.is_ascii_digit());
+            if !ok || name == "events" {
+                return Err(invalid(
+                    &format!("sql.dimensions.{name}"),
+                    "a dimension's name is the table rollups join: use [a-z_][a-z0-9_]*, not `events`",
+                ));
+            }
+        }
         if self.retention.interval.is_zero() {
             return Err(invalid(
                 "retention.interval",
@@ -647,8 +666,16 @@ impl Settings {
             }
         }
         out.push_str(&format!(
-            "\n[sql]\nrollups_dir = {:?}\n\n[storage]\ndata_dir = {:?}\nzstd_level = {}\narchive_url = {:?}\nmultipart_threshold = {}\norphan_sweep_interval = {:?}\narchive_file_bytes = {}\narchive_roll_interval = {:?}\narchive_max_open_files = {}\narchive_row_group_bytes = {}\n{}\n[serving]\nurl = {:?}\nwindow_index = {}\nsqlite_fold_rows = {}\nsqlite_direct_rows = {}\n\n[api]\nlisten = {:?}\nrollups = {:?}\nmax_range = {:?}\nmax_series_points = {}\nmax_body = {}\nrequest_timeout = {:?}\nmax_concurrency = {}\nmax_connections = {}\nread_tokens = \"{} configured (masked)\"\nwrite_tokens = \"{} configured (masked)\"\nallowed_hosts = {:?}\n\n[verify]\ninterval = {:?}\nlookback = {:?}\n",
+            "\n[sql]\nrollups_dir = {:?}\ndimension_reload = {:?}\n{}\n[storage]\ndata_dir = {:?}\nzstd_level = {}\narchive_url = {:?}\nmultipart_threshold = {}\norphan_sweep_interval = {:?}\narchive_file_bytes = {}\narchive_roll_interval = {:?}\narchive_max_open_files = {}\narchive_row_group_bytes = {}\n{}\n[serving]\nurl = {:?}\nwindow_index = {}\nsqlite_fold_rows = {}\nsqlite_direct_rows = {}\n\n[api]\nlisten = {:?}\nrollups = {:?}\nmax_range = {:?}\nmax_series_points = {}\nmax_body = {}\nrequest_timeout = {:?}\nmax_concurrency = {}\nmax_connections = {}\nread_tokens = \"{} configured (masked)\"\nwrite_tokens = \"{} configured (masked)\"\nallowed_hosts = {:?}\n\n[verify]\ninterval = {:?}\nlookback = {:?}\n",
             self.sql.rollups_dir.display().to_string(),
+            humantime::format_duration(self.sql.dimension_reload).to_string(),
+            {
+                let mut dims = toml::Table::new();
+                for (k, v) in &self.sql.dimensions {
+                    dims.insert(k.clone(), toml::Value::String(v.display().to_string()));
+                }
+                format!("\n[sql.dimensions]\n{}", toml::to_string(&dims).unwrap_or_default())
+            },
             self.storage.data_dir.display().to_string(),
             self.storage.zstd_level,
             self.storage.archive_url,

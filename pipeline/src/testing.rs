@@ -10,6 +10,24 @@ use crate::config::Settings;
 use crate::decode::{EventSchema, RecordDecoder};
 use crate::sink::{CommitRequest, ServingStore};
 
+/// The repository's dimension tables (`data/dims`), by absolute path.
+pub(crate) fn repo_dimensions() -> BTreeMap<String, std::path::PathBuf> {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    [("videos".to_string(), root.join("data/dims/videos.csv"))]
+        .into_iter()
+        .collect()
+}
+
+/// [`SqlCatalog::load_with`] the repository's dimension tables.
+pub(crate) async fn catalog(
+    dir: &std::path::Path,
+    events: datafusion::arrow::datatypes::SchemaRef,
+    time_field: &str,
+) -> Result<SqlCatalog, crate::aggregate::AggregateError> {
+    let dims = crate::aggregate::Dimensions::load(&repo_dimensions()).await?;
+    SqlCatalog::load_with(dir, events, time_field, dims).await
+}
+
 /// Settings over a temporary data directory and the repository's SQL.
 pub(crate) fn settings(data_dir: &std::path::Path, extra_env: &[(&str, &str)]) -> Settings {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
@@ -25,6 +43,10 @@ pub(crate) fn settings(data_dir: &std::path::Path, extra_env: &[(&str, &str)]) -
         (
             "TALLY__REPORT__SQL_DIR".into(),
             root.join("sql/reports").display().to_string(),
+        ),
+        (
+            "TALLY__SQL__DIMENSIONS__VIDEOS".into(),
+            root.join("data/dims/videos.csv").display().to_string(),
         ),
         (
             "TALLY__REPORT__DIMS_DIR".into(),
@@ -50,10 +72,14 @@ pub(crate) async fn seed(
     batches: usize,
 ) -> (SqlCatalog, EventSchema) {
     let schema = EventSchema::from_config(&settings.schema).unwrap();
-    let catalog = SqlCatalog::load(
+    let dimensions = crate::aggregate::Dimensions::load(&settings.sql.dimensions)
+        .await
+        .unwrap();
+    let catalog = SqlCatalog::load_with(
         &settings.sql.rollups_dir,
         schema.arrow.clone(),
         &settings.schema.time_field,
+        dimensions,
     )
     .await
     .unwrap();

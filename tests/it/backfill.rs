@@ -35,7 +35,7 @@ async fn backfill_during_live_ingest_stays_exact() {
     let mut runs = 0;
     let mut caught_up = 0;
     while !producer.is_finished() || runs < 3 {
-        let out = std::process::Command::new(tally_bin())
+        let out = tally_command()
             .args(["backfill", "--from", &from, "--to", &to])
             .envs(env.vars.iter().cloned())
             .output()
@@ -138,7 +138,7 @@ async fn a_field_declared_later_backfills_its_history() {
         rfc3339(now - now.rem_euclid(day) + day),
     );
     for job in ["backfill", "verify"] {
-        let out = std::process::Command::new(tally_bin())
+        let out = tally_command()
             .args([job, "--from", &from, "--to", &to])
             .envs(env.vars.iter().cloned())
             .env("TALLY_CONFIG", &config)

@@ -1,12 +1,10 @@
 //! The binary's startup checks: bad config and bad SQL stop it with a message
 //! naming the file, the key and the fix.
 
-use std::process::Command;
-
 use tally_tests::*;
 
 fn tally(args: &[&str], envs: &[(&str, &str)]) -> (bool, String) {
-    let out = Command::new(tally_bin())
+    let out = tally_command()
         .args(args)
         .envs(envs.iter().copied())
         .env(
@@ -59,7 +57,7 @@ fn api_rollups_are_checked_at_startup() {
         "SELECT video_id, event_type, date_bin(INTERVAL '1 hour', event_time) AS window_start, count(*) AS events FROM events GROUP BY video_id, event_type, window_start",
     )
     .unwrap();
-    let out = Command::new(tally_bin())
+    let out = tally_command()
         .arg("check")
         .env("TALLY__SQL__ROLLUPS_DIR", dir.path())
         .env("TALLY__API__ROLLUPS", "[\"thin\"]")
@@ -109,7 +107,7 @@ fn unmergeable_sql_is_refused_with_the_fix() {
     for (file, sql, needle) in cases {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join(file), sql).unwrap();
-        let out = Command::new(tally_bin())
+        let out = tally_command()
             .arg("check")
             .env("TALLY__SQL__ROLLUPS_DIR", dir.path())
             .output()
@@ -172,7 +170,7 @@ fn exit_codes_tell_a_usage_error_from_an_outage() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().display().to_string();
     let code = |args: &[&str], envs: &[(&str, &str)]| {
-        let out = Command::new(tally_bin())
+        let out = tally_command()
             .args(args)
             .envs(envs.iter().copied())
             .env("TALLY__STORAGE__DATA_DIR", &data)

@@ -25,7 +25,7 @@ fn strict_config(dir: &std::path::Path) -> std::path::PathBuf {
 }
 
 fn dlq_replay(env: &TallyEnv, failpoint: Option<&str>) -> (bool, String) {
-    let mut cmd = std::process::Command::new(tally_bin());
+    let mut cmd = tally_command();
     cmd.args(["dlq", "replay", "--reason", "invalid_value"])
         .envs(env.vars.iter().cloned())
         .env("TALLY__BATCH__MAX_ROWS", "40");
@@ -84,7 +84,7 @@ async fn replay_after_a_fix(pg: Option<&PgStore>) {
     // (files written; rollups merged, not committed; committed), then whole.
     env.vars.retain(|(k, _)| k != "TALLY_CONFIG");
     // A dry run says what a replay would count, and writes nothing.
-    let out = std::process::Command::new(tally_bin())
+    let out = tally_command()
         .args(["dlq", "replay", "--reason", "invalid_value", "--dry-run"])
         .envs(env.vars.iter().cloned())
         .output()
@@ -152,7 +152,7 @@ async fn replay_after_a_fix(pg: Option<&PgStore>) {
     );
 
     // A reason that does not exist is a usage error naming the valid ones.
-    let out = std::process::Command::new(tally_bin())
+    let out = tally_command()
         .args(["dlq", "replay", "--reason", "typo"])
         .envs(env.vars.iter().cloned())
         .output()

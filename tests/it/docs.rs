@@ -4,10 +4,9 @@
 //! `TALLY__SECTION__KEY` variable) is a key of the embedded defaults, configs/default.toml.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::process::Command;
 
 use regex::Regex;
-use tally_tests::{tally_bin, workspace_root};
+use tally_tests::{tally_command, workspace_root};
 
 /// Sections of the config file; a dotted word in code starting with one of them is a key.
 const SECTIONS: &str = "kafka|batch|decode|schema|sql|storage|serving|verify|api|report";
@@ -81,7 +80,7 @@ fn shown(docs: &[(String, String)]) -> (BTreeMap<String, String>, BTreeMap<Strin
 
 /// `tally <path> --help`, or the reason it failed.
 fn help(path: &[&str]) -> Result<String, String> {
-    let out = Command::new(tally_bin())
+    let out = tally_command()
         .args(path)
         .arg("--help")
         .output()

@@ -44,6 +44,14 @@ pub async fn verify_outputs_but_late(
             assert_eq!(got.get(k), Some(v), "{table} {k:?}");
         }
     }
+    // The rollup joining the videos dimension, too.
+    let want = expected_channel_rollup(messages);
+    assert!(want.keys().any(|k| k.0 == "ch-3") && want.keys().any(|k| k.0 == "unknown"));
+    assert_eq!(
+        serving_channel_rollup(&db).await,
+        want,
+        "hour_channel_events"
+    );
     let accepted = messages
         .iter()
         .filter(|m| matches!(m.expect, Expect::Accepted { .. }))
@@ -187,7 +195,7 @@ async fn pipeline_counts_exactly_with_malformed_and_late_events() {
         rfc3339(now - now.rem_euclid(day) + day),
     );
     let job = |args: &[&str]| {
-        let out = std::process::Command::new(tally_bin())
+        let out = tally_command()
             .args(args)
             .args(["--from", &from, "--to", &to])
             .envs(env.vars.iter().cloned())
@@ -352,7 +360,7 @@ async fn pipeline_counts_exactly_with_malformed_and_late_events() {
     }
     let out_dir = dir.path().join("report");
     let report = |format: &str, out: &std::path::Path| {
-        let o = std::process::Command::new(tally_bin())
+        let o = tally_command()
             .args([
                 "report", "monthly", "--month", &month, "--format", format, "--out",
             ])

@@ -62,7 +62,7 @@ async fn api_abuse_leaves_server_and_tables_intact() {
     let mut env = TallyEnv::new("127.0.0.1:1", "abuse", "g", &data);
     env.set("TALLY__API__READ_TOKENS", read);
     env.set("TALLY__API__WRITE_TOKENS", write);
-    let out = std::process::Command::new(tally_bin())
+    let out = tally_command()
         .args(["replay", "--file"])
         .arg(&file)
         .envs(env.vars.iter().cloned())

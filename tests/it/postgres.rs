@@ -25,7 +25,7 @@ fn pg_env(
 }
 
 fn run_job(env: &TallyEnv, args: &[&str]) -> (bool, String) {
-    let out = std::process::Command::new(tally_bin())
+    let out = tally_command()
         .args(args)
         .envs(env.vars.iter().cloned())
         .output()

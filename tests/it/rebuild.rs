@@ -82,7 +82,7 @@ fn archive_listing(data: &Path) -> Vec<String> {
 }
 
 fn job(env: &TallyEnv, args: &[&str]) -> (bool, String) {
-    let out = std::process::Command::new(tally_bin())
+    let out = tally_command()
         .args(args)
         .envs(env.vars.iter().cloned())
         .output()

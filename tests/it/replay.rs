@@ -2,7 +2,7 @@
 //! independent computation, a second replay changes nothing, and replays
 //! killed with SIGKILL mid-flight resume without loss or double counting.
 
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use tally_tests::*;
@@ -37,7 +37,7 @@ fn topic_of(out: &str) -> String {
 }
 
 fn replay(env: &TallyEnv, file: &std::path::Path) -> String {
-    let out = Command::new(tally_bin())
+    let out = tally_command()
         .args(["replay", "--file"])
         .arg(file)
         .envs(env.vars.iter().cloned())
@@ -87,7 +87,7 @@ async fn replay_is_exact_idempotent_and_survives_sigkill() {
     let mut kills = 0;
     let mut last = 0;
     for _ in 0..4 {
-        let mut child = Command::new(tally_bin())
+        let mut child = tally_command()
             .args(["replay", "--file"])
             .arg(&file)
             .envs(env.vars.iter().cloned())
@@ -182,7 +182,7 @@ async fn replays_are_identified_by_content_and_run_one_at_a_time() {
     let file = dir.path().join("big.jsonl");
     write_lines(&file, &dataset(33, 100_000, now));
     env.set("TALLY__BATCH__MAX_ROWS", "100");
-    let mut first = Command::new(tally_bin())
+    let mut first = tally_command()
         .args(["replay", "--source-id", "backfill-2026-11", "--file"])
         .arg(&file)
         .envs(env.vars.iter().cloned())
@@ -211,7 +211,7 @@ async fn replays_are_identified_by_content_and_run_one_at_a_time() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let out = Command::new(tally_bin())
+    let out = tally_command()
         .args(["replay", "--source-id", "backfill-2026-11", "--file"])
         .arg(&file)
         .envs(env.vars.iter().cloned())

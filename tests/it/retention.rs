@@ -157,7 +157,7 @@ async fn pruned_minutes_are_answered_from_hours_or_refused() {
     // verify and backfill over the last 4 hours leave pruned windows alone.
     let (from, to) = (rfc3339(stop - 4 * H), rfc3339(stop + H));
     for job in ["verify", "backfill"] {
-        let out = std::process::Command::new(tally_bin())
+        let out = tally_command()
             .args([job, "--from", &from, "--to", &to])
             .envs(env.vars.iter().cloned())
             .output()

@@ -11,7 +11,7 @@ use crate::crash::committed_total;
 use crate::e2e::verify_outputs_in;
 
 fn run_job(env: &TallyEnv, args: &[&str]) -> (bool, String) {
-    let out = std::process::Command::new(tally_bin())
+    let out = tally_command()
         .args(args)
         .envs(env.vars.iter().cloned())
         .output()

@@ -10,7 +10,7 @@ use tally_tests::*;
 use crate::e2e::verify_outputs_in;
 
 fn run_job(env: &TallyEnv, args: &[&str]) -> (std::process::ExitStatus, String) {
-    let out = std::process::Command::new(tally_bin())
+    let out = tally_command()
         .args(args)
         .envs(env.vars.iter().cloned())
         .output()

@@ -97,3 +97,45 @@ pub fn expected_rollup(messages: &[Message], width_ms: i64) -> Expected {
     }
     out
 }
+
+/// The channel the tests' videos dimension (`tests/testdata/videos.csv`)
+/// gives `video`, as `sql/rollups/hour_channel_events.sql` joins it.
+pub fn channel_of(video: &str) -> String {
+    let csv = std::fs::read_to_string(crate::test_videos_csv()).unwrap();
+    csv.lines()
+        .skip(1)
+        .filter_map(|l| l.split_once(','))
+        .find(|(v, _)| *v == video)
+        .map_or_else(|| "unknown".to_string(), |(_, c)| c.to_string())
+}
+
+/// Expected `hour_channel_events`: (events, value sum) per
+/// (channel, type, hour).
+pub type ExpectedChannels = BTreeMap<(String, String, i64), (i64, Option<i64>)>;
+
+pub fn expected_channel_rollup(messages: &[Message]) -> ExpectedChannels {
+    let mut channels: BTreeMap<String, String> = BTreeMap::new();
+    let mut out = ExpectedChannels::new();
+    for m in messages {
+        if let Expect::Accepted {
+            video,
+            kind,
+            time_ms,
+            value,
+            ..
+        } = &m.expect
+        {
+            let channel = channels
+                .entry(video.clone())
+                .or_insert_with(|| channel_of(video))
+                .clone();
+            let w = time_ms - time_ms.rem_euclid(3_600_000);
+            let e = out.entry((channel, kind.clone(), w)).or_insert((0, None));
+            e.0 += 1;
+            if let Some(v) = value {
+                e.1 = Some(e.1.unwrap_or(0) + v);
+            }
+        }
+    }
+    out
+}

@@ -28,6 +28,20 @@ pub fn workspace_root() -> PathBuf {
         .to_path_buf()
 }
 
+/// The tests' `videos` dimension table: v000..v034 in channels ch-0..ch-4
+/// ([`channel_of`]), the dataset's other videos in none.
+pub fn test_videos_csv() -> PathBuf {
+    workspace_root().join("tests/testdata/videos.csv")
+}
+
+/// A command running the tally binary with the tests' dimension table
+/// (`[sql.dimensions]` paths are otherwise relative to the working directory).
+pub fn tally_command() -> std::process::Command {
+    let mut c = std::process::Command::new(tally_bin());
+    c.env("TALLY__SQL__DIMENSIONS__VIDEOS", test_videos_csv());
+    c
+}
+
 /// The tally binary: `$TALLY_BIN`, else next to this test binary's target dir.
 pub fn tally_bin() -> PathBuf {
     if let Ok(p) = std::env::var("TALLY_BIN") {

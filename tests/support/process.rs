@@ -58,6 +58,10 @@ impl TallyEnv {
                 "TALLY__SQL__ROLLUPS_DIR".into(),
                 workspace_root().join("sql/rollups").display().to_string(),
             ),
+            (
+                "TALLY__SQL__DIMENSIONS__VIDEOS".into(),
+                crate::test_videos_csv().display().to_string(),
+            ),
             ("TALLY__BATCH__LINGER".into(), "300ms".into()),
             ("TALLY__BATCH__MAX_ROWS".into(), "3000".into()),
             // The archive commits its open files every second (10 minutes by
@@ -109,7 +113,7 @@ impl Tally {
             .append(true)
             .open(&env.log)
             .unwrap();
-        let child = Command::new(tally_bin())
+        let child = tally_command()
             .arg(command)
             .env(
                 "TALLY_LOG",

@@ -60,6 +60,42 @@ pub async fn serving_rollup(db: &Path, table: &str) -> Expected {
     }
 }
 
+/// `hour_channel_events` as stored (SQLite: the table and its delta merged).
+pub async fn serving_channel_rollup(db: &Path) -> crate::ExpectedChannels {
+    use sqlx::Row;
+    let sql = match pg_url(db) {
+        Some(_) => "SELECT channel_id, event_type, window_start, events, value_sum FROM hour_channel_events".to_string(),
+        None => "SELECT channel_id, event_type, window_start, sum(events), sum(value_sum) \
+             FROM (SELECT * FROM hour_channel_events UNION ALL SELECT * FROM hour_channel_events__delta) \
+             GROUP BY channel_id, event_type, window_start"
+            .to_string(),
+    };
+    macro_rules! read {
+        ($pool:expr) => {{
+            let pool = $pool;
+            let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+                .fetch_all(&pool)
+                .await
+                .unwrap();
+            pool.close().await;
+            rows.iter()
+                .map(|r| {
+                    let sum = r.get::<Option<f64>, _>(4).map(|x| x as i64);
+                    ((r.get(0), r.get(1), r.get(2)), (r.get(3), sum))
+                })
+                .collect()
+        }};
+    }
+    match pg_url(db) {
+        Some(url) => read!(sqlx::PgPool::connect(url).await.unwrap()),
+        None => read!(
+            sqlx::SqlitePool::connect(&format!("sqlite://{}?mode=ro", db.display()))
+                .await
+                .unwrap()
+        ),
+    }
+}
+
 pub async fn serving_query_i64(db: &Path, sql: &'static str) -> Vec<(String, i64)> {
     try_serving_query_i64(db, sql).await.unwrap()
 }

@@ -8,6 +8,7 @@ use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::common::ScalarValue;
 use datafusion::logical_expr::{Expr, LogicalPlan};
 
+use super::dimensions::Dimensions;
 use super::rollup::MergeRule;
 use super::AggregateError;
 
@@ -145,14 +146,28 @@ impl RollupDef {
 #[derive(Debug, Clone)]
 pub struct SqlCatalog {
     pub rollups: Vec<RollupDef>,
+    /// The dimension tables the rollups were planned with.
+    pub dimensions: Dimensions,
 }
 
 impl SqlCatalog {
-    /// Load and validate every `*.sql` in `dir` against the event schema.
+    /// Load and validate every `*.sql` in `dir` against the event schema,
+    /// without dimension tables.
     pub async fn load(
         dir: &Path,
         events: SchemaRef,
         time_field: &str,
+    ) -> Result<SqlCatalog, AggregateError> {
+        Self::load_with(dir, events, time_field, Dimensions::default()).await
+    }
+
+    /// Load and validate every `*.sql` in `dir` against the event schema
+    /// and the dimension tables.
+    pub async fn load_with(
+        dir: &Path,
+        events: SchemaRef,
+        time_field: &str,
+        dimensions: Dimensions,
     ) -> Result<SqlCatalog, AggregateError> {
         let dir_name = dir.display().to_string();
         let entries = std::fs::read_dir(dir).map_err(|e| AggregateError::Catalog {
@@ -171,7 +186,7 @@ impl SqlCatalog {
                     .into(),
             });
         }
-        let ctx = super::executor::planning_context(events.clone())?;
+        let ctx = super::executor::planning_context(events.clone(), &dimensions)?;
         let mut rollups = Vec::with_capacity(files.len());
         for file in files {
             let sql = std::fs::read_to_string(&file).map_err(|e| AggregateError::Plan {
@@ -180,7 +195,10 @@ impl SqlCatalog {
             })?;
             rollups.push(plan_rollup(&ctx, &file, &sql, time_field).await?);
         }
-        Ok(SqlCatalog { rollups })
+        Ok(SqlCatalog {
+            rollups,
+            dimensions,
+        })
     }
 
     pub fn get(&self, name: &str) -> Option<&RollupDef> {

@@ -18,16 +18,54 @@ use datafusion::physical_plan::{ExecutionPlan, SendableRecordBatchStream};
 use datafusion::prelude::{SessionConfig, SessionContext};
 
 use super::catalog::{ColumnKind, RollupDef, SqlCatalog};
+use super::dimensions::Dimensions;
 use super::AggregateError;
 
 /// Physical plans are rebuilt after this many executions.
 pub(crate) const REPLAN_EVERY: u32 = 1024;
 
-/// The `events` table: whatever batches are in the slot when a plan executes.
+/// The `events` table (or a dimension table): whatever batches are in the
+/// slot when a plan executes.
 #[derive(Debug, Clone)]
 pub(crate) struct BatchSlot {
     schema: SchemaRef,
     batches: Arc<Mutex<Vec<RecordBatch>>>,
+}
+
+impl BatchSlot {
+    pub(crate) fn new(schema: SchemaRef, batches: Vec<RecordBatch>) -> Self {
+        BatchSlot {
+            schema,
+            batches: Arc::new(Mutex::new(batches)),
+        }
+    }
+
+    /// Rows in the slot.
+    pub(crate) fn rows(&self) -> usize {
+        self.batches
+            .lock()
+            .map(|b| b.iter().map(RecordBatch::num_rows).sum())
+            .unwrap_or(0)
+    }
+
+    /// Replace the slot's contents.
+    pub(crate) fn set(&self, batches: Vec<RecordBatch>) {
+        if let Ok(mut slot) = self.batches.lock() {
+            *slot = batches;
+        }
+    }
+
+    /// Register the slot as table `name` of `ctx`.
+    pub(crate) fn register(&self, ctx: &SessionContext, name: &str) -> Result<(), AggregateError> {
+        let err = |e: DataFusionError| AggregateError::Catalog {
+            dir: name.to_string(),
+            message: e.to_string(),
+        };
+        let table = StreamingTable::try_new(self.schema.clone(), vec![Arc::new(self.clone())])
+            .map_err(err)?;
+        ctx.register_table(name, Arc::new(table)).map_err(err)?;
+        Ok(())
+    }
 }
 
 impl PartitionStream for BatchSlot {
@@ -43,36 +81,29 @@ impl PartitionStream for BatchSlot {
     }
 }
 
-/// A DataFusion session with `events` registered over a [`BatchSlot`].
+/// A DataFusion session with `events` registered over a [`BatchSlot`], and
+/// the dimension tables beside it.
 pub(crate) fn events_context(
     events: SchemaRef,
+    dimensions: &Dimensions,
 ) -> Result<(SessionContext, BatchSlot), AggregateError> {
     let config = SessionConfig::new()
         .with_target_partitions(1)
         .with_batch_size(65_536)
         .with_information_schema(false);
     let ctx = SessionContext::new_with_config(config);
-    let slot = BatchSlot {
-        schema: events.clone(),
-        batches: Arc::new(Mutex::new(Vec::new())),
-    };
-    let table = StreamingTable::try_new(events, vec![Arc::new(slot.clone())]).map_err(|e| {
-        AggregateError::Catalog {
-            dir: "events".into(),
-            message: e.to_string(),
-        }
-    })?;
-    ctx.register_table("events", Arc::new(table))
-        .map_err(|e| AggregateError::Catalog {
-            dir: "events".into(),
-            message: e.to_string(),
-        })?;
+    let slot = BatchSlot::new(events, Vec::new());
+    slot.register(&ctx, "events")?;
+    dimensions.register(&ctx)?;
     Ok((ctx, slot))
 }
 
 /// Context used only for planning (validation, `tally check`).
-pub(crate) fn planning_context(events: SchemaRef) -> Result<SessionContext, AggregateError> {
-    events_context(events).map(|(ctx, _)| ctx)
+pub(crate) fn planning_context(
+    events: SchemaRef,
+    dimensions: &Dimensions,
+) -> Result<SessionContext, AggregateError> {
+    events_context(events, dimensions).map(|(ctx, _)| ctx)
 }
 
 /// Rows one rollup produced for one batch, in the rollup's canonical schema
@@ -93,12 +124,20 @@ struct Planned {
     def: RollupDef,
     physical: Option<Arc<dyn ExecutionPlan>>,
     runs: u32,
+    /// The physical plan holds state of its run (a join's hash table).
+    per_batch: bool,
+}
+
+/// Whether any node of `plan` is a join.
+fn has_join(plan: &dyn ExecutionPlan) -> bool {
+    plan.name().contains("Join") || plan.children().iter().any(|c| has_join(c.as_ref()))
 }
 
 /// Executes every rollup of a catalog on one batch at a time.
 pub(crate) struct RollupAggregator {
     ctx: SessionContext,
     slot: BatchSlot,
+    dimensions: Dimensions,
     rollups: Vec<Planned>,
 }
 
@@ -116,7 +155,7 @@ impl RollupAggregator {
         catalog: &SqlCatalog,
         events: SchemaRef,
     ) -> Result<Self, AggregateError> {
-        let (ctx, slot) = events_context(events)?;
+        let (ctx, slot) = events_context(events, &catalog.dimensions)?;
         let mut rollups = Vec::new();
         for def in &catalog.rollups {
             let plan = ctx
@@ -139,9 +178,15 @@ impl RollupAggregator {
                 def,
                 physical: None,
                 runs: 0,
+                per_batch: false,
             });
         }
-        Ok(RollupAggregator { ctx, slot, rollups })
+        Ok(RollupAggregator {
+            ctx,
+            slot,
+            dimensions: catalog.dimensions.clone(),
+            rollups,
+        })
     }
 
     #[cfg(test)]
@@ -154,10 +199,15 @@ impl RollupAggregator {
         &mut self,
         batches: &[RecordBatch],
     ) -> Result<Vec<RollupOutput>, AggregateError> {
-        if let Ok(mut slot) = self.slot.batches.lock() {
-            slot.clear();
-            slot.extend(batches.iter().filter(|b| b.num_rows() > 0).cloned());
-        }
+        // Every rollup of this batch sees one version of each dimension.
+        self.dimensions.apply_reloaded();
+        self.slot.set(
+            batches
+                .iter()
+                .filter(|b| b.num_rows() > 0)
+                .cloned()
+                .collect(),
+        );
         let mut outputs = Vec::with_capacity(self.rollups.len());
         for planned in &mut self.rollups {
             let name = planned.def.name.clone();
@@ -165,13 +215,16 @@ impl RollupAggregator {
                 rollup: name.clone(),
                 source: Box::new(e),
             };
-            if planned.physical.is_none() || planned.runs >= REPLAN_EVERY {
+            if planned.physical.is_none() || planned.runs >= REPLAN_EVERY || planned.per_batch {
                 let state = self.ctx.state();
                 let physical = state
                     .query_planner()
                     .create_physical_plan(&planned.def.plan, &state)
                     .await
                     .map_err(err)?;
+                // A join keeps its build side in the plan: plan it afresh
+                // for every batch.
+                planned.per_batch = has_join(physical.as_ref());
                 planned.physical = Some(physical);
                 planned.runs = 0;
             }
@@ -193,9 +246,7 @@ impl RollupAggregator {
                 batches: canon,
             });
         }
-        if let Ok(mut slot) = self.slot.batches.lock() {
-            slot.clear();
-        }
+        self.slot.set(Vec::new());
         Ok(outputs)
     }
 }

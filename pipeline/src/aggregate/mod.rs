@@ -3,14 +3,17 @@
 //!
 //! - [`catalog`] loads the files and derives keys, window and merge rules from
 //!   each plan, refusing anything that cannot be merged.
+//! - [`dimensions`] are the tables (CSV, Parquet) rollups may join.
 //! - [`executor`] runs the planned SQL over a batch (registered as `events`).
 //! - [`rollup`] is the merge algebra, with a reference implementation.
 
 pub(crate) mod catalog;
+pub(crate) mod dimensions;
 pub(crate) mod executor;
 pub(crate) mod rollup;
 
 pub(crate) use catalog::{ColumnKind, RollupDef, SqlCatalog};
+pub(crate) use dimensions::Dimensions;
 pub(crate) use executor::{RollupAggregator, RollupOutput};
 pub(crate) use rollup::MergeRule;
 
@@ -28,6 +31,12 @@ pub enum AggregateError {
         column: Option<String>,
         message: String,
     },
+    #[error("sql.dimensions.{name} ({path}): {message}")]
+    Dimension {
+        name: String,
+        path: String,
+        message: String,
+    },
     #[error("rollup `{rollup}`: executing the SQL on a batch failed: {source}")]
     Execute {
         rollup: String,
@@ -41,7 +50,8 @@ impl AggregateError {
         match self {
             AggregateError::Catalog { .. }
             | AggregateError::Plan { .. }
-            | AggregateError::NotMergeable { .. } => ErrorKind::User,
+            | AggregateError::NotMergeable { .. }
+            | AggregateError::Dimension { .. } => ErrorKind::User,
             AggregateError::Execute { .. } => ErrorKind::Internal,
         }
     }

@@ -143,7 +143,7 @@ impl RollupTable {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::aggregate::{RollupAggregator, SqlCatalog};
+    use crate::aggregate::RollupAggregator;
     use crate::config::Settings;
     use crate::decode::{EventSchema, RecordDecoder};
     use proptest::prelude::*;
@@ -254,7 +254,7 @@ mod tests {
             let rt = runtime();
             rt.block_on(async {
                 let schema = EventSchema::from_config(&s.schema).unwrap();
-                let catalog = SqlCatalog::load(&sql_dir(), schema.arrow.clone(), "event_time").await.unwrap();
+                let catalog = crate::testing::catalog(&sql_dir(), schema.arrow.clone(), "event_time").await.unwrap();
                 let mut agg = RollupAggregator::new(&catalog, schema.arrow.clone()).await.unwrap();
 
                 let mut bounds: Vec<usize> = cuts.iter().map(|i| i.index(events.len() + 1)).collect();
@@ -285,6 +285,9 @@ mod tests {
                     let mut one = RollupTable::default();
                     for b in &single[i].batches { one.merge_batch(def, b); }
                     prop_assert_eq!(&merged[i], &one, "rollup {}", def.name);
+                    if !def.name.ends_with("_video_events") {
+                        continue; // the oracle knows the per-video rollups
+                    }
                     let width_min = def.window_ms / 60_000;
                     prop_assert_eq!(&one, &oracle(&events, width_min), "rollup {} vs oracle", def.name);
                 }

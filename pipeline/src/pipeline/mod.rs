@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
-use crate::aggregate::{RollupAggregator, SqlCatalog};
+use crate::aggregate::{Dimensions, RollupAggregator, SqlCatalog};
 use crate::batch::{Batch, BatchBuilder};
 use crate::config::Settings;
 use crate::decode::{EventSchema, RecordDecoder};
@@ -76,10 +76,12 @@ impl Stages {
         settings: &Settings,
     ) -> Result<(EventSchema, SqlCatalog), Error> {
         let schema = EventSchema::from_config(&settings.schema)?;
-        let catalog = SqlCatalog::load(
+        let dimensions = Dimensions::load(&settings.sql.dimensions).await?;
+        let catalog = SqlCatalog::load_with(
             &settings.sql.rollups_dir,
             schema.arrow.clone(),
             &settings.schema.time_field,
+            dimensions,
         )
         .await?;
         check_retention(settings, &catalog)?;
@@ -176,6 +178,7 @@ pub(crate) async fn run(
         archive,
     } = stages;
     let mut aggregator = RollupAggregator::new(&catalog, schema.arrow.clone()).await?;
+    let _reloader = catalog.dimensions.watch(settings.sql.dimension_reload);
     let decoder = RecordDecoder::new(schema.clone(), &settings.decode);
     let builder = BatchBuilder::new(
         decoder,

@@ -312,7 +312,6 @@ mod tests {
 #[cfg(test)]
 mod sweep_cost {
     use super::*;
-    use crate::aggregate::SqlCatalog;
     use crate::batch::PartitionRange;
     use crate::decode::EventSchema;
     use crate::sink::archive::FileKind;
@@ -326,7 +325,7 @@ mod sweep_cost {
         let dir = tempfile::tempdir().unwrap();
         let settings = crate::testing::settings(dir.path(), &[]);
         let schema = EventSchema::from_config(&settings.schema).unwrap();
-        let catalog = SqlCatalog::load(
+        let catalog = crate::testing::catalog(
             &settings.sql.rollups_dir,
             schema.arrow.clone(),
             &settings.schema.time_field,

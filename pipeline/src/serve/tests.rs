@@ -42,7 +42,17 @@ struct Fixture {
 
 async fn fixture(extra_env: &[(&str, &str)]) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
-    let settings = crate::testing::settings(dir.path(), extra_env);
+    // The videos dimension: v0..v9 in four channels, v10 in none.
+    let videos = dir.path().join("videos.csv");
+    let mut csv = String::from("video_id,channel_id\n");
+    for i in 0..10 {
+        csv.push_str(&format!("v{i},{}\n", channel_of(&format!("v{i}"))));
+    }
+    std::fs::write(&videos, csv).unwrap();
+    let videos = videos.display().to_string();
+    let mut env = vec![("TALLY__SQL__DIMENSIONS__VIDEOS", videos.as_str())];
+    env.extend_from_slice(extra_env);
+    let settings = crate::testing::settings(dir.path(), &env);
     // Three days before NOW, Zipf-ish videos, values on views only.
     let mut rng = ChaCha12Rng::seed_from_u64(7);
     let kinds = ["view", "like", "share"];
@@ -88,6 +98,14 @@ async fn fixture(extra_env: &[(&str, &str)]) -> Fixture {
         app: router(state.clone()),
         state,
         events,
+    }
+}
+
+/// The channel the fixture's videos dimension gives `video`.
+fn channel_of(video: &str) -> String {
+    match video.trim_start_matches('v').parse::<u32>() {
+        Ok(i) if i < 10 => format!("ch-{}", i % 4),
+        _ => "unknown".into(),
     }
 }
 

@@ -463,7 +463,7 @@ async fn an_empty_month_renders_and_bad_inputs_name_the_fix() {
     assert!(e.contains("10_broken.sql") && e.contains("\"y\""), "{e}");
     // `tally check` plans report queries too, without a serving store.
     let schema = crate::decode::EventSchema::from_config(&bad.schema).unwrap();
-    let catalog = crate::aggregate::SqlCatalog::load(
+    let catalog = crate::testing::catalog(
         &bad.sql.rollups_dir,
         schema.arrow.clone(),
         &bad.schema.time_field,

@@ -42,8 +42,16 @@ pub(super) async fn check_generic(f: &Fixture) {
     let (st, v) = get(&f.app, "/v1/rollups").await;
     assert_eq!(st, StatusCode::OK, "{v}");
     let listed = v["rollups"].as_array().unwrap();
-    assert_eq!(listed.len(), 3, "{v}");
-    for r in listed {
+    assert_eq!(listed.len(), 4, "{v}");
+    let channels = listed
+        .iter()
+        .find(|r| r["name"] == "hour_channel_events")
+        .unwrap();
+    assert_eq!(
+        channels["family"],
+        serde_json::json!(["hour_channel_events"])
+    );
+    for r in listed.iter().filter(|r| r["name"] != "hour_channel_events") {
         assert_eq!(r["family"], serde_json::json!(FAMILY), "{r}");
         let keys: Vec<&str> = r["keys"]
             .as_array()
@@ -177,6 +185,41 @@ pub(super) async fn check_generic(f: &Fixture) {
         .collect();
     assert_eq!(got, want);
     assert_eq!(v["truncated"], true);
+
+    // Views per channel (the videos dimension) over whole hours.
+    for (s, e) in [(NOW - 3 * D, NOW), (NOW - 2 * D + 5 * H, NOW - D + 7 * H)] {
+        let (st, v) = get(
+            &f.app,
+            &format!(
+                "/v1/rollups/hour_channel_events?{}&event_type=view&group_by=channel_id",
+                range_q(s, e)
+            ),
+        )
+        .await;
+        assert_eq!(st, StatusCode::OK, "{v}");
+        let mut want: BTreeMap<String, (i64, f64)> = BTreeMap::new();
+        for ev in brute(&f.events, None, Some("view"), s, e) {
+            let w = want.entry(channel_of(&ev.video)).or_default();
+            w.0 += 1;
+            w.1 += ev.value.unwrap_or(0.0);
+        }
+        let got: BTreeMap<String, (i64, f64)> = v["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                (
+                    r["channel_id"].as_str().unwrap().to_string(),
+                    (
+                        r["events"].as_i64().unwrap(),
+                        r["value_sum"].as_f64().unwrap(),
+                    ),
+                )
+            })
+            .collect();
+        assert_eq!(got.len(), 5, "four channels and unknown: {v}");
+        assert_eq!(got, want, "{v}");
+    }
 }
 
 #[tokio::test]

@@ -31,12 +31,11 @@ fn placeholders_are_numbered_for_postgres() {
 #[tokio::test]
 #[allow(clippy::unwrap_used)]
 async fn new_sqlite_stores_use_large_pages_and_old_ones_still_open() {
-    use crate::aggregate::SqlCatalog;
     use crate::decode::EventSchema;
     let dir = tempfile::tempdir().unwrap();
     let settings = crate::testing::settings(dir.path(), &[]);
     let schema = EventSchema::from_config(&settings.schema).unwrap();
-    let catalog = SqlCatalog::load(
+    let catalog = crate::testing::catalog(
         &settings.sql.rollups_dir,
         schema.arrow.clone(),
         &settings.schema.time_field,
@@ -89,14 +88,13 @@ async fn new_sqlite_stores_use_large_pages_and_old_ones_still_open() {
 #[tokio::test]
 #[allow(clippy::unwrap_used)]
 async fn merge_rows_are_ordered_by_the_whole_key() {
-    use crate::aggregate::SqlCatalog;
     use crate::decode::EventSchema;
     use datafusion::arrow::array::{ArrayRef, Float64Array, Int64Array, StringArray};
     use rand::{Rng, SeedableRng};
     let dir = tempfile::tempdir().unwrap();
     let settings = crate::testing::settings(dir.path(), &[]);
     let schema = EventSchema::from_config(&settings.schema).unwrap();
-    let catalog = SqlCatalog::load(
+    let catalog = crate::testing::catalog(
         &settings.sql.rollups_dir,
         schema.arrow.clone(),
         &settings.schema.time_field,
@@ -191,12 +189,12 @@ struct Fixture {
 
 #[allow(clippy::unwrap_used)]
 async fn fixture(batches: i64, per_batch: i64, videos: i64) -> Fixture {
-    use crate::aggregate::{RollupAggregator, SqlCatalog};
+    use crate::aggregate::RollupAggregator;
     use crate::decode::{EventSchema, RecordDecoder};
     let dir = tempfile::tempdir().unwrap();
     let settings = crate::testing::settings(dir.path(), &[]);
     let schema = EventSchema::from_config(&settings.schema).unwrap();
-    let catalog = SqlCatalog::load(
+    let catalog = crate::testing::catalog(
         &settings.sql.rollups_dir,
         schema.arrow.clone(),
         &settings.schema.time_field,

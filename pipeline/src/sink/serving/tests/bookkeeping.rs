@@ -22,7 +22,7 @@ async fn partition_starts_register_once_and_resets_fence_running_writers() {
     let dir = tempfile::tempdir().unwrap();
     let settings = crate::testing::settings(dir.path(), &[]);
     let schema = crate::decode::EventSchema::from_config(&settings.schema).unwrap();
-    let catalog = crate::aggregate::SqlCatalog::load(
+    let catalog = crate::testing::catalog(
         &settings.sql.rollups_dir,
         schema.arrow.clone(),
         &settings.schema.time_field,
@@ -97,13 +97,8 @@ async fn edited_rollup_definitions_are_refused() {
     let sql =
         std::fs::read_to_string(settings.sql.rollups_dir.join("hour_video_events.sql")).unwrap();
     let file = sql_dir.join("hour_video_events.sql");
-    let load = || {
-        crate::aggregate::SqlCatalog::load(
-            &sql_dir,
-            schema.arrow.clone(),
-            &settings.schema.time_field,
-        )
-    };
+    let load =
+        || crate::testing::catalog(&sql_dir, schema.arrow.clone(), &settings.schema.time_field);
     let url = format!("sqlite://{}/serving.db", dir.path().display());
     std::fs::write(&file, &sql).unwrap();
     ServingStore::open(&url, &load().await.unwrap().rollups)
@@ -142,7 +137,7 @@ async fn committed_among_finds_exactly_the_recorded_paths() {
     let dir = tempfile::tempdir().unwrap();
     let settings = crate::testing::settings(dir.path(), &[]);
     let schema = crate::decode::EventSchema::from_config(&settings.schema).unwrap();
-    let catalog = crate::aggregate::SqlCatalog::load(
+    let catalog = crate::testing::catalog(
         &settings.sql.rollups_dir,
         schema.arrow.clone(),
         &settings.schema.time_field,
