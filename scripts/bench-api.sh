@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # API latency benchmark: p50/p99/p99.9 of /v1/count and /v1/stats over 30-day
 # (and 400-day) ranges, and of generic /v1/rollups queries (2 days: one video
-# grouped by event type; ten videos grouped by video), at a fixed request rate (open loop), idle and while
+# grouped by event type; ten videos grouped by video; views per channel), at a fixed request rate (open loop), idle and while
 # ingest runs at a high rate. Prints one markdown table.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -71,6 +71,10 @@ done
 for r in $RATES; do
   "$BENCH" --log warn api --rate "$r" --duration "$DURATION" --days 2 --videos 10000 --generic 10 \
     --label "idle, /v1/rollups: 2 days, 10 videos grouped by video"
+done
+for r in $RATES; do
+  "$BENCH" --log warn api --rate "$r" --duration "$DURATION" --days 2 --videos 10000 --generic 0 \
+    --label "idle, /v1/rollups: 2 days of hour_channel_events, views grouped by channel (21 values)"
 done
 "$TALLY" --log warn produce --rate "$INGEST_RATE" --count $((INGEST_RATE * 600)) --videos 10000 --time-spread 2s 2>"$OUT/produce.log" &
 PROD=$!

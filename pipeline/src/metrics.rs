@@ -157,6 +157,8 @@ pub struct Metrics {
     committed_offsets: Mutex<BTreeMap<i32, i64>>,
     http: Mutex<BTreeMap<(String, u16), u64>>,
     http_duration: Mutex<BTreeMap<String, std::sync::Arc<Histogram>>>,
+    /// The dimension tables `tally run` joins (their reload counters).
+    dimensions: Mutex<Option<crate::aggregate::Dimensions>>,
 }
 
 impl Default for Metrics {
@@ -214,6 +216,7 @@ impl Metrics {
             committed_offsets: Mutex::new(BTreeMap::new()),
             http: Mutex::new(BTreeMap::new()),
             http_duration: Mutex::new(BTreeMap::new()),
+            dimensions: Mutex::new(None),
         }
     }
 
@@ -578,6 +581,7 @@ impl Metrics {
             load(&self.verify_runs),
         );
         self.render_retention(o);
+        self.render_dimensions(o);
         let drift = self.verify_drift_rows.load(Ordering::Relaxed);
         if drift >= 0 {
             gauge(
@@ -614,6 +618,36 @@ impl Metrics {
         if let Ok(mut m) = self.retention_files.lock() {
             *m.entry("dlq").or_default() += dead_letter_files;
             *m.entry("raw").or_default() += raw_files;
+        }
+    }
+
+    /// Report the reloads of these dimension tables.
+    pub fn watch_dimensions(&self, dimensions: &crate::aggregate::Dimensions) {
+        if let Ok(mut d) = self.dimensions.lock() {
+            *d = Some(dimensions.clone());
+        }
+    }
+
+    fn render_dimensions(&self, o: &mut String) {
+        let Some(dims) = self.dimensions.lock().ok().and_then(|d| d.clone()) else {
+            return;
+        };
+        let (reloads, errors) = dims.reload_counts();
+        counter(
+            o,
+            "tally_dimension_reloads_total",
+            "Changed dimension files read again and used from the next batch.",
+            reloads,
+        );
+        counter(o, "tally_dimension_reload_errors_total", "Changed dimension files not used (unreadable, or their columns changed): rollups keep the previous rows.", errors);
+        header(
+            o,
+            "tally_dimension_rows",
+            "gauge",
+            "Rows of each dimension table in use, by dimension.",
+        );
+        for (name, _, rows) in dims.describe() {
+            let _ = writeln!(o, "tally_dimension_rows{{dimension=\"{name}\"}} {rows}");
         }
     }
 

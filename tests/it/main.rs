@@ -3,6 +3,7 @@ mod api;
 mod backfill;
 mod cli;
 pub(crate) mod crash;
+mod dimensions;
 mod dlq;
 mod docs;
 mod e2e;

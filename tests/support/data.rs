@@ -114,8 +114,18 @@ pub fn channel_of(video: &str) -> String {
 pub type ExpectedChannels = BTreeMap<(String, String, i64), (i64, Option<i64>)>;
 
 pub fn expected_channel_rollup(messages: &[Message]) -> ExpectedChannels {
-    let mut channels: BTreeMap<String, String> = BTreeMap::new();
     let mut out = ExpectedChannels::new();
+    add_channel_rollup(&mut out, messages, channel_of);
+    out
+}
+
+/// Add `messages` to `out`, with `channel` mapping a video to its channel.
+pub fn add_channel_rollup(
+    out: &mut ExpectedChannels,
+    messages: &[Message],
+    channel: impl Fn(&str) -> String,
+) {
+    let mut channels: BTreeMap<String, String> = BTreeMap::new();
     for m in messages {
         if let Expect::Accepted {
             video,
@@ -127,7 +137,7 @@ pub fn expected_channel_rollup(messages: &[Message]) -> ExpectedChannels {
         {
             let channel = channels
                 .entry(video.clone())
-                .or_insert_with(|| channel_of(video))
+                .or_insert_with(|| channel(video))
                 .clone();
             let w = time_ms - time_ms.rem_euclid(3_600_000);
             let e = out.entry((channel, kind.clone(), w)).or_insert((0, None));
@@ -137,5 +147,4 @@ pub fn expected_channel_rollup(messages: &[Message]) -> ExpectedChannels {
             }
         }
     }
-    out
 }

@@ -82,7 +82,8 @@ pub(crate) fn query_paths(videos: u64, days: i64, end_ms: i64, seed: u64) -> Vec
 
 /// Paths for `GET /v1/rollups/hour_video_events` over `days`-day ranges
 /// ending at `end_ms` (hour-aligned): `per` videos (`video_id` repeated),
-/// grouped by video (one video: by event type).
+/// grouped by video (one video: by event type). `per` 0: views per channel
+/// from `hour_channel_events` (the videos dimension's ~20 channels).
 pub(crate) fn generic_paths(
     videos: u64,
     per: usize,
@@ -99,6 +100,16 @@ pub(crate) fn generic_paths(
             .replace(':', "%3A")
     };
     let (s, e) = (fmt(start), fmt(end));
+    if per == 0 {
+        return vec![format!(
+            "/v1/rollups/hour_channel_events?start={s}&end={e}&event_type=view&group_by=channel_id"
+        )];
+    }
+    if per == 0 {
+        return vec![format!(
+            "/v1/rollups/hour_channel_events?start={s}&end={e}&event_type=view&group_by=channel_id"
+        )];
+    }
     let mut rng = ChaCha12Rng::seed_from_u64(seed);
     (0..4096)
         .map(|_| {

@@ -90,7 +90,8 @@ struct ApiArgs {
     #[arg(long, default_value_t = 30)]
     days: i64,
     /// Query the any-rollup endpoint instead: `GET /v1/rollups/hour_video_events`
-    /// for N videos (the key repeated), grouped by video (by event type when N is 1).
+    /// for N videos (the key repeated), grouped by video (by event type when N is 1);
+    /// 0: views per channel from `hour_channel_events`.
     #[arg(long)]
     generic: Option<usize>,
     /// Label printed with the results.

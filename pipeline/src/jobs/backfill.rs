@@ -79,6 +79,7 @@ pub async fn backfill(
     let base = recompute(
         settings,
         &schema,
+        &catalog.dimensions,
         &defs,
         &ranges,
         &snapshot,
@@ -101,7 +102,16 @@ pub async fn backfill(
     let delta = if delta_files.is_empty() {
         Vec::new()
     } else {
-        recompute(settings, &schema, &defs, &ranges, &delta_files, None).await?
+        recompute(
+            settings,
+            &schema,
+            &catalog.dimensions,
+            &defs,
+            &ranges,
+            &delta_files,
+            None,
+        )
+        .await?
     };
 
     // 3. Replace, in the same transaction.

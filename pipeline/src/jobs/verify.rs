@@ -93,6 +93,7 @@ fn batch_rows(def: &RollupDef, b: &RecordBatch, lo: i64, hi: i64, out: &mut Rows
 pub async fn recompute(
     settings: &Settings,
     schema: &EventSchema,
+    dimensions: &crate::aggregate::Dimensions,
     defs: &[RollupDef],
     ranges: &[(i64, i64)],
     files: &[String],
@@ -117,6 +118,7 @@ pub async fn recompute(
             .map_err(err)?;
         ctx.register_table("raw", df.into_view()).map_err(err)?;
     }
+    dimensions.register(&ctx)?;
     let select = crate::decode::events_select(schema, &ctx);
     let t = &settings.schema.time_field;
     ctx.sql(&format!(
@@ -293,7 +295,16 @@ pub async fn verify(
 
     // Recompute with the same SQL, over exactly those files.
     let owned: Vec<RollupDef> = defs.iter().map(|d| (*d).clone()).collect();
-    let recomputed = recompute(settings, &schema, &owned, &ranges, &files, None).await?;
+    let recomputed = recompute(
+        settings,
+        &schema,
+        &catalog.dimensions,
+        &owned,
+        &ranges,
+        &files,
+        None,
+    )
+    .await?;
     let mut report = VerifyReport {
         files: files.len(),
         ..Default::default()

@@ -179,6 +179,7 @@ pub(crate) async fn run(
     } = stages;
     let mut aggregator = RollupAggregator::new(&catalog, schema.arrow.clone()).await?;
     let _reloader = catalog.dimensions.watch(settings.sql.dimension_reload);
+    metrics.watch_dimensions(&catalog.dimensions);
     let decoder = RecordDecoder::new(schema.clone(), &settings.decode);
     let builder = BatchBuilder::new(
         decoder,
