@@ -278,6 +278,43 @@ pub(crate) fn statement(
             }
             continue;
         }
+        if let Some(lead) = lead_walk(r, family, seg.tier, ask) {
+            let cte = match walks.get(&seg.tier) {
+                Some(name) => name.clone(),
+                None => {
+                    let name = format!("tally_k{}", ctes.len());
+                    ctes.push(lead_walk_cte(&name, &lead, &family.tables[seg.tier]));
+                    walks.insert(seg.tier, name.clone());
+                    name
+                }
+            };
+            for table in &family.tables[seg.tier] {
+                let mut cols: Vec<String> = keys.iter().map(|k| format!("t.{k}")).collect();
+                if ask.granularity.is_some() {
+                    cols.push(format!("t.{w} AS tally_bucket"));
+                }
+                cols.extend(measures.iter().map(|m| format!("t.{m}")));
+                let mut cond = vec![
+                    format!("t.{w} >= {}", arg(Arg::Int(seg.lo))),
+                    format!("t.{w} < {}", arg(Arg::Int(seg.hi))),
+                ];
+                for (k, values) in &ask.filters {
+                    let list: Vec<String> = values.iter().map(|v| arg(v.clone())).collect();
+                    cond.push(format!(
+                        "t.{} IN ({})",
+                        quote(&r.keys[*k].0),
+                        list.join(", ")
+                    ));
+                }
+                parts.push(format!(
+                    "SELECT {} FROM {cte} JOIN {table} t ON t.{} = {cte}.c0 WHERE {}",
+                    cols.join(", "),
+                    quote(&lead),
+                    cond.join(" AND ")
+                ));
+            }
+            continue;
+        }
         for table in &family.tables[seg.tier] {
             let mut cols: Vec<String> = keys.clone();
             if ask.granularity.is_some() {
@@ -455,6 +492,44 @@ impl SkipScan {
             first_of(name, true),
         )
     }
+}
+
+/// The leading key of a tier whose primary key is (an unfiltered leading
+/// key, filtered keys…, window), such as views per channel (channel,
+/// event_type, window) filtered on the type: without an index on the window,
+/// such a query reads the whole table. Walking the leading key's distinct
+/// values (one B-tree probe each) lets every value seek its window range.
+fn lead_walk(r: &ServedRollup, family: &Family, tier: usize, ask: &Ask) -> Option<String> {
+    let pk = family.pk.get(tier)?;
+    let window = &family.tiers.tiers.get(tier)?.window;
+    let (last, rest) = pk.split_last()?;
+    let (lead, middle) = rest.split_first()?;
+    let filtered = |name: &str| {
+        ask.filters
+            .iter()
+            .any(|(k, _)| r.keys.get(*k).is_some_and(|(n, _)| n == name))
+    };
+    (last == window && !filtered(lead) && middle.iter().all(|k| filtered(k))).then(|| lead.clone())
+}
+
+/// `name(c0)`: the distinct values of `lead` in any of `tables`, ascending.
+fn lead_walk_cte(name: &str, lead: &str, tables: &[String]) -> String {
+    let lead = quote(lead);
+    let first = |after: Option<&str>| {
+        let mins: Vec<String> = tables
+            .iter()
+            .map(|t| match after {
+                Some(prev) => format!("SELECT min({lead}) AS v FROM {t} WHERE {lead} > {prev}"),
+                None => format!("SELECT min({lead}) AS v FROM {t}"),
+            })
+            .collect();
+        format!("(SELECT min(v) FROM ({}) f)", mins.join(" UNION ALL "))
+    };
+    format!(
+        "{name}(c0) AS (SELECT {} UNION ALL SELECT {} FROM {name} WHERE {name}.c0 IS NOT NULL)",
+        first(None),
+        first(Some(&format!("{name}.c0"))),
+    )
 }
 
 /// Column `i` of the prefix in `outer`: VALUES rows name theirs
