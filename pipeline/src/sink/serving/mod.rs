@@ -16,6 +16,7 @@
 mod archive_record;
 pub(crate) mod compaction;
 mod pg_archive;
+mod pg_copy;
 mod postgres;
 pub(crate) mod reads;
 pub(crate) mod restore;

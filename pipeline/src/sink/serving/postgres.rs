@@ -275,7 +275,7 @@ impl PgStore {
                 .map_err(db("delete windows"))?
                 .rows_affected();
         }
-        merge_rows(&mut tx, &self.tables, outputs).await?;
+        super::pg_copy::insert_replaced(&mut tx, &self.tables, ranges, outputs).await?;
         tx.commit().await.map_err(db("commit"))?;
         Ok(deleted)
     }
@@ -621,7 +621,7 @@ async fn commit(
 /// per rollup batch (one array per column, rows in key order, so concurrent
 /// writers lock shared rows in one order): a single statement text per
 /// table whatever the row count.
-async fn merge_rows(
+pub(super) async fn merge_rows(
     conn: &mut PgConnection,
     tables: &[TableSpec],
     outputs: &[RollupOutput],
