@@ -3,11 +3,13 @@
 //! (`FROM events e LEFT JOIN videos v ON e.video_id = v.video_id`).
 //!
 //! Each file is read whole into memory at startup. `tally run` looks for a
-//! changed file (modification time or size) every `sql.dimension_reload` and
-//! reads it again in the background; the aggregator swaps the new rows in
-//! between batches, so every rollup of one batch sees one version. A file
-//! that cannot be read, or whose columns changed, keeps the old rows and is
-//! reported (`tally_dimension_reload_errors_total`).
+//! changed file (modification time or size) every `sql.dimension_reload`;
+//! once a change has held still for one interval (a writer that rewrites the
+//! file in place is not read half-way), it reads the file again in the
+//! background, and the aggregator swaps the new rows in between batches, so
+//! every rollup of one batch sees one version. A file that cannot be read, or
+//! whose columns changed, keeps the old rows and is reported
+//! (`tally_dimension_reload_errors_total`).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -44,8 +46,19 @@ struct Dimension {
     schema: SchemaRef,
     /// What plans read.
     slot: BatchSlot,
-    /// The version last read, and rows read but not yet swapped in.
-    state: Mutex<(Stamp, Option<Vec<RecordBatch>>)>,
+    state: Mutex<State>,
+}
+
+#[derive(Debug)]
+struct State {
+    /// The version in use (or refused).
+    loaded: Stamp,
+    /// A different version seen at the last check, read once it is seen again.
+    seen: Option<Stamp>,
+    /// Rows read but not yet swapped in.
+    fresh: Option<Vec<RecordBatch>>,
+    /// The file could not be looked at (reported once until it can).
+    missing: bool,
 }
 
 impl Dimensions {
@@ -61,7 +74,12 @@ impl Dimensions {
                 path: path.clone(),
                 schema: schema.clone(),
                 slot: BatchSlot::new(schema, batches),
-                state: Mutex::new((stamp, None)),
+                state: Mutex::new(State {
+                    loaded: stamp,
+                    seen: None,
+                    fresh: None,
+                    missing: false,
+                }),
             });
         }
         Ok(Dimensions {
@@ -101,7 +119,7 @@ impl Dimensions {
     /// Swap in the rows of files reloaded since the last call.
     pub(crate) fn apply_reloaded(&self) {
         for d in self.tables.iter() {
-            let fresh = d.state.lock().ok().and_then(|mut s| s.1.take());
+            let fresh = d.state.lock().ok().and_then(|mut s| s.fresh.take());
             if let Some(batches) = fresh {
                 d.slot.set(batches);
                 self.reloads.fetch_add(1, Ordering::Relaxed);
@@ -109,37 +127,60 @@ impl Dimensions {
         }
     }
 
-    /// Read again each file whose modification time or size changed; the
-    /// rows wait for [`Self::apply_reloaded`]. Returns the names reloaded.
+    /// Read again each file whose modification time or size changed and
+    /// then held still since the previous call; the rows wait for
+    /// [`Self::apply_reloaded`]. Returns the names reloaded.
     pub async fn reload_changed(&self) -> Vec<String> {
         let mut reloaded = Vec::new();
         for d in self.tables.iter() {
-            let seen = d.state.lock().map(|s| s.0).ok();
-            let now = match stamp(&d.name, &d.path) {
+            let Ok((loaded, seen)) = d.state.lock().map(|s| (s.loaded, s.seen)) else {
+                continue;
+            };
+            let looked = stamp(&d.name, &d.path);
+            let was_missing = d
+                .state
+                .lock()
+                .map(|mut s| std::mem::replace(&mut s.missing, looked.is_err()))
+                .unwrap_or(false);
+            let now = match looked {
                 Ok(now) => now,
                 Err(e) => {
-                    self.reload_errors.fetch_add(1, Ordering::Relaxed);
-                    tracing::error!(error = %e, "dimension table not reloaded; rollups keep its previous rows");
+                    if !was_missing {
+                        self.reload_errors.fetch_add(1, Ordering::Relaxed);
+                        tracing::error!(error = %e, "dimension table not reloaded; rollups keep its previous rows");
+                    }
                     continue;
                 }
             };
-            if seen == Some(now) {
+            if now == loaded || seen != Some(now) {
+                // Unchanged, or changed since the last look: look again.
+                if let Ok(mut s) = d.state.lock() {
+                    s.seen = (now != loaded).then_some(now);
+                }
                 continue;
             }
-            match read(&d.name, &d.path).await {
+            let read = read(&d.name, &d.path).await;
+            if stamp(&d.name, &d.path).ok() != Some(now) {
+                // Written to while read: wait until it holds still.
+                continue;
+            }
+            match read {
                 Ok((schema, _)) if schema.fields() != d.schema.fields() => {
                     self.reload_errors.fetch_add(1, Ordering::Relaxed);
                     tracing::error!(dimension = %d.name, path = %d.path.display(), was = ?field_list(&d.schema), now = ?field_list(&schema),
                         "dimension table not reloaded: its columns changed, which the planned rollups cannot follow; restore the columns, or restart tally to plan with the new ones");
                     if let Ok(mut s) = d.state.lock() {
-                        s.0 = now;
+                        s.loaded = now;
+                        s.seen = None;
                     }
                 }
                 Ok((_, batches)) => {
                     let rows: usize = batches.iter().map(RecordBatch::num_rows).sum();
                     tracing::info!(dimension = %d.name, path = %d.path.display(), rows, "dimension table reloaded; rollups use it from the next batch");
                     if let Ok(mut s) = d.state.lock() {
-                        *s = (now, Some(batches));
+                        s.loaded = now;
+                        s.seen = None;
+                        s.fresh = Some(batches);
                     }
                     reloaded.push(d.name.clone());
                 }

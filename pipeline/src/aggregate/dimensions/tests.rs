@@ -98,6 +98,8 @@ async fn a_csv_dimension_joins_and_a_changed_file_is_used_from_the_next_batch() 
     assert!(dims.reload_changed().await.is_empty());
     // v1 moves to another channel, v3 is added (the size changes).
     std::fs::write(&csv, "video_id,channel_id\nv1,ch-c\nv2,ch-b\nv3,ch-d\n").unwrap();
+    // Read once the change has held still from one look to the next.
+    assert!(dims.reload_changed().await.is_empty());
     assert_eq!(dims.reload_changed().await, ["dims"]);
     assert_eq!(
         dims.reload_counts(),
@@ -111,10 +113,12 @@ async fn a_csv_dimension_joins_and_a_changed_file_is_used_from_the_next_batch() 
     // A column added: the planned rollup keeps the previous rows.
     std::fs::write(&csv, "video_id,channel_id,title\nv1,ch-x,t\n").unwrap();
     assert!(dims.reload_changed().await.is_empty());
+    assert!(dims.reload_changed().await.is_empty());
     assert_eq!(per_channel(&mut agg, &batch).await, after);
     assert_eq!(dims.reload_counts(), (1, 1));
-    // A file gone: kept, reported.
+    // A file gone: kept, reported once.
     std::fs::remove_file(&csv).unwrap();
+    assert!(dims.reload_changed().await.is_empty());
     assert!(dims.reload_changed().await.is_empty());
     assert_eq!(per_channel(&mut agg, &batch).await, after);
     assert_eq!(dims.reload_counts(), (1, 2));
