@@ -195,3 +195,70 @@ async fn three_instances_over_six_partitions_one_killed_one_added() {
     verify_outputs_in(&data, &db, &topic, &messages).await;
     report_faults(&[("sigkill", 1), ("instances_joined", 4)]);
 }
+
+/// `tally backfill` on PostgreSQL, where a rollup recomputed once is
+/// COPYed into its emptied windows: aborted inside its transaction it
+/// changes nothing; run again it rewrites the shipped rollups exactly and
+/// fills a new rollup's empty table with exactly the archive's counts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backfill_killed_inside_its_transaction_changes_nothing() {
+    let dir = test_dir();
+    let pg = pg_store().await;
+    let db = pg.path();
+    let broker = Broker::start(dir.path());
+    let topic = unique("pgbf");
+    broker.create_topic(&topic, 2).await;
+    let now = chrono::Utc::now().timestamp_millis();
+    let messages = dataset(93, 3_000, now);
+    produce(&broker.bootstrap(), &topic, &messages).await;
+    let end = broker.end_offsets(&topic, 2);
+    let data = dir.path().join("data");
+    let mut env = pg_env(&broker, &topic, &unique("g"), &data, &pg, "run");
+    let mut tally = Tally::start(&env);
+    wait_committed(&db, &topic, &end, Duration::from_secs(120), &mut tally).await;
+    assert!(tally.stop().success());
+
+    // A new rollup beside the shipped ones.
+    let rollups = copy_of_rollups(dir.path());
+    std::fs::copy(
+        rollups.join("hour_video_events.sql"),
+        rollups.join("new_hour_video_events.sql"),
+    )
+    .unwrap();
+    env.set("TALLY__SQL__ROLLUPS_DIR", &rollups.display().to_string());
+    let day = 86_400_000;
+    let (from, to) = (
+        rfc3339(now - now.rem_euclid(day) - day),
+        rfc3339(now - now.rem_euclid(day) + day),
+    );
+    for rollup in ["hour_video_events", "new_hour_video_events"] {
+        let out = tally_command()
+            .args(["backfill", "--from", &from, "--to", &to, "--rollup", rollup])
+            .envs(env.vars.iter().cloned())
+            .env("TALLY_FAILPOINT", "inside_backfill_transaction")
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(
+            !out.status.success() && text.contains("failpoint reached"),
+            "{rollup}: {text}"
+        );
+        verify_outputs_in(&data, &db, &topic, &messages).await;
+        assert!(serving_rollup(&db, "new_hour_video_events")
+            .await
+            .is_empty());
+    }
+    for rollup in ["hour_video_events", "new_hour_video_events"] {
+        let (ok, out) = run_job(
+            &env,
+            &["backfill", "--from", &from, "--to", &to, "--rollup", rollup],
+        );
+        assert!(ok, "{rollup}: {out}");
+    }
+    verify_outputs_in(&data, &db, &topic, &messages).await;
+    assert_eq!(
+        serving_rollup(&db, "new_hour_video_events").await,
+        expected_rollup(&messages, 3_600_000),
+        "a new rollup's history, COPYed"
+    );
+}

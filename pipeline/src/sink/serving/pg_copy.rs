@@ -36,7 +36,9 @@ pub(super) async fn insert_replaced(
             _ => upsert.extend(parts.into_iter().cloned()),
         }
     }
-    super::postgres::merge_rows(conn, tables, &upsert).await
+    super::postgres::merge_rows(conn, tables, &upsert).await?;
+    crate::failpoint::failpoint("inside_backfill_transaction");
+    Ok(())
 }
 
 /// COPY `batches` (canonical rollup rows) into `spec`'s table; the rows

@@ -369,6 +369,7 @@ impl SqliteStore {
         }
         let direct = vec![true; self.inner.tables.len()];
         merge_rows(&conn, &self.inner.tables, outputs, &direct)?;
+        crate::failpoint::failpoint("inside_backfill_transaction");
         conn.execute_batch("COMMIT").map_err(sq("commit"))?;
         Ok(deleted)
     }
