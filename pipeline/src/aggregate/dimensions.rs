@@ -185,9 +185,14 @@ impl Dimensions {
                     reloaded.push(d.name.clone());
                 }
                 Err(e) => {
-                    // Perhaps caught mid-write: try again next time.
+                    // The file held still, so this version is bad: not
+                    // read again until it changes.
                     self.reload_errors.fetch_add(1, Ordering::Relaxed);
                     tracing::error!(error = %e, "dimension table not reloaded; rollups keep its previous rows");
+                    if let Ok(mut s) = d.state.lock() {
+                        s.loaded = now;
+                        s.seen = None;
+                    }
                 }
             }
         }

@@ -116,12 +116,19 @@ async fn a_csv_dimension_joins_and_a_changed_file_is_used_from_the_next_batch() 
     assert!(dims.reload_changed().await.is_empty());
     assert_eq!(per_channel(&mut agg, &batch).await, after);
     assert_eq!(dims.reload_counts(), (1, 1));
+    // A file that cannot be parsed (a row with a field too many): kept,
+    // reported once.
+    std::fs::write(&csv, "video_id,channel_id\nv1,ch-y\nv2,ch-z,extra\n").unwrap();
+    for _ in 0..3 {
+        assert!(dims.reload_changed().await.is_empty());
+    }
+    assert_eq!(per_channel(&mut agg, &batch).await, after);
     // A file gone: kept, reported once.
     std::fs::remove_file(&csv).unwrap();
     assert!(dims.reload_changed().await.is_empty());
     assert!(dims.reload_changed().await.is_empty());
     assert_eq!(per_channel(&mut agg, &batch).await, after);
-    assert_eq!(dims.reload_counts(), (1, 2));
+    assert_eq!(dims.reload_counts(), (1, 3));
 }
 
 /// A Parquet file is a dimension table too.
