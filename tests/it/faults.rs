@@ -383,7 +383,19 @@ async fn rebalances_and_a_frozen_zombie_stay_exact() {
             .success());
     };
     signal("-STOP", a.child.id());
+    // Frozen until B has committed past it (B may need a while to get its
+    // partitions back after the rebalances, on a loaded machine).
+    let frozen_at = crate::crash::committed_total(&db).await;
     tokio::time::sleep(Duration::from_secs(6)).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    while crate::crash::committed_total(&db).await <= frozen_at {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "B committed nothing while the zombie was frozen: {}",
+            b.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     signal("-CONT", a.child.id());
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while !std::fs::read_to_string(&env_z.log)
