@@ -21,6 +21,8 @@ pub enum ColumnKind {
     Int,
     /// 64-bit float.
     Real,
+    /// A serialized sketch (BLOB / BYTEA).
+    Bytes,
 }
 
 impl ColumnKind {
@@ -29,6 +31,7 @@ impl ColumnKind {
             ColumnKind::Text => DataType::Utf8,
             ColumnKind::Int => DataType::Int64,
             ColumnKind::Real => DataType::Float64,
+            ColumnKind::Bytes => DataType::Binary,
         }
     }
     fn of(dt: &DataType) -> Option<ColumnKind> {
@@ -44,6 +47,7 @@ impl ColumnKind {
             | DataType::Boolean
             | DataType::Timestamp(_, _) => Some(ColumnKind::Int),
             DataType::Float32 | DataType::Float64 => Some(ColumnKind::Real),
+            DataType::Binary => Some(ColumnKind::Bytes),
             _ => None,
         }
     }
@@ -56,8 +60,11 @@ pub struct RollupColumn {
     pub kind: ColumnKind,
     /// `None` for key columns.
     pub merge: Option<MergeRule>,
-    /// The aggregate function of a measure (`count`, `sum`, `min`, `max`).
+    /// The aggregate function of a measure (`count`, `sum`, `min`, `max`,
+    /// `approx_distinct`, `approx_percentile_cont`).
     pub aggregate: Option<String>,
+    /// `approx_percentile_cont`'s percentile: the rank the measure answers.
+    pub quantile: Option<f64>,
     /// Source type was a timestamp (stored as epoch ms).
     pub timestamp: bool,
 }
@@ -305,6 +312,9 @@ pub(crate) async fn plan_rollup(
     })
 }
 
+/// A measure's merge rule, aggregate function and percentile.
+type Measure = (MergeRule, String, Option<f64>);
+
 /// A refusal naming the file, the column (if any) and the fix.
 type Refuse<'a> = dyn Fn(Option<&str>, String) -> AggregateError + 'a;
 
@@ -358,8 +368,8 @@ fn split_columns(
     refuse: &Refuse<'_>,
 ) -> Result<
     (
-        Vec<(String, Option<(MergeRule, String)>)>,
-        Vec<(String, Option<(MergeRule, String)>)>,
+        Vec<(String, Option<Measure>)>,
+        Vec<(String, Option<Measure>)>,
         (String, i64),
     ),
     AggregateError,
@@ -397,12 +407,12 @@ fn split_columns(
             columns_keys.push((out_name.clone(), None));
         } else {
             let expr = &aggregate.aggr_expr[*idx - group_len];
-            let rule = merge_rule(expr).map_err(|m| refuse(Some(out_name), m))?;
+            let (rule, quantile) = merge_rule(expr).map_err(|m| refuse(Some(out_name), m))?;
             let function = match strip_alias(expr) {
                 Expr::AggregateFunction(af) => af.func.name().to_ascii_lowercase(),
                 _ => rule.name().to_string(),
             };
-            columns_measures.push((out_name.clone(), Some((rule, function))));
+            columns_measures.push((out_name.clone(), Some((rule, function, quantile))));
         }
     }
     // A window in GROUP BY that is not selected cannot be stored.
@@ -428,7 +438,7 @@ fn split_columns(
     if columns_measures.is_empty() {
         return Err(refuse(
             None,
-            "no measures; select at least one of count(*), sum(x), min(x), max(x)".into(),
+            "no measures; select at least one of count(*), sum(x), min(x), max(x), approx_distinct(x), approx_percentile_cont(x, p)".into(),
         ));
     }
     Ok((columns_keys, columns_measures, (window_name, window_ms)))
@@ -438,16 +448,16 @@ fn split_columns(
 /// fields of the rollup's output, checked: storable types, no nullable keys.
 fn typed_columns(
     out_schema: &Schema,
-    named: impl Iterator<Item = (String, Option<(MergeRule, String)>)>,
+    named: impl Iterator<Item = (String, Option<Measure>)>,
     window_name: &str,
     refuse: &Refuse<'_>,
 ) -> Result<(Vec<RollupColumn>, Vec<Field>), AggregateError> {
     let mut columns = Vec::new();
     let mut fields = Vec::new();
     for (i, (col_name, measure)) in named.enumerate() {
-        let (merge, aggregate) = match measure {
-            Some((rule, function)) => (Some(rule), Some(function)),
-            None => (None, None),
+        let (merge, aggregate, quantile) = match measure {
+            Some((rule, function, q)) => (Some(rule), Some(function), q),
+            None => (None, None, None),
         };
         let field = out_schema.field(i);
         debug_assert_eq!(field.name(), &col_name);
@@ -460,6 +470,12 @@ fn typed_columns(
                 ),
             )
         })?;
+        if (kind == ColumnKind::Bytes) != merge.is_some_and(|m| m.sketch().is_some()) {
+            return Err(refuse(
+                Some(&col_name),
+                "binary values are stored only as sketches (approx_distinct, approx_percentile_cont); cast the column to a string".into(),
+            ));
+        }
         if merge.is_none() && field.is_nullable() && col_name != window_name {
             // NULL keys would defeat the primary key (NULLs never conflict).
             return Err(refuse(
@@ -478,6 +494,7 @@ fn typed_columns(
             kind,
             merge,
             aggregate,
+            quantile,
             timestamp,
         });
     }
@@ -588,7 +605,7 @@ fn is_zero_timestamp(v: &ScalarValue) -> bool {
     }
 }
 
-fn merge_rule(expr: &Expr) -> Result<MergeRule, String> {
+fn merge_rule(expr: &Expr) -> Result<(MergeRule, Option<f64>), String> {
     let inner = strip_alias(expr);
     let Expr::AggregateFunction(af) = inner else {
         return Err("is not an aggregate; select count(*), sum(x), min(x) or max(x)".into());
@@ -596,20 +613,42 @@ fn merge_rule(expr: &Expr) -> Result<MergeRule, String> {
     let name = af.func.name().to_ascii_lowercase();
     if af.params.distinct {
         return Err(format!(
-            "{name}(DISTINCT ...) cannot be merged across batches; count(*) per key, or add the column to GROUP BY"
+            "{name}(DISTINCT ...) cannot be merged across batches; use approx_distinct(x) (a mergeable HyperLogLog sketch), or add the column to GROUP BY"
         ));
     }
-    match name.as_str() {
-        "count" => Ok(MergeRule::Sum),
-        "sum" => Ok(MergeRule::Sum),
-        "min" => Ok(MergeRule::Min),
-        "max" => Ok(MergeRule::Max),
-        "avg" | "mean" => Err("avg cannot be merged; store sum(x) and count(x); avg is derived at query time".into()),
-        "median" | "approx_median" | "approx_percentile_cont" | "approx_percentile_cont_with_weight"
-        | "percentile_cont" => Err(format!(
-            "{name} cannot be merged exactly; store count/sum/min/max (quantile sketches are not supported yet)"
-        )),
-        "approx_distinct" => Err("approx_distinct cannot be merged from its result; store count(*) per key".into()),
-        other => Err(format!("{other} cannot be merged; use count, sum, min or max")),
-    }
+    let rule = match name.as_str() {
+        "count" => MergeRule::Sum,
+        "sum" => MergeRule::Sum,
+        "min" => MergeRule::Min,
+        "max" => MergeRule::Max,
+        // tally's own (see `aggregate::sketch`): mergeable sketches.
+        "approx_distinct" => MergeRule::Distinct,
+        "approx_percentile_cont" => {
+            let p = match af.params.args.get(1).map(strip) {
+                Some(Expr::Literal(ScalarValue::Float64(Some(p)), _)) => *p,
+                Some(Expr::Literal(ScalarValue::Float32(Some(p)), _)) => f64::from(*p),
+                Some(Expr::Literal(ScalarValue::Int64(Some(p)), _)) => *p as f64,
+                _ => return Err("approx_percentile_cont needs a literal percentile: approx_percentile_cont(value, 0.95)".into()),
+            };
+            if !(0.0..=1.0).contains(&p) {
+                return Err(format!("the percentile {p} is not between 0 and 1"));
+            }
+            if af.params.args.len() > 2 {
+                return Err("approx_percentile_cont keeps a KLL sketch (k = 200); drop the centroids argument".into());
+            }
+            return Ok((MergeRule::Quantile, Some(p)));
+        }
+        "avg" | "mean" => return Err("avg cannot be merged; store sum(x) and count(x); avg is derived at query time".into()),
+        "median" | "approx_median" | "approx_percentile_cont_with_weight" | "percentile_cont" => {
+            return Err(format!(
+                "{name} cannot be merged; use approx_percentile_cont(value, p), stored as a mergeable quantile sketch"
+            ))
+        }
+        other => {
+            return Err(format!(
+                "{other} cannot be merged; use count, sum, min, max, approx_distinct or approx_percentile_cont"
+            ))
+        }
+    };
+    Ok((rule, None))
 }

@@ -92,6 +92,8 @@ pub(crate) fn events_context(
         .with_batch_size(65_536)
         .with_information_schema(false);
     let ctx = SessionContext::new_with_config(config);
+    // approx_distinct / approx_percentile_cont build mergeable sketches.
+    super::sketch::register(&ctx);
     let slot = BatchSlot::new(events, Vec::new());
     slot.register(&ctx, "events")?;
     dimensions.register(&ctx)?;

@@ -6,11 +6,14 @@
 //! - [`dimensions`] are the tables (CSV, Parquet) rollups may join.
 //! - [`executor`] runs the planned SQL over a batch (registered as `events`).
 //! - [`rollup`] is the merge algebra, with a reference implementation.
+//! - [`sketch`]: `approx_distinct` and `approx_percentile_cont` as mergeable
+//!   DataSketches (HLL, KLL).
 
 pub(crate) mod catalog;
 pub(crate) mod dimensions;
 pub(crate) mod executor;
 pub(crate) mod rollup;
+pub(crate) mod sketch;
 
 pub(crate) use catalog::{ColumnKind, RollupDef, SqlCatalog};
 pub(crate) use dimensions::Dimensions;

@@ -9,7 +9,7 @@
 use std::sync::Arc;
 
 use datafusion::arrow::array::{
-    ArrayRef, Float64Array, Int64Array, StringArray, TimestampMillisecondArray,
+    ArrayRef, BinaryArray, Float64Array, Int64Array, StringArray, TimestampMillisecondArray,
 };
 use datafusion::arrow::datatypes::{DataType, Field, Schema, TimeUnit};
 use datafusion::arrow::record_batch::RecordBatch;
@@ -48,6 +48,8 @@ pub(crate) fn arrow_schema(def: &RollupDef) -> Arc<Schema> {
                     ColumnKind::Text => DataType::Utf8,
                     ColumnKind::Int => DataType::Int64,
                     ColumnKind::Real => DataType::Float64,
+                    // The sketch's DataSketches bytes (see docs/rollups.md).
+                    ColumnKind::Bytes => DataType::Binary,
                 };
                 Field::new(&c.name, dt, c.merge.is_some())
             })
@@ -164,6 +166,14 @@ pub(crate) async fn load_windows(
                         })
                         .collect::<Vec<_>>(),
                 )),
+                ColumnKind::Bytes => {
+                    Arc::new(BinaryArray::from_iter(rows.iter().map(
+                        |r| match r.get(i) {
+                            Some(Cell::Bytes(b)) => Some(b.as_slice()),
+                            _ => None,
+                        },
+                    )))
+                }
             }
         };
         cols.push(col);

@@ -67,6 +67,7 @@ fn render(kind: ColumnKind, arr: &dyn Array, row: usize) -> String {
         ColumnKind::Text => arr.as_string::<i32>().value(row).to_string(),
         ColumnKind::Int => arr.as_primitive::<Int64Type>().value(row).to_string(),
         ColumnKind::Real => format!("{:?}", arr.as_primitive::<Float64Type>().value(row)),
+        ColumnKind::Bytes => crate::aggregate::sketch::canonical(arr.as_binary::<i32>().value(row)),
     }
 }
 
@@ -119,6 +120,7 @@ pub async fn recompute(
         ctx.register_table("raw", df.into_view()).map_err(err)?;
     }
     dimensions.register(&ctx)?;
+    crate::aggregate::sketch::register(&ctx);
     let select = crate::decode::events_select(schema, &ctx);
     let t = &settings.schema.time_field;
     ctx.sql(&format!(
@@ -278,6 +280,7 @@ pub async fn verify(
                     Cell::Text(s) => s,
                     Cell::Int(v) => v.to_string(),
                     Cell::Real(v) => format!("{v:?}"),
+                    Cell::Bytes(b) => crate::aggregate::sketch::canonical(&b),
                 })
                 .collect();
             let (k, m) = cells.split_at(def.key_count.min(cells.len()));

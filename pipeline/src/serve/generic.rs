@@ -22,8 +22,11 @@ pub(crate) struct Measure {
     pub name: String,
     pub kind: ColumnKind,
     pub merge: MergeRule,
-    /// `count`, `sum`, `min`, `max`.
+    /// `count`, `sum`, `min`, `max`, `approx_distinct`,
+    /// `approx_percentile_cont`.
     pub function: String,
+    /// The percentile a quantile sketch answers.
+    pub quantile: Option<f64>,
 }
 
 #[derive(Debug, Clone)]
@@ -49,6 +52,8 @@ pub(crate) struct Family {
     tables: Vec<Vec<String>>,
     /// Per tier: the primary key's columns in order (the window among them).
     pk: Vec<Vec<String>>,
+    /// The aggregate that merges sketch cells (see `ReadPool::sketch_union`).
+    sketch_union: &'static str,
 }
 
 /// The served rollups and their families.
@@ -129,6 +134,7 @@ impl Served {
                                 .aggregate
                                 .clone()
                                 .unwrap_or_else(|| c.merge.map(|m| m.name()).unwrap_or("").into()),
+                            quantile: c.quantile,
                         })
                     })
                     .collect(),
@@ -189,6 +195,7 @@ impl Served {
                     tiers,
                     tables,
                     pk,
+                    sketch_union: pool.sketch_union(),
                 });
             }
         }
@@ -214,9 +221,10 @@ impl Served {
 
 /// The merged value of a measure over the rows `r`; integer sums cast back
 /// to BIGINT (PostgreSQL sums BIGINT into NUMERIC).
-fn merged(m: &Measure) -> String {
+fn merged(m: &Measure, sketch_union: &str) -> String {
     let c = format!("r.{}", quote(&m.name));
     match (m.merge, m.kind) {
+        (MergeRule::Distinct | MergeRule::Quantile, _) => format!("{sketch_union}({c})"),
         (MergeRule::Sum, ColumnKind::Int) => format!("CAST(coalesce(sum({c}), 0) AS BIGINT)"),
         (MergeRule::Sum, _) => format!("coalesce(sum({c}), 0.0)"),
         (MergeRule::Min, _) => format!("min({c})"),
@@ -343,7 +351,7 @@ pub(crate) fn statement(
         select.push(format!("(r.tally_bucket / {g}) * {g} AS tally_b"));
         group.push("tally_b".into());
     }
-    select.extend(r.measures.iter().map(merged));
+    select.extend(r.measures.iter().map(|m| merged(m, family.sketch_union)));
     let with = if ctes.is_empty() {
         String::new()
     } else {

@@ -347,13 +347,21 @@ async fn stats(
     let video = p.id("video_id", true)?.unwrap_or_default();
     let et = p.id("event_type", false)?;
     let function = p.required("function")?;
+    if let Some((_, rank)) = rollups::SKETCH_FUNCTIONS
+        .iter()
+        .find(|(f, _)| *f == function)
+    {
+        return rollups::sketch_stats(&s, &p, video, et, function, *rank).await;
+    }
     if !FUNCTIONS.contains(&function) {
         let shown: String = function.chars().take(32).collect();
+        let sketches: Vec<&str> = rollups::SKETCH_FUNCTIONS.iter().map(|(f, _)| *f).collect();
         return Err(ApiError::bad(
             "invalid_parameter",
             format!(
-                "`function` = {shown:?} is not one of {}",
-                FUNCTIONS.join(", ")
+                "`function` = {shown:?} is not one of {}, {}",
+                FUNCTIONS.join(", "),
+                sketches.join(", ")
             ),
         ));
     }

@@ -46,7 +46,7 @@ fn json_type(k: crate::aggregate::ColumnKind) -> &'static str {
     match k {
         crate::aggregate::ColumnKind::Text => "string",
         crate::aggregate::ColumnKind::Int => "integer",
-        crate::aggregate::ColumnKind::Real => "number",
+        crate::aggregate::ColumnKind::Real | crate::aggregate::ColumnKind::Bytes => "number",
     }
 }
 

@@ -31,6 +31,7 @@ struct Ev {
     kind: &'static str,
     t: i64,
     value: Option<f64>,
+    user: u32,
 }
 
 struct Fixture {
@@ -66,6 +67,7 @@ async fn fixture(extra_env: &[(&str, &str)]) -> Fixture {
                 kind,
                 t: NOW - 3 * D + rng.random_range(0..3 * D),
                 value: (kind == "view").then(|| f64::from(rng.random_range(1..1000u32))),
+                user: rng.random_range(0..1500),
             }
         })
         .collect();
@@ -77,8 +79,8 @@ async fn fixture(extra_env: &[(&str, &str)]) -> Fixture {
                 .map(|v| format!(r#","value":{v}"#))
                 .unwrap_or_default();
             format!(
-                r#"{{"video_id":"{}","event_type":"{}","event_time":{}{value}}}"#,
-                e.video, e.kind, e.t
+                r#"{{"video_id":"{}","event_type":"{}","event_time":{},"user_id":"u{}"{value}}}"#,
+                e.video, e.kind, e.t, e.user
             )
         })
         .collect();

@@ -5,8 +5,10 @@
 use axum::extract::Path;
 
 use super::*;
+use crate::aggregate::sketch;
 use crate::aggregate::ColumnKind;
-use crate::serve::generic::{statement, Ask, ServedRollup};
+use crate::aggregate::MergeRule;
+use crate::serve::generic::{statement, Ask, Measure, ServedRollup};
 use crate::sink::serving::{Arg, Cell};
 
 /// Rows an answer holds at most (`limit`'s bound and default).
@@ -26,6 +28,8 @@ fn type_name(k: ColumnKind) -> &'static str {
         ColumnKind::Text => "string",
         ColumnKind::Int => "integer",
         ColumnKind::Real => "number",
+        // A sketch is answered by its estimate.
+        ColumnKind::Bytes => "number",
     }
 }
 
@@ -35,9 +39,19 @@ fn describe(s: &ApiState, r: &ServedRollup) -> Value {
         "name": r.name,
         "keys": r.keys.iter().map(|(n, k)| json!({"name": n, "type": type_name(*k)})).collect::<Vec<_>>(),
         "window": {"column": r.window, "width": width_name(r.width_ms), "width_ms": r.width_ms},
-        "measures": r.measures.iter().map(|m| json!({
-            "name": m.name, "kind": m.function, "merge": m.merge.name(), "type": type_name(m.kind),
-        })).collect::<Vec<_>>(),
+        "measures": r.measures.iter().map(|m| {
+            let mut o = json!({
+                "name": m.name, "kind": m.function, "merge": m.merge.name(), "type": type_name(m.kind),
+            });
+            if m.merge.sketch().is_some() {
+                o["bounds"] = json!([format!("{}_low", m.name), format!("{}_high", m.name)]);
+                o["sketch"] = json!(match m.merge { MergeRule::Distinct => "hll", _ => "kll" });
+            }
+            if let Some(q) = m.quantile {
+                o["quantile"] = json!(q);
+            }
+            o
+        }).collect::<Vec<_>>(),
         "retention": r.keep.to_string(),
         "file": r.file,
         "fingerprint": r.fingerprint,
@@ -109,7 +123,7 @@ fn ask_of(r: &ServedRollup, pairs: Vec<(String, String)>) -> Result<(Params, Ask
             ColumnKind::Int => Arg::Int(v.parse().map_err(|_| {
                 ApiError::bad("invalid_parameter", format!("`{k}` is an integer key"))
             })?),
-            ColumnKind::Real => {
+            ColumnKind::Real | ColumnKind::Bytes => {
                 return Err(ApiError::bad(
                     "invalid_parameter",
                     format!("`{k}` is a floating-point key: filter it at query time"),
@@ -137,7 +151,23 @@ fn ask_of(r: &ServedRollup, pairs: Vec<(String, String)>) -> Result<(Params, Ask
         }
     }
     if let Some(m) = p.get("order_by") {
-        ask.order_by = Some(pick("order_by", m, &measures, "measure")?);
+        let i = pick("order_by", m, &measures, "measure")?;
+        if r.measures[i].merge.sketch().is_some() {
+            let exact: Vec<&str> = r
+                .measures
+                .iter()
+                .filter(|m| m.merge.sketch().is_none())
+                .map(|m| m.name.as_str())
+                .collect();
+            return Err(ApiError::bad(
+                "invalid_parameter",
+                format!(
+                    "`order_by` = {m} is a sketch, which a top-K cannot rank yet; order by an exact measure: {}",
+                    exact.join(", ")
+                ),
+            ));
+        }
+        ask.order_by = Some(i);
     }
     if let Some(l) = p.get("limit") {
         ask.limit = l
@@ -174,7 +204,30 @@ fn cell(c: &Cell) -> Value {
         Cell::Text(t) => json!(t),
         Cell::Int(i) => json!(i),
         Cell::Real(f) => json!(f),
+        Cell::Bytes(_) => Value::Null,
     }
+}
+
+/// A measure's value into `obj`: a sketch as its estimate, with its bounds
+/// as `<name>_low` and `<name>_high` (about 95% confidence).
+pub(super) fn put_measure(obj: &mut serde_json::Map<String, Value>, m: &Measure, c: Option<&Cell>) {
+    if m.merge.sketch().is_none() {
+        obj.insert(m.name.clone(), c.map_or(Value::Null, cell));
+        return;
+    }
+    let e = match c {
+        Some(Cell::Bytes(b)) => sketch::estimate(b, m.quantile).ok().flatten(),
+        _ => None,
+    };
+    let (value, low, high) = match (e, m.merge) {
+        (Some(e), _) => (json!(e.value), json!(e.low), json!(e.high)),
+        // No rows: no one counted, no value ranked.
+        (None, MergeRule::Distinct) => (json!(0.0), json!(0.0), json!(0.0)),
+        (None, _) => (Value::Null, Value::Null, Value::Null),
+    };
+    obj.insert(m.name.clone(), value);
+    obj.insert(format!("{}_low", m.name), low);
+    obj.insert(format!("{}_high", m.name), high);
 }
 
 pub(super) async fn query(
@@ -277,7 +330,7 @@ pub(super) async fn query(
                 obj.insert("bucket".into(), b);
             }
             for m in &r.measures {
-                obj.insert(m.name.clone(), cells.next().map_or(Value::Null, cell));
+                put_measure(&mut obj, m, cells.next());
             }
             Value::Object(obj)
         })
@@ -288,6 +341,126 @@ pub(super) async fn query(
         "end": fmt_time(end),
         "rows": out,
         "truncated": truncated,
+        "as_of": as_of?,
+    }))
+    .into_response())
+}
+
+/// `/v1/stats` functions answered by a sketch measure, and the rank each
+/// asks of a quantile sketch.
+pub(super) const SKETCH_FUNCTIONS: &[(&str, Option<f64>)] = &[
+    ("unique", None),
+    ("p50", Some(0.5)),
+    ("p95", Some(0.95)),
+    ("p99", Some(0.99)),
+];
+
+/// The rollup and measure that answer `/v1/stats?function=…` for one video:
+/// keyed by `video_id` (and perhaps `event_type`), with a distinct sketch
+/// for `unique`, a quantile sketch for a percentile (the one kept for that
+/// rank if there is one: any KLL sketch answers every rank).
+fn sketch_source<'a>(s: &'a ApiState, rank: Option<f64>) -> Option<(&'a ServedRollup, usize)> {
+    let fits = |r: &ServedRollup| {
+        r.keys.iter().any(|(n, _)| n == "video_id")
+            && r.keys
+                .iter()
+                .all(|(n, _)| n == "video_id" || n == "event_type")
+    };
+    let want = if rank.is_some() {
+        MergeRule::Quantile
+    } else {
+        MergeRule::Distinct
+    };
+    let mut best: Option<(&ServedRollup, usize)> = None;
+    for r in s.served.rollups.iter().filter(|r| fits(r)) {
+        for (i, m) in r.measures.iter().enumerate() {
+            if m.merge != want {
+                continue;
+            }
+            if rank.is_some() && m.quantile == rank {
+                return Some((r, i));
+            }
+            best = best.or(Some((r, i)));
+        }
+    }
+    best
+}
+
+/// `/v1/stats` with `function=unique|p50|p95|p99`, from a sketch measure
+/// through the generic rollup query.
+pub(super) async fn sketch_stats(
+    s: &ApiState,
+    p: &Params,
+    video: &str,
+    et: Option<&str>,
+    function: &str,
+    rank: Option<f64>,
+) -> ApiResult {
+    let (r, m) = sketch_source(s, rank).ok_or_else(|| {
+        let what = if rank.is_some() {
+            "approx_percentile_cont(value, p)"
+        } else {
+            "approx_distinct(x)"
+        };
+        ApiError::bad(
+            "invalid_parameter",
+            format!("`function` = {function} needs a rollup keyed by video_id (and optionally event_type) with a {what} measure; none is served"),
+        )
+    })?;
+    let mut ask = Ask {
+        limit: 1,
+        ..Default::default()
+    };
+    for (name, value) in [("video_id", Some(video)), ("event_type", et)] {
+        let Some(value) = value else { continue };
+        let Some(k) = r.keys.iter().position(|(n, _)| n == name) else {
+            return Err(ApiError::bad(
+                "invalid_parameter",
+                format!(
+                    "`{name}` cannot be used with `function` = {function}: its rollup `{}` keeps it only for {}",
+                    r.name,
+                    r.keys.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>().join(", ")
+                ),
+            ));
+        };
+        ask.filters.push((k, vec![Arg::Text(value.to_string())]));
+    }
+    let (start, end) = p.range(s)?;
+    let family = s.served.family(r);
+    let now = chrono::Utc::now().timestamp_millis();
+    let plan = family.tiers.plan(start, end).map_err(|(_, message)| {
+        ApiError::bad(
+            "unaligned_range",
+            format!("{message} (`function` = {function} reads `{}`)", r.name),
+        )
+    })?;
+    family
+        .tiers
+        .check_retained(&plan, start, end, now)
+        .map_err(not_retained)?;
+    let st = statement(r, family, &plan, &ask);
+    let (rows, as_of) = tokio::join!(
+        s.reader.cells(&st.text, st.args, st.kinds, st.point),
+        as_of(s)
+    );
+    let rows = rows?;
+    let mut measure = r.measures[m].clone();
+    if rank.is_some() {
+        measure.quantile = rank;
+    }
+    let mut obj = serde_json::Map::new();
+    put_measure(&mut obj, &measure, rows.first().and_then(|row| row.get(m)));
+    let name = &measure.name;
+    Ok(Json(json!({
+        "video_id": video,
+        "event_type": et,
+        "function": function,
+        "start": fmt_time(start),
+        "end": fmt_time(end),
+        "value": obj.get(name).cloned().unwrap_or(Value::Null),
+        "low": obj.get(&format!("{name}_low")).cloned().unwrap_or(Value::Null),
+        "high": obj.get(&format!("{name}_high")).cloned().unwrap_or(Value::Null),
+        "rollup": r.name,
         "as_of": as_of?,
     }))
     .into_response())

@@ -37,12 +37,177 @@ fn row_totals(row: &Value) -> (i64, f64, i64, Option<f64>, Option<f64>) {
     )
 }
 
+/// The sketch rollups (`day_video_uniques`, `hour_video_watch`) over the
+/// API against exact answers: unique viewers within 3 standard errors of
+/// the exact distinct count, percentiles within the KLL rank error.
+async fn check_sketches(f: &Fixture) {
+    let (_, v) = get(&f.app, "/v1/rollups").await;
+    let listed = v["rollups"].as_array().unwrap();
+    let uniques = listed
+        .iter()
+        .find(|r| r["name"] == "day_video_uniques")
+        .unwrap();
+    let m = &uniques["measures"][1];
+    assert_eq!(
+        (m["name"].as_str(), m["kind"].as_str(), m["sketch"].as_str()),
+        (Some("unique_viewers"), Some("approx_distinct"), Some("hll")),
+        "{uniques}"
+    );
+    assert_eq!(
+        m["bounds"],
+        serde_json::json!(["unique_viewers_low", "unique_viewers_high"])
+    );
+    let watch = listed
+        .iter()
+        .find(|r| r["name"] == "hour_video_watch")
+        .unwrap();
+    assert_eq!(
+        watch["measures"][2]["quantile"],
+        serde_json::json!(0.95),
+        "{watch}"
+    );
+
+    let mut rng = ChaCha12Rng::seed_from_u64(31);
+    for _ in 0..12 {
+        // Whole days (the rollup's window), one to three.
+        let a = rng.random_range(0..3);
+        let b = rng.random_range(a + 1..=4);
+        let (s, e) = (NOW - 4 * D + a * D, NOW - 4 * D + b * D);
+        let (x, y) = (
+            format!("v{}", rng.random_range(0..11)),
+            format!("v{}", rng.random_range(0..11)),
+        );
+        let exact = |videos: &[&str]| {
+            f.events
+                .iter()
+                .filter(|ev| {
+                    ev.kind == "view"
+                        && videos.contains(&ev.video.as_str())
+                        && ev.t >= s
+                        && ev.t < e
+                })
+                .map(|ev| ev.user)
+                .collect::<std::collections::BTreeSet<_>>()
+                .len() as f64
+        };
+        let within = |got: &Value, want: f64| {
+            let g = got.as_f64().unwrap();
+            assert!(
+                (g - want).abs() <= 3.0 * 0.01625 * want + 0.5,
+                "{g} vs exact {want}"
+            );
+        };
+        // Two videos: the union of their days, not the sum.
+        let (st, v) = get(
+            &f.app,
+            &format!(
+                "/v1/rollups/day_video_uniques?{}&video_id={x}&video_id={y}",
+                range_q(s, e)
+            ),
+        )
+        .await;
+        assert_eq!(st, StatusCode::OK, "{v}");
+        let row = &v["rows"][0];
+        within(&row["unique_viewers"], exact(&[&x, &y]));
+        assert!(row["unique_viewers_low"].as_f64() <= row["unique_viewers"].as_f64());
+        assert!(row["unique_viewers_high"].as_f64() >= row["unique_viewers"].as_f64());
+        // Grouped by video, and /v1/stats, agree with it.
+        let (st, v) = get(
+            &f.app,
+            &format!(
+                "/v1/rollups/day_video_uniques?{}&video_id={x}&video_id={y}&group_by=video_id",
+                range_q(s, e)
+            ),
+        )
+        .await;
+        assert_eq!(st, StatusCode::OK, "{v}");
+        for r in v["rows"].as_array().unwrap() {
+            within(
+                &r["unique_viewers"],
+                exact(&[r["video_id"].as_str().unwrap()]),
+            );
+        }
+        let (st, v) = get(
+            &f.app,
+            &format!("/v1/stats?{}&video_id={x}&function=unique", range_q(s, e)),
+        )
+        .await;
+        assert_eq!(st, StatusCode::OK, "{v}");
+        assert_eq!(v["rollup"], "day_video_uniques");
+        within(&v["value"], exact(&[&x]));
+
+        // Percentiles of one video's view values.
+        let mut values: Vec<f64> = f
+            .events
+            .iter()
+            .filter(|ev| ev.video == x && ev.t >= s && ev.t < e)
+            .filter_map(|ev| ev.value)
+            .collect();
+        values.sort_by(f64::total_cmp);
+        for (function, p) in [("p50", 0.5), ("p95", 0.95), ("p99", 0.99)] {
+            let (st, v) = get(
+                &f.app,
+                &format!(
+                    "/v1/stats?{}&video_id={x}&function={function}",
+                    range_q(s, e)
+                ),
+            )
+            .await;
+            assert_eq!(st, StatusCode::OK, "{v}");
+            if values.is_empty() {
+                assert!(v["value"].is_null(), "{v}");
+                continue;
+            }
+            let got = v["value"].as_f64().unwrap();
+            let lo = values.partition_point(|w| *w < got) as f64 / values.len() as f64;
+            let hi = values.partition_point(|w| *w <= got) as f64 / values.len() as f64;
+            assert!(
+                lo - 0.0165 <= p && p <= hi + 0.0165 + 1.0 / values.len() as f64,
+                "{function} {got}: ranks {lo}..{hi} of {}",
+                values.len()
+            );
+        }
+    }
+    // A sketch cannot rank a top-K yet; a sketch function with a key the
+    // rollup lacks is refused.
+    let (st, v) = get(
+        &f.app,
+        &format!(
+            "/v1/rollups/day_video_uniques?{}&group_by=video_id&order_by=unique_viewers",
+            range_q(NOW - 2 * D, NOW)
+        ),
+    )
+    .await;
+    assert_eq!(st, StatusCode::BAD_REQUEST, "{v}");
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("views"),
+        "{v}"
+    );
+    let (st, v) = get(
+        &f.app,
+        &format!(
+            "/v1/stats?{}&video_id=v1&event_type=like&function=unique",
+            range_q(NOW - 2 * D, NOW)
+        ),
+    )
+    .await;
+    assert_eq!(st, StatusCode::BAD_REQUEST, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("event_type"),
+        "{v}"
+    );
+}
+
 pub(super) async fn check_generic(f: &Fixture) {
+    check_sketches(f).await;
     // The listing: every rollup, one family of three tiers.
     let (st, v) = get(&f.app, "/v1/rollups").await;
     assert_eq!(st, StatusCode::OK, "{v}");
     let listed = v["rollups"].as_array().unwrap();
-    assert_eq!(listed.len(), 4, "{v}");
+    assert_eq!(listed.len(), 6, "{v}");
     let channels = listed
         .iter()
         .find(|r| r["name"] == "hour_channel_events")
@@ -51,7 +216,10 @@ pub(super) async fn check_generic(f: &Fixture) {
         channels["family"],
         serde_json::json!(["hour_channel_events"])
     );
-    for r in listed.iter().filter(|r| r["name"] != "hour_channel_events") {
+    for r in listed
+        .iter()
+        .filter(|r| FAMILY.contains(&r["name"].as_str().unwrap()))
+    {
         assert_eq!(r["family"], serde_json::json!(FAMILY), "{r}");
         let keys: Vec<&str> = r["keys"]
             .as_array()

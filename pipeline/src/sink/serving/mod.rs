@@ -17,6 +17,7 @@ mod archive_record;
 pub(crate) mod compaction;
 mod pg_archive;
 mod pg_copy;
+mod pg_sketch;
 mod postgres;
 pub(crate) mod reads;
 pub(crate) mod restore;
@@ -92,6 +93,8 @@ pub enum Cell {
     Text(String),
     Int(i64),
     Real(f64),
+    /// A serialized sketch (merged, on reads).
+    Bytes(Vec<u8>),
 }
 
 /// SQLite: the folds of the delta tables done by one process.

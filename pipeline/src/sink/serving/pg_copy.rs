@@ -130,6 +130,13 @@ fn csv_row(buf: &mut Vec<u8>, cols: &[TypedColumn<'_>], row: usize) {
                     buf.extend_from_slice(b"-Infinity");
                 }
             }
+            // bytea's hex input form; CSV gives backslashes no meaning.
+            TypedColumn::Bytes(a) if !a.is_null(row) => {
+                buf.extend_from_slice(b"\\x");
+                for b in a.value(row) {
+                    let _ = write!(buf, "{b:02x}");
+                }
+            }
             _ => {}
         }
     }

@@ -480,6 +480,9 @@ async fn read_rows(
                 ColumnKind::Text => r.try_get::<Option<String>, _>(i).map(|v| v.map(Cell::Text)),
                 ColumnKind::Int => r.try_get::<Option<i64>, _>(i).map(|v| v.map(Cell::Int)),
                 ColumnKind::Real => r.try_get::<Option<f64>, _>(i).map(|v| v.map(Cell::Real)),
+                ColumnKind::Bytes => r
+                    .try_get::<Option<Vec<u8>>, _>(i)
+                    .map(|v| v.map(Cell::Bytes)),
             }
             .map_err(db("read rollup rows"))?;
             cells.push(cell.unwrap_or(Cell::Null));
@@ -634,6 +637,7 @@ pub(super) async fn merge_rows(
             if b.num_rows() == 0 {
                 continue;
             }
+            let b = &super::pg_sketch::premerge(conn, spec, b).await?;
             let order: Vec<usize> = spec
                 .row_order(b)?
                 .unwrap_or_else(|| (0..b.num_rows()).collect());
@@ -668,6 +672,15 @@ pub(super) async fn merge_rows(
                                 .collect::<Vec<Option<f64>>>(),
                         )
                     }
+                    ColumnKind::Bytes => {
+                        let a = arr.as_binary::<i32>();
+                        q.bind(
+                            order
+                                .iter()
+                                .map(|&i| (!a.is_null(i)).then(|| a.value(i)))
+                                .collect::<Vec<Option<&[u8]>>>(),
+                        )
+                    }
                 };
             }
             q.execute(&mut *conn)
@@ -676,6 +689,17 @@ pub(super) async fn merge_rows(
         }
     }
     Ok(())
+}
+
+/// The union of sketch cells of one kind (read back as a `bytea[]`).
+fn union_cells(
+    parts: Vec<Vec<u8>>,
+) -> Result<Option<Vec<u8>>, crate::aggregate::sketch::SketchError> {
+    use crate::aggregate::sketch;
+    let Some(kind) = parts.first().and_then(|p| sketch::kind_of(p)) else {
+        return Ok(None);
+    };
+    sketch::union(kind, parts.iter().map(Vec::as_slice))
 }
 
 /// The API's read pool (see `serving/reads.rs`).
@@ -776,6 +800,14 @@ impl PgReads {
                         ColumnKind::Text => r.try_get::<Option<String>, _>(i)?.map(Cell::Text),
                         ColumnKind::Int => r.try_get::<Option<i64>, _>(i)?.map(Cell::Int),
                         ColumnKind::Real => r.try_get::<Option<f64>, _>(i)?.map(Cell::Real),
+                        // `array_agg` of the sketches (see `serve::generic`),
+                        // merged here: PostgreSQL has no sketch functions.
+                        ColumnKind::Bytes => r
+                            .try_get::<Option<Vec<Vec<u8>>>, _>(i)?
+                            .and_then(|parts| union_cells(parts).transpose())
+                            .transpose()
+                            .map_err(|e| sqlx::Error::Decode(e.into()))?
+                            .map(Cell::Bytes),
                     }
                     .unwrap_or(Cell::Null),
                 );

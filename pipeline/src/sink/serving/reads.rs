@@ -78,6 +78,16 @@ impl ReadPool {
         tables
     }
 
+    /// The aggregate that merges sketch cells in a read: SQLite's
+    /// registered union (`sqlite::functions`); on PostgreSQL the cells are
+    /// gathered into a `bytea[]` and merged as they are read.
+    pub(crate) fn sketch_union(&self) -> &'static str {
+        match self.backend {
+            Backend::Sqlite(_) => "tally_sketch_union",
+            Backend::Postgres(_) => "array_agg",
+        }
+    }
+
     /// A statement whose one row is five measures (see [`Totals`]).
     pub(crate) async fn totals(&self, text: &str, args: Vec<Arg>) -> Result<Totals, SinkError> {
         match &self.backend {

@@ -109,6 +109,8 @@ impl Dialect {
             (d, ColumnKind::Int) => d.int(),
             (Dialect::Sqlite, ColumnKind::Real) => "REAL",
             (Dialect::Postgres, ColumnKind::Real) => "DOUBLE PRECISION",
+            (Dialect::Sqlite, ColumnKind::Bytes) => "BLOB",
+            (Dialect::Postgres, ColumnKind::Bytes) => "BYTEA",
         }
     }
     /// Two-argument minimum and maximum.
@@ -221,6 +223,11 @@ pub(super) fn merge_sql(dialect: Dialect, table: &str, col: &str, rule: MergeRul
             "{c} = coalesce({}({t}.{c}, excluded.{c}), {t}.{c}, excluded.{c})",
             dialect.greatest()
         ),
+        // PostgreSQL merges sketches before the upsert (`pg_sketch`).
+        MergeRule::Distinct | MergeRule::Quantile => match dialect {
+            Dialect::Sqlite => format!("{c} = tally_sketch_merge({t}.{c}, excluded.{c})"),
+            Dialect::Postgres => format!("{c} = excluded.{c}"),
+        },
     }
 }
 
@@ -373,6 +380,7 @@ pub(super) enum TypedColumn<'a> {
     Text(&'a datafusion::arrow::array::StringArray),
     Int(&'a datafusion::arrow::array::Int64Array),
     Real(&'a datafusion::arrow::array::Float64Array),
+    Bytes(&'a datafusion::arrow::array::BinaryArray),
 }
 
 impl<'a> TypedColumn<'a> {
@@ -381,6 +389,7 @@ impl<'a> TypedColumn<'a> {
             ColumnKind::Text => TypedColumn::Text(arr.as_string::<i32>()),
             ColumnKind::Int => TypedColumn::Int(arr.as_primitive::<Int64Type>()),
             ColumnKind::Real => TypedColumn::Real(arr.as_primitive::<Float64Type>()),
+            ColumnKind::Bytes => TypedColumn::Bytes(arr.as_binary::<i32>()),
         }
     }
 }
@@ -421,6 +430,9 @@ pub(super) fn merged_sql(def: &RollupDef, filter: &str) -> String {
                 Some(MergeRule::Sum) => format!("sum({name}) AS {name}"),
                 Some(MergeRule::Min) => format!("min({name}) AS {name}"),
                 Some(MergeRule::Max) => format!("max({name}) AS {name}"),
+                Some(MergeRule::Distinct | MergeRule::Quantile) => {
+                    format!("tally_sketch_union({name}) AS {name}")
+                }
             }
         })
         .collect();

@@ -5,6 +5,7 @@
 //! they run through [`crate::serve::blocking`], off the async workers' queue.
 
 mod archive;
+pub(super) mod functions;
 pub(super) mod reads;
 mod writer;
 
@@ -66,6 +67,7 @@ pub(super) fn connect(path: &Path) -> rusqlite::Result<Connection> {
             | OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )?;
     conn.busy_timeout(Duration::from_secs(5))?;
+    functions::register(&conn)?;
     // 64 MiB of page cache per connection (default 2 MiB): large merge
     // transactions otherwise spill dirty pages to the WAL mid-transaction.
     // A statement journal in a temp file is a pwrite per page (measured: a
@@ -536,6 +538,7 @@ fn read_rows(
                 ColumnKind::Text => r.get::<_, Option<String>>(i)?.map(Cell::Text),
                 ColumnKind::Int => r.get::<_, Option<i64>>(i)?.map(Cell::Int),
                 ColumnKind::Real => r.get::<_, Option<f64>>(i)?.map(Cell::Real),
+                ColumnKind::Bytes => r.get::<_, Option<Vec<u8>>>(i)?.map(Cell::Bytes),
             };
             cells.push(cell.unwrap_or(Cell::Null));
         }

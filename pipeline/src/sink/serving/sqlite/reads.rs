@@ -48,6 +48,7 @@ impl SqliteReads {
                 OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
             )?;
             c.busy_timeout(Duration::from_secs(2))?;
+            super::functions::register(&c)?;
             c.set_prepared_statement_cache_capacity(64);
             conns.push(Mutex::new(c));
         }
@@ -137,6 +138,7 @@ impl SqliteReads {
                             ColumnKind::Text => r.get::<_, Option<String>>(i)?.map(Cell::Text),
                             ColumnKind::Int => r.get::<_, Option<i64>>(i)?.map(Cell::Int),
                             ColumnKind::Real => r.get::<_, Option<f64>>(i)?.map(Cell::Real),
+                            ColumnKind::Bytes => r.get::<_, Option<Vec<u8>>>(i)?.map(Cell::Bytes),
                         }
                         .unwrap_or(Cell::Null))
                     })

@@ -522,6 +522,9 @@ pub(super) fn merge_rows(
                         TypedColumn::Real(a) => {
                             st.raw_bind_parameter(i + 1, (!a.is_null(row)).then(|| a.value(row)))
                         }
+                        TypedColumn::Bytes(a) => {
+                            st.raw_bind_parameter(i + 1, (!a.is_null(row)).then(|| a.value(row)))
+                        }
                     }
                     .map_err(sq("merge rollup rows"))?;
                 }
