@@ -44,6 +44,8 @@ pub async fn verify_outputs_but_late(
             assert_eq!(got.get(k), Some(v), "{table} {k:?}");
         }
     }
+    // The sketch rollups, decoded by Python's datasketches.
+    check_sketches(&db, messages).await;
     // The rollup joining the videos dimension, too.
     let want = expected_channel_rollup(messages);
     assert!(want.keys().any(|k| k.0 == "ch-3") && want.keys().any(|k| k.0 == "unknown"));

@@ -15,3 +15,4 @@ mod replay;
 mod retention;
 mod s3;
 mod safety;
+mod sketches;

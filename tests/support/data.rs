@@ -22,6 +22,7 @@ pub enum Expect {
         time_ms: i64,
         value: Option<i64>,
         late: bool,
+        user: String,
     },
     Rejected {
         reason: &'static str,
@@ -55,6 +56,8 @@ pub fn dataset(seed: u64, n: usize, now_ms: i64) -> Vec<Message> {
             let time_ms = now_ms - back;
             let value = if kind == "view" { Some(rng.random_range(1..500i64)) } else { None };
             let event_id = format!("e{seed}-{i}");
+            // Derived, not drawn: the rest of the dataset stays as it was.
+            let user = format!("u{}", (i as u64).wrapping_mul(2_654_435_761) % 900);
             let time = if i % 2 == 0 {
                 time_ms.to_string()
             } else {
@@ -62,9 +65,9 @@ pub fn dataset(seed: u64, n: usize, now_ms: i64) -> Vec<Message> {
             };
             let value_s = value.map(|v| format!(r#","value":{v}"#)).unwrap_or_default();
             let payload = format!(
-                r#"{{"event_id":"{event_id}","video_id":"{video}","event_type":"{kind}","event_time":{time}{value_s},"unknown":{{"nested":[1,2]}}}}"#
+                r#"{{"event_id":"{event_id}","video_id":"{video}","event_type":"{kind}","event_time":{time}{value_s},"user_id":"{user}","unknown":{{"nested":[1,2]}}}}"#
             );
-            Message { key, payload: payload.into_bytes(), expect: Expect::Accepted { event_id, video, kind, time_ms, value, late } }
+            Message { key, payload: payload.into_bytes(), expect: Expect::Accepted { event_id, video, kind, time_ms, value, late, user } }
         })
         .collect()
 }
@@ -147,4 +150,45 @@ pub fn add_channel_rollup(
             }
         }
     }
+}
+
+/// Exact answers for the sketch rollups, per (video, window start):
+/// `day_video_uniques` (views, distinct viewers) and `hour_video_watch`
+/// (the view values, sorted).
+#[derive(Debug, Default)]
+pub struct ExpectedSketches {
+    pub uniques: BTreeMap<(String, i64), (i64, std::collections::BTreeSet<String>)>,
+    pub watch: BTreeMap<(String, i64), Vec<f64>>,
+}
+
+pub fn expected_sketches(messages: &[Message]) -> ExpectedSketches {
+    let mut out = ExpectedSketches::default();
+    for m in messages {
+        if let Expect::Accepted {
+            video,
+            kind,
+            time_ms,
+            value,
+            user,
+            ..
+        } = &m.expect
+        {
+            if kind != "view" {
+                continue;
+            }
+            let day = time_ms - time_ms.rem_euclid(86_400_000);
+            let e = out.uniques.entry((video.clone(), day)).or_default();
+            e.0 += 1;
+            e.1.insert(user.clone());
+            let hour = time_ms - time_ms.rem_euclid(3_600_000);
+            let w = out.watch.entry((video.clone(), hour)).or_default();
+            if let Some(v) = value {
+                w.push(*v as f64);
+            }
+        }
+    }
+    for v in out.watch.values_mut() {
+        v.sort_by(f64::total_cmp);
+    }
+    out
 }

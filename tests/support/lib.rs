@@ -12,6 +12,7 @@ mod data;
 mod process;
 mod proxy;
 mod s3;
+mod sketches;
 mod store;
 
 pub use broker::*;
@@ -19,6 +20,7 @@ pub use data::*;
 pub use process::*;
 pub use proxy::*;
 pub use s3::*;
+pub use sketches::*;
 pub use store::*;
 
 pub fn workspace_root() -> PathBuf {

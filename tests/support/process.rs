@@ -33,6 +33,7 @@ impl Tally {
     }
 }
 
+#[derive(Clone)]
 pub struct TallyEnv {
     pub vars: Vec<(String, String)>,
     pub log: PathBuf,

@@ -359,7 +359,7 @@ pub(super) const SKETCH_FUNCTIONS: &[(&str, Option<f64>)] = &[
 /// keyed by `video_id` (and perhaps `event_type`), with a distinct sketch
 /// for `unique`, a quantile sketch for a percentile (the one kept for that
 /// rank if there is one: any KLL sketch answers every rank).
-fn sketch_source<'a>(s: &'a ApiState, rank: Option<f64>) -> Option<(&'a ServedRollup, usize)> {
+fn sketch_source(s: &ApiState, rank: Option<f64>) -> Option<(&ServedRollup, usize)> {
     let fits = |r: &ServedRollup| {
         r.keys.iter().any(|(n, _)| n == "video_id")
             && r.keys
