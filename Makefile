@@ -85,7 +85,8 @@ fmt:
 BENCH_EVENTS ?= 5000000
 ## The drain (with the bare-consumer limit and the PostgreSQL store), freshness and API latency at a
 ## steady FRESH_RATE, backfill speed, then the core path without a broker against DuckDB and
-## DataFusion (CORE_EVENTS events) with peak RSS per buffered event; ends with one summary table.
+## DataFusion (CORE_EVENTS events) with peak RSS per buffered event, the ingest cost of the sketch
+## rollups (SKETCH_EVENTS, replay with and without them); ends with one summary table.
 CORE_EVENTS ?= 5000000
 FRESH_RATE ?= 10000
 bench: $(TANSU) release postgres
@@ -94,7 +95,7 @@ bench: $(TANSU) release postgres
 ## bench-smoke: every part of `make bench`, scaled down, on the debug build; checks that it runs
 ## (no timing assertion). Part of `make test`.
 bench-smoke: $(TANSU) postgres
-	TALLY_BIN=$(CURDIR)/target/debug/tally TANSU=$(TANSU) BENCH_EVENTS=50000 BACKFILL_EVENTS=50000 CORE_EVENTS=50000 \
+	TALLY_BIN=$(CURDIR)/target/debug/tally TANSU=$(TANSU) BENCH_EVENTS=50000 BACKFILL_EVENTS=50000 CORE_EVENTS=50000 SKETCH_EVENTS=50000 SKETCH_RUNS=1 \
 	  FRESH_RATE=2000 FRESH_PROBES=20 FRESH_HISTORY=20000 scripts/bench.sh
 
 ## bench-archive: the same one-day `tally verify` over an archive of 1 day and of 30 days

@@ -321,6 +321,9 @@ fresh
 # Backfill speed over a 10M-event archive (loaded without the broker).
 if [ -z "${BENCH_SKIP_BACKFILL:-}" ]; then scripts/bench-backfill.sh; fi
 
+# The ingest cost of the sketch rollups (HLL, KLL), with and without them.
+if [ -z "${BENCH_SKIP_SKETCHES:-}" ]; then TALLY_BIN=$TALLY SUMMARY=$SUMMARY scripts/bench-sketches.sh; fi
+
 # Core path without a broker, against DuckDB and DataFusion; peak RSS per buffered event.
 if [ -z "${BENCH_SKIP_CORE:-}" ]; then TALLY_BIN=$TALLY scripts/bench-core.sh; fi
 

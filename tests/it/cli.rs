@@ -105,7 +105,6 @@ fn unmergeable_sql_is_refused_with_the_fix() {
         ("median.sql", "SELECT video_id, date_bin(INTERVAL '1 hour', event_time) AS w, median(value) AS m FROM events GROUP BY video_id, w", "approx_percentile_cont(value, p)"),
         ("rank_param.sql", "SELECT video_id, date_bin(INTERVAL '1 hour', event_time) AS w, approx_percentile_cont(value, value) AS m FROM events GROUP BY video_id, w", "literal percentile"),
         ("rank_range.sql", "SELECT video_id, date_bin(INTERVAL '1 hour', event_time) AS w, approx_percentile_cont(value, 1.5) AS m FROM events GROUP BY video_id, w", "between 0 and 1"),
-        ("sketch_ratio.sql", "SELECT video_id, date_bin(INTERVAL '1 hour', event_time) AS w, approx_distinct(user_id) * 2 AS u FROM events GROUP BY video_id, w", "cannot be merged"),
         ("hour__delta.sql", "SELECT video_id, date_bin(INTERVAL '1 hour', event_time) AS w, count(*) AS n FROM events GROUP BY video_id, w", "no \"__\""),
     ];
     for (file, sql, needle) in cases {
