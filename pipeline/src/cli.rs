@@ -13,6 +13,7 @@ use crate::config::Settings;
 use crate::jobs::produce::ProduceSpec;
 
 mod archive;
+mod rollup;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -49,7 +50,14 @@ pub enum Command {
     Verify(VerifyArgs),
     /// Recompute the rollup windows inside [--from, --to) from the raw archive
     /// and replace them in the serving store (safe while `tally run` is live).
+    /// With --rollup NAME and no range: NAME's new version (or NAME) from the
+    /// archive's first hour to now, a day at a time, resumable.
     Backfill(BackfillArgs),
+    /// Rollup versions (sql/rollups/<name>@<N>.sql): status, diff, promote, drop.
+    Rollup {
+        #[command(subcommand)]
+        command: rollup::RollupCommand,
+    },
     /// Write the closed rollup windows of the whole UTC days in [--from, --to)
     /// to Parquet under <data_dir>/rollups/<rollup>/dt=YYYY-MM-DD/ for analysts.
     Export(VerifyArgs),
@@ -235,8 +243,17 @@ pub struct VerifyArgs {
 
 #[derive(Debug, Args)]
 pub struct BackfillArgs {
-    #[command(flatten)]
-    pub range: VerifyArgs,
+    /// Range start (RFC 3339, inclusive); only whole windows inside the range are replaced.
+    #[arg(long, value_parser = parse_rfc3339, requires = "to")]
+    pub from: Option<i64>,
+    /// Range end (RFC 3339, exclusive).
+    #[arg(long, value_parser = parse_rfc3339, requires = "from")]
+    pub to: Option<i64>,
+    /// Only this rollup (or version, NAME@N). Without --from/--to: NAME's
+    /// newest version that is not live, over the whole archive, a day at a
+    /// time, resuming where a killed run stopped.
+    #[arg(long, required_unless_present = "from")]
+    pub rollup: Option<String>,
     /// Print, per window, what would change; write nothing.
     #[arg(long)]
     pub dry_run: bool,
@@ -336,12 +353,31 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Check => rt.block_on(check(settings)),
         Command::Produce(args) => produce(&settings, args),
         Command::Verify(a) => rt.block_on(verify(settings, a, "DRIFT", "serving", "raw archive")),
-        Command::Backfill(a) if a.dry_run => rt.block_on(async {
-            verify(settings, a.range, "WOULD REWRITE", "now", "after backfill").await?;
-            println!("dry run: nothing was written");
-            Ok(ExitCode::SUCCESS)
-        }),
-        Command::Backfill(a) => rt.block_on(backfill(settings, a.range)),
+        Command::Backfill(BackfillArgs {
+            from: Some(from),
+            to: Some(to),
+            rollup,
+            dry_run,
+        }) => {
+            let range = VerifyArgs { from, to, rollup };
+            if dry_run {
+                rt.block_on(async {
+                    verify(settings, range, "WOULD REWRITE", "now", "after backfill").await?;
+                    println!("dry run: nothing was written");
+                    Ok(ExitCode::SUCCESS)
+                })
+            } else {
+                rt.block_on(backfill(settings, range))
+            }
+        }
+        Command::Backfill(BackfillArgs { dry_run: true, .. }) => {
+            anyhow::bail!("--dry-run needs --from and --to")
+        }
+        Command::Backfill(a) => {
+            let name = a.rollup.unwrap_or_default();
+            rt.block_on(rollup::backfill(settings, &name))
+        }
+        Command::Rollup { command } => rt.block_on(rollup::run(settings, command)),
         Command::Export(a) => rt.block_on(export(settings, a)),
         Command::Replay { file, source_id } => rt.block_on(replay(settings, file, source_id)),
         Command::Report {
@@ -650,9 +686,13 @@ async fn check(settings: Settings) -> anyhow::Result<ExitCode> {
     for r in &catalog.rollups {
         println!("{}\n", r.describe());
     }
-    let tiers =
-        crate::serve::Tiers::from_catalog(&settings.api.rollups, &catalog, &settings.retention)
-            .context("the API rollups are invalid")?;
+    let tiers = crate::serve::Tiers::from_catalog(
+        &settings.api.rollups,
+        &catalog,
+        &settings.retention,
+        &Default::default(),
+    )
+    .context("the API rollups are invalid")?;
     let names: Vec<String> = tiers
         .tiers
         .iter()

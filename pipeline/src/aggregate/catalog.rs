@@ -72,8 +72,13 @@ pub struct RollupColumn {
 /// A validated rollup definition.
 #[derive(Debug, Clone)]
 pub struct RollupDef {
-    /// File stem; also the serving table name.
+    /// File stem; also the serving table name: `base` for version 1,
+    /// `base@N` for version N (see [`RollupDef::base`]).
     pub name: String,
+    /// The rollup this is a version of (the API's name for it).
+    pub base: String,
+    /// 1 for `<base>.sql`, N for `<base>@N.sql`.
+    pub version: u32,
     pub file: PathBuf,
     pub sql: String,
     /// Key columns first (in SELECT order), then measures.
@@ -211,6 +216,37 @@ impl SqlCatalog {
     pub fn get(&self, name: &str) -> Option<&RollupDef> {
         self.rollups.iter().find(|r| r.name == name)
     }
+
+    /// The versions of rollup `base`, lowest first.
+    pub fn versions(&self, base: &str) -> Vec<&RollupDef> {
+        let mut v: Vec<&RollupDef> = self.rollups.iter().filter(|r| r.base == base).collect();
+        v.sort_by_key(|r| r.version);
+        v
+    }
+
+    /// The version of `base` the API answers: the one `live` names
+    /// (`tally rollup promote`) if it is deployed here, else the lowest.
+    pub fn live(
+        &self,
+        base: &str,
+        live: &std::collections::BTreeMap<String, u32>,
+    ) -> Option<&RollupDef> {
+        let versions = self.versions(base);
+        live.get(base)
+            .and_then(|n| versions.iter().find(|d| d.version == *n).copied())
+            .or_else(|| versions.first().copied())
+    }
+
+    /// Every rollup name (versions share one), in file order.
+    pub fn bases(&self) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        for r in &self.rollups {
+            if !out.contains(&r.base) {
+                out.push(r.base.clone());
+            }
+        }
+        out
+    }
 }
 
 fn is_identifier(s: &str) -> bool {
@@ -237,7 +273,24 @@ pub(crate) async fn plan_rollup(
         column: column.map(str::to_string),
         message,
     };
-    if !is_identifier(&name) || name.starts_with("tally_") || name.contains("__") {
+    // `<base>@<N>.sql` is version N of rollup `base` (see docs/rollups.md).
+    let (base, version) = match name.split_once('@') {
+        None => (name.clone(), Some(1)),
+        Some((b, v)) => (
+            b.to_string(),
+            // Canonical digits only: `x@02` and `x@2` would be one version.
+            v.parse::<u32>()
+                .ok()
+                .filter(|n| *n >= 2 && n.to_string() == v),
+        ),
+    };
+    let Some(version) = version else {
+        return Err(refuse(
+            None,
+            format!("the file stem {name:?} is not a version: a new version of rollup `{base}` is the file {base}@N.sql, N = 2, 3, … ({base}.sql is version 1)"),
+        ));
+    };
+    if !is_identifier(&base) || base.starts_with("tally_") || base.contains("__") {
         return Err(refuse(
             None,
             format!("the file stem {name:?} names the rollup and its table; rename the file to [a-z_][a-z0-9_]*.sql (not tally_*, no \"__\": tally's own tables use them)"),
@@ -301,6 +354,8 @@ pub(crate) async fn plan_rollup(
     }
     Ok(RollupDef {
         name,
+        base,
+        version,
         file: file.to_path_buf(),
         sql: sql.to_string(),
         columns,

@@ -74,8 +74,11 @@ pub struct RetentionConfig {
 }
 
 impl RetentionConfig {
+    /// The retention of rollup `name`; every version (`name@N`) has its
+    /// rollup's.
     pub fn rollup(&self, name: &str) -> Keep {
-        self.rollups.get(name).copied().unwrap_or_default()
+        let base = name.split_once('@').map_or(name, |(b, _)| b);
+        self.rollups.get(base).copied().unwrap_or_default()
     }
 }
 

@@ -48,19 +48,46 @@ pub async fn backfill(
             settings.sql.rollups_dir.display()
         )));
     }
+    let store = crate::pipeline::Stages::open_store(settings, &catalog).await?;
+    let mut progress = super::Progress::new("backfill", defs.len() as u64 + 2);
+    let report = backfill_in(
+        settings,
+        &schema,
+        &catalog,
+        &store,
+        &defs,
+        (from, to),
+        Some(&mut progress),
+    )
+    .await;
+    progress.finish();
+    store.close().await;
+    report
+}
+
+/// Backfill `defs` over `[from, to)` in an open store (see the module docs);
+/// `progress` gets a step per rollup recomputed, and two more.
+pub(crate) async fn backfill_in(
+    settings: &Settings,
+    schema: &crate::decode::EventSchema,
+    catalog: &crate::aggregate::SqlCatalog,
+    store: &ServingStore,
+    defs: &[RollupDef],
+    (from, to): (i64, i64),
+    mut progress: Option<&mut super::Progress>,
+) -> Result<BackfillReport, crate::Error> {
     // Windows retention has pruned (or may prune now) are left alone: their
     // rows are gone from the store, or their events from the archive.
     let now = chrono::Utc::now().timestamp_millis();
-    let ranges: Vec<(i64, i64)> = window_ranges(&defs, from, to)
+    let ranges: Vec<(i64, i64)> = window_ranges(defs, from, to)
         .into_iter()
-        .zip(&defs)
+        .zip(defs)
         .map(|(r, d)| super::verify::retained(settings, d, r, now))
         .collect();
     let (lo, hi) = (
         ranges.iter().map(|r| r.0).min().unwrap_or(from),
         ranges.iter().map(|r| r.1).max().unwrap_or(to),
     );
-    let store = crate::pipeline::Stages::open_store(settings, &catalog).await?;
     // Windows with counted events not yet in committed raw files wait for
     // those files (a backfill now would lose the events).
     let open = store.open_hours().await?;
@@ -70,20 +97,21 @@ pub async fn backfill(
         .map(|(d, r)| super::verify::before_open(d, *r, &open))
         .collect();
 
-    let mut progress = super::Progress::new("backfill", defs.len() as u64 + 2);
     // 1. Snapshot and recompute, no lock held.
     // Only the files of the window's hours: a range of the file index.
     let files = crate::sink::raw_path_range(lo, hi);
     let snapshot = files_in(store.raw_files(&files).await?, lo, hi);
-    progress.step(&format!("{} committed raw files to read", snapshot.len()));
+    if let Some(p) = progress.as_deref_mut() {
+        p.step(&format!("{} committed raw files to read", snapshot.len()));
+    }
     let base = recompute(
         settings,
-        &schema,
+        schema,
         &catalog.dimensions,
-        &defs,
+        defs,
         &ranges,
         &snapshot,
-        Some(&mut progress),
+        progress.as_deref_mut(),
     )
     .await?;
 
@@ -104,9 +132,9 @@ pub async fn backfill(
     } else {
         recompute(
             settings,
-            &schema,
+            schema,
             &catalog.dimensions,
-            &defs,
+            defs,
             &ranges,
             &delta_files,
             None,
@@ -135,9 +163,9 @@ pub async fn backfill(
         .map(|(d, r)| (d.clone(), r.0, r.1))
         .collect();
     let rows_deleted = store.replace_windows(tx, &replace, &outputs).await?;
-    progress.step("windows replaced");
-    progress.finish();
-    store.close().await;
+    if let Some(p) = progress {
+        p.step("windows replaced");
+    }
     Ok(BackfillReport {
         files: snapshot.len(),
         files_committed_meanwhile: delta_files.len(),

@@ -11,6 +11,7 @@ pub mod replay;
 pub mod report;
 pub mod topic;
 pub mod verify;
+pub mod versions;
 
 /// Progress of a long job: a bar on a terminal, a log line per step elsewhere.
 pub struct Progress {

@@ -51,7 +51,7 @@ fn inner(from: i64, to: i64, w: i64) -> (i64, i64) {
 }
 
 /// `raw/events/dt=YYYY-MM-DD/hour=HH/...` -> the hour's start (epoch ms).
-fn file_hour(path: &str) -> Option<i64> {
+pub(crate) fn file_hour(path: &str) -> Option<i64> {
     let dt = path.split("dt=").nth(1)?.get(..10)?;
     let hh = path.split("hour=").nth(1)?.get(..2)?;
     let day = chrono::NaiveDate::parse_from_str(dt, "%Y-%m-%d").ok()?;

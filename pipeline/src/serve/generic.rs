@@ -31,7 +31,16 @@ pub(crate) struct Measure {
 
 #[derive(Debug, Clone)]
 pub(crate) struct ServedRollup {
+    /// The API's name: the rollup's for the version it answers from,
+    /// `rollup@N` for its other versions.
     pub name: String,
+    /// The serving table (the file stem).
+    pub table: String,
+    /// The rollup this is a version of.
+    pub base: String,
+    pub version: u32,
+    /// This is the version `rollup` answers from.
+    pub live: bool,
     pub file: String,
     /// The keys but the window, in SELECT order.
     pub keys: Vec<(String, ColumnKind)>,
@@ -103,16 +112,34 @@ fn signature(r: &ServedRollup) -> String {
 }
 
 impl Served {
+    /// Every rollup of `catalog`; of a rollup with versions, the one `live`
+    /// names (see [`SqlCatalog::live`]) under the rollup's name, the others
+    /// as `name@N` (each its own family).
     pub(crate) fn from_catalog(
         catalog: &SqlCatalog,
         retention: &RetentionConfig,
         pool: &ReadPool,
+        live: &BTreeMap<String, u32>,
     ) -> Served {
         let mut rollups: Vec<ServedRollup> = catalog
             .rollups
             .iter()
-            .map(|d| ServedRollup {
-                name: d.name.clone(),
+            .map(|d| {
+                let is_live = catalog
+                    .live(&d.base, live)
+                    .is_some_and(|l| l.name == d.name);
+                (d, is_live)
+            })
+            .map(|(d, is_live)| ServedRollup {
+                name: if is_live {
+                    d.base.clone()
+                } else {
+                    format!("{}@{}", d.base, d.version)
+                },
+                table: d.name.clone(),
+                base: d.base.clone(),
+                version: d.version,
+                live: is_live,
                 file: d.file.display().to_string(),
                 keys: d
                     .keys()
@@ -145,7 +172,14 @@ impl Served {
             .collect();
         let mut groups: BTreeMap<String, Vec<usize>> = BTreeMap::new();
         for (i, r) in rollups.iter().enumerate() {
-            groups.entry(signature(r)).or_default().push(i);
+            // A version not answered under its rollup's name is a family
+            // of its own.
+            let key = if r.live {
+                signature(r)
+            } else {
+                format!("@{}", r.name)
+            };
+            groups.entry(key).or_default().push(i);
         }
         let mut families = Vec::new();
         for (_, mut members) in groups {
@@ -166,7 +200,7 @@ impl Served {
                         .map(|i| {
                             let r = &rollups[*i];
                             Tier {
-                                rollup: r.name.clone(),
+                                rollup: r.table.clone(),
                                 window: r.window.clone(),
                                 width_ms: r.width_ms,
                                 keep: r.keep,
@@ -176,13 +210,13 @@ impl Served {
                 };
                 let tables = part
                     .iter()
-                    .map(|i| pool.tables_of(&rollups[*i].name))
+                    .map(|i| pool.tables_of(&rollups[*i].table))
                     .collect();
                 let pk = part
                     .iter()
                     .map(|i| {
                         catalog
-                            .get(&rollups[*i].name)
+                            .get(&rollups[*i].table)
                             .map(|d| d.keys().iter().map(|c| c.name.clone()).collect())
                             .unwrap_or_default()
                     })

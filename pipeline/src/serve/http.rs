@@ -321,8 +321,9 @@ async fn count(
     let video = p.id("video_id", true)?.unwrap_or_default();
     let et = p.id("event_type", false)?;
     let (start, end) = p.range(&s)?;
-    let plan = p.plan(&s, start, end)?;
-    let (totals, as_of) = tokio::join!(s.reader.totals(video, et, &plan), as_of(&s));
+    let view = s.reader.view();
+    let plan = p.plan(&view.tiers, start, end)?;
+    let (totals, as_of) = tokio::join!(s.reader.totals(&view, video, et, &plan), as_of(&s));
     let totals = totals?;
     Ok(Json(json!({
         "video_id": video,
@@ -366,8 +367,9 @@ async fn stats(
         ));
     }
     let (start, end) = p.range(&s)?;
-    let plan = p.plan(&s, start, end)?;
-    let (totals, as_of) = tokio::join!(s.reader.totals(video, et, &plan), as_of(&s));
+    let view = s.reader.view();
+    let plan = p.plan(&view.tiers, start, end)?;
+    let (totals, as_of) = tokio::join!(s.reader.totals(&view, video, et, &plan), as_of(&s));
     let t: Totals = totals?;
     let value = match function {
         "count" => json!(t.events),
@@ -420,12 +422,13 @@ async fn series(
         )
     })?;
     let (start, end) = p.range(&s)?;
-    let tier = s.reader.tiers.series_tier(g).ok_or_else(|| {
+    let view = s.reader.view();
+    let tier = view.tiers.series_tier(g).ok_or_else(|| {
         ApiError::bad(
             "invalid_parameter",
             format!(
                 "no rollup can answer `granularity` = {gname}; rollups exist for {} windows",
-                s.reader.tiers.granularities()
+                view.tiers.granularities()
             ),
         )
     })?;
@@ -447,11 +450,13 @@ async fn series(
             ),
         ));
     }
-    s.reader
-        .tiers
+    view.tiers
         .check_series_retained(tier, start, g, chrono::Utc::now().timestamp_millis())
         .map_err(not_retained)?;
-    let (rows, as_of) = tokio::join!(s.reader.series(video, et, tier, start, end, g), as_of(&s));
+    let (rows, as_of) = tokio::join!(
+        s.reader.series(&view, video, et, tier, (start, end), g),
+        as_of(&s)
+    );
     let rows = rows?;
     let mut out = Vec::with_capacity(points as usize);
     let mut b = start;
@@ -502,8 +507,9 @@ async fn top(
         },
     };
     let (start, end) = p.range(&s)?;
-    let plan = p.plan(&s, start, end)?;
-    let (rows, as_of) = tokio::join!(s.reader.top(et, &plan, limit), as_of(&s));
+    let view = s.reader.view();
+    let plan = p.plan(&view.tiers, start, end)?;
+    let (rows, as_of) = tokio::join!(s.reader.top(&view, et, &plan, limit), as_of(&s));
     let videos: Vec<Value> = rows?
         .into_iter()
         .map(|(v, n)| json!({"video_id": v, "count": n}))
@@ -652,7 +658,7 @@ async fn readyz(State(s): State<Shared>) -> Response {
 }
 
 async fn openapi(State(s): State<Shared>) -> Response {
-    Json(super::openapi::document(&s.served)).into_response()
+    Json(super::openapi::document(&s.served())).into_response()
 }
 
 mod params;

@@ -65,8 +65,14 @@ impl ServeError {
 pub(crate) struct ApiState {
     pub cfg: ApiConfig,
     pub reader: Reader,
-    /// Every rollup and its family (`GET /v1/rollups`).
-    pub served: generic::Served,
+    /// Every rollup and its family (`GET /v1/rollups`), swapped whole when
+    /// a version is promoted ([`ApiState::served`]).
+    served: std::sync::RwLock<Arc<generic::Served>>,
+    /// What `served` and the reader's tiers are rebuilt from.
+    catalog: SqlCatalog,
+    retention: crate::config::RetentionConfig,
+    /// The live versions `served` was built with.
+    live: std::sync::Mutex<std::collections::BTreeMap<String, u32>>,
     pub ingest: ingest::Ingest,
     pub decoder: RecordDecoder,
     pub metrics: Arc<Metrics>,
@@ -86,14 +92,31 @@ impl ApiState {
         metrics: Arc<Metrics>,
         pipeline: bool,
     ) -> Result<Arc<ApiState>, ServeError> {
-        let tiers = Tiers::from_catalog(&settings.api.rollups, catalog, &settings.retention)?;
+        // The versions the API answers from: promoted ones, once the store
+        // records any (an older store, or a read-only one, has none yet).
+        let none = Default::default();
+        let tiers =
+            Tiers::from_catalog(&settings.api.rollups, catalog, &settings.retention, &none)?;
         let reader = Reader::open(&settings.serving_url(), 4, tiers, &settings.kafka.topic)?;
+        let live = reader.pool().live_versions().await.unwrap_or_default();
+        if live != none {
+            reader.set_tiers(Tiers::from_catalog(
+                &settings.api.rollups,
+                catalog,
+                &settings.retention,
+                &live,
+            )?);
+        }
         let ingest = ingest::Ingest::new(settings)?;
-        let served = generic::Served::from_catalog(catalog, &settings.retention, reader.pool());
+        let served =
+            generic::Served::from_catalog(catalog, &settings.retention, reader.pool(), &live);
         Ok(Arc::new(ApiState {
             cfg: settings.api.clone(),
             reader,
-            served,
+            served: std::sync::RwLock::new(Arc::new(served)),
+            catalog: catalog.clone(),
+            retention: settings.retention.clone(),
+            live: std::sync::Mutex::new(live),
             ingest,
             decoder: RecordDecoder::new(schema.clone(), &settings.decode),
             metrics,
@@ -101,6 +124,54 @@ impl ApiState {
             broker_ok: AtomicBool::new(false),
             shed: Arc::new(tokio::sync::Semaphore::new(settings.api.max_concurrency)),
         }))
+    }
+}
+
+impl ApiState {
+    /// The rollups as the API answers them now; a request keeps the ones it
+    /// started with.
+    pub(crate) fn served(&self) -> Arc<generic::Served> {
+        match self.served.read() {
+            Ok(s) => s.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Follow `tally rollup promote`: when the store's live versions
+    /// changed, rebuild the served rollups and the reader's tiers and swap
+    /// them in (requests in flight finish on the old ones, whose tables
+    /// remain). Returns whether anything changed.
+    pub(crate) async fn refresh_versions(&self) -> bool {
+        let Ok(live) = self.reader.pool().live_versions().await else {
+            return false;
+        };
+        {
+            let Ok(mut current) = self.live.lock() else {
+                return false;
+            };
+            if *current == live {
+                return false;
+            }
+            *current = live.clone();
+        }
+        match Tiers::from_catalog(&self.cfg.rollups, &self.catalog, &self.retention, &live) {
+            Ok(tiers) => self.reader.set_tiers(tiers),
+            Err(e) => {
+                tracing::error!(error = %e, "a promoted version cannot answer the API rollups' endpoints; they keep the previous version")
+            }
+        }
+        let served = generic::Served::from_catalog(
+            &self.catalog,
+            &self.retention,
+            self.reader.pool(),
+            &live,
+        );
+        match self.served.write() {
+            Ok(mut s) => *s = Arc::new(served),
+            Err(poisoned) => *poisoned.into_inner() = Arc::new(served),
+        }
+        tracing::info!(live = ?live, "rollup versions changed: the API answers from the promoted ones");
+        true
     }
 }
 
@@ -136,11 +207,20 @@ pub(crate) async fn bind(
             tokio::time::sleep(Duration::from_secs(2)).await;
         }
     });
+    // Promotions (`tally rollup promote`) apply within a second.
+    let versions_state = state.clone();
+    let versions = tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            versions_state.refresh_versions().await;
+        }
+    });
     let (timeout, max_connections) = (state.cfg.request_timeout, state.cfg.max_connections);
     let app = http::router(state);
     Ok(async move {
         server::serve(listener, app, timeout, max_connections, shutdown).await;
         probe.abort();
+        versions.abort();
         Ok(())
     })
 }

@@ -85,97 +85,23 @@ impl TierSql {
 /// `as_of` is re-read at most this often (it moves once per committed batch).
 const AS_OF_TTL: Duration = Duration::from_millis(100);
 
-/// Read access to the API rollups.
+/// The API rollups' tiers and their statements: one version of each
+/// (`Reader::set_tiers` swaps in another when a version is promoted; a
+/// request keeps the view it planned with).
 #[derive(Debug)]
-pub(crate) struct Reader {
-    pool: ReadPool,
+pub(crate) struct SeedView {
     pub tiers: Tiers,
     sql: Vec<TierSql>,
-    topic: String,
-    as_of_cache: Mutex<Option<(Instant, Option<i64>)>>,
 }
 
-fn store_err(e: crate::sink::SinkError) -> ServeError {
-    ServeError::Store(e.to_string())
-}
-
-impl Reader {
-    /// The read connections (the generic rollup queries plan their own statements).
-    pub(crate) fn pool(&self) -> &ReadPool {
-        &self.pool
-    }
-
-    /// Rows of a planned statement, as cells of `kinds`.
-    pub(crate) async fn cells(
-        &self,
-        text: &str,
-        args: Vec<Arg>,
-        kinds: Vec<crate::aggregate::ColumnKind>,
-        point: bool,
-    ) -> Result<Vec<Vec<crate::sink::serving::Cell>>, ServeError> {
-        self.pool
-            .cells(text, args, kinds, point)
-            .await
-            .map_err(store_err)
-    }
-
-    /// Open `connections` read-only connections to the store at `url`
-    /// (PostgreSQL: a pool of that size, connected on first use).
-    pub(crate) fn open(
-        url: &str,
-        connections: usize,
-        tiers: Tiers,
-        topic: &str,
-    ) -> Result<Reader, ServeError> {
-        let pool = ReadPool::open(url, connections).map_err(store_err)?;
+impl SeedView {
+    fn new(pool: &ReadPool, tiers: Tiers) -> SeedView {
         let sql = tiers
             .tiers
             .iter()
             .map(|t| TierSql::new(pool.tables_of(&t.rollup), &t.window))
             .collect();
-        Ok(Reader {
-            pool,
-            tiers,
-            sql,
-            topic: topic.to_string(),
-            as_of_cache: Mutex::new(None),
-        })
-    }
-
-    /// See [`crate::sink::ServingStore::as_of`]; at most [`AS_OF_TTL`] old.
-    pub(crate) async fn as_of(&self) -> Result<Option<i64>, ServeError> {
-        if let Ok(cache) = self.as_of_cache.lock() {
-            if let Some((at, v)) = *cache {
-                if at.elapsed() < AS_OF_TTL {
-                    return Ok(v);
-                }
-            }
-        }
-        let v = self.pool.as_of(&self.topic).await.map_err(store_err)?;
-        if let Ok(mut cache) = self.as_of_cache.lock() {
-            *cache = Some((Instant::now(), v));
-        }
-        Ok(v)
-    }
-
-    /// Totals for one video (one or all event types) over planned segments,
-    /// in one statement: a `UNION ALL` of one index range per segment.
-    pub(crate) async fn totals(
-        &self,
-        video: &str,
-        event_type: Option<&str>,
-        plan: &[Segment],
-    ) -> Result<Totals, ServeError> {
-        let text = self.totals_sql(plan, event_type.is_some());
-        let mut args: Vec<Arg> = vec![Arg::Text(video.to_string())];
-        if let Some(et) = event_type {
-            args.push(Arg::Text(et.to_string()));
-        }
-        for seg in plan {
-            args.push(Arg::Int(seg.lo));
-            args.push(Arg::Int(seg.hi));
-        }
-        self.pool.totals(&text, args).await.map_err(store_err)
+        SeedView { tiers, sql }
     }
 
     /// `?1` video, (`?2` event type), then (lo, hi) per segment.
@@ -214,18 +140,124 @@ impl Reader {
             parts.join(" UNION ALL ")
         )
     }
+}
+
+/// Read access to the API rollups.
+#[derive(Debug)]
+pub(crate) struct Reader {
+    pool: ReadPool,
+    view: std::sync::RwLock<std::sync::Arc<SeedView>>,
+    topic: String,
+    as_of_cache: Mutex<Option<(Instant, Option<i64>)>>,
+}
+
+fn store_err(e: crate::sink::SinkError) -> ServeError {
+    ServeError::Store(e.to_string())
+}
+
+impl Reader {
+    /// The read connections (the generic rollup queries plan their own statements).
+    pub(crate) fn pool(&self) -> &ReadPool {
+        &self.pool
+    }
+
+    /// Rows of a planned statement, as cells of `kinds`.
+    pub(crate) async fn cells(
+        &self,
+        text: &str,
+        args: Vec<Arg>,
+        kinds: Vec<crate::aggregate::ColumnKind>,
+        point: bool,
+    ) -> Result<Vec<Vec<crate::sink::serving::Cell>>, ServeError> {
+        self.pool
+            .cells(text, args, kinds, point)
+            .await
+            .map_err(store_err)
+    }
+
+    /// Open `connections` read-only connections to the store at `url`
+    /// (PostgreSQL: a pool of that size, connected on first use).
+    pub(crate) fn open(
+        url: &str,
+        connections: usize,
+        tiers: Tiers,
+        topic: &str,
+    ) -> Result<Reader, ServeError> {
+        let pool = ReadPool::open(url, connections).map_err(store_err)?;
+        let view = std::sync::RwLock::new(std::sync::Arc::new(SeedView::new(&pool, tiers)));
+        Ok(Reader {
+            pool,
+            view,
+            topic: topic.to_string(),
+            as_of_cache: Mutex::new(None),
+        })
+    }
+
+    /// The tiers requests plan with now.
+    pub(crate) fn view(&self) -> std::sync::Arc<SeedView> {
+        match self.view.read() {
+            Ok(v) => v.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Answer from `tiers` from now on (a promoted version).
+    pub(crate) fn set_tiers(&self, tiers: Tiers) {
+        let view = std::sync::Arc::new(SeedView::new(&self.pool, tiers));
+        match self.view.write() {
+            Ok(mut v) => *v = view,
+            Err(poisoned) => *poisoned.into_inner() = view,
+        }
+    }
+
+    /// See [`crate::sink::ServingStore::as_of`]; at most [`AS_OF_TTL`] old.
+    pub(crate) async fn as_of(&self) -> Result<Option<i64>, ServeError> {
+        if let Ok(cache) = self.as_of_cache.lock() {
+            if let Some((at, v)) = *cache {
+                if at.elapsed() < AS_OF_TTL {
+                    return Ok(v);
+                }
+            }
+        }
+        let v = self.pool.as_of(&self.topic).await.map_err(store_err)?;
+        if let Ok(mut cache) = self.as_of_cache.lock() {
+            *cache = Some((Instant::now(), v));
+        }
+        Ok(v)
+    }
+
+    /// Totals for one video (one or all event types) over planned segments,
+    /// in one statement: a `UNION ALL` of one index range per segment.
+    pub(crate) async fn totals(
+        &self,
+        view: &SeedView,
+        video: &str,
+        event_type: Option<&str>,
+        plan: &[Segment],
+    ) -> Result<Totals, ServeError> {
+        let text = view.totals_sql(plan, event_type.is_some());
+        let mut args: Vec<Arg> = vec![Arg::Text(video.to_string())];
+        if let Some(et) = event_type {
+            args.push(Arg::Text(et.to_string()));
+        }
+        for seg in plan {
+            args.push(Arg::Int(seg.lo));
+            args.push(Arg::Int(seg.hi));
+        }
+        self.pool.totals(&text, args).await.map_err(store_err)
+    }
 
     /// Per-bucket totals; buckets without rows are absent.
     pub(crate) async fn series(
         &self,
+        view: &SeedView,
         video: &str,
         event_type: Option<&str>,
         tier: usize,
-        start: i64,
-        end: i64,
+        (start, end): (i64, i64),
         granularity_ms: i64,
     ) -> Result<BTreeMap<i64, Totals>, ServeError> {
-        let sql = self
+        let sql = view
             .sql
             .get(tier)
             .ok_or_else(|| ServeError::Store("no such tier".into()))?;
@@ -256,6 +288,7 @@ impl Reader {
     /// The `limit` videos with the most events over planned segments.
     pub(crate) async fn top(
         &self,
+        view: &SeedView,
         event_type: Option<&str>,
         plan: &[Segment],
         limit: u32,
@@ -264,7 +297,7 @@ impl Reader {
         let mut parts = Vec::new();
         let mut args: Vec<Arg> = Vec::new();
         for seg in plan {
-            let Some(sql) = self.sql.get(seg.tier) else {
+            let Some(sql) = view.sql.get(seg.tier) else {
                 continue;
             };
             let filter = if event_type.is_some() {

@@ -110,10 +110,13 @@ fn check_def(def: &RollupDef) -> Result<(), String> {
 
 impl Tiers {
     /// Resolve `api.rollups` against the SQL catalog.
+    /// The tiers of `names` (`api.rollups`), each at the version `live`
+    /// names (see [`SqlCatalog::live`]).
     pub(crate) fn from_catalog(
         names: &[String],
         catalog: &SqlCatalog,
         retention: &RetentionConfig,
+        live: &std::collections::BTreeMap<String, u32>,
     ) -> Result<Tiers, ServeError> {
         let config = |message: String| ServeError::Config {
             key: "api.rollups".into(),
@@ -121,13 +124,16 @@ impl Tiers {
         };
         let mut tiers = Vec::new();
         for name in names {
-            let def = catalog.get(name).ok_or_else(|| {
-                let have: Vec<&str> = catalog.rollups.iter().map(|r| r.name.as_str()).collect();
-                config(format!(
-                    "no rollup named `{name}`; the SQL directory defines: {}",
-                    have.join(", ")
-                ))
-            })?;
+            let def = catalog
+                .live(name, live)
+                .or_else(|| catalog.get(name))
+                .ok_or_else(|| {
+                    let have: Vec<&str> = catalog.rollups.iter().map(|r| r.name.as_str()).collect();
+                    config(format!(
+                        "no rollup named `{name}`; the SQL directory defines: {}",
+                        have.join(", ")
+                    ))
+                })?;
             check_def(def).map_err(|m| {
                 config(format!(
                     "{} cannot answer API queries: {m}",

@@ -138,11 +138,10 @@ impl Params {
 
     pub(super) fn plan(
         &self,
-        s: &ApiState,
+        tiers: &crate::serve::tiers::Tiers,
         start: i64,
         end: i64,
     ) -> Result<Vec<crate::serve::tiers::Segment>, ApiError> {
-        let tiers = &s.reader.tiers;
         let plan = tiers
             .plan(start, end)
             .map_err(|(_, message)| ApiError::bad("unaligned_range", message))?;

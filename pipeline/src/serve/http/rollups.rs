@@ -8,7 +8,7 @@ use super::*;
 use crate::aggregate::sketch;
 use crate::aggregate::ColumnKind;
 use crate::aggregate::MergeRule;
-use crate::serve::generic::{statement, Ask, Measure, ServedRollup};
+use crate::serve::generic::{statement, Ask, Measure, Served, ServedRollup};
 use crate::sink::serving::{Arg, Cell};
 
 /// Rows an answer holds at most (`limit`'s bound and default).
@@ -33,10 +33,19 @@ fn type_name(k: ColumnKind) -> &'static str {
     }
 }
 
-fn describe(s: &ApiState, r: &ServedRollup) -> Value {
-    let family = s.served.family(r);
+fn describe(served: &Served, r: &ServedRollup) -> Value {
+    let family = served.family(r);
+    let versions: Vec<Value> = served
+        .rollups
+        .iter()
+        .filter(|o| o.base == r.base)
+        .map(|o| json!({"version": o.version, "name": o.name, "live": o.live}))
+        .collect();
     json!({
         "name": r.name,
+        "version": r.version,
+        "live": r.live,
+        "versions": versions,
         "keys": r.keys.iter().map(|(n, k)| json!({"name": n, "type": type_name(*k)})).collect::<Vec<_>>(),
         "window": {"column": r.window, "width": width_name(r.width_ms), "width_ms": r.width_ms},
         "measures": r.measures.iter().map(|m| {
@@ -61,7 +70,12 @@ fn describe(s: &ApiState, r: &ServedRollup) -> Value {
 
 pub(super) async fn list(State(s): State<Shared>, headers: HeaderMap) -> ApiResult {
     authorize(&s.cfg.read_tokens.0, &headers, "read")?;
-    let rollups: Vec<Value> = s.served.rollups.iter().map(|r| describe(&s, r)).collect();
+    let served = s.served();
+    let rollups: Vec<Value> = served
+        .rollups
+        .iter()
+        .map(|r| describe(&served, r))
+        .collect();
     Ok(Json(json!({ "rollups": rollups })).into_response())
 }
 
@@ -237,11 +251,12 @@ pub(super) async fn query(
     q: Result<Query<Vec<(String, String)>>, QueryRejection>,
 ) -> ApiResult {
     authorize(&s.cfg.read_tokens.0, &headers, "read")?;
-    let r = s.served.get(&name).ok_or_else(|| {
+    let served = s.served();
+    let r = served.get(&name).ok_or_else(|| {
         let shown: String = name.chars().take(64).collect();
         ApiError::bad(
             "unknown_rollup",
-            format!("no rollup `{shown}`; the rollups are: {}", s.served.names()),
+            format!("no rollup `{shown}`; the rollups are: {}", served.names()),
         )
     })?;
     let Query(pairs) = q.map_err(|e| {
@@ -252,7 +267,7 @@ pub(super) async fn query(
     })?;
     let (p, ask) = ask_of(r, pairs)?;
     let (start, end) = p.range(&s)?;
-    let family = s.served.family(r);
+    let family = served.family(r);
     let tiers = &family.tiers;
     let now = chrono::Utc::now().timestamp_millis();
     let plan = match ask.granularity {
@@ -337,6 +352,7 @@ pub(super) async fn query(
         .collect();
     Ok(Json(json!({
         "rollup": r.name,
+        "version": r.version,
         "start": fmt_time(start),
         "end": fmt_time(end),
         "rows": out,
@@ -359,7 +375,7 @@ pub(super) const SKETCH_FUNCTIONS: &[(&str, Option<f64>)] = &[
 /// keyed by `video_id` (and perhaps `event_type`), with a distinct sketch
 /// for `unique`, a quantile sketch for a percentile (the one kept for that
 /// rank if there is one: any KLL sketch answers every rank).
-fn sketch_source(s: &ApiState, rank: Option<f64>) -> Option<(&ServedRollup, usize)> {
+fn sketch_source(served: &Served, rank: Option<f64>) -> Option<(&ServedRollup, usize)> {
     let fits = |r: &ServedRollup| {
         r.keys.iter().any(|(n, _)| n == "video_id")
             && r.keys
@@ -372,7 +388,7 @@ fn sketch_source(s: &ApiState, rank: Option<f64>) -> Option<(&ServedRollup, usiz
         MergeRule::Distinct
     };
     let mut best: Option<(&ServedRollup, usize)> = None;
-    for r in s.served.rollups.iter().filter(|r| fits(r)) {
+    for r in served.rollups.iter().filter(|r| r.live && fits(r)) {
         for (i, m) in r.measures.iter().enumerate() {
             if m.merge != want {
                 continue;
@@ -396,7 +412,8 @@ pub(super) async fn sketch_stats(
     function: &str,
     rank: Option<f64>,
 ) -> ApiResult {
-    let (r, m) = sketch_source(s, rank).ok_or_else(|| {
+    let served = s.served();
+    let (r, m) = sketch_source(&served, rank).ok_or_else(|| {
         let what = if rank.is_some() {
             "approx_percentile_cont(value, p)"
         } else {
@@ -426,7 +443,7 @@ pub(super) async fn sketch_stats(
         ask.filters.push((k, vec![Arg::Text(value.to_string())]));
     }
     let (start, end) = p.range(s)?;
-    let family = s.served.family(r);
+    let family = served.family(r);
     let now = chrono::Utc::now().timestamp_millis();
     let plan = family.tiers.plan(start, end).map_err(|(_, message)| {
         ApiError::bad(

@@ -25,6 +25,7 @@ mod schema;
 mod sqlite;
 #[cfg(test)]
 mod tests;
+mod versions;
 
 use std::collections::{BTreeMap, HashSet};
 
@@ -40,6 +41,7 @@ pub(crate) use reads::{Arg, ReadPool, Totals};
 pub(crate) use schema::quote;
 pub(crate) use schema::{delta_table, Dialect};
 use sqlite::{SqliteReplace, SqliteStore};
+pub(crate) use versions::BackfillProgress;
 
 /// The outcome of a commit attempt.
 #[derive(Debug, Clone, PartialEq, Eq)]

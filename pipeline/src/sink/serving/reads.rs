@@ -78,6 +78,30 @@ impl ReadPool {
         tables
     }
 
+    /// The version each promoted rollup answers from (`tally_rollup_live`;
+    /// an error on a store that predates it).
+    pub(crate) async fn live_versions(
+        &self,
+    ) -> Result<std::collections::BTreeMap<String, u32>, SinkError> {
+        let rows = self
+            .cells(
+                "SELECT name, version FROM tally_rollup_live",
+                Vec::new(),
+                vec![ColumnKind::Text, ColumnKind::Int],
+                true,
+            )
+            .await?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|r| match (r.first(), r.get(1)) {
+                (Some(super::Cell::Text(n)), Some(super::Cell::Int(v))) => {
+                    Some((n.clone(), u32::try_from(*v).ok()?))
+                }
+                _ => None,
+            })
+            .collect())
+    }
+
     /// The aggregate that merges sketch cells in a read: SQLite's
     /// registered union (`sqlite::functions`); on PostgreSQL the cells are
     /// gathered into a `bytea[]` and merged as they are read.

@@ -80,6 +80,22 @@ pub(super) const BOOKKEEPING: &[&str] = &[
         definition TEXT NOT NULL,
         recorded_at_ms {int} NOT NULL
     )",
+    // The version of each rollup the API answers (`tally rollup promote`);
+    // a rollup without a row answers from its lowest version.
+    "CREATE TABLE IF NOT EXISTS tally_rollup_live (
+        name TEXT PRIMARY KEY,
+        version {int} NOT NULL,
+        promoted_at_ms {int} NOT NULL
+    )",
+    // A version's backfill by chunks of windows (`tally backfill --rollup`
+    // without a range): where it is, so a killed one resumes.
+    "CREATE TABLE IF NOT EXISTS tally_backfills (
+        rollup TEXT PRIMARY KEY,
+        from_ms {int} NOT NULL,
+        to_ms {int} NOT NULL,
+        done_to_ms {int} NOT NULL,
+        updated_at_ms {int} NOT NULL
+    )",
 ];
 
 /// The SQL engine behind a store.
