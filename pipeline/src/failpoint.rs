@@ -8,6 +8,7 @@
 /// committed), `after_serving_commit` (committed, Kafka group commit not sent);
 /// and `inside_multipart_upload` (S3: a part uploaded, the upload not complete);
 /// `inside_backfill_transaction` (a backfill's rows written, not committed).
+/// `after_backfill_chunk` (a chunked backfill's chunk committed and recorded).
 pub(crate) fn failpoint(name: &str) {
     static ARMED: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
     let armed = ARMED.get_or_init(|| std::env::var("TALLY_FAILPOINT").ok());

@@ -16,3 +16,4 @@ mod retention;
 mod s3;
 mod safety;
 mod sketches;
+mod versions;

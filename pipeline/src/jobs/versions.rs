@@ -498,6 +498,7 @@ pub async fn backfill_version(
                 chrono::Utc::now().timestamp_millis(),
             )
             .await?;
+        crate::failpoint::failpoint("after_backfill_chunk");
         progress.step(&format!(
             "{} done ({} rows)",
             crate::serve::http::fmt_time(at),
