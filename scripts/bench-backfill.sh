@@ -6,6 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${BACKFILL_EVENTS:-10000000}
+R=$(ls sql/rollups/*.sql | wc -l)
 TALLY=${TALLY_BIN:-$PWD/target/release/tally}
 OUT=$(mktemp -d /tmp/tally-bench-backfill.XXXXXX)
 trap 'rm -rf "$OUT"' EXIT
@@ -15,7 +16,7 @@ timed() { /usr/bin/time -f "%e %U %S %M" -o "$OUT/time" "$@" >"$OUT/out" 2>&1 ||
 read -r w u s m < <(timed "$TALLY" --log warn replay --file "$OUT/events.jsonl")
 python3 -c "
 n,w,u,s,m=$N,$w,$u,$s,$m
-print(f'| replay, no broker ({n:,} events: decode, archive, 4 rollups, serving commit) | {w:.1f} s, {n/w:,.0f} events/s, {n/(u+s):,.0f} events per CPU-second, peak RSS {m/1024:.0f} MiB |')"
+print(f'| replay, no broker ({n:,} events: decode, archive, $R rollups, serving commit) | {w:.1f} s, {n/w:,.0f} events/s, {n/(u+s):,.0f} events per CPU-second, peak RSS {m/1024:.0f} MiB |')"
 du -sb "$OUT/data/raw" | awk -v n="$N" '{printf "| raw archive | %.1f bytes per event |\n", $1 / n}'
 FROM=$(date -u -d '-2 days' +%Y-%m-%dT00:00:00Z)
 TO=$(date -u -d '+1 day' +%Y-%m-%dT00:00:00Z)
@@ -24,7 +25,7 @@ for rollup in "" day_video_events hour_video_events minute_video_events; do
   rows=$(grep -o '[0-9]* rows written' "$OUT/out" | cut -d' ' -f1)
   python3 -c "
 n,w,u,s,m,rows='$N',$w,$u,$s,$m,$rows
-label='${rollup:-all 4 rollups}'
+label='${rollup:-all $R rollups}'
 print(f'| backfill {label} over {int(n):,} archived events | {w:.2f} s, {int(n)/w:,.0f} archived rows/s, {rows:,} serving rows rewritten, peak RSS {m/1024:.0f} MiB |')"
 done
 

@@ -435,7 +435,7 @@ async fn no_secret_reaches_any_output() {
 }
 
 /// A rollup's SQL edited in place (its window changed) is refused at
-/// startup, naming the file and saying to give it a new name.
+/// startup, naming the file and saying to deploy it as a new version.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_edited_rollup_definition_is_refused() {
     let dir = test_dir();
@@ -486,7 +486,10 @@ async fn an_edited_rollup_definition_is_refused() {
         "{}",
         again.log_tail()
     );
-    assert!(log.contains("Give the new definition a new name"));
+    assert!(
+        log.contains("put the new definition in a new version beside it"),
+        "{log}"
+    );
 }
 
 /// A partition that never received an event is registered at assignment and

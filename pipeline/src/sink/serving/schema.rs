@@ -560,11 +560,13 @@ pub(super) fn rollup_ddl(
             table: def.name.clone(),
             message: format!(
                 "the existing table has columns ({}) but {} now produces ({}); \
-                 give the changed rollup a new file name (a new table) and backfill it, or drop the old table \
+                 deploy the change as a new version beside it ({}@{}.sql, a new table; docs/rollups.md), or drop the old table \
                  (on SQLite also its __delta table and __merged view)",
                 show(have),
                 def.file.display(),
-                show(&wanted)
+                show(&wanted),
+                def.base,
+                def.version + 1
             ),
         });
     }
@@ -599,10 +601,13 @@ pub(super) fn changed_definition(def: &RollupDef, stored: &str, now: &str, old: 
         table: def.name.clone(),
         message: format!(
             "{} has changed since this serving store recorded it (definition {stored}, now {now}); its rows \
-             were computed by the old definition, and new rows would silently mix with them. Give the new definition \
-             a new name (a new file under sql.rollups_dir, then `tally backfill` fills its history), or restore the old \
-             SQL. The recorded definition: {old}",
-            def.file.display()
+             were computed by the old definition, and new rows would silently mix with them. Restore the old SQL and \
+             put the new definition in a new version beside it, {}@{}.sql (then `tally backfill --rollup {}`, \
+             `tally rollup diff`, `tally rollup promote`: docs/rollups.md). The recorded definition: {old}",
+            def.file.display(),
+            def.base,
+            def.version + 1,
+            def.base
         ),
     }
 }

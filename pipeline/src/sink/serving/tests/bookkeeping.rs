@@ -126,7 +126,10 @@ async fn edited_rollup_definitions_are_refused() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("hour_video_events.sql has changed"), "{err}");
-    assert!(err.contains("Give the new definition a new name"), "{err}");
+    assert!(
+        err.contains("put the new definition in a new version beside it"),
+        "{err}"
+    );
 }
 
 #[allow(clippy::unwrap_used)]
