@@ -88,6 +88,9 @@ pub(crate) async fn backfill_in(
         ranges.iter().map(|r| r.0).min().unwrap_or(from),
         ranges.iter().map(|r| r.1).max().unwrap_or(to),
     );
+    if store.dialect() == crate::sink::serving::Dialect::Sqlite && chunkable(defs).is_some() {
+        return pipelined(settings, schema, catalog, store, defs, &ranges, progress).await;
+    }
     // Windows with counted events not yet in committed raw files wait for
     // those files (a backfill now would lose the events).
     let open = store.open_hours().await?;
@@ -169,6 +172,135 @@ pub(crate) async fn backfill_in(
     Ok(BackfillReport {
         files: snapshot.len(),
         files_committed_meanwhile: delta_files.len(),
+        rows_deleted,
+        rows_written,
+        windows: replace
+            .iter()
+            .map(|(d, a, b)| (d.name.clone(), *a, *b))
+            .collect(),
+    })
+}
+
+const HOUR: i64 = 3_600_000;
+
+/// The width of the chunks a pipelined backfill recomputes one at a time:
+/// the widest window (at least an hour, the archive's file granularity), if
+/// every window divides it (a window never spans two chunks).
+fn chunkable(defs: &[RollupDef]) -> Option<i64> {
+    let chunk = defs.iter().map(|d| d.window_ms).max()?.max(HOUR);
+    defs.iter()
+        .all(|d| d.window_ms > 0 && chunk % d.window_ms == 0)
+        .then_some(chunk)
+}
+
+/// SQLite: the window replacement under one `BEGIN IMMEDIATE` from the
+/// start, fed chunk by chunk: DataFusion recomputes the next chunk of hours
+/// while the store's thread inserts the previous one (on 2 cores the two
+/// overlap). The lock is held about as long as the one-shot path holds it
+/// (its insert alone takes most of the time); no catch-up is needed, since
+/// the committed files are listed under the lock.
+async fn pipelined(
+    settings: &Settings,
+    schema: &crate::decode::EventSchema,
+    catalog: &crate::aggregate::SqlCatalog,
+    store: &ServingStore,
+    defs: &[RollupDef],
+    ranges: &[(i64, i64)],
+    mut progress: Option<&mut super::Progress>,
+) -> Result<BackfillReport, crate::Error> {
+    let chunk = chunkable(defs).unwrap_or(HOUR);
+    let lo = ranges.iter().map(|r| r.0).min().unwrap_or(0);
+    let hi = ranges.iter().map(|r| r.1).max().unwrap_or(0);
+    let mut tx = store.begin_replace().await?;
+    let range = crate::sink::raw_path_range(lo, hi);
+    let files = files_in(ServingStore::raw_files_in(&mut tx, &range).await?, lo, hi);
+    let open = ServingStore::open_hours_in(&mut tx).await?;
+    let ranges: Vec<(i64, i64)> = defs
+        .iter()
+        .zip(ranges)
+        .map(|(d, r)| super::verify::before_open(d, *r, &open))
+        .collect();
+    if let Some(p) = progress.as_deref_mut() {
+        p.step(&format!("{} committed raw files to read", files.len()));
+    }
+    let replace: Vec<(RollupDef, i64, i64)> = defs
+        .iter()
+        .zip(&ranges)
+        .filter(|(_, r)| r.0 < r.1)
+        .map(|(d, r)| (d.clone(), r.0, r.1))
+        .collect();
+    let stream = match store.replace_windows_streamed(tx, replace.clone()) {
+        Ok(s) => s,
+        Err(_) => {
+            return Err(crate::error::internal(
+                "a streamed replacement needs SQLite",
+            ))
+        }
+    };
+    let mut rows_written = 0;
+    let mut fed = Ok(());
+    let mut at = lo - lo.rem_euclid(chunk);
+    while at < hi && fed.is_ok() {
+        let end = at + chunk;
+        let part: Vec<(i64, i64)> = ranges
+            .iter()
+            .map(|(a, b)| ((*a).max(at), (*b).min(end)))
+            .map(|(a, b)| if a < b { (a, b) } else { (a, a) })
+            .collect();
+        let chunk_files = files_in(files.clone(), at, end);
+        if part.iter().any(|(a, b)| a < b) && !chunk_files.is_empty() {
+            fed = match recompute(
+                settings,
+                schema,
+                &catalog.dimensions,
+                defs,
+                &part,
+                &chunk_files,
+                None,
+            )
+            .await
+            {
+                Ok(parts) => {
+                    let outputs: Vec<RollupOutput> = defs
+                        .iter()
+                        .zip(parts)
+                        .map(|(d, batches)| RollupOutput {
+                            rollup: d.name.clone(),
+                            batches,
+                        })
+                        .collect();
+                    rows_written += outputs.iter().map(|o| o.num_rows() as u64).sum::<u64>();
+                    // A closed channel: the writer failed; its error follows.
+                    let _ = stream.send.send(Some(outputs)).await;
+                    Ok(())
+                }
+                Err(e) => Err(e),
+            };
+        }
+        at = end;
+    }
+    if fed.is_ok() {
+        let _ = stream.send.send(None).await;
+    }
+    drop(stream.send);
+    let writer = stream.writer;
+    let written = tokio::task::spawn_blocking(move || writer.join())
+        .await
+        .map_err(crate::error::internal)?
+        .map_err(|_| crate::error::internal("the backfill's store thread panicked"))?;
+    fed?;
+    let rows_deleted = written?;
+    if let Some(p) = progress.as_deref_mut() {
+        for d in defs {
+            p.step(&format!("recomputed {}", d.name));
+        }
+    }
+    if let Some(p) = progress {
+        p.step("windows replaced");
+    }
+    Ok(BackfillReport {
+        files: files.len(),
+        files_committed_meanwhile: 0,
         rows_deleted,
         rows_written,
         windows: replace

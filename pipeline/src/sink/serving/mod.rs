@@ -120,6 +120,14 @@ pub enum SourceLock {
 }
 
 /// The write transaction of a window replacement (see [`ServingStore::begin_replace`]).
+/// A window replacement fed batch by batch (SQLite).
+#[derive(Debug)]
+pub struct ReplaceStream {
+    /// Rows to merge; `None` commits.
+    pub send: tokio::sync::mpsc::Sender<Option<Vec<RollupOutput>>>,
+    pub writer: std::thread::JoinHandle<Result<u64, SinkError>>,
+}
+
 pub enum ReplaceTx {
     Sqlite(SqliteReplace),
     Postgres(PgReplace),
@@ -486,6 +494,28 @@ impl ServingStore {
                 path: redact(&self.url),
                 message: "a replacement transaction of another store".into(),
             }),
+        }
+    }
+
+    /// SQLite: replace the windows of `ranges` with rows sent on the
+    /// returned channel while the caller computes the next ones (see
+    /// `SqliteStore::replace_windows_streamed`); the handle gives the rows
+    /// deleted once the channel is closed and the transaction committed.
+    /// `None` on PostgreSQL (its replacement takes every row at once).
+    pub fn replace_windows_streamed(
+        &self,
+        tx: ReplaceTx,
+        ranges: Vec<(RollupDef, i64, i64)>,
+    ) -> Result<ReplaceStream, (ReplaceTx, Vec<(RollupDef, i64, i64)>)> {
+        match (&self.backend, tx) {
+            (Backend::Sqlite(s), ReplaceTx::Sqlite(t)) => {
+                let (send, rx) = tokio::sync::mpsc::channel(2);
+                Ok(ReplaceStream {
+                    send,
+                    writer: s.replace_windows_streamed(t, ranges, rx),
+                })
+            }
+            (_, tx) => Err((tx, ranges)),
         }
     }
 

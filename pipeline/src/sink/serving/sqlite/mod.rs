@@ -376,6 +376,52 @@ impl SqliteStore {
         Ok(deleted)
     }
 
+    /// [`Self::replace_windows`] with the rows arriving on `rx` while the
+    /// caller computes more, on a thread of its own: the windows are deleted
+    /// first, each message merged as it comes, and the transaction committed
+    /// on `None` (rolled back, with the connection, on an error or when `rx`
+    /// closes first).
+    pub(super) fn replace_windows_streamed(
+        &self,
+        tx: SqliteReplace,
+        ranges: Vec<(RollupDef, i64, i64)>,
+        mut rx: tokio::sync::mpsc::Receiver<Option<Vec<RollupOutput>>>,
+    ) -> std::thread::JoinHandle<Result<u64, SinkError>> {
+        let inner = self.inner.clone();
+        std::thread::spawn(move || {
+            let conn = tx.0;
+            let mut deleted = 0;
+            for (def, lo, hi) in &ranges {
+                for table in [def.name.clone(), delta_table(&def.name)] {
+                    deleted += conn
+                        .prepare_cached(&delete_windows_sql(&table, def))
+                        .and_then(|mut st| st.execute([lo, hi]))
+                        .map_err(sq("delete windows"))? as u64;
+                }
+            }
+            let direct = vec![true; inner.tables.len()];
+            // `None` says commit; a channel closed without it (the caller
+            // failed) drops the connection: the transaction rolls back.
+            loop {
+                match rx.blocking_recv() {
+                    Some(Some(outputs)) => merge_rows(&conn, &inner.tables, &outputs, &direct)?,
+                    Some(None) => break,
+                    None => {
+                        return Err(SinkError::Encode {
+                            path: inner.path.display().to_string(),
+                            message:
+                                "the backfill stopped before its last rows; nothing was replaced"
+                                    .into(),
+                        })
+                    }
+                }
+            }
+            crate::failpoint::failpoint("inside_backfill_transaction");
+            conn.execute_batch("COMMIT").map_err(sq("commit"))?;
+            Ok(deleted)
+        })
+    }
+
     pub(super) fn read_rows(
         &self,
         def: &RollupDef,
