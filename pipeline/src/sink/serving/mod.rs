@@ -501,21 +501,23 @@ impl ServingStore {
     /// returned channel while the caller computes the next ones (see
     /// `SqliteStore::replace_windows_streamed`); the handle gives the rows
     /// deleted once the channel is closed and the transaction committed.
-    /// `None` on PostgreSQL (its replacement takes every row at once).
+    /// `None` on PostgreSQL (its replacement takes every row at once; the
+    /// transaction is rolled back).
     pub fn replace_windows_streamed(
         &self,
         tx: ReplaceTx,
         ranges: Vec<(RollupDef, i64, i64)>,
-    ) -> Result<ReplaceStream, (ReplaceTx, Vec<(RollupDef, i64, i64)>)> {
+    ) -> Option<ReplaceStream> {
         match (&self.backend, tx) {
             (Backend::Sqlite(s), ReplaceTx::Sqlite(t)) => {
                 let (send, rx) = tokio::sync::mpsc::channel(2);
-                Ok(ReplaceStream {
+                Some(ReplaceStream {
                     send,
                     writer: s.replace_windows_streamed(t, ranges, rx),
                 })
             }
-            (_, tx) => Err((tx, ranges)),
+            // Dropped: rolled back.
+            _ => None,
         }
     }
 
