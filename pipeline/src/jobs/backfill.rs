@@ -229,13 +229,10 @@ async fn pipelined(
         .filter(|(_, r)| r.0 < r.1)
         .map(|(d, r)| (d.clone(), r.0, r.1))
         .collect();
-    let stream = match store.replace_windows_streamed(tx, replace.clone()) {
-        Ok(s) => s,
-        Err(_) => {
-            return Err(crate::error::internal(
-                "a streamed replacement needs SQLite",
-            ))
-        }
+    let Some(stream) = store.replace_windows_streamed(tx, replace.clone()) else {
+        return Err(crate::error::internal(
+            "a streamed replacement needs SQLite",
+        ));
     };
     let mut rows_written = 0;
     let mut fed = Ok(());
