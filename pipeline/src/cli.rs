@@ -13,7 +13,9 @@ use crate::config::Settings;
 use crate::jobs::produce::ProduceSpec;
 
 mod archive;
+mod recompute;
 mod rollup;
+use recompute::{backfill, export, verify};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -465,38 +467,6 @@ async fn run_pipeline(settings: Settings) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-async fn backfill(settings: Settings, a: VerifyArgs) -> anyhow::Result<ExitCode> {
-    if a.from >= a.to {
-        anyhow::bail!("--from must be before --to");
-    }
-    let r = crate::jobs::backfill::backfill(&settings, a.from, a.to, a.rollup.as_deref())
-        .await
-        .context("tally backfill failed")?;
-    let fmt = crate::serve::http::fmt_time;
-    for (name, lo, hi) in &r.windows {
-        println!("{name}: replaced windows in [{}, {})", fmt(*lo), fmt(*hi));
-    }
-    println!(
-        "{} raw files read (+{} committed during the backfill); {} rows deleted, {} rows written",
-        r.files, r.files_committed_meanwhile, r.rows_deleted, r.rows_written
-    );
-    Ok(ExitCode::SUCCESS)
-}
-
-async fn export(settings: Settings, a: VerifyArgs) -> anyhow::Result<ExitCode> {
-    if a.from >= a.to {
-        anyhow::bail!("--from must be before --to");
-    }
-    let r = crate::jobs::export::export(&settings, a.from, a.to, a.rollup.as_deref())
-        .await
-        .context("tally export failed")?;
-    for (path, rows) in &r.files {
-        println!("{path}: {rows} rows");
-    }
-    println!("{} files written under {}", r.files.len(), r.root);
-    Ok(ExitCode::SUCCESS)
-}
-
 async fn replay(
     settings: Settings,
     file: PathBuf,
@@ -594,42 +564,6 @@ async fn topic_create(settings: Settings, partitions: i32) -> anyhow::Result<Exi
     };
     println!("topic {} {what}", settings.kafka.topic);
     Ok(ExitCode::SUCCESS)
-}
-
-async fn verify(
-    settings: Settings,
-    a: VerifyArgs,
-    tag: &str,
-    left: &str,
-    right: &str,
-) -> anyhow::Result<ExitCode> {
-    if a.from >= a.to {
-        anyhow::bail!("--from must be before --to");
-    }
-    let r = crate::jobs::verify::verify(&settings, a.from, a.to, a.rollup.as_deref())
-        .await
-        .context("recomputing from the raw archive failed")?;
-    let fmt = crate::serve::http::fmt_time;
-    for (name, rows, lo, hi) in &r.checked {
-        println!("{name}: {rows} rows in [{}, {})", fmt(*lo), fmt(*hi));
-    }
-    for d in r.drift.iter().take(100) {
-        let show =
-            |v: &Option<Vec<String>>| v.as_ref().map_or("(missing)".to_string(), |v| v.join(", "));
-        println!(
-            "{tag} {} [{}]: {left} ({}) != {right} ({})",
-            d.rollup,
-            d.key.join(", "),
-            show(&d.serving),
-            show(&d.recomputed)
-        );
-    }
-    println!("{} raw files read; {} rows differ", r.files, r.drift.len());
-    Ok(if r.drift.is_empty() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(1)
-    })
 }
 
 async fn offsets(mut settings: Settings, command: OffsetsCommand) -> anyhow::Result<ExitCode> {

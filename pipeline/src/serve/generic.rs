@@ -236,6 +236,71 @@ impl Served {
         Served { rollups, families }
     }
 
+    /// The rollup behind `/v1/count` and `/v1/stats` (the tiers of
+    /// `api.rollups`, at their live versions) as a served rollup and a
+    /// family of exactly those tiers, so those endpoints are answered by
+    /// [`statement`] like any rollup.
+    pub(crate) fn seed(
+        catalog: &SqlCatalog,
+        tiers: &Tiers,
+        pool: &ReadPool,
+    ) -> Option<(ServedRollup, Family)> {
+        let first = catalog.get(&tiers.tiers.first()?.rollup)?;
+        let r = ServedRollup {
+            name: first.base.clone(),
+            table: first.name.clone(),
+            base: first.base.clone(),
+            version: first.version,
+            live: true,
+            file: first.file.display().to_string(),
+            keys: first
+                .keys()
+                .iter()
+                .filter(|c| c.name != first.window_name())
+                .map(|c| (c.name.clone(), c.kind))
+                .collect(),
+            window: first.window_name().to_string(),
+            width_ms: first.window_ms,
+            measures: first
+                .measures()
+                .iter()
+                .filter_map(|c| {
+                    Some(Measure {
+                        name: c.name.clone(),
+                        kind: c.kind,
+                        merge: c.merge?,
+                        function: c.aggregate.clone().unwrap_or_default(),
+                        quantile: c.quantile,
+                    })
+                })
+                .collect(),
+            keep: tiers.tiers.first()?.keep,
+            fingerprint: first.fingerprint(),
+            family: 0,
+        };
+        let family = Family {
+            members: tiers.tiers.iter().map(|t| t.rollup.clone()).collect(),
+            tiers: tiers.clone(),
+            tables: tiers
+                .tiers
+                .iter()
+                .map(|t| pool.tables_of(&t.rollup))
+                .collect(),
+            pk: tiers
+                .tiers
+                .iter()
+                .map(|t| {
+                    catalog
+                        .get(&t.rollup)
+                        .map(|d| d.keys().iter().map(|c| c.name.clone()).collect())
+                        .unwrap_or_default()
+                })
+                .collect(),
+            sketch_union: pool.sketch_union(),
+        };
+        Some((r, family))
+    }
+
     pub(crate) fn get(&self, name: &str) -> Option<&ServedRollup> {
         self.rollups.iter().find(|r| r.name == name)
     }

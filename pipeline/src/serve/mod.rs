@@ -97,15 +97,19 @@ impl ApiState {
         let none = Default::default();
         let tiers =
             Tiers::from_catalog(&settings.api.rollups, catalog, &settings.retention, &none)?;
-        let reader = Reader::open(&settings.serving_url(), 4, tiers, &settings.kafka.topic)?;
+        let reader = Reader::open(
+            &settings.serving_url(),
+            4,
+            tiers,
+            catalog,
+            &settings.kafka.topic,
+        )?;
         let live = reader.pool().live_versions().await.unwrap_or_default();
         if live != none {
-            reader.set_tiers(Tiers::from_catalog(
-                &settings.api.rollups,
+            reader.set_tiers(
+                Tiers::from_catalog(&settings.api.rollups, catalog, &settings.retention, &live)?,
                 catalog,
-                &settings.retention,
-                &live,
-            )?);
+            );
         }
         let ingest = ingest::Ingest::new(settings)?;
         let served =
@@ -155,7 +159,7 @@ impl ApiState {
             *current = live.clone();
         }
         match Tiers::from_catalog(&self.cfg.rollups, &self.catalog, &self.retention, &live) {
-            Ok(tiers) => self.reader.set_tiers(tiers),
+            Ok(tiers) => self.reader.set_tiers(tiers, &self.catalog),
             Err(e) => {
                 tracing::error!(error = %e, "a promoted version cannot answer the API rollups' endpoints; they keep the previous version")
             }

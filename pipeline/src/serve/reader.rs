@@ -92,53 +92,24 @@ const AS_OF_TTL: Duration = Duration::from_millis(100);
 pub(crate) struct SeedView {
     pub tiers: Tiers,
     sql: Vec<TierSql>,
+    /// The same tiers as a generic rollup (totals go through
+    /// `generic::statement`).
+    generic: Option<(super::generic::ServedRollup, super::generic::Family)>,
 }
 
 impl SeedView {
-    fn new(pool: &ReadPool, tiers: Tiers) -> SeedView {
+    fn new(pool: &ReadPool, tiers: Tiers, catalog: &crate::aggregate::SqlCatalog) -> SeedView {
         let sql = tiers
             .tiers
             .iter()
             .map(|t| TierSql::new(pool.tables_of(&t.rollup), &t.window))
             .collect();
-        SeedView { tiers, sql }
-    }
-
-    /// `?1` video, (`?2` event type), then (lo, hi) per segment.
-    fn totals_sql(&self, plan: &[Segment], with_type: bool) -> String {
-        let mut next = if with_type { 3 } else { 2 };
-        let mut parts = Vec::with_capacity(plan.len());
-        for seg in plan {
-            let Some(sql) = self.sql.get(seg.tier) else {
-                continue;
-            };
-            let (w, lo, hi) = (&sql.window, next, next + 1);
-            next += 2;
-            parts.push(each_table(&sql.tables, |t| {
-                if with_type {
-                    format!(
-                        "SELECT events, value_sum, value_count, value_min, value_max FROM {t} \
-                         WHERE video_id = ?1 AND event_type = ?2 AND {w} >= ?{lo} AND {w} < ?{hi}"
-                    )
-                } else {
-                    format!(
-                        "SELECT r.events, r.value_sum, r.value_count, r.value_min, r.value_max FROM types JOIN {t} r \
-                         ON r.video_id = ?1 AND r.event_type = types.et AND r.{w} >= ?{lo} AND r.{w} < ?{hi}"
-                    )
-                }
-            }));
+        let generic = super::generic::Served::seed(catalog, &tiers, pool);
+        SeedView {
+            tiers,
+            sql,
+            generic,
         }
-        if parts.is_empty() {
-            parts.push("SELECT 0 AS events, 0.0 AS value_sum, 0 AS value_count, NULL AS value_min, NULL AS value_max WHERE 1 = 0".into());
-        }
-        let cte = match (with_type, self.sql.first()) {
-            (false, Some(coarsest)) => types_cte(&coarsest.tables),
-            _ => String::new(),
-        };
-        format!(
-            "{cte} SELECT {MEASURES_SQL} FROM ({}) r",
-            parts.join(" UNION ALL ")
-        )
     }
 }
 
@@ -181,10 +152,12 @@ impl Reader {
         url: &str,
         connections: usize,
         tiers: Tiers,
+        catalog: &crate::aggregate::SqlCatalog,
         topic: &str,
     ) -> Result<Reader, ServeError> {
         let pool = ReadPool::open(url, connections).map_err(store_err)?;
-        let view = std::sync::RwLock::new(std::sync::Arc::new(SeedView::new(&pool, tiers)));
+        let view =
+            std::sync::RwLock::new(std::sync::Arc::new(SeedView::new(&pool, tiers, catalog)));
         Ok(Reader {
             pool,
             view,
@@ -202,8 +175,8 @@ impl Reader {
     }
 
     /// Answer from `tiers` from now on (a promoted version).
-    pub(crate) fn set_tiers(&self, tiers: Tiers) {
-        let view = std::sync::Arc::new(SeedView::new(&self.pool, tiers));
+    pub(crate) fn set_tiers(&self, tiers: Tiers, catalog: &crate::aggregate::SqlCatalog) {
+        let view = std::sync::Arc::new(SeedView::new(&self.pool, tiers, catalog));
         match self.view.write() {
             Ok(mut v) => *v = view,
             Err(poisoned) => *poisoned.into_inner() = view,
@@ -226,8 +199,10 @@ impl Reader {
         Ok(v)
     }
 
-    /// Totals for one video (one or all event types) over planned segments,
-    /// in one statement: a `UNION ALL` of one index range per segment.
+    /// Totals for one video (one or all event types) over planned
+    /// segments: the generic rollup statement (`generic::statement`) over
+    /// the API tiers, one index range per segment (a skip-scan over the
+    /// video's event types when none is given).
     pub(crate) async fn totals(
         &self,
         view: &SeedView,
@@ -235,16 +210,51 @@ impl Reader {
         event_type: Option<&str>,
         plan: &[Segment],
     ) -> Result<Totals, ServeError> {
-        let text = view.totals_sql(plan, event_type.is_some());
-        let mut args: Vec<Arg> = vec![Arg::Text(video.to_string())];
-        if let Some(et) = event_type {
-            args.push(Arg::Text(et.to_string()));
+        use crate::sink::serving::Cell;
+        let Some((r, family)) = &view.generic else {
+            return Err(ServeError::Store(
+                "the API rollups are not in the catalog".into(),
+            ));
+        };
+        let mut ask = super::generic::Ask {
+            limit: 1,
+            ..Default::default()
+        };
+        for (key, value) in [("video_id", Some(video)), ("event_type", event_type)] {
+            if let (Some(v), Some(k)) = (value, r.keys.iter().position(|(n, _)| n == key)) {
+                ask.filters.push((k, vec![Arg::Text(v.to_string())]));
+            }
         }
-        for seg in plan {
-            args.push(Arg::Int(seg.lo));
-            args.push(Arg::Int(seg.hi));
-        }
-        self.pool.totals(&text, args).await.map_err(store_err)
+        let st = super::generic::statement(r, family, plan, &ask);
+        let rows = self
+            .pool
+            .cells(&st.text, st.args, st.kinds, st.point)
+            .await
+            .map_err(store_err)?;
+        let row = rows.first();
+        let cell = |name: &str| {
+            r.measures
+                .iter()
+                .position(|m| m.name == name)
+                .and_then(|i| row.and_then(|row| row.get(i)))
+        };
+        let int = |name: &str| match cell(name) {
+            Some(Cell::Int(v)) => *v,
+            Some(Cell::Real(v)) => *v as i64,
+            _ => 0,
+        };
+        let real = |name: &str| match cell(name) {
+            Some(Cell::Real(v)) => Some(*v),
+            Some(Cell::Int(v)) => Some(*v as f64),
+            _ => None,
+        };
+        Ok(Totals {
+            events: int("events"),
+            value_sum: real("value_sum").unwrap_or(0.0),
+            value_count: int("value_count"),
+            value_min: real("value_min"),
+            value_max: real("value_max"),
+        })
     }
 
     /// Per-bucket totals; buckets without rows are absent.

@@ -164,3 +164,14 @@ pub(super) async fn premerge(
         message: format!("merge stored sketches: {e}"),
     })
 }
+
+/// The union of sketch cells of one kind (read back as a `bytea[]`).
+pub(super) fn union_cells(
+    parts: Vec<Vec<u8>>,
+) -> Result<Option<Vec<u8>>, crate::aggregate::sketch::SketchError> {
+    use crate::aggregate::sketch;
+    let Some(kind) = parts.first().and_then(|p| sketch::kind_of(p)) else {
+        return Ok(None);
+    };
+    sketch::union(kind, parts.iter().map(Vec::as_slice))
+}

@@ -691,17 +691,6 @@ pub(super) async fn merge_rows(
     Ok(())
 }
 
-/// The union of sketch cells of one kind (read back as a `bytea[]`).
-fn union_cells(
-    parts: Vec<Vec<u8>>,
-) -> Result<Option<Vec<u8>>, crate::aggregate::sketch::SketchError> {
-    use crate::aggregate::sketch;
-    let Some(kind) = parts.first().and_then(|p| sketch::kind_of(p)) else {
-        return Ok(None);
-    };
-    sketch::union(kind, parts.iter().map(Vec::as_slice))
-}
-
 /// The API's read pool (see `serving/reads.rs`).
 #[derive(Debug)]
 pub(super) struct PgReads {
@@ -753,13 +742,6 @@ impl PgReads {
             .collect()
     }
 
-    pub(super) async fn totals(&self, text: &str, args: Vec<Arg>) -> Result<Totals, SinkError> {
-        let rows = self
-            .rows(text, args, "read totals", |r| pg_totals(r, 0))
-            .await?;
-        Ok(rows.into_iter().next().unwrap_or_default())
-    }
-
     pub(super) async fn bucket_totals(
         &self,
         text: &str,
@@ -804,7 +786,7 @@ impl PgReads {
                         // merged here: PostgreSQL has no sketch functions.
                         ColumnKind::Bytes => r
                             .try_get::<Option<Vec<Vec<u8>>>, _>(i)?
-                            .and_then(|parts| union_cells(parts).transpose())
+                            .and_then(|parts| super::pg_sketch::union_cells(parts).transpose())
                             .transpose()
                             .map_err(|e| sqlx::Error::Decode(e.into()))?
                             .map(Cell::Bytes),

@@ -112,14 +112,6 @@ impl ReadPool {
         }
     }
 
-    /// A statement whose one row is five measures (see [`Totals`]).
-    pub(crate) async fn totals(&self, text: &str, args: Vec<Arg>) -> Result<Totals, SinkError> {
-        match &self.backend {
-            Backend::Sqlite(s) => s.totals(text, args),
-            Backend::Postgres(p) => p.totals(text, args).await,
-        }
-    }
-
     /// A statement whose rows are a bucket start and five measures.
     pub(crate) async fn bucket_totals(
         &self,

@@ -86,13 +86,6 @@ impl SqliteReads {
         })
     }
 
-    pub(in super::super) fn totals(&self, text: &str, args: Vec<Arg>) -> Result<Totals, SinkError> {
-        self.with_conn("read totals", |c| {
-            c.prepare_cached(text)?
-                .query_row(params_from_iter(values(args)), |r| totals(r, 0))
-        })
-    }
-
     pub(in super::super) fn bucket_totals(
         &self,
         text: &str,
