@@ -32,12 +32,13 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use datafusion::arrow::array::{AsArray, UInt32Array};
+use datafusion::arrow::array::{AsArray, RecordBatch, UInt32Array};
 use datafusion::arrow::compute::take_record_batch;
 use datafusion::arrow::datatypes::TimestampMillisecondType;
 use object_store::path::Path as ObjectPath;
 use object_store::ObjectStoreExt;
 use parquet::arrow::ArrowWriter;
+use parquet::file::properties::WriterProperties;
 
 use super::{file_name, ymd_h, FileKind, ParquetArchiveSink, WrittenFile, RAW_PREFIX};
 use crate::batch::Batch;
@@ -74,11 +75,56 @@ pub(crate) struct Flush {
     spooled: Vec<PathBuf>,
 }
 
+/// An open file. Its Parquet writer (and spool file) is made when its rows
+/// are first written out as a row group: a file that stays small (a backlog
+/// spanning thousands of hours opens thousands of them in one batch) holds
+/// only its rows, not a writer's buffers, until it closes.
 struct OpenFile {
     spool: PathBuf,
-    writer: ArrowWriter<File>,
+    writer: Option<ArrowWriter<File>>,
+    /// Rows not yet given to the writer, and their Arrow memory.
+    pending: Vec<RecordBatch>,
+    pending_bytes: usize,
     rows: u64,
     tick: u64,
+}
+
+impl OpenFile {
+    /// Rows held in memory: pending, or encoded but not yet written.
+    fn buffered(&self) -> usize {
+        self.pending_bytes + self.writer.as_ref().map_or(0, |w| w.in_progress_size())
+    }
+
+    fn written(&self) -> usize {
+        self.writer.as_ref().map_or(0, |w| w.bytes_written())
+    }
+
+    /// The writer, with every pending row given to it.
+    fn drain(&mut self, props: &WriterProperties) -> Result<&mut ArrowWriter<File>, SinkError> {
+        if self.writer.is_none() {
+            let Some(schema) = self.pending.first().map(|b| b.schema()) else {
+                return Err(io_err(&self.spool, "an open file without rows"));
+            };
+            let f = File::create(&self.spool).map_err(|e| io_err(&self.spool, e))?;
+            let w = ArrowWriter::try_new(f, schema, Some(props.clone()))
+                .map_err(|e| io_err(&self.spool, e))?;
+            self.writer = Some(w);
+        }
+        let Some(writer) = self.writer.as_mut() else {
+            return Err(io_err(&self.spool, "no writer"));
+        };
+        for rows in self.pending.drain(..) {
+            writer.write(&rows).map_err(|e| io_err(&self.spool, e))?;
+        }
+        self.pending_bytes = 0;
+        Ok(writer)
+    }
+
+    /// Write the buffered rows out as a row group.
+    fn write_group(&mut self, props: &WriterProperties) -> Result<(), SinkError> {
+        let spool = self.spool.clone();
+        self.drain(props)?.flush().map_err(|e| io_err(&spool, e))
+    }
 }
 
 struct OpenPartition {
@@ -228,31 +274,22 @@ impl RawWriter {
             let Some(st) = self.parts.get_mut(&p) else {
                 continue;
             };
-            let file = match st.files.entry(hour) {
-                std::collections::btree_map::Entry::Occupied(o) => o.into_mut(),
-                std::collections::btree_map::Entry::Vacant(v) => {
-                    let spool = self
-                        .spool
-                        .join(format!("p{p:05}-{}-h{hour}.parquet", st.start));
-                    let f = File::create(&spool).map_err(|e| io_err(&spool, e))?;
-                    let writer =
-                        ArrowWriter::try_new(f, events.schema(), Some(self.sink.props.clone()))
-                            .map_err(|e| io_err(&spool, e))?;
-                    v.insert(OpenFile {
-                        spool,
-                        writer,
-                        rows: 0,
-                        tick: 0,
-                    })
-                }
-            };
-            file.writer
-                .write(&rows)
-                .map_err(|e| io_err(&file.spool, e))?;
+            let file = st.files.entry(hour).or_insert_with(|| OpenFile {
+                spool: self
+                    .spool
+                    .join(format!("p{p:05}-{}-h{hour}.parquet", st.start)),
+                writer: None,
+                pending: Vec::new(),
+                pending_bytes: 0,
+                rows: 0,
+                tick: 0,
+            });
             file.rows += rows.num_rows() as u64;
+            file.pending_bytes += rows.get_array_memory_size();
+            file.pending.push(rows);
             file.tick = self.tick;
-            if file.writer.in_progress_size() >= self.rotation.row_group_bytes {
-                file.writer.flush().map_err(|e| io_err(&file.spool, e))?;
+            if file.buffered() >= self.rotation.row_group_bytes {
+                file.write_group(&self.sink.props)?;
                 wrote_group = true;
             }
         }
@@ -281,7 +318,7 @@ impl RawWriter {
                 .parts
                 .values()
                 .flat_map(|p| p.files.values())
-                .map(|f| f.writer.in_progress_size())
+                .map(OpenFile::buffered)
                 .sum();
             if total < BUFFER_BYTES {
                 return Ok(wrote);
@@ -290,11 +327,11 @@ impl RawWriter {
                 .parts
                 .values_mut()
                 .flat_map(|p| p.files.values_mut())
-                .max_by_key(|f| f.writer.in_progress_size())
+                .max_by_key(|f| f.buffered())
             else {
                 return Ok(wrote);
             };
-            f.writer.flush().map_err(|e| io_err(&f.spool, e))?;
+            f.write_group(&self.sink.props)?;
             wrote = true;
         }
     }
@@ -308,10 +345,10 @@ impl RawWriter {
             .filter(|(_, st)| {
                 st.since
                     .is_some_and(|t| now.duration_since(t) >= r.roll_interval)
-                    || st.files.values().any(|f| {
-                        (f.writer.bytes_written() + f.writer.in_progress_size() / 4) as u64
-                            >= r.file_bytes
-                    })
+                    || st
+                        .files
+                        .values()
+                        .any(|f| (f.written() + f.buffered() / 4) as u64 >= r.file_bytes)
             })
             .map(|(p, _)| *p)
             .collect();
@@ -370,10 +407,12 @@ impl RawWriter {
             spooled: Vec::with_capacity(files.len()),
         };
         for (hour, mut f) in files {
-            f.writer.finish().map_err(|e| io_err(&f.spool, e))?;
-            let file = f.writer.inner();
-            file.sync_all().map_err(|e| io_err(&f.spool, e))?;
-            let bytes = file.metadata().map_err(|e| io_err(&f.spool, e))?.len();
+            let spool = f.spool.clone();
+            let writer = f.drain(&self.sink.props)?;
+            writer.finish().map_err(|e| io_err(&spool, e))?;
+            let file = writer.inner();
+            file.sync_all().map_err(|e| io_err(&spool, e))?;
+            let bytes = file.metadata().map_err(|e| io_err(&spool, e))?.len();
             let (dt, hh) = ymd_h(hour * HOUR_MS);
             let name = file_name(&self.topic, p, start, next - 1, &self.sink.writer);
             out.files.push(WrittenFile {

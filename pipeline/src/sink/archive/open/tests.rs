@@ -314,3 +314,71 @@ async fn a_committed_flush_removes_what_dead_flushes_staged_in_its_hours() {
         assert!(dir.path().join(&kept).exists(), "{kept} is kept");
     }
 }
+
+#[tokio::test]
+#[allow(clippy::unwrap_used)]
+async fn a_backlog_over_many_hours_holds_rows_not_writers_until_it_closes() {
+    let dir = tempfile::tempdir().unwrap();
+    let sink = ParquetArchiveSink::local(dir.path(), 2, 1).unwrap();
+    let mut w = RawWriter::new(
+        sink.clone(),
+        dir.path(),
+        "t",
+        rotation(1 << 30, Duration::from_secs(600), 64),
+    )
+    .unwrap();
+    let mut b = builder();
+    let none = HashSet::new();
+    // One batch of 150 messages, each in an hour of its own (a backlog
+    // spanning a week), and 100 more in hour 0.
+    let mut msgs: Vec<(i32, std::ops::Range<i64>, i64)> =
+        (0..150).map(|o| (0, o..o + 1, 9 - o)).collect();
+    msgs.push((0, 150..250, 0));
+    w.append(&batch(&mut b, 1, &msgs, Some(0)), &none).unwrap();
+    assert_eq!(w.open_files(), 150);
+    let spooled = |root: &std::path::Path| {
+        walkdir(root.join(".spool"))
+            .into_iter()
+            .filter(|p| p.is_file())
+            .count()
+    };
+    assert_eq!(spooled(dir.path()), 0, "no writer, no spool file yet");
+    // Past the row-group size a file gets its writer and spool file.
+    w.rotation.row_group_bytes = 1;
+    w.append(&batch(&mut b, 1, &[(0, 250..260, 0)], Some(0)), &none)
+        .unwrap();
+    assert_eq!(spooled(dir.path()), 1);
+
+    let flush = w.close(0).unwrap().unwrap();
+    assert_eq!(flush.files.len(), 150);
+    assert_eq!(flush.files.iter().map(|f| f.rows).sum::<u64>(), 260);
+    w.stage(&flush).await.unwrap();
+    let paths: Vec<String> = flush.files.iter().map(|f| f.path.clone()).collect();
+    sink.publish(&paths).await.unwrap();
+    let mut all: Vec<String> = paths
+        .iter()
+        .flat_map(|p| rows_in(&dir.path().join(p)))
+        .collect();
+    all.sort();
+    let mut want: Vec<String> = (0..260).map(|o| format!("v{o}")).collect();
+    want.sort();
+    assert_eq!(all, want, "every row once, in the file of its hour");
+    let hour0 = flush.files.iter().find(|f| f.rows == 111).unwrap();
+    assert_eq!(rows_in(&dir.path().join(&hour0.path)).len(), 111);
+    assert_eq!(spooled(dir.path()), 0, "every spool file staged");
+}
+
+fn walkdir(root: std::path::PathBuf) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let mut dirs = vec![root];
+    while let Some(d) = dirs.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            if e.path().is_dir() {
+                dirs.push(e.path());
+            } else {
+                out.push(e.path());
+            }
+        }
+    }
+    out
+}
