@@ -1,11 +1,9 @@
 //! PostgreSQL: a backfill's rows go into the windows it has just emptied
-//! with `COPY … FROM STDIN (FORMAT csv)` instead of the batch commits'
+//! with `COPY … FROM STDIN (FORMAT binary)` instead of the batch commits'
 //! `INSERT … ON CONFLICT` of `UNNEST`ed arrays. A rollup's rows from one
 //! recompute are one GROUP BY's output (unique keys) inside the deleted
 //! ranges, so nothing can conflict, and COPY skips the per-row conflict
 //! check and planning.
-
-use std::io::Write as _;
 
 use datafusion::arrow::array::{Array, RecordBatch};
 use sqlx::postgres::PgConnection;
@@ -50,7 +48,7 @@ pub(super) async fn copy_rows(
 ) -> Result<u64, SinkError> {
     let names: Vec<String> = spec.columns.iter().map(|(n, _)| quote(n)).collect();
     let statement = format!(
-        "COPY {} ({}) FROM STDIN WITH (FORMAT csv)",
+        "COPY {} ({}) FROM STDIN WITH (FORMAT binary)",
         quote(&spec.name),
         names.join(", ")
     );
@@ -80,8 +78,9 @@ pub(super) async fn copy_rows(
         .copy_in_raw(&statement)
         .await
         .map_err(db("copy rollup rows"))?;
+    buf.extend_from_slice(BINARY_HEADER);
     for row in order {
-        csv_row(&mut buf, &cols, row);
+        binary_row(&mut buf, &cols, row);
         if buf.len() >= CHUNK {
             copy.send(buf.as_slice())
                 .await
@@ -89,83 +88,80 @@ pub(super) async fn copy_rows(
             buf.clear();
         }
     }
-    if !buf.is_empty() {
-        copy.send(buf.as_slice())
-            .await
-            .map_err(db("copy rollup rows"))?;
-    }
+    buf.extend_from_slice(BINARY_TRAILER);
+    copy.send(buf.as_slice())
+        .await
+        .map_err(db("copy rollup rows"))?;
     copy.finish().await.map_err(db("copy rollup rows"))
 }
 
-/// One CSV line: text quoted (a NULL is an unquoted empty field), floats
-/// in their shortest exact form, infinities as PostgreSQL spells them.
-fn csv_row(buf: &mut Vec<u8>, cols: &[TypedColumn<'_>], row: usize) {
-    for (i, col) in cols.iter().enumerate() {
-        if i > 0 {
-            buf.push(b',');
-        }
+/// The binary COPY format's header: signature, flags, no extension.
+const BINARY_HEADER: &[u8] = b"PGCOPY\n\xff\r\n\0\0\0\0\0\0\0\0\0";
+/// Its trailer: a tuple of -1 fields.
+const BINARY_TRAILER: &[u8] = &[0xff, 0xff];
+
+/// One tuple of the binary COPY format: the field count, then each field
+/// as a length (-1: NULL) and its bytes in the column type's binary form
+/// (text: UTF-8; bigint and double precision: 8 bytes big-endian; bytea:
+/// the bytes). PostgreSQL parses nothing and formats no float.
+fn binary_row(buf: &mut Vec<u8>, cols: &[TypedColumn<'_>], row: usize) {
+    let n = i16::try_from(cols.len()).unwrap_or(i16::MAX);
+    buf.extend_from_slice(&n.to_be_bytes());
+    let field = |buf: &mut Vec<u8>, bytes: &[u8]| {
+        let len = i32::try_from(bytes.len()).unwrap_or(i32::MAX);
+        buf.extend_from_slice(&len.to_be_bytes());
+        buf.extend_from_slice(bytes);
+    };
+    for col in cols {
         match col {
-            TypedColumn::Text(a) if !a.is_null(row) => {
-                buf.push(b'"');
-                for &c in a.value(row).as_bytes() {
-                    if c == b'"' {
-                        buf.push(b'"');
-                    }
-                    buf.push(c);
-                }
-                buf.push(b'"');
-            }
-            TypedColumn::Int(a) if !a.is_null(row) => {
-                let _ = write!(buf, "{}", a.value(row));
-            }
-            TypedColumn::Real(a) if !a.is_null(row) => {
-                let v = a.value(row);
-                if v.is_finite() {
-                    let _ = write!(buf, "{v:?}");
-                } else if v.is_nan() {
-                    buf.extend_from_slice(b"NaN");
-                } else if v > 0.0 {
-                    buf.extend_from_slice(b"Infinity");
-                } else {
-                    buf.extend_from_slice(b"-Infinity");
-                }
-            }
-            // bytea's hex input form; CSV gives backslashes no meaning.
-            TypedColumn::Bytes(a) if !a.is_null(row) => {
-                buf.extend_from_slice(b"\\x");
-                for b in a.value(row) {
-                    let _ = write!(buf, "{b:02x}");
-                }
-            }
-            _ => {}
+            TypedColumn::Text(a) if !a.is_null(row) => field(buf, a.value(row).as_bytes()),
+            TypedColumn::Int(a) if !a.is_null(row) => field(buf, &a.value(row).to_be_bytes()),
+            TypedColumn::Real(a) if !a.is_null(row) => field(buf, &a.value(row).to_be_bytes()),
+            TypedColumn::Bytes(a) if !a.is_null(row) => field(buf, a.value(row)),
+            _ => buf.extend_from_slice(&(-1i32).to_be_bytes()),
         }
     }
-    buf.push(b'\n');
 }
 
 #[cfg(test)]
 mod tests {
-    use datafusion::arrow::array::{Float64Array, Int64Array, StringArray};
+    use datafusion::arrow::array::{BinaryArray, Float64Array, Int64Array, StringArray};
 
     use super::*;
 
     #[test]
-    fn rows_are_csv_that_postgresql_reads_back_exactly() {
-        let text = StringArray::from(vec![Some("a,\"b\"\nc"), None, Some("")]);
-        let int = Int64Array::from(vec![Some(-7), Some(i64::MAX), None]);
-        let real = Float64Array::from(vec![Some(0.1), Some(f64::INFINITY), Some(1e300)]);
+    fn rows_are_tuples_of_the_binary_copy_format() {
+        let text = StringArray::from(vec![Some("a,\"b\"\nc"), None]);
+        let int = Int64Array::from(vec![Some(-7), None]);
+        let real = Float64Array::from(vec![Some(0.1), Some(f64::INFINITY)]);
+        let bytes = BinaryArray::from(vec![Some(&b"\x00\x01"[..]), None]);
         let cols = [
             TypedColumn::Text(&text),
             TypedColumn::Int(&int),
             TypedColumn::Real(&real),
+            TypedColumn::Bytes(&bytes),
         ];
         let mut buf = Vec::new();
-        for row in 0..3 {
-            csv_row(&mut buf, &cols, row);
-        }
-        assert_eq!(
-            String::from_utf8(buf).unwrap_or_default(),
-            "\"a,\"\"b\"\"\nc\",-7,0.1\n,9223372036854775807,Infinity\n\"\",,1e300\n"
-        );
+        binary_row(&mut buf, &cols, 0);
+        let mut want: Vec<u8> = vec![0, 4];
+        want.extend_from_slice(&7i32.to_be_bytes());
+        want.extend_from_slice(b"a,\"b\"\nc");
+        want.extend_from_slice(&8i32.to_be_bytes());
+        want.extend_from_slice(&(-7i64).to_be_bytes());
+        want.extend_from_slice(&8i32.to_be_bytes());
+        want.extend_from_slice(&0.1f64.to_be_bytes());
+        want.extend_from_slice(&2i32.to_be_bytes());
+        want.extend_from_slice(&[0, 1]);
+        assert_eq!(buf, want);
+        buf.clear();
+        binary_row(&mut buf, &cols, 1);
+        let mut want: Vec<u8> = vec![0, 4];
+        want.extend_from_slice(&(-1i32).to_be_bytes());
+        want.extend_from_slice(&(-1i32).to_be_bytes());
+        want.extend_from_slice(&8i32.to_be_bytes());
+        want.extend_from_slice(&f64::INFINITY.to_be_bytes());
+        want.extend_from_slice(&(-1i32).to_be_bytes());
+        assert_eq!(buf, want);
+        assert_eq!(BINARY_HEADER.len(), 19);
     }
 }
