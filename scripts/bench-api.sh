@@ -1,16 +1,22 @@
 #!/usr/bin/env bash
 # API latency benchmark: p50/p99/p99.9 of /v1/count and /v1/stats over 30-day
 # (and 400-day) ranges, and of generic /v1/rollups queries (2 days: one video
-# grouped by event type; ten videos grouped by video; views per channel), at a fixed request rate (open loop), idle and while
+# grouped by event type; ten videos grouped by video; views per channel), of
+# /v1/series (1 day hourly) and /v1/top (1 day), at a fixed request rate (open loop), idle and while
 # ingest runs at a high rate. Prints one markdown table.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TANSU=${TANSU:-$HOME/.cargo/bin/tansu}
 N=${BENCH_API_EVENTS:-1000000}
 RATES=${BENCH_API_RATES:-"2000 5000 10000"}
+# /v1/top aggregates a whole day of every video: a heavier query.
+TOP_RATES=${BENCH_API_TOP_RATES:-"5 20"}
+# Sections to run (all by default): count rollups series top ingest.
+SECTIONS=${BENCH_API_SECTIONS:-"count rollups series top ingest"}
+on() { [[ " $SECTIONS " == *" $1 "* ]]; }
 DURATION=${BENCH_API_DURATION:-10s}
 INGEST_RATE=${BENCH_API_INGEST_RATE:-50000}
-TALLY=$PWD/target/release/tally
+TALLY=${TALLY_BIN:-$PWD/target/release/tally}
 BENCH=$PWD/target/release/tally-bench
 OUT=$(mktemp -d /tmp/tally-bench-api.XXXXXX)
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
@@ -54,16 +60,20 @@ sys.exit("pre-fill was not drained in 15 minutes")
 PY
 echo "drained; serving rows: $(python3 -c "import sqlite3,sys; c=sqlite3.connect('file:$OUT/data/serving.db?mode=ro',uri=True); print(', '.join(f'{t}={c.execute(f\"select count(*) from {t}__merged\").fetchone()[0]}' for t in ['minute_video_events','hour_video_events','day_video_events']))")" >&2
 
-bench() { "$BENCH" --log warn api --rate "$1" --duration "$DURATION" --days "$2" --videos 10000 --label "$3"; }
 TPID=$(pgrep -f "$TALLY --log warn run" | head -1)
+echo "tally run's peak RSS after the pre-fill: $(awk '/VmHWM/ {printf "%.0f MiB", $2 / 1024}' /proc/"$TPID"/status)" >&2
+bench() { "$BENCH" --log warn api --rate "$1" --duration "$DURATION" --days "$2" --videos 10000 --label "$3"; }
 if [ -n "${BENCH_API_PERF:-}" ]; then
   perf record -F 999 -g -p "$TPID" -o "$BENCH_API_PERF" -- sleep 8 >/dev/null 2>&1 &
 fi
 echo
 echo "| phase | target req/s | achieved req/s | errors | p50 ms | p99 ms | p99.9 ms | max ms | server p50 / p99 ms |"
 echo "|---|---|---|---|---|---|---|---|---|"
+if on count; then
 for r in $RATES; do bench "$r" 30 "idle, 30-day ranges"; done
 for r in $RATES; do bench "$r" 400 "idle, 400-day ranges"; done
+fi
+if on rollups; then
 for r in $RATES; do
   "$BENCH" --log warn api --rate "$r" --duration "$DURATION" --days 2 --videos 10000 --generic 1 \
     --label "idle, /v1/rollups: 2 days, 1 video grouped by event type"
@@ -76,6 +86,20 @@ for r in $RATES; do
   "$BENCH" --log warn api --rate "$r" --duration "$DURATION" --days 2 --videos 10000 --generic 0 \
     --label "idle, /v1/rollups: 2 days of hour_channel_events, views grouped by channel (21 values)"
 done
+fi
+if on series; then
+for r in $RATES; do
+  "$BENCH" --log warn api --rate "$r" --duration "$DURATION" --days 1 --videos 10000 --endpoint series \
+    --label "idle, /v1/series: 1 day hourly, 1 video, every event type"
+done
+fi
+if on top; then
+for r in $TOP_RATES; do
+  "$BENCH" --log warn api --rate "$r" --duration "$DURATION" --days 1 --videos 10000 --endpoint top \
+    --label "idle, /v1/top: 1 day, 10 most viewed"
+done
+fi
+on ingest || exit 0
 "$TALLY" --log warn produce --rate "$INGEST_RATE" --count $((INGEST_RATE * 600)) --videos 10000 --time-spread 2s 2>"$OUT/produce.log" &
 PROD=$!
 pids+=($PROD)

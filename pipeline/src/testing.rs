@@ -83,9 +83,13 @@ pub(crate) async fn seed(
     )
     .await
     .unwrap();
-    let store = ServingStore::open(&settings.serving_url(), &catalog.rollups)
-        .await
-        .unwrap();
+    let store = ServingStore::open_with(
+        &settings.serving_url(),
+        &catalog.rollups,
+        settings.serving.window_index,
+    )
+    .await
+    .unwrap();
     let mut agg = RollupAggregator::new(&catalog, schema.arrow.clone())
         .await
         .unwrap();

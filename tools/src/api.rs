@@ -105,11 +105,6 @@ pub(crate) fn generic_paths(
             "/v1/rollups/hour_channel_events?start={s}&end={e}&event_type=view&group_by=channel_id"
         )];
     }
-    if per == 0 {
-        return vec![format!(
-            "/v1/rollups/hour_channel_events?start={s}&end={e}&event_type=view&group_by=channel_id"
-        )];
-    }
     let mut rng = ChaCha12Rng::seed_from_u64(seed);
     (0..4096)
         .map(|_| {
@@ -124,6 +119,39 @@ pub(crate) fn generic_paths(
                 "/v1/rollups/hour_video_events?start={s}&end={e}&{}&group_by={by}",
                 ids.join("&")
             )
+        })
+        .collect()
+}
+
+/// Paths for the seed's `/v1/series` (one video, every event type, hourly
+/// buckets) or `/v1/top` (the ten most viewed videos) over `days`-day
+/// ranges ending at `end_ms` (hour-aligned).
+pub(crate) fn seed_paths(
+    endpoint: &str,
+    videos: u64,
+    days: i64,
+    end_ms: i64,
+    seed: u64,
+) -> Vec<String> {
+    let end = end_ms - end_ms.rem_euclid(3_600_000);
+    let start = end - days * 86_400_000;
+    let fmt = |ms: i64| {
+        chrono::DateTime::from_timestamp_millis(ms)
+            .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+            .unwrap_or_default()
+            .replace(':', "%3A")
+    };
+    let (s, e) = (fmt(start), fmt(end));
+    if endpoint == "top" {
+        return vec![format!(
+            "/v1/top?event_type=view&start={s}&end={e}&limit=10"
+        )];
+    }
+    let mut rng = ChaCha12Rng::seed_from_u64(seed);
+    (0..4096)
+        .map(|_| {
+            let v = (rng.random::<f64>().powi(3) * videos as f64) as u64;
+            format!("/v1/series?video_id=vid-{v:05}&start={s}&end={e}&granularity=hour")
         })
         .collect()
 }
@@ -207,9 +235,15 @@ fn server_buckets(text: &str) -> Vec<(f64, u64)> {
         let Some(rest) = line.strip_prefix("tally_http_request_duration_seconds_bucket{") else {
             continue;
         };
-        if !(rest.contains("route=\"/v1/count\"")
-            || rest.contains("route=\"/v1/stats\"")
-            || rest.contains("route=\"/v1/rollups/{name}\""))
+        if ![
+            "/v1/count",
+            "/v1/stats",
+            "/v1/series",
+            "/v1/top",
+            "/v1/rollups/{name}",
+        ]
+        .iter()
+        .any(|r| rest.contains(&format!("route=\"{r}\"")))
         {
             continue;
         }
@@ -392,7 +426,7 @@ mod tests {
                       tally_http_request_duration_seconds_bucket{route=\"/v1/count\",le=\"+Inf\"} 10\n";
         let after = "tally_http_request_duration_seconds_bucket{route=\"/v1/count\",le=\"0.0005\"} 108\n\
                      tally_http_request_duration_seconds_bucket{route=\"/v1/count\",le=\"+Inf\"} 110\n\
-                     tally_http_request_duration_seconds_bucket{route=\"/v1/top\",le=\"+Inf\"} 999\n";
+                     tally_http_request_duration_seconds_bucket{route=\"/v1/events\",le=\"+Inf\"} 999\n";
         let (b, a) = (server_buckets(before), server_buckets(after));
         assert_eq!(bucket_percentile(&b, &a, 0.5), Some(500));
         assert_eq!(bucket_percentile(&b, &a, 0.99), Some(u64::MAX));

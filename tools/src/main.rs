@@ -94,6 +94,10 @@ struct ApiArgs {
     /// 0: views per channel from `hour_channel_events`.
     #[arg(long)]
     generic: Option<usize>,
+    /// Query the seed's `/v1/series` (one video, hourly) or `/v1/top`
+    /// (ten most viewed) instead.
+    #[arg(long, value_parser = ["series", "top"], conflicts_with = "generic")]
+    endpoint: Option<String>,
     /// Label printed with the results.
     #[arg(long, default_value = "api")]
     label: String,
@@ -132,6 +136,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     api::generic_paths(
                         a.videos,
                         n,
+                        a.days,
+                        chrono::Utc::now().timestamp_millis(),
+                        1,
+                    )
+                } else if let Some(endpoint) = &a.endpoint {
+                    api::seed_paths(
+                        endpoint,
+                        a.videos,
                         a.days,
                         chrono::Utc::now().timestamp_millis(),
                         1,

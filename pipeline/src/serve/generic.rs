@@ -52,6 +52,18 @@ pub(crate) struct ServedRollup {
     pub family: usize,
 }
 
+impl ServedRollup {
+    /// The index of key `name`.
+    pub(crate) fn key(&self, name: &str) -> Option<usize> {
+        self.keys.iter().position(|(n, _)| n == name)
+    }
+
+    /// The index of measure `name`.
+    pub(crate) fn measure(&self, name: &str) -> Option<usize> {
+        self.measures.iter().position(|m| m.name == name)
+    }
+}
+
 #[derive(Debug, Clone)]
 pub(crate) struct Family {
     /// Members, coarsest first (the order of `tiers`).
@@ -63,6 +75,10 @@ pub(crate) struct Family {
     pk: Vec<Vec<String>>,
     /// The aggregate that merges sketch cells (see `ReadPool::sketch_union`).
     sketch_union: &'static str,
+    /// Every table has an index on its window (`serving.window_index`):
+    /// a range of windows is an index range, no walk of the leading key
+    /// is needed.
+    window_index: bool,
 }
 
 /// The served rollups and their families.
@@ -84,10 +100,13 @@ pub(crate) struct Ask {
     /// Measure index, descending.
     pub order_by: Option<usize>,
     pub limit: u32,
+    /// Measure indexes to answer, in order; empty: every measure.
+    pub measures: Vec<usize>,
 }
 
 /// A statement, its arguments and the kinds of its columns: the group-by
-/// keys, then the bucket start (with a granularity), then every measure.
+/// keys, then the bucket start (with a granularity), then the measures
+/// asked (every measure unless [`Ask::measures`] names some).
 #[derive(Debug)]
 pub(crate) struct Statement {
     pub text: String,
@@ -230,6 +249,7 @@ impl Served {
                     tables,
                     pk,
                     sketch_union: pool.sketch_union(),
+                    window_index: pool.window_index(),
                 });
             }
         }
@@ -297,6 +317,7 @@ impl Served {
                 })
                 .collect(),
             sketch_union: pool.sketch_union(),
+            window_index: pool.window_index(),
         };
         Some((r, family))
     }
@@ -344,7 +365,15 @@ pub(crate) fn statement(
         format!("?{}", args.len())
     };
     let keys: Vec<String> = ask.group_by.iter().map(|k| quote(&r.keys[*k].0)).collect();
-    let measures: Vec<String> = r.measures.iter().map(|m| quote(&m.name)).collect();
+    let chosen: Vec<&Measure> = if ask.measures.is_empty() {
+        r.measures.iter().collect()
+    } else {
+        ask.measures
+            .iter()
+            .filter_map(|i| r.measures.get(*i))
+            .collect()
+    };
+    let measures: Vec<String> = chosen.iter().map(|m| quote(&m.name)).collect();
     let mut parts = Vec::new();
     let mut ctes: Vec<String> = Vec::new();
     // One walk per tier, shared by its segments (a tier has at most two).
@@ -450,7 +479,7 @@ pub(crate) fn statement(
         select.push(format!("(r.tally_bucket / {g}) * {g} AS tally_b"));
         group.push("tally_b".into());
     }
-    select.extend(r.measures.iter().map(|m| merged(m, family.sketch_union)));
+    select.extend(chosen.iter().map(|m| merged(m, family.sketch_union)));
     let with = if ctes.is_empty() {
         String::new()
     } else {
@@ -464,9 +493,16 @@ pub(crate) fn statement(
     if !group.is_empty() {
         text.push_str(&format!(" GROUP BY {}", group.join(", ")));
         let mut order: Vec<String> = Vec::new();
-        if let Some(m) = ask.order_by {
+        let position = |m: usize| {
+            if ask.measures.is_empty() {
+                Some(m)
+            } else {
+                ask.measures.iter().position(|i| *i == m)
+            }
+        };
+        if let Some(m) = ask.order_by.and_then(position) {
             // The measure's position in the select list.
-            order.push(format!("{} DESC", select.len() - r.measures.len() + m + 1));
+            order.push(format!("{} DESC", select.len() - chosen.len() + m + 1));
         }
         order.extend(group.iter().cloned());
         text.push_str(&format!(" ORDER BY {}", order.join(", ")));
@@ -478,7 +514,7 @@ pub(crate) fn statement(
     if ask.granularity.is_some() {
         kinds.push(ColumnKind::Int);
     }
-    kinds.extend(r.measures.iter().map(|m| m.kind));
+    kinds.extend(chosen.iter().map(|m| m.kind));
     let point = plan.iter().all(|seg| {
         family
             .pk
@@ -606,7 +642,12 @@ impl SkipScan {
 /// event_type, window) filtered on the type: without an index on the window,
 /// such a query reads the whole table. Walking the leading key's distinct
 /// values (one B-tree probe each) lets every value seek its window range.
+/// With an index on the window (`serving.window_index`) the range is read
+/// through it instead.
 fn lead_walk(r: &ServedRollup, family: &Family, tier: usize, ask: &Ask) -> Option<String> {
+    if family.window_index {
+        return None;
+    }
     let pk = family.pk.get(tier)?;
     let window = &family.tiers.tiers.get(tier)?.window;
     let (last, rest) = pk.split_last()?;

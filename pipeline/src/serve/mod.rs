@@ -103,6 +103,7 @@ impl ApiState {
             tiers,
             catalog,
             &settings.kafka.topic,
+            settings.serving.window_index,
         )?;
         let live = reader.pool().live_versions().await.unwrap_or_default();
         if live != none {

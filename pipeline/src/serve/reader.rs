@@ -1,86 +1,19 @@
-//! Read queries over the API rollups: the tiers' statements, planned here
-//! once at startup (one index range per tier piece, `UNION ALL` over the
-//! tables that hold a rollup's rows, `?N` placeholders), and run by the
-//! serving store's read pool ([`ReadPool`]), which knows its backend. SQL
-//! text is built from identifiers the SQL catalog validated; every request
-//! value is a bound parameter.
+//! Read queries of the seed's endpoints (`/v1/count`, `/v1/stats`,
+//! `/v1/series`, `/v1/top`) over the API rollups: each is an [`Ask`] of the
+//! API tiers as one generic rollup (`generic::statement`, like any
+//! `/v1/rollups/{name}` query), run by the serving store's read pool
+//! ([`ReadPool`]), which knows its backend.
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 pub(crate) use crate::sink::serving::Totals;
-use crate::sink::serving::{quote, Arg, ReadPool};
+use crate::sink::serving::{Arg, Cell, ReadPool};
 
+use super::generic::{Ask, Family, ServedRollup};
 use super::tiers::{Segment, Tiers};
 use super::ServeError;
-
-#[derive(Debug, Clone)]
-struct TierSql {
-    series_type: String,
-    series_all: String,
-    /// The quoted tables that hold this tier's rows (the read pool says
-    /// which). Every read sums over all of them.
-    tables: Vec<String>,
-    window: String,
-}
-
-// Integer sums are cast back to BIGINT: PostgreSQL sums BIGINT into NUMERIC.
-const MEASURES_SQL: &str =
-    "CAST(coalesce(sum(r.events), 0) AS BIGINT), coalesce(sum(r.value_sum), 0.0), \
-     CAST(coalesce(sum(r.value_count), 0) AS BIGINT), min(r.value_min), max(r.value_max)";
-
-/// `part(table)` for each table, as one `UNION ALL`.
-fn each_table(tables: &[String], part: impl Fn(&str) -> String) -> String {
-    tables
-        .iter()
-        .map(|t| part(t))
-        .collect::<Vec<_>>()
-        .join(" UNION ALL ")
-}
-
-/// Distinct event types of one video by index skip-scan (one B-tree probe
-/// per type and table), so queries over all types never scan a video's history.
-fn types_cte(tables: &[String]) -> String {
-    let first = each_table(tables, |t| {
-        format!("SELECT min(event_type) AS et FROM {t} WHERE video_id = ?1")
-    });
-    let next = each_table(tables, |t| {
-        format!(
-            "SELECT min(event_type) AS et FROM {t} WHERE video_id = ?1 AND event_type > types.et"
-        )
-    });
-    format!(
-        "WITH RECURSIVE types(et) AS (
-           SELECT (SELECT min(et) FROM ({first}) f)
-           UNION ALL
-           SELECT (SELECT min(et) FROM ({next}) n)
-           FROM types WHERE types.et IS NOT NULL)"
-    )
-}
-
-impl TierSql {
-    fn new(tables: Vec<String>, window: &str) -> TierSql {
-        let w = quote(window);
-        let by_type = each_table(&tables, |t| {
-            format!("SELECT * FROM {t} WHERE video_id = ?1 AND event_type = ?2 AND {w} >= ?3 AND {w} < ?4")
-        });
-        let all_types = each_table(&tables, |t| {
-            format!("SELECT r.* FROM types JOIN {t} r ON r.video_id = ?1 AND r.event_type = types.et AND r.{w} >= ?2 AND r.{w} < ?3")
-        });
-        TierSql {
-            series_type: format!(
-                "SELECT (r.{w} / ?5) * ?5 AS b, {MEASURES_SQL} FROM ({by_type}) r GROUP BY b"
-            ),
-            series_all: format!(
-                "{} SELECT (r.{w} / ?4) * ?4 AS b, {MEASURES_SQL} FROM ({all_types}) r GROUP BY b",
-                types_cte(&tables)
-            ),
-            tables,
-            window: w,
-        }
-    }
-}
 
 /// `as_of` is re-read at most this often (it moves once per committed batch).
 const AS_OF_TTL: Duration = Duration::from_millis(100);
@@ -91,25 +24,63 @@ const AS_OF_TTL: Duration = Duration::from_millis(100);
 #[derive(Debug)]
 pub(crate) struct SeedView {
     pub tiers: Tiers,
-    sql: Vec<TierSql>,
-    /// The same tiers as a generic rollup (totals go through
-    /// `generic::statement`).
-    generic: Option<(super::generic::ServedRollup, super::generic::Family)>,
+    /// The same tiers as a generic rollup.
+    generic: Option<(ServedRollup, Family)>,
 }
 
 impl SeedView {
     fn new(pool: &ReadPool, tiers: Tiers, catalog: &crate::aggregate::SqlCatalog) -> SeedView {
-        let sql = tiers
-            .tiers
-            .iter()
-            .map(|t| TierSql::new(pool.tables_of(&t.rollup), &t.window))
-            .collect();
         let generic = super::generic::Served::seed(catalog, &tiers, pool);
-        SeedView {
-            tiers,
-            sql,
-            generic,
+        SeedView { tiers, generic }
+    }
+
+    /// The generic rollup and an [`Ask`] filtered on `video_id` and
+    /// `event_type` where given.
+    fn ask(
+        &self,
+        video: Option<&str>,
+        event_type: Option<&str>,
+    ) -> Result<(&ServedRollup, &Family, Ask), ServeError> {
+        let Some((r, family)) = &self.generic else {
+            return Err(ServeError::Store(
+                "the API rollups are not in the catalog".into(),
+            ));
+        };
+        let mut ask = Ask::default();
+        for (key, value) in [("video_id", video), ("event_type", event_type)] {
+            if let (Some(v), Some(k)) = (value, r.key(key)) {
+                ask.filters.push((k, vec![Arg::Text(v.to_string())]));
+            }
         }
+        Ok((r, family, ask))
+    }
+}
+
+/// Totals from the measures of a row (`events`, `value_sum`, `value_count`,
+/// `value_min`, `value_max`, wherever they are), read from `from` on.
+fn totals(r: &ServedRollup, row: Option<&[Cell]>, from: usize) -> Totals {
+    let cell = |name: &str| {
+        r.measures
+            .iter()
+            .position(|m| m.name == name)
+            .and_then(|i| row.and_then(|row| row.get(from + i)))
+    };
+    let int = |name: &str| match cell(name) {
+        Some(Cell::Int(v)) => *v,
+        Some(Cell::Real(v)) => *v as i64,
+        _ => 0,
+    };
+    let real = |name: &str| match cell(name) {
+        Some(Cell::Real(v)) => Some(*v),
+        Some(Cell::Int(v)) => Some(*v as f64),
+        _ => None,
+    };
+    Totals {
+        events: int("events"),
+        value_sum: real("value_sum").unwrap_or(0.0),
+        value_count: int("value_count"),
+        value_min: real("value_min"),
+        value_max: real("value_max"),
     }
 }
 
@@ -147,15 +118,19 @@ impl Reader {
     }
 
     /// Open `connections` read-only connections to the store at `url`
-    /// (PostgreSQL: a pool of that size, connected on first use).
+    /// (PostgreSQL: a pool of that size, connected on first use), whose
+    /// rollup tables have an index on their window when `window_index`.
     pub(crate) fn open(
         url: &str,
         connections: usize,
         tiers: Tiers,
         catalog: &crate::aggregate::SqlCatalog,
         topic: &str,
+        window_index: bool,
     ) -> Result<Reader, ServeError> {
-        let pool = ReadPool::open(url, connections).map_err(store_err)?;
+        let pool = ReadPool::open(url, connections)
+            .map_err(store_err)?
+            .with_window_index(window_index);
         let view =
             std::sync::RwLock::new(std::sync::Arc::new(SeedView::new(&pool, tiers, catalog)));
         Ok(Reader {
@@ -200,9 +175,8 @@ impl Reader {
     }
 
     /// Totals for one video (one or all event types) over planned
-    /// segments: the generic rollup statement (`generic::statement`) over
-    /// the API tiers, one index range per segment (a skip-scan over the
-    /// video's event types when none is given).
+    /// segments: one index range per segment (a skip-scan over the video's
+    /// event types when none is given).
     pub(crate) async fn totals(
         &self,
         view: &SeedView,
@@ -210,54 +184,14 @@ impl Reader {
         event_type: Option<&str>,
         plan: &[Segment],
     ) -> Result<Totals, ServeError> {
-        use crate::sink::serving::Cell;
-        let Some((r, family)) = &view.generic else {
-            return Err(ServeError::Store(
-                "the API rollups are not in the catalog".into(),
-            ));
-        };
-        let mut ask = super::generic::Ask {
-            limit: 1,
-            ..Default::default()
-        };
-        for (key, value) in [("video_id", Some(video)), ("event_type", event_type)] {
-            if let (Some(v), Some(k)) = (value, r.keys.iter().position(|(n, _)| n == key)) {
-                ask.filters.push((k, vec![Arg::Text(v.to_string())]));
-            }
-        }
+        let (r, family, mut ask) = view.ask(Some(video), event_type)?;
+        ask.limit = 1;
         let st = super::generic::statement(r, family, plan, &ask);
-        let rows = self
-            .pool
-            .cells(&st.text, st.args, st.kinds, st.point)
-            .await
-            .map_err(store_err)?;
-        let row = rows.first();
-        let cell = |name: &str| {
-            r.measures
-                .iter()
-                .position(|m| m.name == name)
-                .and_then(|i| row.and_then(|row| row.get(i)))
-        };
-        let int = |name: &str| match cell(name) {
-            Some(Cell::Int(v)) => *v,
-            Some(Cell::Real(v)) => *v as i64,
-            _ => 0,
-        };
-        let real = |name: &str| match cell(name) {
-            Some(Cell::Real(v)) => Some(*v),
-            Some(Cell::Int(v)) => Some(*v as f64),
-            _ => None,
-        };
-        Ok(Totals {
-            events: int("events"),
-            value_sum: real("value_sum").unwrap_or(0.0),
-            value_count: int("value_count"),
-            value_min: real("value_min"),
-            value_max: real("value_max"),
-        })
+        let rows = self.cells(&st.text, st.args, st.kinds, st.point).await?;
+        Ok(totals(r, rows.first().map(Vec::as_slice), 0))
     }
 
-    /// Per-bucket totals; buckets without rows are absent.
+    /// Per-bucket totals of one tier; buckets without rows are absent.
     pub(crate) async fn series(
         &self,
         view: &SeedView,
@@ -267,35 +201,28 @@ impl Reader {
         (start, end): (i64, i64),
         granularity_ms: i64,
     ) -> Result<BTreeMap<i64, Totals>, ServeError> {
-        let sql = view
-            .sql
-            .get(tier)
-            .ok_or_else(|| ServeError::Store("no such tier".into()))?;
-        let (text, args): (&str, Vec<Arg>) = match event_type {
-            Some(et) => (
-                &sql.series_type,
-                vec![
-                    Arg::Text(video.into()),
-                    Arg::Text(et.into()),
-                    Arg::Int(start),
-                    Arg::Int(end),
-                    Arg::Int(granularity_ms),
-                ],
-            ),
-            None => (
-                &sql.series_all,
-                vec![
-                    Arg::Text(video.into()),
-                    Arg::Int(start),
-                    Arg::Int(end),
-                    Arg::Int(granularity_ms),
-                ],
-            ),
-        };
-        self.pool.bucket_totals(text, args).await.map_err(store_err)
+        let (r, family, mut ask) = view.ask(Some(video), event_type)?;
+        ask.granularity = Some(granularity_ms);
+        let buckets = (end - start) / granularity_ms.max(1) + 1;
+        ask.limit = u32::try_from(buckets).unwrap_or(u32::MAX - 1);
+        let plan = [Segment {
+            tier,
+            lo: start,
+            hi: end,
+        }];
+        let st = super::generic::statement(r, family, &plan, &ask);
+        let rows = self.cells(&st.text, st.args, st.kinds, st.point).await?;
+        Ok(rows
+            .iter()
+            .filter_map(|row| match row.first() {
+                Some(Cell::Int(b)) => Some((*b, totals(r, Some(row), 1))),
+                _ => None,
+            })
+            .collect())
     }
 
-    /// The `limit` videos with the most events over planned segments.
+    /// The `limit` videos with the most events over planned segments (ties
+    /// by video id).
     pub(crate) async fn top(
         &self,
         view: &SeedView,
@@ -303,39 +230,26 @@ impl Reader {
         plan: &[Segment],
         limit: u32,
     ) -> Result<Vec<(String, i64)>, ServeError> {
-        // One statement: a UNION ALL of per-segment partial sums.
-        let mut parts = Vec::new();
-        let mut args: Vec<Arg> = Vec::new();
-        for seg in plan {
-            let Some(sql) = view.sql.get(seg.tier) else {
-                continue;
-            };
-            let filter = if event_type.is_some() {
-                " AND event_type = ?"
-            } else {
-                ""
-            };
-            for t in &sql.tables {
-                parts.push(format!(
-                    "SELECT video_id, sum(events) AS n FROM {t} WHERE {} >= ? AND {} < ?{filter} GROUP BY video_id",
-                    sql.window, sql.window
-                ));
-                args.push(Arg::Int(seg.lo));
-                args.push(Arg::Int(seg.hi));
-                if let Some(et) = event_type {
-                    args.push(Arg::Text(et.to_string()));
-                }
-            }
-        }
-        if parts.is_empty() {
-            return Ok(Vec::new());
-        }
-        args.push(Arg::Int(i64::from(limit)));
-        let text = format!(
-            "SELECT video_id, CAST(sum(n) AS BIGINT) AS total FROM ({}) parts GROUP BY video_id ORDER BY total DESC, video_id LIMIT ?",
-            parts.join(" UNION ALL ")
-        );
-        self.pool.counts(&text, args).await.map_err(store_err)
+        let (r, family, mut ask) = view.ask(None, event_type)?;
+        let (Some(video), Some(events)) = (r.key("video_id"), r.measure("events")) else {
+            return Err(ServeError::Store(
+                "the API rollups have no video_id key or events measure".into(),
+            ));
+        };
+        ask.group_by = vec![video];
+        ask.measures = vec![events];
+        ask.order_by = Some(events);
+        ask.limit = limit;
+        let st = super::generic::statement(r, family, plan, &ask);
+        let rows = self.cells(&st.text, st.args, st.kinds, st.point).await?;
+        Ok(rows
+            .into_iter()
+            .take(limit as usize)
+            .filter_map(|row| match (row.first(), row.get(1)) {
+                (Some(Cell::Text(v)), Some(Cell::Int(n))) => Some((v.clone(), *n)),
+                _ => None,
+            })
+            .collect())
     }
 
     /// A trivial query: is the store readable?

@@ -203,6 +203,16 @@ async fn series_and_top_equal_brute_force() {
     check_series_and_top(&fixture(&[]).await).await;
 }
 
+/// With an index on every window (`serving.window_index`), ranges are read
+/// through it instead of walking the leading key: the same answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_with_a_window_index_equal_brute_force() {
+    let f = fixture(&[("TALLY__SERVING__WINDOW_INDEX", "true")]).await;
+    check_count_and_stats(&f).await;
+    check_series_and_top(&f).await;
+    rollups::check_generic(&f).await;
+}
+
 /// The same answers from a PostgreSQL serving store (same SQL, numbered
 /// placeholders, BIGINT sums).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

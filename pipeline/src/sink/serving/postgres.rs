@@ -13,7 +13,7 @@ use datafusion::arrow::datatypes::{Float64Type, Int64Type};
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
 use sqlx::{AssertSqlSafe, Connection as _, Row};
 
-use super::reads::{Arg, Totals};
+use super::reads::Arg;
 use super::schema::*;
 use super::{db, Cell, CommitOutcome, CommitRequest, PathRange, SinkError, Snapshot, TableRows};
 use crate::aggregate::{ColumnKind, RollupDef, RollupOutput};
@@ -697,16 +697,6 @@ pub(super) struct PgReads {
     pool: PgPool,
 }
 
-fn pg_totals(r: &sqlx::postgres::PgRow, from: usize) -> Result<Totals, sqlx::Error> {
-    Ok(Totals {
-        events: r.try_get(from)?,
-        value_sum: r.try_get(from + 1)?,
-        value_count: r.try_get(from + 2)?,
-        value_min: r.try_get(from + 3)?,
-        value_max: r.try_get(from + 4)?,
-    })
-}
-
 impl PgReads {
     /// A pool of `connections`, connected on first use.
     pub(super) fn open(url: &str, connections: usize) -> Result<PgReads, String> {
@@ -740,30 +730,6 @@ impl PgReads {
             .iter()
             .map(|r| row(r).map_err(db(operation)))
             .collect()
-    }
-
-    pub(super) async fn bucket_totals(
-        &self,
-        text: &str,
-        args: Vec<Arg>,
-    ) -> Result<BTreeMap<i64, Totals>, SinkError> {
-        let rows = self
-            .rows(text, args, "read series", |r| {
-                Ok((r.try_get::<i64, _>(0)?, pg_totals(r, 1)?))
-            })
-            .await?;
-        Ok(rows.into_iter().collect())
-    }
-
-    pub(super) async fn counts(
-        &self,
-        text: &str,
-        args: Vec<Arg>,
-    ) -> Result<Vec<(String, i64)>, SinkError> {
-        self.rows(text, args, "read top", |r| {
-            Ok((r.try_get(0)?, r.try_get(1)?))
-        })
-        .await
     }
 
     pub(super) async fn cells(

@@ -1,12 +1,10 @@
 //! Read-only access to the rollups for the HTTP API, apart from the write
-//! path. The API plans its statements (`serve/reader.rs`: tiers, `UNION ALL`
+//! path. The API plans its statements (`serve/generic.rs`: tiers, `UNION ALL`
 //! of index ranges, `?N` placeholders); the backend says which tables hold a
 //! rollup's rows and runs the statements on its own read connections:
 //! SQLite on read-only rusqlite connections on the calling thread (an
 //! indexed lookup takes tens of microseconds, less than a hand-off to a
 //! connection thread), scans off the async workers; PostgreSQL on a pool.
-
-use std::collections::BTreeMap;
 
 use super::{complete_up_to, postgres, redact, sqlite, Cell, SinkError};
 use crate::aggregate::ColumnKind;
@@ -38,6 +36,9 @@ pub(crate) enum Arg {
 #[derive(Debug)]
 pub(crate) struct ReadPool {
     backend: Backend,
+    /// The rollup tables have an index on their window
+    /// (`serving.window_index`).
+    window_index: bool,
 }
 
 #[derive(Debug)]
@@ -65,7 +66,21 @@ impl ReadPool {
                     .map_err(|e| open_err(format!("cannot open read-only: {e}")))?,
             )
         };
-        Ok(ReadPool { backend })
+        Ok(ReadPool {
+            backend,
+            window_index: false,
+        })
+    }
+
+    /// Plan with (`true`) or without an index on every rollup's window
+    /// (`serving.window_index`).
+    pub(crate) fn with_window_index(mut self, on: bool) -> ReadPool {
+        self.window_index = on;
+        self
+    }
+
+    pub(crate) fn window_index(&self) -> bool {
+        self.window_index
     }
 
     /// The quoted tables that hold `rollup`'s rows: the rollup table and,
@@ -109,30 +124,6 @@ impl ReadPool {
         match self.backend {
             Backend::Sqlite(_) => "tally_sketch_union",
             Backend::Postgres(_) => "array_agg",
-        }
-    }
-
-    /// A statement whose rows are a bucket start and five measures.
-    pub(crate) async fn bucket_totals(
-        &self,
-        text: &str,
-        args: Vec<Arg>,
-    ) -> Result<BTreeMap<i64, Totals>, SinkError> {
-        match &self.backend {
-            Backend::Sqlite(s) => crate::serve::blocking(|| s.bucket_totals(text, args)),
-            Backend::Postgres(p) => p.bucket_totals(text, args).await,
-        }
-    }
-
-    /// A statement whose rows are a name and a count.
-    pub(crate) async fn counts(
-        &self,
-        text: &str,
-        args: Vec<Arg>,
-    ) -> Result<Vec<(String, i64)>, SinkError> {
-        match &self.backend {
-            Backend::Sqlite(s) => crate::serve::blocking(|| s.counts(text, args)),
-            Backend::Postgres(p) => p.counts(text, args).await,
         }
     }
 

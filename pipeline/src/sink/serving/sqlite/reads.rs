@@ -1,7 +1,6 @@
 //! The API's read-only SQLite connections (see `serving/reads.rs`). They
 //! never wait on the writer's `BEGIN IMMEDIATE` (WAL mode).
 
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
@@ -9,7 +8,7 @@ use std::time::Duration;
 
 use rusqlite::{params_from_iter, types::Value, Connection, OpenFlags};
 
-use super::super::reads::{Arg, Totals};
+use super::super::reads::Arg;
 use super::super::schema::{PartitionTimes, AS_OF_SQL};
 use super::super::{sq, Cell, SinkError};
 use crate::aggregate::ColumnKind;
@@ -27,16 +26,6 @@ fn values(args: Vec<Arg>) -> Vec<Value> {
             Arg::Text(v) => Value::Text(v),
         })
         .collect()
-}
-
-fn totals(r: &rusqlite::Row<'_>, from: usize) -> rusqlite::Result<Totals> {
-    Ok(Totals {
-        events: r.get(from)?,
-        value_sum: r.get(from + 1)?,
-        value_count: r.get(from + 2)?,
-        value_min: r.get(from + 3)?,
-        value_max: r.get(from + 4)?,
-    })
 }
 
 impl SqliteReads {
@@ -83,34 +72,6 @@ impl SqliteReads {
                 .lock()
                 .unwrap_or_else(|poisoned| poisoned.into_inner());
             f(&c).map_err(sq(operation))
-        })
-    }
-
-    pub(in super::super) fn bucket_totals(
-        &self,
-        text: &str,
-        args: Vec<Arg>,
-    ) -> Result<BTreeMap<i64, Totals>, SinkError> {
-        self.with_conn("read series", |c| {
-            let mut st = c.prepare_cached(text)?;
-            let rows = st.query_map(params_from_iter(values(args)), |r| {
-                Ok((r.get::<_, i64>(0)?, totals(r, 1)?))
-            })?;
-            rows.collect()
-        })
-    }
-
-    pub(in super::super) fn counts(
-        &self,
-        text: &str,
-        args: Vec<Arg>,
-    ) -> Result<Vec<(String, i64)>, SinkError> {
-        self.with_conn("read top", |c| {
-            let mut st = c.prepare_cached(text)?;
-            let rows = st.query_map(params_from_iter(values(args)), |r| {
-                Ok((r.get(0)?, r.get(1)?))
-            })?;
-            rows.collect()
         })
     }
 
