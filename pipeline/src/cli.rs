@@ -143,15 +143,25 @@ pub enum ReportCommand {
 
 #[derive(Debug, Args)]
 pub struct MonthlyArgs {
-    /// The month, YYYY-MM (default: the last whole month).
-    #[arg(long, value_parser = crate::jobs::report::Month::parse)]
+    /// The month, YYYY-MM (default: the last whole month). A month in
+    /// progress is compared to date with the month before.
+    #[arg(long, value_parser = crate::jobs::report::Month::parse, conflicts_with_all = ["from", "to"])]
     pub month: Option<crate::jobs::report::Month>,
+    /// Any range of whole UTC days instead, from this day (YYYY-MM-DD)…
+    #[arg(long, value_parser = crate::jobs::report::period::parse_day, requires = "to")]
+    pub from: Option<i64>,
+    /// …to this one (excluded), compared with as many days before.
+    #[arg(long, value_parser = crate::jobs::report::period::parse_day, requires = "from")]
+    pub to: Option<i64>,
+    /// CSV: start each file with a UTF-8 byte-order mark (for Excel).
+    #[arg(long)]
+    pub bom: bool,
     /// html: one self-contained file with SVG charts; csv: one file per table
     /// in the --out directory; md: one Markdown file.
     #[arg(long, value_enum, default_value = "html")]
     pub format: crate::jobs::report::Format,
     /// Output file (html, md) or directory (csv); default report-YYYY-MM.html,
-    /// report-YYYY-MM.md or report-YYYY-MM/.
+    /// report-YYYY-MM.md or report-YYYY-MM/ (report-FROM_LAST.html… for a range).
     #[arg(long)]
     pub out: Option<PathBuf>,
 }
@@ -526,26 +536,31 @@ async fn dlq_replay(
 }
 
 async fn report_monthly(settings: Settings, a: MonthlyArgs) -> anyhow::Result<ExitCode> {
-    use crate::jobs::report::{self, Format, Month};
-    let month = a
-        .month
-        .unwrap_or_else(|| Month::previous_to(chrono::Utc::now().timestamp_millis()));
+    use crate::jobs::report::{self, Format, Month, Span};
+    let span = match (a.from, a.to) {
+        (Some(from), Some(to)) => Span::range(from, to).map_err(crate::error::usage)?,
+        _ => Span::Month(
+            a.month
+                .unwrap_or_else(|| Month::previous_to(chrono::Utc::now().timestamp_millis())),
+        ),
+    };
+    let slug = span.slug();
     let out = a.out.unwrap_or_else(|| {
         PathBuf::from(match a.format {
-            Format::Html => format!("report-{month}.html"),
-            Format::Md => format!("report-{month}.md"),
-            Format::Csv => format!("report-{month}"),
+            Format::Html => format!("report-{slug}.html"),
+            Format::Md => format!("report-{slug}.md"),
+            Format::Csv => format!("report-{slug}"),
         })
     });
-    let r = report::monthly(&settings, month)
+    let r = report::build(&settings, span)
         .await
         .context("tally report monthly failed")?;
-    let files = report::write(&r, a.format, &out).context("tally report monthly failed")?;
+    let files = report::write(&r, a.format, &out, a.bom).context("tally report monthly failed")?;
     for f in &files {
         println!("{}", f.display());
     }
     eprintln!(
-        "report for {month}: {} tables, {} files",
+        "report for {slug}: {} tables, {} files",
         r.tables.len(),
         files.len()
     );

@@ -1,8 +1,8 @@
 -- owner: marketing-analytics
 -- title: Daily trend
--- note: Events per UTC day and event type; days without events show 0.
+-- note: Events per UTC day and event type; days without events show 0. A day still in progress is marked partial.
 -- chart: line x=day series=event_type y=events
--- input: report_days (one row per UTC day of the month), hour_video_events
+-- input: report_days (one row per UTC day of the period, `partial` for the day in progress), hour_video_events
 WITH h AS (
     SELECT h.*
     FROM hour_video_events h CROSS JOIN report_month m
@@ -16,7 +16,8 @@ daily AS (
 )
 SELECT arrow_cast(d.day, 'Date32') AS day,
        t.event_type,
-       coalesce(c.events, 0) AS events
+       coalesce(c.events, 0) AS events,
+       d.partial
 FROM report_days d
 CROSS JOIN types t
 LEFT JOIN daily c ON c.day = d.day AND c.event_type = t.event_type

@@ -361,11 +361,11 @@ async fn pipeline_counts_exactly_with_malformed_and_late_events() {
         }
     }
     let out_dir = dir.path().join("report");
-    let report = |format: &str, out: &std::path::Path| {
+    let report_of = |span: &[&str], format: &str, out: &std::path::Path| {
         let o = tally_command()
-            .args([
-                "report", "monthly", "--month", &month, "--format", format, "--out",
-            ])
+            .args(["report", "monthly"])
+            .args(span)
+            .args(["--format", format, "--out"])
             .arg(out)
             .env(
                 "TALLY__REPORT__DIMS_DIR",
@@ -380,6 +380,7 @@ async fn pipeline_counts_exactly_with_malformed_and_late_events() {
             .unwrap();
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     };
+    let report = |format: &str, out: &std::path::Path| report_of(&["--month", &month], format, out);
     report("csv", &out_dir);
     let summary = std::fs::read_to_string(out_dir.join("summary.csv")).unwrap();
     let total: i64 = per_video.values().sum();
@@ -393,6 +394,21 @@ async fn pipeline_counts_exactly_with_malformed_and_late_events() {
     let best = per_video.values().max().unwrap();
     assert_eq!(first[3], best.to_string(), "{top}");
     assert_eq!(per_video[first[0]], *best, "{top}");
+    // The same days as a range of days: the same total.
+    let day = |ms: i64| {
+        chrono::DateTime::from_timestamp_millis(ms)
+            .unwrap()
+            .format("%Y-%m-%d")
+            .to_string()
+    };
+    let range_dir = dir.path().join("range");
+    report_of(&["--from", &day(m0), "--to", &day(m1)], "csv", &range_dir);
+    let summary = std::fs::read_to_string(range_dir.join("summary.csv")).unwrap();
+    assert_eq!(
+        summary.lines().nth(1).unwrap().split(',').next().unwrap(),
+        total.to_string(),
+        "{summary}"
+    );
     report("html", &dir.path().join("report.html"));
     let html = std::fs::read_to_string(dir.path().join("report.html")).unwrap();
     assert!(

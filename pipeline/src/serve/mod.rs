@@ -80,6 +80,10 @@ pub(crate) struct ApiState {
     pub pipeline: bool,
     pub broker_ok: AtomicBool,
     pub(crate) shed: Arc<tokio::sync::Semaphore>,
+    /// What the on-demand reports are built with (`/v1/reports/…`).
+    pub(crate) settings: Arc<Settings>,
+    /// One report is built at a time.
+    pub(crate) report_turn: tokio::sync::Mutex<()>,
 }
 
 impl ApiState {
@@ -128,6 +132,8 @@ impl ApiState {
             pipeline,
             broker_ok: AtomicBool::new(false),
             shed: Arc::new(tokio::sync::Semaphore::new(settings.api.max_concurrency)),
+            settings: Arc::new(settings.clone()),
+            report_turn: tokio::sync::Mutex::new(()),
         }))
     }
 }

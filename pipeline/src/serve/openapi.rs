@@ -160,6 +160,17 @@ fn base() -> Value {
                 etype(), time_param("start"), time_param("end"),
                 param("limit", false, "How many videos (default 10).", json!({"type": "integer", "minimum": 1, "maximum": 1000}))],
                 "{event_type, start, end, limit, videos: [{video_id, count}], as_of}"),
+            "/v1/reports/monthly/{file}": {"get": {
+                "summary": "The monthly report: YYYY-MM.html, YYYY-MM.md or YYYY-MM.csv (a month in progress is compared to date)",
+                "parameters": [
+                    {"name": "file", "in": "path", "required": true, "schema": {"type": "string", "pattern": "^[0-9]{4}-[0-9]{2}\\.(html|md|csv)$"}},
+                    param("table", false, "CSV: one table by name (default: every table, each under its title).", json!({"type": "string"})),
+                    param("bom", false, "CSV: start with a UTF-8 byte-order mark.", json!({"type": "boolean"}))],
+                "responses": {
+                    "200": {"description": "text/html, text/markdown or text/csv"},
+                    "400": {"$ref": "#/components/responses/Error"},
+                    "401": {"$ref": "#/components/responses/Error"},
+                    "503": {"$ref": "#/components/responses/Error"}}}},
             "/v1/events": {"post": {
                 "summary": "processEvents: validate all, then produce all to Kafka (idempotent, acks=all)",
                 "security": [{"write": []}, {}],

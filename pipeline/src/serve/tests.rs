@@ -366,5 +366,6 @@ async fn check_series_and_top(f: &Fixture) {
     }
 }
 
+mod reports;
 mod requests;
 mod rollups;

@@ -1,14 +1,17 @@
-//! `tally report monthly --month YYYY-MM`: the marketing report.
+//! `tally report monthly --month YYYY-MM` (or `--from/--to`, any whole
+//! days; `GET /v1/reports/monthly/…`): the marketing report.
 //!
 //! Every `*.sql` file in `report.sql_dir` is one table of the report, run in
 //! file-name order by DataFusion over:
 //! - the hourly rollup (`report.rollup`, default `hour_video_events`) for the
-//!   month and the month before, read from the serving store;
+//!   period and the one compared with (see [`period`]: a period in progress
+//!   is compared to date), read from the serving store;
 //! - `videos` and `channels`, the dimension CSVs in `report.dims_dir`;
 //! - `report_month`, one row: `month_start`, `month_end`, `prev_start`
-//!   (timestamps, UTC);
-//! - `report_days`, a calendar: one row (`day`, timestamp) per UTC day of
-//!   the month that has begun by the data's `as_of`.
+//!   (timestamps, UTC; the period's, whether a month or not);
+//! - `report_days`, a calendar: one row (`day`, timestamp; `partial`, the
+//!   day `as_of` falls in) per UTC day of the period begun by the data's
+//!   `as_of`.
 //!
 //! A file's header comments name its title and chart:
 //! `-- title: Top 10 videos`, `-- note: ...`,
@@ -17,15 +20,18 @@
 //! The renderers ([`render`]) turn the tables into one HTML file (SVG charts,
 //! no scripts, no network), one CSV file per table, or Markdown.
 
+pub mod period;
 pub mod render;
 #[cfg(test)]
 mod tests;
+
+pub use period::{Period, Span};
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use chrono::{Datelike, NaiveDate, TimeZone, Utc};
-use datafusion::arrow::array::{ArrayRef, TimestampMillisecondArray};
+use datafusion::arrow::array::{ArrayRef, BooleanArray, TimestampMillisecondArray};
 use datafusion::arrow::compute::concat_batches;
 use datafusion::arrow::datatypes::{DataType, Field, Schema, TimeUnit};
 use datafusion::arrow::record_batch::RecordBatch;
@@ -209,7 +215,7 @@ pub struct ReportTable {
 /// A computed monthly report.
 #[derive(Debug, Clone)]
 pub struct MonthlyReport {
-    pub month: Month,
+    pub period: Period,
     /// Up to when the serving store is complete (`as_of`), if known.
     pub as_of: Option<i64>,
     pub generated_at: i64,
@@ -256,12 +262,11 @@ fn ts_field(name: &str) -> Field {
     )
 }
 
-/// Register `videos`, `channels` and `report_month` in `ctx`.
+/// Register `videos`, `channels`, `report_month` and `report_days` in `ctx`.
 async fn register_inputs(
     ctx: &SessionContext,
     dims: &Path,
-    month: Month,
-    as_of: Option<i64>,
+    period: &Period,
 ) -> Result<(), crate::Error> {
     let utf8 = |n: &str| Field::new(n, DataType::Utf8, true);
     let videos = Schema::new(vec![
@@ -304,27 +309,25 @@ async fn register_inputs(
     };
     let row = RecordBatch::try_new(
         schema.clone(),
-        vec![
-            col(month.start_ms()),
-            col(month.end_ms()),
-            col(month.prev().start_ms()),
-        ],
+        vec![col(period.start), col(period.end), col(period.prev_start)],
     )
     .map_err(err)?;
     let table = MemTable::try_new(schema, vec![vec![row]]).map_err(err)?;
     ctx.register_table("report_month", Arc::new(table))
         .map_err(err)?;
-    let schema = Arc::new(Schema::new(vec![ts_field("day")]));
-    // Days not begun by `as_of` are left out: a month in progress has no future days.
-    let until = as_of.map_or(month.end_ms(), |t| {
-        t.clamp(month.start_ms() + 1, month.end_ms())
-    });
-    let days: Vec<i64> = (month.start_ms()..until).step_by(86_400_000).collect();
+    let schema = Arc::new(Schema::new(vec![
+        ts_field("day"),
+        Field::new("partial", DataType::Boolean, false),
+    ]));
+    // Days not begun by `as_of` are left out: a period in progress has no
+    // future days, and the day `as_of` falls in is partial.
+    let (days, partial): (Vec<i64>, Vec<bool>) = period.days().into_iter().unzip();
     let days = RecordBatch::try_new(
         schema.clone(),
-        vec![Arc::new(
-            TimestampMillisecondArray::from(days).with_timezone("UTC"),
-        )],
+        vec![
+            Arc::new(TimestampMillisecondArray::from(days).with_timezone("UTC")),
+            Arc::new(BooleanArray::from(partial)),
+        ],
     )
     .map_err(err)?;
     let table = MemTable::try_new(schema, vec![vec![days]]).map_err(err)?;
@@ -335,6 +338,11 @@ async fn register_inputs(
 
 /// Build the monthly report for `month` from the serving store.
 pub async fn monthly(settings: &Settings, month: Month) -> Result<MonthlyReport, crate::Error> {
+    build(settings, Span::Month(month)).await
+}
+
+/// Build the report for `span` from the serving store.
+pub async fn build(settings: &Settings, span: Span) -> Result<MonthlyReport, crate::Error> {
     let queries = load_queries(&settings.report.sql_dir)?;
     let (_, catalog) = crate::pipeline::Stages::definitions(settings).await?;
     let def = catalog
@@ -355,8 +363,18 @@ pub async fn monthly(settings: &Settings, month: Month) -> Result<MonthlyReport,
             ))
         })?;
     let store = crate::pipeline::Stages::open_store(settings, &catalog).await?;
-    let rows = load_windows(&store, def, month.prev().start_ms(), month.end_ms(), None).await?;
     let as_of = store.as_of(&settings.kafka.topic).await?;
+    let period = Period::new(span, as_of);
+    // The period compared with, up to `prev_end` only (to date), then the period.
+    let mut rows = Vec::new();
+    for (lo, hi) in [
+        (period.prev_start, period.prev_end),
+        (period.start, period.end),
+    ] {
+        if lo < hi {
+            rows.extend(load_windows(&store, def, lo, hi, None).await?);
+        }
+    }
     store.close().await;
 
     let ctx = SessionContext::new();
@@ -365,10 +383,10 @@ pub async fn monthly(settings: &Settings, month: Month) -> Result<MonthlyReport,
         MemTable::try_new(rollup_schema.clone(), vec![rows.into_iter().collect()]).map_err(err)?;
     ctx.register_table(def.name.as_str(), Arc::new(rollup))
         .map_err(err)?;
-    register_inputs(&ctx, &settings.report.dims_dir, month, as_of).await?;
+    register_inputs(&ctx, &settings.report.dims_dir, &period).await?;
     let tables = run_queries(&ctx, queries).await?;
     Ok(MonthlyReport {
-        month,
+        period,
         as_of,
         generated_at: Utc::now().timestamp_millis(),
         rollup: def.name.clone(),
@@ -446,13 +464,8 @@ pub async fn check(
     let empty = MemTable::try_new(arrow_schema(def), vec![vec![]]).map_err(err)?;
     ctx.register_table(def.name.as_str(), Arc::new(empty))
         .map_err(err)?;
-    register_inputs(
-        &ctx,
-        dims,
-        Month::previous_to(Utc::now().timestamp_millis()),
-        None,
-    )
-    .await?;
+    let last = Span::Month(Month::previous_to(Utc::now().timestamp_millis()));
+    register_inputs(&ctx, dims, &Period::new(last, None)).await?;
     for q in &queries {
         plan(&ctx, q).await?;
     }
@@ -471,10 +484,12 @@ pub enum Format {
 }
 
 /// Write `report` to `out`; returns the files written.
+/// (`bom`: CSV files start with a UTF-8 byte-order mark).
 pub fn write(
     report: &MonthlyReport,
     format: Format,
     out: &Path,
+    bom: bool,
 ) -> Result<Vec<PathBuf>, crate::Error> {
     let io = |p: &Path, e: std::io::Error| err(format!("{}: {e}", p.display()));
     let write_file = |path: &Path, text: String| -> Result<(), crate::Error> {
@@ -499,7 +514,7 @@ pub fn write(
             let mut files = Vec::new();
             for t in &report.tables {
                 let path = out.join(format!("{}.csv", t.query.name));
-                write_file(&path, render::csv(&t.batch))?;
+                write_file(&path, render::csv(&t.batch, bom))?;
                 files.push(path);
             }
             Ok(files)

@@ -4,7 +4,7 @@
 
 use std::fmt::Write;
 
-use datafusion::arrow::array::{Array, Float64Array};
+use datafusion::arrow::array::{Array, BooleanArray, Float64Array};
 use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::DataType;
 use datafusion::arrow::record_batch::RecordBatch;
@@ -256,14 +256,27 @@ fn line_svg(t: &ReportTable, x: &str, series: &str, y: &str) -> String {
         );
     }
     let step = (x_order.len() / 8).max(1);
+    let partial = partial_xs(t, x);
     for (i, xv) in x_order.iter().enumerate() {
-        if i % step == 0 || i + 1 == x_order.len() {
+        let is_partial = partial.contains(xv);
+        if i % step == 0 || i + 1 == x_order.len() || is_partial {
+            let label = xv.get(5..).filter(|_| xv.len() == 10).unwrap_or(xv);
             let _ = write!(
                 s,
-                r#"<text x="{:.1}" y="{}" text-anchor="middle" class="axis">{}</text>"#,
+                r#"<text x="{:.1}" y="{}" text-anchor="middle" class="axis">{}{}</text>"#,
                 px(i),
                 top + ph + 16.0,
-                esc(xv.get(5..).filter(|_| xv.len() == 10).unwrap_or(xv))
+                esc(label),
+                if is_partial { " (partial)" } else { "" }
+            );
+        }
+        if is_partial {
+            // The partial day's points sit behind a dashed marker.
+            let _ = write!(
+                s,
+                r##"<line class="partial" x1="{x:.1}" x2="{x:.1}" y1="{top}" y2="{}" stroke="#94a3b8" stroke-dasharray="4 3"/>"##,
+                top + ph,
+                x = px(i),
             );
         }
     }
@@ -326,8 +339,14 @@ fn pivot_table(t: &ReportTable, x: &str, series: &str, y: &str) -> String {
         let _ = write!(s, r#"<th class="num">{}</th>"#, esc(sv));
     }
     s.push_str("</tr></thead><tbody>");
+    let partial = partial_xs(t, x);
     for xv in &x_order {
-        let _ = write!(s, "<tr><td>{}</td>", esc(xv));
+        let mark = if partial.contains(xv) {
+            " (partial day)"
+        } else {
+            ""
+        };
+        let _ = write!(s, "<tr><td>{}{mark}</td>", esc(xv));
         for sv in &s_order {
             let v = values
                 .get(&(*xv, *sv))
@@ -444,23 +463,33 @@ footer { color: #64748b; font-size: 12px; margin-top: 24px; }
 "#;
 
 fn period_line(r: &MonthlyReport) -> String {
-    let as_of = match r.as_of {
-        Some(t) if t < r.month.end_ms() => {
-            format!("data complete up to {} (partial month)", fmt_time(t))
-        }
-        Some(t) => format!("data complete up to {}", fmt_time(t)),
-        None => "no committed data yet".to_string(),
+    r.period.describe(r.as_of)
+}
+
+/// `Monthly report · November 2026`, or `Report · 3 November 2026 to …`.
+fn title(r: &MonthlyReport) -> String {
+    match r.period.span {
+        super::Span::Month(_) => format!("Monthly report · {}", r.period.span.title()),
+        super::Span::Range { .. } => format!("Report · {}", r.period.span.title()),
+    }
+}
+
+/// The `x` values of rows whose `partial` column (a boolean, as
+/// `report_days` gives it) is true: drawn and listed as partial.
+fn partial_xs(t: &ReportTable, x: &str) -> Vec<String> {
+    let Some(col) = t
+        .batch
+        .column_by_name("partial")
+        .and_then(|c| c.as_any().downcast_ref::<BooleanArray>())
+    else {
+        return Vec::new();
     };
-    let day = |ms: i64| {
-        chrono::DateTime::from_timestamp_millis(ms)
-            .map_or_else(String::new, |d| d.format("%-d %B %Y").to_string())
-    };
-    format!(
-        "{} to {} (UTC), compared with {}; {as_of}",
-        day(r.month.start_ms()),
-        day(r.month.end_ms() - 1),
-        r.month.prev().long_name(),
-    )
+    column_text(&t.batch, x)
+        .into_iter()
+        .enumerate()
+        .filter(|(i, _)| col.is_valid(*i) && col.value(*i))
+        .map(|(_, v)| v)
+        .collect()
 }
 
 /// One self-contained HTML document.
@@ -468,9 +497,8 @@ pub fn html(r: &MonthlyReport) -> String {
     let mut s = String::with_capacity(64 * 1024);
     let _ = write!(
         s,
-        r#"<!doctype html><html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1"><title>Monthly report {m} · tally</title><style>{CSS}</style></head><body><main><header><h1>Monthly report · {long}</h1><p>{period}</p></header>"#,
-        m = r.month,
-        long = esc(&r.month.long_name()),
+        r#"<!doctype html><html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1"><title>{long} · tally</title><style>{CSS}</style></head><body><main><header><h1>{long}</h1><p>{period}</p></header>"#,
+        long = esc(&title(r)),
         period = esc(&period_line(r)),
     );
     for t in &r.tables {
@@ -498,15 +526,26 @@ pub fn html(r: &MonthlyReport) -> String {
     }
     let _ = writeln!(
         s,
-        "<footer>Generated {} by <code>tally report monthly --month {}</code> from sql/reports/*.sql over the {} rollup.</footer></main></body></html>",
+        "<footer>Generated {} by <code>{}</code> from sql/reports/*.sql over the {} rollup.</footer></main></body></html>",
         fmt_time(r.generated_at / 1000 * 1000),
-        r.month,
+        esc(&r.period.span.command()),
         esc(&r.rollup),
     );
     s
 }
 
-fn csv_field(s: &str) -> String {
+/// One CSV field. A text cell beginning with `=`, `+`, `-`, `@`, a tab or
+/// a carriage return is prefixed with `'`, so spreadsheet programs show it
+/// as text instead of running it as a formula (CSV injection); numbers are
+/// left as they are.
+fn csv_field(s: &str, text: bool) -> String {
+    let neutral;
+    let s = if text && s.starts_with(['=', '+', '-', '@', '\t', '\r']) {
+        neutral = format!("'{s}");
+        neutral.as_str()
+    } else {
+        s
+    };
     if s.contains([',', '"', '\n', '\r']) {
         format!("\"{}\"", s.replace('"', "\"\""))
     } else {
@@ -514,21 +553,53 @@ fn csv_field(s: &str) -> String {
     }
 }
 
-/// RFC 4180 CSV with a header row; raw values (no digit grouping).
-pub fn csv(batch: &RecordBatch) -> String {
+/// RFC 4180 CSV with a header row and CRLF line ends; raw values (no
+/// digit grouping); text cells neutralised (see `csv_field`); with `bom`,
+/// a UTF-8 byte-order mark first (Excel then reads UTF-8).
+pub fn csv(batch: &RecordBatch, bom: bool) -> String {
     let mut s = String::new();
-    let names: Vec<String> = batch
-        .schema()
+    if bom {
+        s.push('\u{feff}');
+    }
+    let schema = batch.schema();
+    let text: Vec<bool> = schema
         .fields()
         .iter()
-        .map(|f| csv_field(f.name()))
+        .map(|f| !is_numeric(f.data_type()))
+        .collect();
+    let names: Vec<String> = schema
+        .fields()
+        .iter()
+        .map(|f| csv_field(f.name(), true))
         .collect();
     s.push_str(&names.join(","));
-    s.push('\n');
+    s.push_str("\r\n");
     for row in cells(batch) {
-        let fields: Vec<String> = row.iter().map(|c| csv_field(c)).collect();
+        let fields: Vec<String> = row
+            .iter()
+            .zip(&text)
+            .map(|(c, t)| csv_field(c, *t))
+            .collect();
         s.push_str(&fields.join(","));
-        s.push('\n');
+        s.push_str("\r\n");
+    }
+    s
+}
+
+/// Every table of the report in one CSV: each under a line with its
+/// title, the tables separated by an empty line.
+pub fn csv_all(r: &MonthlyReport, bom: bool) -> String {
+    let mut s = String::new();
+    if bom {
+        s.push('\u{feff}');
+    }
+    for (i, t) in r.tables.iter().enumerate() {
+        if i > 0 {
+            s.push_str("\r\n");
+        }
+        s.push_str(&csv_field(&t.query.title, true));
+        s.push_str("\r\n");
+        s.push_str(&csv(&t.batch, false));
     }
     s
 }
@@ -539,11 +610,7 @@ fn md_cell(s: &str) -> String {
 
 /// One Markdown document with a pipe table per query.
 pub fn markdown(r: &MonthlyReport) -> String {
-    let mut s = format!(
-        "# Monthly report · {}\n\n{}\n",
-        r.month.long_name(),
-        period_line(r)
-    );
+    let mut s = format!("# {}\n\n{}\n", title(r), period_line(r));
     for t in &r.tables {
         let _ = write!(s, "\n## {}\n\n", t.query.title);
         if let Some(n) = &t.query.note {

@@ -9,7 +9,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha12Rng;
 
 use super::render::{cells, group_digits};
-use super::{monthly, write, Format, Month, MonthlyReport, ReportQuery};
+use super::{build as build_span, monthly, write, Format, Month, MonthlyReport, ReportQuery, Span};
 
 const H: i64 = 3_600_000;
 const D: i64 = 24 * H;
@@ -379,7 +379,7 @@ async fn csv_output_matches_golden_files() {
     let dir = tempfile::tempdir().unwrap();
     let (r, _) = build(dir.path()).await;
     let out = dir.path().join("csv");
-    let files = write(&r, Format::Csv, &out).unwrap();
+    let files = write(&r, Format::Csv, &out, false).unwrap();
     assert_eq!(files.len(), 5);
     let golden = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/report-2026-11");
     let update = std::env::var_os("UPDATE_GOLDEN").is_some();
@@ -540,4 +540,115 @@ fn months_and_headers_parse() {
     assert_eq!(group_digits("-1234.5"), "-1,234.5");
     assert_eq!(group_digits("123"), "123");
     assert_eq!(group_digits("abc"), "abc");
+}
+
+/// December 2026 on 10 December: month to date against the same days and
+/// hours of November, the last day marked partial.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_month_in_progress_is_compared_to_date() {
+    let dir = tempfile::tempdir().unwrap();
+    let dec = Month {
+        year: 2026,
+        month: 12,
+    };
+    let now = dec.start_ms() + 9 * D + 14 * H + 30 * 60_000;
+    let settings =
+        crate::testing::settings(dir.path(), &[("TALLY__DECODE__MAX_EVENT_AGE", "400days")]);
+    let evs: Vec<Ev> = events().into_iter().filter(|e| e.t < now - 1000).collect();
+    crate::testing::seed(&settings, &payloads(&evs), now, 3).await;
+    let r = build_span(&settings, Span::Month(dec)).await.unwrap();
+    assert_eq!(r.period.to_date, Some(now - 1000));
+    // The hour of as_of counts in December, so November up to 15:00.
+    let prev_end = month().start_ms() + 9 * D + 15 * H;
+    assert_eq!(r.period.prev_end, prev_end);
+    let cur = evs.iter().filter(|e| e.t >= dec.start_ms()).count();
+    let prev = evs
+        .iter()
+        .filter(|e| e.t >= month().start_ms() && e.t < prev_end)
+        .count();
+    let whole_nov = evs
+        .iter()
+        .filter(|e| e.t >= month().start_ms() && e.t < month().end_ms())
+        .count();
+    assert!(
+        cur > 100 && prev > 100 && whole_nov > 2 * prev,
+        "{cur} {prev} {whole_nov}"
+    );
+    let s = &table(&r, "summary")[0];
+    assert_eq!(num(&s["events"]), Some(cur as f64));
+    assert_eq!(
+        num(&s["prev_events"]),
+        Some(prev as f64),
+        "to date, not all of November"
+    );
+    close(
+        num(&s["change_pct"]),
+        pct(cur as u64, prev as u64),
+        "change_pct",
+    );
+    let by_type = table(&r, "totals_by_event_type");
+    for row in &by_type {
+        let kind = row["event_type"].as_str();
+        let want = evs
+            .iter()
+            .filter(|e| e.kind == kind && e.t >= month().start_ms() && e.t < prev_end)
+            .count();
+        assert_eq!(num(&row["prev_events"]), Some(want as f64), "{kind}");
+    }
+    // Ten days, the tenth partial.
+    let trend = table(&r, "daily_trend");
+    let days: BTreeSet<&str> = trend.iter().map(|r| r["day"].as_str()).collect();
+    assert_eq!(days.len(), 10);
+    for row in &trend {
+        let partial = row["day"] == "2026-12-10";
+        assert_eq!(row["partial"], partial.to_string(), "{row:?}");
+    }
+    let html = super::render::html(&r);
+    assert!(
+        html.contains("2026-12-10 (partial day)"),
+        "the table marks the day"
+    );
+    assert!(html.contains("12-10 (partial)"), "the chart marks the day");
+    assert!(html.contains("to date, compared with the same time of the period before"));
+    assert!(html.contains("2026-11-10T15:00:00Z"));
+}
+
+#[test]
+fn csv_is_crlf_with_formulas_neutralised_and_an_optional_bom() {
+    use datafusion::arrow::array::{Float64Array, StringArray};
+    use datafusion::arrow::datatypes::{DataType, Field, Schema};
+    use std::sync::Arc;
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("title", DataType::Utf8, true),
+        Field::new("value", DataType::Float64, true),
+    ]));
+    let batch = datafusion::arrow::record_batch::RecordBatch::try_new(
+        schema,
+        vec![
+            Arc::new(StringArray::from(vec![
+                "=HYPERLINK(\"http://x\",\"y\")",
+                "-2+3",
+                "+1",
+                "@SUM(A1)",
+                "plain, with comma",
+                "\tx",
+            ])),
+            Arc::new(Float64Array::from(vec![-5.5, 1.0, 2.0, 3.0, 4.0, 5.0])),
+        ],
+    )
+    .unwrap();
+    let csv = super::render::csv(&batch, false);
+    assert_eq!(
+        csv,
+        "title,value\r\n\
+         \"'=HYPERLINK(\"\"http://x\"\",\"\"y\"\")\",-5.5\r\n\
+         '-2+3,1.0\r\n\
+         '+1,2.0\r\n\
+         '@SUM(A1),3.0\r\n\
+         \"plain, with comma\",4.0\r\n\
+         '\tx,5.0\r\n"
+    );
+    let with_bom = super::render::csv(&batch, true);
+    assert!(with_bom.starts_with('\u{feff}'));
+    assert_eq!(&with_bom['\u{feff}'.len_utf8()..], csv);
 }
