@@ -6,6 +6,8 @@ TANSU := $(CARGO_HOME)/bin/tansu
 TANSU_VERSION := 0.6.0
 BROKER_PORT ?= 9092
 export TANSU_BIN := $(TANSU)
+# The commit in tally_build_info (only the binary's main.rs reads it).
+export TALLY_GIT_COMMIT := $(shell git rev-parse --short=12 HEAD 2>/dev/null)
 
 .PHONY: help all build release tansu postgres moto broker run test soak unit lint fmt bench bench-smoke bench-api bench-archive bench-rebuild report-demo clean
 

@@ -28,9 +28,20 @@ pub struct Cli {
     /// TALLY__SECTION__KEY environment variables override both.
     #[arg(long, short, global = true, env = "TALLY_CONFIG")]
     pub config: Option<PathBuf>,
-    /// Log filter, e.g. `info`, `tally=debug` (RUST_LOG syntax).
-    #[arg(long, global = true, env = "TALLY_LOG", default_value = "info")]
-    pub log: String,
+    /// Log filter, e.g. `info`, `tally=debug` (RUST_LOG syntax; without it
+    /// RUST_LOG is used, then `info`).
+    #[arg(long, global = true, env = "TALLY_LOG")]
+    pub log: Option<String>,
+    /// `text` (colours only on a terminal) or `json`: one object a line,
+    /// with every field (topic, partition, offsets…) as a key.
+    #[arg(
+        long,
+        global = true,
+        env = "TALLY_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
+    pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -277,14 +288,42 @@ fn parse_rfc3339(s: &str) -> Result<i64, String> {
         .map_err(|e| format!("{e}; write an RFC 3339 time such as 2026-11-28T00:00:00Z"))
 }
 
-/// Log to stderr with `filter` (RUST_LOG syntax).
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Log to stderr with `filter` (RUST_LOG syntax), as text.
 pub fn init_tracing(filter: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+    init_logging(Some(filter), LogFormat::Text);
+}
+
+/// Log to stderr with `filter` (else `RUST_LOG`, else `info`) in `format`;
+/// ANSI colours only when stderr is a terminal.
+pub fn init_logging(filter: Option<&str>, format: LogFormat) {
+    use std::io::IsTerminal as _;
+    let filter = filter
+        .map(str::to_string)
+        .or_else(|| std::env::var("RUST_LOG").ok().filter(|f| !f.is_empty()))
+        .unwrap_or_else(|| "info".into());
+    let filter = tracing_subscriber::EnvFilter::try_new(&filter)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder
+            .with_ansi(std::io::stderr().is_terminal())
+            .try_init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .try_init(),
+    };
 }
 
 fn load_settings(cli: &Cli) -> anyhow::Result<Settings> {
@@ -346,7 +385,7 @@ pub fn exit_code(err: &anyhow::Error) -> u8 {
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    init_tracing(&cli.log);
+    init_logging(cli.log.as_deref(), cli.log_format);
     let settings = load_settings(&cli)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(worker_threads())

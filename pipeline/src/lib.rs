@@ -37,6 +37,7 @@ pub mod error;
 pub(crate) mod failpoint;
 pub mod jobs;
 pub(crate) mod metrics;
+pub use metrics::set_build_commit;
 pub(crate) mod pipeline;
 pub(crate) mod quarantine;
 pub(crate) mod serve;

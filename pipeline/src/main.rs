@@ -3,6 +3,11 @@ use clap::Parser;
 
 fn main() -> std::process::ExitCode {
     tally::allocator::tune();
+    tally::set_build_commit(
+        option_env!("TALLY_GIT_COMMIT")
+            .filter(|c| !c.is_empty())
+            .unwrap_or("unknown"),
+    );
     let cli = tally::cli::Cli::parse();
     match tally::cli::run(cli) {
         Ok(code) => code,

@@ -11,6 +11,9 @@ use std::sync::Mutex;
 
 use crate::decode::RejectReason;
 
+mod process;
+pub use process::set_build_commit;
+
 /// Bucket upper bounds in seconds for durations.
 const COMMIT_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -312,6 +315,7 @@ impl Metrics {
     pub fn render(&self, pipeline: bool, as_of_ms: Option<i64>, now_ms: i64) -> String {
         let mut o = String::with_capacity(8192);
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        process::render(&mut o);
         if pipeline {
             self.render_pipeline(&mut o);
         }
@@ -775,7 +779,10 @@ mod tests {
         assert!(s.contains("tally_event_time_lag_seconds 2\n"), "{s}");
         for line in s.lines().filter(|l| l.starts_with("# TYPE")) {
             let parts: Vec<&str> = line.split(' ').collect();
-            assert!(parts[2].starts_with("tally_"), "{line}");
+            assert!(
+                parts[2].starts_with("tally_") || parts[2].starts_with("process_"),
+                "{line}"
+            );
             if parts[3] == "counter" {
                 assert!(parts[2].ends_with("_total"), "{line}");
             }

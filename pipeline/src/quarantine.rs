@@ -127,7 +127,12 @@ pub(crate) async fn isolate(
             batch.row_offsets.get(*i).copied().unwrap_or(-1),
         );
         let payload = row_json(&batch.events, *i);
-        tracing::warn!(partition, offset, reason = "rollup_failed", detail = %message, "event rejected to dead-letter dataset");
+        crate::batch::rejects::rejected(
+            partition,
+            offset,
+            RejectReason::RollupFailed.code(),
+            message,
+        );
         out.dead_letters.push(DeadLetter {
             reason: RejectReason::RollupFailed,
             detail: message.clone(),

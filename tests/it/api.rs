@@ -298,6 +298,26 @@ async fn events_posted_over_http_are_answered_exactly() {
                 .count() as f64
     );
     assert!(metric(&m, "tally_batches_committed_total") >= 1.0);
+    // The process metrics and the build.
+    assert!(metric(&m, "process_resident_memory_bytes") > 1e6);
+    assert!(metric(&m, "process_cpu_seconds_total") > 0.0);
+    assert!(metric(&m, "process_open_fds") >= 3.0);
+    assert!(metric(&m, "process_threads") >= 2.0);
+    let build = m
+        .lines()
+        .find(|l| l.starts_with("tally_build_info{"))
+        .unwrap_or_else(|| panic!("no tally_build_info in\n{m}"));
+    assert!(
+        build.ends_with("} 1") && build.contains("version=\""),
+        "{build}"
+    );
+    // `make` builds with the commit; a bare `cargo build` says unknown.
+    if let Some(c) = std::env::var("TALLY_GIT_COMMIT")
+        .ok()
+        .filter(|c| !c.is_empty())
+    {
+        assert!(build.contains(&format!("commit=\"{c}\"")), "{build}");
+    }
     assert!(metric(&m, "tally_rollup_rows_merged_total") >= 1.0);
     assert!(metric(&m, "tally_raw_bytes_written_total") > 0.0);
     assert!(metric(&m, "tally_batch_commit_duration_seconds_count") >= 1.0);

@@ -171,7 +171,9 @@ async fn pipeline_counts_exactly_with_malformed_and_late_events() {
     assert_eq!(end.values().sum::<i64>(), messages.len() as i64);
 
     let data = dir.path().join("data");
-    let env = TallyEnv::new(&broker.bootstrap(), &topic, &unique("g"), &data);
+    let mut env = TallyEnv::new(&broker.bootstrap(), &topic, &unique("g"), &data);
+    // JSON log lines, checked below.
+    env.set("TALLY_LOG_FORMAT", "json");
     let mut tally = Tally::start(&env);
     wait_committed(
         &data.join("serving.db"),
@@ -183,6 +185,50 @@ async fn pipeline_counts_exactly_with_malformed_and_late_events() {
     .await;
     assert!(tally.stop().success(), "clean exit on SIGTERM");
     verify_outputs(&data, &topic, &messages).await;
+
+    // Every log line is one JSON object (no colour codes: not a terminal),
+    // and the dead letters are a summary per interval with an example,
+    // not a line per message.
+    let log = std::fs::read_to_string(&env.log).unwrap();
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: not JSON: {l}")))
+        .collect();
+    assert!(!log.contains('\u{1b}'), "no ANSI escapes");
+    assert!(lines
+        .iter()
+        .all(|l| l["level"].is_string() && l["message"].is_string()));
+    let rejected = messages
+        .iter()
+        .filter(|m| matches!(m.expect, Expect::Rejected { .. }))
+        .count() as u64;
+    let summaries: Vec<&serde_json::Value> = lines
+        .iter()
+        .filter(|l| {
+            l["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("events rejected to the dead-letter dataset"))
+        })
+        .collect();
+    assert!(rejected > 20, "the data set has dead letters");
+    assert!(
+        !summaries.is_empty() && (summaries.len() as u64) < rejected / 4,
+        "{} summary lines for {rejected} dead letters",
+        summaries.len()
+    );
+    let logged: u64 = summaries
+        .iter()
+        .filter_map(|l| l["rejected"].as_u64())
+        .sum();
+    // (A message read twice, say after a rebalance, is logged twice.)
+    assert!(
+        logged >= rejected,
+        "every dead letter is in a summary: {logged} < {rejected}"
+    );
+    assert!(summaries.iter().all(|l| l["example_partition"].is_u64()
+        && l["example_offset"].is_u64()
+        && l["by_reason"].is_string()));
 
     // A restart consumes nothing twice.
     let mut again = Tally::start(&env);

@@ -1,6 +1,8 @@
 //! Stage 3: messages -> one micro-batch. Rows are decoded straight into Arrow
 //! builders; a batch is sealed when `max_rows`, `max_bytes` or `linger` is hit.
 
+pub(crate) mod rejects;
+
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
@@ -108,6 +110,18 @@ pub struct Batch {
     pub archive: BTreeMap<i32, ArchiveRange>,
     /// Partitions with rows below this offset: archive only, not counted.
     pub serve_from: BTreeMap<i32, i64>,
+}
+
+impl Batch {
+    /// `partition:first-last` of each partition, for log lines
+    /// (`offsets = "0:100-199 1:40-80"`).
+    pub fn offsets_field(&self) -> String {
+        self.partitions
+            .iter()
+            .map(|(p, r)| format!("{p}:{}-{}", r.first, r.last))
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
 }
 
 /// The dead letters a `tally dlq replay` batch counts: their original topic
@@ -326,13 +340,7 @@ impl BatchBuilder {
             Err(reject) => {
                 let shown = payload.unwrap_or_default();
                 let cut = &shown[..shown.len().min(self.dlq_payload_bytes)];
-                tracing::warn!(
-                    partition,
-                    offset,
-                    reason = reject.reason.code(),
-                    detail = %reject.detail,
-                    "event rejected to dead-letter dataset"
-                );
+                rejects::rejected(partition, offset, reject.reason.code(), &reject.detail);
                 *self.stats.rejected.entry(reject.reason).or_default() += 1;
                 self.dead_letters.push(DeadLetter {
                     reason: reject.reason,
@@ -384,6 +392,7 @@ impl BatchBuilder {
         now_ms: i64,
         caught_up: BTreeMap<i32, i64>,
     ) -> Result<Batch, datafusion::arrow::error::ArrowError> {
+        rejects::flush();
         let events = self.columns.finish()?;
         self.started = None;
         let opened_at_ms = self.opened_at_ms.take().unwrap_or(now_ms);

@@ -115,7 +115,7 @@ impl Committer<'_> {
                     if let Some(m) = self.metrics {
                         m.commits_resolved.fetch_add(1, Ordering::Relaxed);
                     }
-                    tracing::warn!(partitions = ?batch.partitions, "an earlier attempt whose reply was lost had committed this batch; counting it once");
+                    tracing::warn!(topic = %batch.topic, offsets = %batch.offsets_field(), "an earlier attempt whose reply was lost had committed this batch; counting it once");
                     Ok((CommitOutcome::Committed, files, rows))
                 }
                 other => other,
@@ -157,7 +157,7 @@ impl Committer<'_> {
                 m.commit_errors.fetch_add(1, Ordering::Relaxed);
             }
             if crate::quarantine::is_data_error(&e) && isolated.is_none() {
-                tracing::error!(error = %e, rows = batch.events.num_rows(), "a batch fails on its data; bisecting it to find the events that fail");
+                tracing::error!(error = %e, topic = %batch.topic, offsets = %batch.offsets_field(), rows = batch.events.num_rows(), "a batch fails on its data; bisecting it to find the events that fail");
                 match crate::quarantine::isolate(batch, &e, self.aggregator, self.store).await? {
                     Some(without) => {
                         isolated = Some(without);
@@ -177,7 +177,7 @@ impl Committer<'_> {
                 }
             }
             retries += 1;
-            tracing::error!(error = %e, retry_in = ?backoff, "batch commit failed; retrying (offsets do not advance)");
+            tracing::error!(error = %e, topic = %batch.topic, offsets = %batch.offsets_field(), retry_in = ?backoff, "batch commit failed; retrying (offsets do not advance)");
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_secs(5));
         }

@@ -280,6 +280,7 @@ pub(crate) async fn run(
         Err(_) => return Err(Error::Internal("consumer thread panicked".into())),
     }
     store.close().await;
+    crate::batch::rejects::flush_all();
     tracing::info!(?stats, "stopped");
     Ok(stats)
 }
@@ -446,7 +447,7 @@ async fn commit_batch(
             stats.messages += batch.stats.messages;
             stats.accepted += batch.stats.accepted;
             stats.rejected += batch.stats.rejected.values().sum::<u64>();
-            tracing::debug!(rows = batch.events.num_rows(), partitions = ?batch.partitions, "batch committed");
+            tracing::debug!(topic = %batch.topic, offsets = %batch.offsets_field(), rows = batch.events.num_rows(), "batch committed");
         }
         Done::Fenced {
             partition,
