@@ -13,8 +13,13 @@ use crate::config::Settings;
 use crate::jobs::produce::ProduceSpec;
 
 mod archive;
+mod completions;
+mod logging;
 mod recompute;
+mod report;
 mod rollup;
+
+pub use logging::{init_logging, init_tracing, LogFormat};
 use recompute::{backfill, export, verify};
 
 #[derive(Debug, Parser)]
@@ -56,6 +61,15 @@ pub enum Command {
     Serve,
     /// Validate the config and the rollup SQL, and print what tally derived.
     Check,
+    /// Print a shell completion script: `tally completions bash >
+    /// /etc/bash_completion.d/tally` (zsh: a `_tally` file on `$fpath`; fish:
+    /// `~/.config/fish/completions/tally.fish`).
+    Completions {
+        #[arg(value_enum)]
+        shell: completions::Shell,
+    },
+    /// Print the man page (roff): `tally man > tally.1; man ./tally.1`.
+    Man,
     /// Generate synthetic events (Zipf video popularity) to Kafka or a file.
     Produce(ProduceArgs),
     /// Recompute the rollup windows inside [--from, --to) from the raw archive
@@ -288,44 +302,6 @@ fn parse_rfc3339(s: &str) -> Result<i64, String> {
         .map_err(|e| format!("{e}; write an RFC 3339 time such as 2026-11-28T00:00:00Z"))
 }
 
-/// How log lines are written.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum LogFormat {
-    Text,
-    Json,
-}
-
-/// Log to stderr with `filter` (RUST_LOG syntax), as text.
-pub fn init_tracing(filter: &str) {
-    init_logging(Some(filter), LogFormat::Text);
-}
-
-/// Log to stderr with `filter` (else `RUST_LOG`, else `info`) in `format`;
-/// ANSI colours only when stderr is a terminal.
-pub fn init_logging(filter: Option<&str>, format: LogFormat) {
-    use std::io::IsTerminal as _;
-    let filter = filter
-        .map(str::to_string)
-        .or_else(|| std::env::var("RUST_LOG").ok().filter(|f| !f.is_empty()))
-        .unwrap_or_else(|| "info".into());
-    let filter = tracing_subscriber::EnvFilter::try_new(&filter)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let _ = match format {
-        LogFormat::Text => builder
-            .with_ansi(std::io::stderr().is_terminal())
-            .try_init(),
-        LogFormat::Json => builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(false)
-            .with_span_list(false)
-            .try_init(),
-    };
-}
-
 fn load_settings(cli: &Cli) -> anyhow::Result<Settings> {
     load_settings_from(cli.config.as_deref())
 }
@@ -386,6 +362,12 @@ pub fn exit_code(err: &anyhow::Error) -> u8 {
 
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     init_logging(cli.log.as_deref(), cli.log_format);
+    // Made from the CLI alone: no config needed.
+    match &cli.command {
+        Command::Completions { shell } => return completions::print(*shell),
+        Command::Man => return completions::man(),
+        _ => {}
+    }
     let settings = load_settings(&cli)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(worker_threads())
@@ -402,6 +384,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }),
         Command::Check => rt.block_on(check(settings)),
+        Command::Completions { .. } | Command::Man => Ok(ExitCode::SUCCESS),
         Command::Produce(args) => produce(&settings, args),
         Command::Verify(a) => rt.block_on(verify(settings, a, "DRIFT", "serving", "raw archive")),
         Command::Backfill(BackfillArgs {
@@ -433,7 +416,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Replay { file, source_id } => rt.block_on(replay(settings, file, source_id)),
         Command::Report {
             command: ReportCommand::Monthly(a),
-        } => rt.block_on(report_monthly(settings, a)),
+        } => rt.block_on(report::monthly(settings, a)),
         Command::Offsets { command } => rt.block_on(offsets(settings, command)),
         Command::Rebuild => rt.block_on(archive::rebuild(settings)),
         Command::Compact { before } => rt.block_on(archive::compact(settings, before)),
@@ -571,38 +554,6 @@ async fn dlq_replay(
     if dry_run {
         println!("dry run: nothing was written (\"accepted now\" is what a replay would count)");
     }
-    Ok(ExitCode::SUCCESS)
-}
-
-async fn report_monthly(settings: Settings, a: MonthlyArgs) -> anyhow::Result<ExitCode> {
-    use crate::jobs::report::{self, Format, Month, Span};
-    let span = match (a.from, a.to) {
-        (Some(from), Some(to)) => Span::range(from, to).map_err(crate::error::usage)?,
-        _ => Span::Month(
-            a.month
-                .unwrap_or_else(|| Month::previous_to(chrono::Utc::now().timestamp_millis())),
-        ),
-    };
-    let slug = span.slug();
-    let out = a.out.unwrap_or_else(|| {
-        PathBuf::from(match a.format {
-            Format::Html => format!("report-{slug}.html"),
-            Format::Md => format!("report-{slug}.md"),
-            Format::Csv => format!("report-{slug}"),
-        })
-    });
-    let r = report::build(&settings, span)
-        .await
-        .context("tally report monthly failed")?;
-    let files = report::write(&r, a.format, &out, a.bom).context("tally report monthly failed")?;
-    for f in &files {
-        println!("{}", f.display());
-    }
-    eprintln!(
-        "report for {slug}: {} tables, {} files",
-        r.tables.len(),
-        files.len()
-    );
     Ok(ExitCode::SUCCESS)
 }
 

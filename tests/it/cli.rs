@@ -224,3 +224,40 @@ fn exit_codes_tell_a_usage_error_from_an_outage() {
     let (c, out) = code(&args, &[]);
     assert_eq!(c, Some(0), "{out}");
 }
+
+/// Shell completions and the man page come from the CLI itself and need
+/// no config (a broken one does not stop them).
+#[test]
+fn completions_and_the_man_page_list_every_subcommand() {
+    let broken = [("TALLY__NOPE__KEY", "1")];
+    let subcommands = [
+        "run", "serve", "backfill", "verify", "report", "rollup", "dlq",
+    ];
+    for (shell, marker) in [
+        ("bash", "complete -F"),
+        ("zsh", "#compdef tally"),
+        ("fish", "complete -c tally"),
+    ] {
+        let (ok, out) = tally(&["completions", shell], &broken);
+        assert!(ok, "{shell}: {out}");
+        assert!(out.contains(marker), "{shell}: {out}");
+        for s in subcommands {
+            assert!(out.contains(s), "{shell} completes {s}");
+        }
+    }
+    let (ok, out) = tally(&["completions", "tcsh"], &[]);
+    assert!(!ok && out.contains("bash"), "{out}");
+    let (ok, man) = tally(&["man"], &broken);
+    assert!(ok, "{man}");
+    assert!(
+        man.starts_with(".ie \\n(.g .ds Aq") || man.contains(".TH tally"),
+        "{man}"
+    );
+    for s in subcommands {
+        assert!(man.contains(s), "the man page names {s}");
+    }
+    assert!(
+        man.contains("log\\-format"),
+        "global flags are in the man page"
+    );
+}
