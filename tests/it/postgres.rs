@@ -54,7 +54,7 @@ async fn postgres_store_survives_sigkills_and_serves_exact_answers() {
     let now = chrono::Utc::now().timestamp_millis();
     let messages = dataset(91, 12_000, now);
     let data = dir.path().join("data");
-    let env = pg_env(&broker, &topic, &unique("g"), &data, &pg, "run");
+    let mut env = pg_env(&broker, &topic, &unique("g"), &data, &pg, "run");
     let producer = produce_in_background(
         &broker.bootstrap(),
         &topic,
@@ -101,7 +101,35 @@ async fn postgres_store_survives_sigkills_and_serves_exact_answers() {
     assert!(ok, "backfill on PostgreSQL:\n{out}");
     verify_outputs_in(&data, &db, &topic, &messages).await;
 
-    // A read replica on the same database.
+    // A read replica on the same database, logged in as a SELECT-only role:
+    // it starts, is ready and answers without writing anything (any write
+    // would be refused).
+    let role = unique("ro").replace('-', "_").to_lowercase();
+    let admin = |stmts: Vec<String>| {
+        let url = pg.url.clone();
+        async move {
+            use sqlx::Connection;
+            let mut c = sqlx::PgConnection::connect(&url).await.unwrap();
+            for stmt in stmts {
+                sqlx::query(sqlx::AssertSqlSafe(stmt))
+                    .execute(&mut c)
+                    .await
+                    .unwrap();
+            }
+        }
+    };
+    admin(vec![
+        format!("CREATE ROLE {role} LOGIN PASSWORD 'ro-secret-1'"),
+        format!("GRANT USAGE ON SCHEMA public TO {role}"),
+        format!("GRANT SELECT ON ALL TABLES IN SCHEMA public TO {role}"),
+        format!("REVOKE CREATE ON SCHEMA public FROM PUBLIC"),
+    ])
+    .await;
+    let (_, rest) = pg.url.split_once('@').unwrap();
+    env.set(
+        "TALLY__SERVING__URL",
+        &format!("postgres://{role}:ro-secret-1@{rest}"),
+    );
     let serve = Tally::serve(&env);
     wait_http_ok(env.api, "/readyz", Duration::from_secs(30));
     for video in ["v001", "v002", "v003"] {
@@ -117,6 +145,13 @@ async fn postgres_store_survives_sigkills_and_serves_exact_answers() {
         assert_eq!(v["count"], want as i64, "{video}: {v}");
     }
     drop(serve);
+    let log = std::fs::read_to_string(&env.log).unwrap_or_default();
+    assert!(!log.contains("ro-secret-1"), "no password in the log");
+    admin(vec![
+        format!("DROP OWNED BY {role}"),
+        format!("DROP ROLE {role}"),
+    ])
+    .await;
     report_faults(&[("sigkill", kills)]);
 }
 

@@ -271,8 +271,14 @@ pub(crate) async fn serve_standalone(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), crate::Error> {
     let (schema, catalog) = crate::pipeline::Stages::definitions(&settings).await?;
-    // Creates the tables if this replica starts first; then only reads.
-    let store = crate::pipeline::Stages::open_store(&settings, &catalog).await?;
+    // Reads only when the writers have set the store up (a SELECT-only role
+    // or a hot standby serves); sets it up if this replica starts first.
+    let store = crate::sink::ServingStore::open_existing(
+        &settings.serving_url(),
+        &catalog.rollups,
+        settings.serving.window_index,
+    )
+    .await?;
     let state = ApiState::build(
         &settings,
         &catalog,

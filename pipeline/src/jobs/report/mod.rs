@@ -362,7 +362,13 @@ pub async fn build(settings: &Settings, span: Span) -> Result<MonthlyReport, cra
                     .join(", ")
             ))
         })?;
-    let store = crate::pipeline::Stages::open_store(settings, &catalog).await?;
+    // Reads only (a read replica's role may not write).
+    let store = crate::sink::ServingStore::open_existing(
+        &settings.serving_url(),
+        &catalog.rollups,
+        settings.serving.window_index,
+    )
+    .await?;
     let as_of = store.as_of(&settings.kafka.topic).await?;
     let period = Period::new(span, as_of);
     // The period compared with, up to `prev_end` only (to date), then the period.

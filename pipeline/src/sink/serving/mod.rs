@@ -230,6 +230,50 @@ impl ServingStore {
         Ok(store)
     }
 
+    /// Open a store the writers (`tally run`) have set up, for reading
+    /// only (`tally serve`, reports): on PostgreSQL no statement writes, so
+    /// a SELECT-only role or a hot standby serves. Every rollup's recorded
+    /// definition must match. A store not yet set up for these rollups is
+    /// set up as [`ServingStore::open_with`] does, which needs a role that
+    /// may create tables. SQLite is opened as by `open_with`.
+    pub async fn open_existing(
+        url: &str,
+        rollups: &[RollupDef],
+        window_index: bool,
+    ) -> Result<ServingStore, SinkError> {
+        if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+            return ServingStore::open_with(url, rollups, window_index).await;
+        }
+        let store = PgStore::open(url, rollups)
+            .await
+            .map_err(|message| SinkError::Open {
+                url: redact(url),
+                message,
+            })?;
+        for def in rollups {
+            match store.stored_definition(def).await? {
+                None => {
+                    tracing::info!(rollup = %def.name, "the serving store is not set up for this rollup yet: setting it up");
+                    store.close().await;
+                    return ServingStore::open_with(url, rollups, window_index).await;
+                }
+                Some((stored, old)) if stored != def.fingerprint() => {
+                    return Err(schema::changed_definition(
+                        def,
+                        &stored,
+                        &def.fingerprint(),
+                        &old,
+                    ));
+                }
+                Some(_) => {}
+            }
+        }
+        Ok(ServingStore {
+            backend: Backend::Postgres(store),
+            url: url.to_string(),
+        })
+    }
+
     /// SQLite: fold the delta tables into the rollup tables now (batch
     /// commits also do, every `serving.sqlite_fold_rows` rows). No effect on
     /// PostgreSQL.

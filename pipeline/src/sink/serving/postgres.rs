@@ -151,6 +151,24 @@ impl PgStore {
             .map_err(db("read rollup definitions"))
     }
 
+    /// The recorded (fingerprint, SQL) of `def`, reading only: `None` when
+    /// the store has no record of it (or no bookkeeping tables yet).
+    pub(super) async fn stored_definition(
+        &self,
+        def: &RollupDef,
+    ) -> Result<Option<(String, String)>, SinkError> {
+        match sqlx::query_as(sql(READ_DEFINITION_SQL))
+            .bind(&def.name)
+            .fetch_optional(&self.pool)
+            .await
+        {
+            Ok(row) => Ok(row),
+            // 42P01: undefined_table, a store nobody has set up.
+            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P01") => Ok(None),
+            Err(e) => Err(db("read rollup definitions")(e)),
+        }
+    }
+
     pub(super) async fn register_start(
         &self,
         topic: &str,
