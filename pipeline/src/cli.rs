@@ -70,6 +70,17 @@ pub enum Command {
     },
     /// Print the man page (roff): `tally man > tally.1; man ./tally.1`.
     Man,
+    /// Is the pipeline healthy? Per partition the committed offset, high
+    /// watermark and lag; as_of; the last commit and verify; archive and
+    /// dead-letter sizes. Exits 1 when something is wrong (a probe).
+    Status {
+        /// One JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Messages waiting with no commit for this long is a problem.
+        #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+        max_commit_age: std::time::Duration,
+    },
     /// Generate synthetic events (Zipf video popularity) to Kafka or a file.
     Produce(ProduceArgs),
     /// Recompute the rollup windows inside [--from, --to) from the raw archive
@@ -385,6 +396,20 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }),
         Command::Check => rt.block_on(check(settings)),
         Command::Completions { .. } | Command::Man => Ok(ExitCode::SUCCESS),
+        Command::Status {
+            json,
+            max_commit_age,
+        } => rt.block_on(async {
+            let s = crate::jobs::status::status(&settings, max_commit_age)
+                .await
+                .context("tally status failed")?;
+            if json {
+                println!("{}", s.to_json());
+            } else {
+                print!("{}", s.to_text());
+            }
+            Ok(ExitCode::from(if s.healthy() { 0 } else { 1 }))
+        }),
         Command::Produce(args) => produce(&settings, args),
         Command::Verify(a) => rt.block_on(verify(settings, a, "DRIFT", "serving", "raw archive")),
         Command::Backfill(BackfillArgs {

@@ -284,6 +284,54 @@ async fn pipeline_counts_exactly_with_malformed_and_late_events() {
         out.contains("0 rows differ") && out.contains("day_video_events:"),
         "{out}"
     );
+
+    // `tally status`: every partition committed to its end, the archive and
+    // the dead letters hold every message once, the verify just run is
+    // recorded without drift; healthy, exit 0.
+    let status = |extra: &[(&str, &str)]| {
+        let o = tally_command()
+            .args(["status", "--json"])
+            .envs(env.vars.iter().cloned())
+            .envs(extra.iter().copied())
+            .output()
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_else(|e| {
+            panic!(
+                "{e}: {}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            )
+        });
+        (o.status.code(), v)
+    };
+    let (code, st) = status(&[]);
+    assert_eq!(code, Some(0), "{st}");
+    assert_eq!(st["healthy"], true, "{st}");
+    for p in st["partitions"].as_array().unwrap() {
+        let part = p["partition"].as_i64().unwrap() as i32;
+        assert_eq!(p["committed_offset"], end[&part], "{p}");
+        assert_eq!(p["high_watermark"], end[&part], "{p}");
+        assert_eq!(p["lag"], 0, "{p}");
+    }
+    let accepted = messages
+        .iter()
+        .filter(|m| matches!(m.expect, Expect::Accepted { .. }))
+        .count() as i64;
+    assert_eq!(st["files"]["raw"]["rows"], accepted, "{st}");
+    assert_eq!(
+        st["files"]["dlq"]["rows"],
+        messages.len() as i64 - accepted,
+        "{st}"
+    );
+    assert_eq!(st["last_verify"]["drift_rows"], 0, "{st}");
+    assert!(st["last_commit_age_seconds"].as_f64().unwrap() < 600.0);
+    // Without the broker: not healthy, exit 1, and the problem named.
+    let (code, st) = status(&[("TALLY__KAFKA__PROPERTIES__BOOTSTRAP_SERVERS", "127.0.0.1:9")]);
+    assert_eq!(code, Some(1), "{st}");
+    assert!(
+        st["problems"][0].as_str().unwrap().contains("broker"),
+        "{st}"
+    );
     // ...and reports drift when serving rows are deleted or corrupted.
     let url = format!("sqlite://{}", data.join("serving.db").display());
     let pool = sqlx::SqlitePool::connect(&url).await.unwrap();

@@ -9,6 +9,7 @@ pub mod produce;
 pub mod rebuild;
 pub mod replay;
 pub mod report;
+pub mod status;
 pub mod topic;
 pub mod verify;
 pub mod versions;

@@ -336,6 +336,19 @@ pub async fn verify(
             }
         }
     }
+    // The last verify, for `tally status`. A store this process may not
+    // write to (a read-only role) still gets its answer.
+    let recorded = store
+        .set_counters(&[
+            ("verify_last_at_ms", chrono::Utc::now().timestamp_millis()),
+            ("verify_last_from_ms", from),
+            ("verify_last_to_ms", to),
+            ("verify_last_drift_rows", report.drift.len() as i64),
+        ])
+        .await;
+    if let Err(e) = recorded {
+        tracing::warn!(error = %e, "cannot record the verify's result for tally status");
+    }
     store.close().await;
     Ok(report)
 }

@@ -615,6 +615,15 @@ impl ServingStore {
     }
 
     /// All persistent counters.
+    /// Set counters to values (the last verify: `verify_last_at_ms`,
+    /// `verify_last_drift_rows`), in one transaction.
+    pub async fn set_counters(&self, values: &[(&str, i64)]) -> Result<(), SinkError> {
+        match &self.backend {
+            Backend::Sqlite(s) => blocking(|| s.set_counters(values)),
+            Backend::Postgres(s) => s.set_counters(values).await,
+        }
+    }
+
     pub async fn counters(&self) -> Result<BTreeMap<String, i64>, SinkError> {
         match &self.backend {
             Backend::Sqlite(s) => blocking(|| s.counters()),

@@ -417,6 +417,19 @@ impl PgStore {
             .map_err(db("read replayed dead letters"))
     }
 
+    pub(super) async fn set_counters(&self, values: &[(&str, i64)]) -> Result<(), SinkError> {
+        let mut tx = self.pool.begin().await.map_err(db("set counters"))?;
+        for (name, value) in values {
+            sqlx::query(sql(SET_COUNTER_SQL))
+                .bind(*name)
+                .bind(*value)
+                .execute(&mut *tx)
+                .await
+                .map_err(db("set counters"))?;
+        }
+        tx.commit().await.map_err(db("set counters"))
+    }
+
     pub(super) async fn counters(&self) -> Result<BTreeMap<String, i64>, SinkError> {
         sqlx::query(COUNTERS_SQL)
             .fetch_all(&self.pool)

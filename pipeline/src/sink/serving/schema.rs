@@ -637,6 +637,10 @@ pub(super) const OFFSET_TIMES_SQL: &str =
 pub(super) const AS_OF_SQL: &str =
     "SELECT max_event_ms, caught_up_ms FROM tally_offsets WHERE topic = ?";
 pub(super) const COUNTERS_SQL: &str = "SELECT name, value FROM tally_counters ORDER BY name";
+/// Set a counter (not add to it): the last verify's time and drift.
+pub(super) const SET_COUNTER_SQL: &str =
+    "INSERT INTO tally_counters (name, value) VALUES (?1, ?2) \
+     ON CONFLICT (name) DO UPDATE SET value = excluded.value";
 /// Committed raw files with `? <= path < ?`: a range of the primary key
 /// (see `sink::archive::raw_path_range`), so the cost follows the window, not
 /// the archive's age.

@@ -515,6 +515,19 @@ impl SqliteStore {
         })
     }
 
+    pub(super) fn set_counters(&self, values: &[(&str, i64)]) -> Result<(), SinkError> {
+        self.with_conn("set counters", |c| {
+            let tx = c.transaction()?;
+            {
+                let mut st = tx.prepare_cached(SET_COUNTER_SQL)?;
+                for (name, value) in values {
+                    st.execute(rusqlite::params![name, value])?;
+                }
+            }
+            tx.commit()
+        })
+    }
+
     pub(super) fn counters(&self) -> Result<BTreeMap<String, i64>, SinkError> {
         self.with_conn("read counters", |c| {
             let mut st = c.prepare_cached(COUNTERS_SQL)?;
