@@ -572,6 +572,12 @@ impl Metrics {
             "Times a partition became stalled.",
             load(&self.partition_stalls),
         );
+        header(o, "tally_committed_offset", "gauge", "The next offset this process committed to the serving store, per partition it has committed.");
+        if let Ok(m) = self.committed_offsets.lock() {
+            for (p, next) in m.iter() {
+                let _ = writeln!(o, "tally_committed_offset{{partition=\"{p}\"}} {next}");
+            }
+        }
         header(o, "tally_consumer_lag_messages", "gauge", "Messages between the offsets committed to the serving store and the partition end (librdkafka statistics).");
         if let Ok(m) = self.consumer_lag.lock() {
             for (p, lag) in m.iter() {

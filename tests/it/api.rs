@@ -298,6 +298,8 @@ async fn events_posted_over_http_are_answered_exactly() {
                 .count() as f64
     );
     assert!(metric(&m, "tally_batches_committed_total") >= 1.0);
+    // Every metric deploy/ (alerts, dashboard) references is exported.
+    crate::deploy::assert_exported(&m);
     // The process metrics and the build.
     assert!(metric(&m, "process_resident_memory_bytes") > 1e6);
     assert!(metric(&m, "process_cpu_seconds_total") > 0.0);

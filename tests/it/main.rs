@@ -3,6 +3,7 @@ mod api;
 mod backfill;
 mod cli;
 pub(crate) mod crash;
+mod deploy;
 mod dimensions;
 mod dlq;
 mod docs;

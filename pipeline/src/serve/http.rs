@@ -608,10 +608,16 @@ async fn events(State(s): State<Shared>, body: Result<Bytes, BytesRejection>) ->
 // ---------------------------------------------------------------- operations
 
 async fn metrics(State(s): State<Shared>) -> Response {
-    let as_of = s.reader.as_of().await.ok().flatten();
-    let text = s
-        .metrics
-        .render(s.pipeline, as_of, chrono::Utc::now().timestamp_millis());
+    let (as_of, (ready, _)) = tokio::join!(s.reader.as_of(), readiness(&s));
+    let mut text = s.metrics.render(
+        s.pipeline,
+        as_of.ok().flatten(),
+        chrono::Utc::now().timestamp_millis(),
+    );
+    text.push_str(&format!(
+        "# HELP tally_ready 1 when /readyz answers 200 (serving store readable, broker reachable for tally run, no stalled partition).\n# TYPE tally_ready gauge\ntally_ready {}\n",
+        u8::from(ready)
+    ));
     (
         [(
             header::CONTENT_TYPE,
@@ -626,7 +632,8 @@ async fn livez() -> Response {
     Json(json!({"status": "alive"})).into_response()
 }
 
-async fn readyz(State(s): State<Shared>) -> Response {
+/// Whether the process is ready, and each check's answer.
+async fn readiness(s: &ApiState) -> (bool, Value) {
     let store = match tokio::time::timeout(std::time::Duration::from_secs(1), s.reader.ping()).await
     {
         Ok(Ok(())) => "ok".to_string(),
@@ -649,6 +656,14 @@ async fn readyz(State(s): State<Shared>) -> Response {
         format!("stalled: {stalled:?} (messages wait and no member commits them; see the log)")
     };
     let ready = store == "ok" && (broker_ok || !s.pipeline) && stalled.is_empty();
+    (
+        ready,
+        json!({"serving_store": store, "broker": broker, "partitions": partitions}),
+    )
+}
+
+async fn readyz(State(s): State<Shared>) -> Response {
+    let (ready, checks) = readiness(&s).await;
     let status = if ready {
         StatusCode::OK
     } else {
@@ -656,7 +671,7 @@ async fn readyz(State(s): State<Shared>) -> Response {
     };
     let body = json!({
         "status": if ready { "ready" } else { "not_ready" },
-        "checks": {"serving_store": store, "broker": broker, "partitions": partitions},
+        "checks": checks,
     });
     (status, Json(body)).into_response()
 }
