@@ -18,6 +18,7 @@ mod logging;
 mod recompute;
 mod report;
 mod rollup;
+mod sql;
 
 pub use logging::{init_logging, init_tracing, LogFormat};
 use recompute::{backfill, export, verify};
@@ -70,6 +71,14 @@ pub enum Command {
     },
     /// Print the man page (roff): `tally man > tally.1; man ./tally.1`.
     Man,
+    /// One read-only SQL query over the archive (`events`), the dead letters
+    /// (`dead_letters`) and every rollup by name, as POST /v1/sql answers it;
+    /// an interactive shell without QUERY.
+    Sql {
+        query: Option<String>,
+        #[arg(long, value_enum, default_value = "table")]
+        format: sql::SqlFormat,
+    },
     /// Is the pipeline healthy? Per partition the committed offset, high
     /// watermark and lag; as_of; the last commit and verify; archive and
     /// dead-letter sizes. Exits 1 when something is wrong (a probe).
@@ -396,6 +405,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }),
         Command::Check => rt.block_on(check(settings)),
         Command::Completions { .. } | Command::Man => Ok(ExitCode::SUCCESS),
+        Command::Sql { query, format } => rt.block_on(sql::run(settings, query, format)),
         Command::Status {
             json,
             max_commit_age,

@@ -286,6 +286,15 @@ pub struct ApiConfig {
     /// Host header values answered besides the listen address (and the
     /// loopback names when it listens on loopback).
     pub allowed_hosts: Vec<String>,
+    /// `POST /v1/sql`: memory per query (loaded rollup rows included).
+    pub sql_memory: ByteSize,
+    /// `POST /v1/sql`: longest run of a query (keep it below request_timeout).
+    #[serde(with = "humantime_serde")]
+    pub sql_timeout: Duration,
+    /// `POST /v1/sql`: most rows in an answer.
+    pub sql_max_rows: usize,
+    /// `POST /v1/sql`: queries run at once; more get a 429.
+    pub sql_concurrency: usize,
 }
 
 /// Bearer tokens: a list, or one token as a string (handy in the
@@ -566,6 +575,18 @@ impl Settings {
                 "name at least one rollup (a file in sql.rollups_dir without .sql)",
             ));
         }
+        if self.api.sql_concurrency == 0 || self.api.sql_max_rows == 0 {
+            return Err(invalid(
+                "api.sql_concurrency / api.sql_max_rows",
+                "must be at least 1",
+            ));
+        }
+        if self.api.sql_timeout >= self.api.request_timeout {
+            return Err(invalid(
+                "api.sql_timeout",
+                "must be below api.request_timeout, which ends any request",
+            ));
+        }
         if self.api.max_concurrency == 0 {
             return Err(invalid("api.max_concurrency", "must be at least 1"));
         }
@@ -666,7 +687,7 @@ impl Settings {
             }
         }
         out.push_str(&format!(
-            "\n[sql]\nrollups_dir = {:?}\ndimension_reload = {:?}\n{}\n[storage]\ndata_dir = {:?}\nzstd_level = {}\narchive_url = {:?}\nmultipart_threshold = {}\norphan_sweep_interval = {:?}\narchive_file_bytes = {}\narchive_roll_interval = {:?}\narchive_max_open_files = {}\narchive_row_group_bytes = {}\n{}\n[serving]\nurl = {:?}\nwindow_index = {}\nsqlite_fold_rows = {}\nsqlite_direct_rows = {}\n\n[api]\nlisten = {:?}\nrollups = {:?}\nmax_range = {:?}\nmax_series_points = {}\nmax_body = {}\nrequest_timeout = {:?}\nmax_concurrency = {}\nmax_connections = {}\nread_tokens = \"{} configured (masked)\"\nwrite_tokens = \"{} configured (masked)\"\nallowed_hosts = {:?}\n\n[verify]\ninterval = {:?}\nlookback = {:?}\n",
+            "\n[sql]\nrollups_dir = {:?}\ndimension_reload = {:?}\n{}\n[storage]\ndata_dir = {:?}\nzstd_level = {}\narchive_url = {:?}\nmultipart_threshold = {}\norphan_sweep_interval = {:?}\narchive_file_bytes = {}\narchive_roll_interval = {:?}\narchive_max_open_files = {}\narchive_row_group_bytes = {}\n{}\n[serving]\nurl = {:?}\nwindow_index = {}\nsqlite_fold_rows = {}\nsqlite_direct_rows = {}\n\n[api]\nlisten = {:?}\nrollups = {:?}\nmax_range = {:?}\nmax_series_points = {}\nmax_body = {}\nrequest_timeout = {:?}\nmax_concurrency = {}\nmax_connections = {}\nread_tokens = \"{} configured (masked)\"\nwrite_tokens = \"{} configured (masked)\"\nallowed_hosts = {:?}\nsql_memory = {}\nsql_timeout = {:?}\nsql_max_rows = {}\nsql_concurrency = {}\n\n[verify]\ninterval = {:?}\nlookback = {:?}\n",
             self.sql.rollups_dir.display().to_string(),
             humantime::format_duration(self.sql.dimension_reload).to_string(),
             {
@@ -708,6 +729,10 @@ impl Settings {
             self.api.read_tokens.0.len(),
             self.api.write_tokens.0.len(),
             self.api.allowed_hosts,
+            self.api.sql_memory.0,
+            humantime::format_duration(self.api.sql_timeout).to_string(),
+            self.api.sql_max_rows,
+            self.api.sql_concurrency,
             humantime::format_duration(self.verify.interval).to_string(),
             humantime::format_duration(self.verify.lookback).to_string(),
         ));

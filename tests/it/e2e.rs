@@ -325,6 +325,45 @@ async fn pipeline_counts_exactly_with_malformed_and_late_events() {
     );
     assert_eq!(st["last_verify"]["drift_rows"], 0, "{st}");
     assert!(st["last_commit_age_seconds"].as_f64().unwrap() < 600.0);
+    // `tally sql` over the archive and the dead letters: every accepted
+    // event once (by dt and hour partitions too), every dead letter once.
+    let sql = |q: &str| {
+        let o = tally_command()
+            .args(["sql", "--format", "csv", q])
+            .envs(env.vars.iter().cloned())
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "{q}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .skip(1)
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(sql("SELECT count(*) FROM events"), [accepted.to_string()]);
+    let per_hour: i64 = sql("SELECT dt, hour, count(*) FROM events GROUP BY dt, hour")
+        .iter()
+        .map(|l| l.rsplit(',').next().unwrap().parse::<i64>().unwrap())
+        .sum();
+    assert_eq!(per_hour, accepted);
+    assert_eq!(
+        sql("SELECT count(*) FROM dead_letters"),
+        [(messages.len() as i64 - accepted).to_string()]
+    );
+    let total_views: i64 =
+        sql("SELECT sum(events) FROM day_video_events WHERE event_type = 'view'")[0]
+            .parse()
+            .unwrap();
+    let views = messages
+        .iter()
+        .filter(|m| matches!(&m.expect, Expect::Accepted { kind, .. } if kind == "view"))
+        .count() as i64;
+    assert_eq!(total_views, views, "a rollup by name, merged");
+
     // Without the broker: not healthy, exit 1, and the problem named.
     let (code, st) = status(&[("TALLY__KAFKA__PROPERTIES__BOOTSTRAP_SERVERS", "127.0.0.1:9")]);
     assert_eq!(code, Some(1), "{st}");

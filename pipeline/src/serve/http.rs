@@ -91,6 +91,7 @@ pub(crate) fn router(state: Shared) -> Router {
         .route("/v1/rollups", get(rollups::list))
         .route("/v1/rollups/{name}", get(rollups::query))
         .route("/v1/reports/monthly/{file}", get(reports::monthly))
+        .route("/v1/sql", post(sql::query))
         .route(
             "/v1/events",
             post(events).route_layer(from_fn_with_state(state.clone(), ingest_gate)),
@@ -683,6 +684,7 @@ async fn openapi(State(s): State<Shared>) -> Response {
 mod params;
 mod reports;
 mod rollups;
+mod sql;
 pub(crate) use params::fmt_time;
 use params::{params, Params};
 pub(crate) use rollups::MAX_ROWS as MAX_ROLLUP_ROWS;

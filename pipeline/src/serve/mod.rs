@@ -12,6 +12,7 @@ pub(crate) mod ingest;
 mod openapi;
 pub(crate) mod reader;
 mod server;
+pub(crate) mod sql;
 #[cfg(test)]
 mod tests;
 pub(crate) mod tiers;
@@ -84,6 +85,9 @@ pub(crate) struct ApiState {
     pub(crate) settings: Arc<Settings>,
     /// One report is built at a time.
     pub(crate) report_turn: tokio::sync::Mutex<()>,
+    /// `POST /v1/sql`: queries at once, and the store rollups load from.
+    pub(crate) sql_slots: Arc<tokio::sync::Semaphore>,
+    pub(crate) sql_store: tokio::sync::OnceCell<crate::sink::ServingStore>,
 }
 
 impl ApiState {
@@ -134,6 +138,8 @@ impl ApiState {
             shed: Arc::new(tokio::sync::Semaphore::new(settings.api.max_concurrency)),
             settings: Arc::new(settings.clone()),
             report_turn: tokio::sync::Mutex::new(()),
+            sql_slots: Arc::new(tokio::sync::Semaphore::new(settings.api.sql_concurrency)),
+            sql_store: tokio::sync::OnceCell::new(),
         }))
     }
 }

@@ -160,6 +160,17 @@ fn base() -> Value {
                 etype(), time_param("start"), time_param("end"),
                 param("limit", false, "How many videos (default 10).", json!({"type": "integer", "minimum": 1, "maximum": 1000}))],
                 "{event_type, start, end, limit, videos: [{video_id, count}], as_of}"),
+            "/v1/sql": {"post": {
+                "summary": "One read-only SQL query over events (the archive, with dt and hour), dead_letters and every rollup by name",
+                "requestBody": {"required": true, "content": {"application/json": {"schema": {
+                    "type": "object", "required": ["query"], "properties": {"query": {"type": "string"}}}}}},
+                "responses": {
+                    "200": {"description": "{columns: [{name, type}], rows: [{...}], row_count}; or text/csv, application/vnd.apache.arrow.stream, application/vnd.apache.parquet by Accept"},
+                    "400": {"$ref": "#/components/responses/Error"},
+                    "401": {"$ref": "#/components/responses/Error"},
+                    "406": {"$ref": "#/components/responses/Error"},
+                    "429": {"$ref": "#/components/responses/Error"},
+                    "503": {"$ref": "#/components/responses/Error"}}}},
             "/v1/reports/monthly/{file}": {"get": {
                 "summary": "The monthly report: YYYY-MM.html, YYYY-MM.md or YYYY-MM.csv (a month in progress is compared to date)",
                 "parameters": [

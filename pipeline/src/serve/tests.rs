@@ -369,3 +369,4 @@ async fn check_series_and_top(f: &Fixture) {
 mod reports;
 mod requests;
 mod rollups;
+mod sql;
