@@ -56,7 +56,7 @@ run: $(TANSU) build
 # tally binary the black-box tests run and the test binaries share one build.
 test: $(TANSU) postgres moto
 	$(CARGO) build --workspace --all-targets
-	TALLY_TEST_PYTHON=$$(scripts/moto.sh) TALLY_TEST_PROMTOOL=$$(scripts/promtool.sh) $(CARGO) test --workspace --no-fail-fast -- --test-threads=2
+	TALLY_TEST_PYTHON=$$(scripts/moto.sh) TALLY_TEST_PROMTOOL=$$(scripts/promtool.sh) TALLY_TEST_CHROMIUM=$$(scripts/chromium.sh) $(CARGO) test --workspace --no-fail-fast -- --test-threads=2
 	$(MAKE) --no-print-directory bench-smoke
 
 ## soak: the long fault runs (issue #5): >= 20 SIGKILLs over >= 1 M events (SOAK_EVENTS,

@@ -51,7 +51,7 @@ fn q(s: i64, e: i64) -> String {
     )
 }
 
-fn metric(text: &str, name: &str) -> f64 {
+pub(crate) fn metric(text: &str, name: &str) -> f64 {
     text.lines()
         .find_map(|l| {
             l.strip_prefix(name)

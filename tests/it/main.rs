@@ -2,6 +2,7 @@
 mod api;
 mod backfill;
 mod cli;
+mod console;
 pub(crate) mod crash;
 mod deploy;
 mod dimensions;

@@ -84,6 +84,7 @@ type ApiResult = Result<Response, ApiError>;
 pub(crate) fn router(state: Shared) -> Router {
     let max_body = state.cfg.max_body.as_usize();
     Router::new()
+        .route("/", get(console))
         .route("/v1/count", get(count))
         .route("/v1/stats", get(stats))
         .route("/v1/series", get(series))
@@ -625,6 +626,26 @@ async fn metrics(State(s): State<Shared>) -> Response {
             "text/plain; version=0.0.4; charset=utf-8",
         )],
         text,
+    )
+        .into_response()
+}
+
+/// The web console: one page, everything inline, served by the binary (no
+/// CDN, no fonts or scripts from elsewhere; the policy forbids them). It
+/// reads the API with the token entered in the page.
+async fn console() -> Response {
+    const PAGE: &str = include_str!("console/index.html");
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (
+                header::CONTENT_SECURITY_POLICY,
+                "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; img-src 'self' data: blob:; frame-ancestors 'none'; base-uri 'none'; form-action 'none'",
+            ),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+            (header::REFERRER_POLICY, "no-referrer"),
+        ],
+        PAGE,
     )
         .into_response()
 }
