@@ -28,6 +28,7 @@ tally is running (logs: data/tally.log, data/produce.log, data/tansu/tansu.log).
   raw archive:   data/raw/events/dt=YYYY-MM-DD/hour=HH/*.parquet
   dead letters:  data/dlq/dt=YYYY-MM-DD/*.parquet
   serving store: data/serving.db (views minute_video_events__merged, hour_video_events__merged, day_video_events__merged)
+  Web console:   http://127.0.0.1:8080/
   HTTP API:      http://127.0.0.1:8080 (see /openapi.json)
 Look at it:
   curl -s "http://127.0.0.1:8080/v1/top?event_type=view&start=\$(date -u +%Y-%m-%dT00:00:00Z)&end=\$(date -u -d tomorrow +%Y-%m-%dT00:00:00Z)&limit=5"

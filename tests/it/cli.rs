@@ -261,3 +261,38 @@ fn completions_and_the_man_page_list_every_subcommand() {
         "global flags are in the man page"
     );
 }
+
+/// `tally sql` without a query is a shell: one answer per `;`-ended
+/// statement (over several lines), an error line for a bad one, `\q` leaves.
+#[test]
+fn the_sql_shell_answers_each_statement() {
+    use std::io::Write as _;
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = tally_command()
+        .args(["sql", "--format", "csv"])
+        .env("TALLY__STORAGE__DATA_DIR", dir.path())
+        .env(
+            "TALLY__SQL__ROLLUPS_DIR",
+            workspace_root().join("sql/rollups"),
+        )
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"SELECT 2 AS two;\nSELECT\n  3 AS three;\nDROP TABLE events;\nSELECT count(*) AS n FROM hour_video_events;\n\\q\nSELECT 4 AS never;\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stdout.contains("two\n2\n"), "{stdout}");
+    assert!(stdout.contains("three\n3\n"), "{stdout}");
+    assert!(stdout.contains("n\n0\n"), "a rollup by name: {stdout}");
+    assert!(!stdout.contains("never"), "\\q leaves: {stdout}");
+    assert!(stderr.contains("only a SELECT"), "{stderr}");
+}

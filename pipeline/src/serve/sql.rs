@@ -60,7 +60,11 @@ impl Limits {
     pub(crate) fn of(settings: &Settings) -> Limits {
         Limits {
             memory: settings.api.sql_memory.as_usize(),
-            timeout: settings.api.sql_timeout,
+            // The request's own timeout ends it anyway: stop the query first.
+            timeout: settings
+                .api
+                .sql_timeout
+                .min(settings.api.request_timeout.mul_f64(0.9)),
             max_rows: settings.api.sql_max_rows,
         }
     }
@@ -291,7 +295,7 @@ pub(crate) async fn run(
     match tokio::time::timeout(limits.timeout, work).await {
         Ok(r) => r,
         Err(_) => Err(SqlError::Limit(format!(
-            "the query ran longer than api.sql_timeout = {}; aggregate, filter on dt, or add a LIMIT",
+            "the query ran longer than api.sql_timeout = {} (at most 90% of api.request_timeout); aggregate, filter on dt, or add a LIMIT",
             humantime::format_duration(limits.timeout)
         ))),
     }
