@@ -9,7 +9,7 @@ export TANSU_BIN := $(TANSU)
 # The commit in tally_build_info (only the binary's main.rs reads it).
 export TALLY_GIT_COMMIT := $(shell git rev-parse --short=12 HEAD 2>/dev/null)
 
-.PHONY: help all build release tansu postgres moto broker run test soak unit lint fmt bench bench-smoke bench-api bench-archive bench-rebuild report-demo clean
+.PHONY: help all build release tansu postgres moto broker run test soak unit lint fmt bench bench-smoke bench-api bench-archive bench-rebuild report-demo clean clean-stale
 
 ## help: list the targets.
 help:
@@ -121,3 +121,10 @@ report-demo: $(TANSU) release
 ## clean: remove the build directory.
 clean:
 	$(CARGO) clean
+
+## clean-stale: free disk without a full rebuild: test and binary executables in target/*/deps
+## not touched for a day (each debug one is over 1 GB), and the incremental caches.
+clean-stale:
+	find target/debug/deps target/release/deps -maxdepth 1 -type f -perm -u+x -mtime +0 \
+	  ! -name '*.so' ! -name '*.rlib' ! -name '*.rmeta' ! -name '*.d' -print -delete 2>/dev/null | wc -l | xargs echo "removed executables:"
+	rm -rf target/debug/incremental target/release/incremental
