@@ -36,7 +36,9 @@ fn chromium() -> String {
 /// The page's DOM after its scripts ran (and its fetches answered), and
 /// the browser's log (console messages land there).
 fn render(browser: &str, profile: &Path, url: &str, screenshot: Option<&Path>) -> (String, String) {
-    let mut cmd = Command::new(browser);
+    // Bounded: a browser that hangs fails the test instead of the run.
+    let mut cmd = Command::new("timeout");
+    cmd.args(["-k", "5", "90", browser]);
     cmd.args([
         "--headless",
         "--no-sandbox",
